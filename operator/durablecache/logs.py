@@ -1,0 +1,47 @@
+"""structlog set-up: JSON lines for the operator and proxy, key=value on a terminal.
+
+Secrets never reach a log line: endpoints are logged through ``Endpoint.redacted()`` and the
+``redact_secrets`` processor blanks any field whose name says it holds one.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+SECRET_WORDS = ("password", "token", "secret", "auth")
+
+
+def redact_secrets(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    for key in list(event):
+        if key != "event" and any(w in key.lower() for w in SECRET_WORDS):
+            event[key] = "***"
+    return event
+
+
+def configure(json: bool = False, level: str = "info") -> None:
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.processors.KeyValueRenderer(key_order=["timestamp", "level", "event"])
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            redact_secrets,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get(name: str = "durablecache") -> Any:
+    return structlog.get_logger(name)

@@ -1,0 +1,138 @@
+"""A small asyncio RESP client built for bulk pipelines.
+
+The copier, verifier and syncer send thousands of commands per round trip; a general-purpose client
+spends more time on its own bookkeeping than the server spends on the commands. This one packs
+commands with libvalkey's ``pack_command``, frames replies with libvalkey's C reader, and returns
+error replies as values so a pipeline reports per-command failures without aborting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import libvalkey
+
+from .errors import ConnectError, ServerError
+from .urls import Endpoint
+
+ReplyError = libvalkey.ReplyError
+Command = Sequence[Any]
+
+CONNECT_TIMEOUT = 5.0
+REPLY_TIMEOUT = 120.0
+READ_CHUNK = 1 << 18
+
+
+def pack(commands: Iterable[Command]) -> bytes:
+    return b"".join(libvalkey.pack_command(tuple(c)) for c in commands)
+
+
+def tls_context(endpoint: Endpoint) -> ssl.SSLContext | None:
+    if not endpoint.tls:
+        return None
+    ctx = ssl.create_default_context(cafile=endpoint.ca_file)
+    if endpoint.tls_insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class Connection:
+    """One connection to one server. Not shared between concurrent tasks without the lock."""
+
+    def __init__(self, endpoint: Endpoint, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.endpoint = endpoint
+        self._reader = reader
+        self._writer = writer
+        self._parser = libvalkey.Reader()
+        self.lock = asyncio.Lock()
+
+    @classmethod
+    async def open(
+        cls, endpoint: Endpoint, name: str = "durablecache-engine", select_db: int | None = None
+    ) -> Connection:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(
+                    endpoint.host, endpoint.port, ssl=tls_context(endpoint), limit=READ_CHUNK
+                ),
+                CONNECT_TIMEOUT,
+            )
+        except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+            reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else _os_reason(exc)
+            raise ConnectError(f"cannot reach {endpoint.address}: {reason}") from None
+        conn = cls(endpoint, reader, writer)
+        try:
+            await conn._handshake(name, endpoint.db if select_db is None else select_db)
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    async def _handshake(self, name: str, db: int) -> None:
+        if self.endpoint.password is not None:
+            auth: list[Any] = ["AUTH"]
+            if self.endpoint.username:
+                auth.append(self.endpoint.username)
+            auth.append(self.endpoint.password)
+            reply = (await self.pipeline([auth]))[0]
+            if isinstance(reply, ReplyError):
+                raise ConnectError(f"authentication failed for {self.endpoint.redacted()}: {reply}")
+        replies = await self.pipeline([["CLIENT", "SETNAME", name], ["PING"]])
+        for reply in replies:
+            if isinstance(reply, ReplyError):
+                if str(reply).startswith("NOAUTH"):
+                    raise ConnectError(f"{self.endpoint.address} requires a password (put it in the URL)")
+                raise ConnectError(f"{self.endpoint.address} refused the connection: {reply}")
+        if db:
+            await self.call("SELECT", db)
+
+    async def pipeline(self, commands: Sequence[Command], timeout: float = REPLY_TIMEOUT) -> list[Any]:
+        """Send all commands in one write and return one reply per command (errors as values)."""
+        if not commands:
+            return []
+        self._writer.write(pack(commands))
+        replies: list[Any] = []
+        want = len(commands)
+        try:
+            async with asyncio.timeout(timeout):
+                while len(replies) < want:
+                    reply = self._parser.gets()
+                    if reply is False:
+                        data = await self._reader.read(READ_CHUNK)
+                        if not data:
+                            raise ConnectError(f"{self.endpoint.address} closed the connection")
+                        self._parser.feed(data)
+                        continue
+                    replies.append(reply)
+        except TimeoutError:
+            raise ConnectError(f"{self.endpoint.address} did not answer within {timeout:.0f}s") from None
+        except OSError as exc:
+            raise ConnectError(f"connection to {self.endpoint.address} failed: {_os_reason(exc)}") from None
+        return replies
+
+    async def call(self, *args: Any, timeout: float = REPLY_TIMEOUT) -> Any:
+        """One command; an error reply raises ServerError."""
+        reply = (await self.pipeline([args], timeout))[0]
+        if isinstance(reply, ReplyError):
+            raise ServerError(f"{self.endpoint.address}: {_name(args)} failed: {reply}")
+        return reply
+
+    async def close(self) -> None:
+        self._writer.close()
+        try:
+            await asyncio.wait_for(self._writer.wait_closed(), 2.0)
+        except (OSError, asyncio.TimeoutError, ssl.SSLError):
+            pass
+
+
+def _name(args: Sequence[Any]) -> str:
+    head = args[0]
+    return (head.decode() if isinstance(head, bytes) else str(head)).upper()
+
+
+def _os_reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__

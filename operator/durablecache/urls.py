@@ -1,0 +1,90 @@
+"""Endpoint URLs: ``valkey://[user:pass@]host:port[/db]`` and ``valkeys://`` for TLS.
+
+``redis://`` and ``rediss://`` are accepted as synonyms. TLS options ride in the query string:
+``?ca=/path/ca.pem`` (CA bundle), ``&insecure=1`` (skip verification, for tests only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from .errors import UsageError
+
+PLAIN_SCHEMES = {"valkey", "redis"}
+TLS_SCHEMES = {"valkeys", "rediss"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = dataclasses.field(default=None, repr=False)
+    db: int = 0
+    tls: bool = False
+    ca_file: str | None = None
+    tls_insecure: bool = False
+    db_given: bool = False
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def with_address(self, host: str, port: int) -> Endpoint:
+        """The same credentials and TLS settings for another node of the same cluster."""
+        return dataclasses.replace(self, host=host, port=port)
+
+    def redacted(self) -> str:
+        """The URL without its password, safe for logs and messages."""
+        scheme = "valkeys" if self.tls else "valkey"
+        user = f"{self.username}:***@" if self.username else ("***@" if self.password else "")
+        db = f"/{self.db}" if self.db_given else ""
+        return f"{scheme}://{user}{self.host}:{self.port}{db}"
+
+    def __str__(self) -> str:
+        return self.redacted()
+
+
+def parse_url(url: str) -> Endpoint:
+    """Parse an endpoint URL; raise UsageError with a one-line reason when it is malformed."""
+    if not url or "://" not in url:
+        raise UsageError(f"malformed URL {url!r}: expected valkey://[user:pass@]host:port[/db]")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise UsageError(f"malformed URL {_safe(url)}: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in PLAIN_SCHEMES | TLS_SCHEMES:
+        raise UsageError(f"malformed URL {_safe(url)}: scheme must be valkey:// or valkeys://")
+    if not parts.hostname:
+        raise UsageError(f"malformed URL {_safe(url)}: no host")
+    db_text = parts.path.lstrip("/")
+    if db_text and not db_text.isdigit():
+        raise UsageError(f"malformed URL {_safe(url)}: database must be a number, not {db_text!r}")
+    query = parse_qs(parts.query)
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password is not None else None
+    if username is not None and password is None:
+        # valkey://token@host means "AUTH token", the same as redis-cli -u.
+        username, password = None, username
+    return Endpoint(
+        host=parts.hostname,
+        port=port or 6379,
+        username=username or None,
+        password=password,
+        db=int(db_text) if db_text else 0,
+        db_given=bool(db_text),
+        tls=scheme in TLS_SCHEMES,
+        ca_file=query.get("ca", [None])[0],
+        tls_insecure=query.get("insecure", ["0"])[0] in ("1", "true", "yes"),
+    )
+
+
+def _safe(url: str) -> str:
+    """The URL with anything between :// and @ hidden, for error messages."""
+    head, sep, tail = url.partition("://")
+    if "@" in tail:
+        tail = "***@" + tail.split("@", 1)[1]
+    return f"{head}{sep}{tail}"

