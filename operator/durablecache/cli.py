@@ -44,6 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DurableCacheError as exc:
         print(f"durablecache {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except (OSError, RuntimeError, ValueError) as exc:
+        # Anything unforeseen still ends in one line; --log-level debug shows the details.
+        logs.get().debug("unexpected error", exc_info=True)
+        print(f"durablecache {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"durablecache {args.command}: interrupted", file=sys.stderr)
         return 130

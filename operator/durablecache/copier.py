@@ -1,0 +1,220 @@
+"""The bulk copy: SCAN every source shard (and every db of a standalone source) and hand the keys, a
+batch at a time, to a KeyMover — directly for ``durablecache copy``, or through the syncer during a
+migration so that live writes and the bulk copy never race on one key.
+
+Progress is checkpointed per source shard as the SCAN cursor *after which every key was copied*:
+batches run concurrently, but the cursor only advances past a batch once it and all batches before
+it are done. A killed copy resumes from there; re-copying a few keys is harmless (RESTORE REPLACE).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .checkpoint import CheckpointStore, MemoryCheckpoint
+from .errors import RefusedError, UsageError
+from .keymover import MoveResult
+from .progress import NoProgress, Progress
+from .resp import Connection
+from .topology import Topology, keyspace_counts, parse_info
+
+Submit = Callable[[int, list[bytes]], Awaitable[MoveResult]]
+CHECKPOINT_VERSION = 1
+SAVE_INTERVAL = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One SCAN cursor space: a cluster primary, or one db of a standalone server."""
+
+    primary: int
+    db: int
+    address: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.address}/db{self.db}"
+
+
+@dataclasses.dataclass
+class UnitState:
+    cursor: int = 0
+    done: bool = False
+    keys: int = 0
+    bytes: int = 0
+    skipped: int = 0
+    big: int = 0
+
+
+@dataclasses.dataclass
+class CopySummary:
+    keys: int
+    bytes: int
+    skipped: int
+    big: int
+    seconds: float
+    resumed: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"event": "summary", **dataclasses.asdict(self), "seconds": round(self.seconds, 3)}
+
+
+async def unit_sizes(topo: Topology) -> dict[Unit, int]:
+    """Every unit of the source with its key count (for ETA and for the empty-target check)."""
+    if not topo.cluster:
+        address = topo.primaries[0].address
+        return {Unit(0, db, address): n for db, n in sorted(topo.db_keys.items())}
+    sizes = {}
+    for i, node in enumerate(topo.primaries):
+        conn = await Connection.open(node, name="durablecache-copy", select_db=0)
+        try:
+            sizes[Unit(i, 0, node.address)] = int(await conn.call("DBSIZE"))
+        finally:
+            await conn.close()
+    return sizes
+
+
+async def refresh_db_keys(topo: Topology) -> None:
+    if not topo.cluster:
+        conn = await Connection.open(topo.seed, name="durablecache-copy", select_db=0)
+        try:
+            topo.db_keys = keyspace_counts(parse_info(await conn.call("INFO", "keyspace")))
+        finally:
+            await conn.close()
+
+
+async def check_pair(source: Topology, target: Topology, allow_nonempty: bool) -> None:
+    """Refuse, before anything is written, what would corrupt or lose data."""
+    if source.run_ids & target.run_ids:
+        raise RefusedError(f"source and target are the same server ({target.seed.address}); refusing to copy onto itself")
+    await refresh_db_keys(source)
+    if target.cluster and not source.cluster:
+        used = sorted(db for db, n in source.db_keys.items() if n and db != 0)
+        if used:
+            raise RefusedError(f"source has keys in database(s) {used}, but the target is a cluster, which has only db 0")
+    if not allow_nonempty:
+        await refresh_db_keys(target)
+        present = sum((await unit_sizes(target)).values())
+        if present:
+            raise RefusedError(f"target {target.seed.address} is not empty ({present} keys); "
+                               "pass --allow-nonempty to copy over existing data")
+
+
+class BulkCopy:
+    def __init__(self, source: Topology, target: Topology, submit: Submit, *,
+                 store: CheckpointStore | None = None, progress: Progress | None = None,
+                 scan_count: int = 1000, concurrency: int = 4):
+        self.source = source
+        self.target = target
+        self.submit = submit
+        self.store = store or MemoryCheckpoint()
+        self.progress = progress or NoProgress()
+        self.scan_count = scan_count
+        self.concurrency = concurrency
+        self.units: dict[str, UnitState] = {}
+        self._last_save = 0.0
+
+    def fingerprint(self) -> dict[str, str]:
+        return {"source": self.source.seed.address, "target": self.target.seed.address}
+
+    def load(self) -> bool:
+        """Read the checkpoint; True when resuming a copy that made progress."""
+        saved = self.store.load()
+        if not saved:
+            return False
+        if saved.get("version") != CHECKPOINT_VERSION or saved.get("pair") != self.fingerprint():
+            raise UsageError(
+                f"the checkpoint belongs to another copy ({saved.get('pair')}); remove it or use another state file")
+        self.units = {uid: UnitState(**u) for uid, u in saved.get("units", {}).items()}
+        return any(u.keys or u.cursor or u.done for u in self.units.values())
+
+    def save(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_save >= SAVE_INTERVAL:
+            self._last_save = now
+            self.store.save({"version": CHECKPOINT_VERSION, "pair": self.fingerprint(),
+                             "units": {uid: dataclasses.asdict(u) for uid, u in self.units.items()}})
+
+    def totals(self) -> UnitState:
+        t = UnitState()
+        for u in self.units.values():
+            t.keys += u.keys
+            t.bytes += u.bytes
+            t.skipped += u.skipped
+            t.big += u.big
+        return t
+
+    async def run(self) -> CopySummary:
+        t0 = time.monotonic()
+        resumed = self.load()
+        await refresh_db_keys(self.source)
+        sizes = await unit_sizes(self.source)
+        for unit in sizes:
+            self.units.setdefault(unit.id, UnitState())
+        done_before = self.totals()
+        self.progress.start(sum(sizes.values()))
+        if done_before.keys:
+            self.progress.advance(done_before.keys, done_before.bytes)
+        try:
+            await asyncio.gather(*(self._copy_unit(u) for u in sizes if not self.units[u.id].done))
+        finally:
+            self.save(force=True)
+            self.progress.finish()
+        t = self.totals()
+        return CopySummary(t.keys, t.bytes, t.skipped, t.big, time.monotonic() - t0, resumed)
+
+    async def _copy_unit(self, unit: Unit) -> None:
+        state = self.units[unit.id]
+        conn = await Connection.open(self.source.primaries[unit.primary], name="durablecache-scan", select_db=unit.db)
+        window = asyncio.Semaphore(self.concurrency)
+        finished: dict[int, tuple[int, MoveResult]] = {}
+        next_commit = 0
+        tasks: set[asyncio.Task[None]] = set()
+
+        def commit() -> None:
+            nonlocal next_commit
+            while next_commit in finished:
+                cursor_after, res = finished.pop(next_commit)
+                next_commit += 1
+                state.cursor = cursor_after
+                state.keys += res.copied
+                state.bytes += res.bytes
+                state.skipped += res.skipped
+                state.big += res.big
+                state.done = cursor_after == 0
+            self.save()
+
+        async def batch(seq: int, keys: list[bytes], cursor_after: int) -> None:
+            try:
+                res = await self.submit(unit.db, keys) if keys else MoveResult()
+                finished[seq] = (cursor_after, res)
+                self.progress.advance(res.copied, res.bytes)
+                commit()
+            finally:
+                window.release()
+
+        try:
+            cursor, seq = state.cursor, 0
+            for _ in range(1 << 40):  # SCAN terminates when the cursor returns to 0
+                await window.acquire()
+                cursor_raw, keys = await conn.call("SCAN", cursor, "COUNT", self.scan_count)
+                cursor = int(cursor_raw)
+                task = asyncio.create_task(batch(seq, list(keys), cursor))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                seq += 1
+                if cursor == 0:
+                    break
+                # Surface a failed batch now rather than after scanning everything.
+                for t in list(tasks):
+                    if t.done() and t.exception():
+                        raise t.exception()  # type: ignore[misc]
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await conn.close()

@@ -1,0 +1,314 @@
+"""Copy the current value of given keys from one side to the other: the unit of work of the bulk copy
+and of the syncer.
+
+A key is copied as DUMP + absolute expiry -> RESTORE ... REPLACE ABSTTL, so the time a copy takes
+never extends a TTL. A key that no longer exists on the source is deleted on the target (the syncer
+needs that; for a bulk copy it is a no-op). Keys larger than ``big_key_bytes`` are copied element by
+element in chunks (HSCAN/SSCAN/ZSCAN/LRANGE/XRANGE/GETRANGE) so that neither server blocks on one huge
+DUMP or RESTORE and our memory stays bounded. The chunked path is also the fallback when the target
+cannot read the source's DUMP format (e.g. a newer Valkey's payload restored into an older Redis).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import ServerError
+from .ratelimit import TokenBucket
+from .resp import ReplyError
+from .side import Side
+
+MiB = 1 << 20
+DEFAULT_BIG_KEY_BYTES = 64 * MiB
+DEFAULT_CHUNK_ELEMENTS = 1000
+DEFAULT_CHUNK_BYTES = 1 * MiB
+# Replies that mean "not now": an async-durable target whose durability lag is over its limit,
+# a server still loading, a busy script. Retried with exponential backoff, never dropped.
+RETRYABLE_PREFIXES = ("TRYAGAIN", "LOADING", "BUSY", "CLUSTERDOWN", "DURABILITY", "NOREPLICAS")
+RETRY_LIMIT_SECONDS = 120.0
+
+
+@dataclasses.dataclass
+class MoveResult:
+    copied: int = 0
+    deleted: int = 0  # gone on the source: removed on the target
+    expired: int = 0  # expired between SCAN and DUMP, or already past its expiry
+    big: int = 0
+    bytes: int = 0
+
+    def add(self, other: MoveResult) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    @property
+    def skipped(self) -> int:
+        return self.deleted + self.expired
+
+
+@dataclasses.dataclass
+class MoverOptions:
+    big_key_bytes: int = DEFAULT_BIG_KEY_BYTES
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+
+
+class KeyMover:
+    def __init__(self, src: Side, dst: Side, opts: MoverOptions,
+                 source_ops: TokenBucket | None = None, target_bytes: dict[int, TokenBucket] | None = None):
+        self.src = src
+        self.dst = dst
+        self.opts = opts
+        self.source_ops = source_ops or TokenBucket(None)
+        self.target_bytes = target_bytes if target_bytes is not None else {}
+        self.expire_cmd = "PEXPIRETIME" if src.topology.supports_pexpiretime else "PTTL"
+
+    async def move(self, db: int, keys: Sequence[bytes]) -> MoveResult:
+        result = MoveResult()
+        if not keys:
+            return result
+        await self.source_ops.take(len(keys) * 3)
+        sizes = await self.src.per_key(db, keys, lambda k: [("MEMORY", "USAGE", k)], 1)
+        small, big, gone = [], [], []
+        for key, (size,) in zip(keys, sizes):
+            if size is None or isinstance(size, ReplyError):
+                gone.append(key)
+            elif size > self.opts.big_key_bytes:
+                big.append(key)
+            else:
+                small.append(key)
+        await self._copy_small(db, small, result, gone)
+        if gone:
+            await self._delete(db, gone)
+            result.deleted += len(gone)
+        for key in big:
+            await self.copy_chunked(db, key, result)
+        return result
+
+    async def _copy_small(self, db: int, keys: list[bytes], result: MoveResult, gone: list[bytes]) -> None:
+        if not keys:
+            return
+        sent_ms = int(time.time() * 1000)
+        dumps = await self.src.per_key(db, keys, lambda k: [(self.expire_cmd, k), ("DUMP", k)], 2)
+        restores: list[tuple[bytes, int, bytes]] = []
+        for key, (expiry, payload) in zip(keys, dumps):
+            if isinstance(payload, ReplyError) or isinstance(expiry, ReplyError):
+                raise ServerError(f"source: DUMP failed: {payload if isinstance(payload, ReplyError) else expiry}")
+            if payload is None or expiry == -2:
+                gone.append(key)
+                continue
+            abs_ms = _absolute_expiry(self.expire_cmd, expiry, sent_ms)
+            if abs_ms and abs_ms <= sent_ms:
+                result.expired += 1
+                gone.append(key)
+                continue
+            restores.append((key, abs_ms, payload))
+        if not restores:
+            return
+        await self._throttle_target(restores)
+        by_key = {k: (ttl, p) for k, ttl, p in restores}
+        fallback = await self._restore(db, [k for k, _, _ in restores], by_key)
+        result.copied += len(restores) - len(fallback)
+        result.bytes += sum(len(p) for _, _, p in restores)
+        for key in fallback:
+            await self.copy_chunked(db, key, result)
+
+    async def _restore(self, db: int, keys: list[bytes], by_key: dict[bytes, tuple[int, bytes]]) -> list[bytes]:
+        """RESTORE with retry on transient rejections; returns keys whose payload the target cannot read."""
+        fallback: list[bytes] = []
+        todo = keys
+        delay = 0.05
+        deadline = time.monotonic() + RETRY_LIMIT_SECONDS
+        while todo:
+            replies = await self.dst.per_key(
+                db, todo, lambda k: [("RESTORE", k, by_key[k][0], by_key[k][1], "REPLACE", "ABSTTL")], 1)
+            retry = []
+            for key, (reply,) in zip(todo, replies):
+                if not isinstance(reply, ReplyError):
+                    continue
+                text = str(reply)
+                if "payload version" in text or "checksum" in text:
+                    fallback.append(key)
+                elif text.startswith(RETRYABLE_PREFIXES):
+                    retry.append(key)
+                else:
+                    raise ServerError(f"target: RESTORE failed: {text}")
+            todo = retry
+            if todo:
+                if time.monotonic() > deadline:
+                    raise ServerError(f"target kept rejecting writes for {RETRY_LIMIT_SECONDS:.0f}s: {text}")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        return fallback
+
+    async def _throttle_target(self, restores: list[tuple[bytes, int, bytes]]) -> None:
+        if not self.target_bytes:
+            return
+        per_primary: dict[int, int] = {}
+        for key, _, payload in restores:
+            p = self.dst.topology.primary_for(key)
+            per_primary[p] = per_primary.get(p, 0) + len(payload)
+        for p, n in per_primary.items():
+            bucket = self.target_bytes.get(p)
+            if bucket:
+                await bucket.take(n)
+
+    async def _delete(self, db: int, keys: list[bytes]) -> None:
+        await self._write_retrying(db, keys, lambda k: [("DEL", k)])
+
+    async def _write_retrying(self, db: int, keys: Sequence[bytes], build: Any) -> None:
+        delay = 0.05
+        deadline = time.monotonic() + RETRY_LIMIT_SECONDS
+        todo = list(keys)
+        while todo:
+            replies = await self.dst.per_key(db, todo, build, len(build(todo[0])))
+            retry = []
+            for key, rs in zip(todo, replies):
+                for r in rs:
+                    if isinstance(r, ReplyError):
+                        if not str(r).startswith(RETRYABLE_PREFIXES):
+                            raise ServerError(f"target: write failed: {r}")
+                        retry.append(key)
+                        break
+            todo = retry
+            if todo:
+                if time.monotonic() > deadline:
+                    raise ServerError(f"target kept rejecting writes for {RETRY_LIMIT_SECONDS:.0f}s")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _dst(self, db: int, key: bytes, *commands: Any, size: int = 0) -> None:
+        bucket = self.target_bytes.get(self.dst.topology.primary_for(key))
+        if bucket and size:
+            await bucket.take(size)
+        await self._write_retrying(db, [key], lambda _k: list(commands))
+
+    async def copy_chunked(self, db: int, key: bytes, result: MoveResult) -> None:
+        """Rebuild one key on the target element by element."""
+        ktype = (await self.src.on_key(db, key, ("TYPE", key)))[0]
+        ktype = ktype.decode() if isinstance(ktype, bytes) else str(ktype)
+        await self._dst(db, key, ("DEL", key))
+        if ktype == "none":
+            result.deleted += 1
+            return
+        copy = getattr(self, f"_chunk_{ktype}", None)
+        if copy is None:
+            raise ServerError(f"source: key {key[:60]!r} has type {ktype!r}, which cannot be copied in chunks")
+        result.bytes += await copy(db, key)
+        expiry = (await self.src.on_key(db, key, (self.expire_cmd, key)))[0]
+        abs_ms = _absolute_expiry(self.expire_cmd, expiry, int(time.time() * 1000))
+        if expiry == -2:
+            await self._dst(db, key, ("DEL", key))
+            result.deleted += 1
+            return
+        if abs_ms:
+            await self._dst(db, key, ("PEXPIREAT", key, abs_ms))
+        result.copied += 1
+        result.big += 1
+
+    async def _src(self, db: int, key: bytes, *command: Any) -> Any:
+        await self.source_ops.take(1)
+        reply = (await self.src.on_key(db, key, command))[0]
+        if isinstance(reply, ReplyError):
+            raise ServerError(f"source: {command[0]} failed: {reply}")
+        return reply
+
+    async def _chunk_string(self, db: int, key: bytes) -> int:
+        length = await self._src(db, key, "STRLEN", key)
+        step = self.opts.chunk_bytes
+        for off in range(0, max(length, 1), step):
+            part = await self._src(db, key, "GETRANGE", key, off, off + step - 1)
+            await self._dst(db, key, ("APPEND", key, part), size=len(part))
+        return int(length)
+
+    async def _scan_copy(self, db: int, key: bytes, scan: str, write: str, pairs: bool, swap: bool) -> int:
+        cursor, total = b"0", 0
+        for _ in range(1 << 30):  # bounded by SCAN's own termination; the range is a safety net
+            cursor, items = await self._src(db, key, scan, key, cursor, "COUNT", self.opts.chunk_elements)
+            if items:
+                if swap:  # ZSCAN yields member, score; ZADD wants score, member
+                    items = [x for i in range(0, len(items), 2) for x in (items[i + 1], items[i])]
+                size = sum(len(x) for x in items)
+                total += size
+                await self._dst(db, key, (write, key, *items), size=size)
+            if cursor in (b"0", 0, "0"):
+                return total
+        return total
+
+    async def _chunk_hash(self, db: int, key: bytes) -> int:
+        return await self._scan_copy(db, key, "HSCAN", "HSET", True, False)
+
+    async def _chunk_set(self, db: int, key: bytes) -> int:
+        return await self._scan_copy(db, key, "SSCAN", "SADD", False, False)
+
+    async def _chunk_zset(self, db: int, key: bytes) -> int:
+        return await self._scan_copy(db, key, "ZSCAN", "ZADD", True, True)
+
+    async def _chunk_list(self, db: int, key: bytes) -> int:
+        total, start, step = 0, 0, self.opts.chunk_elements
+        while True:
+            items = await self._src(db, key, "LRANGE", key, start, start + step - 1)
+            if not items:
+                return total
+            size = sum(len(x) for x in items)
+            total += size
+            await self._dst(db, key, ("RPUSH", key, *items), size=size)
+            start += len(items)
+
+    async def _chunk_stream(self, db: int, key: bytes) -> int:
+        total, start = 0, "-"
+        while True:
+            entries = await self._src(db, key, "XRANGE", key, start, "+", "COUNT", self.opts.chunk_elements)
+            if not entries:
+                break
+            for entry_id, fields in entries:
+                total += sum(len(x) for x in fields)
+                await self._dst(db, key, ("XADD", key, entry_id, *fields), size=len(entry_id))
+            start = "(" + entries[-1][0].decode()
+        await self._copy_stream_meta(db, key)
+        return total
+
+    async def _copy_stream_meta(self, db: int, key: bytes) -> None:
+        info = _pairs(await self._src(db, key, "XINFO", "STREAM", key))
+        setid: list[Any] = ["XSETID", key, info[b"last-generated-id"]]
+        if b"entries-added" in info:
+            setid += ["ENTRIESADDED", info[b"entries-added"], "MAXDELETEDID", info[b"max-deleted-entry-id"]]
+        await self._dst(db, key, tuple(setid))
+        for group in await self._src(db, key, "XINFO", "GROUPS", key):
+            g = _pairs(group)
+            create: list[Any] = ["XGROUP", "CREATE", key, g[b"name"], g[b"last-delivered-id"]]
+            if g.get(b"entries-read") is not None:
+                create += ["ENTRIESREAD", g[b"entries-read"]]
+            await self._dst(db, key, tuple(create))
+            await self._copy_pending(db, key, g[b"name"])
+
+    async def _copy_pending(self, db: int, key: bytes, group: bytes) -> None:
+        for consumer in await self._src(db, key, "XINFO", "CONSUMERS", key, group):
+            c = _pairs(consumer)
+            await self._dst(db, key, ("XGROUP", "CREATECONSUMER", key, group, c[b"name"]))
+        start = "-"
+        while True:
+            pending = await self._src(db, key, "XPENDING", key, group, start, "+", self.opts.chunk_elements)
+            if not pending:
+                return
+            for entry_id, consumer, idle, deliveries in pending:
+                await self._dst(db, key, ("XCLAIM", key, group, consumer, 0, entry_id, "IDLE", idle,
+                                          "RETRYCOUNT", deliveries, "FORCE", "JUSTID"))
+            start = "(" + pending[-1][0].decode()
+
+
+def _absolute_expiry(cmd: str, reply: Any, sent_ms: int) -> int:
+    """0 for no expiry, else the absolute unix time in ms."""
+    value = int(reply)
+    if value < 0:
+        return 0
+    return value if cmd == "PEXPIRETIME" else sent_ms + value
+
+
+def _pairs(flat: Any) -> dict[bytes, Any]:
+    if isinstance(flat, dict):
+        return flat
+    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}

@@ -1,0 +1,56 @@
+"""A pool of KeyMovers: each owns its own connections, so concurrent batches never share a socket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from .keymover import KeyMover, MoverOptions
+from .ratelimit import TokenBucket
+from .side import Side
+from .topology import Topology
+
+MiB = 1 << 20
+# ElastiCache durable clusters accept at most 100 MiB/s of writes per primary; stay below it.
+DEFAULT_TARGET_BYTES_PER_PRIMARY = 80 * MiB
+
+
+class MoverPool:
+    def __init__(self, source: Topology, target: Topology, size: int, opts: MoverOptions,
+                 max_source_ops: float | None = None,
+                 max_target_bytes: float | None = DEFAULT_TARGET_BYTES_PER_PRIMARY,
+                 name: str = "durablecache-copy"):
+        self.source = source
+        self.target = target
+        ops = TokenBucket(max_source_ops)
+        buckets = {i: TokenBucket(max_target_bytes) for i in range(len(target.primaries))} if max_target_bytes else {}
+        self._all = [KeyMover(Side(source, name), Side(target, name), opts, ops, buckets) for _ in range(size)]
+        self._free: asyncio.Queue[KeyMover] = asyncio.Queue()
+        for m in self._all:
+            self._free.put_nowait(m)
+
+    @contextlib.asynccontextmanager
+    async def mover(self) -> AsyncIterator[KeyMover]:
+        m = await self._free.get()
+        try:
+            yield m
+        finally:
+            self._free.put_nowait(m)
+
+    def reversed(self) -> MoverPool:
+        """The same pool shape copying the other way (reverse sync after FLIP)."""
+        first = self._all[0]
+        pool = MoverPool.__new__(MoverPool)
+        pool.source, pool.target = self.target, self.source
+        pool._all = [KeyMover(Side(self.target, m.src.name), Side(self.source, m.src.name), first.opts)
+                     for m in self._all]
+        pool._free = asyncio.Queue()
+        for m in pool._all:
+            pool._free.put_nowait(m)
+        return pool
+
+    async def close(self) -> None:
+        for m in self._all:
+            await m.src.close()
+            await m.dst.close()
