@@ -16,6 +16,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/system-deps.sh
+	bash scripts/build-k8s-tools.sh
 	$(VENV)/bin/ruff check operator tests bench
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 

@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import pytest
+
 from keyspace import CLI, dump_all, populate, run_cli
 
 

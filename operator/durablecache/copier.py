@@ -90,12 +90,14 @@ async def refresh_db_keys(topo: Topology) -> None:
 async def check_pair(source: Topology, target: Topology, allow_nonempty: bool) -> None:
     """Refuse, before anything is written, what would corrupt or lose data."""
     if source.run_ids & target.run_ids:
-        raise RefusedError(f"source and target are the same server ({target.seed.address}); refusing to copy onto itself")
+        raise RefusedError(f"source and target are the same server ({target.seed.address}); "
+                           "refusing to copy onto itself")
     await refresh_db_keys(source)
     if target.cluster and not source.cluster:
         used = sorted(db for db, n in source.db_keys.items() if n and db != 0)
         if used:
-            raise RefusedError(f"source has keys in database(s) {used}, but the target is a cluster, which has only db 0")
+            raise RefusedError(f"source has keys in database(s) {used}, "
+                               "but the target is a cluster, which has only db 0")
     if not allow_nonempty:
         await refresh_db_keys(target)
         present = sum((await unit_sizes(target)).values())
@@ -107,7 +109,7 @@ async def check_pair(source: Topology, target: Topology, allow_nonempty: bool) -
 class BulkCopy:
     def __init__(self, source: Topology, target: Topology, submit: Submit, *,
                  store: CheckpointStore | None = None, progress: Progress | None = None,
-                 scan_count: int = 1000, concurrency: int = 4):
+                 scan_count: int = 1000, concurrency: int = 8):
         self.source = source
         self.target = target
         self.submit = submit
@@ -198,15 +200,14 @@ class BulkCopy:
                 window.release()
 
         try:
-            cursor, seq = state.cursor, 0
-            for _ in range(1 << 40):  # SCAN terminates when the cursor returns to 0
+            cursor = state.cursor
+            for seq in range(1 << 40):  # SCAN terminates when the cursor returns to 0
                 await window.acquire()
                 cursor_raw, keys = await conn.call("SCAN", cursor, "COUNT", self.scan_count)
                 cursor = int(cursor_raw)
                 task = asyncio.create_task(batch(seq, list(keys), cursor))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
-                seq += 1
                 if cursor == 0:
                     break
                 # Surface a failed batch now rather than after scanning everything.

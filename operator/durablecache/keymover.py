@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from . import logs
 from .errors import ServerError
 from .ratelimit import TokenBucket
 from .resp import ReplyError
@@ -30,6 +31,33 @@ DEFAULT_CHUNK_BYTES = 1 * MiB
 # a server still loading, a busy script. Retried with exponential backoff, never dropped.
 RETRYABLE_PREFIXES = ("TRYAGAIN", "LOADING", "BUSY", "CLUSTERDOWN", "DURABILITY", "NOREPLICAS")
 RETRY_LIMIT_SECONDS = 120.0
+BIG = object()  # marker: too large for one DUMP, copy in chunks
+log = logs.get("durablecache.copy")
+
+# One round trip per source primary per batch instead of three commands per key: the script reads
+# each key's size, expiry and DUMP payload. Keys are passed as ARGV (a batch spans many slots of
+# one node, which allow-cross-slot-keys permits); a key that is not local fails the whole call and
+# that batch falls back to pipelines. -2 = gone, -3 = too big for one DUMP.
+FETCH = """#!lua flags=no-writes,allow-cross-slot-keys
+local limit = tonumber(ARGV[1])
+local out = {}
+for i = 2, #ARGV do
+  local k = ARGV[i]
+  local size = redis.call('MEMORY', 'USAGE', k)
+  if not size then out[#out + 1] = -2; out[#out + 1] = false
+  elseif size > limit then out[#out + 1] = -3; out[#out + 1] = false
+  else out[#out + 1] = redis.call('PEXPIRETIME', k); out[#out + 1] = redis.call('DUMP', k) end
+end
+return out"""
+# RESTOREs of one batch in one call; per-key errors come back as values so one bad key does not fail
+# the batch (a retryable rejection is retried by the pipelined path with backoff).
+RESTORE = """#!lua flags=allow-cross-slot-keys
+local out = {}
+for i = 1, #ARGV, 3 do
+  local ok, err = pcall(redis.call, 'RESTORE', ARGV[i], ARGV[i + 1], ARGV[i + 2], 'REPLACE', 'ABSTTL')
+  if ok then out[#out + 1] = 1 else out[#out + 1] = 0 end
+end
+return out"""
 
 
 @dataclasses.dataclass
@@ -65,56 +93,108 @@ class KeyMover:
         self.source_ops = source_ops or TokenBucket(None)
         self.target_bytes = target_bytes if target_bytes is not None else {}
         self.expire_cmd = "PEXPIRETIME" if src.topology.supports_pexpiretime else "PTTL"
+        # Scripts need Valkey / Redis >= 7 on both sides (shebang flags, PEXPIRETIME).
+        self.use_scripts = src.topology.supports_pexpiretime and dst.topology.supports_pexpiretime
 
     async def move(self, db: int, keys: Sequence[bytes]) -> MoveResult:
         result = MoveResult()
         if not keys:
             return result
         await self.source_ops.take(len(keys) * 3)
-        sizes = await self.src.per_key(db, keys, lambda k: [("MEMORY", "USAGE", k)], 1)
-        small, big, gone = [], [], []
-        for key, (size,) in zip(keys, sizes):
-            if size is None or isinstance(size, ReplyError):
-                gone.append(key)
-            elif size > self.opts.big_key_bytes:
+        sent_ms = int(time.time() * 1000)
+        fetched = await self._fetch(db, keys)
+        restores: list[tuple[bytes, int, bytes]] = []
+        big, gone = [], []
+        for key, (expiry, payload) in zip(keys, fetched):
+            if payload is BIG:
                 big.append(key)
+            elif payload is None or expiry == -2:
+                gone.append(key)
             else:
-                small.append(key)
-        await self._copy_small(db, small, result, gone)
+                abs_ms = _absolute_expiry(self.expire_cmd, expiry, sent_ms)
+                if abs_ms and abs_ms <= sent_ms:
+                    result.expired += 1
+                    gone.append(key)
+                else:
+                    restores.append((key, abs_ms, payload))
+        if restores:
+            await self._throttle_target(restores)
+            fallback = await self._restore_all(db, restores)
+            result.copied += len(restores) - len(fallback)
+            result.bytes += sum(len(p) for _, _, p in restores)
+            for key in fallback:
+                await self.copy_chunked(db, key, result)
         if gone:
             await self._delete(db, gone)
-            result.deleted += len(gone)
+            result.deleted += len(gone) - result.expired
         for key in big:
             await self.copy_chunked(db, key, result)
         return result
 
-    async def _copy_small(self, db: int, keys: list[bytes], result: MoveResult, gone: list[bytes]) -> None:
-        if not keys:
-            return
-        sent_ms = int(time.time() * 1000)
-        dumps = await self.src.per_key(db, keys, lambda k: [(self.expire_cmd, k), ("DUMP", k)], 2)
-        restores: list[tuple[bytes, int, bytes]] = []
-        for key, (expiry, payload) in zip(keys, dumps):
-            if isinstance(payload, ReplyError) or isinstance(expiry, ReplyError):
-                raise ServerError(f"source: DUMP failed: {payload if isinstance(payload, ReplyError) else expiry}")
-            if payload is None or expiry == -2:
-                gone.append(key)
-                continue
-            abs_ms = _absolute_expiry(self.expire_cmd, expiry, sent_ms)
-            if abs_ms and abs_ms <= sent_ms:
-                result.expired += 1
-                gone.append(key)
-                continue
-            restores.append((key, abs_ms, payload))
-        if not restores:
-            return
-        await self._throttle_target(restores)
+    async def _fetch(self, db: int, keys: Sequence[bytes]) -> list[tuple[int, Any]]:
+        """(expiry, DUMP payload | None when gone | BIG) per key."""
+        out: dict[bytes, tuple[int, Any]] = {}
+        todo: list[bytes] = list(keys)
+        if self.use_scripts:
+            todo = []
+            limit = self.opts.big_key_bytes
+            for group, reply in await self.src.per_primary(db, keys, lambda g: _script_call(FETCH, limit, g)):
+                if isinstance(reply, ReplyError):
+                    self._script_failed("source", reply)
+                    todo.extend(group)
+                    continue
+                for i, key in enumerate(group):
+                    expiry, payload = reply[2 * i], reply[2 * i + 1]
+                    out[key] = (expiry, BIG if expiry == -3 else payload)
+        if todo:
+            for key, value in zip(todo, await self._fetch_pipelined(db, todo)):
+                out[key] = value
+        return [out[k] for k in keys]
+
+    async def _fetch_pipelined(self, db: int, keys: list[bytes]) -> list[tuple[int, Any]]:
+        """The script-free path (Redis < 7, or keys mid-migration between cluster nodes)."""
+        sizes = await self.src.per_key(db, keys, lambda k: [("MEMORY", "USAGE", k)], 1)
+        small = [k for k, (size,) in zip(keys, sizes) if isinstance(size, int) and size <= self.opts.big_key_bytes]
+        dumps = dict(zip(small, await self.src.per_key(db, small, lambda k: [(self.expire_cmd, k), ("DUMP", k)], 2)))
+        out: list[tuple[int, Any]] = []
+        for key, (size,) in zip(keys, sizes):
+            if not isinstance(size, int):
+                out.append((-2, None))
+            elif key not in dumps:
+                out.append((-1, BIG))
+            else:
+                expiry, payload = dumps[key]
+                for r in (expiry, payload):
+                    if isinstance(r, ReplyError):
+                        raise ServerError(f"source: DUMP failed: {r}")
+                out.append((expiry, payload))
+        return out
+
+    async def _restore_all(self, db: int, restores: list[tuple[bytes, int, bytes]]) -> list[bytes]:
         by_key = {k: (ttl, p) for k, ttl, p in restores}
-        fallback = await self._restore(db, [k for k, _, _ in restores], by_key)
-        result.copied += len(restores) - len(fallback)
-        result.bytes += sum(len(p) for _, _, p in restores)
-        for key in fallback:
-            await self.copy_chunked(db, key, result)
+        todo = list(by_key)
+        if self.use_scripts:
+            todo = []
+
+            def call(group: list[bytes]) -> tuple[Any, ...]:
+                args = [x for k in group for x in (k, by_key[k][0], by_key[k][1])]
+                return _script_call(RESTORE, None, args)
+
+            for group, reply in await self.dst.per_primary(db, list(by_key), call):
+                if isinstance(reply, ReplyError):
+                    self._script_failed("target", reply)
+                    todo.extend(group)
+                    continue
+                todo.extend(k for k, r in zip(group, reply) if r != 1)  # retried and explained below
+        return await self._restore(db, todo, by_key) if todo else []
+
+    def _script_failed(self, side: str, reply: ReplyError) -> None:
+        text = str(reply)
+        if "non local key" in text or text.startswith(("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")):
+            return  # keys moving between nodes: this batch takes the pipelined path, scripts stay on
+        # Scripts unusable on this server (Redis < 7, scripting disabled): use pipelines from now on.
+        log.info("scripted copy unavailable, using pipelines", side=side, reason=text[:200])
+        self.use_scripts = False
 
     async def _restore(self, db: int, keys: list[bytes], by_key: dict[bytes, tuple[int, bytes]]) -> list[bytes]:
         """RESTORE with retry on transient rejections; returns keys whose payload the target cannot read."""
@@ -298,6 +378,11 @@ class KeyMover:
                 await self._dst(db, key, ("XCLAIM", key, group, consumer, 0, entry_id, "IDLE", idle,
                                           "RETRYCOUNT", deliveries, "FORCE", "JUSTID"))
             start = "(" + pending[-1][0].decode()
+
+
+def _script_call(script: str, first: Any, args: Sequence[Any]) -> tuple[Any, ...]:
+    head = () if first is None else (first,)
+    return ("EVAL", script, 0, *head, *args)
 
 
 def _absolute_expiry(cmd: str, reply: Any, sent_ms: int) -> int:

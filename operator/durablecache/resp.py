@@ -9,6 +9,7 @@ error replies as values so a pipeline reports per-command failures without abort
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -61,7 +62,7 @@ class Connection:
                 ),
                 CONNECT_TIMEOUT,
             )
-        except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+        except (TimeoutError, OSError, ssl.SSLError) as exc:
             reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else _os_reason(exc)
             raise ConnectError(f"cannot reach {endpoint.address}: {reason}") from None
         conn = cls(endpoint, reader, writer)
@@ -123,10 +124,8 @@ class Connection:
 
     async def close(self) -> None:
         self._writer.close()
-        try:
+        with contextlib.suppress(TimeoutError, OSError, ssl.SSLError):
             await asyncio.wait_for(self._writer.wait_closed(), 2.0)
-        except (OSError, asyncio.TimeoutError, ssl.SSLError):
-            pass
 
 
 def _name(args: Sequence[Any]) -> str:

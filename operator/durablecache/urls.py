@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from .errors import UsageError
 
@@ -44,6 +44,19 @@ class Endpoint:
 
     def __str__(self) -> str:
         return self.redacted()
+
+    def to_url(self) -> str:
+        """The full URL, credentials included: only for handing to our own processes, never for logs."""
+        scheme = "valkeys" if self.tls else "valkey"
+        user = quote(self.username or "", safe="")
+        auth = f"{user}:{quote(self.password, safe='')}@" if self.password is not None else ""
+        query = []
+        if self.ca_file:
+            query.append(f"ca={quote(self.ca_file)}")
+        if self.tls_insecure:
+            query.append("insecure=1")
+        tail = ("?" + "&".join(query)) if query else ""
+        return f"{scheme}://{auth}{self.host}:{self.port}/{self.db}{tail}"
 
 
 def parse_url(url: str) -> Endpoint:

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..progress import choose, emit_json
-from ..verify import VerifyReport, Verifier
+from ..verify import Verifier, VerifyReport
 from ._common import add_pair_arguments, discover_pair, run_async
 
 NAME = "verify"
@@ -40,5 +40,6 @@ def render(report: VerifyReport) -> str:
         return f"equal: {report.checked} keys checked ({scope}) in {report.seconds:.1f}s"
     counts = ", ".join(f"{n} {kind}" for kind, n in report.counts.items() if n)
     lines = [f"DIFFERENT: {counts} ({report.checked} keys checked, {scope})"]
-    lines += [f"  {d.kind:<7} db{d.db} {d.key.decode('utf-8', 'backslashreplace')!r}: {d.detail}" for d in report.examples]
+    for d in report.examples:
+        lines.append(f"  {d.kind:<7} db{d.db} {d.key.decode('utf-8', 'backslashreplace')!r}: {d.detail}")
     return "\n".join(lines)

@@ -1,0 +1,165 @@
+"""Copy throughput benchmark (not a test).
+
+One source and one target valkey-server on this machine, N mixed keys (mostly small strings and
+hashes, some lists/sets/zsets, a few big keys, 30% with TTLs). Three measurements in the same run:
+  naive    one connection, one key at a time: PEXPIRETIME+DUMP, then RESTORE (on a subset of keys)
+  ceiling  the target's ingest ceiling: the same payloads RESTOREd by one pipelined stream
+  copier   `durablecache copy` (BulkCopy + MoverPool with default settings)
+Usage: python bench/copy.py [--keys 1000000]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# This file is named copy.py, which would shadow the standard library's `copy` for everything
+# imported after it: drop its own folder from the import path first.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import random  # noqa: E402
+import time  # noqa: E402
+
+from durablecache.copier import BulkCopy  # noqa: E402
+from durablecache.keymover import MoverOptions  # noqa: E402
+from durablecache.localvalkey import LocalServer  # noqa: E402
+from durablecache.movers import MoverPool  # noqa: E402
+from durablecache.resp import Connection, pack  # noqa: E402
+from durablecache.topology import discover  # noqa: E402
+
+
+def load(server: LocalServer, n: int) -> int:
+    """Fill the source quickly with raw pipelined RESP; returns payload bytes written."""
+    import socket
+
+    rnd = random.Random(7)
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    total = 0
+    batch: list[tuple] = []
+
+    def flush() -> None:
+        sock.sendall(pack(batch))
+        want, got = len(batch), b""
+        while got.count(b"\r\n") < want:  # every reply here is a one-line +OK / :N
+            got += sock.recv(1 << 20)
+        batch.clear()
+
+    for i in range(n):
+        r = rnd.random()
+        key = f"key:{i:08d}"
+        if r < 0.55:
+            value = os.urandom(rnd.randint(20, 200)).hex()
+            batch.append(("SET", key, value))
+            total += len(value)
+        elif r < 0.85:
+            fields = [x for j in range(rnd.randint(3, 12)) for x in (f"f{j}", f"v{rnd.randint(0, 10**6)}")]
+            batch.append(("HSET", key, *fields))
+            total += sum(len(x) for x in fields)
+        elif r < 0.92:
+            batch.append(("RPUSH", key, *[f"item-{j}" for j in range(rnd.randint(5, 40))]))
+        elif r < 0.96:
+            batch.append(("SADD", key, *[f"member-{j}" for j in range(rnd.randint(5, 40))]))
+        else:
+            batch.append(("ZADD", key, *[x for j in range(rnd.randint(5, 40)) for x in (j * 1.5, f"m{j}")]))
+        if rnd.random() < 0.30:
+            batch.append(("PEXPIRE", key, rnd.randint(600_000, 3_600_000)))
+        if len(batch) >= 2000:
+            flush()
+    for b in range(5):  # a few big keys (~2 MB each)
+        blob = os.urandom(1 << 20).hex()
+        batch.append(("SET", f"big:{b}", blob))
+        total += len(blob)
+    flush()
+    sock.close()
+    return total
+
+
+async def dump_all(server: LocalServer, limit: int | None = None) -> list[tuple[bytes, int, bytes]]:
+    conn = await Connection.open(server.endpoint())
+    out: list[tuple[bytes, int, bytes]] = []
+    cursor = 0
+    while True:
+        cursor_raw, keys = await conn.call("SCAN", cursor, "COUNT", 2000)
+        cursor = int(cursor_raw)
+        replies = await conn.pipeline([c for k in keys for c in (("PEXPIRETIME", k), ("DUMP", k))])
+        for k, exp, payload in zip(keys, replies[::2], replies[1::2]):
+            out.append((k, max(int(exp), 0), payload))
+        if cursor == 0 or (limit and len(out) >= limit):
+            break
+    await conn.close()
+    return out[:limit] if limit else out
+
+
+async def naive(source: LocalServer, target: LocalServer, keys: list[bytes]) -> float:
+    s, t = await Connection.open(source.endpoint()), await Connection.open(target.endpoint())
+    t0 = time.perf_counter()
+    for k in keys:
+        exp, payload = await s.pipeline([("PEXPIRETIME", k), ("DUMP", k)])
+        await t.call("RESTORE", k, max(int(exp), 0), payload, "REPLACE", "ABSTTL")
+    elapsed = time.perf_counter() - t0
+    await s.close()
+    await t.close()
+    return len(keys) / elapsed
+
+
+async def ceiling(target: LocalServer, payloads: list[tuple[bytes, int, bytes]]) -> float:
+    t = await Connection.open(target.endpoint())
+    await t.call("FLUSHALL")
+    batches = [[("RESTORE", k, e, p, "REPLACE", "ABSTTL") for k, e, p in payloads[i:i + 1000]]
+               for i in range(0, len(payloads), 1000)]
+    t0 = time.perf_counter()
+    for b in batches:
+        await t.pipeline(b)
+    elapsed = time.perf_counter() - t0
+    await t.close()
+    return len(payloads) / elapsed
+
+
+async def copier(source: LocalServer, target: LocalServer, conc: int) -> tuple[float, float, int]:
+    t = await Connection.open(target.endpoint())
+    await t.call("FLUSHALL")
+    await t.close()
+    src, dst = await discover(source.endpoint()), await discover(target.endpoint())
+    pool = MoverPool(src, dst, size=conc, opts=MoverOptions())
+
+    async def submit(db: int, keys: list[bytes]):  # type: ignore[no-untyped-def]
+        async with pool.mover() as m:
+            return await m.move(db, keys)
+
+    summary = await BulkCopy(src, dst, submit, concurrency=conc).run()
+    await pool.close()
+    return summary.keys / summary.seconds, summary.bytes / summary.seconds / 1e6, summary.keys
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--keys", type=int, default=1_000_000)
+    ap.add_argument("--naive-keys", type=int, default=30_000)
+    ap.add_argument("--concurrency", type=int, default=8)
+    args = ap.parse_args()
+    source, target = LocalServer().start(), LocalServer().start()
+    try:
+        t0 = time.perf_counter()
+        load(source, args.keys)
+        dbsize = source.client().dbsize()
+        print(f"loaded {dbsize} keys in {time.perf_counter() - t0:.1f}s")
+        payloads = await dump_all(source)
+        naive_rate = await naive(source, target, [k for k, _, _ in payloads[: args.naive_keys]])
+        ceiling_rate = await ceiling(target, payloads)
+        del payloads
+        copy_rate, copy_mbps, copied = await copier(source, target, args.concurrency)
+        assert copied == dbsize, (copied, dbsize)
+        print(f"naive DUMP/RESTORE loop : {naive_rate:>10,.0f} keys/s ({args.naive_keys} keys)")
+        print(f"target ingest ceiling   : {ceiling_rate:>10,.0f} keys/s (one pipelined RESTORE stream)")
+        print(f"durablecache copy       : {copy_rate:>10,.0f} keys/s, {copy_mbps:.1f} MB/s ({copied} keys)")
+        print(f"ratio copy / naive      : {copy_rate / naive_rate:.2f}x (target >= 3x)")
+        print(f"ratio copy / ceiling    : {copy_rate / ceiling_rate:.0%} (target >= 80%)")
+    finally:
+        source.stop()
+        target.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,200 @@
+"""Proxy throughput and p99 latency: direct Valkey vs the DurableCache proxy vs a bare asyncio byte
+relay vs twemproxy (nutcracker), all in the same run, with redis-benchmark at P=1 and P=16.
+
+    .venv/bin/python bench/proxy.py [--requests 200000] [--clients 50] [--json]
+
+The proxy runs in its own process (as in production: ``durablecache proxy``) with its marks going to
+a MarkServer in this process, so the figure includes real mark delivery. The bare relay is the
+floor any asyncio proxy pays: it copies bytes both ways (Protocol callbacks, the same event loop
+style as the proxy) and understands nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+
+# bench/ holds copy.py, which would shadow the standard library's copy module for this script.
+sys.path[:] = [p for p in sys.path if not p.rstrip("/").endswith("bench")]
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from durablecache.localvalkey import LOOPBACK, LocalServer, free_port  # noqa: E402
+from durablecache.proxy.marks import MarkServer  # noqa: E402
+
+RELAY = r'''
+import asyncio, sys
+try:
+    import uvloop
+except ImportError:
+    uvloop = None
+UP_PORT, PORT, USE_UVLOOP = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+
+class Up(asyncio.Protocol):
+    def __init__(self, down): self.down = down; self.t = None
+    def connection_made(self, t): self.t = t
+    def data_received(self, d): self.down.t.write(d)
+    def connection_lost(self, e): self.down.t.close()
+
+class Down(asyncio.Protocol):
+    def connection_made(self, t):
+        self.t = t; self.buf = []; self.up = Up(self)
+        asyncio.get_running_loop().create_task(self.open())
+    async def open(self):
+        await asyncio.get_running_loop().create_connection(lambda: self.up, "127.0.0.1", UP_PORT)
+        if self.buf: self.up.t.write(b"".join(self.buf)); self.buf = []
+    def data_received(self, d):
+        if self.up.t is None: self.buf.append(d)
+        else: self.up.t.write(d)
+    def connection_lost(self, e):
+        if self.up.t is not None: self.up.t.close()
+
+async def main():
+    srv = await asyncio.get_running_loop().create_server(Down, "127.0.0.1", PORT)
+    print("ready", flush=True)
+    await srv.serve_forever()
+if USE_UVLOOP and uvloop: uvloop.install()
+asyncio.run(main())
+'''
+
+ROOT = Path(__file__).resolve().parent.parent
+DURABLECACHE = ROOT / ".venv" / "bin" / "durablecache"
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    import socket
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        try:
+            with socket.create_connection((LOOPBACK, port), 0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port} after {timeout}s")
+
+
+def run_benchmark(port: int, pipeline: int, requests: int, clients: int) -> dict[str, dict[str, float]]:
+    """redis-benchmark SET,GET -> {"SET": {"rps":..., "p99_ms":...}, ...} (from its --csv output)."""
+    out = subprocess.run(
+        ["redis-benchmark", "-h", LOOPBACK, "-p", str(port), "-t", "set,get", "-n", str(requests),
+         "-c", str(clients), "-P", str(pipeline), "-r", "100000", "--csv"],
+        capture_output=True, text=True, timeout=600, check=True).stdout
+    results: dict[str, dict[str, float]] = {}
+    for line in out.splitlines():
+        cells = [c.strip('"') for c in line.split(",")]
+        if len(cells) >= 8 and cells[0] in ("SET", "GET"):
+            # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+            results[cells[0]] = {"rps": float(cells[1]), "p99_ms": float(cells[6])}
+    if not results:
+        raise RuntimeError(f"could not read redis-benchmark output: {out[:500]!r}")
+    return results
+
+
+def start_twemproxy(upstream_port: int, tmp: str) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    conf = Path(tmp, "nutcracker.yml")
+    conf.write_text(
+        "bench:\n"
+        f"  listen: {LOOPBACK}:{port}\n"
+        "  hash: fnv1a_64\n  distribution: ketama\n  redis: true\n  auto_eject_hosts: false\n"
+        "  server_connections: 1\n"
+        f"  servers:\n   - {LOOPBACK}:{upstream_port}:1\n")
+    proc = subprocess.Popen(["nutcracker", "-c", str(conf), "-s", str(free_port()), "-o", str(Path(tmp, "nc.log"))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port, proc)
+    return proc, port
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=200_000)
+    ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--uvloop", action="store_true", help="run the proxy and the relay on uvloop")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    for tool in ("redis-benchmark", "nutcracker"):
+        if not shutil.which(tool):
+            print(f"{tool} is required (Debian redis-tools / nutcracker)", file=sys.stderr)
+            return 2
+    server = LocalServer(extra=["--io-threads", "1"]).start()
+    tmp = tempfile.mkdtemp(prefix="durablecache-bench-")
+    procs: list[subprocess.Popen[bytes]] = []
+    loop = asyncio.new_event_loop()
+    try:
+        # The syncer side of the marks wire: counts what arrives.
+        received = {"keys": 0}
+
+        async def on_marks(db: int, keys: list[bytes]) -> None:
+            received["keys"] += len(keys)
+        token = "bench-token"
+        marks = MarkServer(on_marks, token)
+        loop.run_until_complete(marks.start())
+        Path(tmp, "token").write_text(token)
+        threading.Thread(target=loop.run_forever, daemon=True).start()
+
+        relay_port = free_port()
+        relay = subprocess.Popen([sys.executable, "-c", RELAY, str(server.port), str(relay_port),
+                                  "1" if args.uvloop else "0"], stdout=subprocess.DEVNULL)
+        procs.append(relay)
+        wait_port(relay_port, relay)
+
+        proxy_port = free_port()
+        env = dict(os.environ, DURABLECACHE_UVLOOP="1" if args.uvloop else "0")
+        proxy = subprocess.Popen([str(DURABLECACHE), "proxy", "--upstream", server.url(),
+                                  "--listen", f"{LOOPBACK}:{proxy_port}",
+                                  "--marks-to", f"{LOOPBACK}:{marks.port}", "--marks-token-file",
+                                  str(Path(tmp, "token"))], env=env, stdout=subprocess.DEVNULL)
+        procs.append(proxy)
+        wait_port(proxy_port, proxy)
+
+        nut, nut_port = start_twemproxy(server.port, tmp)
+        procs.append(nut)
+
+        targets = [("direct", server.port), ("proxy", proxy_port), ("relay", relay_port),
+                   ("twemproxy", nut_port)]
+        rows = []
+        for pipeline in (1, 16):
+            for name, port in targets:
+                res = run_benchmark(port, pipeline, args.requests, args.clients)
+                for test, r in res.items():
+                    rows.append({"target": name, "P": pipeline, "test": test, **r})
+        ratios = {}
+        for pipeline in (1, 16):
+            for test in ("SET", "GET"):
+                def rps(target: str, p: int = pipeline, t: str = test) -> float:
+                    return next(r["rps"] for r in rows if r["target"] == target and r["P"] == p and r["test"] == t)
+                ratios[f"P={pipeline} {test}"] = round(rps("proxy") / rps("relay"), 3)
+        if args.json:
+            print(json.dumps({"rows": rows, "proxy_vs_relay": ratios, "marked_keys": received["keys"]}))
+        else:
+            print(f"{'target':<10} {'P':>3} {'test':<4} {'ops/s':>12} {'p99 ms':>8}")
+            for r in rows:
+                print(f"{r['target']:<10} {r['P']:>3} {r['test']:<4} {r['rps']:>12,.0f} {r['p99_ms']:>8.3f}")
+            print("proxy / bare relay throughput:", ", ".join(f"{k}: {v:.0%}" for k, v in ratios.items()))
+            print(f"marked keys received by the MarkServer: {received['keys']:,}")
+        return 0
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

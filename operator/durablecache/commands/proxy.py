@@ -1,0 +1,108 @@
+"""``durablecache proxy``: run the dual-write proxy in front of one upstream (standalone or cluster)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import ssl
+from pathlib import Path
+
+from .. import logs
+from ..errors import UsageError
+from ..urls import parse_url
+
+NAME = "proxy"
+HELP = "run the dual-write RESP proxy: forward clients to the upstream and report every key written"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--upstream", required=True, help="valkey[s]://[user:pass@]host:port of the authoritative side")
+    p.add_argument("--listen", default="127.0.0.1:6380", help="HOST:PORT for clients (default 127.0.0.1:6380)")
+    p.add_argument("--admin", help="HOST:PORT for the admin API (needs --admin-token-file)")
+    p.add_argument("--admin-token-file", help="file holding the admin API's bearer token")
+    p.add_argument("--marks-to", help="HOST:PORT of the syncer's mark server (needs --marks-token-file)")
+    p.add_argument("--marks-token-file", help="file holding the mark server's token")
+    p.add_argument("--tls-cert", help="serve clients over TLS with this certificate (PEM)")
+    p.add_argument("--tls-key", help="private key of --tls-cert (PEM)")
+    p.add_argument("--not-migrating", action="store_true",
+                   help="forward FLUSHALL/FLUSHDB/SWAPDB/MOVE instead of refusing them")
+    p.add_argument("--name", default="durablecache-proxy", help="prefix of the proxy's upstream client names")
+    p.add_argument("--json", action="store_true", help="log JSON lines")
+
+
+def _hostport(value: str, what: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UsageError(f"{what} must be HOST:PORT, not {value!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def _token(path: str | None, what: str) -> str:
+    if not path:
+        raise UsageError(f"{what} needs its token file")
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} token file {path}: {exc.strerror}") from None
+    if not token:
+        raise UsageError(f"{what} token file {path} is empty")
+    return token
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.json:
+        logs.configure(json=True, level=getattr(args, "log_level", "info") or "info")
+    if os.environ.get("DURABLECACHE_UVLOOP") == "1":
+        import uvloop  # optional: only when asked for
+        uvloop.install()
+    return asyncio.run(_main(args))
+
+
+async def _main(args: argparse.Namespace) -> int:
+    from ..proxy import Proxy
+    from ..proxy.admin import AdminServer
+    from ..proxy.marks import RemoteMarks
+
+    log = logs.get("durablecache.proxy")
+    upstream = parse_url(args.upstream)
+    host, port = _hostport(args.listen, "--listen")
+    client_tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise UsageError("--tls-cert and --tls-key go together")
+        client_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        client_tls.load_cert_chain(args.tls_cert, args.tls_key)
+    remote: RemoteMarks | None = None
+    if args.marks_to:
+        mhost, mport = _hostport(args.marks_to, "--marks-to")
+        remote = RemoteMarks(mhost, mport, _token(args.marks_token_file, "--marks-to"), name=args.name)
+        await remote.connect()
+        on_marks = remote
+    else:
+        counted = {"keys": 0}
+
+        async def on_marks(db: int, keys: list[bytes]) -> None:   # no syncer: count only
+            counted["keys"] += len(keys)
+    proxy = Proxy(upstream, listen_host=host, listen_port=port, on_marks=on_marks, client_tls=client_tls,
+                  migrating=not args.not_migrating, name_prefix=args.name)
+    await proxy.start()
+    admin = None
+    if args.admin:
+        ahost, aport = _hostport(args.admin, "--admin")
+        admin = AdminServer(proxy, _token(args.admin_token_file, "--admin"), ahost, aport)
+        await admin.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"durablecache proxy: listening on {host}:{proxy.port} -> {upstream.redacted()}", flush=True)
+    await stop.wait()
+    log.info("proxy.stopping", **{k: v for k, v in proxy.stats().items() if k in ("clients", "commands", "writes")})
+    if admin is not None:
+        await admin.stop()
+    await proxy.stop()
+    if remote is not None:
+        await remote.close()
+    return 0

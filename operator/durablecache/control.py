@@ -1,0 +1,58 @@
+"""The migration's control API: status for humans and the operator, approval and rollback.
+
+Listens separately from the proxy and requires a bearer token on every request."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from aiohttp import web
+
+from .migration import Migration, Phase
+
+
+class ControlServer:
+    def __init__(self, migration: Migration, token: str, host: str = "127.0.0.1", port: int = 0):
+        self.m = migration
+        self.token = token
+        self.host, self.port = host, port
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application(middlewares=[self._auth])
+        app.router.add_get("/status", self._status)
+        app.router.add_post("/approve", self._approve)
+        app.router.add_post("/rollback", self._rollback)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if not hmac.compare_digest(given.encode(), self.token.encode()):
+            return web.json_response({"error": "missing or wrong bearer token"}, status=401)
+        return await handler(request)
+
+    async def _status(self, _request: web.Request) -> web.Response:
+        return web.json_response(self.m.status())
+
+    async def _approve(self, _request: web.Request) -> web.Response:
+        if self.m.phase not in (Phase.COPY, Phase.SYNC, Phase.ROUTE_IN):
+            return web.json_response({"error": f"nothing to approve in phase {self.m.phase.value}"}, status=409)
+        self.m.approved.set()
+        return web.json_response({"approved": True, "phase": self.m.phase.value})
+
+    async def _rollback(self, _request: web.Request) -> web.Response:
+        if self.m.phase != Phase.ROUTE_OUT:
+            return web.json_response({"error": f"rollback is possible in RouteOut, not {self.m.phase.value}"},
+                                     status=409)
+        self.m.rollback_requested.set()
+        return web.json_response({"rollback": "requested"})
+
+    async def stop(self) -> None:
+        if self._runner:
+            await self._runner.cleanup()

@@ -1,0 +1,392 @@
+"""The migration protocol (DESIGN.md), runtime-agnostic: the CLI and the operator's worker run this.
+
+Preflight -> Provision -> RouteIn -> Copy -> Sync -> Cutover -> RouteOut -> Complete
+(and Failed, RollingBack, RolledBack).
+
+Everything that must survive a restart is in ``self.state`` and saved through a CheckpointStore
+(the CLI: a file; the operator: the resource's status). After any restart past RouteIn the proxies'
+in-memory marks may be lost, so a full verify-and-repair runs before any cutover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from . import logs
+from .checkpoint import CheckpointStore, MemoryCheckpoint
+from .copier import BulkCopy, check_pair
+from .errors import DurableCacheError
+from .gate import wait_for_gate
+from .keymover import DEFAULT_BIG_KEY_BYTES, MoverOptions
+from .movers import DEFAULT_TARGET_BYTES_PER_PRIMARY, MoverPool
+from .syncer import Syncer
+from .topology import Topology, discover
+from .urls import Endpoint
+from .verify import Verifier
+
+log = logs.get("durablecache.migration")
+STATE_VERSION = 1
+
+
+class Phase(str, enum.Enum):
+    PREFLIGHT = "Preflight"
+    PROVISION = "Provision"
+    ROUTE_IN = "RouteIn"
+    COPY = "Copy"
+    SYNC = "Sync"
+    CUTOVER = "Cutover"
+    ROUTE_OUT = "RouteOut"
+    COMPLETE = "Complete"
+    FAILED = "Failed"
+    ROLLING_BACK = "RollingBack"
+    ROLLED_BACK = "RolledBack"
+
+
+ORDER = [Phase.PREFLIGHT, Phase.PROVISION, Phase.ROUTE_IN, Phase.COPY, Phase.SYNC, Phase.CUTOVER,
+         Phase.ROUTE_OUT, Phase.COMPLETE]
+FINAL = {Phase.COMPLETE, Phase.FAILED, Phase.ROLLED_BACK}
+
+
+class ProxyHandle(Protocol):
+    """A running proxy, in this process or another (see durablecache.proxyhandles)."""
+
+    address: str
+
+    async def freeze(self, timeout: float) -> None: ...
+
+    async def flip(self, upstream: Endpoint) -> None: ...
+
+    async def unfreeze(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+MarkCallback = Callable[[int, list[bytes]], Awaitable[None]]
+# (upstream, on_marks, on_lost) -> running proxies. on_lost(reason): a proxy died with marks in flight.
+ProxyStarter = Callable[[Endpoint, MarkCallback, Callable[[str], None]], Awaitable[list[ProxyHandle]]]
+Emit = Callable[[dict[str, Any]], None]
+
+
+@dataclasses.dataclass
+class MigrationOptions:
+    cutover: str = "auto"  # auto | manual
+    max_write_pause: float = 0.1  # seconds: freeze + drain + flip must fit, or the cutover aborts
+    rollback_window: float = 1800.0
+    gate_settle: float = 2.0
+    gate_timeout: float = 300.0
+    allow_clients: list[str] = dataclasses.field(default_factory=list)
+    ready_backlog: int = 200  # try a cutover once the dirty backlog is below this
+    cutover_attempts: int = 20
+    exit_after_cutover: bool = False
+    copy_concurrency: int = 8
+    scan_count: int = 1000
+    big_key_bytes: int = DEFAULT_BIG_KEY_BYTES
+    max_source_ops: float | None = None
+    max_target_bytes: float | None = DEFAULT_TARGET_BYTES_PER_PRIMARY
+    sync_workers: int = 4
+    max_dirty: int = 2_000_000
+
+
+class Migration:
+    def __init__(self, source: Endpoint, target: Endpoint, opts: MigrationOptions, start_proxies: ProxyStarter,
+                 *, emit: Emit | None = None, store: CheckpointStore | None = None):
+        self.source_ep = source
+        self.target_ep = target
+        self.opts = opts
+        self.start_proxies = start_proxies
+        self.emit = emit or (lambda _e: None)
+        self.store = store or MemoryCheckpoint()
+        self.state: dict[str, Any] = {}
+        self.proxies: list[ProxyHandle] = []
+        self.syncer: Syncer | None = None
+        self.source: Topology | None = None
+        self.target: Topology | None = None
+        self.bulk: BulkCopy | None = None
+        self.approved = asyncio.Event()
+        self.rollback_requested = asyncio.Event()
+        self.stop_requested = asyncio.Event()
+        self.last_pause_ms: float | None = None
+
+    # -- state ------------------------------------------------------------------------------------
+    @property
+    def phase(self) -> Phase:
+        return Phase(self.state.get("phase", Phase.PREFLIGHT.value))
+
+    def set_phase(self, phase: Phase, **extra: Any) -> None:
+        self.state["phase"] = phase.value
+        self.state.update(extra)
+        self.save()
+        log.info("phase", phase=phase.value)
+        self.emit({"event": "phase", "phase": phase.value, **extra})
+
+    def save(self) -> None:
+        self.state["version"] = STATE_VERSION
+        self.store.save(self.state)
+
+    def status(self) -> dict[str, Any]:
+        """What the operator and the control API show: phase, progress, backlog, last pause."""
+        copy_state = self.bulk.totals() if self.bulk else None
+        syncer = self.syncer
+        return {
+            "phase": self.phase.value,
+            "flipped": bool(self.state.get("flipped")),
+            "keysCopied": copy_state.keys if copy_state else self.state.get("keysCopied", 0),
+            "keysTotal": self.state.get("keysTotal", 0),
+            "dirtyBacklog": syncer.backlog if syncer else 0,
+            "repairRequired": syncer.repair_reason if syncer else None,
+            "lastCutoverPauseMs": self.state.get("lastCutoverPauseMs"),
+            "syncer": dataclasses.asdict(syncer.stats) if syncer else {},
+            "message": self.state.get("message", ""),
+        }
+
+    # -- the protocol -----------------------------------------------------------------------------
+    async def run(self) -> Phase:
+        saved = self.store.load()
+        if saved and saved.get("version") == STATE_VERSION:
+            self.state = saved
+        if self.phase in FINAL:
+            return self.phase
+        try:
+            await self._run()
+        except DurableCacheError as exc:
+            self.set_phase(Phase.FAILED, message=str(exc))
+            raise
+        finally:
+            await self._shutdown()
+        return self.phase
+
+    async def _run(self) -> None:
+        resumed_after_route_in = ORDER.index(self.phase) > ORDER.index(Phase.ROUTE_IN) if self.phase in ORDER \
+            else True
+        self.set_phase(self.phase if resumed_after_route_in else Phase.PREFLIGHT)
+        self.source, self.target = await discover(self.source_ep), await discover(self.target_ep)
+        await check_pair(self.source, self.target, allow_nonempty=resumed_after_route_in)
+        flipped = bool(self.state.get("flipped"))
+        self.syncer = Syncer(self._pool(reverse=flipped), workers=self.opts.sync_workers, max_dirty=self.opts.max_dirty)
+        self.syncer.start()
+        if resumed_after_route_in:
+            self.syncer.require_repair("resumed after a restart: marks in flight may have been lost")
+        if not resumed_after_route_in:
+            self.set_phase(Phase.PROVISION)  # static endpoints: the target exists already
+            self.set_phase(Phase.ROUTE_IN)
+        upstream = self.target_ep if flipped else self.source_ep
+        self.proxies = await self.start_proxies(upstream, self.syncer.on_marks, self.syncer.require_repair)
+        self.emit({"event": "proxies", "addresses": [p.address for p in self.proxies]})
+        if self.phase == Phase.ROUTE_IN:
+            await wait_for_gate(self.source, self.opts.allow_clients, self.opts.gate_settle, self.opts.gate_timeout,
+                                on_blocked=lambda c: self.emit({"event": "gate_blocked", "clients": c}))
+            self.set_phase(Phase.COPY)
+        if self.phase == Phase.COPY:
+            await self._copy()
+            self.set_phase(Phase.SYNC)
+        if self.phase in (Phase.SYNC, Phase.CUTOVER):
+            self.set_phase(Phase.SYNC)
+            await self._sync_until_cutover()
+        if self.phase == Phase.ROUTE_OUT:
+            await self._route_out()
+        if self.phase == Phase.ROLLING_BACK:
+            await self._rollback()
+
+    def _pool(self, reverse: bool) -> MoverPool:
+        assert self.source and self.target
+        src, dst = (self.target, self.source) if reverse else (self.source, self.target)
+        return MoverPool(src, dst, size=max(self.opts.copy_concurrency, self.opts.sync_workers) * len(src.primaries),
+                         opts=MoverOptions(big_key_bytes=self.opts.big_key_bytes),
+                         max_source_ops=self.opts.max_source_ops, max_target_bytes=self.opts.max_target_bytes,
+                         name="durablecache-sync")
+
+    async def _copy(self) -> None:
+        assert self.source and self.target and self.syncer
+        copy_store = _SubStore(self, "copy")
+        self.bulk = BulkCopy(self.source, self.target, self.syncer.copy_now, store=copy_store,
+                             progress=_EmitProgress(self), scan_count=self.opts.scan_count,
+                             concurrency=self.opts.copy_concurrency)
+        summary = await self.bulk.run()
+        self.state["keysCopied"] = summary.keys
+        self.emit({"event": "copied", "keys": summary.keys, "seconds": round(summary.seconds, 3),
+                   "keys_per_s": round(summary.keys / summary.seconds, 1) if summary.seconds else 0})
+
+    async def repair(self) -> int:
+        """Full verify-and-repair: every differing key is marked dirty again, then drained."""
+        assert self.syncer
+        reason = self.syncer.repair_reason
+        self.syncer.repair_reason = None
+        self.emit({"event": "repair", "reason": reason})
+        src, dst = self._sides()
+        report = await Verifier(src, dst, on_diff=self.syncer.mark).run()
+        repaired = sum(report.counts.values())
+        self.emit({"event": "repaired", "keys": repaired, "checked": report.checked})
+        await self._drain_background()
+        return repaired
+
+    def _sides(self) -> tuple[Topology, Topology]:
+        assert self.source and self.target
+        return (self.target, self.source) if self.state.get("flipped") else (self.source, self.target)
+
+    async def _drain_background(self, timeout: float = 600.0) -> None:
+        assert self.syncer
+        if not await self.syncer.drain(timeout):
+            raise DurableCacheError(f"the syncer could not catch up within {timeout:.0f}s "
+                                    f"(backlog {self.syncer.backlog}); the target may be too slow")
+
+    async def _sync_until_cutover(self) -> None:
+        assert self.syncer
+        attempts = 0
+        for _ in range(1 << 30):  # bounded by cutover_attempts and by stop/rollback requests
+            if self.syncer.repair_reason:
+                await self.repair()
+                continue
+            await self._drain_background()
+            if self.opts.cutover == "manual" and not self.approved.is_set():
+                self.emit({"event": "awaiting_approval"})
+                await self._wait_any(self.approved, self.stop_requested)
+                if self.stop_requested.is_set():
+                    return
+                continue
+            if self.syncer.backlog > self.opts.ready_backlog:
+                await asyncio.sleep(0.05)
+                continue
+            attempts += 1
+            if await self.cutover(attempts):
+                self.set_phase(Phase.ROUTE_OUT)
+                return
+            if attempts >= self.opts.cutover_attempts:
+                raise DurableCacheError(
+                    f"cutover aborted {attempts} times: the dirty backlog could not be drained within "
+                    f"{self.opts.max_write_pause * 1000:.0f} ms; raise maxWritePause or lower the write load")
+            await asyncio.sleep(min(0.2 * attempts, 2.0))
+
+    async def cutover(self, attempt: int) -> bool:
+        """FREEZE -> DRAIN -> FLIP -> UNFREEZE within max_write_pause, or abort back to Sync."""
+        assert self.syncer and self.target
+        self.set_phase(Phase.CUTOVER)
+        budget = self.opts.max_write_pause
+        t0 = time.monotonic()
+        try:
+            await asyncio.gather(*(p.freeze(budget) for p in self.proxies))
+            frozen_ms = (time.monotonic() - t0) * 1000
+            drained = await self.syncer.drain(max(0.0, budget - (time.monotonic() - t0)))
+            if not drained or self.syncer.repair_reason:
+                reason = "repair required" if self.syncer.repair_reason else \
+                    f"backlog of {self.syncer.backlog} keys not drained in time"
+                raise TimeoutError(reason)
+            # Both sides are equal and no write is in flight: the target becomes authoritative.
+            await asyncio.gather(*(p.flip(self.target_ep) for p in self.proxies))
+            self.state["flipped"] = True
+            self.save()
+        except (TimeoutError, DurableCacheError, OSError) as exc:
+            await asyncio.gather(*(p.unfreeze() for p in self.proxies), return_exceptions=True)
+            pause = (time.monotonic() - t0) * 1000
+            self.emit({"event": "cutover_aborted", "attempt": attempt, "reason": str(exc) or "freeze timed out",
+                       "pause_ms": round(pause, 2)})
+            self.set_phase(Phase.SYNC)
+            return False
+        await self.syncer.switch_pool(self._pool(reverse=True))
+        await asyncio.gather(*(p.unfreeze() for p in self.proxies))
+        pause = (time.monotonic() - t0) * 1000
+        self.state["lastCutoverPauseMs"] = round(pause, 2)
+        self.last_pause_ms = pause
+        self.save()
+        self.emit({"event": "cutover", "pause_ms": round(pause, 2), "freeze_ms": round(frozen_ms, 2),
+                   "attempt": attempt})
+        return True
+
+    async def _route_out(self) -> None:
+        """Applications move to the target; reverse sync keeps the source usable for a rollback."""
+        self.emit({"event": "route_out", "target": self.target_ep.redacted(),
+                   "rollback_window_s": self.opts.rollback_window})
+        if self.opts.exit_after_cutover:
+            self.set_phase(Phase.COMPLETE)
+            return
+        window = asyncio.create_task(asyncio.sleep(self.opts.rollback_window))
+        try:
+            await self._wait_any(self.rollback_requested, self.stop_requested, task=window)
+        finally:
+            window.cancel()
+        if self.rollback_requested.is_set():
+            self.set_phase(Phase.ROLLING_BACK)
+        elif window.done() and not window.cancelled():
+            self.set_phase(Phase.COMPLETE)
+
+    async def _rollback(self) -> None:
+        """The cutover in reverse: the source becomes authoritative again, nothing written is lost."""
+        assert self.syncer
+        if self.syncer.repair_reason:
+            await self.repair()
+        await self._drain_background()
+        t0 = time.monotonic()
+        for attempt in range(1, self.opts.cutover_attempts + 1):
+            await asyncio.gather(*(p.freeze(max(self.opts.max_write_pause, 1.0)) for p in self.proxies))
+            if await self.syncer.drain(max(self.opts.max_write_pause, 1.0)):
+                await asyncio.gather(*(p.flip(self.source_ep) for p in self.proxies))
+                self.state["flipped"] = False
+                await self.syncer.switch_pool(self._pool(reverse=False))
+                await asyncio.gather(*(p.unfreeze() for p in self.proxies))
+                self.emit({"event": "rolled_back", "pause_ms": round((time.monotonic() - t0) * 1000, 2),
+                           "attempt": attempt})
+                self.set_phase(Phase.ROLLED_BACK)
+                return
+            await asyncio.gather(*(p.unfreeze() for p in self.proxies))
+            await asyncio.sleep(0.2 * attempt)
+        raise DurableCacheError("rollback could not drain the reverse backlog; the target stays authoritative")
+
+    async def _wait_any(self, *events: asyncio.Event, task: asyncio.Task[Any] | None = None) -> None:
+        waits = [asyncio.create_task(e.wait()) for e in events] + ([task] if task else [])
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits[: len(events)]:
+                w.cancel()
+
+    async def _shutdown(self) -> None:
+        for p in self.proxies:
+            try:
+                await p.stop()
+            except Exception as exc:  # noqa: BLE001 - shutting down: report and go on
+                log.warning("proxy stop failed", error=str(exc))
+        if self.syncer:
+            await self.syncer.stop()
+            await self.syncer.pool.close()
+
+
+class _SubStore:
+    """Keeps the bulk copy's checkpoint inside the migration state."""
+
+    def __init__(self, migration: Migration, key: str):
+        self.m = migration
+        self.key = key
+
+    def load(self) -> dict[str, Any]:
+        return dict(self.m.state.get(self.key, {}))
+
+    def save(self, state: dict[str, Any]) -> None:
+        self.m.state[self.key] = state
+        self.m.save()
+
+
+class _EmitProgress:
+    def __init__(self, migration: Migration, interval: float = 1.0):
+        self.m = migration
+        self.interval = interval
+        self.keys = self.bytes = self.total = 0
+        self._last = 0.0
+
+    def start(self, total_keys: int) -> None:
+        self.total = total_keys
+        self.m.state["keysTotal"] = total_keys
+
+    def advance(self, keys: int, nbytes: int) -> None:
+        self.keys += keys
+        self.bytes += nbytes
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            self.m.emit({"event": "progress", "keys": self.keys, "total": self.total})
+
+    def finish(self) -> None:
+        self.m.emit({"event": "progress", "keys": self.keys, "total": self.total})

@@ -1,0 +1,104 @@
+"""The proxy's admin API: a separate HTTP listener, every request needs ``Authorization: Bearer <token>``.
+
+    GET  /healthz                    -> {"ok": true}
+    GET  /stats                      -> Proxy.stats()
+    POST /freeze?timeout=S           -> 200 {"frozen": true, "ms": ...}, 504 if not quiesced in time (still frozen)
+    POST /flip   {"upstream": URL}   -> 200 {"upstream": redacted URL}   (only while frozen; 409 otherwise)
+    POST /unfreeze                   -> 200 {"frozen": false}
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from typing import Any
+
+from aiohttp import web
+
+from .. import logs
+from ..errors import DurableCacheError
+from ..urls import parse_url
+from .server import Proxy
+
+log = logs.get("durablecache.proxy.admin")
+
+
+class AdminServer:
+    def __init__(self, proxy: Proxy, token: str, host: str = "127.0.0.1", port: int = 0):
+        if not token:
+            raise ValueError("the admin API needs a token")
+        self.proxy = proxy
+        self.host = host
+        self.port = port
+        self._token = token
+        self._runner: web.AppRunner | None = None
+
+    def _app(self) -> web.Application:
+        app = web.Application(middlewares=[self._auth])
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/stats", self._stats)
+        app.router.add_post("/freeze", self._freeze)
+        app.router.add_post("/flip", self._flip)
+        app.router.add_post("/unfreeze", self._unfreeze)
+        return app
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        header = request.headers.get("Authorization", "")
+        given = header[7:] if header.startswith("Bearer ") else ""
+        if not hmac.compare_digest(given.encode(), self._token.encode()):
+            return web.json_response({"error": "unauthorized"}, status=401)
+        return await handler(request)
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self._app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = site._server
+        if server is not None and getattr(server, "sockets", None):
+            self.port = int(server.sockets[0].getsockname()[1])
+        log.info("proxy.admin_listening", address=f"{self.host}:{self.port}")
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "frozen": self.proxy.frozen})
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.proxy.stats())
+
+    async def _freeze(self, request: web.Request) -> web.Response:
+        try:
+            timeout = float(request.query.get("timeout", "5"))
+        except ValueError:
+            return web.json_response({"error": "timeout must be a number of seconds"}, status=400)
+        started = time.monotonic()
+        try:
+            await self.proxy.freeze(timeout)
+        except TimeoutError as exc:
+            return web.json_response({"frozen": True, "quiesced": False, "error": str(exc)}, status=504)
+        return web.json_response({"frozen": True, "quiesced": True,
+                                  "ms": round((time.monotonic() - started) * 1000, 2)})
+
+    async def _flip(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+            endpoint = parse_url(str(body["upstream"]))
+        except (ValueError, KeyError, TypeError, DurableCacheError) as exc:
+            return web.json_response({"error": f"need JSON {{\"upstream\": URL}}: {exc}"}, status=400)
+        if not self.proxy.frozen:
+            return web.json_response({"error": "freeze first"}, status=409)
+        try:
+            await self.proxy.flip(endpoint)
+        except TimeoutError as exc:
+            return web.json_response({"error": str(exc)}, status=504)
+        except DurableCacheError as exc:
+            return web.json_response({"error": str(exc)}, status=502)
+        return web.json_response({"upstream": endpoint.redacted()})
+
+    async def _unfreeze(self, request: web.Request) -> web.Response:
+        self.proxy.unfreeze()
+        return web.json_response({"frozen": False})

@@ -1,0 +1,43 @@
+"""Cluster mode: the proxy presents itself as a one-node cluster that owns all 16384 slots.
+
+Cluster clients (valkey-py ValkeyCluster, GLIDE) learn the topology from CLUSTER SLOTS/SHARDS/NODES;
+answering those locally with the proxy's own address keeps every client connection on the proxy,
+which routes each command to the real primary of its slot and follows MOVED/ASK itself.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import framing
+
+if TYPE_CHECKING:
+    from .server import Proxy
+
+LOCAL_SUBCOMMANDS = frozenset({b"slots", b"shards", b"nodes", b"info", b"myid", b"myshardid"})
+
+
+def local_cluster_reply(proxy: Proxy, sub: bytes, addr: tuple[str, int], resp3: bool) -> bytes | None:
+    """The reply to ``CLUSTER <sub>`` answered by the proxy, or None to forward it upstream."""
+    if sub not in LOCAL_SUBCOMMANDS:
+        return None
+    host, port = addr
+    node_id = proxy.node_id
+    if sub == b"myid":
+        return framing.bulk(node_id)
+    if sub == b"myshardid":
+        return framing.bulk(proxy.shard_id)
+    if sub == b"slots":
+        return framing.encode([[0, 16383, [host, port, node_id]]], resp3)
+    if sub == b"shards":
+        node = {"id": node_id, "port": port, "ip": host, "endpoint": host, "role": "master",
+                "replication-offset": 0, "health": "online"}
+        return framing.encode([{"slots": [0, 16383], "nodes": [node]}], resp3)
+    if sub == b"nodes":
+        line = f"{node_id} {host}:{port}@0 myself,master - 0 0 1 connected 0-16383\n"
+        return framing.bulk(line)
+    info = ("cluster_enabled:1\r\ncluster_state:ok\r\ncluster_slots_assigned:16384\r\n"
+            "cluster_slots_ok:16384\r\ncluster_slots_pfail:0\r\ncluster_slots_fail:0\r\n"
+            "cluster_known_nodes:1\r\ncluster_size:1\r\ncluster_current_epoch:1\r\n"
+            "cluster_my_epoch:1\r\n")
+    return framing.bulk(info)

@@ -1,0 +1,119 @@
+"""RESP framing for the proxy: where a reply ends, and how to encode the replies the proxy makes itself.
+
+Replies are not parsed into Python objects on the hot path: the proxy only needs to know where each
+top-level frame ends and whether it is a RESP3 push (``>``), which libvalkey's reader does not tell.
+``frame_end`` walks one frame with ``bytes.find`` and is cheap for the common one-line and bulk replies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+CRLF = b"\r\n"
+_BULK = frozenset(b"$!=")          # length-prefixed payloads
+_AGG1 = frozenset(b"*~>")          # aggregates of N frames
+_AGG2 = frozenset(b"%|")           # aggregates of N pairs
+PUSH = 0x3E                        # '>'
+MINUS = 0x2D                       # '-'
+
+
+def frame_end(buf: bytes, pos: int) -> int:
+    """End offset of the complete frame starting at ``pos``; or, when incomplete, a negative number:
+    ``-1`` (need more, amount unknown) or ``-n`` (the buffer must hold at least ``n`` bytes)."""
+    n = len(buf)
+    remaining = 1
+    while remaining:
+        if pos >= n:
+            return -1
+        t = buf[pos]
+        nl = buf.find(CRLF, pos + 1)
+        if nl < 0:
+            return -1
+        if t in _BULK:
+            size = int(buf[pos + 1:nl])
+            pos = nl + 2 if size < 0 else nl + size + 4
+            if pos > n:
+                return -pos
+        elif t in _AGG1:
+            count = int(buf[pos + 1:nl])
+            pos = nl + 2
+            if count > 0:
+                remaining += count
+        elif t in _AGG2:
+            count = int(buf[pos + 1:nl])
+            pos = nl + 2
+            if count > 0:
+                remaining += 2 * count
+            if t == 0x7C:  # '|' attribute: the frame it annotates follows
+                remaining += 1
+        else:
+            pos = nl + 2
+        remaining -= 1
+    return pos
+
+
+def split_inline(line: bytes) -> list[bytes]:
+    """An inline command (``PING``, ``SET a "b c"``): words, honouring double and single quotes."""
+    out: list[bytes] = []
+    i, n = 0, len(line)
+    while i < n:
+        while i < n and line[i] in b" \t":
+            i += 1
+        if i >= n:
+            break
+        q = line[i]
+        if q in b"\"'":
+            j = line.find(bytes([q]), i + 1)
+            if j < 0:
+                j = n
+            out.append(line[i + 1:j])
+            i = j + 1
+        else:
+            j = i
+            while j < n and line[j] not in b" \t":
+                j += 1
+            out.append(line[i:j])
+            i = j
+    return out
+
+
+# ---- encoders for the replies the proxy answers itself -------------------------------------------
+
+OK = b"+OK\r\n"
+QUEUED = b"+QUEUED\r\n"
+NOAUTH = b"-NOAUTH Authentication required.\r\n"
+
+
+def error(msg: str) -> bytes:
+    return b"-" + msg.replace("\r", " ").replace("\n", " ").encode() + CRLF
+
+
+def bulk(value: bytes | str | None, resp3: bool = False) -> bytes:
+    if value is None:
+        return b"_\r\n" if resp3 else b"$-1\r\n"
+    if isinstance(value, str):
+        value = value.encode()
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def null_array(resp3: bool) -> bytes:
+    return b"_\r\n" if resp3 else b"*-1\r\n"
+
+
+def encode(value: Any, resp3: bool = False) -> bytes:
+    """Python value -> RESP: dict is a map (a flat array in RESP2), str/bytes bulk, int integer."""
+    if value is None:
+        return bulk(None, resp3)
+    if isinstance(value, bool):
+        return b":%d\r\n" % int(value)
+    if isinstance(value, int):
+        return b":%d\r\n" % value
+    if isinstance(value, (bytes, str)):
+        return bulk(value)
+    if isinstance(value, dict):
+        body = b"".join(encode(k, resp3) + encode(v, resp3) for k, v in value.items())
+        return (b"%%%d\r\n" % len(value) if resp3 else b"*%d\r\n" % (2 * len(value))) + body
+    if isinstance(value, Sequence):
+        return b"*%d\r\n" % len(value) + b"".join(encode(v, resp3) for v in value)
+    raise TypeError(f"cannot encode {type(value).__name__}")

@@ -1,0 +1,262 @@
+"""Marks from proxy processes to the syncer's process, over a small RESP protocol.
+
+    proxy -> syncer   HELLO-MARKS <token> <proxy-name>    <- +OK   (or -ERR and the connection closes)
+                      MARK <db> <key> [<key> ...]         <- +OK   (after the syncer's callback returned)
+                      BYE                                 <- +OK   (a clean goodbye)
+
+``RemoteMarks.__call__`` returns only after the syncer acknowledged the batch, so "marks delivered"
+means the syncer has them. A connection that ends without BYE makes the server call ``on_lost(peer)``:
+marks may have been lost, and the syncer must force a full verify-and-repair before any cutover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import inspect
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import libvalkey
+
+from .. import logs
+from ..errors import ConnectError
+
+log = logs.get("durablecache.marks")
+MarkCallback = Callable[[int, list[bytes]], Awaitable[None]]
+LostCallback = Callable[[str], Any]
+READ_CHUNK = 1 << 16
+
+
+class MarkServer:
+    """Syncer side: accepts proxies, calls ``on_marks`` per batch in arrival order, acks each."""
+
+    def __init__(self, on_marks: MarkCallback, token: str, *, host: str = "127.0.0.1", port: int = 0,
+                 on_lost: LostCallback | None = None):
+        self.on_marks = on_marks
+        self.on_lost = on_lost
+        self.host = host
+        self.port = port
+        self._token = token.encode()
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.peers: dict[str, int] = {}      # connected proxies -> batches received
+        self.batches = 0
+        self.keys = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        log.info("marks.listening", address=f"{self.host}:{self.port}")
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for t in list(self._tasks):
+            t.cancel()
+        for t in list(self._tasks):
+            try:
+                await asyncio.wait_for(t, 2.0)
+            except (TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        addr = writer.get_extra_info("peername")
+        peer = f"{addr[0]}:{addr[1]}" if addr else "?"
+        parser = libvalkey.Reader()
+        authed = False
+        clean = False
+        try:
+            while True:
+                data = await reader.read(READ_CHUNK)
+                if not data:
+                    break
+                parser.feed(data)
+                acks: list[bytes] = []
+                while (cmd := parser.gets()) is not False:
+                    verb = cmd[0].upper() if isinstance(cmd, list) and cmd else b""
+                    if not authed:
+                        if verb == b"HELLO-MARKS" and len(cmd) >= 2 and hmac.compare_digest(cmd[1], self._token):
+                            authed = True
+                            if len(cmd) > 2:
+                                peer = f"{cmd[2].decode(errors='replace')}@{peer}"
+                            self.peers[peer] = 0
+                            acks.append(b"+OK\r\n")
+                            log.info("marks.peer_connected", peer=peer)
+                            continue
+                        writer.write(b"-ERR durablecache marks: bad token\r\n")
+                        await writer.drain()
+                        return
+                    if verb == b"MARK" and len(cmd) >= 2:
+                        await self.on_marks(int(cmd[1]), cmd[2:])
+                        self.batches += 1
+                        self.keys += len(cmd) - 2
+                        self.peers[peer] = self.peers.get(peer, 0) + 1
+                        acks.append(b"+OK\r\n")
+                    elif verb == b"BYE":
+                        clean = True
+                        writer.write(b"".join(acks) + b"+OK\r\n")
+                        await writer.drain()
+                        return
+                    elif verb == b"PING":
+                        acks.append(b"+PONG\r\n")
+                    else:
+                        acks.append(b"-ERR durablecache marks: unknown command\r\n")
+                if acks:
+                    writer.write(b"".join(acks))
+                    await writer.drain()
+        except (OSError, libvalkey.ProtocolError, ValueError):
+            pass
+        finally:
+            self._tasks.discard(task)
+            self.peers.pop(peer, None)
+            writer.close()
+            if authed and not clean:
+                log.warning("marks.peer_lost", peer=peer)
+                if self.on_lost is not None:
+                    result = self.on_lost(peer)
+                    if inspect.isawaitable(result):
+                        await result
+
+
+class RemoteMarks:
+    """Proxy side: a MarkCallback that ships each batch to a MarkServer and awaits its ack.
+
+    If the connection drops, it reconnects (for up to ``retry_for`` seconds) and re-sends every batch
+    not yet acknowledged — the server saw the drop and already called ``on_lost``, so a batch that
+    arrives twice does no harm. Past that bound the call raises ConnectError: the proxy then closes
+    the client connection instead of acknowledging a write whose marks are not delivered.
+    """
+
+    def __init__(self, host: str, port: int, token: str, *, name: str = "durablecache-proxy",
+                 retry_for: float = 10.0):
+        self.host = host
+        self.port = port
+        self._token = token
+        self.name = name
+        self.retry_for = retry_for
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._unacked: deque[tuple[bytes, asyncio.Future[None] | None]] = deque()
+        self._batch: dict[int, list[bytes]] | None = None
+        self._batch_fut: asyncio.Future[None] | None = None
+        self._lock = asyncio.Lock()
+        self._closing = False
+
+    async def connect(self) -> None:
+        async with self._lock:
+            await self._connect_locked()
+
+    async def _connect_locked(self) -> None:
+        if self._writer is not None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.retry_for
+        delay = 0.05
+        while True:
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), 5.0)
+                break
+            except (TimeoutError, OSError) as exc:
+                if loop.time() + delay > deadline:
+                    raise ConnectError(f"cannot reach the syncer at {self.host}:{self.port}: {exc}") from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        writer.write(libvalkey.pack_command((b"HELLO-MARKS", self._token.encode(), self.name.encode())))
+        parser = libvalkey.Reader()
+        while (reply := parser.gets()) is False:
+            data = await asyncio.wait_for(reader.read(READ_CHUNK), 5.0)
+            if not data:
+                raise ConnectError(f"the syncer at {self.host}:{self.port} closed the connection")
+            parser.feed(data)
+        if isinstance(reply, libvalkey.ReplyError):
+            writer.close()
+            raise ConnectError(f"the syncer at {self.host}:{self.port} refused us: {reply}")
+        self._writer = writer
+        for frame, _ in self._unacked:       # re-send what the old connection did not ack
+            writer.write(frame)
+        self._reader_task = loop.create_task(self._read_acks(reader, parser))
+
+    async def _read_acks(self, reader: asyncio.StreamReader, parser: Any) -> None:
+        try:
+            while True:
+                while (reply := parser.gets()) is not False:
+                    if not self._unacked:
+                        continue
+                    _, fut = self._unacked.popleft()
+                    if fut is None:
+                        if isinstance(reply, libvalkey.ReplyError) and self._unacked:
+                            self._unacked[0] = (self._unacked[0][0], self._unacked[0][1])
+                        continue
+                    if not fut.done():
+                        if isinstance(reply, libvalkey.ReplyError):
+                            fut.set_exception(ConnectError(f"syncer rejected marks: {reply}"))
+                        else:
+                            fut.set_result(None)
+                data = await reader.read(READ_CHUNK)
+                if not data:
+                    break
+                parser.feed(data)
+        except OSError:
+            pass
+        if self._writer is not None:
+            self._writer.close()
+        self._writer = None
+        if self._unacked and not self._closing:
+            asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        try:
+            async with self._lock:
+                await self._connect_locked()
+        except ConnectError as exc:
+            while self._unacked:
+                _, fut = self._unacked.popleft()
+                if fut is not None and not fut.done():
+                    fut.set_exception(exc)
+
+    async def __call__(self, db: int, keys: list[bytes]) -> None:
+        if self._writer is None:
+            async with self._lock:
+                await self._connect_locked()
+        # Calls made in the same loop iteration share one send and one ack round.
+        if self._batch is None:
+            self._batch = {}
+            self._batch_fut = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_soon(self._send_batch)
+        self._batch.setdefault(db, []).extend(keys)
+        await asyncio.shield(self._batch_fut)
+
+    def _send_batch(self) -> None:
+        batch, fut = self._batch, self._batch_fut
+        self._batch = None
+        if not batch or fut is None:
+            return
+        items = list(batch.items())
+        frames = []
+        for i, (db, keys) in enumerate(items):
+            frame = libvalkey.pack_command((b"MARK", db, *keys))
+            frames.append(frame)
+            self._unacked.append((frame, fut if i == len(items) - 1 else None))
+        if self._writer is not None:
+            self._writer.write(b"".join(frames))
+
+    async def close(self) -> None:
+        """Say goodbye cleanly (the syncer then knows no marks were lost) and close."""
+        self._closing = True
+        writer = self._writer
+        if writer is not None:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._unacked.append((b"", fut))
+            writer.write(libvalkey.pack_command((b"BYE",)))
+            with contextlib.suppress(TimeoutError, ConnectError):
+                await asyncio.wait_for(fut, 5.0)
+            writer.close()
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+        self._writer = None

@@ -1,0 +1,352 @@
+"""The dual-write proxy: listener, upstream topology, FREEZE / FLIP / UNFREEZE, marks delivery."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import secrets
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from valkey.crc import key_slot
+
+from .. import logs
+from ..errors import ConnectError, ServerError
+from ..resp import Connection, tls_context
+from ..topology import SLOTS, Topology, discover
+from ..urls import Endpoint
+from .commandtable import CommandTable
+from .session import FAST_NO, FAST_READ, SPECIAL, Session
+
+MarkCallback = Callable[[int, list[bytes]], Awaitable[None]]
+log = logs.get("durablecache.proxy")
+
+UNBLOCK_EVERY = 0.1      # re-send CLIENT UNBLOCK while a blocking write is still in flight
+FLIP_QUIESCE = 10.0      # bound on waiting for in-flight reads before moving a session
+
+
+@dataclasses.dataclass
+class Router:
+    """Where a session's commands go: one standalone server, or the primaries of a cluster by slot."""
+
+    cluster: bool
+    nodes: list[Endpoint]
+    owner: list[int]          # slot -> index into nodes (cluster only)
+
+    def slot_of(self, keys: list[bytes]) -> int:
+        """The common slot of ``keys``; -1 when they span slots (CROSSSLOT)."""
+        slot = key_slot(keys[0])
+        for k in keys[1:]:
+            if key_slot(k) != slot:
+                return -1
+        return slot
+
+    def owner_of(self, key: bytes) -> int:
+        return self.owner[key_slot(key)] if self.cluster else 0
+
+    @classmethod
+    def from_topology(cls, topo: Topology) -> Router:
+        if not topo.cluster:
+            return cls(False, [topo.seed], [])
+        return cls(True, list(topo.primaries), list(topo.slot_owner))
+
+
+class Proxy:
+    def __init__(self, upstream: Endpoint, *, listen_host: str = "127.0.0.1", listen_port: int = 0,
+                 on_marks: MarkCallback, client_tls: ssl.SSLContext | None = None,
+                 require_auth: bool | None = None, migrating: bool = True,
+                 name_prefix: str = "durablecache-proxy"):
+        self.upstream = upstream
+        self.listen_host = listen_host
+        self.listen_port = listen_port
+        self.on_marks = on_marks
+        self.client_tls = client_tls
+        self.require_auth = upstream.password is not None if require_auth is None else require_auth
+        self.migrating = migrating
+        self.name_prefix = name_prefix
+        self.node_id = secrets.token_hex(20)
+        self.shard_id = secrets.token_hex(20)
+        self.connect_timeout = 5.0
+        self.port = 0
+        self.router = Router(False, [upstream], [])
+        self.table: CommandTable
+        self.sessions: dict[int, Session] = {}
+        self.frozen = False
+        self.flipping = False
+        self._ids = itertools.count(1)
+        self._server: asyncio.base_events.Server | None = None
+        self._admin: dict[str, Connection] = {}
+        self._ssl: dict[Endpoint, ssl.SSLContext | None] = {}
+        self._refresh: asyncio.Task[None] | None = None
+        self._mark_queue: list[tuple[Session, dict[int, list[bytes]], int, list[bytes]]] = []
+        self._delivering = False
+        self._rounds: set[asyncio.Task[None]] = set()
+        self.fastmap: dict[bytes, Any] = {}
+        self._started = 0.0
+        # stats
+        self.commands = 0
+        self.writes = 0
+        self.marks = 0
+        self.mark_batches = 0
+        self.marks_failed = 0
+        self.held_total = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.bytes_up = 0
+        self.connections_total = 0
+
+    # ---- life cycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.router, self.table = await self._discover(self.upstream)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._new_session, self.listen_host, self.listen_port,
+                                                ssl=self.client_tls, reuse_address=True)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        self._started = time.monotonic()
+        log.info("proxy.started", listen=f"{self.listen_host}:{self.port}", upstream=self.upstream.redacted(),
+                 mode="cluster" if self.router.cluster else "standalone", nodes=len(self.router.nodes),
+                 commands=len(self.table))
+
+    def _new_session(self) -> Session:
+        self.connections_total += 1
+        return Session(self, next(self._ids))
+
+    async def _discover(self, upstream: Endpoint) -> tuple[Router, CommandTable]:
+        """Topology and command table of an upstream, through our own (named) admin connection."""
+        name = f"{self.name_prefix}-admin"
+        topo = await discover(upstream, name=name)
+        conn = await Connection.open(upstream, name=name, select_db=0)
+        try:
+            reply = await conn.call("COMMAND")
+        finally:
+            await conn.close()
+        return Router.from_topology(topo), CommandTable(reply, topo.version)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for s in list(self.sessions.values()):
+            if s.transport is not None:
+                s.transport.close()
+            s._close_conns()
+        if self._server is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+        await self._close_admin()
+        if self._refresh is not None:
+            self._refresh.cancel()
+
+    async def _close_admin(self) -> None:
+        conns, self._admin = self._admin, {}
+        for c in conns.values():
+            await c.close()
+
+    # ---- used by sessions ---------------------------------------------------------------------
+    def upstream_ssl(self, endpoint: Endpoint) -> ssl.SSLContext | None:
+        if endpoint not in self._ssl:
+            self._ssl[endpoint] = tls_context(endpoint)
+        return self._ssl[endpoint]
+
+    def submit_marks(self, session: Session, batch: dict[int, list[bytes]], writes: int,
+                     out: list[bytes]) -> None:
+        """Queue a session's marks. Everything queued in one loop iteration is delivered as one round
+        (one ``on_marks`` call per db); rounds do not wait for each other, so a slow syncer ack does
+        not serialise the sessions."""
+        self._mark_queue.append((session, batch, writes, out))
+        if not self._delivering:
+            self._delivering = True
+            asyncio.get_running_loop().call_soon(self._start_round)
+
+    def _start_round(self) -> None:
+        self._delivering = False
+        queue, self._mark_queue = self._mark_queue, []
+        if queue:
+            task = asyncio.get_running_loop().create_task(self._deliver_round(queue))
+            self._rounds.add(task)
+            task.add_done_callback(self._rounds.discard)
+
+    async def _deliver_round(self, queue: list[tuple[Session, dict[int, list[bytes]], int, list[bytes]]]) -> None:
+        if len(queue) == 1:
+            merged = queue[0][1]
+        else:
+            merged = {}
+            for _, batch, _, _ in queue:
+                for db, keys in batch.items():
+                    if db in merged:
+                        merged[db].extend(keys)
+                    else:
+                        merged[db] = list(keys)
+        ok = await self.deliver(merged, sum(q[2] for q in queue))
+        for session, _, writes, out in queue:
+            session.marks_done(ok, writes, out)
+
+    def classify(self, name: bytes) -> Any:
+        """Fast-path class of a command name as the client spelled it: FAST_READ, a CommandSpec for a
+        plain write, or None (the general path: special handling, subcommands, unknown)."""
+        code = self.fastmap.get(name)
+        if code is None and len(self.fastmap) < 4096:
+            spec = self.table.specs.get(name.lower())
+            low = name.lower()
+            if spec is None or spec.subcommands or spec.pubsub or low in SPECIAL:
+                code = FAST_NO
+            elif not spec.hold:
+                code = FAST_READ
+            elif spec.needs_getkeys:
+                code = FAST_NO
+            else:
+                code = spec
+            self.fastmap[name] = code
+        return code
+
+    async def deliver(self, batch: dict[int, list[bytes]], writes: int) -> bool:
+        """Hand the keys of completed writes to ``on_marks``; False if that failed (never drop quietly)."""
+        try:
+            for db, keys in batch.items():
+                await self.on_marks(db, keys)
+                self.marks += len(keys)
+            self.mark_batches += 1
+            return True
+        except Exception as exc:  # noqa: BLE001 — any failure means the marks are not delivered
+            self.marks_failed += 1
+            log.error("proxy.marks_failed", reason=str(exc) or type(exc).__name__, writes=writes)
+            return False
+
+    def node_index(self, host: str, port: int) -> int:
+        for i, node in enumerate(self.router.nodes):
+            if node.host == host and node.port == port:
+                return i
+        self.router.nodes.append(self.router.nodes[0].with_address(host, port))
+        return len(self.router.nodes) - 1
+
+    def refresh_topology(self) -> None:
+        """After a MOVED: reload the slot map (one refresh at a time)."""
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.get_running_loop().create_task(self._do_refresh())
+
+    async def _do_refresh(self) -> None:
+        try:
+            topo = await discover(self.router.nodes[0], name=f"{self.name_prefix}-admin")
+        except (ConnectError, ServerError) as exc:
+            log.warning("proxy.topology_refresh_failed", reason=str(exc))
+            return
+        if not topo.cluster:
+            return
+        router = self.router
+        owner = [0] * SLOTS
+        for slot, idx in enumerate(topo.slot_owner):
+            node = topo.primaries[idx]
+            owner[slot] = self.node_index(node.host, node.port)
+        router.owner[:] = owner
+
+    # ---- FREEZE / FLIP / UNFREEZE ---------------------------------------------------------------
+    def _inflight(self) -> int:
+        return sum(s.inflight + (1 if s.marking else 0) for s in self.sessions.values())
+
+    async def freeze(self, timeout: float) -> None:
+        """Hold new writes; return when every write already sent is answered and its marks delivered."""
+        self.frozen = True
+        started = time.monotonic()
+        deadline = started + timeout
+        last_unblock = 0.0
+        while self._inflight():
+            now = time.monotonic()
+            if now >= deadline:
+                log.warning("proxy.freeze_timeout", inflight=self._inflight(), timeout=timeout)
+                raise TimeoutError(f"{self._inflight()} writes still in flight after {timeout:.3f}s")
+            if now - last_unblock >= UNBLOCK_EVERY:
+                last_unblock = now
+                await self._unblock(writes_only=True)
+            await asyncio.sleep(0.001)
+        log.info("proxy.frozen", ms=round((time.monotonic() - started) * 1000, 2))
+
+    async def _unblock(self, writes_only: bool) -> None:
+        """CLIENT UNBLOCK (-> the client's timeout reply) for blocking commands in flight."""
+        for s in list(self.sessions.values()):
+            for conn in list(s.conns.values()):
+                if conn.client_id is None:
+                    continue
+                if any(e.blocking or (not writes_only and e.marks is None and not e.internal)
+                       for e in conn.expect):
+                    await self._admin_call(conn.node, s.router, "CLIENT", "UNBLOCK", conn.client_id, "TIMEOUT")
+
+    async def _admin_call(self, node: int, router: Router, *args: Any) -> Any:
+        endpoint = router.nodes[node]
+        key = endpoint.address
+        conn = self._admin.get(key)
+        try:
+            if conn is None:
+                conn = await Connection.open(endpoint, name=f"{self.name_prefix}-admin", select_db=0)
+                self._admin[key] = conn
+            async with conn.lock:
+                return (await conn.pipeline([args], timeout=5.0))[0]
+        except ConnectError as exc:
+            self._admin.pop(key, None)
+            log.warning("proxy.admin_failed", upstream=endpoint.address, reason=str(exc))
+            return None
+
+    async def flip(self, new_upstream: Endpoint) -> None:
+        """While frozen: move every session to ``new_upstream`` with its state (see docs/proxy.md)."""
+        if not self.frozen:
+            raise RuntimeError("flip() needs the proxy frozen first")
+        started = time.monotonic()
+        router, table = await self._discover(new_upstream)
+        self.flipping = True
+        try:
+            for s in self.sessions.values():
+                s.paused = True
+            deadline = time.monotonic() + FLIP_QUIESCE
+            last_unblock = 0.0
+            while any(not s.quiet() for s in self.sessions.values()):
+                now = time.monotonic()
+                if now >= deadline:
+                    busy = sum(1 for s in self.sessions.values() if not s.quiet())
+                    raise TimeoutError(f"{busy} sessions still have replies in flight")
+                if now - last_unblock >= UNBLOCK_EVERY:
+                    last_unblock = now
+                    await self._unblock(writes_only=False)
+                await asyncio.sleep(0.001)
+            await self._close_admin()
+            self.upstream = new_upstream
+            self.router = router
+            self.table = table
+            self.fastmap = {}
+            for s in list(self.sessions.values()):
+                s.reattach(router)
+        finally:
+            self.flipping = False
+            for s in list(self.sessions.values()):
+                s.paused = False
+                s.release()
+        log.info("proxy.flipped", upstream=new_upstream.redacted(), sessions=len(self.sessions),
+                 ms=round((time.monotonic() - started) * 1000, 2))
+
+    def unfreeze(self) -> None:
+        self.frozen = False
+        for s in list(self.sessions.values()):
+            s.release()
+        log.info("proxy.unfrozen")
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "clients": len(self.sessions),
+            "connections_total": self.connections_total,
+            "commands": self.commands,
+            "writes": self.writes,
+            "marks": self.marks,
+            "mark_batches": self.mark_batches,
+            "marks_failed": self.marks_failed,
+            "held": sum(len(s.held) for s in self.sessions.values()),
+            "held_total": self.held_total,
+            "inflight_writes": self._inflight(),
+            "frozen": self.frozen,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "bytes_upstream": self.bytes_up,
+            "upstream": self.upstream.redacted(),
+            "mode": "cluster" if self.router.cluster else "standalone",
+            "uptime": round(time.monotonic() - self._started, 3) if self._started else 0.0,
+        }

@@ -1,0 +1,1275 @@
+"""One client connection and its upstream connection(s).
+
+Requests are parsed with libvalkey's reader, re-packed and written to the upstream connection of the
+key's node; every request that expects a reply gets an ``Entry`` in the session's ``pending`` queue, in
+request order. Replies are framed (``framing.frame_end``), matched to the entries of the connection
+they came from, and written to the client in request order. A write's reply is held until its keys
+were marked (``on_marks`` awaited): "acknowledged" always implies "marked".
+
+Entries answered by the proxy itself carry a function that computes the reply when the entry reaches
+the head of the queue, so local answers (CLIENT GETNAME, CLUSTER SLOTS, NOAUTH ...) see exactly the
+state a server would see at that point of the pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import libvalkey
+
+from .. import logs
+from . import framing
+from .commandtable import SUBSCRIBE_FAMILY, CommandSpec, keys_from_getkeys
+from .framing import MINUS, PUSH, frame_end
+
+if TYPE_CHECKING:
+    from .server import Proxy, Router
+
+log = logs.get("durablecache.proxy")
+pack_command = libvalkey.pack_command
+
+STAR = 0x2A
+CLIENT_GONE_GRACE = 2.0        # how long replies to in-flight writes are awaited after a client left
+UNSAFE = frozenset({b"flushall", b"flushdb", b"swapdb", b"move"})
+MESSAGE_KINDS = frozenset({b"message", b"pmessage", b"smessage"})
+CONFIRM_KINDS = frozenset({b"subscribe", b"psubscribe", b"ssubscribe",
+                           b"unsubscribe", b"punsubscribe", b"sunsubscribe"})
+FAST_READ = "read"
+FAST_NO = "general"
+REFUSED = ("ERR durablecache: {} is refused during a migration because its effect cannot be tracked "
+           "key by key; see docs/proxy.md")
+Marks = list[tuple[int | None, list[bytes]]]
+
+
+class Entry:
+    """One expected reply. ``reply`` is set when complete; ``fn`` computes a local reply instead."""
+
+    __slots__ = ("reply", "marks", "cb", "fn", "args", "conn", "blocking", "remaining", "parts",
+                 "redirects", "internal")
+
+    def __init__(self, marks: Marks | None = None, cb: Callable[[Entry], None] | None = None):
+        self.reply: bytes | None = None
+        self.marks = marks
+        self.cb = cb
+        self.fn: Callable[[], bytes] | None = None
+        self.args: tuple[bytes, ...] | None = None   # kept for MOVED/ASK retries (cluster)
+        self.conn: Upstream | None = None
+        self.blocking = False
+        self.remaining = 0        # pub/sub confirmations still expected
+        self.parts: list[bytes] | None = None
+        self.redirects = 0
+        self.internal = False     # the proxy's own command: the reply never reaches the client
+
+
+READ = Entry()       # a plain reply (standalone): forwarded as it is, nothing to do when it arrives
+
+
+def first_word(frame: bytes) -> bytes:
+    """The first element of an array/push frame whose first element is a bulk string, lowercased."""
+    nl = frame.find(b"\r\n")
+    if nl < 0 or len(frame) <= nl + 1 or frame[nl + 2] != 0x24:   # '$'
+        return b""
+    nl2 = frame.find(b"\r\n", nl + 2)
+    size = int(frame[nl + 3:nl2])
+    return frame[nl2 + 2:nl2 + 2 + size].lower()
+
+
+def last_int(frame: bytes) -> int:
+    """The trailing integer of a pub/sub confirmation ``[kind, channel, :count]``."""
+    i = frame.rfind(b":", 0, len(frame) - 2)
+    try:
+        return int(frame[i + 1:-2])
+    except ValueError:
+        return 0
+
+
+def parse_frame(frame: bytes) -> Any:
+    r = libvalkey.Reader()
+    r.feed(frame)
+    return r.gets()
+
+
+class Upstream(asyncio.Protocol):
+    """One connection from a session to one upstream node."""
+
+    def __init__(self, session: Session, node: int):
+        self.session = session
+        self.node = node
+        self.transport: asyncio.Transport | None = None
+        self.obuf: list[bytes] = []
+        self.expect: deque[Entry] = deque()
+        self.rbuf = b""
+        self.chunks: list[bytes] = []
+        self.have = 0
+        self.need = 0
+        self.client_id: int | None = None
+        self.named = False
+        self.subscribed = 0
+        self.retired = False
+        self.failed = False
+        self.cut = False          # the last pub/sub frame was for the proxy itself: not forwarded
+
+    # -- sending ------------------------------------------------------------------------------
+    def send(self, args: tuple[bytes, ...], entry: Entry | None, requeue: bool = False) -> None:
+        """Queue a command; its entry joins the session's reply order (and this connection's)."""
+        self.obuf.append(pack_command(args))
+        if entry is not None:
+            entry.conn = self
+            sess = self.session
+            if sess.router.cluster:
+                if not entry.internal and not requeue:
+                    sess.pending.append(entry)
+                self.expect.append(entry)
+            elif not requeue:
+                sess.pending.append(entry)
+        self.session.dirty.add(self)
+
+    def internal(self, args: tuple[bytes, ...], cb: Callable[[Entry], None] | None = None,
+                 remaining: int = 0) -> Entry:
+        e = Entry(cb=cb)
+        e.internal = True
+        e.remaining = remaining
+        self.send(args, e)
+        return e
+
+    def push_out(self) -> None:
+        if self.obuf and self.transport is not None:
+            data = b"".join(self.obuf)
+            self.obuf.clear()
+            self.transport.write(data)
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.push_out()
+
+    def pause_writing(self) -> None:
+        self.session.pause_client_reading()
+
+    def resume_writing(self) -> None:
+        self.session.resume_client_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if not self.retired:
+            self.session.upstream_lost(self)
+
+    def data_received(self, data: bytes) -> None:
+        sess = self.session
+        sess.proxy.bytes_up += len(data)
+        if self.chunks:
+            self.chunks.append(data)
+            self.have += len(data)
+            if self.have < self.need:
+                return
+            data = b"".join(self.chunks)
+            self.chunks = []
+        elif self.rbuf:
+            data = self.rbuf + data
+            self.rbuf = b""
+        try:
+            if sess.router.cluster:
+                pos, end = self._frames_cluster(data)
+            else:
+                pos, end = self._frames_standalone(data)
+        except (ValueError, IndexError):
+            log.warning("proxy.upstream_protocol_error", session=sess.id)
+            sess.abort("upstream protocol error")
+            return
+        if pos < len(data):
+            if end < -1:
+                self.chunks = [data[pos:]]
+                self.have = len(data) - pos
+                self.need = -end - pos
+            else:
+                self.rbuf = data[pos:]
+        sess.collect()
+        sess.kick()
+
+    def _frames_standalone(self, data: bytes) -> tuple[int, int]:
+        """Standalone: replies arrive in request order, so the chunk goes to the client as it is,
+        minus the replies to the proxy's own commands, plus local replies spliced in at their place."""
+        sess = self.session
+        pending = sess.pending
+        out = sess.out
+        n = len(data)
+        pos = span = 0
+        end = -1
+        find = data.find
+        while pos < n:
+            t = data[pos]
+            if t == 0x2B or t == 0x3A:                     # '+' ':'  one line
+                nl = find(b"\r\n", pos)
+                if nl < 0:
+                    end = -1
+                    break
+                end = nl + 2
+            elif t == 0x24:                                 # '$' bulk
+                nl = find(b"\r\n", pos)
+                if nl < 0:
+                    end = -1
+                    break
+                size = int(data[pos + 1:nl])
+                end = nl + 2 if size < 0 else nl + size + 4
+                if end > n:
+                    end = -end
+                    break
+            else:
+                end = frame_end(data, pos)
+                if end < 0:
+                    break
+                if t == PUSH or (t == STAR and (self.subscribed or (pending and pending[0].remaining))
+                                 and self._pubsub_frame(data[pos:end])):
+                    if t == PUSH:
+                        self._push(data[pos:end])
+                    if self.cut:                            # a confirmation of our own re-subscribe
+                        self.cut = False
+                        out.append(data[span:pos])
+                        span = end
+                    pos = end
+                    continue
+            e = pending.popleft()
+            if e is not READ:
+                if e.internal:
+                    out.append(data[span:pos])
+                    span = end
+                    if e.cb is not None:
+                        e.reply = data[pos:end]
+                        e.cb(e)
+                else:
+                    if e.marks is not None:
+                        sess.add_marks(e)
+                    if e.cb is not None:
+                        e.reply = data[pos:end]
+                        e.cb(e)
+            pos = end
+            if pending:
+                head = pending[0]
+                if head.conn is None and head is not READ:   # local replies due at this point
+                    out.append(data[span:pos])
+                    span = pos
+                    sess.collect()
+        if span < pos:
+            out.append(data[span:pos])
+        return pos, end
+
+    def _frames_cluster(self, data: bytes) -> tuple[int, int]:
+        """Cluster: each node's replies fill their entries; the session writes them in request order."""
+        sess = self.session
+        expect = self.expect
+        pos = 0
+        end = -1
+        while True:
+            end = frame_end(data, pos)
+            if end < 0:
+                break
+            t = data[pos]
+            if t == PUSH or (t == STAR and (self.subscribed or (expect and expect[0].remaining))
+                             and self._pubsub_frame(data[pos:end])):
+                if t == PUSH:
+                    self._push(data[pos:end])
+                self.cut = False
+            else:
+                e = expect.popleft()
+                frame = data[pos:end]
+                if e.internal:
+                    if e.cb is not None:
+                        e.reply = frame
+                        e.cb(e)
+                elif t == MINUS and e.args is not None and sess.redirect(e, frame):
+                    pass
+                else:
+                    e.reply = frame
+            pos = end
+        return pos, end
+
+    # -- pub/sub --------------------------------------------------------------------------------
+    def _queue(self) -> deque[Entry]:
+        return self.expect if self.session.router.cluster else self.session.pending
+
+    def _confirmation(self, frame: bytes) -> bool:
+        """A (un)subscribe confirmation: belongs to the pub/sub entry at the head, if any."""
+        self.subscribed = last_int(frame)
+        queue = self._queue()
+        if queue and queue[0].remaining:
+            e = queue[0]
+            e.remaining -= 1
+            if e.internal:
+                self.cut = True
+            elif self.session.router.cluster:
+                if e.parts is None:
+                    e.parts = []
+                e.parts.append(frame)
+            if e.remaining == 0:
+                queue.popleft()
+                e.reply = b"".join(e.parts) if e.parts else b""
+            return True
+        return False
+
+    def _pubsub_frame(self, frame: bytes) -> bool:
+        """RESP2 while subscribed: True if this array frame is pub/sub traffic, not a command reply."""
+        kind = first_word(frame)
+        if kind in CONFIRM_KINDS:
+            if not self._confirmation(frame) and self.session.router.cluster:
+                self.session.oob(frame)
+            return True
+        if kind in MESSAGE_KINDS and self.subscribed:
+            if self.session.router.cluster:
+                self.session.oob(frame)
+            return True
+        return False
+
+    def _push(self, frame: bytes) -> None:
+        if first_word(frame) in CONFIRM_KINDS and self._confirmation(frame):
+            return
+        if self.session.router.cluster:
+            self.session.oob(frame)
+
+    def close(self) -> None:
+        self.retired = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Session(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, proxy: Proxy, sid: int):
+        self.proxy = proxy
+        self.id = sid
+        self.name_on_upstream = f"{proxy.name_prefix}-{sid}".encode()
+        self.router: Router = proxy.router
+        self.transport: asyncio.Transport | None = None
+        self.reader = libvalkey.Reader()
+        self.pending: deque[Entry] = deque()
+        self.out: list[bytes] = []
+        self.batch: dict[int, list[bytes]] = {}
+        self.batch_writes = 0
+        self.marking = False
+        self.dirty: set[Upstream] = set()
+        self.conns: dict[int, Upstream] = {}
+        self.held: deque[tuple[bytes, ...]] = deque()
+        self.paused = False                 # every new command held (during FLIP)
+        self.inflight = 0                   # writes sent whose marks are not delivered yet
+        self.closed = False
+        self.client_gone = False
+        self.boundary = True                # the client's stream is at a command boundary
+        # client-visible state
+        self.name: bytes | None = None
+        self.db = 0                         # db in effect at the reply position (marks use it)
+        self.req_db = 0                     # db in effect at the request position (replay uses it)
+        self.resp3 = False
+        self.req_proto = 2
+        self.authed = not proxy.require_auth
+        self.auth_sent = False
+        self.auth_args: tuple[bytes, ...] | None = None
+        self.in_multi = False
+        self.multi_marks: Marks = []
+        self.multi_abort: bytes | None = None     # EXEC's answer when the transaction was broken
+        self.multi_error = False
+        self.watching = False
+        self.watch_broken = False
+        self.tx_conn: Upstream | None = None      # cluster: the node a transaction is bound to
+        self.subs: tuple[set[bytes], set[bytes], set[bytes]] = (set(), set(), set())
+        self.sockname: tuple[str, int] = ("127.0.0.1", 0)
+
+    # ---- client side: asyncio.Protocol -------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("sockname")
+        if sock:
+            self.sockname = (sock[0], sock[1])
+        self.proxy.sessions[self.id] = self
+        if self.proxy.flipping:
+            self.paused = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.client_gone = True
+        self.proxy.sessions.pop(self.id, None)
+        if self.inflight or self.marking:
+            # Replies to writes already sent must be seen (and marked) before the upstream goes.
+            asyncio.get_running_loop().call_later(CLIENT_GONE_GRACE, self._give_up)
+            self._maybe_finish()
+        else:
+            self._close_conns()
+
+    def pause_writing(self) -> None:
+        for c in self.conns.values():
+            if c.transport is not None:
+                c.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        for c in self.conns.values():
+            if c.transport is not None:
+                c.transport.resume_reading()
+
+    def pause_client_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_client_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        proxy = self.proxy
+        proxy.bytes_in += len(data)
+        reader = self.reader
+        if data[0] != STAR and not reader.has_data():
+            data = self._inline(data)
+            if not data:
+                self._push_all()
+                return
+        reader.feed(data)
+        if (not self.router.cluster and not proxy.frozen and not self.held and not self.paused
+                and not self.in_multi and self.authed and self.multi_abort is None):
+            self._fast(data)
+        else:
+            self._general()
+        self.boundary = not reader.has_data()
+        self._push_all()
+
+    def _fast(self, data: bytes) -> None:
+        """The hot path (standalone, nothing special going on): plain reads cost a sentinel in the
+        queue, plain writes an entry with their keys; the chunk is forwarded as it came when it holds
+        only such commands and starts and ends on a command boundary."""
+        reader = self.reader
+        conn = self.conns.get(0)
+        if conn is None or conn.failed:
+            conn = self.conn(0)
+        proxy = self.proxy
+        pending = self.pending
+        fastmap = proxy.fastmap
+        done: list[list[bytes]] = []
+        writes = 0
+        while True:
+            try:
+                args = reader.gets()
+            except libvalkey.ProtocolError:
+                self._protocol_error()
+                return
+            if args is False:
+                break
+            if type(args) is not list or not args:
+                self._protocol_error()
+                return
+            code = fastmap.get(args[0])
+            if code is None:
+                code = proxy.classify(args[0])
+            if code is FAST_READ:
+                pending.append(READ)
+            elif code is FAST_NO:
+                conn.obuf.extend([pack_command(tuple(a)) for a in done])
+                self.dirty.add(conn)
+                self.inflight += writes
+                proxy.commands += len(done)
+                proxy.writes += writes
+                self.handle(tuple(args))
+                self._general()
+                return
+            else:
+                e = Entry([(None, code.write_keys(args))])
+                e.conn = conn
+                e.blocking = code.blocking
+                pending.append(e)
+                writes += 1
+            done.append(args)
+        if done:
+            if self.boundary and not reader.has_data():
+                conn.obuf.append(data)
+            else:
+                conn.obuf.extend([pack_command(tuple(a)) for a in done])
+            self.dirty.add(conn)
+            self.inflight += writes
+            proxy.commands += len(done)
+            proxy.writes += writes
+
+    def _general(self) -> None:
+        reader = self.reader
+        handle = self.handle
+        while True:
+            try:
+                args = reader.gets()
+            except libvalkey.ProtocolError:
+                self._protocol_error()
+                return
+            if args is False:
+                break
+            if type(args) is not list or not args:
+                self._protocol_error()
+                return
+            handle(tuple(args))
+
+    def _inline(self, data: bytes) -> bytes:
+        """Inline commands (``PING\\r\\n`` from telnet); returns what follows them (RESP)."""
+        while data and data[0] != STAR:
+            nl = data.find(b"\n")
+            if nl < 0:
+                self.reader.feed(b"")    # keep it simple: an inline command must arrive whole
+                return b""
+            words = framing.split_inline(data[:nl].rstrip(b"\r"))
+            data = data[nl + 1:]
+            if words:
+                self.handle(tuple(words))
+        return data
+
+    def _protocol_error(self) -> None:
+        if self.transport is not None:
+            self.transport.write(b"-ERR Protocol error: invalid multibulk\r\n")
+            self.transport.close()
+
+    def _push_all(self) -> None:
+        for c in self.dirty:
+            c.push_out()
+        self.dirty.clear()
+        self.collect()
+        self.kick()
+
+    # ---- requests -------------------------------------------------------------------------------
+    def handle(self, args: tuple[bytes, ...]) -> None:
+        """One request, in order: hold it (FREEZE/FLIP) or dispatch it now."""
+        proxy = self.proxy
+        proxy.commands += 1
+        if self.held or self.paused:
+            self.held.append(args)
+            return
+        spec = proxy.table.lookup(args)
+        if proxy.frozen and self._is_write(args, spec):
+            proxy.held_total += 1
+            self.held.append(args)
+            return
+        self.dispatch(args, spec)
+
+    def _is_write(self, args: tuple[bytes, ...], spec: CommandSpec | None) -> bool:
+        if spec is not None and spec.hold:
+            return True
+        # EXEC (and DISCARD, which ends it) of a transaction that queued writes is the write.
+        return self.in_multi and bool(self.multi_marks) and args[0].lower() in (b"exec", b"discard")
+
+    def release(self) -> None:
+        """Re-run held commands in order until one must be held again (still frozen / paused)."""
+        held = self.held
+        self.held = deque()
+        while held:
+            args = held.popleft()
+            self.handle(args)
+            if self.held:             # held again: keep the rest behind it, in order
+                self.held.extend(held)
+                break
+        self._push_all()
+
+    def dispatch(self, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+        name = args[0].lower()
+        special = SPECIAL.get(name)
+        if special is not None:
+            special(self, args, spec)
+            return
+        self.forward(args, spec)
+
+    def forward(self, args: tuple[bytes, ...], spec: CommandSpec | None, cb: Any = None) -> None:
+        if not self.authed and not self.auth_sent:
+            self.local_error(framing.NOAUTH)
+            return
+        if self.multi_abort is not None:
+            self.local(framing.QUEUED)
+            return
+        conn = self.conn_for(args, spec)
+        if conn is None:
+            return
+        if self.in_multi:
+            if spec is not None and spec.hold:
+                if spec.needs_getkeys and self.proxy.migrating:
+                    self.multi_error = True
+                    self.local_error(framing.error(
+                        f"ERR durablecache: {args[0].decode(errors='replace').upper()} with keys only the "
+                        "server can resolve is refused inside MULTI during a migration; see docs/proxy.md"))
+                    return
+                self.multi_marks.append((None, spec.write_keys(args)))
+            entry = Entry(cb=cb)
+        elif spec is not None and spec.hold:
+            marks: Marks = [(None, [] if spec.needs_getkeys else spec.write_keys(args))]
+            entry = Entry(marks, cb)
+            entry.blocking = spec.blocking
+            self.inflight += 1
+            self.proxy.writes += 1
+            if spec.needs_getkeys:
+                self._getkeys(conn, args, spec, marks)
+        else:
+            entry = Entry(cb=cb)
+        if self.router.cluster:
+            entry.args = args
+        conn.send(args, entry)
+
+    def _getkeys(self, conn: Upstream, args: tuple[bytes, ...], spec: CommandSpec, marks: Marks) -> None:
+        """Ask the server for the keys of a command whose key specs are incomplete (SORT ... STORE)."""
+        def got(e: Entry) -> None:
+            marks[0] = (None, keys_from_getkeys(parse_frame(e.reply or b""), spec))
+        conn.internal(self.proxy.table.getkeys_cmd + args, got)
+
+    # ---- routing --------------------------------------------------------------------------------
+    def conn_for(self, args: tuple[bytes, ...], spec: CommandSpec | None) -> Upstream | None:
+        router = self.router
+        if not router.cluster:
+            return self.conn(0)
+        if self.in_multi and self.tx_conn is not None and spec is None:
+            return self.tx_conn
+        node = 0
+        if spec is not None:
+            keys = spec.route_keys(args)
+            if keys:
+                slot = router.slot_of(keys)
+                if slot < 0:
+                    self.local_error(b"-CROSSSLOT Keys in request don't hash to the same slot\r\n")
+                    if self.in_multi:
+                        self.multi_error = True
+                    return None
+                node = router.owner[slot]
+        conn = self.conn(node)
+        if self.in_multi:
+            if self.tx_conn is None:
+                self.tx_conn = conn
+                conn.internal((b"MULTI",))
+            elif conn is not self.tx_conn:
+                self.multi_error = True
+                self.local_error(b"-CROSSSLOT Keys in request don't hash to the same slot\r\n")
+                return None
+        return conn
+
+    def conn(self, node: int) -> Upstream:
+        conn = self.conns.get(node)
+        if conn is None or conn.failed:
+            conn = Upstream(self, node)
+            self.conns[node] = conn
+            self._replay(conn)
+            asyncio.get_running_loop().create_task(self._open(conn))
+        return conn
+
+    async def _open(self, conn: Upstream) -> None:
+        endpoint = self.router.nodes[conn.node]
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: conn, endpoint.host, endpoint.port,
+                                       ssl=self.proxy.upstream_ssl(endpoint),
+                                       server_hostname=endpoint.host if endpoint.tls else None),
+                self.proxy.connect_timeout)
+        except (TimeoutError, OSError) as exc:
+            log.warning("proxy.upstream_unreachable", session=self.id, upstream=endpoint.address,
+                        reason=str(exc) or type(exc).__name__)
+            conn.failed = True
+            self.upstream_lost(conn)
+
+    def _replay(self, conn: Upstream) -> None:
+        """A new upstream connection gets this client's state: AUTH, protocol, db, and our name."""
+        def named(e: Entry) -> None:
+            conn.named = (e.reply or b"").startswith(b"+")
+
+        def got_id(e: Entry) -> None:
+            r = e.reply or b""
+            if r.startswith(b":"):
+                conn.client_id = int(r[1:-2])
+        if self.auth_args is not None:
+            conn.internal(self.auth_args)
+        if self.req_proto == 3:
+            conn.internal((b"HELLO", b"3"))
+        if self.req_db and not self.router.cluster:
+            conn.internal((b"SELECT", str(self.req_db).encode()))
+        if self.authed or self.auth_args is not None or self.auth_sent:
+            conn.internal((b"CLIENT", b"SETNAME", self.name_on_upstream), named)
+            conn.internal((b"CLIENT", b"ID"), got_id)
+        for kind, verb in ((0, b"SUBSCRIBE"), (1, b"PSUBSCRIBE")):
+            if self.subs[kind] and conn.node == 0:
+                conn.internal((verb, *sorted(self.subs[kind])), remaining=len(self.subs[kind]))
+        if self.subs[2]:
+            for ch in sorted(self.subs[2]):
+                if self.router.owner_of(ch) == conn.node:
+                    conn.internal((b"SSUBSCRIBE", ch), remaining=1)
+
+    def name_after_auth(self, conn: Upstream) -> None:
+        """After a client's AUTH/HELLO AUTH, name the connection (fails harmlessly if AUTH failed)."""
+        if conn.named:
+            return
+
+        def named(e: Entry) -> None:
+            conn.named = (e.reply or b"").startswith(b"+")
+
+        def got_id(e: Entry) -> None:
+            r = e.reply or b""
+            if r.startswith(b":"):
+                conn.client_id = int(r[1:-2])
+        conn.internal((b"CLIENT", b"SETNAME", self.name_on_upstream), named)
+        conn.internal((b"CLIENT", b"ID"), got_id)
+
+    def redirect(self, e: Entry, frame: bytes) -> bool:
+        """Follow -MOVED / -ASK for a cluster command; False to pass the error to the client."""
+        if not (frame.startswith(b"-MOVED ") or frame.startswith(b"-ASK ")) or e.redirects >= 5:
+            return False
+        if self.in_multi and e.conn is self.tx_conn:
+            return False
+        parts = frame[1:-2].split(b" ")
+        host, _, port = parts[2].rpartition(b":")
+        node = self.proxy.node_index(host.decode() or self.router.nodes[0].host, int(port))
+        e.redirects += 1
+        conn = self.conn(node)
+        if parts[0] == b"ASK":
+            conn.internal((b"ASKING",))
+        else:
+            self.proxy.refresh_topology()
+        assert e.args is not None
+        conn.send(e.args, e, requeue=True)
+        conn.push_out()
+        return True
+
+    # ---- replies --------------------------------------------------------------------------------
+    def local(self, reply: bytes) -> None:
+        e = Entry()
+        e.reply = reply
+        self.pending.append(e)
+
+    def local_error(self, reply: bytes) -> None:
+        self.local(reply)
+
+    def local_fn(self, fn: Callable[[], bytes]) -> None:
+        e = Entry()
+        e.fn = fn
+        self.pending.append(e)
+
+    def oob(self, frame: bytes) -> None:
+        """Out-of-band traffic (pub/sub messages, pushes): after every reply completed before it."""
+        self.collect()
+        self.out.append(frame)
+
+    def add_marks(self, e: Entry) -> None:
+        """A write's reply arrived: its keys join the batch delivered before the reply is written."""
+        db = self.db
+        batch = self.batch
+        for sel, keys in e.marks or ():
+            if sel is not None:
+                db = sel
+            if keys:
+                lst = batch.get(db)
+                if lst is None:
+                    batch[db] = list(keys)
+                else:
+                    lst.extend(keys)
+        self.batch_writes += 1
+
+    def collect(self) -> None:
+        """Move completed replies at the head of the queue to ``out``; gather their marks."""
+        pending = self.pending
+        out = self.out
+        while pending:
+            e = pending[0]
+            if e.reply is None:
+                if e.fn is None:
+                    break
+                e.reply = e.fn()
+            pending.popleft()
+            if e.marks is not None:
+                self.add_marks(e)
+            if e.cb is not None:
+                e.cb(e)
+            out.append(e.reply)
+
+    def kick(self) -> None:
+        """Write what is ready to the client — after the marks of the writes in it were delivered."""
+        if self.marking:
+            return
+        if self.batch_writes:
+            batch, writes, out = self.batch, self.batch_writes, self.out
+            self.batch, self.batch_writes, self.out = {}, 0, []
+            self.marking = True
+            self.proxy.submit_marks(self, batch, writes, out)
+            return
+        if self.out:
+            data = b"".join(self.out)
+            self.out = []
+            if self.transport is not None:
+                self.transport.write(data)
+                self.proxy.bytes_out += len(data)
+        if self.client_gone:
+            self._maybe_finish()
+
+    def marks_done(self, ok: bool, writes: int, out: list[bytes]) -> None:
+        """Called by the proxy once the marks of ``writes`` writes were delivered (or failed)."""
+        self.inflight -= writes
+        self.marking = False
+        if not ok:
+            self.abort("marks could not be delivered")
+            return
+        if out and self.transport is not None:
+            data = b"".join(out)
+            self.transport.write(data)
+            self.proxy.bytes_out += len(data)
+        self.collect()
+        self.kick()
+
+    # ---- endings --------------------------------------------------------------------------------
+    def upstream_lost(self, conn: Upstream) -> None:
+        """The upstream closed (server gone, QUIT): mark every write that may have happened, then close."""
+        if self.closed:
+            return
+        if self.transport is not None and not conn.failed:
+            log.info("proxy.upstream_closed", session=self.id)
+        self.collect()
+        self._mark_unanswered()
+        self._close_client_after_flush()
+
+    def _mark_unanswered(self) -> None:
+        """Conservative: a write sent without a reply may have been applied; mark its keys."""
+        for e in self.pending:
+            if e.marks is not None and e.reply is None:
+                for sel, keys in e.marks:
+                    if keys:
+                        self.batch.setdefault(self.db if sel is None else sel, []).extend(keys)
+                self.batch_writes += 1
+                e.marks = None
+        self.pending.clear()
+        for c in self.conns.values():
+            c.expect.clear()
+
+    def _close_client_after_flush(self) -> None:
+        self.closed = True
+        if self.batch_writes and not self.marking:
+            self.kick()
+        loop = asyncio.get_running_loop()
+
+        async def finish() -> None:
+            for _ in range(200):        # bounded: at most ~10 s for marks in delivery
+                if not self.marking and not self.batch_writes:
+                    break
+                await asyncio.sleep(0.05)
+            if self.transport is not None:
+                if self.out:
+                    self.transport.write(b"".join(self.out))
+                    self.out = []
+                self.transport.close()
+            self._close_conns()
+        loop.create_task(finish())
+
+    def abort(self, why: str) -> None:
+        log.warning("proxy.session_aborted", session=self.id, reason=why)
+        self.out = []
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+        self._close_conns()
+
+    def _maybe_finish(self) -> None:
+        if self.client_gone and not self.inflight and not self.marking:
+            self._close_conns()
+
+    def _give_up(self) -> None:
+        if self.conns and (self.inflight or self.marking):
+            self._close_conns()
+            self._mark_unanswered()
+            self.kick()
+
+    def _close_conns(self) -> None:
+        for c in self.conns.values():
+            c.close()
+        self.conns.clear()
+
+    # ---- FLIP -----------------------------------------------------------------------------------
+    def quiet(self) -> bool:
+        return not self.pending and not self.marking and not self.batch_writes
+
+    def reattach(self, router: Router) -> None:
+        """Move to the new upstream: new connections get this client's state replayed lazily."""
+        for c in self.conns.values():
+            c.close()
+        self.conns.clear()
+        self.router = router
+        self.tx_conn = None
+        self.req_db = self.db
+        if self.in_multi:
+            self.multi_abort = framing.null_array(self.resp3)
+        if self.watching:
+            self.watch_broken = True
+        if any(self.subs):
+            self.conn(0)    # re-subscribe now, not on the next command
+            for ch in self.subs[2]:
+                self.conn(self.router.owner_of(ch))
+
+
+# ---- the commands the proxy handles itself (or watches on their way) -------------------------------
+
+def _auth(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    previous = s.auth_args
+    s.auth_args = args
+    s.auth_sent = True
+    conn = s.conn(0)
+
+    def done(e: Entry) -> None:
+        if (e.reply or b"").startswith(b"+"):
+            s.authed = True
+        else:
+            s.auth_args = previous
+    entry = Entry(cb=done)
+    conn.send(args, entry)
+    s.name_after_auth(conn)
+    for other in s.conns.values():      # cluster: every open node connection follows
+        if other is not conn:
+            other.internal(args)
+
+
+def _hello(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    fwd: list[bytes] = [args[0]]
+    proto: int | None = None
+    auth: tuple[bytes, ...] | None = None
+    name: bytes | None = None
+    i = 1
+    if len(args) > 1:
+        fwd.append(args[1])
+        try:
+            proto = int(args[1])
+        except ValueError:
+            proto = None
+        i = 2
+    while i < len(args):
+        opt = args[i].lower()
+        if opt == b"auth" and i + 2 < len(args):
+            auth = (b"AUTH", args[i + 1], args[i + 2])
+            fwd += [args[i], args[i + 1], args[i + 2]]
+            i += 3
+        elif opt == b"setname" and i + 1 < len(args):
+            name = args[i + 1]
+            i += 2
+        else:
+            fwd.append(args[i])
+            i += 1
+    if auth is None and not s.authed and not s.auth_sent:
+        s.local(b"-NOAUTH HELLO must be called with the client already authenticated, otherwise the "
+                b"HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and "
+                b"select the RESP protocol version at the same time\r\n")
+        return
+    previous = s.auth_args
+    if auth is not None:
+        s.auth_args = auth
+        s.auth_sent = True
+    if proto in (2, 3):
+        s.req_proto = proto
+
+    def done(e: Entry) -> None:
+        r = e.reply or b""
+        if r[:1] in (b"-", b"!"):
+            s.auth_args = previous
+            s.req_proto = 3 if s.resp3 else 2
+            return
+        if proto in (2, 3):
+            s.resp3 = proto == 3
+        if auth is not None:
+            s.authed = True
+        if name is not None:
+            s.name = name or None
+    conn = s.conn(0)
+    entry = Entry(cb=done)
+    conn.send(tuple(fwd), entry)
+    if auth is not None:
+        s.name_after_auth(conn)
+    for other in s.conns.values():
+        if other is not conn:
+            other.internal(tuple(fwd))
+
+
+def _valid_name(name: bytes) -> bool:
+    return all(33 <= c <= 126 for c in name)
+
+
+def _client(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    sub = args[1].lower() if len(args) > 1 else b""
+    if sub == b"setname" and len(args) == 3:
+        name = args[2]
+
+        def setname() -> bytes:
+            if not s.authed:
+                return framing.NOAUTH
+            if not _valid_name(name):
+                return b"-ERR Client names cannot contain spaces, newlines or special characters.\r\n"
+            s.name = name or None
+            return framing.OK
+        s.local_fn(setname)
+        return
+    if sub == b"getname" and len(args) == 2:
+        s.local_fn(lambda: framing.NOAUTH if not s.authed else framing.bulk(s.name, s.resp3))
+        return
+    if sub == b"reply" and len(args) == 3 and args[2].lower() != b"on":
+        s.local(framing.error("ERR durablecache: CLIENT REPLY OFF/SKIP is not supported through the proxy"))
+        return
+    s.forward(args, spec)
+
+
+def _select(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    try:
+        db = int(args[1]) if len(args) == 2 else -1
+    except ValueError:
+        db = -1
+    if s.in_multi:
+        if db >= 0 and s.multi_abort is None:
+            s.multi_marks.append((db, []))
+        s.forward(args, spec)
+        return
+    if db >= 0:
+        s.req_db = db
+
+    def done(e: Entry) -> None:
+        if (e.reply or b"").startswith(b"+"):
+            s.db = db
+        else:
+            s.req_db = s.db
+    s.forward(args, spec, done)
+
+
+def _multi(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    if s.in_multi:
+        s.local(b"-ERR MULTI calls can not be nested\r\n")
+        return
+    if not s.authed and not s.auth_sent:
+        s.local(framing.NOAUTH)
+        return
+    s.in_multi = True
+    s.multi_marks = []
+    s.multi_error = False
+    if s.watch_broken:
+        s.multi_abort = framing.null_array(s.resp3)
+    if s.router.cluster or s.multi_abort is not None:
+        s.local(framing.OK)         # cluster: MULTI goes to the node of the first key (conn_for)
+        return
+    s.forward(args, spec)
+
+
+def _end_multi(s: Session) -> None:
+    s.in_multi = False
+    s.multi_marks = []
+    s.multi_abort = None
+    s.multi_error = False
+    s.watching = False
+    s.watch_broken = False
+    if s.router.cluster:
+        s.tx_conn = None
+
+
+def _exec(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    if not s.in_multi:
+        s.local(b"-ERR EXEC without MULTI\r\n")
+        return
+    marks = s.multi_marks
+    abort = s.multi_abort
+    error = s.multi_error
+    tx_conn = s.tx_conn
+    _end_multi(s)
+    if abort is not None:           # broken by FLIP: as if a watched key was touched
+        s.local(abort)
+        return
+    if s.router.cluster and tx_conn is None:
+        s.local(b"*0\r\n")
+        return
+    if error:
+        conn = tx_conn or s.conn(0)
+        conn.internal((b"DISCARD",))
+        s.local(b"-EXECABORT Transaction discarded because of previous errors.\r\n")
+        return
+    conn = tx_conn or s.conn(0)
+    final_db = next((sel for sel, _ in reversed(marks) if sel is not None), None)
+
+    def done(e: Entry) -> None:
+        if final_db is not None and (e.reply or b"").startswith(b"*") and e.reply != b"*-1\r\n":
+            s.db = final_db
+    if any(keys for _, keys in marks) or final_db is not None:
+        entry = Entry(marks, done)
+        s.inflight += 1
+        s.proxy.writes += 1
+    else:
+        entry = Entry(cb=done)
+    if s.router.cluster:
+        entry.args = args
+    conn.send(args, entry)
+
+
+def _discard(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    if not s.in_multi:
+        s.local(b"-ERR DISCARD without MULTI\r\n")
+        return
+    abort, tx_conn = s.multi_abort, s.tx_conn
+    _end_multi(s)
+    if abort is not None or (s.router.cluster and tx_conn is None):
+        s.local(framing.OK)
+        return
+    entry = Entry()
+    (tx_conn or s.conn(0)).send(args, entry)
+
+
+def _watch(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    if s.in_multi:
+        s.local(b"-ERR WATCH inside MULTI is not allowed\r\n")
+        return
+    if s.router.cluster:
+        conn = s.conn_for(args, spec)
+        if conn is None:
+            return
+        if s.tx_conn is not None and conn is not s.tx_conn:
+            s.local(b"-CROSSSLOT Keys in request don't hash to the same slot\r\n")
+            return
+        s.tx_conn = conn
+        s.watching = True
+        entry = Entry()
+        entry.args = args
+        conn.send(args, entry)
+        return
+    s.watching = True
+    s.forward(args, spec)
+
+
+def _unwatch(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    s.watching = False
+    s.watch_broken = False
+    if s.router.cluster and not s.in_multi:
+        conn, s.tx_conn = s.tx_conn, None
+        if conn is None:
+            s.local(framing.OK)
+            return
+        entry = Entry()
+        conn.send(args, entry)
+        return
+    s.forward(args, spec)
+
+
+def _reset(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    def done(e: Entry) -> None:
+        s.db = 0
+        s.resp3 = False
+        s.name = None
+        s.authed = not s.proxy.require_auth
+    s.req_db = 0
+    s.req_proto = 2
+    s.auth_args = None
+    s.auth_sent = False
+    _end_multi(s)
+    s.tx_conn = None
+    for group in s.subs:
+        group.clear()
+    if not s.conns:
+        s.local_fn(lambda: (done(Entry()), b"+RESET\r\n")[1])
+        return
+    for node, conn in s.conns.items():
+        if node == 0 or not s.router.cluster:
+            entry = Entry(cb=done)
+            conn.send(args, entry)
+        else:
+            conn.internal(args)
+        conn.named = False
+        if not s.proxy.require_auth:
+            s.name_after_auth(conn)
+
+
+def _subscribe(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    name = args[0].lower()
+    kind = SUBSCRIBE_FAMILY[name]
+    group = s.subs[kind]
+    channels = args[1:]
+    if name.startswith((b"unsub", b"punsub", b"sunsub")):
+        if channels:
+            count = len(channels)
+            group.difference_update(channels)
+        else:
+            if kind == 2 and s.router.cluster:
+                s.local(framing.error("ERR durablecache: SUNSUBSCRIBE needs channel names through the "
+                                      "proxy in cluster mode"))
+                return
+            count = max(1, len(group))
+            group.clear()
+    else:
+        if not channels:
+            s.local(framing.error(f"ERR wrong number of arguments for '{name.decode()}' command"))
+            return
+        count = len(channels)
+        group.update(channels)
+    if not s.authed and not s.auth_sent:
+        s.local(framing.NOAUTH)
+        return
+    if s.router.cluster and kind == 2:
+        conn = s.conn_for(args, spec)
+        if conn is None:
+            return
+    else:
+        conn = s.conn(0)
+    entry = Entry()
+    entry.remaining = count
+    conn.send(args, entry)
+
+
+def _refuse_if_migrating(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    if s.proxy.migrating:
+        if s.in_multi:
+            s.multi_error = True
+        s.local(framing.error(REFUSED.format(args[0].decode(errors="replace").upper())))
+        return
+    s.forward(args, spec)
+
+
+def _copy(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    if s.proxy.migrating and any(a.lower() == b"db" for a in args[3:]):
+        if s.in_multi:
+            s.multi_error = True
+        s.local(framing.error(REFUSED.format("COPY ... DB")))
+        return
+    s.forward(args, spec)
+
+
+def _monitor(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    s.local(framing.error("ERR durablecache: MONITOR is not supported through the proxy"))
+
+
+def _cluster(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    if not s.router.cluster:
+        s.forward(args, spec)
+        return
+    from .cluster import local_cluster_reply
+    sub = args[1].lower() if len(args) > 1 else b""
+
+    def answer() -> bytes:
+        if not s.authed:
+            return framing.NOAUTH
+        reply = local_cluster_reply(s.proxy, sub, s.sockname, s.resp3)
+        return reply if reply is not None else b""
+    if local_cluster_reply(s.proxy, sub, s.sockname, s.resp3) is None:
+        s.forward(args, spec)
+        return
+    s.local_fn(answer)
+
+
+def _readonly(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    if not s.router.cluster:
+        s.forward(args, spec)
+        return
+    s.local_fn(lambda: framing.OK if s.authed else framing.NOAUTH)
+
+
+def _quit(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    s.local(framing.OK)
+    s.collect()
+    s.kick()
+    s.closed = True
+
+    async def close_later() -> None:
+        for _ in range(200):
+            if not s.marking and not s.pending:
+                break
+            await asyncio.sleep(0.05)
+        if s.transport is not None:
+            s.transport.close()
+    asyncio.get_running_loop().create_task(close_later())
+
+
+SPECIAL: dict[bytes, Callable[[Session, tuple[bytes, ...], CommandSpec | None], None]] = {
+    b"auth": _auth, b"hello": _hello, b"client": _client, b"select": _select,
+    b"multi": _multi, b"exec": _exec, b"discard": _discard, b"watch": _watch, b"unwatch": _unwatch,
+    b"reset": _reset, b"quit": _quit, b"monitor": _monitor, b"cluster": _cluster,
+    b"readonly": _readonly, b"readwrite": _readonly, b"copy": _copy,
+    **{name: _subscribe for name in SUBSCRIBE_FAMILY},
+    **{name: _refuse_if_migrating for name in UNSAFE},
+}

@@ -1,0 +1,184 @@
+"""Ways to run the migration's proxies: in this process, or as supervised `durablecache proxy`
+subprocesses that stream their marks back to this process's syncer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import ssl
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from . import logs
+from .errors import ConnectError
+from .localvalkey import free_port
+from .migration import MarkCallback, ProxyHandle, ProxyStarter
+from .proxy import MarkServer, Proxy
+from .urls import Endpoint
+
+log = logs.get("durablecache.proxies")
+ADMIN_TIMEOUT = 30.0
+
+
+class LocalProxy:
+    def __init__(self, proxy: Proxy):
+        self.proxy = proxy
+        self.address = f"{proxy.listen_host}:{proxy.port}"
+
+    async def freeze(self, timeout: float) -> None:
+        await self.proxy.freeze(timeout)
+
+    async def flip(self, upstream: Endpoint) -> None:
+        await self.proxy.flip(upstream)
+
+    async def unfreeze(self) -> None:
+        self.proxy.unfreeze()
+
+    async def stop(self) -> None:
+        await self.proxy.stop()
+
+
+def local_proxies(host: str, port: int, client_tls: ssl.SSLContext | None = None) -> ProxyStarter:
+    async def start(upstream: Endpoint, on_marks: MarkCallback, _on_lost: Callable[[str], None]) -> list[ProxyHandle]:
+        proxy = Proxy(upstream, listen_host=host, listen_port=port, on_marks=on_marks, client_tls=client_tls)
+        await proxy.start()
+        return [LocalProxy(proxy)]
+
+    return start
+
+
+class SubprocessProxy:
+    """A `durablecache proxy` child process, driven through its admin API and restarted if it dies.
+
+    Its marks travel over the MarkServer; when it dies, the MarkServer reports the lost connection
+    and the syncer demands a full verify-and-repair before any cutover."""
+
+    def __init__(self, host: str, port: int, upstream: Endpoint, marks: MarkServer, workdir: str,
+                 max_restarts: int = 20):
+        self.host, self.port = host, port
+        self.address = f"{host}:{port}"
+        self.upstream = upstream
+        self.marks = marks
+        self.workdir = workdir
+        self.max_restarts = max_restarts
+        self.admin_port = 0
+        self.token = secrets.token_hex(16)
+        self.proc: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+        self._supervisor: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._session: aiohttp.ClientSession | None = None
+        self.on_restart: Callable[[dict[str, Any]], None] = lambda _e: None
+
+    def _write_secret(self, name: str, value: str) -> str:
+        path = os.path.join(self.workdir, name)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(value)
+        return path
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.token}"})
+        await self._spawn()
+        self._supervisor = asyncio.create_task(self._supervise())
+
+    async def _spawn(self) -> None:
+        self.admin_port = free_port()
+        args = [sys.executable, "-m", "durablecache.cli", "--log-json", "proxy",
+                "--upstream", self.upstream.to_url(), "--listen", self.address,
+                "--admin", f"127.0.0.1:{self.admin_port}",
+                "--admin-token-file", self._write_secret("admin.token", self.token),
+                "--marks-to", f"{self.marks.host}:{self.marks.port}",
+                "--marks-token-file", os.path.join(self.workdir, "marks.token")]
+        self.proc = await asyncio.create_subprocess_exec(*args, stdout=subprocess.DEVNULL,
+                                                         stderr=open(os.path.join(self.workdir, "proxy.log"), "ab"))
+        for _ in range(200):  # up to ~20 s for the child to listen
+            with contextlib.suppress(OSError, aiohttp.ClientError, ConnectError):
+                if await self._admin("GET", "/healthz", timeout=1.0):
+                    return
+            if self.proc.returncode is not None:
+                break
+            await asyncio.sleep(0.1)
+        raise ConnectError(f"proxy subprocess on {self.address} did not start (see {self.workdir}/proxy.log)")
+
+    async def _supervise(self) -> None:
+        while not self._stopping:
+            assert self.proc
+            code = await self.proc.wait()
+            if self._stopping:
+                return
+            self.restarts += 1
+            self.on_restart({"event": "proxy_died", "address": self.address, "exit_code": code,
+                             "restarts": self.restarts})
+            if self.restarts > self.max_restarts:
+                log.error("proxy keeps dying; giving up", address=self.address)
+                return
+            await asyncio.sleep(0.2)
+            await self._spawn()
+            self.on_restart({"event": "proxy_process", "address": self.address, "pid": self.pid})
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    async def _admin(self, method: str, path: str, json: Any = None, timeout: float = ADMIN_TIMEOUT) -> Any:
+        assert self._session
+        url = f"http://127.0.0.1:{self.admin_port}{path}"
+        async with self._session.request(method, url, json=json, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+            body = await r.json()
+            if r.status == 504:
+                raise TimeoutError(body.get("error", "timed out"))
+            if r.status >= 400:
+                raise ConnectError(f"proxy {self.address}: {method} {path} failed: {body.get('error')}")
+            return body
+
+    async def freeze(self, timeout: float) -> None:
+        await self._admin("POST", f"/freeze?timeout={timeout}", timeout=timeout + 5)
+
+    async def flip(self, upstream: Endpoint) -> None:
+        self.upstream = upstream  # a restarted child starts on the side that is authoritative now
+        await self._admin("POST", "/flip", json={"upstream": upstream.to_url()})
+
+    async def unfreeze(self) -> None:
+        await self._admin("POST", "/unfreeze")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._supervisor:
+            self._supervisor.cancel()
+        if self.proc and self.proc.returncode is None:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        if self._session:
+            await self._session.close()
+
+
+def subprocess_proxies(host: str, port: int, emit: Callable[[dict[str, Any]], None]) -> tuple[ProxyStarter, list]:
+    """A starter for one supervised proxy subprocess; the second value collects what must be closed."""
+    owned: list[Any] = []
+
+    async def start(upstream: Endpoint, on_marks: MarkCallback, on_lost: Callable[[str], None]) -> list[ProxyHandle]:
+        workdir = tempfile.mkdtemp(prefix="durablecache-proxy-")
+        marks_token = secrets.token_hex(16)
+        marks = MarkServer(on_marks, marks_token, on_lost=lambda peer: on_lost(f"proxy {peer} lost its mark stream"))
+        await marks.start()
+        owned.append(marks)
+        child = SubprocessProxy(host, port, upstream, marks, workdir)
+        child._write_secret("marks.token", marks_token)
+        child.on_restart = emit
+        await child.start()
+        emit({"event": "proxy_process", "address": child.address, "pid": child.pid})
+        return [child]
+
+    return start, owned
