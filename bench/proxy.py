@@ -94,7 +94,7 @@ def run_benchmark(port: int, pipeline: int, requests: int, clients: int) -> dict
     for line in out.splitlines():
         cells = [c.strip('"') for c in line.split(",")]
         if len(cells) >= 8 and cells[0] in ("SET", "GET"):
-            # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+            # test, rps, avg, min, p50, p95, p99, max (latencies in ms)
             results[cells[0]] = {"rps": float(cells[1]), "p99_ms": float(cells[6])}
     if not results:
         raise RuntimeError(f"could not read redis-benchmark output: {out[:500]!r}")
@@ -110,8 +110,9 @@ def start_twemproxy(upstream_port: int, tmp: str) -> tuple[subprocess.Popen[byte
         "  hash: fnv1a_64\n  distribution: ketama\n  redis: true\n  auto_eject_hosts: false\n"
         "  server_connections: 1\n"
         f"  servers:\n   - {LOOPBACK}:{upstream_port}:1\n")
-    proc = subprocess.Popen(["nutcracker", "-c", str(conf), "-s", str(free_port()), "-o", str(Path(tmp, "nc.log"))],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["nutcracker", "-c", str(conf), "-s", str(free_port()), "-o", str(Path(tmp, "nc.log"))],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(port, proc)
     return proc, port
 

@@ -191,6 +191,11 @@ class Migration:
             await self._route_out()
         if self.phase == Phase.ROLLING_BACK:
             await self._rollback()
+        if self.phase in (Phase.COMPLETE, Phase.ROLLED_BACK) and not self.opts.exit_after_cutover:
+            # Applications may still point at the proxy: keep serving until told to stop.
+            self.emit({"event": "serving", "upstream": (self.target_ep if self.state.get("flipped")
+                                                          else self.source_ep).redacted()})
+            await self.stop_requested.wait()
 
     def _pool(self, reverse: bool) -> MoverPool:
         assert self.source and self.target

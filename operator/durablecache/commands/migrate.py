@@ -9,9 +9,10 @@ import json
 import secrets
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
-from ..checkpoint import FileCheckpoint, MemoryCheckpoint
+from ..checkpoint import CheckpointStore, FileCheckpoint, MemoryCheckpoint
 from ..control import ControlServer
 from ..errors import UsageError
 from ..migration import Migration, MigrationOptions, Phase
@@ -84,10 +85,13 @@ def printer(as_json: bool):  # type: ignore[no-untyped-def]
     return emit
 
 
-async def migrate(args: argparse.Namespace) -> Phase:
+async def migrate(args: argparse.Namespace, store: CheckpointStore | None = None,
+                  emit: Callable[[dict[str, Any]], None] | None = None) -> Phase:
+    """Run the protocol; `store` and `emit` let another runtime (the operator's worker) keep the state
+    elsewhere and see every event."""
     source, target = parse_url(args.source), parse_url(args.target)
     host, port = hostport(args.listen)
-    emit = printer(args.json)
+    emit = emit or printer(args.json)
     owned: list[Any] = []
     if args.proxy_mode == "subprocess":
         starter, owned = subprocess_proxies(host, port, emit)
@@ -97,7 +101,8 @@ async def migrate(args: argparse.Namespace) -> Phase:
                             rollback_window=args.rollback_window, exit_after_cutover=args.exit_after_cutover,
                             allow_clients=args.allow_client, gate_settle=args.gate_settle,
                             gate_timeout=args.gate_timeout, max_source_ops=args.max_ops)
-    store = FileCheckpoint(args.state_file) if args.state_file else MemoryCheckpoint()
+    if store is None:
+        store = FileCheckpoint(args.state_file) if args.state_file else MemoryCheckpoint()
     m = Migration(source, target, opts, starter, emit=emit, store=store)
     control = None
     if args.control:

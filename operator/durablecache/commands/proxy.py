@@ -68,6 +68,8 @@ async def _main(args: argparse.Namespace) -> int:
     log = logs.get("durablecache.proxy")
     upstream = parse_url(args.upstream)
     host, port = _hostport(args.listen, "--listen")
+    admin_addr = _hostport(args.admin, "--admin") if args.admin else None
+    admin_token = _token(args.admin_token_file, "--admin") if args.admin else ""
     client_tls = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
@@ -89,9 +91,8 @@ async def _main(args: argparse.Namespace) -> int:
                   migrating=not args.not_migrating, name_prefix=args.name)
     await proxy.start()
     admin = None
-    if args.admin:
-        ahost, aport = _hostport(args.admin, "--admin")
-        admin = AdminServer(proxy, _token(args.admin_token_file, "--admin"), ahost, aport)
+    if admin_addr is not None:
+        admin = AdminServer(proxy, admin_token, admin_addr[0], admin_addr[1])
         await admin.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -57,10 +57,8 @@ class MarkServer:
         for t in list(self._tasks):
             t.cancel()
         for t in list(self._tasks):
-            try:
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError, Exception):
                 await asyncio.wait_for(t, 2.0)
-            except (TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -189,9 +187,7 @@ class RemoteMarks:
                     if not self._unacked:
                         continue
                     _, fut = self._unacked.popleft()
-                    if fut is None:
-                        if isinstance(reply, libvalkey.ReplyError) and self._unacked:
-                            self._unacked[0] = (self._unacked[0][0], self._unacked[0][1])
+                    if fut is None:     # not the last frame of its batch: the last one's ack counts
                         continue
                     if not fut.done():
                         if isinstance(reply, libvalkey.ReplyError):

@@ -20,7 +20,7 @@ from ..resp import Connection, tls_context
 from ..topology import SLOTS, Topology, discover
 from ..urls import Endpoint
 from .commandtable import CommandTable
-from .session import FAST_NO, FAST_READ, SPECIAL, Session
+from .session import FAST_NO, FAST_READ, READ, SPECIAL, Session
 
 MarkCallback = Callable[[int, list[bytes]], Awaitable[None]]
 log = logs.get("durablecache.proxy")
@@ -269,8 +269,9 @@ class Proxy:
             for conn in list(s.conns.values()):
                 if conn.client_id is None:
                     continue
-                if any(e.blocking or (not writes_only and e.marks is None and not e.internal)
-                       for e in conn.expect):
+                queue = conn.expect if s.router.cluster else s.pending
+                if any(e.blocking or (not writes_only and (e is READ or (e.conn is not None and not e.internal)))
+                       for e in queue):
                     await self._admin_call(conn.node, s.router, "CLIENT", "UNBLOCK", conn.client_id, "TIMEOUT")
 
     async def _admin_call(self, node: int, router: Router, *args: Any) -> Any:

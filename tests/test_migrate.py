@@ -1,0 +1,232 @@
+"""The acceptance test of the migration: writers through the proxy for the whole migration, every
+acknowledged write present on the target after cutover, both sides equal — standalone, cluster, and
+with the proxy process killed during Sync."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+from typing import Any
+
+import pytest
+from keyspace import CLI
+
+from durablecache.localvalkey import free_port
+from durablecache.migration import Migration, MigrationOptions, Phase
+from durablecache.proxyhandles import local_proxies
+from durablecache.topology import discover
+from durablecache.verify import Verifier
+from durablecache.workload import Workload, seed
+
+
+async def equal(source_ep, target_ep) -> bool:
+    report = await Verifier(await discover(source_ep), await discover(target_ep)).run()
+    return report.equal
+
+
+async def migrate_under_load(source, target, cluster: bool, keys: int = 5000) -> dict[str, Any]:
+    client = source.cluster_client() if cluster else source.client()
+    seed(client, keys)
+    client.close()
+    first = source.nodes[0] if cluster else source
+    load = Workload("127.0.0.1", first.port, writers=4, rate=400, cluster=cluster)
+    load.start()
+    events: list[dict[str, Any]] = []
+    cut = asyncio.Event()
+
+    def emit(e: dict[str, Any]) -> None:
+        events.append(e)
+        if e["event"] == "proxies":
+            host, port = e["addresses"][0].rsplit(":", 1)
+            load.point_at(host, int(port))
+        if e["event"] == "cutover":
+            cut.set()
+
+    opts = MigrationOptions(gate_settle=0.5, gate_timeout=30, rollback_window=600, copy_concurrency=4)
+    m = Migration(source.endpoint(), target.endpoint(), opts, local_proxies("127.0.0.1", 0), emit=emit)
+    task = asyncio.create_task(m.run())
+    await asyncio.wait([task, asyncio.create_task(cut.wait())], timeout=120, return_when=asyncio.FIRST_COMPLETED)
+    assert cut.is_set(), (task.exception() if task.done() else "no cutover in 120 s", events[-5:])
+    await asyncio.sleep(0.5)  # writes go on after cutover, now landing on the target
+    await load.finish()
+    target_client = target.cluster_client() if cluster else target.client()
+    lost = load.lost(target_client)
+    assert m.syncer and await m.syncer.drain(30)  # reverse sync: the source catches up as well
+    sides_equal = await equal(source.endpoint(), target.endpoint())
+    m.stop_requested.set()
+    await asyncio.wait_for(task, 30)
+    return {"lost": lost, "acked": load.acked, "equal": sides_equal, "events": events, "load": load}
+
+
+def test_zero_loss_standalone(source, target):
+    r = asyncio.run(migrate_under_load(source, target, cluster=False))
+    assert r["acked"] > 1000
+    assert r["lost"] == []
+    assert r["equal"]
+    phases = [e["phase"] for e in r["events"] if e["event"] == "phase"]
+    for p in ("RouteIn", "Copy", "Sync", "Cutover", "RouteOut"):
+        assert p in phases
+    pause = next(e for e in r["events"] if e["event"] == "cutover")["pause_ms"]
+    assert pause < 1000
+
+
+def test_zero_loss_cluster(make_cluster):
+    source, target = make_cluster(primaries=3), make_cluster(primaries=3)
+    r = asyncio.run(migrate_under_load(source, target, cluster=True, keys=3000))
+    assert r["acked"] > 1000
+    assert r["lost"] == []
+    assert r["equal"]
+
+
+class Events:
+    """JSON lines from a `durablecache migrate --json` child, read with bounded waits."""
+
+    def __init__(self, proc: subprocess.Popen[str]):
+        self.proc = proc
+        self.q: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.seen: list[dict[str, Any]] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                self.q.put(json.loads(line))
+
+    def wait(self, pred, timeout: float = 60) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                e = self.q.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            self.seen.append(e)
+            if pred(e):
+                return e
+        raise AssertionError(f"event not seen in {timeout}s; last events: {self.seen[-8:]}")
+
+
+def control(port: int, token: str, path: str, method: str = "POST") -> dict[str, Any]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
+                                 headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+@pytest.mark.timeout(240)
+def test_proxy_killed_during_sync_forces_repair_and_loses_nothing(source, target, tmp_path):
+    seed(source.client(), 3000)
+    source.client().connection_pool.disconnect()
+    listen, control_port = free_port(), free_port()
+    token_file = tmp_path / "token"
+    proc = subprocess.Popen(
+        [*CLI, "migrate", "--source", source.url(), "--target", target.url(), "--listen", f"127.0.0.1:{listen}",
+         "--proxy-mode", "subprocess", "--cutover", "manual", "--gate-settle", "0.5", "--json",
+         "--control", f"127.0.0.1:{control_port}", "--control-token-file", str(token_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    events = Events(proc)
+    load = Workload("127.0.0.1", source.port, writers=3, rate=300)
+
+    async def scenario() -> list[str]:
+        load.start()
+        child = await asyncio.to_thread(events.wait, lambda e: e["event"] == "proxy_process")
+        load.point_at("127.0.0.1", listen)
+        await asyncio.to_thread(events.wait, lambda e: e.get("event") == "awaiting_approval", 90)
+        await asyncio.sleep(0.5)
+        os.kill(child["pid"], signal.SIGKILL)  # marks in flight die with it
+        await asyncio.to_thread(events.wait, lambda e: e["event"] == "proxy_process" and e["pid"] != child["pid"])
+        await asyncio.sleep(1.0)  # writers reconnect to the restarted proxy
+        token = token_file.read_text().strip()
+        assert control(control_port, token, "/status", "GET")["repairRequired"]
+        control(control_port, token, "/approve")
+        repair = await asyncio.to_thread(events.wait, lambda e: e["event"] in ("repair", "cutover"), 90)
+        assert repair["event"] == "repair", "a cutover must not happen before verify-and-repair"
+        await asyncio.to_thread(events.wait, lambda e: e["event"] == "cutover", 90)
+        await asyncio.sleep(0.5)
+        await load.finish()
+        return load.lost(target.client())
+
+    try:
+        lost = asyncio.run(scenario())
+        assert load.acked > 500
+        assert lost == []
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_migrate_cli_reports_phases_and_pause(source, target):
+    seed(source.client(), 1000)
+    source.client().connection_pool.disconnect()
+    listen = free_port()
+    res = subprocess.run([*CLI, "migrate", "--source", source.url(), "--target", target.url(), "--listen",
+                          f"127.0.0.1:{listen}", "--gate-settle", "0.2", "--exit-after-cutover", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    lines = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+    phases = [x["phase"] for x in lines if x["event"] == "phase"]
+    assert phases[0] == "Preflight" and phases[-1] == "Complete"
+    cut = next(x for x in lines if x["event"] == "cutover")
+    assert 0 < cut["pause_ms"] < 1000
+    assert target.client().dbsize() == source.client().dbsize() == 1000
+
+
+def test_gate_blocks_on_a_client_writing_around_the_proxy(source, target):
+    stray = source.client()
+    stray.client_setname("cart-api")
+    stray.ping()  # keeps a connection open, as an application that was not moved would
+    res = subprocess.run([*CLI, "migrate", "--source", source.url(), "--target", target.url(), "--listen",
+                          f"127.0.0.1:{free_port()}", "--gate-settle", "0.2", "--gate-timeout", "1.5", "--json"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert "cart-api" in res.stderr and "directly" in res.stderr
+    assert target.client().dbsize() == 0
+    stray.close()
+
+
+def test_rollback_returns_authority_to_the_source(source, target):
+    async def scenario() -> None:
+        events: list[dict[str, Any]] = []
+        cut = asyncio.Event()
+
+        def emit(e: dict[str, Any]) -> None:
+            events.append(e)
+            if e["event"] == "cutover":
+                cut.set()
+
+        source.client().set("before", "1")
+        source.client().connection_pool.disconnect()
+        m = Migration(source.endpoint(), target.endpoint(), MigrationOptions(gate_settle=0.2),
+                      local_proxies("127.0.0.1", 0), emit=emit)
+        task = asyncio.create_task(m.run())
+        await asyncio.wait_for(cut.wait(), 60)
+        proxy = next(e for e in events if e["event"] == "proxies")["addresses"][0]
+        host, port = proxy.rsplit(":", 1)
+        import valkey.asyncio as avalkey
+
+        app = avalkey.Valkey(host=host, port=int(port))
+        await app.set("after-cutover", "on-target")  # lands on the target, reverse-synced to the source
+        m.rollback_requested.set()
+        for _ in range(200):
+            if m.phase == Phase.ROLLED_BACK:
+                break
+            await asyncio.sleep(0.05)
+        assert m.phase == Phase.ROLLED_BACK
+        assert source.client().get("after-cutover") == b"on-target"
+        await app.set("after-rollback", "on-source")
+        assert source.client().get("after-rollback") == b"on-source"
+        await app.aclose()
+        m.stop_requested.set()
+        await asyncio.wait_for(task, 30)
+
+    asyncio.run(scenario())
