@@ -1,0 +1,218 @@
+"""Cutover and resync benchmark (not a test).
+
+For each of N runs: two fresh local valkey-servers, a seeded keyspace, a write load of ~5k writes/s
+from a separate process (so the load does not share this process's event loop with the proxy), a
+full migration with an in-process proxy; records the cutover write pause and, during Sync, the
+resync lag: the time from a write's acknowledgement through the proxy until the target has it.
+Then a hot big key: a large sorted set under constant ZINCRBY, to measure what key-level resync
+costs (DESIGN.md: the known weakness) and whether a cutover can still fit the write-pause budget.
+Usage: python bench/cutover.py [--runs 5] [--rate 5000] [--hot-members 200000]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# bench/ holds copy.py, which would shadow the standard library's `copy`: leave bench/ off the path.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import multiprocessing  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import valkey  # noqa: E402
+import valkey.asyncio as avalkey  # noqa: E402
+
+from durablecache.localvalkey import LocalServer  # noqa: E402
+from durablecache.migration import Migration, MigrationOptions  # noqa: E402
+from durablecache.proxyhandles import local_proxies  # noqa: E402
+from durablecache.topology import discover  # noqa: E402
+from durablecache.verify import Verifier  # noqa: E402
+from durablecache.workload import Workload, seed  # noqa: E402
+
+
+def load_process(port_q: Any, stop: Any, result_q: Any, writers: int, rate: float) -> None:
+    async def main() -> None:
+        port = port_q.get()
+        load = Workload("127.0.0.1", port, writers=writers, rate=rate)
+        load.start()
+        t0 = time.monotonic()
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        elapsed = time.monotonic() - t0
+        await load.finish()
+        client = valkey.Valkey(port=port_q.get())
+        result_q.put({"acked": load.acked, "rate": load.acked / elapsed, "lost": len(load.lost(client)),
+                      "max_latency_ms": load.max_latency_ms})
+
+    asyncio.run(main())
+
+
+async def probe_lag(proxy_port: int, target: LocalServer, samples: int) -> list[float]:
+    app = avalkey.Valkey(port=proxy_port)
+    direct = avalkey.Valkey(port=target.port)
+    lags = []
+    for i in range(samples):
+        key = f"lag-probe:{i}"
+        await app.set(key, i)
+        t0 = time.perf_counter()
+        for _ in range(5000):
+            if await direct.exists(key):
+                break
+            await asyncio.sleep(0.0005)
+        lags.append((time.perf_counter() - t0) * 1000)
+        await asyncio.sleep(0.01)
+    await app.aclose()
+    await direct.aclose()
+    return lags
+
+
+async def one_run(keys: int, writers: int, rate: float) -> dict[str, Any]:
+    source, target = LocalServer().start(), LocalServer().start()
+    ctx = multiprocessing.get_context("spawn")
+    port_q, result_q, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=load_process, args=(port_q, stop, result_q, writers, rate))
+    try:
+        c = source.client()
+        seed(c, keys)
+        c.close()
+        proc.start()
+        in_sync, cut = asyncio.Event(), asyncio.Event()
+        events: dict[str, Any] = {}
+        proxy_port = 0
+
+        def emit(e: dict[str, Any]) -> None:
+            nonlocal proxy_port
+            events.setdefault(e["event"], e)
+            if e["event"] == "proxies":
+                proxy_port = int(e["addresses"][0].rsplit(":", 1)[1])
+                port_q.put(proxy_port)
+            if e["event"] == "phase" and e["phase"] == "Sync":
+                in_sync.set()
+            if e["event"] == "cutover":
+                cut.set()
+
+        opts = MigrationOptions(cutover="manual", gate_settle=0.3, rollback_window=600)
+        m = Migration(source.endpoint(), target.endpoint(), opts, local_proxies("127.0.0.1", 0), emit=emit)
+        task = asyncio.create_task(m.run())
+        await asyncio.wait_for(in_sync.wait(), 120)
+        await asyncio.sleep(1.0)
+        lags = await probe_lag(proxy_port, target, 50)
+        m.approved.set()
+        await asyncio.wait_for(cut.wait(), 120)
+        await asyncio.sleep(0.5)
+        stop.set()
+        port_q.put(target.port)
+        load = await asyncio.to_thread(result_q.get, True, 60)
+        m.stop_requested.set()
+        await asyncio.wait_for(task, 30)
+        return {"pause_ms": events["cutover"]["pause_ms"], "lag_ms": lags, **load}
+    finally:
+        if proc.is_alive():
+            proc.terminate()
+        proc.join(10)
+        source.stop()
+        target.stop()
+
+
+async def hot_key(members: int, seconds: float) -> dict[str, Any]:
+    """ZINCRBY on one big sorted set as fast as one client can, through the proxy, during Sync."""
+    source, target = LocalServer().start(), LocalServer().start()
+    try:
+        c = source.client()
+        for i in range(0, members, 10_000):
+            c.zadd("leaderboard", {f"player-{j}": j for j in range(i, min(i + 10_000, members))})
+        c.close()
+        in_sync = asyncio.Event()
+        proxy_port = 0
+        writing = True
+        outcome: dict[str, Any] = {"aborted": 0}
+
+        def emit(e: dict[str, Any]) -> None:
+            nonlocal proxy_port, writing
+            if e["event"] == "cutover_aborted":
+                outcome["aborted"] += 1
+            if e["event"] == "cutover":
+                outcome["pause_ms"] = e["pause_ms"]
+                outcome["while_writing"] = writing
+            if e["event"] == "proxies":
+                proxy_port = int(e["addresses"][0].rsplit(":", 1)[1])
+            if e["event"] == "phase" and e["phase"] == "Sync":
+                in_sync.set()
+
+        opts = MigrationOptions(cutover="manual", gate_settle=0.3, cutover_attempts=5)
+        m = Migration(source.endpoint(), target.endpoint(), opts, local_proxies("127.0.0.1", 0), emit=emit)
+        task = asyncio.create_task(m.run())
+        await asyncio.wait_for(in_sync.wait(), 120)
+        app = avalkey.Valkey(port=proxy_port)
+        assert m.syncer
+        before = m.syncer.stats.batches
+        writes, t0 = 0, time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            await app.zincrby("leaderboard", 1, f"player-{writes % members}")
+            writes += 1
+        copies = m.syncer.stats.batches - before
+        # Cut over while the hot key keeps being written: does the drain fit the write-pause budget?
+        m.approved.set()
+        t2 = time.monotonic()
+        while "pause_ms" not in outcome and not task.done() and time.monotonic() - t2 < 30:
+            await app.zincrby("leaderboard", 1, f"player-{writes % members}")
+            writes += 1
+        writing = False
+        t1 = time.monotonic()
+        drained = await m.syncer.drain(60) if not task.done() else False
+        catch_up = time.monotonic() - t1
+        outcome["equal"] = (await Verifier(await discover(source.endpoint()), await discover(target.endpoint()))
+                            .run()).equal
+        await app.aclose()
+        m.stop_requested.set()
+        try:
+            await asyncio.wait_for(task, 30)
+        except Exception as exc:  # noqa: BLE001 - a failed cutover is a result here, not an error
+            outcome["error"] = str(exc)
+        return {"writes": writes, "writes_per_s": writes / seconds, "full_copies": copies,
+                "copies_per_s": copies / seconds, "drained": drained, "catch_up_s": catch_up, **outcome}
+    finally:
+        source.stop()
+        target.stop()
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--keys", type=int, default=50_000)
+    ap.add_argument("--writers", type=int, default=10)
+    ap.add_argument("--rate", type=float, default=5000, help="total writes/s of the load process")
+    ap.add_argument("--hot-members", type=int, default=200_000)
+    args = ap.parse_args()
+    runs = [await one_run(args.keys, args.writers, args.rate / args.writers) for _ in range(args.runs)]
+    pauses = sorted(r["pause_ms"] for r in runs)
+    lags = sorted(x for r in runs for x in r["lag_ms"])
+    print(f"load: {statistics.mean(r['rate'] for r in runs):,.0f} writes/s acknowledged through the proxy "
+          f"(target {args.rate:,.0f}), lost writes: {sum(r['lost'] for r in runs)}")
+    print(f"cutover write pause over {len(runs)} runs: p50 {statistics.median(pauses):.1f} ms, "
+          f"max {max(pauses):.1f} ms (target < 100 ms)")
+    print(f"slowest acknowledged write seen by a client: {max(r['max_latency_ms'] for r in runs):.1f} ms")
+    print(f"resync lag (ack via proxy -> visible on target), {len(lags)} probes: "
+          f"p50 {statistics.median(lags):.1f} ms, p99 {lags[int(len(lags) * 0.99) - 1]:.1f} ms, max {max(lags):.1f} ms")
+    hot = await hot_key(args.hot_members, 5.0)
+    print(f"hot big key ({args.hot_members:,}-member zset, ZINCRBY as fast as one client goes): "
+          f"{hot['writes_per_s']:,.0f} writes/s caused {hot['copies_per_s']:.1f} full re-copies/s "
+          f"(marks coalesced {hot['writes'] / max(hot['full_copies'], 1):,.0f}:1); "
+          f"backlog drained {hot['catch_up_s']:.2f}s after writes stopped: {hot['drained']}")
+    if "pause_ms" in hot and hot["while_writing"]:
+        print(f"  cutover under that load: succeeded after {hot['aborted']} aborted attempts, "
+              f"pause {hot['pause_ms']:.1f} ms; source and target equal afterwards: {hot['equal']}")
+    elif "pause_ms" in hot:
+        print(f"  cutover under that load: NOT reached in 30 s of writes (the key never stayed clean); it "
+              f"succeeded only after the writes stopped, pause {hot['pause_ms']:.1f} ms; equal: {hot['equal']}")
+    else:
+        print(f"  cutover under that load: FAILED after {hot['aborted']} aborted attempts ({hot.get('error')})")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,60 @@
+"""Prometheus metrics of every DurableCache the operator reconciles (from its status)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+PHASES = ("Preflight", "Provision", "RouteIn", "Copy", "Sync", "Cutover", "RouteOut", "Complete", "Failed",
+          "RollingBack", "RolledBack")
+LABELS = ("namespace", "name")
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.phase = Gauge("durablecache_phase", "1 for the phase the migration is in, 0 for the others",
+                           (*LABELS, "phase"), registry=r)
+        self.progress = Gauge("durablecache_copy_progress_ratio", "bulk copy progress, 0 to 1", LABELS, registry=r)
+        self.keys_copied = Gauge("durablecache_keys_copied", "keys copied by the bulk copy", LABELS, registry=r)
+        self.keys_total = Gauge("durablecache_keys_total", "keys found in the source when the copy started",
+                                LABELS, registry=r)
+        self.backlog = Gauge("durablecache_dirty_backlog", "keys written since RouteIn whose latest value is not "
+                             "copied yet", LABELS, registry=r)
+        self.pause = Gauge("durablecache_last_cutover_pause_milliseconds", "write pause of the last cutover "
+                           "attempt", LABELS, registry=r)
+        self._known: set[tuple[str, str]] = set()
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> None:
+        start_http_server(port, addr=host, registry=self.registry)
+
+    def observe(self, obj: dict[str, Any]) -> None:
+        key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+        self._known.add(key)
+        status = obj.get("status") or {}
+        current = status.get("phase")
+        for phase in PHASES:
+            self.phase.labels(*key, phase).set(1 if phase == current else 0)
+        prog = status.get("progress") or {}
+        self.progress.labels(*key).set((prog.get("percent") or 0) / 100)
+        self.keys_copied.labels(*key).set(prog.get("keysCopied") or 0)
+        self.keys_total.labels(*key).set(prog.get("keysTotal") or 0)
+        self.backlog.labels(*key).set(status.get("dirtyBacklog") or 0)
+        if status.get("lastCutoverPauseMs") is not None:
+            self.pause.labels(*key).set(status["lastCutoverPauseMs"])
+
+    def forget(self, namespace: str, name: str) -> None:
+        key = (namespace, name)
+        if key not in self._known:
+            return
+        self._known.discard(key)
+        for phase in PHASES:
+            self.phase.remove(*key, phase)
+        for gauge in (self.progress, self.keys_copied, self.keys_total, self.backlog):
+            gauge.remove(*key)
+        try:
+            self.pause.remove(*key)
+        except KeyError:
+            pass

@@ -1,0 +1,212 @@
+"""Where the proxy/syncer worker (``durablecache worker``) runs.
+
+``KubernetesRunner`` is production: a one-replica Deployment (Recreate, so two syncers never race on
+one key), a Service the applications reach the proxy through, and a PodDisruptionBudget, all owned by
+the DurableCache. ``LocalProcessRunner`` runs the same worker command as a local process: the test
+cluster has no kubelet, so it stands in for the pod (a process that survives an operator restart,
+exactly like a pod does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from .. import logs
+from . import GROUP
+from .kube import Kube, owner_reference
+
+log = logs.get("durablecache.k8s.runner")
+PROXY_PORT = 6379
+STOP_TIMEOUT = 10.0
+
+
+class WorkloadRunner(Protocol):
+    async def ensure(self, obj: dict[str, Any]) -> str:
+        """Make sure the worker runs: "running" (nothing done), "started" or "restarted"."""
+
+    def proxy_address(self, obj: dict[str, Any]) -> tuple[str, int]:
+        """Where applications reach the proxy."""
+
+    async def remove(self, obj: dict[str, Any]) -> None:
+        """Stop the worker and delete what was created for it. Idempotent."""
+
+
+def _labels(obj: dict[str, Any]) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "durablecache-worker", "app.kubernetes.io/managed-by": "durablecache",
+            f"{GROUP}/name": obj["metadata"]["name"]}
+
+
+def worker_args(obj: dict[str, Any], listen: str) -> list[str]:
+    meta = obj["metadata"]
+    return ["--log-json", "--log-level=info", "worker", "--resource", f"{meta['namespace']}/{meta['name']}",
+            "--listen", listen]
+
+
+class KubernetesRunner:
+    def __init__(self, kube: Kube, image: str, service_account: str | None = None):
+        self.kube = kube
+        self.image = image
+        self.service_account = service_account
+
+    @staticmethod
+    def names(obj: dict[str, Any]) -> dict[str, str]:
+        name = obj["metadata"]["name"]
+        return {"Deployment": f"{name}-worker", "Service": f"{name}-proxy", "PodDisruptionBudget": f"{name}-worker"}
+
+    def manifests(self, obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        ns = obj["metadata"]["namespace"]
+        names = self.names(obj)
+        labels = _labels(obj)
+        meta = {"namespace": ns, "labels": labels, "ownerReferences": [owner_reference(obj)]}
+        pod: dict[str, Any] = {
+            "containers": [{
+                "name": "worker", "image": self.image, "command": ["durablecache"],
+                "args": worker_args(obj, f"0.0.0.0:{PROXY_PORT}"),
+                "ports": [{"name": "valkey", "containerPort": PROXY_PORT}],
+                "readinessProbe": {"tcpSocket": {"port": "valkey"}, "periodSeconds": 5},
+                "env": [{"name": "HOME", "value": "/tmp"}],
+                "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
+                                    "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}},
+                "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+            }],
+            "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
+            # Long enough for a cutover in flight to finish or abort (maxWritePause <= 30s).
+            "terminationGracePeriodSeconds": 60,
+        }
+        if self.service_account:
+            pod["serviceAccountName"] = self.service_account
+        return {
+            "Deployment": {
+                "apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": names["Deployment"], **meta},
+                # One replica, Recreate: one syncer per migration, never two racing on a key.
+                "spec": {"replicas": 1, "strategy": {"type": "Recreate"}, "selector": {"matchLabels": labels},
+                         "template": {"metadata": {"labels": labels}, "spec": pod}},
+            },
+            "Service": {
+                "apiVersion": "v1", "kind": "Service", "metadata": {"name": names["Service"], **meta},
+                "spec": {"selector": labels, "ports": [{"name": "valkey", "port": PROXY_PORT,
+                                                         "targetPort": "valkey"}]},
+            },
+            # A node drain must not evict the proxy mid-migration (it would cost a full verify-and-repair).
+            "PodDisruptionBudget": {
+                "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+                "metadata": {"name": names["PodDisruptionBudget"], **meta},
+                "spec": {"maxUnavailable": 0, "selector": {"matchLabels": labels}},
+            },
+        }
+
+    async def ensure(self, obj: dict[str, Any]) -> str:
+        ns = obj["metadata"]["namespace"]
+        created = False
+        for kind, body in self.manifests(obj).items():
+            created |= await asyncio.to_thread(self.kube.create_if_missing, kind, ns, body)
+        return "started" if created else "running"
+
+    def proxy_address(self, obj: dict[str, Any]) -> tuple[str, int]:
+        return f"{self.names(obj)['Service']}.{obj['metadata']['namespace']}.svc", PROXY_PORT
+
+    async def remove(self, obj: dict[str, Any]) -> None:
+        ns = obj["metadata"]["namespace"]
+        for kind, name in self.names(obj).items():
+            await asyncio.to_thread(self.kube.delete_quietly, kind, ns, name)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LocalProcessRunner:
+    """The worker as a local process (tests: there is no kubelet to run the worker pod).
+
+    Pid and port live in ``state_dir`` so that a restarted operator finds the worker its previous
+    incarnation started, as it would find the Deployment, instead of starting a second syncer."""
+
+    def __init__(self, state_dir: str | os.PathLike[str], env: dict[str, str] | None = None):
+        self.dir = Path(state_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.env = env if env is not None else dict(os.environ)
+        self.children: dict[int, subprocess.Popen[bytes]] = {}
+
+    def _file(self, obj: dict[str, Any], suffix: str) -> Path:
+        meta = obj["metadata"]
+        return self.dir / f"{meta['namespace']}.{meta['name']}.{suffix}"
+
+    def _port(self, obj: dict[str, Any]) -> int:
+        path = self._file(obj, "port")
+        if path.exists():
+            return int(path.read_text())
+        port = _free_port()
+        path.write_text(str(port))
+        return port
+
+    def pid(self, obj: dict[str, Any]) -> int | None:
+        path = self._file(obj, "pid")
+        with contextlib.suppress(OSError, ValueError):
+            return int(path.read_text())
+        return None
+
+    def alive(self, pid: int | None) -> bool:
+        if pid is None:
+            return False
+        child = self.children.get(pid)
+        if child is not None:
+            return child.poll() is None
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+        # A zombie is dead; a recycled pid running something else is not our worker.
+        return stat.rsplit(")", 1)[-1].split()[0] != "Z" and b"worker" in cmdline
+
+    async def ensure(self, obj: dict[str, Any]) -> str:
+        old = self.pid(obj)
+        if self.alive(old):
+            return "running"
+        port = self._port(obj)
+        args = [sys.executable, "-m", "durablecache.cli", *worker_args(obj, f"127.0.0.1:{port}")]
+        log_path = self._file(obj, "log")
+        with log_path.open("ab") as out:
+            # Own session: the worker outlives an operator that is killed, as a pod would.
+            child = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)
+        self.children[child.pid] = child
+        self._file(obj, "pid").write_text(str(child.pid))
+        log.info("worker process started", pid=child.pid, port=port, resource=obj["metadata"]["name"])
+        return "restarted" if old is not None else "started"
+
+    def proxy_address(self, obj: dict[str, Any]) -> tuple[str, int]:
+        return "127.0.0.1", self._port(obj)
+
+    async def remove(self, obj: dict[str, Any]) -> None:
+        pid = self.pid(obj)
+        if self.alive(pid):
+            assert pid is not None
+            await asyncio.to_thread(self._stop, pid)
+        self._file(obj, "pid").unlink(missing_ok=True)
+
+    def _stop(self, pid: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while time.monotonic() < deadline and self.alive(pid):
+            time.sleep(0.1)
+        if self.alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        child = self.children.pop(pid, None)
+        if child is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=STOP_TIMEOUT)
