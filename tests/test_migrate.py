@@ -16,7 +16,6 @@ import urllib.request
 from typing import Any
 
 import pytest
-from keyspace import CLI
 
 from durablecache.localvalkey import free_port
 from durablecache.migration import Migration, MigrationOptions, Phase
@@ -24,6 +23,7 @@ from durablecache.proxyhandles import local_proxies
 from durablecache.topology import discover
 from durablecache.verify import Verifier
 from durablecache.workload import Workload, seed
+from keyspace import CLI, run_cli
 
 
 async def equal(source_ep, target_ep) -> bool:
@@ -141,13 +141,21 @@ def test_proxy_killed_during_sync_forces_repair_and_loses_nothing(source, target
         await asyncio.to_thread(events.wait, lambda e: e.get("event") == "awaiting_approval", 90)
         await asyncio.sleep(0.5)
         os.kill(child["pid"], signal.SIGKILL)  # marks in flight die with it
+        # What such a lost mark leaves behind: a write applied on the source that no mark announces.
+        stray = source.client()
+        stray.set("seed:0", "applied-but-never-marked")
+        stray.close()
         await asyncio.to_thread(events.wait, lambda e: e["event"] == "proxy_process" and e["pid"] != child["pid"])
         await asyncio.sleep(1.0)  # writers reconnect to the restarted proxy
         token = token_file.read_text().strip()
         assert control(control_port, token, "/status", "GET")["repairRequired"]
-        control(control_port, token, "/approve")
+        ctl = ["--control", f"127.0.0.1:{control_port}", "--control-token-file", str(token_file)]
+        res = await asyncio.to_thread(run_cli, "control", "approve", *ctl)
+        assert res.returncode == 0 and '"approved": true' in res.stdout, res
         repair = await asyncio.to_thread(events.wait, lambda e: e["event"] in ("repair", "cutover"), 90)
         assert repair["event"] == "repair", "a cutover must not happen before verify-and-repair"
+        repaired = await asyncio.to_thread(events.wait, lambda e: e["event"] == "repaired", 90)
+        assert repaired["keys"] >= 1
         await asyncio.to_thread(events.wait, lambda e: e["event"] == "cutover", 90)
         await asyncio.sleep(0.5)
         await load.finish()
@@ -157,6 +165,7 @@ def test_proxy_killed_during_sync_forces_repair_and_loses_nothing(source, target
         lost = asyncio.run(scenario())
         assert load.acked > 500
         assert lost == []
+        assert target.client().get("seed:0") == b"applied-but-never-marked"
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -216,6 +225,10 @@ def test_rollback_returns_authority_to_the_source(source, target):
 
         app = avalkey.Valkey(host=host, port=int(port))
         await app.set("after-cutover", "on-target")  # lands on the target, reverse-synced to the source
+        # An application that followed RouteOut writes to the target directly, where no proxy sees it.
+        direct = target.client()
+        direct.set("direct-on-target", "untracked")
+        direct.close()  # ... and is moved back to the proxy before the rollback
         m.rollback_requested.set()
         for _ in range(200):
             if m.phase == Phase.ROLLED_BACK:
@@ -223,6 +236,8 @@ def test_rollback_returns_authority_to_the_source(source, target):
             await asyncio.sleep(0.05)
         assert m.phase == Phase.ROLLED_BACK
         assert source.client().get("after-cutover") == b"on-target"
+        assert source.client().get("direct-on-target") == b"untracked", [e for e in events if e["event"] not in ("progress",)][-8:]  # the rollback repair found it
+        assert any(e["event"] == "repair" for e in events)
         await app.set("after-rollback", "on-source")
         assert source.client().get("after-rollback") == b"on-source"
         await app.aclose()

@@ -87,7 +87,8 @@ async def refresh_db_keys(topo: Topology) -> None:
             await conn.close()
 
 
-async def check_pair(source: Topology, target: Topology, allow_nonempty: bool) -> None:
+async def check_pair(source: Topology, target: Topology, allow_nonempty: bool,
+                     nonempty_hint: str = "pass --allow-nonempty to copy over existing data") -> None:
     """Refuse, before anything is written, what would corrupt or lose data."""
     if source.run_ids & target.run_ids:
         raise RefusedError(f"source and target are the same server ({target.seed.address}); "
@@ -102,8 +103,7 @@ async def check_pair(source: Topology, target: Topology, allow_nonempty: bool) -
         await refresh_db_keys(target)
         present = sum((await unit_sizes(target)).values())
         if present:
-            raise RefusedError(f"target {target.seed.address} is not empty ({present} keys); "
-                               "pass --allow-nonempty to copy over existing data")
+            raise RefusedError(f"target {target.seed.address} is not empty ({present} keys); {nonempty_hint}")
 
 
 class BulkCopy:

@@ -33,7 +33,7 @@ log = logs.get("durablecache.migration")
 STATE_VERSION = 1
 
 
-class Phase(str, enum.Enum):
+class Phase(enum.StrEnum):
     PREFLIGHT = "Preflight"
     PROVISION = "Provision"
     ROUTE_IN = "RouteIn"
@@ -165,7 +165,8 @@ class Migration:
             else True
         self.set_phase(self.phase if resumed_after_route_in else Phase.PREFLIGHT)
         self.source, self.target = await discover(self.source_ep), await discover(self.target_ep)
-        await check_pair(self.source, self.target, allow_nonempty=resumed_after_route_in)
+        await check_pair(self.source, self.target, allow_nonempty=resumed_after_route_in,
+                         nonempty_hint="a migration needs an empty target (a new cluster); empty it or pick another")
         flipped = bool(self.state.get("flipped"))
         self.syncer = Syncer(self._pool(reverse=flipped), workers=self.opts.sync_workers, max_dirty=self.opts.max_dirty)
         self.syncer.start()
@@ -223,7 +224,8 @@ class Migration:
         self.syncer.repair_reason = None
         self.emit({"event": "repair", "reason": reason})
         src, dst = self._sides()
-        report = await Verifier(src, dst, on_diff=self.syncer.mark).run()
+        syncer = self.syncer
+        report = await Verifier(src, dst, on_diff=lambda db, key: syncer.mark(db, [key])).run()
         repaired = sum(report.counts.values())
         self.emit({"event": "repaired", "keys": repaired, "checked": report.checked})
         await self._drain_background()
@@ -320,10 +322,13 @@ class Migration:
 
     async def _rollback(self) -> None:
         """The cutover in reverse: the source becomes authoritative again, nothing written is lost."""
-        assert self.syncer
-        if self.syncer.repair_reason:
-            await self.repair()
-        await self._drain_background()
+        assert self.syncer and self.target
+        # After RouteOut applications may have written to the target directly, where no proxy saw
+        # them: wait until they are all back on the proxy, then repair the source from the target.
+        await wait_for_gate(self.target, self.opts.allow_clients, self.opts.gate_settle, self.opts.gate_timeout,
+                            on_blocked=lambda c: self.emit({"event": "gate_blocked", "clients": c}))
+        self.syncer.require_repair("rollback: writes made directly on the target were not tracked")
+        await self.repair()
         t0 = time.monotonic()
         for attempt in range(1, self.opts.cutover_attempts + 1):
             await asyncio.gather(*(p.freeze(max(self.opts.max_write_pause, 1.0)) for p in self.proxies))

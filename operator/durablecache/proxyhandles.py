@@ -97,8 +97,8 @@ class SubprocessProxy:
                 "--admin-token-file", self._write_secret("admin.token", self.token),
                 "--marks-to", f"{self.marks.host}:{self.marks.port}",
                 "--marks-token-file", os.path.join(self.workdir, "marks.token")]
-        self.proc = await asyncio.create_subprocess_exec(*args, stdout=subprocess.DEVNULL,
-                                                         stderr=open(os.path.join(self.workdir, "proxy.log"), "ab"))
+        with open(os.path.join(self.workdir, "proxy.log"), "ab") as log_file:  # the child keeps its own fd
+            self.proc = await asyncio.create_subprocess_exec(*args, stdout=subprocess.DEVNULL, stderr=log_file)
         for _ in range(200):  # up to ~20 s for the child to listen
             with contextlib.suppress(OSError, aiohttp.ClientError, ConnectError):
                 if await self._admin("GET", "/healthz", timeout=1.0):

@@ -55,6 +55,8 @@ class Syncer:
     # -- marking ---------------------------------------------------------------------------------
     def mark(self, db: int, keys: Iterable[bytes]) -> None:
         """Record keys as dirty. Never blocks; past max_dirty it records an overflow instead."""
+        if isinstance(keys, bytes | str):
+            raise TypeError("mark() takes an iterable of keys, not one key")
         for key in keys:
             self.stats.marks += 1
             dk = (db, key)

@@ -449,3 +449,43 @@ def operator_release(kube_env: KubeEnv, crd_installed: str,
     return OperatorRelease(release=release, namespace=namespace, service_account=names["ServiceAccount"],
                            cluster_role=names["ClusterRole"], peering=names["ClusterKopfPeering"],
                            kubeconfig=path)
+
+
+# -- the operator's end-to-end tests: moto in server mode for the aws provider --------------------
+
+MOTO_SERVER = REPO / "tests" / "aws" / "motoserver.py"
+MOTO_START_TIMEOUT = 30.0
+AWS_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
+                "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull,
+                "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """tests/aws/motoserver.py (moto plus ElastiCache's durability read-back) on a free loopback port."""
+    import sys
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_TEST_ENV, DC_MOTO_POLLS="1")
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + MOTO_START_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"moto server exited with {proc.returncode}:\n{_tail(log)}", pytrace=False)
+            try:
+                with urllib.request.urlopen(f"{url}/moto-api/data.json", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"moto server did not answer on {url} within {MOTO_START_TIMEOUT:.0f}s",
+                                pytrace=False)
+                time.sleep(0.1)
+        yield url
+    finally:
+        _stop(proc)

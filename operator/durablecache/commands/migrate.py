@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", required=True, metavar="URL", help="the new (durable) keyspace")
     p.add_argument("--listen", required=True, metavar="HOST:PORT", help="where applications connect (the proxy)")
     p.add_argument("--cutover", choices=["auto", "manual"], default="auto",
-                   help="manual waits for `durablecache control approve`")
+                   help="manual waits for `durablecache control approve` (or POST /approve on --control)")
     p.add_argument("--max-write-pause", type=duration, default=0.1, metavar="DUR",
                    help="the longest writes may be held at cutover (default 100ms)")
     p.add_argument("--rollback-window", type=duration, default=1800.0, metavar="DUR",

@@ -191,9 +191,10 @@ class Reporter:
             log.warning("status not written", error=str(exc)[:200])
 
     async def _conditions(self) -> None:
-        if not self.store or not self.phase:
+        phase = self.phase or (self.store.phase if self.store else None)
+        if not self.store or not phase:
             return
-        self.store.conditions = conditions_for(self.phase, "", self.store.generation, self.store.conditions,
+        self.store.conditions = conditions_for(phase, "", self.store.generation, self.store.conditions,
                                                awaiting_approval=self.awaiting)
         await self._patch({"conditions": self.store.conditions})
 

@@ -66,6 +66,7 @@ class Kube:
         self.core = k8s.CoreV1Api(api)
         self.apps = k8s.AppsV1Api(api)
         self.policy = k8s.PolicyV1Api(api)
+        self.rbac = k8s.RbacAuthorizationV1Api(api)
 
     # -- the DurableCache -----------------------------------------------------------------------
     def get(self, namespace: str, name: str) -> dict[str, Any] | None:
@@ -142,10 +143,13 @@ class Kube:
         return True
 
     def delete_quietly(self, kind: str, namespace: str, name: str) -> bool:
-        """Delete a Deployment, Service or PodDisruptionBudget; gone already is fine."""
+        """Delete a Deployment, Service, PodDisruptionBudget, ServiceAccount or RoleBinding; gone already
+        is fine."""
         fn = {"Deployment": self.apps.delete_namespaced_deployment,
               "Service": self.core.delete_namespaced_service,
-              "PodDisruptionBudget": self.policy.delete_namespaced_pod_disruption_budget}[kind]
+              "PodDisruptionBudget": self.policy.delete_namespaced_pod_disruption_budget,
+              "ServiceAccount": self.core.delete_namespaced_service_account,
+              "RoleBinding": self.rbac.delete_namespaced_role_binding}[kind]
         try:
             retrying(f"delete {kind}", fn, name, namespace)
             return True
@@ -174,6 +178,52 @@ class Kube:
                 raise
             return False
         return True
+
+    # -- the worker's identity ------------------------------------------------------------------
+    def apply_identity(self, kind: str, namespace: str, body: dict[str, Any]) -> str:
+        """Create the worker's ServiceAccount or RoleBinding, or bring an existing one back to ``body``.
+
+        Returns "created", "updated" or "unchanged". An existing object is patched when its owner
+        references, subjects or labels differ (e.g. left by a deleted DurableCache of the same name and
+        not yet garbage-collected: re-owned, the collector no longer takes it from the new worker). A
+        RoleBinding's roleRef is immutable: a different one is deleted and created again."""
+        read, create, patch = {
+            "ServiceAccount": (self.core.read_namespaced_service_account, self.core.create_namespaced_service_account,
+                               self.core.patch_namespaced_service_account),
+            "RoleBinding": (self.rbac.read_namespaced_role_binding, self.rbac.create_namespaced_role_binding,
+                            self.rbac.patch_namespaced_role_binding),
+        }[kind]
+        name = body["metadata"]["name"]
+        try:
+            current = self.api.sanitize_for_serialization(retrying(f"get {kind}", read, name, namespace))
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            current = None
+        if current is not None and kind == "RoleBinding" and current.get("roleRef") != body["roleRef"]:
+            self.delete_quietly(kind, namespace, name)
+            current = None
+        if current is None:
+            try:
+                retrying(f"create {kind}", create, namespace, body)
+            except ApiException as exc:
+                if exc.status != 409:  # created meanwhile (by our previous incarnation): fine
+                    raise
+                return "unchanged"
+            return "created"
+        meta, want = current["metadata"], body["metadata"]
+        drift: dict[str, Any] = {}
+        if meta.get("ownerReferences") != want["ownerReferences"]:
+            drift.setdefault("metadata", {})["ownerReferences"] = want["ownerReferences"]
+        if not want["labels"].items() <= (meta.get("labels") or {}).items():
+            drift.setdefault("metadata", {})["labels"] = want["labels"]
+        if kind == "RoleBinding" and current.get("subjects") != body["subjects"]:
+            drift["subjects"] = body["subjects"]
+        if not drift:
+            return "unchanged"
+        # A merge patch replaces lists whole: the stale owner reference goes (two controllers are refused).
+        retrying(f"patch {kind}", patch, name, namespace, drift, _content_type=MERGE)
+        return "updated"
 
     # -- rollout restart of the applications ----------------------------------------------------
     def restart_workload(self, namespace: str, kind: str, name: str, reason: str) -> None:

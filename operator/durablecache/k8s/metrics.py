@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
@@ -54,7 +55,5 @@ class Metrics:
             self.phase.remove(*key, phase)
         for gauge in (self.progress, self.keys_copied, self.keys_total, self.backlog):
             gauge.remove(*key)
-        try:
+        with contextlib.suppress(KeyError):
             self.pause.remove(*key)
-        except KeyError:
-            pass

@@ -41,6 +41,11 @@ class StatusStore:
         self.generation: int | None = None
         self.conditions: list[dict[str, Any]] = []
 
+    @property
+    def phase(self) -> str | None:
+        """The phase last written (or loaded)."""
+        return self._written.get("phase")
+
     # -- CheckpointStore ------------------------------------------------------------------------
     def load(self) -> dict[str, Any]:
         obj = self.kube.get(self.namespace, self.name) or {}

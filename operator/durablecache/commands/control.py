@@ -1,0 +1,41 @@
+"""durablecache control: talk to a running `durablecache migrate --control` (status, approve, rollback)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import urllib.error
+import urllib.request
+
+from ..errors import ConnectError, UsageError
+
+NAME = "control"
+HELP = "status of a running migration, approve its manual cutover, or roll it back (via its --control API)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["status", "approve", "rollback"])
+    p.add_argument("--control", required=True, metavar="HOST:PORT", help="the migration's --control address")
+    p.add_argument("--control-token-file", required=True, metavar="PATH", help="the migration's token file")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        with open(args.control_token_file) as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read the token file: {exc.strerror}") from None
+    method, path = ("GET", "/status") if args.action == "status" else ("POST", f"/{args.action}")
+    req = urllib.request.Request(f"http://{args.control}{path}", method=method,
+                                 headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            body = json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        detail = json.loads(exc.read() or b"{}").get("error", exc.reason)
+        print(f"durablecache control {args.action}: refused: {detail}")
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        raise ConnectError(f"cannot reach the control API at {args.control}: {getattr(exc, 'reason', exc)}") from None
+    print(json.dumps(body, indent=2))
+    return 0

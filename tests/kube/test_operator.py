@@ -1,0 +1,486 @@
+"""The operator end to end on the real kube-apiserver: real Valkey servers, a write load with a ledger of
+acknowledged writes, the operator as a local process under the chart's service account (so it has
+exactly the chart's RBAC), and moto in server mode for the aws provider.
+
+There is no kubelet in the test cluster, so the operator runs with ``--runner=local``: the proxy/syncer
+worker, which in a cluster is the pod of the Deployment the operator creates, runs as a local process
+started by the operator (same command, same status checkpoint, and like a pod it outlives an operator
+restart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import yaml
+from kubernetes import client as k8s_client
+
+from durablecache.localvalkey import LocalServer
+from durablecache.workload import Workload, seed
+
+from .conftest import AWS_TEST_ENV, KubeEnv, OperatorRelease, free_port
+
+GROUP, VERSION, PLURAL = "durablecache.dev", "v1alpha1", "durablecaches"
+OPERATOR_START_TIMEOUT = 30.0
+MIGRATION_TIMEOUT = 90.0
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout: float, interval: float = 0.25) -> Any:
+    """Poll ``probe`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+class Operator:
+    """``durablecache operator`` as a local process, authenticated as the chart's ServiceAccount."""
+
+    def __init__(self, kube_env: KubeEnv, release: OperatorRelease, workdir: Path, namespace: str,
+                 extra_env: dict[str, str]):
+        self.env = {**kube_env.process_env(release.kubeconfig), "POD_ID": "durablecache-operator-test",
+                    **extra_env}
+        self.peering = release.peering
+        self.namespace = namespace
+        self.state = workdir / "workers"
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.health_port = self.metrics_port = 0
+        self.starts = 0
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"operator-{self.starts}.log"
+
+    def start(self, runner: str = "local") -> None:
+        self.starts += 1
+        self.health_port, self.metrics_port = free_port(), free_port()
+        args = [sys.executable, "-m", "durablecache.cli", "--log-json", "--log-level=info", "operator",
+                f"--peering={self.peering}", f"--namespace={self.namespace}", f"--runner={runner}",
+                f"--local-state-dir={self.state}", "--health-host=127.0.0.1", f"--health-port={self.health_port}",
+                "--metrics-host=127.0.0.1", f"--metrics-port={self.metrics_port}", "--interval=0.5"]
+        with self.log_path.open("wb") as out:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                         start_new_session=True)
+        wait_for("the operator's /healthz", self._healthy, OPERATOR_START_TIMEOUT)
+
+    def _healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"operator exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=2) as rsp:
+                return rsp.status == 200
+        except OSError:
+            return False
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as rsp:
+            return rsp.read().decode()
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Exactly the process we started (its own session), then reap it."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def worker_pids(self) -> list[int]:
+        return [int(p.read_text()) for p in self.state.glob("*.pid")] if self.state.exists() else []
+
+    def kill_workers(self) -> None:
+        """The workers the operator started (pids it recorded), each its own process group."""
+        for pid in self.worker_pids():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.workdir.glob("operator-*.log")))
+
+    def worker_logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-4000:] for p in sorted(self.state.glob("*.log")))
+
+
+@pytest.fixture
+def operator_factory(kube_env: KubeEnv, operator_release: OperatorRelease, kube_namespace: str,
+                     tmp_path: Path) -> Iterator[Callable[..., Operator]]:
+    """Operators watching only this test's namespace: other tests leave DurableCaches behind (namespaces
+    never finish deleting here), and an operator must not act on those."""
+    made: list[Operator] = []
+
+    def make(**extra_env: str) -> Operator:
+        op = Operator(kube_env, operator_release, tmp_path / f"op{len(made)}", kube_namespace, extra_env)
+        op.workdir.mkdir(parents=True)
+        made.append(op)
+        return op
+
+    yield make
+    for op in made:
+        op.kill(signal.SIGTERM)
+        op.kill_workers()
+
+
+class Cluster:
+    """Admin-side reads and writes, as the user (kubectl) and the test see the cluster."""
+
+    def __init__(self, api: k8s_client.ApiClient, kube_env: KubeEnv, namespace: str):
+        self.custom = k8s_client.CustomObjectsApi(api)
+        self.core = k8s_client.CoreV1Api(api)
+        self.env = kube_env
+        self.ns = namespace
+
+    def apply(self, manifest: dict[str, Any]) -> None:
+        self.env.kubectl("apply", "-n", self.ns, "-f", "-", stdin=yaml.safe_dump(manifest))
+
+    def get(self, name: str) -> dict[str, Any]:
+        return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name)  # type: ignore
+
+    def status(self, name: str) -> dict[str, Any]:
+        return self.get(name).get("status") or {}
+
+    def phase(self, name: str) -> str | None:
+        return self.status(name).get("phase")
+
+    def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name, {"spec": spec})
+
+    def secret(self, name: str) -> dict[str, str]:
+        data = self.core.read_namespaced_secret(name, self.ns).data or {}
+        return {k: base64.b64decode(v).decode() for k, v in data.items()}
+
+    def make_secret(self, name: str, data: dict[str, str]) -> None:
+        self.core.create_namespaced_secret(self.ns, {"metadata": {"name": name}, "stringData": data})
+
+    def events(self, name: str) -> list[tuple[str, str, str]]:
+        items = self.core.list_namespaced_event(self.ns, field_selector=f"involvedObject.name={name}").items
+        ordered = sorted(items, key=lambda e: (e.first_timestamp or e.metadata.creation_timestamp, e.metadata.name))
+        return [(e.type, e.reason, e.message) for e in ordered]
+
+    def condition(self, name: str, type_: str) -> dict[str, Any]:
+        return next((c for c in self.status(name).get("conditions") or [] if c["type"] == type_), {})
+
+
+def durablecache(name: str, source: LocalServer, target: LocalServer, *, mode: str) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "DurableCache", "metadata": {"name": name},
+        "spec": {
+            "source": {"endpoints": [{"host": "127.0.0.1", "port": source.port}]},
+            "target": {"provider": "static", "durability": "sync",
+                       "endpoints": [{"host": "127.0.0.1", "port": target.port}]},
+            "routeIn": {"settlePeriod": "1s"},
+            # A loaded 2-core CI machine: a generous pause bound keeps the cutover from aborting forever.
+            "cutover": {"mode": mode, "maxWritePause": "1s", "rollbackWindow": "2s"},
+            "endpoint": {"secretName": "app-cache"},
+        },
+    }
+
+
+class App:
+    """The application: a write load that follows the endpoint Secret, as a restarted pod would."""
+
+    def __init__(self, cluster: Cluster, source: LocalServer):
+        self.cluster = cluster
+        self.load = Workload("127.0.0.1", source.port, writers=2, rate=150, prefix="app")
+        self.addresses: list[str] = []
+        self.loop = asyncio.new_event_loop()
+        self.thread_error: BaseException | None = None
+        self._stop = asyncio.Event()
+        self._runner: Any = None
+
+    def start(self) -> None:
+        import threading
+
+        def main() -> None:
+            try:
+                self.loop.run_until_complete(self._main())
+            except BaseException as exc:  # noqa: BLE001 - surfaced by stop()
+                self.thread_error = exc
+
+        self._runner = threading.Thread(target=main, daemon=True)
+        self._runner.start()
+
+    async def _main(self) -> None:
+        self.load.start()
+        while not self._stop.is_set():
+            data = await asyncio.to_thread(self.cluster.secret, "app-cache")
+            address = f"{data['host']}:{data['port']}"
+            if not self.addresses or self.addresses[-1] != address:
+                self.addresses.append(address)
+                self.load.point_at(data["host"], int(data["port"]))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), 0.2)
+        await self.load.finish()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self._runner.join(timeout=30)
+        assert not self._runner.is_alive(), "the write load did not stop"
+        if self.thread_error:
+            raise self.thread_error
+
+
+def phase_seen(cluster: Cluster, name: str, phases: set[str]) -> Callable[[], str | None]:
+    def probe() -> str | None:
+        phase = cluster.phase(name)
+        if phase == "Failed":
+            raise AssertionError(f"migration failed: {cluster.status(name).get('conditions')}")
+        return phase if phase in phases else None
+
+    return probe
+
+
+def assert_no_rbac_denials(op: Operator) -> None:
+    """The operator and its workers used only what the chart's ClusterRole grants."""
+    text = op.logs() + op.worker_logs()
+    assert "Forbidden" not in text and '"status": 403' not in text and "(403)" not in text, text[-3000:]
+
+
+def start_app(cluster: Cluster, source: LocalServer) -> App:
+    cluster.make_secret("app-cache", {"host": "127.0.0.1", "port": str(source.port), "tls": "false",
+                                      "url": f"valkey://127.0.0.1:{source.port}"})
+    app = App(cluster, source)
+    app.start()
+    return app
+
+
+def test_static_migration_under_load_survives_an_operator_kill(
+        kube_env: KubeEnv, kube_api: k8s_client.ApiClient, kube_namespace: str,
+        make_server: Callable[..., LocalServer], operator_factory: Callable[..., Operator]) -> None:
+    source, target = make_server(), make_server()
+    with contextlib.closing(source.client()) as c:
+        seed(c, 3000)
+    cluster = Cluster(kube_api, kube_env, kube_namespace)
+    app = start_app(cluster, source)
+    op = operator_factory()
+    try:
+        op.start()
+        cluster.apply(durablecache("sessions", source, target, mode="auto"))
+        wait_for("RouteIn", phase_seen(cluster, "sessions", {"RouteIn", "Copy", "Sync", "Cutover", "RouteOut",
+                                                             "Complete"}), 30)
+        wait_for("the endpoint Secret to point at the proxy",
+                 lambda: cluster.status("sessions").get("endpoints", {}).get("active") in ("proxy", "target"), 30)
+        proxy = cluster.status("sessions")["endpoints"]["proxy"]
+        # The operator dies in the middle of the migration (no graceful shutdown) and comes back.
+        op.kill(signal.SIGKILL)
+        killed_in = cluster.phase("sessions")
+        op.start()
+        wait_for("Complete", phase_seen(cluster, "sessions", {"Complete"}), MIGRATION_TIMEOUT)
+        secret = wait_for("the endpoint Secret to point at the target",
+                          lambda: (s := cluster.secret("app-cache"))["port"] == str(target.port) and s, 20)
+        time.sleep(0.5)  # the load writes to the target directly for a moment
+    finally:
+        app.stop()
+    assert secret == {"host": "127.0.0.1", "port": str(target.port), "tls": "false",
+                      "url": f"valkey://127.0.0.1:{target.port}"}
+    # The applications went source -> proxy -> target, as the Secret said.
+    assert app.addresses == [f"127.0.0.1:{source.port}", proxy, f"127.0.0.1:{target.port}"], app.addresses
+    with contextlib.closing(target.client()) as c:
+        lost = app.load.lost(c)
+        assert c.dbsize() >= 3000
+    assert lost == [], lost[:10]
+    assert app.load.acked > 100
+
+    status = cluster.status("sessions")
+    assert status["progress"]["display"] == "100%"
+    assert status["targetDurability"] == "unknown"  # static: nothing to read back
+    assert status["endpoints"]["active"] == "target"
+    ready, progressing, degraded = (cluster.condition("sessions", t) for t in ("Ready", "Progressing", "Degraded"))
+    assert (ready["status"], ready["reason"]) == ("True", "MigrationComplete")
+    assert (progressing["status"], degraded["status"]) == ("False", "False")
+    assert ready["observedGeneration"] == cluster.get("sessions")["metadata"]["generation"]
+    reasons = [reason for _, reason, _ in cluster.events("sessions")]
+    for phase in ("Preflight", "Provision", "RouteIn", "Copy", "Sync", "Cutover", "RouteOut", "Complete"):
+        assert phase in reasons, (phase, reasons)
+    assert reasons.count("EndpointSwitched") == 2, reasons
+    assert "WorkerRemoved" in reasons
+    # The worker (standing in for the pod) is gone once the migration is complete.
+    wait_for("the worker process to exit", lambda: not op.worker_pids(), 15)
+
+    table = kube_env.kubectl("get", "dcache", "-n", kube_namespace).stdout
+    header, row = table.splitlines()[:2]
+    assert header.split()[:4] == ["NAME", "PHASE", "PROGRESS", "DURABILITY"], header
+    assert row.split()[:4] == ["sessions", "Complete", "100%", "unknown"], row
+    metrics = op.metrics()
+    assert f'durablecache_phase{{name="sessions",namespace="{kube_namespace}",phase="Complete"}} 1.0' in metrics
+    assert "durablecache_last_cutover_pause_milliseconds" in metrics
+    assert_no_rbac_denials(op)
+    print(f"operator killed in phase {killed_in}; cutover pause {status.get('lastCutoverPauseMs')} ms; "
+          f"{app.load.acked} writes acknowledged")
+
+
+def test_manual_cutover_waits_for_approval_and_resumes_after_operator_and_worker_die(
+        kube_env: KubeEnv, kube_api: k8s_client.ApiClient, kube_namespace: str,
+        make_server: Callable[..., LocalServer], operator_factory: Callable[..., Operator]) -> None:
+    source, target = make_server(), make_server()
+    with contextlib.closing(source.client()) as c:
+        seed(c, 2000)
+    cluster = Cluster(kube_api, kube_env, kube_namespace)
+    app = start_app(cluster, source)
+    op = operator_factory()
+    try:
+        op.start()
+        cluster.apply(durablecache("orders", source, target, mode="manual"))
+        wait_for("Sync awaiting approval",
+                 lambda: cluster.condition("orders", "Progressing").get("reason") == "AwaitingApproval", 60)
+        time.sleep(2.0)
+        assert cluster.phase("orders") == "Sync", "a manual cutover must wait for approval"
+        assert cluster.secret("app-cache")["port"] != str(target.port)
+        old_workers = op.worker_pids()
+        assert len(old_workers) == 1
+        # Operator and worker (the pod) die together, as on a node failure.
+        op.kill(signal.SIGKILL)
+        op.kill_workers()
+        op.start()
+        wait_for("a new worker", lambda: (pids := op.worker_pids()) and pids != old_workers, 30)
+        wait_for("the resumed worker to be back in sync",
+                 lambda: "Repaired" in [r for _, r, _ in cluster.events("orders")], 60)
+        wait_for("awaiting approval again",
+                 lambda: cluster.condition("orders", "Progressing").get("reason") == "AwaitingApproval", 60)
+        assert cluster.phase("orders") == "Sync"
+        cluster.patch_spec("orders", {"cutover": {"approved": True}})
+        wait_for("Complete", phase_seen(cluster, "orders", {"Complete"}), MIGRATION_TIMEOUT)
+        wait_for("the endpoint Secret to point at the target",
+                 lambda: cluster.secret("app-cache")["port"] == str(target.port), 20)
+        time.sleep(0.5)
+    finally:
+        app.stop()
+    with contextlib.closing(target.client()) as c:
+        lost = app.load.lost(c)
+    assert lost == [], lost[:10]
+    reasons = [reason for _, reason, _ in cluster.events("orders")]
+    for reason in ("AwaitingApproval", "WorkerRestarted", "RepairRequired", "Repaired", "CutoverApproved",
+                   "Cutover", "Complete"):
+        assert reason in reasons, (reason, reasons)
+    # The resumed worker found the copy finished in the checkpoint: it did not copy everything again.
+    checkpoint = cluster.status("orders")["checkpoint"]["migration"]
+    assert checkpoint["flipped"] is True and checkpoint["phase"] == "Complete"
+    assert_no_rbac_denials(op)
+
+
+def _moto_source(moto: str) -> str:
+    """A non-durable source replication group as ElastiCache would show it."""
+    ec = boto3.client("elasticache", endpoint_url=moto, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    rg_id = f"src-{uuid.uuid4().hex[:8]}"
+    ec.create_cache_subnet_group(CacheSubnetGroupName=f"{rg_id}-subnets", CacheSubnetGroupDescription="test",
+                                 SubnetIds=["subnet-1111", "subnet-2222"])
+    rg = ec.create_replication_group(
+        ReplicationGroupId=rg_id, ReplicationGroupDescription="source", Engine="valkey", EngineVersion="8.0",
+        CacheNodeType="cache.r6g.large", ClusterMode="enabled", NumNodeGroups=1, ReplicasPerNodeGroup=1,
+        TransitEncryptionEnabled=True, AtRestEncryptionEnabled=True, MultiAZEnabled=True,
+        AutomaticFailoverEnabled=True, CacheSubnetGroupName=f"{rg_id}-subnets",
+        SecurityGroupIds=["sg-0aaa1111"])["ReplicationGroup"]
+    for member in rg["MemberClusters"]:
+        ec.create_cache_cluster(CacheClusterId=member, ReplicationGroupId=rg_id, Engine="valkey",
+                                EngineVersion="8.0", CacheNodeType="cache.r6g.large",
+                                CacheSubnetGroupName=f"{rg_id}-subnets", SecurityGroupIds=["sg-0aaa1111"])
+    ec.describe_replication_groups(ReplicationGroupId=rg_id)
+    ec.describe_replication_groups(ReplicationGroupId=rg_id)
+    return rg_id
+
+
+def test_aws_provider_creates_the_target_with_the_requested_durability(
+        kube_env: KubeEnv, kube_api: k8s_client.ApiClient, kube_namespace: str, moto_server: str,
+        operator_factory: Callable[..., Operator]) -> None:
+    source_id = _moto_source(moto_server)
+    target_id = f"dst-{uuid.uuid4().hex[:8]}"
+    cluster = Cluster(kube_api, kube_env, kube_namespace)
+    op = operator_factory(**AWS_TEST_ENV, AWS_ENDPOINT_URL_ELASTICACHE=moto_server)
+    op.start()
+    cluster.apply({
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "DurableCache", "metadata": {"name": "sessions"},
+        "spec": {"source": {"replicationGroupId": source_id},
+                 "target": {"provider": "aws", "replicationGroupId": target_id, "durability": "sync",
+                            "nodeType": "cache.r7g.large", "shards": 1, "replicasPerShard": 1},
+                 "endpoint": {"secretName": "app-cache"}},
+    })
+    wait_for("targetDurability", lambda: cluster.status("sessions").get("targetDurability"), 60)
+    status = cluster.status("sessions")
+    assert status["targetDurability"] == "sync"
+    ec = boto3.client("elasticache", endpoint_url=moto_server, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    rg = ec.describe_replication_groups(ReplicationGroupId=target_id)["ReplicationGroups"][0]
+    assert (rg["Durability"], rg["EffectiveDurability"]) == ("sync", "sync")
+    assert rg["CacheNodeType"] == "cache.r7g.large"
+    reasons = [reason for _, reason, _ in cluster.events("sessions")]
+    assert {"Preflight", "Provision", "TargetCreated", "TargetReady"} <= set(reasons), reasons
+    assert status["checkpoint"]["operator"]["target"]["tls"] is True
+    # Deleting the DurableCache runs the finalizer's cleanup; the target is retained (policy Retain).
+    kube_env.kubectl("delete", "dcache", "sessions", "-n", kube_namespace, "--wait=false")
+    wait_for("the DurableCache to be gone",
+             lambda: kube_env.kubectl("get", "dcache", "sessions", "-n", kube_namespace, check=False).returncode != 0,
+             30)
+    assert ec.describe_replication_groups(ReplicationGroupId=target_id)["ReplicationGroups"]
+    assert_no_rbac_denials(op)
+    json.dumps(status)  # the status is plain JSON (no leaked Python objects)
+
+
+def test_kubernetes_runner_creates_the_owned_worker_deployment_service_and_pdb(
+        kube_env: KubeEnv, kube_api: k8s_client.ApiClient, kube_namespace: str,
+        make_server: Callable[..., LocalServer], operator_factory: Callable[..., Operator]) -> None:
+    """The production runner, under the chart's RBAC (the pods never run here: no kubelet)."""
+    source, target = make_server(), make_server()
+    cluster = Cluster(kube_api, kube_env, kube_namespace)
+    op = operator_factory()
+    op.start(runner="kubernetes")
+    cluster.apply(durablecache("carts", source, target, mode="manual"))
+    apps, core, policy = (k8s_client.AppsV1Api(kube_api), k8s_client.CoreV1Api(kube_api),
+                          k8s_client.PolicyV1Api(kube_api))
+
+    def created() -> Any:
+        try:
+            return (apps.read_namespaced_deployment("carts-worker", kube_namespace),
+                    core.read_namespaced_service("carts-proxy", kube_namespace),
+                    policy.read_namespaced_pod_disruption_budget("carts-worker", kube_namespace))
+        except k8s_client.ApiException:
+            return None
+
+    deployment, service, pdb = wait_for("the worker Deployment, Service and PDB", created, 30)
+    uid = cluster.get("carts")["metadata"]["uid"]
+    for obj in (deployment, service, pdb):
+        (ref,) = obj.metadata.owner_references
+        assert (ref.kind, ref.name, ref.uid, ref.controller) == ("DurableCache", "carts", uid, True)
+    assert deployment.spec.replicas == 1 and deployment.spec.strategy.type == "Recreate"
+    container = deployment.spec.template.spec.containers[0]
+    assert container.args[-4:] == ["--resource", f"{kube_namespace}/carts", "--listen", "0.0.0.0:6379"]
+    assert pdb.spec.max_unavailable == 0
+    # Deleting the DurableCache removes them (the finalizer; no garbage collector runs here).
+    kube_env.kubectl("delete", "dcache", "carts", "-n", kube_namespace, "--wait=false")
+    readers = [lambda: apps.read_namespaced_deployment("carts-worker", kube_namespace),
+               lambda: core.read_namespaced_service("carts-proxy", kube_namespace),
+               lambda: policy.read_namespaced_pod_disruption_budget("carts-worker", kube_namespace),
+               lambda: cluster.get("carts")]
+
+    def gone(read: Callable[[], Any]) -> bool:
+        try:
+            read()
+        except k8s_client.ApiException as exc:
+            return exc.status == 404
+        return False
+
+    wait_for("the worker objects and the DurableCache to be gone", lambda: all(gone(r) for r in readers), 30)
+    assert_no_rbac_denials(op)
