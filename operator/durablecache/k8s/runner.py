@@ -2,7 +2,9 @@
 
 ``KubernetesRunner`` is production: a one-replica Deployment (Recreate, so two syncers never race on
 one key), a Service the applications reach the proxy through, and a PodDisruptionBudget, all owned by
-the DurableCache. ``LocalProcessRunner`` runs the same worker command as a local process: the test
+the DurableCache. With a worker ClusterRole (the chart's ``<release>-worker``) each migration's worker
+also gets its own identity in the DurableCache's namespace: a ServiceAccount and a RoleBinding of that
+ClusterRole, owned by the DurableCache too, so a worker can reach only its own namespace. ``LocalProcessRunner`` runs the same worker command as a local process: the test
 cluster has no kubelet, so it stands in for the pod (a process that survives an operator restart,
 exactly like a pod does).
 """
@@ -51,22 +53,61 @@ def worker_args(obj: dict[str, Any], listen: str) -> list[str]:
             "--listen", listen]
 
 
+def worker_identity_name(obj: dict[str, Any]) -> str:
+    """The worker's ServiceAccount and RoleBinding (both in the DurableCache's namespace)."""
+    return f"{obj['metadata']['name']}-durablecache-worker"
+
+
 class KubernetesRunner:
-    def __init__(self, kube: Kube, image: str, service_account: str | None = None):
+    """``service_account``: run the workers as this existing ServiceAccount (the user made it and its
+    RBAC). ``cluster_role``: give each worker its own ServiceAccount bound to this ClusterRole in the
+    DurableCache's namespace. Neither: the namespace's default ServiceAccount."""
+
+    def __init__(self, kube: Kube, image: str, service_account: str | None = None,
+                 cluster_role: str | None = None):
+        if service_account and cluster_role:
+            raise ValueError("a worker service account and a worker cluster role exclude each other")
         self.kube = kube
         self.image = image
         self.service_account = service_account
+        self.cluster_role = cluster_role
 
-    @staticmethod
-    def names(obj: dict[str, Any]) -> dict[str, str]:
+    def names(self, obj: dict[str, Any]) -> dict[str, str]:
+        """Everything created for a worker, in the order it is removed (the pod before its identity)."""
         name = obj["metadata"]["name"]
-        return {"Deployment": f"{name}-worker", "Service": f"{name}-proxy", "PodDisruptionBudget": f"{name}-worker"}
+        out = {"Deployment": f"{name}-worker", "Service": f"{name}-proxy", "PodDisruptionBudget": f"{name}-worker"}
+        if self.cluster_role:
+            out.update(RoleBinding=worker_identity_name(obj), ServiceAccount=worker_identity_name(obj))
+        return out
+
+    def _meta(self, obj: dict[str, Any]) -> dict[str, Any]:
+        return {"namespace": obj["metadata"]["namespace"], "labels": _labels(obj),
+                "ownerReferences": [owner_reference(obj)]}
+
+    def identity(self, obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """The worker's ServiceAccount and its RoleBinding (empty without a worker ClusterRole)."""
+        if not self.cluster_role:
+            return {}
+        ns, name = obj["metadata"]["namespace"], worker_identity_name(obj)
+        meta = {"name": name, **self._meta(obj)}
+        return {
+            "ServiceAccount": {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
+            # A RoleBinding, not a ClusterRoleBinding: the ClusterRole's rights hold in this namespace only.
+            "RoleBinding": {
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta,
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                            "name": self.cluster_role},
+                "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}],
+            },
+        }
+
+    def pod_service_account(self, obj: dict[str, Any]) -> str | None:
+        return worker_identity_name(obj) if self.cluster_role else self.service_account
 
     def manifests(self, obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        ns = obj["metadata"]["namespace"]
         names = self.names(obj)
         labels = _labels(obj)
-        meta = {"namespace": ns, "labels": labels, "ownerReferences": [owner_reference(obj)]}
+        meta = self._meta(obj)
         pod: dict[str, Any] = {
             "containers": [{
                 "name": "worker", "image": self.image, "command": ["durablecache"],
@@ -82,8 +123,9 @@ class KubernetesRunner:
             # Long enough for a cutover in flight to finish or abort (maxWritePause <= 30s).
             "terminationGracePeriodSeconds": 60,
         }
-        if self.service_account:
-            pod["serviceAccountName"] = self.service_account
+        account = self.pod_service_account(obj)
+        if account:
+            pod["serviceAccountName"] = account
         return {
             "Deployment": {
                 "apiVersion": "apps/v1", "kind": "Deployment",
@@ -107,6 +149,11 @@ class KubernetesRunner:
 
     async def ensure(self, obj: dict[str, Any]) -> str:
         ns = obj["metadata"]["namespace"]
+        # The identity first: a pod naming a ServiceAccount that does not exist yet is refused.
+        for kind, body in self.identity(obj).items():
+            outcome = await asyncio.to_thread(self.kube.apply_identity, kind, ns, body)
+            if outcome != "unchanged":
+                log.info("worker identity " + outcome, kind=kind, name=body["metadata"]["name"], namespace=ns)
         created = False
         for kind, body in self.manifests(obj).items():
             created |= await asyncio.to_thread(self.kube.create_if_missing, kind, ns, body)

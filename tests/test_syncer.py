@@ -1,0 +1,90 @@
+"""The syncer's invariant: one owner per key, a key re-marked during its copy is copied again."""
+
+from __future__ import annotations
+
+import asyncio
+
+from durablecache.keymover import MoverOptions
+from durablecache.movers import MoverPool
+from durablecache.syncer import Syncer
+from durablecache.topology import discover
+
+
+async def make_syncer(source, target, **kwargs) -> Syncer:
+    src, dst = await discover(source.endpoint()), await discover(target.endpoint())
+    # A tiny big-key threshold makes copies chunked and slow enough to catch one in flight.
+    pool = MoverPool(src, dst, size=2, opts=MoverOptions(big_key_bytes=1024, chunk_elements=50))
+    syncer = Syncer(pool, workers=2, **kwargs)
+    syncer.start()
+    return syncer
+
+
+def test_key_marked_while_its_copy_is_in_flight_is_copied_again(source, target):
+    c = source.client()
+    c.hset("h", mapping={f"f{i}": "old" for i in range(20_000)})
+
+    async def scenario() -> None:
+        syncer = await make_syncer(source, target)
+        syncer.mark(0, [b"h"])
+        for _ in range(2000):
+            if (0, b"h") in syncer._in_flight:
+                break
+            await asyncio.sleep(0.001)
+        assert (0, b"h") in syncer._in_flight, "the copy should be in flight"
+        c.hset("h", "f0", "new")  # a write during the copy ...
+        syncer.mark(0, [b"h"])  # ... and its mark
+        assert await syncer.drain(60)
+        assert syncer.stats.batches >= 2
+        await syncer.stop()
+        await syncer.pool.close()
+
+    asyncio.run(scenario())
+    assert target.client().hget("h", "f0") == b"new"
+    assert target.client().hlen("h") == 20_000
+
+
+def test_deleted_key_is_deleted_on_the_other_side(source, target):
+    target.client().set("gone", "stale")
+
+    async def scenario() -> None:
+        syncer = await make_syncer(source, target)
+        syncer.mark(0, [b"gone"])
+        assert await syncer.drain(10)
+        await syncer.stop()
+        await syncer.pool.close()
+
+    asyncio.run(scenario())
+    assert target.client().exists("gone") == 0
+
+
+def test_overflow_demands_a_repair_and_bulk_copy_never_overflows(source, target):
+    c = source.client()
+    for i in range(200):
+        c.set(f"k{i}", i)
+
+    async def scenario() -> None:
+        syncer = await make_syncer(source, target, max_dirty=50)
+        await syncer.stop()  # no workers: marks pile up
+        syncer.mark(0, [f"k{i}".encode() for i in range(60)])
+        assert syncer.repair_reason and "exceeded 50" in syncer.repair_reason
+        assert syncer.stats.overflowed == 10
+        syncer.repair_reason = None
+        syncer._dirty.clear()
+        syncer.start()
+        for i in range(0, 200, 20):  # the bulk path waits for room instead of overflowing
+            await syncer.copy_now(0, [f"k{j}".encode() for j in range(i, i + 20)])
+        assert syncer.repair_reason is None
+        await syncer.stop()
+        await syncer.pool.close()
+
+    asyncio.run(scenario())
+    assert target.client().dbsize() == 200
+
+
+def test_mark_rejects_a_single_key():
+    syncer = Syncer.__new__(Syncer)
+    try:
+        Syncer.mark(syncer, 0, b"key")
+    except TypeError:
+        return
+    raise AssertionError("a bare key must not be iterated byte by byte")
