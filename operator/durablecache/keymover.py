@@ -49,15 +49,6 @@ for i = 2, #ARGV do
   else out[#out + 1] = redis.call('PEXPIRETIME', k); out[#out + 1] = redis.call('DUMP', k) end
 end
 return out"""
-# RESTOREs of one batch in one call; per-key errors come back as values so one bad key does not fail
-# the batch (a retryable rejection is retried by the pipelined path with backoff).
-RESTORE = """#!lua flags=allow-cross-slot-keys
-local out = {}
-for i = 1, #ARGV, 3 do
-  local ok, err = pcall(redis.call, 'RESTORE', ARGV[i], ARGV[i + 1], ARGV[i + 2], 'REPLACE', 'ABSTTL')
-  if ok then out[#out + 1] = 1 else out[#out + 1] = 0 end
-end
-return out"""
 
 
 @dataclasses.dataclass
@@ -171,22 +162,22 @@ class KeyMover:
         return out
 
     async def _restore_all(self, db: int, restores: list[tuple[bytes, int, bytes]]) -> list[bytes]:
+        """The common case in one pipeline per target primary; anything but OK (a moved slot, a
+        transient rejection, an unreadable payload) goes through the careful path in _restore."""
+        groups: dict[int, list[tuple[bytes, int, bytes]]] = {}
+        for r in restores:
+            groups.setdefault(self.dst.topology.primary_for(r[0]), []).append(r)
+
+        async def one(primary: int, group: list[tuple[bytes, int, bytes]]) -> list[bytes]:
+            conn = await self.dst.conn(primary, db)
+            replies = await conn.pipeline([("RESTORE", k, ttl, p, "REPLACE", "ABSTTL") for k, ttl, p in group])
+            return [group[i][0] for i, r in enumerate(replies) if r != b"OK"]
+
+        todo = [k for failed in await asyncio.gather(*(one(p, g) for p, g in groups.items())) for k in failed]
+        if not todo:
+            return []
         by_key = {k: (ttl, p) for k, ttl, p in restores}
-        todo = list(by_key)
-        if self.use_scripts:
-            todo = []
-
-            def call(group: list[bytes]) -> tuple[Any, ...]:
-                args = [x for k in group for x in (k, by_key[k][0], by_key[k][1])]
-                return _script_call(RESTORE, None, args)
-
-            for group, reply in await self.dst.per_primary(db, list(by_key), call):
-                if isinstance(reply, ReplyError):
-                    self._script_failed("target", reply)
-                    todo.extend(group)
-                    continue
-                todo.extend(k for k, r in zip(group, reply) if r != 1)  # retried and explained below
-        return await self._restore(db, todo, by_key) if todo else []
+        return await self._restore(db, todo, by_key)
 
     def _script_failed(self, side: str, reply: ReplyError) -> None:
         text = str(reply)

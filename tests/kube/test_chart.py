@@ -33,11 +33,29 @@ def render(env: KubeEnv, *args: str, namespace: str = "durablecache-system") -> 
 
 
 def by_kind(docs: list[Doc]) -> dict[str, Doc]:
+    """kind -> the one object of that kind; the workers' ClusterRole is "WorkerClusterRole"."""
     kinds: dict[str, Doc] = {}
     for d in docs:
-        assert d["kind"] not in kinds, f"two {d['kind']} objects rendered"
-        kinds[d["kind"]] = d
+        kind = d["kind"]
+        if kind == "ClusterRole" and d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "worker":
+            kind = "WorkerClusterRole"
+        assert kind not in kinds, f"two {kind} objects rendered"
+        kinds[kind] = d
     return kinds
+
+
+def arg_value(args: list[str], flag: str) -> str:
+    (value,) = [a.split("=", 1)[1] for a in args if a.startswith(f"{flag}=")]
+    return value
+
+
+# Exactly the calls `durablecache worker` makes (k8s/kube.py: get, patch_status, secret_value, event).
+WORKER_RULES = [
+    {"apiGroups": ["durablecache.dev"], "resources": ["durablecaches"], "verbs": ["get"]},
+    {"apiGroups": ["durablecache.dev"], "resources": ["durablecaches/status"], "verbs": ["patch"]},
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+]
 
 
 def test_chart_crd_is_the_repository_crd(kube_env: KubeEnv) -> None:
@@ -64,7 +82,7 @@ def test_helm_lint(kube_env: KubeEnv) -> None:
 def test_rendered_defaults(kube_env: KubeEnv) -> None:
     docs = by_kind(render(kube_env))
     assert set(docs) == {"CustomResourceDefinition", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
-                         "Deployment", "ClusterKopfPeering"}
+                         "WorkerClusterRole", "Deployment", "ClusterKopfPeering"}
     deploy = docs["Deployment"]
     spec = deploy["spec"]
     assert spec["replicas"] == 1
@@ -74,9 +92,18 @@ def test_rendered_defaults(kube_env: KubeEnv) -> None:
     assert container["image"] == f"ghcr.io/durablecache/durablecache:{APP_VERSION}"
     assert container["command"] == ["durablecache"]
     args = container["args"]
+    worker_role = docs["WorkerClusterRole"]
     assert args[args.index("operator") + 1:] == [
         "--health-port=8080", "--metrics-port=9090",
-        f"--peering={docs['ClusterKopfPeering']['metadata']['name']}", "--all-namespaces"]
+        f"--peering={docs['ClusterKopfPeering']['metadata']['name']}", "--all-namespaces",
+        # The workers run the chart's image, each as its own ServiceAccount bound to the worker role.
+        f"--worker-image={container['image']}", f"--worker-cluster-role={worker_role['metadata']['name']}"]
+    assert worker_role["metadata"]["name"] == f"{docs['ClusterRole']['metadata']['name']}-worker"
+    assert worker_role["rules"] == WORKER_RULES
+    # The operator may bind that role and no other.
+    (bind,) = [r for r in docs["ClusterRole"]["rules"] if "bind" in r["verbs"]]
+    assert bind == {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles"], "verbs": ["bind"],
+                    "resourceNames": [worker_role["metadata"]["name"]]}
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert {"name": "health", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
@@ -102,6 +129,7 @@ def test_rendered_options(kube_env: KubeEnv) -> None:
         "eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/dc"}
     (container,) = docs["Deployment"]["spec"]["template"]["spec"]["containers"]
     assert container["image"].endswith(":1.2.3")
+    assert arg_value(container["args"], "--worker-image") == container["image"]
     assert "--namespace=shop" in container["args"] and "--namespace=cart" in container["args"]
     assert "--all-namespaces" not in container["args"]
     svc, monitor = docs["Service"], docs["ServiceMonitor"]
@@ -115,6 +143,15 @@ def test_rendered_options(kube_env: KubeEnv) -> None:
     standalone = by_kind(render(kube_env, "--set", "peering.enabled=false"))
     assert "ClusterKopfPeering" not in standalone
     assert "--standalone" in standalone["Deployment"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    # One ServiceAccount named for every worker replaces the per-worker identity (the flags exclude
+    # each other in the operator).
+    named = by_kind(render(kube_env, "--set", "worker.serviceAccountName=dc-worker"))
+    args = named["Deployment"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert arg_value(args, "--worker-service-account") == "dc-worker"
+    assert not [a for a in args if a.startswith("--worker-cluster-role")]
+    # rbac.create=false: neither ClusterRole is rendered (the user makes both).
+    no_rbac = by_kind(render(kube_env, "--set", "rbac.create=false"))
+    assert not {"ClusterRole", "WorkerClusterRole", "ClusterRoleBinding"} & set(no_rbac)
 
 
 @pytest.mark.parametrize(("setting", "expected"), [
@@ -123,6 +160,7 @@ def test_rendered_options(kube_env: KubeEnv) -> None:
     ("metrics.port=70000", "port"),
     ("replicaCount=2", "replicaCount"),
     ("operator.watchNamespaces[0]=Not_A_Namespace", "watchNamespaces"),
+    ("worker.serviceAccountName=Not_A_Name", "serviceAccountName"),
 ])
 def test_values_schema_rejects_bad_values(kube_env: KubeEnv, setting: str, expected: str) -> None:
     result = kube_env.helm("template", "x", str(CHART_DIR), "--set", setting, check=False)
@@ -180,12 +218,14 @@ def test_install_upgrade_uninstall_keeps_the_crd(kube_env: KubeEnv, crd_installe
     rbac = client.RbacAuthorizationV1Api(kube_api)
     role_name = f"{release}-durablecache-operator"
     assert rbac.read_cluster_role(role_name).rules
+    assert rbac.read_cluster_role(f"{role_name}-worker").rules
     kube_env.helm("uninstall", release, "--namespace", namespace, timeout=120)
     # resource-policy keep: the CRD (and so every DurableCache) survives; the rest is gone.
     assert ext.read_custom_resource_definition(crd_installed).status.conditions
-    with pytest.raises(ApiException) as gone:
-        rbac.read_cluster_role(role_name)
-    assert gone.value.status == 404
+    for name in (role_name, f"{role_name}-worker"):
+        with pytest.raises(ApiException) as gone:
+            rbac.read_cluster_role(name)
+        assert gone.value.status == 404
 
 
 # (verb, resource, namespace-or-None) the operator needs; `kubectl auth can-i` must say yes.
@@ -202,6 +242,12 @@ ALLOWED = [
     ("create", "poddisruptionbudgets.policy", "ns"), ("delete", "poddisruptionbudgets.policy", "ns"),
     ("patch", "statefulsets.apps", "ns"), ("patch", "daemonsets.apps", "ns"),
     ("list", "namespaces", None), ("watch", "namespaces", None),
+    # Each worker's own identity (k8s/runner.py).
+    ("get", "serviceaccounts", "ns"), ("create", "serviceaccounts", "ns"), ("patch", "serviceaccounts", "ns"),
+    ("delete", "serviceaccounts", "ns"),
+    ("get", "rolebindings.rbac.authorization.k8s.io", "ns"), ("create", "rolebindings.rbac.authorization.k8s.io", "ns"),
+    ("patch", "rolebindings.rbac.authorization.k8s.io", "ns"),
+    ("delete", "rolebindings.rbac.authorization.k8s.io", "ns"),
     ("list", "customresourcedefinitions.apiextensions.k8s.io", None),
     ("watch", "clusterkopfpeerings.kopf.dev", None), ("patch", "clusterkopfpeerings.kopf.dev", None),
 ]
@@ -215,6 +261,11 @@ DENIED = [
     ("create", "clusterrolebindings.rbac.authorization.k8s.io", None),
     ("update", "customresourcedefinitions.apiextensions.k8s.io", None),
     ("delete", "statefulsets.apps", "ns"), ("create", "serviceaccounts/token", "ns"),
+    ("list", "serviceaccounts", "ns"), ("update", "serviceaccounts", "ns"),
+    ("list", "rolebindings.rbac.authorization.k8s.io", "ns"), ("create", "roles.rbac.authorization.k8s.io", "ns"),
+    # `bind` without a name means any ClusterRole: only the worker's is allowed (checked by name below).
+    ("bind", "clusterroles.rbac.authorization.k8s.io", None),
+    ("escalate", "clusterroles.rbac.authorization.k8s.io", None),
 ]
 
 
@@ -239,6 +290,11 @@ def test_chart_rbac_grants_what_the_operator_needs_and_no_more(
     assert not missing, f"the chart's ClusterRole lacks: {missing}"
     extra = [d for d in DENIED if _can_i(kube_env, kc, *d, real_ns=kube_namespace)]
     assert not extra, f"the chart's ClusterRole allows too much: {extra}"
+    worker_role = f"{operator_release.cluster_role}-worker"
+    for role, allowed in ((worker_role, True), ("cluster-admin", False), (operator_release.cluster_role, False)):
+        out = kube_env.kubectl("auth", "can-i", "bind", f"clusterroles.rbac.authorization.k8s.io/{role}",
+                               kubeconfig=kc, check=False)
+        assert out.stdout.strip() == ("yes" if allowed else "no"), (role, out.stdout, out.stderr)
 
 
 def test_service_account_has_no_rights_until_bound(kube_env: KubeEnv, operator_release: OperatorRelease,
@@ -287,6 +343,23 @@ def test_operator_identity_makes_real_calls(kube_env: KubeEnv, operator_release:
         with pytest.raises(ApiException) as denied:
             core.list_namespaced_secret(kube_namespace)
         assert denied.value.status == 403
+        # A worker's identity: the RoleBinding of the worker ClusterRole is accepted (bind on it) ...
+        rbac = client.RbacAuthorizationV1Api(as_operator)
+        core.create_namespaced_service_account(kube_namespace, {"metadata": {"name": "dc-durablecache-worker"}})
+        subject = [{"kind": "ServiceAccount", "name": "dc-durablecache-worker", "namespace": kube_namespace}]
+
+        def binding(name: str, role: str) -> dict[str, Any]:
+            return {"metadata": {"name": name}, "subjects": subject,
+                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role}}
+
+        worker_role = f"{operator_release.cluster_role}-worker"
+        rbac.create_namespaced_role_binding(kube_namespace, binding("dc-durablecache-worker", worker_role))
+        # ... and RBAC's escalation check refuses binding anything the operator neither may bind nor holds.
+        with pytest.raises(ApiException) as denied:
+            rbac.create_namespaced_role_binding(kube_namespace, binding("escalate", "cluster-admin"))
+        assert denied.value.status == 403
+        rbac.delete_namespaced_role_binding("dc-durablecache-worker", kube_namespace)
+        core.delete_namespaced_service_account("dc-durablecache-worker", kube_namespace)
     finally:
         as_operator.close()
     assert kube_env.kubectl("-n", kube_namespace, "get", "dcache", "dc",

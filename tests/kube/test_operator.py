@@ -33,7 +33,7 @@ from kubernetes import client as k8s_client
 from durablecache.localvalkey import LocalServer
 from durablecache.workload import Workload, seed
 
-from .conftest import AWS_TEST_ENV, KubeEnv, OperatorRelease, free_port
+from .conftest import AWS_TEST_ENV, KubeEnv, OperatorRelease, ServiceAccountKubeconfig, free_port
 
 GROUP, VERSION, PLURAL = "durablecache.dev", "v1alpha1", "durablecaches"
 OPERATOR_START_TIMEOUT = 30.0
@@ -71,13 +71,13 @@ class Operator:
     def log_path(self) -> Path:
         return self.workdir / f"operator-{self.starts}.log"
 
-    def start(self, runner: str = "local") -> None:
+    def start(self, runner: str = "local", extra_args: tuple[str, ...] = ()) -> None:
         self.starts += 1
         self.health_port, self.metrics_port = free_port(), free_port()
         args = [sys.executable, "-m", "durablecache.cli", "--log-json", "--log-level=info", "operator",
                 f"--peering={self.peering}", f"--namespace={self.namespace}", f"--runner={runner}",
                 f"--local-state-dir={self.state}", "--health-host=127.0.0.1", f"--health-port={self.health_port}",
-                "--metrics-host=127.0.0.1", f"--metrics-port={self.metrics_port}", "--interval=0.5"]
+                "--metrics-host=127.0.0.1", f"--metrics-port={self.metrics_port}", "--interval=0.5", *extra_args]
         with self.log_path.open("wb") as out:
             self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self.env,
                                          start_new_session=True)
@@ -439,48 +439,167 @@ def test_aws_provider_creates_the_target_with_the_requested_durability(
     json.dumps(status)  # the status is plain JSON (no leaked Python objects)
 
 
-def test_kubernetes_runner_creates_the_owned_worker_deployment_service_and_pdb(
-        kube_env: KubeEnv, kube_api: k8s_client.ApiClient, kube_namespace: str,
+def chart_worker_args(kube_env: KubeEnv, release: OperatorRelease) -> list[str]:
+    """The --worker-* flags the installed chart gives the operator."""
+    manifest = kube_env.helm("get", "manifest", release.release, "--namespace", release.namespace).stdout
+    (deploy,) = [d for d in yaml.safe_load_all(manifest) if d and d["kind"] == "Deployment"]
+    args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+    return [a for a in args if a.startswith("--worker-")]
+
+
+def _gone(read: Callable[[], Any]) -> bool:
+    try:
+        read()
+    except k8s_client.ApiException as exc:
+        return exc.status == 404
+    return False
+
+
+def _kube_as(kubeconfig: Path) -> Any:
+    """durablecache's own Kube wrapper (the worker's code path) authenticated by ``kubeconfig``."""
+    from kubernetes import config as k8s_config
+
+    from durablecache.k8s.kube import Kube
+
+    return Kube(k8s_config.new_client_from_config(config_file=str(kubeconfig)))
+
+
+def test_kubernetes_runner_creates_the_owned_worker_deployment_service_pdb_and_identity(
+        kube_env: KubeEnv, kube_api: k8s_client.ApiClient, kube_namespace: str, operator_release: OperatorRelease,
         make_server: Callable[..., LocalServer], operator_factory: Callable[..., Operator]) -> None:
-    """The production runner, under the chart's RBAC (the pods never run here: no kubelet)."""
+    """The production runner with the chart's flags, under the chart's RBAC (the pods never run here: no
+    kubelet): the worker Deployment, Service, PDB, and the worker's ServiceAccount and RoleBinding."""
     source, target = make_server(), make_server()
     cluster = Cluster(kube_api, kube_env, kube_namespace)
+    worker_args = chart_worker_args(kube_env, operator_release)
+    flags = dict(a.split("=", 1) for a in worker_args)
+    assert set(flags) == {"--worker-image", "--worker-cluster-role"}, worker_args
     op = operator_factory()
-    op.start(runner="kubernetes")
+    op.start(runner="kubernetes", extra_args=tuple(worker_args))
     cluster.apply(durablecache("carts", source, target, mode="manual"))
-    apps, core, policy = (k8s_client.AppsV1Api(kube_api), k8s_client.CoreV1Api(kube_api),
-                          k8s_client.PolicyV1Api(kube_api))
-
-    def created() -> Any:
-        try:
-            return (apps.read_namespaced_deployment("carts-worker", kube_namespace),
-                    core.read_namespaced_service("carts-proxy", kube_namespace),
-                    policy.read_namespaced_pod_disruption_budget("carts-worker", kube_namespace))
-        except k8s_client.ApiException:
-            return None
-
-    deployment, service, pdb = wait_for("the worker Deployment, Service and PDB", created, 30)
-    uid = cluster.get("carts")["metadata"]["uid"]
-    for obj in (deployment, service, pdb):
-        (ref,) = obj.metadata.owner_references
-        assert (ref.kind, ref.name, ref.uid, ref.controller) == ("DurableCache", "carts", uid, True)
-    assert deployment.spec.replicas == 1 and deployment.spec.strategy.type == "Recreate"
-    container = deployment.spec.template.spec.containers[0]
-    assert container.args[-4:] == ["--resource", f"{kube_namespace}/carts", "--listen", "0.0.0.0:6379"]
-    assert pdb.spec.max_unavailable == 0
-    # Deleting the DurableCache removes them (the finalizer; no garbage collector runs here).
-    kube_env.kubectl("delete", "dcache", "carts", "-n", kube_namespace, "--wait=false")
+    apps, core, policy, rbac = (k8s_client.AppsV1Api(kube_api), k8s_client.CoreV1Api(kube_api),
+                                k8s_client.PolicyV1Api(kube_api), k8s_client.RbacAuthorizationV1Api(kube_api))
+    identity = "carts-durablecache-worker"
     readers = [lambda: apps.read_namespaced_deployment("carts-worker", kube_namespace),
                lambda: core.read_namespaced_service("carts-proxy", kube_namespace),
                lambda: policy.read_namespaced_pod_disruption_budget("carts-worker", kube_namespace),
-               lambda: cluster.get("carts")]
+               lambda: core.read_namespaced_service_account(identity, kube_namespace),
+               lambda: rbac.read_namespaced_role_binding(identity, kube_namespace)]
 
-    def gone(read: Callable[[], Any]) -> bool:
+    def created() -> Any:
         try:
-            read()
-        except k8s_client.ApiException as exc:
-            return exc.status == 404
-        return False
+            return [read() for read in readers]
+        except k8s_client.ApiException:
+            return None
 
-    wait_for("the worker objects and the DurableCache to be gone", lambda: all(gone(r) for r in readers), 30)
+    deployment, service, pdb, account, binding = wait_for("the worker's objects", created, 30)
+    uid = cluster.get("carts")["metadata"]["uid"]
+    for obj in (deployment, service, pdb, account, binding):
+        (ref,) = obj.metadata.owner_references
+        assert (ref.kind, ref.name, ref.uid, ref.controller) == ("DurableCache", "carts", uid, True)
+    assert deployment.spec.replicas == 1 and deployment.spec.strategy.type == "Recreate"
+    pod = deployment.spec.template.spec
+    assert pod.service_account_name == identity
+    container = pod.containers[0]
+    assert container.image == flags["--worker-image"]
+    assert container.args[-4:] == ["--resource", f"{kube_namespace}/carts", "--listen", "0.0.0.0:6379"]
+    assert pdb.spec.max_unavailable == 0
+    assert (binding.role_ref.kind, binding.role_ref.name) == ("ClusterRole", flags["--worker-cluster-role"])
+    assert [(s.kind, s.name, s.namespace) for s in binding.subjects] == [("ServiceAccount", identity, kube_namespace)]
+
+    # A restarted operator finds the identity in place and changes nothing (idempotent).
+    op.kill(signal.SIGTERM)
+    op.start(runner="kubernetes", extra_args=tuple(worker_args))
+    time.sleep(2.0)
+    after = rbac.read_namespaced_role_binding(identity, kube_namespace)
+    assert after.metadata.uid == binding.metadata.uid
+    assert after.metadata.resource_version == binding.metadata.resource_version
+    assert core.read_namespaced_service_account(identity, kube_namespace).metadata.uid == account.metadata.uid
+
+    # Deleting the DurableCache removes them (the finalizer; no garbage collector runs here).
+    kube_env.kubectl("delete", "dcache", "carts", "-n", kube_namespace, "--wait=false")
+    wait_for("the worker objects and the DurableCache to be gone",
+             lambda: all(_gone(r) for r in [*readers, lambda: cluster.get("carts")]), 30)
+    assert_no_rbac_denials(op)
+
+
+def test_worker_identity_can_make_exactly_the_workers_calls(
+        kube_env: KubeEnv, kube_api: k8s_client.ApiClient, kube_namespace: str, operator_release: OperatorRelease,
+        make_server: Callable[..., LocalServer], operator_factory: Callable[..., Operator],
+        sa_kubeconfig: ServiceAccountKubeconfig) -> None:
+    """A token of the ServiceAccount the operator made for the worker (as its pod would get) does the
+    worker's calls on its own DurableCache, Secrets, status and Events, and nothing else."""
+    source, target = make_server(), make_server()
+    cluster = Cluster(kube_api, kube_env, kube_namespace)
+    cluster.make_secret("carts-auth", {"token": "s3cret-token-value"})
+    op = operator_factory()
+    op.start(runner="kubernetes", extra_args=tuple(chart_worker_args(kube_env, operator_release)))
+    cluster.apply(durablecache("carts", source, target, mode="manual"))
+    identity = "carts-durablecache-worker"
+    rbac = k8s_client.RbacAuthorizationV1Api(kube_api)
+    wait_for("the worker's RoleBinding",
+             lambda: not _gone(lambda: rbac.read_namespaced_role_binding(identity, kube_namespace)), 30)
+    # Another namespace with a DurableCache and a Secret of its own: out of this worker's reach.
+    other = f"{kube_namespace}-other"
+    kube_env.kubectl("create", "namespace", other)
+    kube_env.kubectl("apply", "-n", other, "-f", "-",
+                     stdin=yaml.safe_dump(durablecache("carts", source, target, mode="manual")))
+    k8s_client.CoreV1Api(kube_api).create_namespaced_secret(
+        other, {"metadata": {"name": "carts-auth"}, "stringData": {"token": "other"}})
+
+    kc = sa_kubeconfig(kube_namespace, identity)  # a TokenRequest token for the existing ServiceAccount
+    who = kube_env.kubectl("auth", "whoami", "-o", "jsonpath={.status.userInfo.username}", kubeconfig=kc).stdout
+    assert who == f"system:serviceaccount:{kube_namespace}:{identity}"
+
+    def can_i(verb: str, resource: str, namespace: str, sub: str | None = None) -> bool:
+        args = ["auth", "can-i", verb, resource, "-n", namespace, *([f"--subresource={sub}"] if sub else [])]
+        out = kube_env.kubectl(*args, kubeconfig=kc, check=False).stdout.strip()
+        assert out in ("yes", "no"), out
+        return out == "yes"
+
+    dc = "durablecaches.durablecache.dev"
+    allowed = [("get", f"{dc}/carts", None), ("patch", f"{dc}/carts", "status"), ("get", "secrets/carts-auth", None),
+               ("create", "events", None)]
+    denied = [("list", "secrets", None), ("watch", "secrets", None), ("create", "secrets", None),
+              ("patch", "secrets", None), ("delete", "secrets", None), ("list", dc, None), ("watch", dc, None),
+              ("patch", dc, None), ("update", dc, None), ("delete", dc, None), ("create", dc, None),
+              ("update", dc, "status"), ("create", "pods", None), ("create", "deployments.apps", None),
+              ("create", "serviceaccounts/token", None), ("create", "rolebindings.rbac.authorization.k8s.io", None),
+              ("patch", "services", None)]
+    assert [a for a in allowed if not can_i(a[0], a[1], kube_namespace, a[2])] == []
+    assert [d for d in denied if can_i(d[0], d[1], kube_namespace, d[2])] == []
+    # Nothing at all in another namespace.
+    assert [a for a in allowed if can_i(a[0], a[1], other, a[2])] == []
+
+    # The real calls, through the worker's own code (durablecache.k8s.kube.Kube).
+    kube = _kube_as(kc)
+    obj = kube.get(kube_namespace, "carts")
+    assert obj is not None and obj["metadata"]["name"] == "carts"
+    assert kube.secret_value(kube_namespace, "carts-auth", "token") == "s3cret-token-value"
+    kube.patch_status(kube_namespace, "carts", {"dirtyBacklog": 7})
+    assert cluster.status("carts")["dirtyBacklog"] == 7
+    kube.event(obj, "Normal", "IdentityCheck", "posted by the worker's service account", "durablecache-worker")
+    wait_for("the worker's Event", lambda: ("Normal", "IdentityCheck", "posted by the worker's service account")
+             in cluster.events("carts"), 10)
+    core, custom = k8s_client.CoreV1Api(kube.api), k8s_client.CustomObjectsApi(kube.api)
+    refused = {
+        "list secrets": lambda: core.list_namespaced_secret(kube_namespace),
+        "read another namespace's Secret": lambda: core.read_namespaced_secret("carts-auth", other),
+        "read another namespace's DurableCache": lambda: custom.get_namespaced_custom_object(
+            GROUP, VERSION, other, PLURAL, "carts"),
+        "patch another namespace's status": lambda: custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, other, PLURAL, "carts", {"status": {"dirtyBacklog": 1}}),
+        "change the spec": lambda: custom.patch_namespaced_custom_object(
+            GROUP, VERSION, kube_namespace, PLURAL, "carts", {"spec": {"cutover": {"approved": True}}}),
+        "list DurableCaches": lambda: custom.list_namespaced_custom_object(GROUP, VERSION, kube_namespace, PLURAL),
+    }
+    statuses = {}
+    for what, call in refused.items():
+        try:
+            call()
+            statuses[what] = 200
+        except k8s_client.ApiException as exc:
+            statuses[what] = exc.status
+    assert statuses == dict.fromkeys(refused, 403), statuses
+    kube.api.close()
     assert_no_rbac_denials(op)

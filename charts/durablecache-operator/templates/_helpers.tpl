@@ -46,3 +46,8 @@ app.kubernetes.io/part-of: durablecache
 {{- define "durablecache.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
+
+{{/* The worker pods' ClusterRole, bound per migration by the operator (templates/rbac.yaml). */}}
+{{- define "durablecache.workerClusterRole" -}}
+{{- printf "%s-worker" (include "durablecache.fullname" . | trunc 56 | trimSuffix "-") }}
+{{- end }}

@@ -38,9 +38,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run the proxy/syncer worker as a Deployment (default) or as a local process (tests, dev)")
     p.add_argument("--worker-image", default=os.environ.get("DURABLECACHE_WORKER_IMAGE", DEFAULT_IMAGE),
                    help="image of the worker Deployment (default: $DURABLECACHE_WORKER_IMAGE or %(default)s)")
+    p.add_argument("--worker-cluster-role", default=os.environ.get("DURABLECACHE_WORKER_CLUSTER_ROLE"),
+                   metavar="CLUSTERROLE",
+                   help="give each worker its own ServiceAccount (<name>-durablecache-worker) bound to this "
+                        "ClusterRole in the DurableCache's namespace (the chart passes <release>-worker)")
     p.add_argument("--worker-service-account", default=os.environ.get("DURABLECACHE_WORKER_SERVICE_ACCOUNT"),
-                   help="service account of the worker pods (needs get on durablecaches and the spec's Secrets, "
-                        "patch on durablecaches/status, create on events)")
+                   metavar="SA",
+                   help="run every worker as this existing service account instead (it needs get on "
+                        "durablecaches and the spec's Secrets, patch on durablecaches/status, create on events)")
     p.add_argument("--local-state-dir", help="where --runner=local keeps worker pids, ports and logs")
     p.add_argument("--ready-timeout", type=float, default=3600.0, metavar="SECONDS",
                    help="how long Provision waits for a new target to become available (default 1h)")
@@ -78,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
     from ..k8s.metrics import Metrics
     from ..k8s.runner import KubernetesRunner, LocalProcessRunner, WorkloadRunner
 
+    if args.worker_cluster_role and args.worker_service_account:
+        raise UsageError("--worker-cluster-role and --worker-service-account exclude each other: the first "
+                         "makes a ServiceAccount per worker, the second names one for all workers")
     level = _level(args)
     _route_stdlib_logging(level)
     kube = Kube(load_client())
@@ -86,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         state = args.local_state_dir or tempfile.mkdtemp(prefix="durablecache-workers-")
         runner = LocalProcessRunner(state)
     else:
-        runner = KubernetesRunner(kube, args.worker_image, args.worker_service_account)
+        runner = KubernetesRunner(kube, args.worker_image, args.worker_service_account, args.worker_cluster_role)
     metrics = Metrics()
     if args.metrics_port:
         metrics.serve(args.metrics_port, args.metrics_host)
@@ -98,6 +106,10 @@ def run(args: argparse.Namespace) -> int:
     logs.get("durablecache.operator").info(
         "operator starting", peering=args.peering or "standalone", runner=args.runner,
         namespaces=args.namespace or "all", health=liveness, metrics_port=args.metrics_port)
+    if args.runner == "kubernetes" and not (args.worker_cluster_role or args.worker_service_account):
+        logs.get("durablecache.operator").warning(
+            "workers will run as their namespace's default service account, which usually cannot read "
+            "the DurableCache; pass --worker-cluster-role (the chart does) or --worker-service-account")
     run_async(_serve(kopf, ctx, build_registry(ctx), args, liveness))
     return 0
 

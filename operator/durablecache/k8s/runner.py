@@ -4,7 +4,8 @@
 one key), a Service the applications reach the proxy through, and a PodDisruptionBudget, all owned by
 the DurableCache. With a worker ClusterRole (the chart's ``<release>-worker``) each migration's worker
 also gets its own identity in the DurableCache's namespace: a ServiceAccount and a RoleBinding of that
-ClusterRole, owned by the DurableCache too, so a worker can reach only its own namespace. ``LocalProcessRunner`` runs the same worker command as a local process: the test
+ClusterRole, owned by the DurableCache too, so a worker can reach only its own namespace.
+``LocalProcessRunner`` runs the same worker command as a local process: the test
 cluster has no kubelet, so it stands in for the pod (a process that survives an operator restart,
 exactly like a pod does).
 """
