@@ -3,10 +3,18 @@ relay vs twemproxy (nutcracker), all in the same run, with redis-benchmark at P=
 
     .venv/bin/python bench/proxy.py [--requests 200000] [--clients 50] [--json]
 
-The proxy runs in its own process (as in production: ``durablecache proxy``) with its marks going to
-a MarkServer in this process, so the figure includes real mark delivery. The bare relay is the
-floor any asyncio proxy pays: it copies bytes both ways (Protocol callbacks, the same event loop
-style as the proxy) and understands nothing.
+The proxy is measured in the two configurations ``durablecache migrate`` uses:
+
+* ``proxy-local`` — marks delivered in-process (the default of ``migrate``: the proxy runs in the
+  syncer's process and ``on_marks`` is a direct coroutine call into ``Syncer.on_marks``). Here it is a
+  ``durablecache proxy`` process without ``--marks-to``, whose ``on_marks`` is an ``async def`` that
+  records the keys without suspending — the same shape as ``Syncer.on_marks``.
+* ``proxy-remote`` — the proxy in its own process (``migrate --proxy-mode subprocess``), its marks going
+  over TCP to a MarkServer in this process: every write's reply waits for a MARK round trip.
+
+The bare relay is the floor any asyncio proxy pays: it copies bytes both ways (Protocol callbacks,
+the same event loop style as the proxy) and understands nothing. ``--uvloop`` runs the proxies and
+the relay on uvloop (like with like).
 """
 
 from __future__ import annotations
@@ -150,20 +158,25 @@ def main() -> int:
         procs.append(relay)
         wait_port(relay_port, relay)
 
-        proxy_port = free_port()
         env = dict(os.environ, DURABLECACHE_UVLOOP="1" if args.uvloop else "0")
-        proxy = subprocess.Popen([str(DURABLECACHE), "proxy", "--upstream", server.url(),
-                                  "--listen", f"{LOOPBACK}:{proxy_port}",
-                                  "--marks-to", f"{LOOPBACK}:{marks.port}", "--marks-token-file",
-                                  str(Path(tmp, "token"))], env=env, stdout=subprocess.DEVNULL)
-        procs.append(proxy)
-        wait_port(proxy_port, proxy)
+
+        def start_proxy(*extra: str) -> int:
+            port = free_port()
+            proc = subprocess.Popen([str(DURABLECACHE), "proxy", "--upstream", server.url(),
+                                     "--listen", f"{LOOPBACK}:{port}", *extra],
+                                    env=env, stdout=subprocess.DEVNULL)
+            procs.append(proc)
+            wait_port(port, proc)
+            return port
+        local_port = start_proxy()
+        remote_port = start_proxy("--marks-to", f"{LOOPBACK}:{marks.port}",
+                                  "--marks-token-file", str(Path(tmp, "token")))
 
         nut, nut_port = start_twemproxy(server.port, tmp)
         procs.append(nut)
 
-        targets = [("direct", server.port), ("proxy", proxy_port), ("relay", relay_port),
-                   ("twemproxy", nut_port)]
+        targets = [("direct", server.port), ("proxy-local", local_port), ("proxy-remote", remote_port),
+                   ("relay", relay_port), ("twemproxy", nut_port)]
         rows = []
         for pipeline in (1, 16):
             for name, port in targets:
@@ -175,14 +188,17 @@ def main() -> int:
             for test in ("SET", "GET"):
                 def rps(target: str, p: int = pipeline, t: str = test) -> float:
                     return next(r["rps"] for r in rows if r["target"] == target and r["P"] == p and r["test"] == t)
-                ratios[f"P={pipeline} {test}"] = round(rps("proxy") / rps("relay"), 3)
+                for proxy_name in ("proxy-local", "proxy-remote"):
+                    ratios[f"{proxy_name} P={pipeline} {test}"] = round(rps(proxy_name) / rps("relay"), 3)
         if args.json:
             print(json.dumps({"rows": rows, "proxy_vs_relay": ratios, "marked_keys": received["keys"]}))
         else:
-            print(f"{'target':<10} {'P':>3} {'test':<4} {'ops/s':>12} {'p99 ms':>8}")
+            print(f"{'target':<12} {'P':>3} {'test':<4} {'ops/s':>12} {'p99 ms':>8}")
             for r in rows:
-                print(f"{r['target']:<10} {r['P']:>3} {r['test']:<4} {r['rps']:>12,.0f} {r['p99_ms']:>8.3f}")
-            print("proxy / bare relay throughput:", ", ".join(f"{k}: {v:.0%}" for k, v in ratios.items()))
+                print(f"{r['target']:<12} {r['P']:>3} {r['test']:<4} {r['rps']:>12,.0f} {r['p99_ms']:>8.3f}")
+            print("proxy / bare relay throughput:")
+            for k, v in ratios.items():
+                print(f"  {k}: {v:.0%}")
             print(f"marked keys received by the MarkServer: {received['keys']:,}")
         return 0
     finally:

@@ -189,31 +189,9 @@ class KeyMover:
 
     async def _restore(self, db: int, keys: list[bytes], by_key: dict[bytes, tuple[int, bytes]]) -> list[bytes]:
         """RESTORE with retry on transient rejections; returns keys whose payload the target cannot read."""
-        fallback: list[bytes] = []
-        todo = keys
-        delay = 0.05
-        deadline = time.monotonic() + RETRY_LIMIT_SECONDS
-        while todo:
-            replies = await self.dst.per_key(
-                db, todo, lambda k: [("RESTORE", k, by_key[k][0], by_key[k][1], "REPLACE", "ABSTTL")], 1)
-            retry = []
-            for key, (reply,) in zip(todo, replies):
-                if not isinstance(reply, ReplyError):
-                    continue
-                text = str(reply)
-                if "payload version" in text or "checksum" in text:
-                    fallback.append(key)
-                elif text.startswith(RETRYABLE_PREFIXES):
-                    retry.append(key)
-                else:
-                    raise ServerError(f"target: RESTORE failed: {text}")
-            todo = retry
-            if todo:
-                if time.monotonic() > deadline:
-                    raise ServerError(f"target kept rejecting writes for {RETRY_LIMIT_SECONDS:.0f}s: {text}")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        return fallback
+        unreadable: list[bytes] = []
+        await self._write_retrying(db, keys, lambda k: [("RESTORE", k, *by_key[k], "REPLACE", "ABSTTL")], unreadable)
+        return unreadable
 
     async def _throttle_target(self, restores: list[tuple[bytes, int, bytes]]) -> None:
         if not self.target_bytes:
@@ -230,7 +208,11 @@ class KeyMover:
     async def _delete(self, db: int, keys: list[bytes]) -> None:
         await self._write_retrying(db, keys, lambda k: [("DEL", k)])
 
-    async def _write_retrying(self, db: int, keys: Sequence[bytes], build: Any) -> None:
+    async def _write_retrying(self, db: int, keys: Sequence[bytes], build: Any,
+                              unreadable: list[bytes] | None = None) -> None:
+        """Write to the target; transient rejections (e.g. an async-durable target over its durability
+        lag) are retried with exponential backoff, never dropped. With `unreadable`, keys whose DUMP
+        payload the target cannot read are collected there instead of failing."""
         delay = 0.05
         deadline = time.monotonic() + RETRY_LIMIT_SECONDS
         todo = list(keys)
@@ -238,12 +220,15 @@ class KeyMover:
             replies = await self.dst.per_key(db, todo, build, len(build(todo[0])))
             retry = []
             for key, rs in zip(todo, replies):
-                for r in rs:
-                    if isinstance(r, ReplyError):
-                        if not str(r).startswith(RETRYABLE_PREFIXES):
-                            raise ServerError(f"target: write failed: {r}")
-                        retry.append(key)
-                        break
+                error = next((str(r) for r in rs if isinstance(r, ReplyError)), None)
+                if error is None:
+                    continue
+                if unreadable is not None and ("payload version" in error or "checksum" in error):
+                    unreadable.append(key)
+                elif error.startswith(RETRYABLE_PREFIXES):
+                    retry.append(key)
+                else:
+                    raise ServerError(f"target: {build(key)[0][0]} failed: {error}")
             todo = retry
             if todo:
                 if time.monotonic() > deadline:

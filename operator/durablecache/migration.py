@@ -24,6 +24,7 @@ from .errors import DurableCacheError
 from .gate import wait_for_gate
 from .keymover import DEFAULT_BIG_KEY_BYTES, MoverOptions
 from .movers import DEFAULT_TARGET_BYTES_PER_PRIMARY, MoverPool
+from .progress import JsonProgress
 from .syncer import Syncer
 from .topology import Topology, discover
 from .urls import Endpoint
@@ -379,24 +380,13 @@ class _SubStore:
         self.m.save()
 
 
-class _EmitProgress:
-    def __init__(self, migration: Migration, interval: float = 1.0):
+class _EmitProgress(JsonProgress):
+    """Copy progress as migration events; the total also goes into the state for status()."""
+
+    def __init__(self, migration: Migration):
+        super().__init__(sink=migration.emit)
         self.m = migration
-        self.interval = interval
-        self.keys = self.bytes = self.total = 0
-        self._last = 0.0
 
     def start(self, total_keys: int) -> None:
-        self.total = total_keys
+        super().start(total_keys)
         self.m.state["keysTotal"] = total_keys
-
-    def advance(self, keys: int, nbytes: int) -> None:
-        self.keys += keys
-        self.bytes += nbytes
-        now = time.monotonic()
-        if now - self._last >= self.interval:
-            self._last = now
-            self.m.emit({"event": "progress", "keys": self.keys, "total": self.total})
-
-    def finish(self) -> None:
-        self.m.emit({"event": "progress", "keys": self.keys, "total": self.total})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, Protocol, TextIO
 
 
@@ -28,10 +29,13 @@ class NoProgress:
 
 
 class JsonProgress:
-    """One ``{"event":"progress",...}`` line at most every ``interval`` seconds."""
+    """One ``{"event":"progress",...}`` object at most every ``interval`` seconds, as a JSON line on
+    ``out`` or handed to ``sink``."""
 
-    def __init__(self, out: TextIO = sys.stdout, interval: float = 1.0):
+    def __init__(self, out: TextIO = sys.stdout, interval: float = 1.0,
+                 sink: Callable[[dict[str, Any]], None] | None = None):
         self.out = out
+        self.sink = sink or (lambda fields: emit_json(self.out, **fields))
         self.interval = interval
         self.total = self.keys = self.bytes = 0
         self._t0 = self._last = 0.0
@@ -52,11 +56,11 @@ class JsonProgress:
         elapsed = max(now - self._t0, 1e-9)
         rate = self.keys / elapsed
         eta = (self.total - self.keys) / rate if rate and self.total > self.keys else 0.0
-        emit_json(self.out, event="progress", keys=self.keys, total=self.total, bytes=self.bytes,
-                  keys_per_s=round(rate, 1), eta_s=round(eta, 1))
+        self.sink({"event": "progress", "keys": self.keys, "total": self.total, "bytes": self.bytes,
+                   "keys_per_s": round(rate, 1), "eta_s": round(eta, 1)})
 
     def finish(self) -> None:
-        pass
+        self.emit(time.monotonic())
 
 
 class BarProgress:

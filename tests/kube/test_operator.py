@@ -515,6 +515,11 @@ def test_kubernetes_runner_creates_the_owned_worker_deployment_service_pdb_and_i
     assert after.metadata.uid == binding.metadata.uid
     assert after.metadata.resource_version == binding.metadata.resource_version
     assert core.read_namespaced_service_account(identity, kube_namespace).metadata.uid == account.metadata.uid
+    # A binding changed behind its back (here: to another subject) is put back.
+    rbac.patch_namespaced_role_binding(identity, kube_namespace, {"subjects": [
+        {"kind": "ServiceAccount", "name": "default", "namespace": kube_namespace}]})
+    wait_for("the RoleBinding's subject to be restored", lambda: [
+        s.name for s in rbac.read_namespaced_role_binding(identity, kube_namespace).subjects] == [identity], 15)
 
     # Deleting the DurableCache removes them (the finalizer; no garbage collector runs here).
     kube_env.kubectl("delete", "dcache", "carts", "-n", kube_namespace, "--wait=false")
@@ -603,3 +608,36 @@ def test_worker_identity_can_make_exactly_the_workers_calls(
     assert statuses == dict.fromkeys(refused, 403), statuses
     kube.api.close()
     assert_no_rbac_denials(op)
+
+
+def test_aws_example_passes_the_providers_preflight(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/examples/sessions-aws.yaml, checked by the aws provider against a source that requires AUTH
+    (as the example's source does): no violation. Without its target.authSecretRef it is refused."""
+    from durablecache.k8s.spec import target_spec
+    from durablecache.providers.aws import AwsProvider
+    from durablecache.providers.rules import MISSING_AUTH
+
+    for key, value in AWS_TEST_ENV.items():
+        monkeypatch.setenv(key, value)
+    example = yaml.safe_load((Path(__file__).parents[2] / "docs" / "examples" / "sessions-aws.yaml").read_text())
+    ec = boto3.client("elasticache", endpoint_url=moto_server, region_name="us-east-1")
+    source_id = f"sessions-prod-{uuid.uuid4().hex[:6]}"
+    ec.create_cache_subnet_group(CacheSubnetGroupName=f"{source_id}-subnets", CacheSubnetGroupDescription="test",
+                                 SubnetIds=["subnet-1111", "subnet-2222"])
+    ec.create_replication_group(
+        ReplicationGroupId=source_id, ReplicationGroupDescription="source", Engine="valkey", EngineVersion="8.0",
+        CacheNodeType="cache.r6g.large", ClusterMode="enabled", NumNodeGroups=2, ReplicasPerNodeGroup=1,
+        TransitEncryptionEnabled=True, AtRestEncryptionEnabled=True, MultiAZEnabled=True,
+        AutomaticFailoverEnabled=True, CacheSubnetGroupName=f"{source_id}-subnets",
+        AuthToken="source-token-0123456789")
+    example["spec"]["source"]["replicationGroupId"] = source_id
+    example["metadata"]["uid"] = "0"
+    provider = AwsProvider(source_id, endpoint_url=moto_server, region="us-east-1")
+    assert provider.describe_source().auth_token_enabled, "the source must require AUTH for this check to mean anything"
+    # The operator reads the token from target.authSecretRef's Secret; any valid token stands in here.
+    assert example["spec"]["target"]["authSecretRef"]["name"]
+    result = provider.preflight(target_spec(example, "target-token-0123456789"))
+    assert result.ok, result.message()
+    refused = provider.preflight(target_spec(example, None))
+    assert [v.field for v in refused.violations] == ["target.authSecretRef"]
+    assert MISSING_AUTH in refused.message()
