@@ -326,13 +326,13 @@ def test_docs_name_only_real_subcommands_and_flags() -> None:
 def test_cli_checker_catches_made_up_commands_and_flags(tmp_path: Path) -> None:
     """Not vacuous: a subcommand that does not exist and a flag of the wrong subcommand are reported."""
     fake = tmp_path / "fake.md"
-    fake.write_text("# A\n\nRun `durablecache control approve`.\n\n"
+    fake.write_text("# A\n\nRun `durablecache teleport now`.\n\n"
                     "```\ndurablecache migrate --source A \\\n  --allow-nonempty\n```\n\n"
                     "## B\n\nWith `durablecache copy`, pass `--allow-nonempty`. Then `--no-such-flag`.\n\n"
                     "Not a command: helm install durablecache charts/durablecache-operator\n")
     found = [(m.command, m.flags, m.invocation) for m in mentions(fake)]
-    assert found == [("control", [], True), ("migrate", ["--source", "--allow-nonempty"], True),
+    assert found == [("teleport", [], True), ("migrate", ["--source", "--allow-nonempty"], True),
                      ("copy", [], True), ("copy", ["--allow-nonempty"], False), ("copy", ["--no-such-flag"], False)]
     commands, _ = cli()
-    assert "control" not in commands
+    assert "teleport" not in commands
     assert "--allow-nonempty" not in commands["migrate"] and "--allow-nonempty" in commands["copy"]
