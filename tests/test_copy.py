@@ -156,3 +156,20 @@ def test_acl_user_and_tls_source_with_older_server(make_server, tls_server):
     assert res.returncode == 0, res.stderr
     assert summary(res.stdout)["big"] > 0  # the fallback really ran
     assert_equal(acl_url, tls_server.url())
+
+
+def test_writes_rejected_for_a_while_are_retried_not_dropped(source, make_server):
+    """A durable target may reject writes for a while (async durability lag over 10 s). A real server
+    refusing writes the same way (NOREPLICAS: min-replicas-to-write unmet) must only slow the copy."""
+    target = make_server(extra=["--min-replicas-to-write", "1"])
+    populate(source.client(), n=50)
+    proc = subprocess.Popen([*CLI, "copy", "--source", source.url(), "--target", target.url(), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    assert proc.poll() is None, "the copy must wait while the target refuses writes"
+    assert target.client().dbsize() == 0
+    target.client().config_set("min-replicas-to-write", 0)  # the target accepts writes again
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert summary(out)["keys"] == source.client().dbsize()
+    assert_equal(source.url(), target.url())

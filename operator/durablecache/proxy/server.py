@@ -9,7 +9,7 @@ import itertools
 import secrets
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any
 
 from valkey.crc import key_slot
@@ -26,6 +26,7 @@ MarkCallback = Callable[[int, list[bytes]], Awaitable[None]]
 log = logs.get("durablecache.proxy")
 
 UNBLOCK_EVERY = 0.1      # re-send CLIENT UNBLOCK while a blocking write is still in flight
+EAGER_RETRY = 1000       # after on_marks suspended, queue this many submissions before trying "now" again
 FLIP_QUIESCE = 10.0      # bound on waiting for in-flight reads before moving a session
 
 
@@ -53,6 +54,32 @@ class Router:
         if not topo.cluster:
             return cls(False, [topo.seed], [])
         return cls(True, list(topo.primaries), list(topo.slot_owner))
+
+
+class _Resume:
+    """Awaitable that finishes a coroutine already advanced by hand to its first suspension: the
+    future it yielded is passed on to the awaiting task, and what the task sends or throws back is
+    passed into the coroutine, exactly as if the task had started it."""
+
+    def __init__(self, coro: Coroutine[Any, Any, bool], first: Any):
+        self.coro = coro
+        self.first = first
+
+    def __await__(self) -> Generator[Any, Any, bool]:
+        coro, value = self.coro, self.first
+        while True:
+            try:
+                sent = yield value
+            except BaseException as exc:  # noqa: BLE001 — cancellation and the like go into the coroutine
+                try:
+                    value = coro.throw(exc)
+                except StopIteration as stop:
+                    return bool(stop.value)
+            else:
+                try:
+                    value = coro.send(sent)
+                except StopIteration as stop:
+                    return bool(stop.value)
 
 
 class Proxy:
@@ -84,6 +111,7 @@ class Proxy:
         self._refresh: asyncio.Task[None] | None = None
         self._mark_queue: list[tuple[Session, dict[int, list[bytes]], int, list[bytes]]] = []
         self._delivering = False
+        self._eager_skip = 0
         self._rounds: set[asyncio.Task[None]] = set()
         self.fastmap: dict[bytes, Any] = {}
         self._started = 0.0
@@ -153,9 +181,27 @@ class Proxy:
 
     def submit_marks(self, session: Session, batch: dict[int, list[bytes]], writes: int,
                      out: list[bytes]) -> None:
-        """Queue a session's marks. Everything queued in one loop iteration is delivered as one round
-        (one ``on_marks`` call per db); rounds do not wait for each other, so a slow syncer ack does
-        not serialise the sessions."""
+        """Deliver a session's marks, then let it write the replies (``session.marks_done``).
+
+        First try now: ``deliver`` is driven by hand, and when ``on_marks`` completes without
+        suspending (the in-process ``Syncer.on_marks``), the replies go out in this very callback — no
+        task, no extra loop iteration. If it suspends (a remote syncer's ack), the started delivery is
+        finished in a task, and the next ``EAGER_RETRY`` submissions are queued instead: everything
+        queued in one loop iteration is delivered as one round (one ``on_marks`` call per db); rounds
+        do not wait for each other, so a slow syncer ack does not serialise the sessions."""
+        if not self._eager_skip:
+            coro = self.deliver(batch, writes)
+            try:
+                first = coro.send(None)
+            except StopIteration as stop:
+                session.marks_done(stop.value, writes, out)
+                return
+            self._eager_skip = EAGER_RETRY
+            task = asyncio.get_running_loop().create_task(self._finish_eager(coro, first, session, writes, out))
+            self._rounds.add(task)
+            task.add_done_callback(self._rounds.discard)
+            return
+        self._eager_skip -= 1
         self._mark_queue.append((session, batch, writes, out))
         if not self._delivering:
             self._delivering = True
@@ -168,6 +214,11 @@ class Proxy:
             task = asyncio.get_running_loop().create_task(self._deliver_round(queue))
             self._rounds.add(task)
             task.add_done_callback(self._rounds.discard)
+
+    async def _finish_eager(self, coro: Coroutine[Any, Any, bool], first: Any, session: Session, writes: int,
+                            out: list[bytes]) -> None:
+        ok = await _Resume(coro, first)
+        session.marks_done(ok, writes, out)
 
     async def _deliver_round(self, queue: list[tuple[Session, dict[int, list[bytes]], int, list[bytes]]]) -> None:
         if len(queue) == 1:
