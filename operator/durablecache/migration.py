@@ -150,6 +150,8 @@ class Migration:
         saved = self.store.load()
         if saved and saved.get("version") == STATE_VERSION:
             self.state = saved
+        if self.phase == Phase.FAILED:
+            raise DurableCacheError(f"this migration failed earlier and stays failed: {self.state.get('message')}")
         if self.phase in FINAL:
             return self.phase
         try:
