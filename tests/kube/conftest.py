@@ -443,7 +443,10 @@ def operator_release(kube_env: KubeEnv, crd_installed: str,
     kube_env.helm("install", release, str(CHART_DIR), "--namespace", namespace, "--create-namespace",
                   "--set", "crds.enabled=false", timeout=120)
     manifest = kube_env.helm("get", "manifest", release, "--namespace", namespace).stdout
-    names = {d["kind"]: d["metadata"]["name"] for d in yaml.safe_load_all(manifest) if d}
+    docs = [d for d in yaml.safe_load_all(manifest) if d]
+    # The worker's ClusterRole is the chart's second one; the operator's is the one without that label.
+    names = {d["kind"]: d["metadata"]["name"] for d in docs
+             if d.get("metadata", {}).get("labels", {}).get("app.kubernetes.io/component") != "worker"}
     # The ServiceAccount exists (created by the chart); this only mints a token for it.
     path = sa_kubeconfig(namespace, names["ServiceAccount"])
     return OperatorRelease(release=release, namespace=namespace, service_account=names["ServiceAccount"],

@@ -48,7 +48,7 @@ class Entry:
     """One expected reply. ``reply`` is set when complete; ``fn`` computes a local reply instead."""
 
     __slots__ = ("reply", "marks", "cb", "fn", "args", "conn", "blocking", "remaining", "parts",
-                 "redirects", "internal")
+                 "redirects", "internal", "count", "writes")
 
     def __init__(self, marks: Marks | None = None, cb: Callable[[Entry], None] | None = None):
         self.reply: bytes | None = None
@@ -62,6 +62,8 @@ class Entry:
         self.parts: list[bytes] | None = None
         self.redirects = 0
         self.internal = False     # the proxy's own command: the reply never reaches the client
+        self.count = 0            # a run (fast path): replies still expected for its commands
+        self.writes = 1           # writes whose marks these are (a run: how many of its commands)
 
 
 READ = Entry()       # a plain reply (standalone): forwarded as it is, nothing to do when it arrives
@@ -196,7 +198,7 @@ class Upstream(asyncio.Protocol):
         pending = sess.pending
         out = sess.out
         n = len(data)
-        pos = span = 0
+        pos = span = run = 0      # run: where the replies of the run at the head began in ``data``
         end = -1
         find = data.find
         while pos < n:
@@ -231,7 +233,32 @@ class Upstream(asyncio.Protocol):
                         span = end
                     pos = end
                     continue
-            e = pending.popleft()
+            e = pending[0]
+            if e.count:
+                # A run of plain commands (fast path): its marks go with its last reply. Until then
+                # its replies so far are held (below): a write's reply never leaves unmarked.
+                e.count -= 1
+                pos = end
+                if e.count:
+                    continue
+                pending.popleft()
+                if e.parts is not None:
+                    out.append(data[span:run])
+                    out.append(b"".join(e.parts))
+                    span = run
+                    e.parts = None
+                if e.marks is not None:
+                    sess.add_marks(e)
+                run = pos
+                if pending:
+                    head = pending[0]
+                    if head.conn is None and head is not READ:
+                        out.append(data[span:pos])
+                        span = pos
+                        sess.collect()
+                continue
+            pending.popleft()
+            run = end
             if e is not READ:
                 if e.internal:
                     out.append(data[span:pos])
@@ -252,8 +279,16 @@ class Upstream(asyncio.Protocol):
                     out.append(data[span:pos])
                     span = pos
                     sess.collect()
-        if span < pos:
-            out.append(data[span:pos])
+        if pending and pending[0].count and pending[0].marks is not None and run < pos:
+            held = pending[0]             # a run of writes answered in part: hold its replies
+            if held.parts is None:
+                held.parts = []
+            held.parts.append(data[run:pos])
+            pos_out = run
+        else:
+            pos_out = pos
+        if span < pos_out:
+            out.append(data[span:pos_out])
         return pos, end
 
     def _frames_cluster(self, data: bytes) -> tuple[int, int]:
@@ -446,6 +481,8 @@ class Session(asyncio.Protocol):
         fastmap = proxy.fastmap
         done: list[list[bytes]] = []
         writes = 0
+        run: Entry | None = None          # consecutive plain commands share one entry
+        keys: list[bytes] = []
         while True:
             try:
                 args = reader.gets()
@@ -460,24 +497,52 @@ class Session(asyncio.Protocol):
             code = fastmap.get(args[0])
             if code is None:
                 code = proxy.classify(args[0])
-            if code is FAST_READ:
-                pending.append(READ)
+            if code is FAST_READ or type(code) is int:
+                if run is None:
+                    run = Entry()
+                    run.conn = conn
+                    run.writes = 0
+                    pending.append(run)
+                run.count += 1
+                if code is not FAST_READ:      # a write with its one key at a fixed position
+                    if code < len(args):
+                        keys.append(args[code])
+                    run.writes += 1
+                    writes += 1
             elif code is FAST_NO:
                 conn.obuf.extend([pack_command(tuple(a)) for a in done])
                 self.dirty.add(conn)
                 self.inflight += writes
                 proxy.commands += len(done)
                 proxy.writes += writes
+                if run is not None and run.writes:
+                    run.marks = [(None, keys)]
                 self.handle(tuple(args))
                 self._general()
                 return
-            else:
+            elif code.blocking:
+                if run is not None and run.writes:
+                    run.marks = [(None, keys)]
+                    keys = []
+                run = None
                 e = Entry([(None, code.write_keys(args))])
                 e.conn = conn
-                e.blocking = code.blocking
+                e.blocking = True
                 pending.append(e)
                 writes += 1
+            else:
+                if run is None:
+                    run = Entry()
+                    run.conn = conn
+                    run.writes = 0
+                    pending.append(run)
+                run.count += 1
+                run.writes += 1
+                keys.extend(code.write_keys(args))
+                writes += 1
             done.append(args)
+        if run is not None and run.writes:
+            run.marks = [(None, keys)]
         if done:
             if self.boundary and not reader.has_data():
                 conn.obuf.append(data)
@@ -756,7 +821,7 @@ class Session(asyncio.Protocol):
                     batch[db] = list(keys)
                 else:
                     lst.extend(keys)
-        self.batch_writes += 1
+        self.batch_writes += e.writes
 
     def collect(self) -> None:
         """Move completed replies at the head of the queue to ``out``; gather their marks."""
@@ -826,7 +891,7 @@ class Session(asyncio.Protocol):
                 for sel, keys in e.marks:
                     if keys:
                         self.batch.setdefault(self.db if sel is None else sel, []).extend(keys)
-                self.batch_writes += 1
+                self.batch_writes += e.writes
                 e.marks = None
         self.pending.clear()
         for c in self.conns.values():
