@@ -90,6 +90,7 @@ class MigrationOptions:
     max_source_ops: float | None = None
     max_target_bytes: float | None = DEFAULT_TARGET_BYTES_PER_PRIMARY
     sync_workers: int = 4
+    verify_in_sync: bool = True  # a full verify-and-repair pass when Sync begins
     max_dirty: int = 2_000_000
 
 
@@ -246,6 +247,10 @@ class Migration:
 
     async def _sync_until_cutover(self) -> None:
         assert self.syncer
+        if self.opts.verify_in_sync:
+            # DESIGN step 5: compare both sides once the copy is done; it also catches what key tracking
+            # cannot see (scripts writing undeclared keys) up to this point.
+            self.syncer.require_repair("verify pass after the copy")
         attempts = 0
         for _ in range(1 << 30):  # bounded by cutover_attempts and by stop/rollback requests
             if self.syncer.repair_reason:

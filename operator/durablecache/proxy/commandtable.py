@@ -35,7 +35,7 @@ def _pairs(flat: Any) -> dict[str, Any]:
 
 class CommandSpec:
     __slots__ = ("name", "flags", "hold", "blocking", "write_keys", "route_keys", "needs_getkeys",
-                 "subcommands", "pubsub", "keys_all_written")
+                 "subcommands", "pubsub", "keys_all_written", "key_index")
 
     def __init__(self, name: bytes, flags: frozenset[str]):
         self.name = name
@@ -48,6 +48,7 @@ class CommandSpec:
         self.subcommands: dict[bytes, CommandSpec] = {}
         self.pubsub = name in SUBSCRIBE_FAMILY
         self.keys_all_written = False         # flagged write, no key spec says which key: all of them
+        self.key_index = -1                   # >0: the one write key is always args[key_index] (SET, INCR…)
 
 
 def _no_keys(_args: Args) -> list[bytes]:
@@ -83,6 +84,7 @@ def _compile_spec(spec: dict[str, Any]) -> KeyFn | None:
         if bs_type == "index" and lastkey == 0:   # the common case: one key at a fixed position
             def one(args: Args) -> list[bytes]:
                 return [args[index]] if index < len(args) else []
+            one.key_index = index  # type: ignore[attr-defined]  # lets the proxy skip the call
             return one
 
         def range_keys(args: Args) -> list[bytes]:
@@ -174,6 +176,7 @@ def _build(entry: Sequence[Any], has_key_specs: bool) -> CommandSpec:
     spec.hold = "write" in flags or any_write_spec
     spec.keys_all_written = "write" in flags and not any_write_spec
     spec.write_keys = _concat(write_fns)
+    spec.key_index = getattr(spec.write_keys, "key_index", -1)
     spec.route_keys = _concat(all_fns)
     spec.needs_getkeys = unresolved_write
     if len(entry) > 9:

@@ -236,8 +236,9 @@ class Proxy:
             session.marks_done(ok, writes, out)
 
     def classify(self, name: bytes) -> Any:
-        """Fast-path class of a command name as the client spelled it: FAST_READ, a CommandSpec for a
-        plain write, or None (the general path: special handling, subcommands, unknown)."""
+        """Fast-path class of a command name as the client spelled it: FAST_READ, FAST_NO (the general
+        path: special handling, subcommands, unknown), an int for a plain write whose one key is
+        always at that index (SET, INCR …), or the CommandSpec of another plain write."""
         code = self.fastmap.get(name)
         if code is None and len(self.fastmap) < 4096:
             spec = self.table.specs.get(name.lower())
@@ -248,6 +249,8 @@ class Proxy:
                 code = FAST_READ
             elif spec.needs_getkeys:
                 code = FAST_NO
+            elif spec.key_index > 0 and not spec.blocking:
+                code = spec.key_index
             else:
                 code = spec
             self.fastmap[name] = code
