@@ -32,6 +32,7 @@ log = logs.get("durablecache.proxy")
 pack_command = libvalkey.pack_command
 
 STAR = 0x2A
+DOLLAR = 0x24
 CLIENT_GONE_GRACE = 2.0        # how long replies to in-flight writes are awaited after a client left
 UNSAFE = frozenset({b"flushall", b"flushdb", b"swapdb", b"move"})
 MESSAGE_KINDS = frozenset({b"message", b"pmessage", b"smessage"})
@@ -454,7 +455,9 @@ class Session(asyncio.Protocol):
         proxy = self.proxy
         proxy.bytes_in += len(data)
         reader = self.reader
-        if data[0] != STAR and not reader.has_data():
+        # Inline commands start a line of their own. A chunk that starts with '$' continues a command
+        # whose array header came in the previous chunk (the reader then holds no unread bytes).
+        if data[0] != STAR and data[0] != DOLLAR and not reader.has_data():
             data = self._inline(data)
             if not data:
                 self._push_all()
@@ -462,16 +465,20 @@ class Session(asyncio.Protocol):
         reader.feed(data)
         if (not self.router.cluster and not proxy.frozen and not self.held and not self.paused
                 and not self.in_multi and self.authed and self.multi_abort is None):
-            self._fast(data)
+            self.boundary = self._fast(data)
         else:
-            self._general()
-        self.boundary = not reader.has_data()
+            self.boundary = self._ends_with(data, self._general())
         self._push_all()
 
-    def _fast(self, data: bytes) -> None:
+    def _ends_with(self, data: bytes, last: list[bytes] | None) -> bool:
+        """Does the chunk end at a command boundary? Only if it ends with its last complete command:
+        after a partial command's array header the reader holds no unread bytes either."""
+        return last is not None and not self.reader.has_data() and data.endswith(pack_command(tuple(last)))
+
+    def _fast(self, data: bytes) -> bool:
         """The hot path (standalone, nothing special going on): plain reads cost a sentinel in the
         queue, plain writes an entry with their keys; the chunk is forwarded as it came when it holds
-        only such commands and starts and ends on a command boundary."""
+        only such commands and starts and ends on a command boundary. Returns whether it ends on one."""
         reader = self.reader
         conn = self.conns.get(0)
         if conn is None or conn.failed:
@@ -488,12 +495,12 @@ class Session(asyncio.Protocol):
                 args = reader.gets()
             except libvalkey.ProtocolError:
                 self._protocol_error()
-                return
+                return False
             if args is False:
                 break
             if type(args) is not list or not args:
                 self._protocol_error()
-                return
+                return False
             code = fastmap.get(args[0])
             if code is None:
                 code = proxy.classify(args[0])
@@ -518,8 +525,7 @@ class Session(asyncio.Protocol):
                 if run is not None and run.writes:
                     run.marks = [(None, keys)]
                 self.handle(tuple(args))
-                self._general()
-                return
+                return self._ends_with(data, self._general() or args)
             elif code.blocking:
                 if run is not None and run.writes:
                     run.marks = [(None, keys)]
@@ -543,30 +549,36 @@ class Session(asyncio.Protocol):
             done.append(args)
         if run is not None and run.writes:
             run.marks = [(None, keys)]
-        if done:
-            if self.boundary and not reader.has_data():
-                conn.obuf.append(data)
-            else:
-                conn.obuf.extend([pack_command(tuple(a)) for a in done])
-            self.dirty.add(conn)
-            self.inflight += writes
-            proxy.commands += len(done)
-            proxy.writes += writes
+        if not done:
+            return False
+        ends = self._ends_with(data, done[-1])
+        if self.boundary and ends:
+            conn.obuf.append(data)
+        else:
+            conn.obuf.extend([pack_command(tuple(a)) for a in done])
+        self.dirty.add(conn)
+        self.inflight += writes
+        proxy.commands += len(done)
+        proxy.writes += writes
+        return ends
 
-    def _general(self) -> None:
+    def _general(self) -> list[bytes] | None:
+        """The general path; returns the last complete command (None if none)."""
         reader = self.reader
         handle = self.handle
+        last = None
         while True:
             try:
                 args = reader.gets()
             except libvalkey.ProtocolError:
                 self._protocol_error()
-                return
+                return None
             if args is False:
-                break
+                return last
             if type(args) is not list or not args:
                 self._protocol_error()
-                return
+                return None
+            last = args
             handle(tuple(args))
 
     def _inline(self, data: bytes) -> bytes:
