@@ -246,3 +246,64 @@ def test_rollback_returns_authority_to_the_source(source, target):
         await asyncio.wait_for(task, 30)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("phase", ["Copy", "Sync", "RouteOut"])
+def test_migrate_killed_in_a_phase_resumes_from_its_state_file_without_loss(source, target, tmp_path, phase):
+    seed(source.client(), 20_000)
+    source.client().connection_pool.disconnect()
+    listen, control_port = free_port(), free_port()
+    token_file, state = tmp_path / "token", tmp_path / "state.json"
+    args = [*CLI, "migrate", "--source", source.url(), "--target", target.url(), "--listen", f"127.0.0.1:{listen}",
+            "--cutover", "manual", "--gate-settle", "0.3", "--json", "--state-file", str(state),
+            "--control", f"127.0.0.1:{control_port}", "--control-token-file", str(token_file)]
+    if phase == "Copy":
+        args += ["--max-ops", "15000"]  # slow enough to be caught copying
+    load = Workload("127.0.0.1", source.port, writers=3, rate=200)
+    procs: list[subprocess.Popen[str]] = []
+
+    def start() -> Events:
+        procs.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
+        return Events(procs[-1])
+
+    def is_phase(name: str):  # type: ignore[no-untyped-def]
+        return lambda e: e["event"] == "phase" and e["phase"] == name
+
+    async def scenario() -> list[str]:
+        load.start()
+        events = start()
+        await asyncio.to_thread(events.wait, lambda e: e["event"] == "proxies")
+        load.point_at("127.0.0.1", listen)
+        if phase == "RouteOut":
+            await asyncio.to_thread(events.wait, lambda e: e["event"] == "awaiting_approval", 60)
+            control(control_port, token_file.read_text().strip(), "/approve")
+        await asyncio.to_thread(events.wait, is_phase(phase), 60)
+        await asyncio.sleep(0.3)
+        procs[-1].kill()  # the process, its proxy and its in-memory marks are gone at once
+        procs[-1].wait(10)
+        assert json.loads(state.read_text())["phase"] == phase
+        events = start()
+        await asyncio.to_thread(events.wait, lambda e: e["event"] == "proxies", 60)
+        if phase == "RouteOut":
+            await asyncio.to_thread(events.wait, lambda e: e["event"] == "route_out", 60)
+        else:
+            await asyncio.to_thread(events.wait, lambda e: e["event"] == "awaiting_approval", 90)
+            control(control_port, token_file.read_text().strip(), "/approve")
+            await asyncio.to_thread(events.wait, lambda e: e["event"] == "cutover", 60)
+        await asyncio.sleep(0.5)
+        await load.finish()
+        return load.lost(target.client())
+
+    try:
+        lost = asyncio.run(scenario())
+        assert load.acked > 200
+        assert lost == []
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
