@@ -641,3 +641,25 @@ def test_aws_example_passes_the_providers_preflight(moto_server: str, monkeypatc
     refused = provider.preflight(target_spec(example, None))
     assert [v.field for v in refused.violations] == ["target.authSecretRef"]
     assert MISSING_AUTH in refused.message()
+
+
+def test_a_second_operator_instance_pauses_instead_of_acting_twice(
+        kube_env: KubeEnv, kube_api: k8s_client.ApiClient, kube_namespace: str,
+        make_server: Callable[..., LocalServer], operator_factory: Callable[..., Operator]) -> None:
+    """kopf peering: an accidental second instance (e.g. during a rollout) with the same peering makes
+    both pause; when it goes away, the remaining one resumes."""
+    source, target = make_server(), make_server()
+    cluster = Cluster(kube_api, kube_env, kube_namespace)
+    first, second = operator_factory(), operator_factory(POD_ID="durablecache-operator-second")
+    first.start()
+    second.start()
+    wait_for("both instances to see each other and pause",
+             lambda: "pausing" in (first.logs() + second.logs()).lower(), 60)
+    cluster.apply(durablecache("paused", source, target, mode="manual"))
+    time.sleep(5.0)
+    assert cluster.phase("paused") is None, "a paused operator acted on the resource"
+    assert first.worker_pids() == [] and second.worker_pids() == []
+    second.kill(signal.SIGTERM)  # a clean exit removes its peering record
+    wait_for("the remaining instance to resume and act", lambda: cluster.phase("paused") is not None, 60)
+    assert second.worker_pids() == []
+    assert_no_rbac_denials(first)
