@@ -72,3 +72,16 @@ def test_state_file_of_another_copy_is_refused(source, target, make_server, tmp_
     res = run_cli("copy", "--source", source.url(), "--target", other.url(), "--state-file", str(state))
     one_line_error(res, "checkpoint belongs to another copy")
     assert other.client().dbsize() == 0
+
+
+def test_a_write_the_target_refuses_fails_the_copy(source, make_server):
+    """Never exit 0 with a key missing: here the target's ACL forbids one key."""
+    target = make_server(password="admin", acl_user=("copier", "pw"))
+    target.client().execute_command("ACL", "SETUSER", "copier", "resetkeys", "~ok:*")
+    c = source.client()
+    for i in range(3000):
+        c.set(f"ok:{i}", i)
+    c.set("forbidden", "x")
+    res = run_cli("copy", "--source", source.url(), "--target", f"valkey://copier:pw@127.0.0.1:{target.port}",
+                  "--scan-count", "100")
+    one_line_error(res, "RESTORE failed", "NOPERM")

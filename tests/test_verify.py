@@ -92,3 +92,10 @@ def test_human_output(copied):
     target.client().delete("str:1")
     res = run_cli("verify", "--source", source.url(), "--target", target.url())
     assert res.returncode == 1 and res.stdout.startswith("DIFFERENT: 1 missing") and "'str:1'" in res.stdout
+
+
+def test_a_stale_copy_about_to_expire_on_the_target_is_a_difference(source, target):
+    source.client().set("k", "v")  # no expiry on the source ...
+    target.client().set("k", "v", px=2500)  # ... but the target's copy is about to vanish
+    code, report = verify(source, target, "--ttl-tolerance-ms", "3000")
+    assert code == 1 and report["differences"]["ttl"] == 1

@@ -176,6 +176,12 @@ class BulkCopy:
         finished: dict[int, tuple[int, MoveResult]] = {}
         next_commit = 0
         tasks: set[asyncio.Task[None]] = set()
+        failures: list[BaseException] = []
+
+        def done(task: asyncio.Task[None]) -> None:
+            tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                failures.append(task.exception())  # type: ignore[arg-type]
 
         def commit() -> None:
             nonlocal next_commit
@@ -207,14 +213,12 @@ class BulkCopy:
                 cursor = int(cursor_raw)
                 task = asyncio.create_task(batch(seq, list(keys), cursor))
                 tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                if cursor == 0:
+                task.add_done_callback(done)
+                if failures or cursor == 0:  # a failed batch stops the scan: its keys were not copied
                     break
-                # Surface a failed batch now rather than after scanning everything.
-                for t in list(tasks):
-                    if t.done() and t.exception():
-                        raise t.exception()  # type: ignore[misc]
-            await asyncio.gather(*tasks)
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if failures:
+                raise failures[0]
         finally:
             for t in tasks:
                 t.cancel()

@@ -42,14 +42,14 @@ def tls_context(endpoint: Endpoint) -> ssl.SSLContext | None:
 
 
 class Connection:
-    """One connection to one server. Not shared between concurrent tasks without the lock."""
+    """One connection to one server, used by one task at a time."""
 
     def __init__(self, endpoint: Endpoint, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.endpoint = endpoint
         self._reader = reader
         self._writer = writer
         self._parser = libvalkey.Reader()
-        self.lock = asyncio.Lock()
+        self.broken = False
 
     @classmethod
     async def open(
@@ -95,10 +95,15 @@ class Connection:
         """Send all commands in one write and return one reply per command (errors as values)."""
         if not commands:
             return []
-        self._writer.write(pack(commands))
+        if self.broken:
+            raise ConnectError(f"connection to {self.endpoint.address} is broken")
         replies: list[Any] = []
         want = len(commands)
+        # Until every reply is read the connection is out of step: if we stop early (timeout, error,
+        # cancellation), the next command would receive this one's reply. It is then never used again.
+        self.broken = True
         try:
+            self._writer.write(pack(commands))
             async with asyncio.timeout(timeout):
                 while len(replies) < want:
                     reply = self._parser.gets()
@@ -110,9 +115,15 @@ class Connection:
                         continue
                     replies.append(reply)
         except TimeoutError:
-            raise ConnectError(f"{self.endpoint.address} did not answer within {timeout:.0f}s") from None
+            self._writer.close()
+            raise ConnectError(f"{self.endpoint.address} did not answer within {timeout:g}s") from None
         except OSError as exc:
+            self._writer.close()
             raise ConnectError(f"connection to {self.endpoint.address} failed: {_os_reason(exc)}") from None
+        except BaseException:
+            self._writer.close()
+            raise
+        self.broken = False
         return replies
 
     async def call(self, *args: Any, timeout: float = REPLY_TIMEOUT) -> Any:

@@ -226,8 +226,8 @@ class Verifier:
             if stype == "none":
                 continue  # deleted or expired since SCAN: nothing to compare
             self.report.checked += 1
-            if _expiring(sexp, now, self.tolerance_ms) or _expiring(dexp, now, self.tolerance_ms):
-                continue  # about to expire on one side: the sides legitimately disagree for a moment
+            if _expiring(sexp, now, self.tolerance_ms) and (dtype == "none" or abs(sexp - dexp) <= self.tolerance_ms):
+                continue  # about to expire on the source, and gone or expiring alike on the target
             if dtype == "none":
                 self._diff("missing", db, key, f"{stype} missing on target")
             elif stype != dtype:

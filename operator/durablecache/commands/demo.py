@@ -7,6 +7,7 @@ import asyncio
 import time
 from typing import Any
 
+from ..errors import DurableCacheError
 from ..localvalkey import LocalCluster, LocalServer
 from ..migration import Migration, MigrationOptions
 from ..proxyhandles import local_proxies
@@ -81,7 +82,11 @@ async def demo(args: argparse.Namespace, source: Any, target: Any) -> dict[str, 
     await asyncio.wait([task, waiter], timeout=600, return_when=asyncio.FIRST_COMPLETED)
     if task.done():
         task.result()  # raises the failure
-        raise RuntimeError("migration ended before cutover")
+        raise DurableCacheError("the migration ended before its cutover")
+    if not cut.is_set():
+        m.stop_requested.set()
+        await load.finish()
+        raise DurableCacheError(f"no cutover within 600 s (phase {m.phase.value}); see the events above")
     await asyncio.sleep(1.0)  # writes keep flowing through the proxy, now to the target
     await load.finish()
     await m.syncer.drain(30) if m.syncer else None  # reverse sync: the source catches up too
