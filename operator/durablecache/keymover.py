@@ -27,6 +27,9 @@ MiB = 1 << 20
 DEFAULT_BIG_KEY_BYTES = 64 * MiB
 DEFAULT_CHUNK_ELEMENTS = 1000
 DEFAULT_CHUNK_BYTES = 1 * MiB
+# A key whose DUMP payload is at least this large gets its copy time reported (MoveResult.timings):
+# the syncer learns from it which keys are too slow to copy inside the cutover's write pause.
+TIMED_KEY_BYTES = 256 * 1024
 # Replies that mean "not now": an async-durable target whose durability lag is over its limit,
 # a server still loading, a busy script. Retried with exponential backoff, never dropped.
 RETRYABLE_PREFIXES = ("TRYAGAIN", "LOADING", "BUSY", "CLUSTERDOWN", "DURABILITY", "NOREPLICAS")
@@ -58,6 +61,9 @@ class MoveResult:
     expired: int = 0  # expired between SCAN and DUMP, or already past its expiry
     big: int = 0
     bytes: int = 0
+    # (key, seconds) for big keys only: chunked copies measured, a big DUMP/RESTORE estimated as its
+    # share (by payload bytes) of the whole batch's time. Few entries per batch by construction.
+    timings: list[tuple[bytes, float]] = dataclasses.field(default_factory=list)
 
     def add(self, other: MoveResult) -> None:
         for f in dataclasses.fields(self):
@@ -92,6 +98,7 @@ class KeyMover:
         if not keys:
             return result
         await self.source_ops.take(len(keys) * 3)
+        started = time.monotonic()
         sent_ms = int(time.time() * 1000)
         fetched = await self._fetch(db, keys)
         restores: list[tuple[bytes, int, bytes]] = []
@@ -113,6 +120,7 @@ class KeyMover:
             fallback = await self._restore_all(db, restores)
             result.copied += len(restores) - len(fallback)
             result.bytes += sum(len(p) for _, _, p in restores)
+            self._estimate_timings(restores, time.monotonic() - started, result)
             for key in fallback:
                 await self.copy_chunked(db, key, result)
         if gone:
@@ -121,6 +129,16 @@ class KeyMover:
         for key in big:
             await self.copy_chunked(db, key, result)
         return result
+
+    @staticmethod
+    def _estimate_timings(restores: list[tuple[bytes, int, bytes]], elapsed: float, result: MoveResult) -> None:
+        """A big key's share of the batch's fetch+restore time, by payload bytes: one round trip
+        serves the whole batch, so this is the best per-key figure there is (and exact for a batch
+        that is one big key, the hot-key case)."""
+        total = sum(len(p) for _, _, p in restores)
+        for key, _, payload in restores:
+            if len(payload) >= TIMED_KEY_BYTES:
+                result.timings.append((key, elapsed * len(payload) / total))
 
     async def _fetch(self, db: int, keys: Sequence[bytes]) -> list[tuple[int, Any]]:
         """(expiry, DUMP payload | None when gone | BIG) per key."""
@@ -244,6 +262,13 @@ class KeyMover:
 
     async def copy_chunked(self, db: int, key: bytes, result: MoveResult) -> None:
         """Rebuild one key on the target element by element."""
+        started = time.monotonic()
+        try:
+            await self._copy_chunked(db, key, result)
+        finally:
+            result.timings.append((key, time.monotonic() - started))
+
+    async def _copy_chunked(self, db: int, key: bytes, result: MoveResult) -> None:
         ktype = (await self.src.on_key(db, key, ("TYPE", key)))[0]
         ktype = ktype.decode() if isinstance(ktype, bytes) else str(ktype)
         await self._dst(db, key, ("DEL", key))

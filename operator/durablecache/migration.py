@@ -25,7 +25,7 @@ from .gate import wait_for_gate
 from .keymover import DEFAULT_BIG_KEY_BYTES, MoverOptions
 from .movers import DEFAULT_TARGET_BYTES_PER_PRIMARY, MoverPool
 from .progress import JsonProgress
-from .syncer import Syncer
+from .syncer import DirtyKey, Syncer
 from .topology import Topology, discover
 from .urls import Endpoint
 from .verify import Verifier
@@ -64,6 +64,10 @@ class ProxyHandle(Protocol):
 
     async def unfreeze(self) -> None: ...
 
+    async def hold_keys(self, keys: set[tuple[int, bytes]], timeout: float) -> None: ...
+
+    async def release_keys(self) -> None: ...
+
     async def stop(self) -> None: ...
 
 
@@ -77,6 +81,9 @@ Emit = Callable[[dict[str, Any]], None]
 class MigrationOptions:
     cutover: str = "auto"  # auto | manual
     max_write_pause: float = 0.1  # seconds: freeze + drain + flip must fit, or the cutover aborts
+    # seconds: before the global freeze, writes to keys too slow to copy inside max_write_pause (hot
+    # big keys) are held on their own until the syncer copied them; longer, and the attempt aborts.
+    max_key_pause: float = 5.0
     rollback_window: float = 1800.0
     gate_settle: float = 2.0
     gate_timeout: float = 300.0
@@ -142,6 +149,7 @@ class Migration:
             "dirtyBacklog": syncer.backlog if syncer else 0,
             "repairRequired": syncer.repair_reason if syncer else None,
             "lastCutoverPauseMs": self.state.get("lastCutoverPauseMs"),
+            "lastCutoverKeyPauseMs": self.state.get("lastCutoverKeyPauseMs"),
             "syncer": dataclasses.asdict(syncer.stats) if syncer else {},
             "message": self.state.get("message", ""),
         }
@@ -240,8 +248,10 @@ class Migration:
         return (self.target, self.source) if self.state.get("flipped") else (self.source, self.target)
 
     async def _drain_background(self, timeout: float = 600.0) -> None:
+        """Wait until the syncer has caught up: the backlog at most ready_backlog keys. (Not empty: a
+        key written continuously is never clean for long; the cutover's own drain empties it.)"""
         assert self.syncer
-        if not await self.syncer.drain(timeout):
+        if not await self.syncer.settle(self.opts.ready_backlog, timeout):
             raise DurableCacheError(f"the syncer could not catch up within {timeout:.0f}s "
                                     f"(backlog {self.syncer.backlog}); the target may be too slow")
 
@@ -273,16 +283,28 @@ class Migration:
             if attempts >= self.opts.cutover_attempts:
                 raise DurableCacheError(
                     f"cutover aborted {attempts} times: the dirty backlog could not be drained within "
-                    f"{self.opts.max_write_pause * 1000:.0f} ms; raise maxWritePause or lower the write load")
+                    f"{self.opts.max_write_pause * 1000:.0f} ms (hot keys: within "
+                    f"{self.opts.max_key_pause:.1f} s); raise maxWritePause / maxKeyPause or lower the write load")
             await asyncio.sleep(min(0.2 * attempts, 2.0))
 
     async def cutover(self, attempt: int) -> bool:
-        """FREEZE -> DRAIN -> FLIP -> UNFREEZE within max_write_pause, or abort back to Sync."""
+        """[HOLD hot keys] -> FREEZE -> DRAIN -> FLIP -> UNFREEZE [-> RELEASE] within the bounds, or
+        abort back to Sync.
+
+        A key whose copy takes longer than half the write pause (a hot big key) could never be drained
+        inside it while it is being written. So first only the writes to such keys are held (other keys
+        and all reads go on) until the syncer has copied them after their last write — bounded by
+        max_key_pause — and only then is everything frozen; the drain then finds them clean."""
         assert self.syncer and self.target
         self.set_phase(Phase.CUTOVER)
         budget = self.opts.max_write_pause
-        t0 = time.monotonic()
+        held = self.syncer.slow_keys(budget / 2)
+        k0 = time.monotonic()
+        t0: float | None = None
         try:
+            if held:
+                await self._hold_keys(held, self.opts.max_key_pause)
+            t0 = time.monotonic()
             await asyncio.gather(*(p.freeze(budget) for p in self.proxies))
             frozen_ms = (time.monotonic() - t0) * 1000
             drained = await self.syncer.drain(max(0.0, budget - (time.monotonic() - t0)))
@@ -295,21 +317,52 @@ class Migration:
             self.state["flipped"] = True
             self.save()
         except (TimeoutError, DurableCacheError, OSError) as exc:
-            await asyncio.gather(*(p.unfreeze() for p in self.proxies), return_exceptions=True)
-            pause = (time.monotonic() - t0) * 1000
+            if t0 is not None:
+                await asyncio.gather(*(p.unfreeze() for p in self.proxies), return_exceptions=True)
+            await self._release_keys(held)
+            now = time.monotonic()
             self.emit({"event": "cutover_aborted", "attempt": attempt, "reason": str(exc) or "freeze timed out",
-                       "pause_ms": round(pause, 2)})
+                       "pause_ms": round((now - t0) * 1000, 2) if t0 is not None else 0.0,
+                       "held_keys": len(held), "key_pause_ms": round((now - k0) * 1000, 2) if held else 0.0})
             self.set_phase(Phase.SYNC)
             return False
+        except BaseException:
+            # Anything else (a syncer failure, cancellation) ends the migration: hold nothing meanwhile.
+            if t0 is not None:
+                await asyncio.gather(*(p.unfreeze() for p in self.proxies), return_exceptions=True)
+            await self._release_keys(held)
+            raise
         await self.syncer.switch_pool(self._pool(reverse=True))
         await asyncio.gather(*(p.unfreeze() for p in self.proxies))
         pause = (time.monotonic() - t0) * 1000
+        await self._release_keys(held)   # held writes go on, to the target now
+        key_pause = (time.monotonic() - k0) * 1000 if held else 0.0
         self.state["lastCutoverPauseMs"] = round(pause, 2)
+        self.state["lastCutoverKeyPauseMs"] = round(key_pause, 2)
         self.last_pause_ms = pause
         self.save()
         self.emit({"event": "cutover", "pause_ms": round(pause, 2), "freeze_ms": round(frozen_ms, 2),
-                   "attempt": attempt})
+                   "attempt": attempt, "held_keys": len(held), "key_pause_ms": round(key_pause, 2)})
         return True
+
+    async def _hold_keys(self, keys: set[DirtyKey], limit: float) -> None:
+        """Hold writes to ``keys`` on every proxy, then wait until the syncer copied each of them after
+        its last write; all within ``limit`` seconds, else TimeoutError (the caller releases)."""
+        assert self.syncer
+        t0 = time.monotonic()
+        await asyncio.gather(*(p.hold_keys(keys, limit) for p in self.proxies))
+        left = max(0.0, limit - (time.monotonic() - t0))
+        if not await self.syncer.wait_copied(keys, left):
+            slowest = max(self.syncer.expected_copy(dk) for dk in keys)
+            raise TimeoutError(f"{len(keys)} hot key(s) (slowest copy {slowest * 1000:.0f} ms) not copied within "
+                               f"maxKeyPause {limit:.1f}s")
+
+    async def _release_keys(self, keys: set[DirtyKey]) -> None:
+        if not keys:
+            return
+        for r in await asyncio.gather(*(p.release_keys() for p in self.proxies), return_exceptions=True):
+            if isinstance(r, BaseException):  # a proxy that died has no hold left; its restart forces a repair
+                log.warning("release_keys failed", error=str(r))
 
     async def _route_out(self) -> None:
         """Applications move to the target; reverse sync keeps the source usable for a rollback."""
@@ -337,19 +390,40 @@ class Migration:
                             on_blocked=lambda c: self.emit({"event": "gate_blocked", "clients": c}))
         self.syncer.require_repair("rollback: writes made directly on the target were not tracked")
         await self.repair()
-        t0 = time.monotonic()
+        budget = max(self.opts.max_write_pause, 1.0)
         for attempt in range(1, self.opts.cutover_attempts + 1):
-            await asyncio.gather(*(p.freeze(max(self.opts.max_write_pause, 1.0)) for p in self.proxies))
-            if await self.syncer.drain(max(self.opts.max_write_pause, 1.0)):
+            # The same key-scoped hold as the cutover's (see cutover()), in the other direction.
+            held = self.syncer.slow_keys(budget / 2)
+            k0 = time.monotonic()
+            try:
+                if held:
+                    await self._hold_keys(held, self.opts.max_key_pause)
+            except (TimeoutError, DurableCacheError, OSError) as exc:
+                await self._release_keys(held)
+                self.emit({"event": "rollback_aborted", "attempt": attempt, "reason": str(exc),
+                           "held_keys": len(held)})
+                await asyncio.sleep(0.2 * attempt)
+                continue
+            t0 = time.monotonic()
+            try:
+                await asyncio.gather(*(p.freeze(budget) for p in self.proxies))
+                drained = await self.syncer.drain(budget)
+            except TimeoutError:
+                drained = False      # a freeze that did not quiesce: this attempt failed, never hold on
+            if drained:
                 await asyncio.gather(*(p.flip(self.source_ep) for p in self.proxies))
                 self.state["flipped"] = False
                 await self.syncer.switch_pool(self._pool(reverse=False))
                 await asyncio.gather(*(p.unfreeze() for p in self.proxies))
-                self.emit({"event": "rolled_back", "pause_ms": round((time.monotonic() - t0) * 1000, 2),
-                           "attempt": attempt})
+                pause_ms = round((time.monotonic() - t0) * 1000, 2)
+                await self._release_keys(held)
+                self.emit({"event": "rolled_back", "pause_ms": pause_ms, "attempt": attempt,
+                           "held_keys": len(held), "key_pause_ms": round((time.monotonic() - k0) * 1000, 2)
+                           if held else 0.0})
                 self.set_phase(Phase.ROLLED_BACK)
                 return
             await asyncio.gather(*(p.unfreeze() for p in self.proxies))
+            await self._release_keys(held)
             await asyncio.sleep(0.2 * attempt)
         raise DurableCacheError("rollback could not drain the reverse backlog; the target stays authoritative")
 

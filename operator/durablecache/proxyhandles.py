@@ -4,6 +4,7 @@ subprocesses that stream their marks back to this process's syncer."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import secrets
@@ -40,6 +41,12 @@ class LocalProxy:
 
     async def unfreeze(self) -> None:
         self.proxy.unfreeze()
+
+    async def hold_keys(self, keys: set[tuple[int, bytes]], timeout: float) -> None:
+        await self.proxy.hold_keys(keys, timeout)
+
+    async def release_keys(self) -> None:
+        self.proxy.release_keys()
 
     async def stop(self) -> None:
         await self.proxy.stop()
@@ -148,6 +155,15 @@ class SubprocessProxy:
 
     async def unfreeze(self) -> None:
         await self._admin("POST", "/unfreeze")
+
+    async def hold_keys(self, keys: set[tuple[int, bytes]], timeout: float) -> None:
+        # A child restarted meanwhile has no hold; its lost mark stream forces a repair, so the
+        # cutover aborts rather than trusting it.
+        body = {"encoding": "base64", "keys": [[db, base64.b64encode(k).decode()] for db, k in sorted(keys)]}
+        await self._admin("POST", f"/hold?timeout={timeout}", json=body, timeout=timeout + 5)
+
+    async def release_keys(self) -> None:
+        await self._admin("POST", "/release")
 
     async def stop(self) -> None:
         self._stopping = True

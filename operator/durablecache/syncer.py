@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import time
 from collections.abc import Iterable
 
 from . import logs
@@ -19,6 +20,11 @@ from .movers import MoverPool
 
 log = logs.get("durablecache.syncer")
 DirtyKey = tuple[int, bytes]  # (db, key)
+# Slow keys: the syncer remembers how long the last copy of a big key took (KeyMover reports big
+# keys only), so a cutover can hold writes to the keys it could not copy inside the write pause.
+SLOW_KEY_SECONDS = 0.005  # copies faster than this are not worth remembering
+SLOW_KEYS_KEPT = 1024     # bound on memory: the least recently copied slow keys are forgotten
+POLL = 0.002
 
 
 @dataclasses.dataclass
@@ -29,6 +35,7 @@ class SyncStats:
     bytes: int = 0
     batches: int = 0
     overflowed: int = 0
+    slow_keys: int = 0  # keys whose last copy took at least SLOW_KEY_SECONDS (at most SLOW_KEYS_KEPT)
 
 
 class Syncer:
@@ -43,6 +50,10 @@ class Syncer:
         self._in_flight: set[DirtyKey] = set()
         self._again: set[DirtyKey] = set()  # marked while in flight: copy once more afterwards
         self._waiters: dict[DirtyKey, list[asyncio.Future[None]]] = {}
+        # Duration of the last copy of each slow key, least recently copied first (a dict keeps order),
+        # and when such a key was last marked (is it being written now?).
+        self._copy_time: dict[DirtyKey, float] = {}
+        self._slow_marked: dict[DirtyKey, float] = {}
         self._work = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -60,6 +71,8 @@ class Syncer:
         for key in keys:
             self.stats.marks += 1
             dk = (db, key)
+            if dk in self._copy_time:
+                self._slow_marked[dk] = time.monotonic()
             if dk in self._in_flight:
                 self._again.add(dk)
             elif dk not in self._dirty:
@@ -107,6 +120,63 @@ class Syncer:
 
     def empty(self) -> bool:
         return self.backlog == 0
+
+    def pending(self, dk: DirtyKey) -> bool:
+        """Is this key dirty, in flight, or to be copied again?"""
+        return dk in self._dirty or dk in self._in_flight or dk in self._again
+
+    def expected_copy(self, dk: DirtyKey) -> float:
+        """Seconds the last copy of this key took (0.0 when it was fast or never timed)."""
+        return self._copy_time.get(dk, 0.0)
+
+    def slow_keys(self, threshold: float, recent: float = 1.0) -> set[DirtyKey]:
+        """Keys whose copy takes longer than ``threshold`` and that a drain may have to copy: in the
+        backlog now, or marked within the last ``recent`` seconds (a hot key between two copies)."""
+        since = time.monotonic() - recent
+        return {dk for dk, secs in self._copy_time.items()
+                if secs > threshold and (self.pending(dk) or self._slow_marked.get(dk, 0.0) >= since)}
+
+    def _record(self, db: int, timings: list[tuple[bytes, float]]) -> None:
+        for key, secs in timings:
+            dk = (db, key)
+            self._copy_time.pop(dk, None)
+            if secs < SLOW_KEY_SECONDS:
+                self._slow_marked.pop(dk, None)
+                continue
+            self._copy_time[dk] = secs
+            while len(self._copy_time) > SLOW_KEYS_KEPT:
+                oldest = next(iter(self._copy_time))
+                del self._copy_time[oldest]
+                self._slow_marked.pop(oldest, None)
+        self.stats.slow_keys = len(self._copy_time)
+
+    async def wait_copied(self, keys: Iterable[DirtyKey], timeout: float) -> bool:
+        """Wait until none of ``keys`` is dirty, in flight or to be copied again; False on timeout.
+        With writes to them held (Proxy.hold_keys) this means: copied after their last write."""
+        todo = set(keys)
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    self._raise_failure()
+                    todo = {dk for dk in todo if self.pending(dk)}
+                    if not todo:
+                        return True
+                    await asyncio.sleep(POLL)
+        except TimeoutError:
+            return False
+
+    async def settle(self, at_most: int, timeout: float) -> bool:
+        """Wait until the backlog is at most ``at_most`` keys; False on timeout. Unlike drain(), this
+        ends while a hot key is being written continuously (it is never clean for long)."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self.backlog > at_most:
+                    self._raise_failure()
+                    await asyncio.sleep(POLL * 5)
+        except TimeoutError:
+            return False
+        self._raise_failure()
+        return True
 
     async def drain(self, timeout: float) -> bool:
         """Wait until nothing is dirty or in flight; False if that took longer than timeout."""
@@ -185,6 +255,8 @@ class Syncer:
             self.stats.copied += result.copied
             self.stats.deleted += result.skipped
             self.stats.bytes += result.bytes
+            if result.timings:
+                self._record(batch[0][0], result.timings)
             for dk in batch:
                 self._in_flight.discard(dk)
                 if dk in self._again:

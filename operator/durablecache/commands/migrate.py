@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="manual waits for `durablecache control approve` (or POST /approve on --control)")
     p.add_argument("--max-write-pause", type=duration, default=0.1, metavar="DUR",
                    help="the longest writes may be held at cutover (default 100ms)")
+    p.add_argument("--max-key-pause", type=duration, default=5.0, metavar="DUR",
+                   help="the longest writes to a hot big key (one too slow to copy inside --max-write-pause) "
+                        "may be held before the cutover's global freeze; other keys are not held (default 5s)")
     p.add_argument("--rollback-window", type=duration, default=1800.0, metavar="DUR",
                    help="how long reverse sync keeps the source current after cutover (default 30m)")
     p.add_argument("--exit-after-cutover", action="store_true", help="stop after cutover instead of proxying on")
@@ -98,6 +101,7 @@ async def migrate(args: argparse.Namespace, store: CheckpointStore | None = None
     else:
         starter = local_proxies(host, port)
     opts = MigrationOptions(cutover=args.cutover, max_write_pause=args.max_write_pause,
+                            max_key_pause=getattr(args, "max_key_pause", 5.0),
                             rollback_window=args.rollback_window, exit_after_cutover=args.exit_after_cutover,
                             allow_clients=args.allow_client, gate_settle=args.gate_settle,
                             gate_timeout=args.gate_timeout, max_source_ops=args.max_ops)

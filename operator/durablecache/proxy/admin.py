@@ -5,10 +5,17 @@
     POST /freeze?timeout=S           -> 200 {"frozen": true, "ms": ...}, 504 if not quiesced in time (still frozen)
     POST /flip   {"upstream": URL}   -> 200 {"upstream": redacted URL}   (only while frozen; 409 otherwise)
     POST /unfreeze                   -> 200 {"frozen": false}
+    POST /hold?timeout=S {"keys": [...], "db": 0, "encoding": "latin-1" | "base64"}
+                                     -> 200 {"held": N, "ms": ...}, 504 if writes to them are still in
+                                        flight (the keys stay held), 400 on a malformed body.
+                                        An item of "keys" is a string (in "db"), or a [db, string] pair.
+    POST /release                    -> 200 {"held": 0}
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import time
 from typing import Any
@@ -40,6 +47,8 @@ class AdminServer:
         app.router.add_post("/freeze", self._freeze)
         app.router.add_post("/flip", self._flip)
         app.router.add_post("/unfreeze", self._unfreeze)
+        app.router.add_post("/hold", self._hold)
+        app.router.add_post("/release", self._release)
         return app
 
     @web.middleware
@@ -102,3 +111,47 @@ class AdminServer:
     async def _unfreeze(self, request: web.Request) -> web.Response:
         self.proxy.unfreeze()
         return web.json_response({"frozen": False})
+
+    async def _hold(self, request: web.Request) -> web.Response:
+        try:
+            timeout = float(request.query.get("timeout", "5"))
+            keys = parse_keys(await request.json())
+        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+            return web.json_response({"error": f"need JSON {{\"keys\": [...], \"db\": N, \"encoding\": "
+                                               f"\"latin-1\"|\"base64\"}}: {exc}"}, status=400)
+        started = time.monotonic()
+        try:
+            await self.proxy.hold_keys(keys, timeout)
+        except TimeoutError as exc:
+            return web.json_response({"held": len(keys), "quiesced": False, "error": str(exc)}, status=504)
+        return web.json_response({"held": len(keys), "quiesced": True,
+                                  "ms": round((time.monotonic() - started) * 1000, 2)})
+
+    async def _release(self, request: web.Request) -> web.Response:
+        self.proxy.release_keys()
+        return web.json_response({"held": 0})
+
+
+def parse_keys(body: Any) -> set[tuple[int, bytes]]:
+    """The /hold body -> (db, key) pairs. Keys are bytes: latin-1 maps each byte to one character,
+    base64 suits any client."""
+    encoding = str(body.get("encoding", "latin-1")).lower()
+    if encoding not in ("latin-1", "base64"):
+        raise ValueError(f"unknown encoding {encoding!r}")
+    default_db = int(body.get("db", 0))
+    items = body["keys"]
+    if not isinstance(items, list):
+        raise TypeError("keys must be a list")
+
+    def decode(text: Any) -> bytes:
+        if not isinstance(text, str):
+            raise TypeError("a key must be a string")
+        return base64.b64decode(text, validate=True) if encoding == "base64" else text.encode("latin-1")
+
+    out: set[tuple[int, bytes]] = set()
+    for item in items:
+        if isinstance(item, list) and len(item) == 2:
+            out.add((int(item[0]), decode(item[1])))
+        else:
+            out.add((default_db, decode(item)))
+    return out

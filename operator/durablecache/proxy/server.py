@@ -104,9 +104,12 @@ class Proxy:
         self.sessions: dict[int, Session] = {}
         self.frozen = False
         self.flipping = False
+        # Key-scoped hold (hold_keys): db -> keys whose writes are held; empty when none is.
+        self.key_hold: dict[int, set[bytes]] = {}
         self._ids = itertools.count(1)
         self._server: asyncio.base_events.Server | None = None
         self._admin: dict[str, Connection] = {}
+        self._admin_locks: dict[str, asyncio.Lock] = {}
         self._ssl: dict[Endpoint, ssl.SSLContext | None] = {}
         self._refresh: asyncio.Task[None] | None = None
         self._mark_queue: list[tuple[Session, dict[int, list[bytes]], int, list[bytes]]] = []
@@ -122,6 +125,7 @@ class Proxy:
         self.mark_batches = 0
         self.marks_failed = 0
         self.held_total = 0
+        self.key_held_total = 0
         self.bytes_in = 0
         self.bytes_out = 0
         self.bytes_up = 0
@@ -317,13 +321,18 @@ class Proxy:
             await asyncio.sleep(0.001)
         log.info("proxy.frozen", ms=round((time.monotonic() - started) * 1000, 2))
 
-    async def _unblock(self, writes_only: bool) -> None:
-        """CLIENT UNBLOCK (-> the client's timeout reply) for blocking commands in flight."""
+    async def _unblock(self, writes_only: bool, keys: set[bytes] | None = None) -> None:
+        """CLIENT UNBLOCK (-> the client's timeout reply) for blocking commands in flight; with
+        ``keys``, only for blocking writes to one of them."""
         for s in list(self.sessions.values()):
             for conn in list(s.conns.values()):
                 if conn.client_id is None:
                     continue
                 queue = conn.expect if s.router.cluster else s.pending
+                if keys is not None:
+                    if any(e.blocking and _touches(e.marks, keys) for e in queue):
+                        await self._admin_call(conn.node, s.router, "CLIENT", "UNBLOCK", conn.client_id, "TIMEOUT")
+                    continue
                 if any(e.blocking or (not writes_only and (e is READ or (e.conn is not None and not e.internal)))
                        for e in queue):
                     await self._admin_call(conn.node, s.router, "CLIENT", "UNBLOCK", conn.client_id, "TIMEOUT")
@@ -331,17 +340,19 @@ class Proxy:
     async def _admin_call(self, node: int, router: Router, *args: Any) -> Any:
         endpoint = router.nodes[node]
         key = endpoint.address
-        conn = self._admin.get(key)
-        try:
-            if conn is None:
-                conn = await Connection.open(endpoint, name=f"{self.name_prefix}-admin", select_db=0)
-                self._admin[key] = conn
-            async with conn.lock:
+        # A Connection serves one task at a time: freeze, flip and hold_keys may unblock concurrently.
+        lock = self._admin_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            conn = self._admin.get(key)
+            try:
+                if conn is None or conn.broken:
+                    conn = await Connection.open(endpoint, name=f"{self.name_prefix}-admin", select_db=0)
+                    self._admin[key] = conn
                 return (await conn.pipeline([args], timeout=5.0))[0]
-        except ConnectError as exc:
-            self._admin.pop(key, None)
-            log.warning("proxy.admin_failed", upstream=endpoint.address, reason=str(exc))
-            return None
+            except ConnectError as exc:
+                self._admin.pop(key, None)
+                log.warning("proxy.admin_failed", upstream=endpoint.address, reason=str(exc))
+                return None
 
     async def flip(self, new_upstream: Endpoint) -> None:
         """While frozen: move every session to ``new_upstream`` with its state (see docs/proxy.md)."""
@@ -382,8 +393,59 @@ class Proxy:
     def unfreeze(self) -> None:
         self.frozen = False
         for s in list(self.sessions.values()):
-            s.release()
+            s.release()       # writes to held keys (hold_keys) are held again at once
         log.info("proxy.unfrozen")
+
+    # ---- key-scoped hold ------------------------------------------------------------------------
+    def holds(self, db: int, keys: list[bytes]) -> bool:
+        """Does a write of ``keys`` in ``db`` touch a held key?"""
+        held = self.key_hold.get(db)
+        return held is not None and any(k in held for k in keys)
+
+    def _inflight_on(self, keys: set[bytes]) -> int:
+        """Writes to any of ``keys`` (any db: a conservative match) sent, or answered but whose marks
+        are not delivered yet."""
+        n = 0
+        for s in self.sessions.values():
+            n += sum(1 for e in s.pending if e.marks is not None and _touches(e.marks, keys))
+            for batch in (s.batch, s.delivering):
+                if batch and any(k in keys for ks in batch.values() for k in ks):
+                    n += 1
+        return n
+
+    async def hold_keys(self, keys: set[tuple[int, bytes]], timeout: float) -> None:
+        """From now on hold every write that touches one of ``keys`` ((db, key) pairs; cluster: db 0):
+        the client's later commands on that connection wait behind it, in order; reads and other keys
+        go on. Return when every write to them already sent is answered and its marks delivered;
+        TimeoutError otherwise (the keys stay held: the caller releases). Adds to keys held already."""
+        for db, key in keys:
+            self.key_hold.setdefault(db, set()).add(key)
+        everything = {k for ks in self.key_hold.values() for k in ks}
+        started = time.monotonic()
+        deadline = started + timeout
+        last_unblock = 0.0
+        while self._inflight_on(everything):
+            now = time.monotonic()
+            if now >= deadline:
+                n = self._inflight_on(everything)
+                log.warning("proxy.hold_keys_timeout", inflight=n, keys=len(everything), timeout=timeout)
+                raise TimeoutError(f"{n} writes to held keys still in flight after {timeout:.3f}s")
+            if now - last_unblock >= UNBLOCK_EVERY:
+                last_unblock = now
+                await self._unblock(writes_only=True, keys=everything)
+            await asyncio.sleep(0.001)
+        log.info("proxy.keys_held", keys=len(everything), ms=round((time.monotonic() - started) * 1000, 2))
+
+    def release_keys(self) -> None:
+        """End the key hold: held writes go on, in order, to whichever upstream is authoritative now
+        (still held while the proxy is frozen or flipping)."""
+        if not self.key_hold:
+            return
+        self.key_hold = {}
+        for s in list(self.sessions.values()):
+            if s.held:
+                s.release()
+        log.info("proxy.keys_released")
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -396,6 +458,8 @@ class Proxy:
             "marks_failed": self.marks_failed,
             "held": sum(len(s.held) for s in self.sessions.values()),
             "held_total": self.held_total,
+            "held_keys": sum(len(k) for k in self.key_hold.values()),
+            "key_held_total": self.key_held_total,
             "inflight_writes": self._inflight(),
             "frozen": self.frozen,
             "bytes_in": self.bytes_in,
@@ -405,3 +469,8 @@ class Proxy:
             "mode": "cluster" if self.router.cluster else "standalone",
             "uptime": round(time.monotonic() - self._started, 3) if self._started else 0.0,
         }
+
+
+def _touches(marks: Any, keys: set[bytes]) -> bool:
+    """Do an entry's marks ([(db | None, keys)]) name one of ``keys``?"""
+    return bool(marks) and any(k in keys for _, ks in marks for k in ks)

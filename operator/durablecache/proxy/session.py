@@ -385,6 +385,7 @@ class Session(asyncio.Protocol):
         self.batch: dict[int, list[bytes]] = {}
         self.batch_writes = 0
         self.marking = False
+        self.delivering: dict[int, list[bytes]] | None = None   # the batch whose marks are in delivery
         self.dirty: set[Upstream] = set()
         self.conns: dict[int, Upstream] = {}
         self.held: deque[tuple[bytes, ...]] = deque()
@@ -464,7 +465,7 @@ class Session(asyncio.Protocol):
                 return
         reader.feed(data)
         if (not self.router.cluster and not proxy.frozen and not self.held and not self.paused
-                and not self.in_multi and self.authed and self.multi_abort is None):
+                and not proxy.key_hold and not self.in_multi and self.authed and self.multi_abort is None):
             self.boundary = self._fast(data)
         else:
             self.boundary = self._ends_with(data, self._general())
@@ -619,7 +620,30 @@ class Session(asyncio.Protocol):
             proxy.held_total += 1
             self.held.append(args)
             return
+        if proxy.key_hold and self._writes_held_key(args, spec):
+            proxy.key_held_total += 1
+            self.held.append(args)
+            return
         self.dispatch(args, spec)
+
+    def _writes_held_key(self, args: tuple[bytes, ...], spec: CommandSpec | None) -> bool:
+        """Key-scoped hold (Proxy.hold_keys): does this request write a held key?"""
+        proxy = self.proxy
+        if self.in_multi and args[0].lower() == b"exec":
+            # The transaction's writes happen at EXEC (a write queued after the hold began was held
+            # itself, and EXEC waits behind it anyway).
+            db = self.req_db
+            for sel, keys in self.multi_marks:
+                if sel is not None:
+                    db = sel
+                if keys and proxy.holds(db, keys):
+                    return True
+            return False
+        if spec is None or not spec.hold:
+            return False
+        if spec.needs_getkeys:
+            return True       # its keys are known only to the server: held while any key is (rare)
+        return proxy.holds(self.req_db, spec.write_keys(args))
 
     def _is_write(self, args: tuple[bytes, ...], spec: CommandSpec | None) -> bool:
         if spec is not None and spec.hold:
@@ -860,6 +884,7 @@ class Session(asyncio.Protocol):
             batch, writes, out = self.batch, self.batch_writes, self.out
             self.batch, self.batch_writes, self.out = {}, 0, []
             self.marking = True
+            self.delivering = batch
             self.proxy.submit_marks(self, batch, writes, out)
             return
         if self.out:
@@ -875,6 +900,7 @@ class Session(asyncio.Protocol):
         """Called by the proxy once the marks of ``writes`` writes were delivered (or failed)."""
         self.inflight -= writes
         self.marking = False
+        self.delivering = None
         if not ok:
             self.abort("marks could not be delivered")
             return
