@@ -137,6 +137,9 @@ def test_proxy_killed_during_sync_forces_repair_and_loses_nothing(source, target
     async def scenario() -> list[str]:
         load.start()
         child = await asyncio.to_thread(events.wait, lambda e: e["event"] == "proxy_process")
+        with open(f"/proc/{child['pid']}/cmdline", "rb") as f:
+            assert b"--upstream" not in f.read(), "the upstream URL (and its password) must not be in argv"
+        assert token_file.stat().st_mode & 0o777 == 0o600
         load.point_at("127.0.0.1", listen)
         await asyncio.to_thread(events.wait, lambda e: e.get("event") == "awaiting_approval", 90)
         await asyncio.sleep(0.5)

@@ -14,7 +14,8 @@ async def make_syncer(source, target, **kwargs) -> Syncer:
     src, dst = await discover(source.endpoint()), await discover(target.endpoint())
     # A tiny big-key threshold makes copies chunked and slow enough to catch one in flight.
     pool = MoverPool(src, dst, size=2, opts=MoverOptions(big_key_bytes=1024, chunk_elements=50))
-    syncer = Syncer(pool, workers=2, **kwargs)
+    kwargs.setdefault("workers", 2)
+    syncer = Syncer(pool, **kwargs)
     syncer.start()
     return syncer
 
@@ -88,3 +89,40 @@ def test_mark_rejects_a_single_key():
     except TypeError:
         return
     raise AssertionError("a bare key must not be iterated byte by byte")
+
+
+def test_a_failing_batch_is_retried_and_waits_stay_bounded(source, target):
+    """A transient failure (a dropped connection) is retried; drain() never spins past its timeout
+    and copy_now() returns only once every one of its keys was really copied."""
+    import time
+
+    from durablecache.errors import ConnectError
+
+    c = source.client()
+    c.set("a", "1")
+    c.set("b", "2")
+
+    async def scenario() -> None:
+        syncer = await make_syncer(source, target, workers=1)
+        real, calls = syncer._move, []
+
+        async def flaky(batch):  # type: ignore[no-untyped-def]
+            calls.append(batch)
+            if len(calls) == 1:
+                raise ConnectError("simulated connection drop")
+            return await real(batch)
+
+        syncer._move = flaky  # type: ignore[method-assign]
+        syncer.mark(0, [b"a"])
+        t0 = time.monotonic()
+        assert await syncer.drain(0.3) is False  # the retry comes after 1 s: not drained yet ...
+        assert time.monotonic() - t0 < 0.8  # ... and the wait ended on time
+        assert await syncer.drain(10)
+        calls.clear()  # fail the bulk batch once too
+        await asyncio.wait_for(syncer.copy_now(0, [b"a", b"b"]), 10)
+        assert target.client().get("b") == b"2"
+        await syncer.stop()
+        await syncer.pool.close()
+
+    asyncio.run(scenario())
+    assert target.client().get("a") == b"1"

@@ -12,6 +12,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,7 @@ from .urls import Endpoint
 
 log = logs.get("durablecache.proxies")
 ADMIN_TIMEOUT = 30.0
+START_TIMEOUT = 20.0
 
 
 class LocalProxy:
@@ -98,22 +100,37 @@ class SubprocessProxy:
 
     async def _spawn(self) -> None:
         self.admin_port = free_port()
-        args = [sys.executable, "-m", "durablecache.cli", "--log-json", "proxy",
-                "--upstream", self.upstream.to_url(), "--listen", self.address,
+        args = [sys.executable, "-m", "durablecache.cli", "--log-json", "proxy", "--listen", self.address,
                 "--admin", f"127.0.0.1:{self.admin_port}",
                 "--admin-token-file", self._write_secret("admin.token", self.token),
                 "--marks-to", f"{self.marks.host}:{self.marks.port}",
                 "--marks-token-file", os.path.join(self.workdir, "marks.token")]
+        # The upstream URL carries the password: hand it over in the environment, not on the command
+        # line, where any local user could read it.
+        env = {**os.environ, "DURABLECACHE_UPSTREAM": self.upstream.to_url()}
         with open(os.path.join(self.workdir, "proxy.log"), "ab") as log_file:  # the child keeps its own fd
-            self.proc = await asyncio.create_subprocess_exec(*args, stdout=subprocess.DEVNULL, stderr=log_file)
-        for _ in range(200):  # up to ~20 s for the child to listen
-            with contextlib.suppress(OSError, aiohttp.ClientError, ConnectError):
-                if await self._admin("GET", "/healthz", timeout=1.0):
-                    return
-            if self.proc.returncode is not None:
-                break
-            await asyncio.sleep(0.1)
-        raise ConnectError(f"proxy subprocess on {self.address} did not start (see {self.workdir}/proxy.log)")
+            self.proc = await asyncio.create_subprocess_exec(*args, stdout=subprocess.DEVNULL, stderr=log_file,
+                                                             env=env)
+        try:
+            deadline = time.monotonic() + START_TIMEOUT
+            while time.monotonic() < deadline and self.proc.returncode is None:
+                with contextlib.suppress(OSError, aiohttp.ClientError, ConnectError, TimeoutError):
+                    if await self._admin("GET", "/healthz", timeout=1.0):
+                        return
+                await asyncio.sleep(0.1)
+            raise ConnectError(f"proxy subprocess on {self.address} did not start (see {self.workdir}/proxy.log)")
+        except BaseException:
+            await self._kill_child()  # never leave a half-started proxy listening on the apps' port
+            raise
+
+    async def _kill_child(self) -> None:
+        if self.proc and self.proc.returncode is None:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
 
     async def _supervise(self) -> None:
         while not self._stopping:
@@ -128,7 +145,11 @@ class SubprocessProxy:
                 log.error("proxy keeps dying; giving up", address=self.address)
                 return
             await asyncio.sleep(0.2)
-            await self._spawn()
+            try:
+                await self._spawn()
+            except ConnectError as exc:
+                log.error("proxy restart failed; trying again", address=self.address, error=str(exc))
+                continue
             self.on_restart({"event": "proxy_process", "address": self.address, "pid": self.pid})
 
     @property
@@ -169,13 +190,7 @@ class SubprocessProxy:
         self._stopping = True
         if self._supervisor:
             self._supervisor.cancel()
-        if self.proc and self.proc.returncode is None:
-            self.proc.terminate()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 10)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
+        await self._kill_child()
         if self._session:
             await self._session.close()
 
@@ -191,6 +206,7 @@ def subprocess_proxies(host: str, port: int, emit: Callable[[dict[str, Any]], No
         await marks.start()
         owned.append(marks)
         child = SubprocessProxy(host, port, upstream, marks, workdir)
+        owned.append(child)  # stopped by the caller even if it never finished starting
         child._write_secret("marks.token", marks_token)
         child.on_restart = emit
         await child.start()

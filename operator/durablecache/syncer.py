@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable
 
 from . import logs
+from .errors import DurableCacheError
 from .keymover import MoveResult
 from .movers import MoverPool
 
@@ -25,6 +26,8 @@ DirtyKey = tuple[int, bytes]  # (db, key)
 SLOW_KEY_SECONDS = 0.005  # copies faster than this are not worth remembering
 SLOW_KEYS_KEPT = 1024     # bound on memory: the least recently copied slow keys are forgotten
 POLL = 0.002
+FAILURE_GRACE = 30.0  # a batch failing again and again for this long fails the waiters
+STALL_LIMIT = 600.0  # no batch finished for this long while keys wait: something is stuck
 
 
 @dataclasses.dataclass
@@ -55,19 +58,22 @@ class Syncer:
         self._copy_time: dict[DirtyKey, float] = {}
         self._slow_marked: dict[DirtyKey, float] = {}
         self._work = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._tasks: list[asyncio.Task[None]] = []
         self._paused = False
         self.failure: BaseException | None = None
+        self._failing_since = 0.0
+        self._last_progress = time.monotonic()
         # Why the next cutover must be preceded by a full verify-and-repair (None: not needed).
         self.repair_reason: str | None = None
 
     # -- marking ---------------------------------------------------------------------------------
-    def mark(self, db: int, keys: Iterable[bytes]) -> None:
-        """Record keys as dirty. Never blocks; past max_dirty it records an overflow instead."""
+    def mark(self, db: int, keys: Iterable[bytes], bulk: bool = False) -> None:
+        """Record keys as dirty. Never blocks; past max_dirty a live mark records an overflow instead
+        (bulk keys are bounded by copy_now's wait for room, and someone waits for them)."""
         if isinstance(keys, bytes | str):
             raise TypeError("mark() takes an iterable of keys, not one key")
+        if not self.backlog:
+            self._last_progress = time.monotonic()  # the stall clock starts when work arrives
         for key in keys:
             self.stats.marks += 1
             dk = (db, key)
@@ -76,13 +82,12 @@ class Syncer:
             if dk in self._in_flight:
                 self._again.add(dk)
             elif dk not in self._dirty:
-                if len(self._dirty) >= self.max_dirty:
+                if len(self._dirty) >= self.max_dirty and not bulk:
                     self.stats.overflowed += 1
                     self.require_repair(f"dirty-key backlog exceeded {self.max_dirty} keys")
                     continue
                 self._dirty[dk] = None
         if self._dirty:
-            self._idle.clear()
             self._work.set()
 
     async def on_marks(self, db: int, keys: list[bytes]) -> None:
@@ -92,10 +97,9 @@ class Syncer:
     async def copy_now(self, db: int, keys: list[bytes]) -> MoveResult:
         """Bulk copy entry: mark and wait until each key was copied by a copy started after now.
 
-        Waits for room first, so the bulk copy can never overflow the backlog."""
-        for _ in range(100_000):
-            if len(self._dirty) + len(keys) <= self.max_dirty // 2:
-                break
+        Waits for room first, so the bulk copy never crowds out live marks."""
+        while len(self._dirty) + len(keys) > self.max_dirty // 2:
+            self._raise_failure()
             await asyncio.sleep(0.01)
         loop = asyncio.get_running_loop()
         futures = []
@@ -103,8 +107,10 @@ class Syncer:
             fut: asyncio.Future[None] = loop.create_future()
             self._waiters.setdefault((db, key), []).append(fut)
             futures.append(fut)
-        self.mark(db, keys)
-        await asyncio.gather(*futures)
+        self.mark(db, keys, bulk=True)
+        while not all(f.done() for f in futures):
+            self._raise_failure()
+            await asyncio.wait(futures, timeout=1.0)
         # Keys of one call may share batches with live marks: bytes are only counted in self.stats.
         return MoveResult(copied=len(keys))
 
@@ -184,15 +190,20 @@ class Syncer:
             async with asyncio.timeout(timeout):
                 while not self.empty():
                     self._raise_failure()
-                    await self._idle.wait()
+                    await asyncio.sleep(POLL)
         except TimeoutError:
             return False
-        self._raise_failure()
         return True
 
     def _raise_failure(self) -> None:
-        if self.failure is not None:
+        """A failing batch is retried; only a failure that persists, or a syncer that stopped making
+        progress, ends the wait of whoever depends on it."""
+        now = time.monotonic()
+        if self.failure is not None and now - self._failing_since > FAILURE_GRACE:
             raise self.failure
+        if self.backlog and now - self._last_progress > STALL_LIMIT:
+            raise DurableCacheError(f"the syncer made no progress for {STALL_LIMIT:.0f}s "
+                                    f"(backlog {self.backlog} keys)")
 
     # -- workers ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -230,27 +241,29 @@ class Syncer:
         while True:
             if not self._dirty:
                 self._work.clear()
-                if not self._in_flight and not self._again:
-                    self._idle.set()
                 await self._work.wait()
                 continue
             batch = self._take()
-            waiters = [f for dk in batch for f in self._waiters.pop(dk, [])]
+            waiters = {dk: self._waiters.pop(dk, []) for dk in batch}
             try:
                 result = await self._move(batch)
-            except BaseException as exc:  # a copy that failed leaves its keys dirty
+            except BaseException as exc:  # a copy that failed leaves its keys dirty, with their waiters
                 for dk in batch:
                     self._in_flight.discard(dk)
+                    self._again.discard(dk)
                     self._dirty[dk] = None
-                    self._waiters.setdefault(dk, []).extend(f for f in waiters if not f.done())
+                    if waiters[dk]:
+                        self._waiters.setdefault(dk, []).extend(waiters[dk])
                 if isinstance(exc, asyncio.CancelledError):
                     raise
+                if self.failure is None:
+                    self._failing_since = time.monotonic()
                 self.failure = exc
-                self._idle.set()
-                log.error("sync batch failed", error=str(exc))
+                log.error("sync batch failed; retrying", error=str(exc))
                 await asyncio.sleep(1.0)
                 continue
             self.failure = None
+            self._last_progress = time.monotonic()
             self.stats.batches += 1
             self.stats.copied += result.copied
             self.stats.deleted += result.skipped
@@ -262,13 +275,12 @@ class Syncer:
                 if dk in self._again:
                     self._again.discard(dk)
                     self._dirty[dk] = None
-            for f in waiters:
-                if not f.done():
-                    f.set_result(None)
+            for futures in waiters.values():
+                for f in futures:
+                    if not f.done():
+                        f.set_result(None)
             if self._dirty:
                 self._work.set()
-            elif not self._in_flight and not self._again:
-                self._idle.set()
 
     async def _move(self, batch: list[DirtyKey]) -> MoveResult:
         db = batch[0][0]

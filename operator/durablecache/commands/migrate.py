@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import secrets
 import signal
 import sys
@@ -145,6 +146,7 @@ def _token(path: str | None) -> str:
             return f.read().strip()
     except FileNotFoundError:
         token = secrets.token_hex(16)
-        with open(path, "w") as f:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # a bearer token: owner only
+        with os.fdopen(fd, "w") as f:
             f.write(token)
         return token

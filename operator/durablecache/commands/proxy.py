@@ -18,7 +18,9 @@ HELP = "run the dual-write RESP proxy: forward clients to the upstream and repor
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--upstream", required=True, help="valkey[s]://[user:pass@]host:port of the authoritative side")
+    p.add_argument("--upstream", default=os.environ.get("DURABLECACHE_UPSTREAM"),
+                   help="valkey[s]://[user:pass@]host:port of the authoritative side (default: the "
+                        "DURABLECACHE_UPSTREAM environment variable, which keeps a password off the command line)")
     p.add_argument("--listen", default="127.0.0.1:6380", help="HOST:PORT for clients (default 127.0.0.1:6380)")
     p.add_argument("--admin", help="HOST:PORT for the admin API (needs --admin-token-file)")
     p.add_argument("--admin-token-file", help="file holding the admin API's bearer token")
@@ -66,6 +68,8 @@ async def _main(args: argparse.Namespace) -> int:
     from ..proxy.marks import RemoteMarks
 
     log = logs.get("durablecache.proxy")
+    if not args.upstream:
+        raise UsageError("--upstream (or DURABLECACHE_UPSTREAM) is required")
     upstream = parse_url(args.upstream)
     host, port = _hostport(args.listen, "--listen")
     admin_addr = _hostport(args.admin, "--admin") if args.admin else None
