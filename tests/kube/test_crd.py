@@ -136,7 +136,7 @@ def test_examples_exist() -> None:
 
 def test_defaults(custom: client.CustomObjectsApi, kube_namespace: str) -> None:
     spec = create(custom, kube_namespace, minimal())["spec"]
-    assert spec["cutover"] == {"mode": "manual", "approved": False, "maxWritePause": "100ms",
+    assert spec["cutover"] == {"mode": "manual", "approved": False, "maxWritePause": "100ms", "maxKeyPause": "5s",
                                "rollbackWindow": "30m", "rollback": False}
     assert spec["seeding"] == {"mode": "none"}
     assert spec["deletionPolicy"] == {"source": "Retain", "target": "Retain"}

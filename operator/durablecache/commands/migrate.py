@@ -102,7 +102,7 @@ async def migrate(args: argparse.Namespace, store: CheckpointStore | None = None
     else:
         starter = local_proxies(host, port)
     opts = MigrationOptions(cutover=args.cutover, max_write_pause=args.max_write_pause,
-                            max_key_pause=getattr(args, "max_key_pause", 5.0),
+                            max_key_pause=args.max_key_pause,
                             rollback_window=args.rollback_window, exit_after_cutover=args.exit_after_cutover,
                             allow_clients=args.allow_client, gate_settle=args.gate_settle,
                             gate_timeout=args.gate_timeout, max_source_ops=args.max_ops)
