@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import valkey
 
@@ -227,7 +228,7 @@ def _state_ok(node: LocalServer) -> bool:
 
 
 def _replica_synced(node: LocalServer) -> bool:
-    info = node.client().info("replication")
+    info: dict[str, Any] = node.client().info("replication")  # type: ignore[assignment]
     return info.get("role") == "slave" and info.get("master_link_status") == "up"
 
 

@@ -26,7 +26,7 @@ from .topology import Topology
 
 KINDS = ("missing", "extra", "type", "value", "ttl")
 MAX_EXAMPLES = 5
-FETCH = {
+FETCH: dict[str, Callable[[bytes], list[tuple[Any, ...]]]] = {
     "string": lambda k: [("GET", k)],
     "hash": lambda k: [("HGETALL", k)],
     "set": lambda k: [("SMEMBERS", k)],
