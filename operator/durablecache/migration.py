@@ -301,6 +301,7 @@ class Migration:
         held = self.syncer.slow_keys(budget / 2)
         k0 = time.monotonic()
         t0: float | None = None
+        switched = False
         try:
             if held:
                 await self._hold_keys(held, self.opts.max_key_pause)
@@ -313,10 +314,14 @@ class Migration:
                     f"backlog of {self.syncer.backlog} keys not drained in time"
                 raise TimeoutError(reason)
             # Both sides are equal and no write is in flight: the target becomes authoritative.
+            await self.syncer.switch_pool(self._pool(reverse=True))
+            switched = True
             await asyncio.gather(*(p.flip(self.target_ep) for p in self.proxies))
             self.state["flipped"] = True
             self.save()
         except (TimeoutError, DurableCacheError, OSError) as exc:
+            if switched:  # FLIP failed: the source stays authoritative, copy towards the target again
+                await self.syncer.switch_pool(self._pool(reverse=False))
             if t0 is not None:
                 await asyncio.gather(*(p.unfreeze() for p in self.proxies), return_exceptions=True)
             await self._release_keys(held)
@@ -332,7 +337,6 @@ class Migration:
                 await asyncio.gather(*(p.unfreeze() for p in self.proxies), return_exceptions=True)
             await self._release_keys(held)
             raise
-        await self.syncer.switch_pool(self._pool(reverse=True))
         await asyncio.gather(*(p.unfreeze() for p in self.proxies))
         pause = (time.monotonic() - t0) * 1000
         await self._release_keys(held)   # held writes go on, to the target now
@@ -411,9 +415,10 @@ class Migration:
             except TimeoutError:
                 drained = False      # a freeze that did not quiesce: this attempt failed, never hold on
             if drained:
+                await self.syncer.switch_pool(self._pool(reverse=False))
                 await asyncio.gather(*(p.flip(self.source_ep) for p in self.proxies))
                 self.state["flipped"] = False
-                await self.syncer.switch_pool(self._pool(reverse=False))
+                self.save()  # before any write reaches the source again
                 await asyncio.gather(*(p.unfreeze() for p in self.proxies))
                 pause_ms = round((time.monotonic() - t0) * 1000, 2)
                 await self._release_keys(held)

@@ -218,8 +218,9 @@ class Syncer:
         self._tasks = []
 
     async def switch_pool(self, pool: MoverPool) -> None:
-        """Copy the other way from now on (after FLIP). Only called while the backlog is empty."""
-        assert self.empty(), "switching direction with keys still dirty would lose them"
+        """Copy the other way from now on. Called between DRAIN and FLIP, while writes are frozen: a
+        mark that still arrives then (a write whose client vanished before its reply) must be copied
+        from the side that is about to become authoritative, never onto it."""
         old, self.pool = self.pool, pool
         await old.close()
 
