@@ -19,6 +19,10 @@ Args = Sequence[bytes]
 KeyFn = Callable[[Args], list[bytes]]
 
 WRITE_KEY_FLAGS = frozenset({"RW", "OW", "RM", "insert", "delete", "update"})
+# The one exception to "nothing is a hand list": a command whose unresolvable write key spec is
+# introduced by a keyword (COMMAND DOCS: SORT's destination is the argument after STORE). Without the
+# keyword it writes nothing, so it needs no GETKEYS (and a plain SORT stays allowed inside MULTI).
+GETKEYS_ONLY_WITH = {b"sort": b"STORE"}
 SUBSCRIBE_FAMILY = {b"subscribe": 0, b"psubscribe": 1, b"ssubscribe": 2,
                     b"unsubscribe": 0, b"punsubscribe": 1, b"sunsubscribe": 2}
 
@@ -35,7 +39,7 @@ def _pairs(flat: Any) -> dict[str, Any]:
 
 class CommandSpec:
     __slots__ = ("name", "flags", "hold", "blocking", "write_keys", "route_keys", "needs_getkeys",
-                 "subcommands", "pubsub", "keys_all_written", "key_index")
+                 "subcommands", "pubsub", "keys_all_written", "key_index", "getkeys_keyword")
 
     def __init__(self, name: bytes, flags: frozenset[str]):
         self.name = name
@@ -49,6 +53,14 @@ class CommandSpec:
         self.pubsub = name in SUBSCRIBE_FAMILY
         self.keys_all_written = False         # flagged write, no key spec says which key: all of them
         self.key_index = -1                   # >0: the one write key is always args[key_index] (SET, INCR…)
+        self.getkeys_keyword: bytes | None = None   # needs_getkeys only when this keyword is present
+
+    def unresolved(self, args: Args) -> bool:
+        """Are this request's write keys known only to the server (COMMAND GETKEYSANDFLAGS)?"""
+        if not self.needs_getkeys:
+            return False
+        kw = self.getkeys_keyword
+        return kw is None or any(a.upper() == kw for a in args[2:])
 
 
 def _no_keys(_args: Args) -> list[bytes]:
@@ -179,6 +191,8 @@ def _build(entry: Sequence[Any], has_key_specs: bool) -> CommandSpec:
     spec.key_index = getattr(spec.write_keys, "key_index", -1)
     spec.route_keys = _concat(all_fns)
     spec.needs_getkeys = unresolved_write
+    if unresolved_write and has_key_specs:
+        spec.getkeys_keyword = GETKEYS_ONLY_WITH.get(spec.name)
     if len(entry) > 9:
         for sub in entry[9] or []:
             child = _build(sub, has_key_specs)

@@ -102,6 +102,8 @@ class Proxy:
         self.router = Router(False, [upstream], [])
         self.table: CommandTable
         self.sessions: dict[int, Session] = {}
+        # Sessions whose client left while writes were in flight: still awaiting replies/marks.
+        self.departed: set[Session] = set()
         self.frozen = False
         self.flipping = False
         # Key-scoped hold (hold_keys): db -> keys whose writes are held; empty when none is.
@@ -161,7 +163,7 @@ class Proxy:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        for s in list(self.sessions.values()):
+        for s in [*self.sessions.values(), *self.departed]:
             if s.transport is not None:
                 s.transport.close()
             s._close_conns()
@@ -249,6 +251,10 @@ class Proxy:
             low = name.lower()
             if spec is None or spec.subcommands or spec.pubsub or low in SPECIAL:
                 code = FAST_NO
+            elif spec.blocking and not spec.hold:
+                # XREAD BLOCK, WAIT, WAITAOF: an entry of their own (general path), never inside a
+                # run with writes, whose replies (and freeze) would wait for them.
+                code = FAST_NO
             elif not spec.hold:
                 code = FAST_READ
             elif spec.needs_getkeys:
@@ -301,8 +307,12 @@ class Proxy:
         router.owner[:] = owner
 
     # ---- FREEZE / FLIP / UNFREEZE ---------------------------------------------------------------
+    def _all_sessions(self) -> list[Session]:
+        """Connected sessions and departed ones still waiting for replies to writes / their marks."""
+        return [*self.sessions.values(), *self.departed]
+
     def _inflight(self) -> int:
-        return sum(s.inflight + (1 if s.marking else 0) for s in self.sessions.values())
+        return sum(s.inflight + (1 if s.marking else 0) for s in self._all_sessions())
 
     async def freeze(self, timeout: float) -> None:
         """Hold new writes; return when every write already sent is answered and its marks delivered."""
@@ -324,7 +334,7 @@ class Proxy:
     async def _unblock(self, writes_only: bool, keys: set[bytes] | None = None) -> None:
         """CLIENT UNBLOCK (-> the client's timeout reply) for blocking commands in flight; with
         ``keys``, only for blocking writes to one of them."""
-        for s in list(self.sessions.values()):
+        for s in self._all_sessions():
             for conn in list(s.conns.values()):
                 if conn.client_id is None:
                     continue
@@ -333,8 +343,7 @@ class Proxy:
                     if any(e.blocking and _touches(e.marks, keys) for e in queue):
                         await self._admin_call(conn.node, s.router, "CLIENT", "UNBLOCK", conn.client_id, "TIMEOUT")
                     continue
-                if any(e.blocking or (not writes_only and (e is READ or (e.conn is not None and not e.internal)))
-                       for e in queue):
+                if _must_unblock(queue, writes_only):
                     await self._admin_call(conn.node, s.router, "CLIENT", "UNBLOCK", conn.client_id, "TIMEOUT")
 
     async def _admin_call(self, node: int, router: Router, *args: Any) -> Any:
@@ -360,21 +369,27 @@ class Proxy:
             raise RuntimeError("flip() needs the proxy frozen first")
         started = time.monotonic()
         router, table = await self._discover(new_upstream)
+        if not self.frozen:     # unfreeze() while we discovered: writes may be flowing to the old side
+            raise RuntimeError("flip() aborted: the proxy was unfrozen meanwhile")
         self.flipping = True
         try:
             for s in self.sessions.values():
                 s.paused = True
             deadline = time.monotonic() + FLIP_QUIESCE
             last_unblock = 0.0
-            while any(not s.quiet() for s in self.sessions.values()):
+            # Departed sessions (client gone, writes in flight) leave ``departed`` once their writes
+            # are answered and marked; until then they could still write to the old side.
+            while any(not s.quiet() for s in self.sessions.values()) or self.departed:
                 now = time.monotonic()
                 if now >= deadline:
-                    busy = sum(1 for s in self.sessions.values() if not s.quiet())
+                    busy = sum(1 for s in self.sessions.values() if not s.quiet()) + len(self.departed)
                     raise TimeoutError(f"{busy} sessions still have replies in flight")
                 if now - last_unblock >= UNBLOCK_EVERY:
                     last_unblock = now
                     await self._unblock(writes_only=False)
                 await asyncio.sleep(0.001)
+            if not self.frozen:
+                raise RuntimeError("flip() aborted: the proxy was unfrozen meanwhile")
             await self._close_admin()
             self.upstream = new_upstream
             self.router = router
@@ -406,7 +421,7 @@ class Proxy:
         """Writes to any of ``keys`` (any db: a conservative match) sent, or answered but whose marks
         are not delivered yet."""
         n = 0
-        for s in self.sessions.values():
+        for s in self._all_sessions():
             n += sum(1 for e in s.pending if e.marks is not None and _touches(e.marks, keys))
             for batch in (s.batch, s.delivering):
                 if batch and any(k in keys for ks in batch.values() for k in ks):
@@ -474,3 +489,19 @@ class Proxy:
 def _touches(marks: Any, keys: set[bytes]) -> bool:
     """Do an entry's marks ([(db | None, keys)]) name one of ``keys``?"""
     return bool(marks) and any(k in keys for _, ks in marks for k in ks)
+
+
+def _must_unblock(queue: Any, writes_only: bool) -> bool:
+    """Should a connection with these entries in flight be unblocked? ``writes_only`` (freeze): when a
+    blocking write is in flight, or a blocking read (XREAD BLOCK, WAIT) with writes queued behind it —
+    they cannot be answered before it. Otherwise (flip): when anything of the client is in flight."""
+    blocked = False
+    for e in queue:
+        if e.blocking:
+            if e.marks is not None or not writes_only:
+                return True
+            blocked = True
+        elif (blocked and e.marks is not None) or (
+                not writes_only and (e is READ or (e.conn is not None and not e.internal))):
+            return True
+    return False

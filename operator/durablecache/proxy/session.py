@@ -34,6 +34,7 @@ pack_command = libvalkey.pack_command
 STAR = 0x2A
 DOLLAR = 0x24
 CLIENT_GONE_GRACE = 2.0        # how long replies to in-flight writes are awaited after a client left
+CLIENT_GONE_MAX = 30.0         # ... and at most, while a non-blocking write (a long script) is unanswered
 UNSAFE = frozenset({b"flushall", b"flushdb", b"swapdb", b"move"})
 MESSAGE_KINDS = frozenset({b"message", b"pmessage", b"smessage"})
 CONFIRM_KINDS = frozenset({b"subscribe", b"psubscribe", b"ssubscribe",
@@ -114,6 +115,9 @@ class Upstream(asyncio.Protocol):
         self.retired = False
         self.failed = False
         self.cut = False          # the last pub/sub frame was for the proxy itself: not forwarded
+        # Not authenticated (failed AUTH, RESET): closed once nothing of the client is in flight on
+        # it, so no unnamed connection lingers in the upstream's CLIENT LIST (the RouteIn gate).
+        self.drop_idle = False
 
     # -- sending ------------------------------------------------------------------------------
     def send(self, args: tuple[bytes, ...], entry: Entry | None, requeue: bool = False) -> None:
@@ -191,6 +195,8 @@ class Upstream(asyncio.Protocol):
                 self.rbuf = data[pos:]
         sess.collect()
         sess.kick()
+        if self.drop_idle:
+            sess.drop_if_idle(self)
 
     def _frames_standalone(self, data: bytes) -> tuple[int, int]:
         """Standalone: replies arrive in request order, so the chunk goes to the client as it is,
@@ -224,7 +230,10 @@ class Upstream(asyncio.Protocol):
                 end = frame_end(data, pos)
                 if end < 0:
                     break
-                if t == PUSH or (t == STAR and (self.subscribed or (pending and pending[0].remaining))
+                # RESP3: pub/sub traffic comes only as '>' pushes; an array reply that happens to begin
+                # with "message" is a reply. RESP2: subscribe mode is recognised by the first word.
+                if t == PUSH or (t == STAR and not sess.resp3
+                                 and (self.subscribed or (pending and pending[0].remaining))
                                  and self._pubsub_frame(data[pos:end])):
                     if t == PUSH:
                         self._push(data[pos:end])
@@ -303,7 +312,8 @@ class Upstream(asyncio.Protocol):
             if end < 0:
                 break
             t = data[pos]
-            if t == PUSH or (t == STAR and (self.subscribed or (expect and expect[0].remaining))
+            if t == PUSH or (t == STAR and not sess.resp3
+                             and (self.subscribed or (expect and expect[0].remaining))
                              and self._pubsub_frame(data[pos:end])):
                 if t == PUSH:
                     self._push(data[pos:end])
@@ -402,6 +412,7 @@ class Session(asyncio.Protocol):
         self.req_proto = 2
         self.authed = not proxy.require_auth
         self.auth_sent = False
+        self.auth_pending = 0               # AUTH / HELLO AUTH sent, reply not seen yet
         self.auth_args: tuple[bytes, ...] | None = None
         self.in_multi = False
         self.multi_marks: Marks = []
@@ -428,7 +439,10 @@ class Session(asyncio.Protocol):
         self.client_gone = True
         self.proxy.sessions.pop(self.id, None)
         if self.inflight or self.marking:
-            # Replies to writes already sent must be seen (and marked) before the upstream goes.
+            # Replies to writes already sent must be seen (and marked) before the upstream goes. Until
+            # then the session stays known to the proxy: freeze() waits for it, unblocks it, and flip()
+            # does not move the authoritative side while it may still write to the old one.
+            self.proxy.departed.add(self)
             asyncio.get_running_loop().call_later(CLIENT_GONE_GRACE, self._give_up)
             self._maybe_finish()
         else:
@@ -456,9 +470,12 @@ class Session(asyncio.Protocol):
         proxy = self.proxy
         proxy.bytes_in += len(data)
         reader = self.reader
-        # Inline commands start a line of their own. A chunk that starts with '$' continues a command
-        # whose array header came in the previous chunk (the reader then holds no unread bytes).
-        if data[0] != STAR and data[0] != DOLLAR and not reader.has_data():
+        # Inline commands start a line of their own, so only at a command boundary: the previous chunk
+        # must have ended with a complete command (``self.boundary``, tracked by us). The reader's
+        # ``has_data()`` alone cannot tell: it is False after a bare array header and also when exactly
+        # one unread byte ('*', '$') is buffered, and treating the rest of such a command as inline
+        # lines would execute bytes of a value as commands.
+        if self.boundary and data[0] != STAR and data[0] != DOLLAR and not reader.has_data():
             data = self._inline(data)
             if not data:
                 self._push_all()
@@ -641,7 +658,7 @@ class Session(asyncio.Protocol):
             return False
         if spec is None or not spec.hold:
             return False
-        if spec.needs_getkeys:
+        if spec.unresolved(args):
             return True       # its keys are known only to the server: held while any key is (rare)
         return proxy.holds(self.req_db, spec.write_keys(args))
 
@@ -683,7 +700,7 @@ class Session(asyncio.Protocol):
             return
         if self.in_multi:
             if spec is not None and spec.hold:
-                if spec.needs_getkeys and self.proxy.migrating:
+                if self.proxy.migrating and spec.unresolved(args):
                     self.multi_error = True
                     self.local_error(framing.error(
                         f"ERR durablecache: {args[0].decode(errors='replace').upper()} with keys only the "
@@ -692,15 +709,17 @@ class Session(asyncio.Protocol):
                 self.multi_marks.append((None, spec.write_keys(args)))
             entry = Entry(cb=cb)
         elif spec is not None and spec.hold:
-            marks: Marks = [(None, [] if spec.needs_getkeys else spec.write_keys(args))]
+            unresolved = spec.unresolved(args)
+            marks: Marks = [(None, [] if unresolved else spec.write_keys(args))]
             entry = Entry(marks, cb)
             entry.blocking = spec.blocking
             self.inflight += 1
             self.proxy.writes += 1
-            if spec.needs_getkeys:
+            if unresolved:
                 self._getkeys(conn, args, spec, marks)
         else:
             entry = Entry(cb=cb)
+            entry.blocking = spec is not None and spec.blocking    # XREAD BLOCK, WAIT: see _unblock
         if self.router.cluster:
             entry.args = args
         conn.send(args, entry)
@@ -966,16 +985,48 @@ class Session(asyncio.Protocol):
         if self.client_gone and not self.inflight and not self.marking:
             self._close_conns()
 
-    def _give_up(self) -> None:
+    def _give_up(self, waited: float = CLIENT_GONE_GRACE) -> None:
         if self.conns and (self.inflight or self.marking):
+            if waited < CLIENT_GONE_MAX and any(e.marks is not None and e.reply is None and not e.blocking
+                                                for e in self.pending):
+                # Closing the connection would not stop a running write (a script): it could land
+                # after its conservative mark was copied. Keep waiting for its reply (bounded).
+                asyncio.get_running_loop().call_later(CLIENT_GONE_GRACE, self._give_up,
+                                                      waited + CLIENT_GONE_GRACE)
+                return
             self._close_conns()
             self._mark_unanswered()
             self.kick()
+
+    def drop_if_idle(self, conn: Upstream) -> None:
+        """Close an unauthenticated upstream connection once none of the client's requests is on it;
+        the next AUTH opens a new one (named right after it)."""
+        if self.authed or self.conns.get(conn.node) is not conn:
+            conn.drop_idle = False
+            return
+        queue = conn.expect if self.router.cluster else self.pending
+        if any(e.conn is conn for e in queue):
+            return
+        del self.conns[conn.node]
+        if self.tx_conn is conn:
+            self.tx_conn = None
+        conn.close()
+
+    def auth_failed(self, conn: Upstream) -> None:
+        """An AUTH / HELLO AUTH was refused: unless still authenticated (as before it), later requests
+        get NOAUTH from the proxy and the unnamed upstream connection goes."""
+        if self.authed:
+            return
+        if not self.auth_pending:
+            self.auth_sent = False
+        if not conn.named:
+            conn.drop_idle = True
 
     def _close_conns(self) -> None:
         for c in self.conns.values():
             c.close()
         self.conns.clear()
+        self.proxy.departed.discard(self)
 
     # ---- FLIP -----------------------------------------------------------------------------------
     def quiet(self) -> bool:
@@ -1005,13 +1056,17 @@ def _auth(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None
     previous = s.auth_args
     s.auth_args = args
     s.auth_sent = True
+    s.auth_pending += 1
     conn = s.conn(0)
 
     def done(e: Entry) -> None:
+        s.auth_pending -= 1
         if (e.reply or b"").startswith(b"+"):
             s.authed = True
+            conn.drop_idle = False
         else:
             s.auth_args = previous
+            s.auth_failed(conn)
     entry = Entry(cb=done)
     conn.send(args, entry)
     s.name_after_auth(conn)
@@ -1054,19 +1109,25 @@ def _hello(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> Non
     if auth is not None:
         s.auth_args = auth
         s.auth_sent = True
+        s.auth_pending += 1
     if proto in (2, 3):
         s.req_proto = proto
 
     def done(e: Entry) -> None:
         r = e.reply or b""
+        if auth is not None:
+            s.auth_pending -= 1
         if r[:1] in (b"-", b"!"):
             s.auth_args = previous
             s.req_proto = 3 if s.resp3 else 2
+            if auth is not None:
+                s.auth_failed(conn)
             return
         if proto in (2, 3):
             s.resp3 = proto == 3
         if auth is not None:
             s.authed = True
+            conn.drop_idle = False
         if name is not None:
             s.name = name or None
     conn = s.conn(0)
@@ -1258,14 +1319,22 @@ def _reset(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> Non
     if not s.conns:
         s.local_fn(lambda: (done(Entry()), b"+RESET\r\n")[1])
         return
+    require_auth = s.proxy.require_auth
     for node, conn in s.conns.items():
+        def reset_conn(e: Entry, conn: Upstream = conn, first: bool = node == 0) -> None:
+            # At the reply's position (earlier callbacks may still set ``named``): the server cleared
+            # the name and, with a password, de-authenticated the connection: it goes when idle.
+            if require_auth:
+                conn.named = False
+                conn.drop_idle = True
+            if first:
+                done(e)
         if node == 0 or not s.router.cluster:
-            entry = Entry(cb=done)
-            conn.send(args, entry)
+            conn.send(args, Entry(cb=reset_conn))
         else:
-            conn.internal(args)
-        conn.named = False
-        if not s.proxy.require_auth:
+            conn.internal(args, reset_conn)
+        if not require_auth:
+            conn.named = False
             s.name_after_auth(conn)
 
 
@@ -1274,6 +1343,11 @@ def _subscribe(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) ->
     kind = SUBSCRIBE_FAMILY[name]
     group = s.subs[kind]
     channels = args[1:]
+    # Authentication first: a refused SUBSCRIBE must not be remembered (and replayed at AUTH). A
+    # SUBSCRIBE without channels gets its arity error first, as from the server.
+    if (channels or name.startswith((b"unsub", b"punsub", b"sunsub"))) and not s.authed and not s.auth_sent:
+        s.local(framing.NOAUTH)
+        return
     if name.startswith((b"unsub", b"punsub", b"sunsub")):
         if channels:
             count = len(channels)
@@ -1291,9 +1365,6 @@ def _subscribe(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) ->
             return
         count = len(channels)
         group.update(channels)
-    if not s.authed and not s.auth_sent:
-        s.local(framing.NOAUTH)
-        return
     if s.router.cluster and kind == 2:
         conn = s.conn_for(args, spec)
         if conn is None:

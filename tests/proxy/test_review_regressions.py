@@ -1,0 +1,246 @@
+"""Regressions found in review: each test failed before its fix (real servers, raw sockets where the
+exact bytes or TCP segments matter)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import libvalkey
+import pytest
+
+from durablecache.resp import pack
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Raw:
+    """A client socket that sends exact bytes (and TCP segments) and parses replies."""
+
+    def __init__(self, port: int):
+        self.s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.r = libvalkey.Reader()
+
+    def send(self, *cmds: tuple[str | bytes, ...]) -> None:
+        self.s.sendall(pack(list(cmds)))
+
+    def sendraw(self, data: bytes) -> None:
+        self.s.sendall(data)
+
+    def get(self, timeout: float = 5.0) -> object:
+        self.s.settimeout(timeout)
+        while True:
+            reply = self.r.gets()
+            if reply is not False:
+                return reply
+            data = self.s.recv(65536)
+            if not data:
+                raise EOFError
+            self.r.feed(data)
+
+    def close(self) -> None:
+        self.s.close()
+
+
+def wait_for(cond, timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+# ---- 1. a TCP split right after '*' or '$' must not turn the rest into inline commands -------------
+
+def test_split_after_star_or_dollar_never_executes_value_bytes(source, make_proxy):
+    p = make_proxy(source.endpoint())
+    d = source.client()
+    d.set("important", "keep-me")
+    value = b"\r\nDEL important\r\nSET injected 1\r\n"
+    payload = pack([(b"SET", b"note", value)])
+    for cut in (1, payload.index(b"$%d\r\n" % len(value)) + 1):     # after the '*', after the '$'
+        c = Raw(p.port)
+        c.sendraw(payload[:cut])
+        time.sleep(0.05)                                            # two segments, two reads
+        c.sendraw(payload[cut:])
+        assert c.get() == b"OK"
+        c.close()
+    assert d.get("important") == b"keep-me"
+    assert d.get("injected") is None
+    assert d.get("note") == value
+    assert p.keys(0) == {b"note"}
+
+
+def test_every_split_point_of_a_command(source, make_proxy):
+    p = make_proxy(source.endpoint())
+    payload = pack([(b"SET", b"key", b"abcdefgh")])
+    for cut in range(1, len(payload)):
+        c = Raw(p.port)
+        c.sendraw(payload[:cut])
+        time.sleep(0.02)
+        c.sendraw(payload[cut:])
+        assert c.get() == b"OK", cut
+        c.close()
+
+
+# ---- 2. RESP3: only '>' frames are pub/sub ------------------------------------------------------------
+
+def test_resp3_subscribed_array_reply_starting_with_message_is_a_reply(source, make_proxy):
+    p = make_proxy(source.endpoint())
+    source.client().rpush("L", "message", "a", "b")
+    c = Raw(p.port)
+    c.send(("HELLO", "3"))
+    assert isinstance(c.get(), dict)
+    c.send(("SUBSCRIBE", "ch"))
+    assert c.get() == [b"subscribe", b"ch", 1]
+    c.send(("LRANGE", "L", "0", "-1"))
+    assert c.get() == [b"message", b"a", b"b"]
+    p.clear()
+    c.send(("SET", "k", "v"))
+    assert c.get() == b"OK"
+    assert p.keys(0) == {b"k"}            # marked before the reply reached the client
+    c.send(("GET", "k"))
+    assert c.get() == b"v"
+    c.close()
+
+
+# ---- 3. a client that left with a write in flight: freeze waits for it -------------------------------
+
+def test_freeze_waits_for_a_departed_clients_blocking_write(source, make_proxy):
+    p = make_proxy(source.endpoint())
+    c = Raw(p.port)
+    c.send(("BLPOP", "L", "0"))
+    d = source.client()
+    assert wait_for(lambda: any(x["cmd"] == "blpop" for x in d.client_list()))
+    c.close()
+    time.sleep(0.1)
+    p.run(p.proxy.freeze(5.0))
+    # Unblocked (the departed session's BLPOP got its timeout reply) and its key marked.
+    assert (0, b"L") in p.marks
+    assert not any(x["cmd"] == "blpop" and "b" in x["flags"] for x in d.client_list())
+    p.call(p.proxy.unfreeze)
+
+
+def test_freeze_waits_for_a_departed_clients_slow_script(source, make_proxy, make_server):
+    p = make_proxy(source.endpoint())
+    target = make_server()
+    # ~1 s of Lua here (0.3 s per 1e8 iterations): still running when the client leaves.
+    slow = "for i = 1, 300000000 do end; redis.call('SET', KEYS[1], 'late'); return 1"
+    c = Raw(p.port)
+    c.send(("EVAL", slow, "1", "k"))
+    time.sleep(0.05)
+    c.close()                                    # gone, its write still running on the source
+    time.sleep(0.05)
+    p.run(p.proxy.freeze(10.0))
+    assert (0, b"k") in p.marks                  # answered and marked before freeze returned
+    assert source.client().get("k") == b"late"
+    p.run(p.proxy.flip(target.endpoint()))
+    assert p.proxy.stats()["inflight_writes"] == 0
+    p.call(p.proxy.unfreeze)
+
+
+# ---- 4. blocking commands get an entry of their own -----------------------------------------------
+
+def test_blocking_read_or_wait_does_not_hold_the_writes_before_it(source, make_proxy):
+    p = make_proxy(source.endpoint())
+    source.client().xadd("s", {"f": "v"})
+    for blocking in (("XREAD", "BLOCK", "0", "STREAMS", "s", "$"), ("WAIT", "1", "0")):
+        c = Raw(p.port)
+        c.sendraw(pack([("SET", "k", "v"), blocking]))          # one chunk
+        assert c.get(2.0) == b"OK"                             # not held behind the blocking command
+        started = time.monotonic()
+        p.run(p.proxy.freeze(2.0))
+        assert time.monotonic() - started < 1.0
+        p.call(p.proxy.unfreeze)
+        c.close()
+
+
+def test_freeze_unblocks_a_blocking_read_that_holds_up_a_write(source, make_proxy):
+    p = make_proxy(source.endpoint())
+    source.client().xadd("s", {"f": "v"})
+    c = Raw(p.port)
+    c.sendraw(pack([("XREAD", "BLOCK", "0", "STREAMS", "s", "$"), ("SET", "k3", "v")]))
+    time.sleep(0.2)
+    p.run(p.proxy.freeze(3.0))
+    assert c.get() is None                 # the timeout reply a client of XREAD BLOCK handles
+    assert c.get() == b"OK"
+    assert (0, b"k3") in p.marks
+    p.call(p.proxy.unfreeze)
+    c.close()
+
+
+# ---- 5. authentication ---------------------------------------------------------------------------
+
+def test_subscribe_before_auth_is_refused_and_not_replayed(make_server, make_proxy):
+    srv = make_server(password="pw")
+    srv.client().set("k", "v")
+    p = make_proxy(srv.endpoint())
+    c = Raw(p.port)
+    c.send(("SUBSCRIBE", "secret"))
+    assert "NOAUTH" in str(c.get())
+    c.send(("AUTH", "pw"))
+    assert c.get() == b"OK"
+    c.send(("GET", "k"))
+    assert c.get() == b"v"                 # not in subscribe mode
+    c.close()
+
+
+def test_no_unnamed_upstream_connection_after_reset_or_failed_auth(make_server, make_proxy):
+    srv = make_server(password="pw")
+    checker = srv.client()
+    checker.client_setname("checker")
+    p = make_proxy(srv.endpoint())
+    c2 = Raw(p.port)
+    c2.send(("AUTH", "pw"), ("RESET",), ("GET", "k"))
+    assert [c2.get(), c2.get()] == [b"OK", b"RESET"]
+    assert "NOAUTH" in str(c2.get())
+    c3 = Raw(p.port)
+    c3.send(("HELLO", "3", "AUTH", "default", "bad"), ("GET", "k"))
+    assert "WRONGPASS" in str(c3.get())
+    assert "NOAUTH" in str(c3.get())
+    c4 = Raw(p.port)
+    c4.send(("AUTH", "bad"))
+    assert "WRONGPASS" in str(c4.get())
+    assert wait_for(lambda: not [x for x in checker.client_list()
+                                 if x["name"] != "checker" and not x["name"].startswith("durablecache-")])
+    # Authenticating afterwards still works (a new, named upstream connection).
+    for c in (c2, c3, c4):
+        c.send(("AUTH", "pw"), ("SET", "k", "1"))
+        assert [c.get(), c.get()] == [b"OK", b"OK"]
+    assert all(x["name"] == "checker" or x["name"].startswith("durablecache-") for x in checker.client_list())
+    for c in (c2, c3, c4):
+        c.close()
+
+
+# ---- 6. SORT without STORE writes nothing: allowed inside MULTI -----------------------------------
+
+def test_read_only_sort_inside_multi(source, make_proxy):
+    p = make_proxy(source.endpoint())
+    source.client().rpush("l", 3, 1, 2)
+    c = Raw(p.port)
+    c.send(("MULTI",), ("SORT", "l"), ("EXEC",))
+    assert [c.get(), c.get(), c.get()] == [b"OK", b"QUEUED", [[b"1", b"2", b"3"]]]
+    c.send(("MULTI",), ("SORT", "l", "STORE", "dst"), ("EXEC",))     # still refused: keys unknown
+    replies = [c.get(), c.get(), c.get()]
+    assert "refused inside MULTI" in str(replies[1]) and "EXECABORT" in str(replies[2])
+    c.close()
+
+
+# ---- flip() re-checks the freeze after its own awaits ----------------------------------------------
+
+def test_flip_aborts_if_unfrozen_while_it_prepares(source, make_proxy, make_server):
+    p = make_proxy(source.endpoint())
+    target = make_server()
+
+    async def race() -> None:
+        await p.proxy.freeze(2.0)
+        task = asyncio.get_running_loop().create_task(p.proxy.flip(target.endpoint()))
+        await asyncio.sleep(0)             # flip() is now discovering the new side
+        p.proxy.unfreeze()
+        with pytest.raises(RuntimeError, match="unfrozen"):
+            await task
+    p.run(race())
+    assert p.proxy.upstream == source.endpoint()
