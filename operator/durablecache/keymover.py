@@ -17,6 +17,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import libvalkey
+
 from . import logs
 from .errors import ServerError
 from .ratelimit import TokenBucket
@@ -34,7 +36,6 @@ TIMED_KEY_BYTES = 256 * 1024
 # a server still loading, a busy script. Retried with exponential backoff, never dropped.
 RETRYABLE_PREFIXES = ("TRYAGAIN", "LOADING", "BUSY", "CLUSTERDOWN", "DURABILITY", "NOREPLICAS")
 RETRY_LIMIT_SECONDS = 120.0
-BIG = object()  # marker: too large for one DUMP, copy in chunks
 log = logs.get("durablecache.copy")
 
 # One round trip per source primary per batch instead of three commands per key: the script reads
@@ -100,27 +101,17 @@ class KeyMover:
         await self.source_ops.take(len(keys) * 3)
         started = time.monotonic()
         sent_ms = int(time.time() * 1000)
-        fetched = await self._fetch(db, keys)
-        restores: list[tuple[bytes, int, bytes]] = []
-        big, gone = [], []
-        for key, (expiry, payload) in zip(keys, fetched):
-            if payload is BIG:
-                big.append(key)
-            elif payload is None or expiry == -2:
-                gone.append(key)
-            else:
-                abs_ms = _absolute_expiry(self.expire_cmd, expiry, sent_ms)
-                if abs_ms and abs_ms <= sent_ms:
-                    result.expired += 1
-                    gone.append(key)
-                else:
-                    restores.append((key, abs_ms, payload))
-        if restores:
-            await self._throttle_target(restores)
-            fallback = await self._restore_all(db, restores)
-            result.copied += len(restores) - len(fallback)
-            result.bytes += sum(len(p) for _, _, p in restores)
-            self._estimate_timings(restores, time.monotonic() - started, result)
+        order, expiries, payloads = await self._fetch(db, keys)
+        batch = _RestoreBatch(self.dst.topology, order, expiries, payloads, sent_ms,
+                              relative=self.expire_cmd != "PEXPIRETIME")
+        big, gone = batch.big, batch.gone
+        result.expired += batch.expired
+        if batch.count:
+            await self._throttle_target(batch)
+            fallback = await self._restore_all(db, batch)
+            result.copied += batch.count - len(fallback)
+            result.bytes += batch.bytes
+            self._estimate_timings(batch, time.monotonic() - started, result)
             for key in fallback:
                 await self.copy_chunked(db, key, result)
         if gone:
@@ -131,18 +122,19 @@ class KeyMover:
         return result
 
     @staticmethod
-    def _estimate_timings(restores: list[tuple[bytes, int, bytes]], elapsed: float, result: MoveResult) -> None:
+    def _estimate_timings(batch: _RestoreBatch, elapsed: float, result: MoveResult) -> None:
         """A big key's share of the batch's fetch+restore time, by payload bytes: one round trip
         serves the whole batch, so this is the best per-key figure there is (and exact for a batch
         that is one big key, the hot-key case)."""
-        total = sum(len(p) for _, _, p in restores)
-        for key, _, payload in restores:
-            if len(payload) >= TIMED_KEY_BYTES:
-                result.timings.append((key, elapsed * len(payload) / total))
+        for key, size in batch.timed:
+            result.timings.append((key, elapsed * size / batch.bytes))
 
-    async def _fetch(self, db: int, keys: Sequence[bytes]) -> list[tuple[int, Any]]:
-        """(expiry, DUMP payload | None when gone | BIG) per key."""
-        out: dict[bytes, tuple[int, Any]] = {}
+    async def _fetch(self, db: int, keys: Sequence[bytes]) -> tuple[list[bytes], list[int], list[Any]]:
+        """(keys, expiries, payloads) as three parallel lists, in no particular order. A payload is
+        None when the key is gone (expiry -2) or too big for one DUMP (expiry -3)."""
+        order: list[bytes] = []
+        expiries: list[int] = []
+        payloads: list[Any] = []
         todo: list[bytes] = list(keys)
         if self.use_scripts:
             todo = []
@@ -152,13 +144,15 @@ class KeyMover:
                     self._script_failed("source", reply)
                     todo.extend(group)
                     continue
-                for i, key in enumerate(group):
-                    expiry, payload = reply[2 * i], reply[2 * i + 1]
-                    out[key] = (expiry, BIG if expiry == -3 else payload)
+                order.extend(group)
+                expiries.extend(reply[0::2])
+                payloads.extend(reply[1::2])
         if todo:
-            for key, value in zip(todo, await self._fetch_pipelined(db, todo)):
-                out[key] = value
-        return [out[k] for k in keys]
+            order.extend(todo)
+            for expiry, payload in await self._fetch_pipelined(db, todo):
+                expiries.append(expiry)
+                payloads.append(payload)
+        return order, expiries, payloads
 
     async def _fetch_pipelined(self, db: int, keys: list[bytes]) -> list[tuple[int, Any]]:
         """The script-free path (Redis < 7, or keys mid-migration between cluster nodes)."""
@@ -170,32 +164,34 @@ class KeyMover:
             if not isinstance(size, int):
                 out.append((-2, None))
             elif key not in dumps:
-                out.append((-1, BIG))
+                out.append((-3, None))
             else:
                 expiry, payload = dumps[key]
                 for r in (expiry, payload):
                     if isinstance(r, ReplyError):
                         raise ServerError(f"source: DUMP failed: {r}")
-                out.append((expiry, payload))
+                out.append((expiry, payload) if payload is not None else (-2, None))
         return out
 
-    async def _restore_all(self, db: int, restores: list[tuple[bytes, int, bytes]]) -> list[bytes]:
+    async def _restore_all(self, db: int, batch: _RestoreBatch) -> list[bytes]:
         """The common case in one pipeline per target primary; anything but OK (a moved slot, a
         transient rejection, an unreadable payload) goes through the careful path in _restore."""
-        groups: dict[int, list[tuple[bytes, int, bytes]]] = {}
-        for r in restores:
-            groups.setdefault(self.dst.topology.primary_for(r[0]), []).append(r)
 
-        async def one(primary: int, group: list[tuple[bytes, int, bytes]]) -> list[bytes]:
+        async def one(primary: int, group: _Group) -> list[int]:
             conn = await self.dst.conn(primary, db)
-            replies = await conn.pipeline([("RESTORE", k, ttl, p, "REPLACE", "ABSTTL") for k, ttl, p in group])
-            return [group[i][0] for i, r in enumerate(replies) if r != b"OK"]
+            replies = await conn.pipeline_packed(b"".join(group.parts), group.count)
+            return [] if replies is None else [i for i, r in enumerate(replies) if r != b"OK"]
 
-        todo = [k for failed in await asyncio.gather(*(one(p, g) for p, g in groups.items())) for k in failed]
-        if not todo:
+        groups = list(batch.groups.items())
+        failed = await asyncio.gather(*(one(p, g) for p, g in groups))
+        by_key: dict[bytes, tuple[bytes, bytes]] = {}
+        for (_, group), idxs in zip(groups, failed):
+            for i in idxs:
+                _, key, ttl, payload, *_ = group.command(i)
+                by_key[key] = (ttl, payload)
+        if not by_key:
             return []
-        by_key = {k: (ttl, p) for k, ttl, p in restores}
-        return await self._restore(db, todo, by_key)
+        return await self._restore(db, list(by_key), by_key)
 
     def _script_failed(self, side: str, reply: ReplyError) -> None:
         text = str(reply)
@@ -205,23 +201,19 @@ class KeyMover:
         log.info("scripted copy unavailable, using pipelines", side=side, reason=text[:200])
         self.use_scripts = False
 
-    async def _restore(self, db: int, keys: list[bytes], by_key: dict[bytes, tuple[int, bytes]]) -> list[bytes]:
+    async def _restore(self, db: int, keys: list[bytes], by_key: dict[bytes, tuple[bytes, bytes]]) -> list[bytes]:
         """RESTORE with retry on transient rejections; returns keys whose payload the target cannot read."""
         unreadable: list[bytes] = []
         await self._write_retrying(db, keys, lambda k: [("RESTORE", k, *by_key[k], "REPLACE", "ABSTTL")], unreadable)
         return unreadable
 
-    async def _throttle_target(self, restores: list[tuple[bytes, int, bytes]]) -> None:
+    async def _throttle_target(self, batch: _RestoreBatch) -> None:
         if not self.target_bytes:
             return
-        per_primary: dict[int, int] = {}
-        for key, _, payload in restores:
-            p = self.dst.topology.primary_for(key)
-            per_primary[p] = per_primary.get(p, 0) + len(payload)
-        for p, n in per_primary.items():
+        for p, group in batch.groups.items():
             bucket = self.target_bytes.get(p)
             if bucket:
-                await bucket.take(n)
+                await bucket.take(group.bytes)
 
     async def _delete(self, db: int, keys: list[bytes]) -> None:
         await self._write_retrying(db, keys, lambda k: [("DEL", k)])
@@ -379,6 +371,90 @@ class KeyMover:
                 await self._dst(db, key, ("XCLAIM", key, group, consumer, 0, entry_id, "IDLE", idle,
                                           "RETRYCOUNT", deliveries, "FORCE", "JUSTID"))
             start = "(" + pending[-1][0].decode()
+
+
+_HEAD = b"*6\r\n$7\r\nRESTORE\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n"
+_HEAD_NO_TTL = b"*6\r\n$7\r\nRESTORE\r\n$%d\r\n%b\r\n$1\r\n0\r\n$%d\r\n"
+_TAIL = b"\r\n$7\r\nREPLACE\r\n$6\r\nABSTTL\r\n"
+
+
+class _Group:
+    """The RESTOREs for one target primary, encoded as RESP (about twice as fast as packing a tuple
+    per command); three parts per command: head, DUMP payload, tail."""
+
+    __slots__ = ("parts", "count", "bytes")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.count = 0
+        self.bytes = 0
+
+    def command(self, i: int) -> list[bytes]:
+        """The i-th RESTORE decoded back into its arguments (only for the rare rejected one)."""
+        reader = libvalkey.Reader()
+        reader.feed(b"".join(self.parts[3 * i:3 * i + 3]))
+        return reader.gets()  # type: ignore[no-any-return]
+
+
+class _RestoreBatch:
+    """Sorts fetched keys into RESTORE ... REPLACE ABSTTL commands grouped by target primary, keys
+    gone from the source (or already past their expiry) and keys too big for one DUMP.
+
+    This is the bulk copy's hot loop: one pass, no per-key object beyond the RESP pieces.
+    """
+
+    def __init__(self, topology: Any, order: list[bytes], expiries: list[int], payloads: list[Any],
+                 sent_ms: int, relative: bool):
+        self.groups: dict[int, _Group] = {}
+        self.big: list[bytes] = []
+        self.gone: list[bytes] = []
+        self.expired = 0  # counted among gone
+        self.timed: list[tuple[bytes, int]] = []  # (key, payload size) of keys worth timing
+        single = None if topology.cluster else self.groups.setdefault(0, _Group()).parts
+        primary_for, groups, big, gone = topology.primary_for, self.groups, self.big, self.gone
+        head, head_no_ttl, tail = _HEAD, _HEAD_NO_TTL, _TAIL
+        for key, expiry, payload in zip(order, expiries, payloads):
+            if payload is None:  # -2: gone, -3: too big for one DUMP
+                (big if expiry == -3 else gone).append(key)
+                continue
+            if expiry >= 0:
+                abs_ms = sent_ms + expiry if relative else expiry
+                if abs_ms <= sent_ms:  # already past its expiry: must not exist on the target
+                    self.expired += 1
+                    gone.append(key)
+                    continue
+                ttl = b"%d" % abs_ms
+            elif expiry == -2:
+                gone.append(key)
+                continue
+            else:
+                ttl = None
+            if key.__class__ is str:  # callers may pass str keys; RESP wants bytes
+                key = key.encode()
+            size = len(payload)
+            if single is not None:
+                parts = single
+            else:
+                primary = primary_for(key)
+                group = groups.get(primary)
+                if group is None:
+                    group = groups[primary] = _Group()
+                parts = group.parts
+            if ttl is None:
+                parts.append(head_no_ttl % (len(key), key, size))
+            else:
+                parts.append(head % (len(key), key, len(ttl), ttl, size))
+            parts.append(payload)
+            parts.append(tail)
+            if size >= TIMED_KEY_BYTES:
+                self.timed.append((key, size))
+        for primary, group in list(groups.items()):
+            group.count = len(group.parts) // 3
+            group.bytes = sum(map(len, group.parts[1::3]))
+            if not group.count:
+                del groups[primary]
+        self.count = sum(g.count for g in groups.values())
+        self.bytes = sum(g.bytes for g in groups.values())
 
 
 def _script_call(script: str, first: Any, args: Sequence[Any]) -> tuple[Any, ...]:

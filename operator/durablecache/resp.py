@@ -25,6 +25,7 @@ Command = Sequence[Any]
 CONNECT_TIMEOUT = 5.0
 REPLY_TIMEOUT = 120.0
 READ_CHUNK = 1 << 18
+OK = b"+OK\r\n"
 
 
 def pack(commands: Iterable[Command]) -> bytes:
@@ -95,23 +96,36 @@ class Connection:
         """Send all commands in one write and return one reply per command (errors as values)."""
         if not commands:
             return []
+        return await self._exchange(pack(commands), len(commands), timeout, False)  # type: ignore[return-value]
+
+    async def pipeline_packed(self, data: bytes, want: int, timeout: float = REPLY_TIMEOUT) -> list[Any] | None:
+        """Send ``want`` commands already encoded as RESP (``data``) whose every reply is +OK or an
+        error (RESTORE, SET): a shorter reply such as ``:1`` would stall the +OK fast path.
+
+        Returns None when every reply is +OK, without building a reply object per command (the bulk
+        copy's RESTORE stream); otherwise every reply, as ``pipeline`` does.
+        """
+        if not want:
+            return None
+        return await self._exchange(data, want, timeout, True)
+
+    async def _exchange(self, data: bytes, want: int, timeout: float, expect_ok: bool) -> list[Any] | None:
         if self.broken:
             raise ConnectError(f"connection to {self.endpoint.address} is broken")
         replies: list[Any] = []
-        want = len(commands)
         # Until every reply is read the connection is out of step: if we stop early (timeout, error,
         # cancellation), the next command would receive this one's reply. It is then never used again.
         self.broken = True
         try:
-            self._writer.write(pack(commands))
+            self._writer.write(data)
             async with asyncio.timeout(timeout):
+                if expect_ok and await self._all_ok(want):
+                    self.broken = False
+                    return None
                 while len(replies) < want:
                     reply = self._parser.gets()
                     if reply is False:
-                        data = await self._reader.read(READ_CHUNK)
-                        if not data:
-                            raise ConnectError(f"{self.endpoint.address} closed the connection")
-                        self._parser.feed(data)
+                        await self._feed()
                         continue
                     replies.append(reply)
         except TimeoutError:
@@ -125,6 +139,28 @@ class Connection:
             raise
         self.broken = False
         return replies
+
+    async def _feed(self) -> None:
+        data = await self._reader.read(READ_CHUNK)
+        if not data:
+            raise ConnectError(f"{self.endpoint.address} closed the connection")
+        self._parser.feed(data)
+
+    async def _all_ok(self, want: int) -> bool:
+        """Read until ``want`` replies of exactly +OK could have arrived. True if they did: the bytes
+        are then consumed. Otherwise everything read went to the parser (any other reply is longer
+        than +OK, so we never read past the replies we are owed) and the caller parses as usual."""
+        need = len(OK) * want
+        buf = bytearray()
+        while len(buf) < need:
+            data = await self._reader.read(READ_CHUNK)
+            if not data:
+                raise ConnectError(f"{self.endpoint.address} closed the connection")
+            buf += data
+        if len(buf) == need and buf.count(OK) == want:
+            return True
+        self._parser.feed(bytes(buf))
+        return False
 
     async def call(self, *args: Any, timeout: float = REPLY_TIMEOUT) -> Any:
         """One command; an error reply raises ServerError."""

@@ -81,8 +81,11 @@ class Side:
     async def per_primary(self, db: int, keys: Sequence[bytes], build: Any) -> list[tuple[list[bytes], Any]]:
         """One command per primary for all of its keys (``build(keys) -> command``); no redirects followed."""
         groups: dict[int, list[bytes]] = defaultdict(list)
-        for k in keys:
-            groups[self.topology.primary_for(k)].append(k)
+        if not self.topology.cluster:  # one primary: no per-key routing
+            groups[0] = list(keys)
+        else:
+            for k in keys:
+                groups[self.topology.primary_for(k)].append(k)
 
         async def one(primary: int, group: list[bytes]) -> Any:
             return (await (await self.conn(primary, db)).pipeline([build(group)]))[0]
