@@ -163,12 +163,8 @@ async def copier(source: LocalServer, target: LocalServer, conc: int) -> tuple[f
     src, dst = await discover(source.endpoint()), await discover(target.endpoint())
     pool = MoverPool(src, dst, size=conc, opts=MoverOptions())
 
-    async def submit(db: int, keys: list[bytes]):  # type: ignore[no-untyped-def]
-        async with pool.mover() as m:
-            return await m.move(db, keys)
-
     meter = CpuMeter(source, target)
-    summary = await BulkCopy(src, dst, submit, concurrency=conc).run()
+    summary = await BulkCopy(src, dst, pool.move, concurrency=conc).run()
     cpu = meter.report(summary.keys)
     await pool.close()
     return summary.keys / summary.seconds, summary.bytes / summary.seconds / 1e6, summary.keys, cpu

@@ -22,7 +22,7 @@ import libvalkey
 from . import logs
 from .errors import ServerError
 from .ratelimit import TokenBucket
-from .resp import ReplyError
+from .resp import ReplyError, reply_map
 from .side import Side
 
 MiB = 1 << 20
@@ -345,13 +345,13 @@ class KeyMover:
         return total
 
     async def _copy_stream_meta(self, db: int, key: bytes) -> None:
-        info = _pairs(await self._src(db, key, "XINFO", "STREAM", key))
+        info = reply_map(await self._src(db, key, "XINFO", "STREAM", key))
         setid: list[Any] = ["XSETID", key, info[b"last-generated-id"]]
         if b"entries-added" in info:
             setid += ["ENTRIESADDED", info[b"entries-added"], "MAXDELETEDID", info[b"max-deleted-entry-id"]]
         await self._dst(db, key, tuple(setid))
         for group in await self._src(db, key, "XINFO", "GROUPS", key):
-            g = _pairs(group)
+            g = reply_map(group)
             create: list[Any] = ["XGROUP", "CREATE", key, g[b"name"], g[b"last-delivered-id"]]
             if g.get(b"entries-read") is not None:
                 create += ["ENTRIESREAD", g[b"entries-read"]]
@@ -360,7 +360,7 @@ class KeyMover:
 
     async def _copy_pending(self, db: int, key: bytes, group: bytes) -> None:
         for consumer in await self._src(db, key, "XINFO", "CONSUMERS", key, group):
-            c = _pairs(consumer)
+            c = reply_map(consumer)
             await self._dst(db, key, ("XGROUP", "CREATECONSUMER", key, group, c[b"name"]))
         start = "-"
         while True:
@@ -469,8 +469,3 @@ def _absolute_expiry(cmd: str, reply: Any, sent_ms: int) -> int:
         return 0
     return value if cmd == "PEXPIRETIME" else sent_ms + value
 
-
-def _pairs(flat: Any) -> dict[bytes, Any]:
-    if isinstance(flat, dict):
-        return flat
-    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}

@@ -119,7 +119,6 @@ class Migration:
         self.approved = asyncio.Event()
         self.rollback_requested = asyncio.Event()
         self.stop_requested = asyncio.Event()
-        self.last_pause_ms: float | None = None
 
     # -- state ------------------------------------------------------------------------------------
     @property
@@ -343,7 +342,6 @@ class Migration:
         key_pause = (time.monotonic() - k0) * 1000 if held else 0.0
         self.state["lastCutoverPauseMs"] = round(pause, 2)
         self.state["lastCutoverKeyPauseMs"] = round(key_pause, 2)
-        self.last_pause_ms = pause
         self.save()
         self.emit({"event": "cutover", "pause_ms": round(pause, 2), "freeze_ms": round(frozen_ms, 2),
                    "attempt": attempt, "held_keys": len(held), "key_pause_ms": round(key_pause, 2)})

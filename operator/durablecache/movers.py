@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 
-from .keymover import KeyMover, MoverOptions
+from .keymover import KeyMover, MoveResult, MoverOptions
 from .ratelimit import TokenBucket
 from .side import Side
 from .topology import Topology
@@ -30,25 +28,13 @@ class MoverPool:
         for m in self._all:
             self._free.put_nowait(m)
 
-    @contextlib.asynccontextmanager
-    async def mover(self) -> AsyncIterator[KeyMover]:
+    async def move(self, db: int, keys: list[bytes]) -> MoveResult:
+        """Copy keys with whichever mover is free (the copier's and the syncer's unit of work)."""
         m = await self._free.get()
         try:
-            yield m
+            return await m.move(db, keys)
         finally:
             self._free.put_nowait(m)
-
-    def reversed(self) -> MoverPool:
-        """The same pool shape copying the other way (reverse sync after FLIP)."""
-        first = self._all[0]
-        pool = MoverPool.__new__(MoverPool)
-        pool.source, pool.target = self.target, self.source
-        pool._all = [KeyMover(Side(self.target, m.src.name), Side(self.source, m.src.name), first.opts)
-                     for m in self._all]
-        pool._free = asyncio.Queue()
-        for m in pool._all:
-            pool._free.put_nowait(m)
-        return pool
 
     async def close(self) -> None:
         for m in self._all:

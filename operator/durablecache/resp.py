@@ -175,6 +175,22 @@ class Connection:
             await asyncio.wait_for(self._writer.wait_closed(), 2.0)
 
 
+def text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def reply_map(flat: Any) -> dict[Any, Any]:
+    """A map reply as a dict: RESP3 sends a map, RESP2 a flat [key, value, ...] list."""
+    if isinstance(flat, dict):
+        return flat
+    return {flat[i]: flat[i + 1] for i in range(0, len(flat) - 1, 2)}
+
+
+def reply_text_map(flat: Any) -> dict[str, Any]:
+    """reply_map with the keys decoded to str."""
+    return {text(k): v for k, v in reply_map(flat).items()}
+
+
 def _name(args: Sequence[Any]) -> str:
     head = args[0]
     return (head.decode() if isinstance(head, bytes) else str(head)).upper()

@@ -59,7 +59,6 @@ class Syncer:
         self._slow_marked: dict[DirtyKey, float] = {}
         self._work = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._paused = False
         self.failure: BaseException | None = None
         self._failing_since = 0.0
         self._last_progress = time.monotonic()
@@ -284,7 +283,5 @@ class Syncer:
                 self._work.set()
 
     async def _move(self, batch: list[DirtyKey]) -> MoveResult:
-        db = batch[0][0]
-        async with self.pool.mover() as mover:
-            return await mover.move(db, [k for _, k in batch])
+        return await self.pool.move(batch[0][0], [k for _, k in batch])
 

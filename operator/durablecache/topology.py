@@ -9,7 +9,7 @@ from typing import Any
 from valkey.crc import key_slot
 
 from .errors import ServerError
-from .resp import Connection, ReplyError
+from .resp import Connection, ReplyError, reply_text_map, text
 from .urls import Endpoint
 
 SLOTS = 16384
@@ -111,19 +111,9 @@ async def _cluster_map(conn: Connection, seed: Endpoint) -> tuple[list[Endpoint]
     return primaries, owner
 
 
-def _text(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
-def _as_dict(flat: Any) -> dict[str, Any]:
-    if isinstance(flat, dict):
-        return {_text(k): v for k, v in flat.items()}
-    return {_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
-
-
 def _node_host(fields: dict[str, Any], seed: Endpoint) -> str:
     for key in ("hostname", "endpoint", "ip"):
-        value = _text(fields.get(key, b"") or b"")
+        value = text(fields.get(key, b"") or b"")
         if value and value != "?":
             return value
     return seed.host
@@ -132,12 +122,12 @@ def _node_host(fields: dict[str, Any], seed: Endpoint) -> str:
 def _from_shards(reply: Iterable[Any], seed: Endpoint) -> list[tuple[Endpoint, list[tuple[int, int]]]]:
     out = []
     for shard in reply:
-        fields = _as_dict(shard)
+        fields = reply_text_map(shard)
         slots = [int(s) for s in fields.get("slots", [])]
         spans = [(slots[i], slots[i + 1]) for i in range(0, len(slots), 2)]
         for node in fields.get("nodes", []):
-            nf = _as_dict(node)
-            if _text(nf.get("role", b"")) != "master" or not spans:
+            nf = reply_text_map(node)
+            if text(nf.get("role", b"")) != "master" or not spans:
                 continue
             port = int(nf.get("tls-port") or 0) if seed.tls else int(nf.get("port") or 0)
             port = port or int(nf.get("port") or seed.port)
@@ -149,6 +139,6 @@ def _from_slots(reply: Iterable[Any], seed: Endpoint) -> list[tuple[Endpoint, li
     out = []
     for entry in reply:
         lo, hi, primary = int(entry[0]), int(entry[1]), entry[2]
-        host = _text(primary[0]) or seed.host
+        host = text(primary[0]) or seed.host
         out.append((seed.with_address(host, int(primary[1])), [(lo, hi)]))
     return out

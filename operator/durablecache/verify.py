@@ -20,7 +20,7 @@ from .copier import Unit, refresh_db_keys, unit_sizes
 from .errors import ServerError
 from .keymover import DEFAULT_BIG_KEY_BYTES, DEFAULT_CHUNK_ELEMENTS
 from .progress import NoProgress, Progress
-from .resp import Connection, ReplyError
+from .resp import Connection, ReplyError, reply_map
 from .side import Side
 from .topology import Topology
 
@@ -105,10 +105,10 @@ def canonical_digest(ktype: str, replies: Sequence[Any]) -> bytes:
             put(entry_id)
             for x in fields:
                 put(x)
-        info = _pairs(replies[1])
+        info = reply_map(replies[1])
         put(info.get(b"last-generated-id", b""))
         for group in replies[2]:
-            g = _pairs(group)
+            g = reply_map(group)
             put(g.get(b"name", b""))
             put(g.get(b"last-delivered-id", b""))
             put(g.get(b"pending", 0))
@@ -126,11 +126,6 @@ def _flatten(value: Any) -> list[Any]:
             out.append(x)
     return out
 
-
-def _pairs(flat: Any) -> dict[bytes, Any]:
-    if isinstance(flat, dict):
-        return flat
-    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
 
 
 class Verifier:

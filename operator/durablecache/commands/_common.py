@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import contextlib
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
+from ..errors import UsageError
 from ..topology import Topology, discover
 from ..urls import parse_url
 
@@ -24,6 +26,26 @@ def add_pair_arguments(p: argparse.ArgumentParser) -> None:
 async def discover_pair(args: argparse.Namespace) -> tuple[Topology, Topology]:
     src_ep, dst_ep = parse_url(args.source), parse_url(args.target)
     return await discover(src_ep), await discover(dst_ep)
+
+
+def hostport(value: str, what: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UsageError(f"{what} must be HOST:PORT, not {value!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def read_token(path: str | None, what: str) -> str:
+    """A bearer token from its file (one line); a one-line error when it is missing or empty."""
+    if not path:
+        raise UsageError(f"{what} needs its token file")
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} token file {path}: {exc.strerror}") from None
+    if not token:
+        raise UsageError(f"{what} token file {path} is empty")
+    return token
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:

@@ -7,7 +7,8 @@ import json
 import urllib.error
 import urllib.request
 
-from ..errors import ConnectError, UsageError
+from ..errors import ConnectError
+from ._common import read_token
 
 NAME = "control"
 HELP = "status of a running migration, approve its manual cutover, or roll it back (via its --control API)"
@@ -20,11 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        with open(args.control_token_file) as f:
-            token = f.read().strip()
-    except OSError as exc:
-        raise UsageError(f"cannot read the token file: {exc.strerror}") from None
+    token = read_token(args.control_token_file, "--control")
     method, path = ("GET", "/status") if args.action == "status" else ("POST", f"/{args.action}")
     req = urllib.request.Request(f"http://{args.control}{path}", method=method,
                                  headers={"Authorization": f"Bearer {token}"})

@@ -56,12 +56,8 @@ async def copy(args: argparse.Namespace) -> CopySummary:
     pool = MoverPool(source, target, size=args.concurrency * max(1, len(source.primaries)), opts=opts,
                      max_source_ops=args.max_ops, max_target_bytes=(args.max_target_mib * MiB) or None)
 
-    async def submit(db: int, keys: list[bytes]):  # type: ignore[no-untyped-def]
-        async with pool.mover() as m:
-            return await m.move(db, keys)
-
     try:
-        bulk = BulkCopy(source, target, submit, store=store, progress=choose(args.json),
+        bulk = BulkCopy(source, target, pool.move, store=store, progress=choose(args.json),
                         scan_count=args.scan_count, concurrency=args.concurrency)
         return await bulk.run()
     finally:

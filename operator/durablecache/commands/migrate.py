@@ -15,21 +15,13 @@ from typing import Any
 
 from ..checkpoint import CheckpointStore, FileCheckpoint, MemoryCheckpoint
 from ..control import ControlServer
-from ..errors import UsageError
 from ..migration import Migration, MigrationOptions, Phase
 from ..proxyhandles import local_proxies, subprocess_proxies
 from ..urls import parse_url
-from ._common import run_async
+from ._common import hostport, read_token, run_async
 
 NAME = "migrate"
 HELP = "migrate --source to --target live: proxy at --listen, copy, sync, cut over with a sub-second pause"
-
-
-def hostport(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
-        raise UsageError(f"expected HOST:PORT, got {value!r}")
-    return host or "127.0.0.1", int(port)
 
 
 def duration(value: str) -> float:
@@ -94,7 +86,7 @@ async def migrate(args: argparse.Namespace, store: CheckpointStore | None = None
     """Run the protocol; `store` and `emit` let another runtime (the operator's worker) keep the state
     elsewhere and see every event."""
     source, target = parse_url(args.source), parse_url(args.target)
-    host, port = hostport(args.listen)
+    host, port = hostport(args.listen, "--listen")
     emit = emit or printer(args.json)
     owned: list[Any] = []
     if args.proxy_mode == "subprocess":
@@ -111,7 +103,7 @@ async def migrate(args: argparse.Namespace, store: CheckpointStore | None = None
     m = Migration(source, target, opts, starter, emit=emit, store=store)
     control = None
     if args.control:
-        chost, cport = hostport(args.control)
+        chost, cport = hostport(args.control, "--control")
         control = ControlServer(m, _token(args.control_token_file), chost, cport)
         await control.start()
         emit({"event": "control", "address": f"{chost}:{control.port}"})
@@ -139,14 +131,9 @@ async def migrate(args: argparse.Namespace, store: CheckpointStore | None = None
 
 
 def _token(path: str | None) -> str:
-    if not path:
-        raise UsageError("--control needs --control-token-file")
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except FileNotFoundError:
-        token = secrets.token_hex(16)
+    """The control API's token: read from its file, which is created (owner-only) when missing."""
+    if path and not os.path.exists(path):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # a bearer token: owner only
         with os.fdopen(fd, "w") as f:
-            f.write(token)
-        return token
+            f.write(secrets.token_hex(16))
+    return read_token(path, "--control")

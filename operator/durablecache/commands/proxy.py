@@ -7,11 +7,11 @@ import asyncio
 import os
 import signal
 import ssl
-from pathlib import Path
 
 from .. import logs
 from ..errors import UsageError
 from ..urls import parse_url
+from ._common import hostport, read_token
 
 NAME = "proxy"
 HELP = "run the dual-write RESP proxy: forward clients to the upstream and report every key written"
@@ -34,25 +34,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="log JSON lines")
 
 
-def _hostport(value: str, what: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
-        raise UsageError(f"{what} must be HOST:PORT, not {value!r}")
-    return host or "127.0.0.1", int(port)
-
-
-def _token(path: str | None, what: str) -> str:
-    if not path:
-        raise UsageError(f"{what} needs its token file")
-    try:
-        token = Path(path).read_text().strip()
-    except OSError as exc:
-        raise UsageError(f"cannot read {what} token file {path}: {exc.strerror}") from None
-    if not token:
-        raise UsageError(f"{what} token file {path} is empty")
-    return token
-
-
 def run(args: argparse.Namespace) -> int:
     if args.json:
         logs.configure(json=True, level=getattr(args, "log_level", "info") or "info")
@@ -71,9 +52,9 @@ async def _main(args: argparse.Namespace) -> int:
     if not args.upstream:
         raise UsageError("--upstream (or DURABLECACHE_UPSTREAM) is required")
     upstream = parse_url(args.upstream)
-    host, port = _hostport(args.listen, "--listen")
-    admin_addr = _hostport(args.admin, "--admin") if args.admin else None
-    admin_token = _token(args.admin_token_file, "--admin") if args.admin else ""
+    host, port = hostport(args.listen, "--listen")
+    admin_addr = hostport(args.admin, "--admin") if args.admin else None
+    admin_token = read_token(args.admin_token_file, "--admin") if args.admin else ""
     client_tls = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
@@ -82,8 +63,8 @@ async def _main(args: argparse.Namespace) -> int:
         client_tls.load_cert_chain(args.tls_cert, args.tls_key)
     remote: RemoteMarks | None = None
     if args.marks_to:
-        mhost, mport = _hostport(args.marks_to, "--marks-to")
-        remote = RemoteMarks(mhost, mport, _token(args.marks_token_file, "--marks-to"), name=args.name)
+        mhost, mport = hostport(args.marks_to, "--marks-to")
+        remote = RemoteMarks(mhost, mport, read_token(args.marks_token_file, "--marks-to"), name=args.name)
         await remote.connect()
         on_marks = remote
     else:

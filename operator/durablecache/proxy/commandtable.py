@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..resp import reply_text_map, text
+
 Args = Sequence[bytes]
 KeyFn = Callable[[Args], list[bytes]]
 
@@ -25,16 +27,6 @@ WRITE_KEY_FLAGS = frozenset({"RW", "OW", "RM", "insert", "delete", "update"})
 GETKEYS_ONLY_WITH = {b"sort": b"STORE"}
 SUBSCRIBE_FAMILY = {b"subscribe": 0, b"psubscribe": 1, b"ssubscribe": 2,
                     b"unsubscribe": 0, b"punsubscribe": 1, b"sunsubscribe": 2}
-
-
-def _text(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
-
-
-def _pairs(flat: Any) -> dict[str, Any]:
-    if isinstance(flat, dict):
-        return {_text(k): v for k, v in flat.items()}
-    return {_text(flat[i]): flat[i + 1] for i in range(0, len(flat) - 1, 2)}
 
 
 class CommandSpec:
@@ -69,17 +61,17 @@ def _no_keys(_args: Args) -> list[bytes]:
 
 def _compile_spec(spec: dict[str, Any]) -> KeyFn | None:
     """One key spec -> function(args) -> keys; None when the spec cannot be resolved from args."""
-    bs = _pairs(spec.get("begin_search") or [])
-    fk = _pairs(spec.get("find_keys") or [])
-    bs_type, fk_type = _text(bs.get("type", "unknown")), _text(fk.get("type", "unknown"))
-    bs_spec, fk_spec = _pairs(bs.get("spec") or []), _pairs(fk.get("spec") or [])
+    bs = reply_text_map(spec.get("begin_search") or [])
+    fk = reply_text_map(spec.get("find_keys") or [])
+    bs_type, fk_type = text(bs.get("type", "unknown")), text(fk.get("type", "unknown"))
+    bs_spec, fk_spec = reply_text_map(bs.get("spec") or []), reply_text_map(fk.get("spec") or [])
     if bs_type == "index":
         index = int(bs_spec["index"])
 
         def start(args: Args) -> int | None:
             return index if index < len(args) else None
     elif bs_type == "keyword":
-        keyword = _text(bs_spec["keyword"]).upper().encode()
+        keyword = text(bs_spec["keyword"]).upper().encode()
         startfrom = int(bs_spec["startfrom"])
 
         def start(args: Args) -> int | None:
@@ -154,8 +146,8 @@ def _legacy(first: int, last: int, step: int) -> KeyFn:
 
 
 def _build(entry: Sequence[Any], has_key_specs: bool) -> CommandSpec:
-    name = _text(entry[0]).lower()
-    flags = frozenset(_text(f) for f in entry[2])
+    name = text(entry[0]).lower()
+    flags = frozenset(text(f) for f in entry[2])
     spec = CommandSpec(name.split("|")[-1].encode(), flags)
     write_fns: list[KeyFn] = []
     all_fns: list[KeyFn] = []
@@ -164,8 +156,8 @@ def _build(entry: Sequence[Any], has_key_specs: bool) -> CommandSpec:
     key_specs = entry[8] if len(entry) > 8 else []
     if has_key_specs:
         for raw in key_specs or []:
-            ks = _pairs(raw)
-            kflags = {_text(f) for f in ks.get("flags") or []}
+            ks = reply_text_map(raw)
+            kflags = {text(f) for f in ks.get("flags") or []}
             writes = bool(kflags & WRITE_KEY_FLAGS)
             any_write_spec |= writes
             fn = _compile_spec(ks)
@@ -229,7 +221,7 @@ def keys_from_getkeys(reply: Any, spec: CommandSpec) -> list[bytes]:
     everything: list[bytes] = []
     for item in reply:
         if isinstance(item, list):
-            key, kflags = item[0], {_text(f) for f in item[1]}
+            key, kflags = item[0], {text(f) for f in item[1]}
             everything.append(key)
             if kflags & WRITE_KEY_FLAGS:
                 keys.append(key)
