@@ -312,6 +312,9 @@ def test_static_migration_under_load_survives_an_operator_kill(
     assert (ready["status"], ready["reason"]) == ("True", "MigrationComplete")
     assert (progressing["status"], degraded["status"]) == ("False", "False")
     assert ready["observedGeneration"] == cluster.get("sessions")["metadata"]["generation"]
+    # The operator removes the worker (and says so) right after it sees Complete: wait for that Event,
+    # as the status checks above could otherwise run a few milliseconds ahead of it.
+    wait_for("the WorkerRemoved event", lambda: "WorkerRemoved" in [r for _, r, _ in cluster.events("sessions")], 30)
     reasons = [reason for _, reason, _ in cluster.events("sessions")]
     for phase in ("Preflight", "Provision", "RouteIn", "Copy", "Sync", "Cutover", "RouteOut", "Complete"):
         assert phase in reasons, (phase, reasons)
