@@ -14,15 +14,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Container, Coroutine, Sequence
+from typing import Any, TypeVar
 
 import libvalkey
 
 from . import logs
 from .errors import ServerError
 from .ratelimit import TokenBucket
-from .resp import ReplyError, reply_map
+from .resp import ReplyError, pack, reply_map
 from .side import Side
 
 MiB = 1 << 20
@@ -37,6 +37,7 @@ TIMED_KEY_BYTES = 256 * 1024
 RETRYABLE_PREFIXES = ("TRYAGAIN", "LOADING", "BUSY", "CLUSTERDOWN", "DURABILITY", "NOREPLICAS")
 RETRY_LIMIT_SECONDS = 120.0
 log = logs.get("durablecache.copy")
+T = TypeVar("T")
 
 # One round trip per source primary per batch instead of three commands per key: the script reads
 # each key's size, expiry and DUMP payload. Keys are passed as ARGV (a batch spans many slots of
@@ -53,6 +54,20 @@ for i = 2, #ARGV do
   else out[#out + 1] = redis.call('PEXPIRETIME', k); out[#out + 1] = redis.call('DUMP', k) end
 end
 return out"""
+
+
+def _read_string_template(limit: int) -> bytes:
+    """GETRANGE key 0 <limit>, PEXPIRETIME key, as RESP to be completed with (len, key, len, key).
+
+    Keys the caller knows to be strings (the bulk copy's SCAN ... TYPE string) are read as plain
+    values: GETRANGE up to the big-key limit is the size probe and the read in one, so a string costs
+    the source two cheap commands instead of MEMORY USAGE + PEXPIRETIME + DUMP (which compresses and
+    checksums), and the target a SET ... PXAT instead of a RESTORE. Value first, expiry second: a key
+    deleted in between reads as gone. The hint may be stale, and GETRANGE cannot tell the empty
+    string from a missing key: a key with any other reply takes the pipelined DUMP path.
+    """
+    return (b"*4\r\n$8\r\nGETRANGE\r\n$%d\r\n%b\r\n$1\r\n0\r\n" + b"$%d\r\n%d\r\n" % (len(b"%d" % limit), limit)
+            + b"*2\r\n$11\r\nPEXPIRETIME\r\n$%d\r\n%b\r\n")
 
 
 @dataclasses.dataclass
@@ -93,17 +108,18 @@ class KeyMover:
         self.expire_cmd = "PEXPIRETIME" if src.topology.supports_pexpiretime else "PTTL"
         # Scripts need Valkey / Redis >= 7 on both sides (shebang flags, PEXPIRETIME).
         self.use_scripts = src.topology.supports_pexpiretime and dst.topology.supports_pexpiretime
+        self._read_string = _read_string_template(opts.big_key_bytes)
 
-    async def move(self, db: int, keys: Sequence[bytes]) -> MoveResult:
+    async def move(self, db: int, keys: Sequence[bytes], strings: Container[bytes] = frozenset()) -> MoveResult:
+        """Copy keys; ``strings`` are those believed to be strings (a hint, see _read_string_template)."""
         result = MoveResult()
         if not keys:
             return result
         await self.source_ops.take(len(keys) * 3)
         started = time.monotonic()
-        sent_ms = int(time.time() * 1000)
-        order, expiries, payloads = await self._fetch(db, keys)
-        batch = _RestoreBatch(self.dst.topology, order, expiries, payloads, sent_ms,
-                              relative=self.expire_cmd != "PEXPIRETIME")
+        batch = _RestoreBatch(self.dst.topology, int(time.time() * 1000), relative=self.expire_cmd != "PEXPIRETIME",
+                              limit=self.opts.big_key_bytes)
+        await self._fetch(db, keys, strings, batch)
         big, gone = batch.big, batch.gone
         result.expired += batch.expired
         if batch.count:
@@ -129,30 +145,41 @@ class KeyMover:
         for key, size in batch.timed:
             result.timings.append((key, elapsed * size / batch.bytes))
 
-    async def _fetch(self, db: int, keys: Sequence[bytes]) -> tuple[list[bytes], list[int], list[Any]]:
-        """(keys, expiries, payloads) as three parallel lists, in no particular order. A payload is
-        None when the key is gone (expiry -2) or too big for one DUMP (expiry -3)."""
-        order: list[bytes] = []
-        expiries: list[int] = []
-        payloads: list[Any] = []
+    async def _fetch(self, db: int, keys: Sequence[bytes], strings: Container[bytes], batch: _RestoreBatch) -> None:
+        """Read the keys from the source into the batch: one round trip per source primary, plus one
+        for the few keys the fast paths could not read."""
         todo: list[bytes] = list(keys)
         if self.use_scripts:
-            todo = []
-            limit = self.opts.big_key_bytes
-            for group, reply in await self.src.per_primary(db, keys, lambda g: _script_call(FETCH, limit, g)):
-                if isinstance(reply, ReplyError):
-                    self._script_failed("source", reply)
-                    todo.extend(group)
-                    continue
-                order.extend(group)
-                expiries.extend(reply[0::2])
-                payloads.extend(reply[1::2])
+            left = await _all([self._fetch_group(primary, db, group, strings, batch)
+                               for primary, group in self.src.by_primary(keys).items()])
+            todo = [k for group in left for k in group] + batch.unread
         if todo:
-            order.extend(todo)
-            for expiry, payload in await self._fetch_pipelined(db, todo):
-                expiries.append(expiry)
-                payloads.append(payload)
-        return order, expiries, payloads
+            batch.add_dumps(todo, *zip(*await self._fetch_pipelined(db, todo)))
+        batch.close()
+
+    async def _fetch_group(self, primary: int, db: int, group: list[bytes], strings: Container[bytes],
+                           batch: _RestoreBatch) -> list[bytes]:
+        """Hinted strings read as values, the other keys by the FETCH script, in one pipeline to one
+        source primary. Returns the keys left for the pipelined path."""
+        limit = self.opts.big_key_bytes
+        plain = [k for k in group if k in strings] if strings else []
+        scripted = [k for k in group if k not in strings] if plain else group
+        read = self._read_string
+        data = b"".join([read % (len(k), k, len(k), k) for k in plain])
+        if scripted:
+            data += pack([_script_call(FETCH, limit, scripted)])
+        conn = await self.src.conn(primary, db)
+        replies = await conn.pipeline_raw(data, 2 * len(plain) + (1 if scripted else 0))
+        if plain:
+            n = 2 * len(plain)
+            batch.add_values(plain, replies[1:n:2], replies[0:n:2])
+        if scripted:
+            reply = replies[-1]
+            if isinstance(reply, ReplyError):
+                self._script_failed("source", reply)
+                return scripted
+            batch.add_dumps(scripted, reply[0::2], reply[1::2])
+        return []
 
     async def _fetch_pipelined(self, db: int, keys: list[bytes]) -> list[tuple[int, Any]]:
         """The script-free path (Redis < 7, or keys mid-migration between cluster nodes)."""
@@ -175,7 +202,7 @@ class KeyMover:
 
     async def _restore_all(self, db: int, batch: _RestoreBatch) -> list[bytes]:
         """The common case in one pipeline per target primary; anything but OK (a moved slot, a
-        transient rejection, an unreadable payload) goes through the careful path in _restore."""
+        transient rejection, an unreadable payload) goes through the careful path, _write_retrying."""
 
         async def one(primary: int, group: _Group) -> list[int]:
             conn = await self.dst.conn(primary, db)
@@ -183,15 +210,16 @@ class KeyMover:
             return [] if replies is None else [i for i, r in enumerate(replies) if r != b"OK"]
 
         groups = list(batch.groups.items())
-        failed = await asyncio.gather(*(one(p, g) for p, g in groups))
-        by_key: dict[bytes, tuple[bytes, bytes]] = {}
+        failed = await _all([one(p, g) for p, g in groups])
+        by_key: dict[bytes, list[bytes]] = {}
         for (_, group), idxs in zip(groups, failed):
             for i in idxs:
-                _, key, ttl, payload, *_ = group.command(i)
-                by_key[key] = (ttl, payload)
-        if not by_key:
-            return []
-        return await self._restore(db, list(by_key), by_key)
+                command = group.command(i)
+                by_key[command[1]] = command
+        unreadable: list[bytes] = []
+        if by_key:
+            await self._write_retrying(db, list(by_key), lambda k: [by_key[k]], unreadable)
+        return unreadable
 
     def _script_failed(self, side: str, reply: ReplyError) -> None:
         text = str(reply)
@@ -200,12 +228,6 @@ class KeyMover:
         # Scripts unusable on this server (Redis < 7, scripting disabled): use pipelines from now on.
         log.info("scripted copy unavailable, using pipelines", side=side, reason=text[:200])
         self.use_scripts = False
-
-    async def _restore(self, db: int, keys: list[bytes], by_key: dict[bytes, tuple[bytes, bytes]]) -> list[bytes]:
-        """RESTORE with retry on transient rejections; returns keys whose payload the target cannot read."""
-        unreadable: list[bytes] = []
-        await self._write_retrying(db, keys, lambda k: [("RESTORE", k, *by_key[k], "REPLACE", "ABSTTL")], unreadable)
-        return unreadable
 
     async def _throttle_target(self, batch: _RestoreBatch) -> None:
         if not self.target_bytes:
@@ -376,11 +398,15 @@ class KeyMover:
 _HEAD = b"*6\r\n$7\r\nRESTORE\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n"
 _HEAD_NO_TTL = b"*6\r\n$7\r\nRESTORE\r\n$%d\r\n%b\r\n$1\r\n0\r\n$%d\r\n"
 _TAIL = b"\r\n$7\r\nREPLACE\r\n$6\r\nABSTTL\r\n"
+_SET = b"*3\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n"
+_SET_PXAT = b"*5\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n"
+_PXAT_TAIL = b"\r\n$4\r\nPXAT\r\n$%d\r\n%b\r\n"
+_END = b"\r\n"
 
 
 class _Group:
-    """The RESTOREs for one target primary, encoded as RESP (about twice as fast as packing a tuple
-    per command); three parts per command: head, DUMP payload, tail."""
+    """The writes for one target primary, encoded as RESP (about twice as fast as packing a tuple
+    per command); three parts per command: head, payload, tail."""
 
     __slots__ = ("parts", "count", "bytes")
 
@@ -390,32 +416,62 @@ class _Group:
         self.bytes = 0
 
     def command(self, i: int) -> list[bytes]:
-        """The i-th RESTORE decoded back into its arguments (only for the rare rejected one)."""
+        """The i-th command decoded back into its arguments (only for the rare rejected one)."""
         reader = libvalkey.Reader()
         reader.feed(b"".join(self.parts[3 * i:3 * i + 3]))
         return reader.gets()  # type: ignore[no-any-return]
 
 
 class _RestoreBatch:
-    """Sorts fetched keys into RESTORE ... REPLACE ABSTTL commands grouped by target primary, keys
-    gone from the source (or already past their expiry) and keys too big for one DUMP.
+    """Sorts fetched keys into writes grouped by target primary (RESTORE ... REPLACE ABSTTL for a
+    DUMP payload, SET [PXAT] for a string value), keys gone from the source (or already past their
+    expiry) and keys too big for one read. Call add_* for every fetched key, then close().
 
     This is the bulk copy's hot loop: one pass, no per-key object beyond the RESP pieces.
     """
 
-    def __init__(self, topology: Any, order: list[bytes], expiries: list[int], payloads: list[Any],
-                 sent_ms: int, relative: bool):
+    def __init__(self, topology: Any, sent_ms: int, relative: bool, limit: int):
         self.groups: dict[int, _Group] = {}
         self.big: list[bytes] = []
         self.gone: list[bytes] = []
+        self.unread: list[bytes] = []  # string reads that were not plain values: read them again
         self.expired = 0  # counted among gone
         self.timed: list[tuple[bytes, int]] = []  # (key, payload size) of keys worth timing
-        single = None if topology.cluster else self.groups.setdefault(0, _Group()).parts
-        primary_for, groups, big, gone = topology.primary_for, self.groups, self.big, self.gone
-        head, head_no_ttl, tail = _HEAD, _HEAD_NO_TTL, _TAIL
-        for key, expiry, payload in zip(order, expiries, payloads):
-            if payload is None:  # -2: gone, -3: too big for one DUMP
-                (big if expiry == -3 else gone).append(key)
+        self.count = self.bytes = 0
+        self._single = None if topology.cluster else self.groups.setdefault(0, _Group()).parts
+        self._primary_for = topology.primary_for
+        self._sent_ms, self._relative, self._limit = sent_ms, relative, limit
+
+    def add_dumps(self, keys: Sequence[bytes], expiries: Sequence[int], payloads: Sequence[Any]) -> None:
+        """DUMP payloads; None: gone (expiry -2) or too big for one DUMP (expiry -3)."""
+        self._add(keys, expiries, payloads, True)
+
+    def add_values(self, keys: Sequence[bytes], expiries: Sequence[Any], values: Sequence[Any]) -> None:
+        """GETRANGE 0 <limit> and PEXPIRETIME replies, unchecked."""
+        self._add(keys, expiries, values, False)
+
+    def close(self) -> None:
+        for primary, group in list(self.groups.items()):
+            group.count = len(group.parts) // 3
+            group.bytes = sum(map(len, group.parts[1::3]))
+            if not group.count:
+                del self.groups[primary]
+        self.count = sum(g.count for g in self.groups.values())
+        self.bytes = sum(g.bytes for g in self.groups.values())
+
+    def _add(self, keys: Sequence[bytes], expiries: Sequence[Any], payloads: Sequence[Any], restore: bool) -> None:
+        single, primary_for, groups, big, gone = self._single, self._primary_for, self.groups, self.big, self.gone
+        sent_ms, relative, limit = self._sent_ms, self._relative, self._limit
+        for key, expiry, payload in zip(keys, expiries, payloads):
+            if restore:
+                if payload is None:  # -2: gone, -3: too big for one DUMP
+                    (big if expiry == -3 else gone).append(key)
+                    continue
+            elif payload.__class__ is not bytes or not payload or expiry.__class__ is not int:
+                self.unread.append(key)  # an error (not a string after all, a moved slot) or b""
+                continue
+            elif len(payload) > limit:
+                (gone if expiry == -2 else big).append(key)
                 continue
             if expiry >= 0:
                 abs_ms = sent_ms + expiry if relative else expiry
@@ -440,21 +496,24 @@ class _RestoreBatch:
                 if group is None:
                     group = groups[primary] = _Group()
                 parts = group.parts
-            if ttl is None:
-                parts.append(head_no_ttl % (len(key), key, size))
+            if restore:
+                if ttl is None:
+                    parts += (_HEAD_NO_TTL % (len(key), key, size), payload, _TAIL)
+                else:
+                    parts += (_HEAD % (len(key), key, len(ttl), ttl, size), payload, _TAIL)
+            elif ttl is None:
+                parts += (_SET % (len(key), key, size), payload, _END)
             else:
-                parts.append(head % (len(key), key, len(ttl), ttl, size))
-            parts.append(payload)
-            parts.append(tail)
+                parts += (_SET_PXAT % (len(key), key, size), payload, _PXAT_TAIL % (len(ttl), ttl))
             if size >= TIMED_KEY_BYTES:
                 self.timed.append((key, size))
-        for primary, group in list(groups.items()):
-            group.count = len(group.parts) // 3
-            group.bytes = sum(map(len, group.parts[1::3]))
-            if not group.count:
-                del groups[primary]
-        self.count = sum(g.count for g in groups.values())
-        self.bytes = sum(g.bytes for g in groups.values())
+
+
+async def _all(coros: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """asyncio.gather, minus its task per coroutine when there is only one (a standalone server)."""
+    if len(coros) == 1:
+        return [await coros[0]]
+    return await asyncio.gather(*coros)
 
 
 def _script_call(script: str, first: Any, args: Sequence[Any]) -> tuple[Any, ...]:

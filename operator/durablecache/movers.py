@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Container
 
 from .keymover import KeyMover, MoveResult, MoverOptions
 from .ratelimit import TokenBucket
@@ -28,11 +29,11 @@ class MoverPool:
         for m in self._all:
             self._free.put_nowait(m)
 
-    async def move(self, db: int, keys: list[bytes]) -> MoveResult:
+    async def move(self, db: int, keys: list[bytes], strings: Container[bytes] = frozenset()) -> MoveResult:
         """Copy keys with whichever mover is free (the copier's and the syncer's unit of work)."""
         m = await self._free.get()
         try:
-            return await m.move(db, keys)
+            return await m.move(db, keys, strings)
         finally:
             self._free.put_nowait(m)
 

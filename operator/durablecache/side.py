@@ -78,14 +78,18 @@ class Side:
             commands.extend(build(keys[i]))
         return await conn.pipeline(commands)
 
+    def by_primary(self, keys: Sequence[bytes]) -> dict[int, list[bytes]]:
+        """Keys grouped by the primary that owns them."""
+        if not self.topology.cluster:  # one primary: no per-key routing
+            return {0: list(keys)}
+        groups: dict[int, list[bytes]] = defaultdict(list)
+        for k in keys:
+            groups[self.topology.primary_for(k)].append(k)
+        return groups
+
     async def per_primary(self, db: int, keys: Sequence[bytes], build: Any) -> list[tuple[list[bytes], Any]]:
         """One command per primary for all of its keys (``build(keys) -> command``); no redirects followed."""
-        groups: dict[int, list[bytes]] = defaultdict(list)
-        if not self.topology.cluster:  # one primary: no per-key routing
-            groups[0] = list(keys)
-        else:
-            for k in keys:
-                groups[self.topology.primary_for(k)].append(k)
+        groups = self.by_primary(keys)
 
         async def one(primary: int, group: list[bytes]) -> Any:
             return (await (await self.conn(primary, db)).pipeline([build(group)]))[0]

@@ -93,8 +93,9 @@ class Syncer:
         """The proxies' MarkCallback: delivered once it returns."""
         self.mark(db, keys)
 
-    async def copy_now(self, db: int, keys: list[bytes]) -> MoveResult:
+    async def copy_now(self, db: int, keys: list[bytes], strings: frozenset[bytes] = frozenset()) -> MoveResult:
         """Bulk copy entry: mark and wait until each key was copied by a copy started after now.
+        (The string hint is not used: these keys join batches with live marks.)
 
         Waits for room first, so the bulk copy never crowds out live marks."""
         while len(self._dirty) + len(keys) > self.max_dirty // 2:

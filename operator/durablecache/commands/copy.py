@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "100 MiB/s durable limit; 0 = unlimited)")
     p.add_argument("--big-key-mib", type=float, default=64, metavar="MIB",
                    help="keys larger than this are copied in chunks (default %(default)s)")
-    p.add_argument("--concurrency", type=int, default=8,
+    p.add_argument("--concurrency", type=int, default=16,
                    help="batches in flight per source shard (default %(default)s)")
     p.add_argument("--scan-count", type=int, default=1000, help="SCAN COUNT per batch")
     p.add_argument("--allow-nonempty", action="store_true", help="copy even if the target already has keys")
