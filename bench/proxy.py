@@ -1,7 +1,11 @@
 """Proxy throughput and p99 latency: direct Valkey vs the DurableCache proxy vs a bare asyncio byte
 relay vs twemproxy (nutcracker), all in the same run, with redis-benchmark at P=1 and P=16.
 
-    .venv/bin/python bench/proxy.py [--requests 200000] [--clients 50] [--json]
+    .venv/bin/python bench/proxy.py [--requests 200000] [--clients 50] [--rounds 3] [--stdlib-loop] [--json]
+
+Every cell runs --rounds times (the whole matrix once per round, so a slow moment of this shared
+machine hits every target alike) and the median is reported; P=16 runs ten times --requests, so
+that no run is over in a fraction of a second.
 
 The proxy is measured in the two configurations ``durablecache migrate`` uses:
 
@@ -13,8 +17,9 @@ The proxy is measured in the two configurations ``durablecache migrate`` uses:
   over TCP to a MarkServer in this process: every write's reply waits for a MARK round trip.
 
 The bare relay is the floor any asyncio proxy pays: it copies bytes both ways (Protocol callbacks,
-the same event loop style as the proxy) and understands nothing. ``--uvloop`` runs the proxies and
-the relay on uvloop (like with like).
+the same event loop style as the proxy) and understands nothing. The proxies and the relay run on
+uvloop, the loop `durablecache proxy` uses; ``--stdlib-loop`` runs them all on the standard library's
+loop instead (like with like either way).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
+import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
@@ -129,7 +135,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=200_000)
     ap.add_argument("--clients", type=int, default=50)
-    ap.add_argument("--uvloop", action="store_true", help="run the proxy and the relay on uvloop")
+    ap.add_argument("--rounds", type=int, default=3, help="runs per cell; the median is reported")
+    ap.add_argument("--stdlib-loop", action="store_true",
+                    help="run the proxies and the relay on the standard library's event loop, not uvloop")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     for tool in ("redis-benchmark", "nutcracker"):
@@ -154,11 +162,11 @@ def main() -> int:
 
         relay_port = free_port()
         relay = subprocess.Popen([sys.executable, "-c", RELAY, str(server.port), str(relay_port),
-                                  "1" if args.uvloop else "0"], stdout=subprocess.DEVNULL)
+                                  "0" if args.stdlib_loop else "1"], stdout=subprocess.DEVNULL)
         procs.append(relay)
         wait_port(relay_port, relay)
 
-        env = dict(os.environ, DURABLECACHE_UVLOOP="1" if args.uvloop else "0")
+        env = dict(os.environ, DURABLECACHE_UVLOOP="0" if args.stdlib_loop else "1")
 
         def start_proxy(*extra: str) -> int:
             port = free_port()
@@ -177,12 +185,17 @@ def main() -> int:
 
         targets = [("direct", server.port), ("proxy-local", local_port), ("proxy-remote", remote_port),
                    ("relay", relay_port), ("twemproxy", nut_port)]
-        rows = []
-        for pipeline in (1, 16):
-            for name, port in targets:
-                res = run_benchmark(port, pipeline, args.requests, args.clients)
-                for test, r in res.items():
-                    rows.append({"target": name, "P": pipeline, "test": test, **r})
+        runs: dict[tuple[str, int, str], list[dict[str, float]]] = {}
+        for _ in range(args.rounds):
+            for pipeline in (1, 16):
+                for name, port in targets:
+                    requests = args.requests * (10 if pipeline > 1 else 1)
+                    for test, r in run_benchmark(port, pipeline, requests, args.clients).items():
+                        runs.setdefault((name, pipeline, test), []).append(r)
+        rows = [{"target": name, "P": pipeline, "test": test,
+                 "rps": statistics.median(r["rps"] for r in cell),
+                 "p99_ms": statistics.median(r["p99_ms"] for r in cell)}
+                for (name, pipeline, test), cell in runs.items()]
         ratios = {}
         for pipeline in (1, 16):
             for test in ("SET", "GET"):

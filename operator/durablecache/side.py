@@ -87,16 +87,6 @@ class Side:
             groups[self.topology.primary_for(k)].append(k)
         return groups
 
-    async def per_primary(self, db: int, keys: Sequence[bytes], build: Any) -> list[tuple[list[bytes], Any]]:
-        """One command per primary for all of its keys (``build(keys) -> command``); no redirects followed."""
-        groups = self.by_primary(keys)
-
-        async def one(primary: int, group: list[bytes]) -> Any:
-            return (await (await self.conn(primary, db)).pipeline([build(group)]))[0]
-
-        replies = await asyncio.gather(*(one(p, g) for p, g in groups.items()))
-        return list(zip(groups.values(), replies))
-
     async def on_key(self, db: int, key: bytes, *commands: Command) -> list[Any]:
         """Commands for one key, pipelined; follows MOVED like per_key."""
         out = await self.per_key(db, [key], lambda _k: list(commands), len(commands))

@@ -11,7 +11,7 @@ import ssl
 from .. import logs
 from ..errors import UsageError
 from ..urls import parse_url
-from ._common import hostport, read_token
+from ._common import hostport, read_token, run_async
 
 NAME = "proxy"
 HELP = "run the dual-write RESP proxy: forward clients to the upstream and report every key written"
@@ -37,10 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.json:
         logs.configure(json=True, level=getattr(args, "log_level", "info") or "info")
-    if os.environ.get("DURABLECACHE_UVLOOP") == "1":
-        import uvloop  # optional: only when asked for
-        uvloop.install()
-    return asyncio.run(_main(args))
+    if os.environ.get("DURABLECACHE_UVLOOP") == "0":  # the stdlib loop, for comparison (bench/proxy.py)
+        return asyncio.run(_main(args))
+    return run_async(_main(args))
 
 
 async def _main(args: argparse.Namespace) -> int:

@@ -173,6 +173,8 @@ class Proxy:
         await self._close_admin()
         if self._refresh is not None:
             self._refresh.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectError, ServerError):
+                await self._refresh  # not left half-done for a closing event loop
 
     async def _close_admin(self) -> None:
         conns, self._admin = self._admin, {}
