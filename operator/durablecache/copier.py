@@ -110,7 +110,7 @@ async def check_pair(source: Topology, target: Topology, allow_nonempty: bool,
 class BulkCopy:
     def __init__(self, source: Topology, target: Topology, submit: Submit, *,
                  store: CheckpointStore | None = None, progress: Progress | None = None,
-                 scan_count: int = 1000, concurrency: int = 8):
+                 scan_count: int = 2000, concurrency: int = 8):
         self.source = source
         self.target = target
         self.submit = submit

@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="keys larger than this are copied in chunks (default %(default)s)")
     p.add_argument("--concurrency", type=int, default=16,
                    help="batches in flight per source shard (default %(default)s)")
-    p.add_argument("--scan-count", type=int, default=1000, help="SCAN COUNT per batch")
+    p.add_argument("--scan-count", type=int, default=2000, help="SCAN COUNT per batch (default %(default)s)")
     p.add_argument("--allow-nonempty", action="store_true", help="copy even if the target already has keys")
 
 
