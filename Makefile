@@ -18,6 +18,7 @@ test: $(STAMP)
 	bash scripts/system-deps.sh
 	bash scripts/build-k8s-tools.sh
 	$(VENV)/bin/ruff check operator tests bench
+	$(VENV)/bin/mypy operator/durablecache
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -12,6 +12,7 @@ cannot read the source's DUMP format (e.g. a newer Valkey's payload restored int
 from __future__ import annotations
 
 import asyncio
+import builtins
 import dataclasses
 import time
 from collections.abc import Container, Coroutine, Sequence
@@ -79,7 +80,7 @@ class MoveResult:
     bytes: int = 0
     # (key, seconds) for big keys only: chunked copies measured, a big DUMP/RESTORE estimated as its
     # share (by payload bytes) of the whole batch's time. Few entries per batch by construction.
-    timings: list[tuple[bytes, float]] = dataclasses.field(default_factory=list)
+    timings: list[tuple[builtins.bytes, float]] = dataclasses.field(default_factory=list)  # not the field above
 
     def add(self, other: MoveResult) -> None:
         for f in dataclasses.fields(self):

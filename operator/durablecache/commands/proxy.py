@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _main(args: argparse.Namespace) -> int:
-    from ..proxy import Proxy
+    from ..proxy import MarkCallback, Proxy
     from ..proxy.admin import AdminServer
     from ..proxy.marks import RemoteMarks
 
@@ -61,16 +61,17 @@ async def _main(args: argparse.Namespace) -> int:
         client_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         client_tls.load_cert_chain(args.tls_cert, args.tls_key)
     remote: RemoteMarks | None = None
+    counted = {"keys": 0}
+
+    async def count_marks(db: int, keys: list[bytes]) -> None:   # no syncer: count only
+        counted["keys"] += len(keys)
+
+    on_marks: MarkCallback = count_marks
     if args.marks_to:
         mhost, mport = hostport(args.marks_to, "--marks-to")
         remote = RemoteMarks(mhost, mport, read_token(args.marks_token_file, "--marks-to"), name=args.name)
         await remote.connect()
         on_marks = remote
-    else:
-        counted = {"keys": 0}
-
-        async def on_marks(db: int, keys: list[bytes]) -> None:   # no syncer: count only
-            counted["keys"] += len(keys)
     proxy = Proxy(upstream, listen_host=host, listen_port=port, on_marks=on_marks, client_tls=client_tls,
                   migrating=not args.not_migrating, name_prefix=args.name)
     await proxy.start()

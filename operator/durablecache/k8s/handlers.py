@@ -288,7 +288,8 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
         return kopf.login_via_client(**kwargs)
 
     @kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, cancellation_timeout=10.0)
-    async def reconcile(name: str, namespace: str, stopped: Any, **_: Any) -> None:
+    async def reconcile(name: str, namespace: str | None, stopped: Any, **_: Any) -> None:
+        assert namespace, "DurableCache is a namespaced resource"
         rec = Reconciler(ctx, namespace, name)
         backoff = ctx.interval
         while not stopped:
@@ -305,7 +306,8 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
             await _pause(stopped, backoff)
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, retries=5, backoff=5)
-    async def delete(name: str, namespace: str, body: Any, **_: Any) -> None:
+    async def delete(name: str, namespace: str | None, body: Any, **_: Any) -> None:
+        assert namespace, "DurableCache is a namespaced resource"
         rec = Reconciler(ctx, namespace, name)
         obj = await rec.get() or _plain(body)
         await rec.cleanup(obj)

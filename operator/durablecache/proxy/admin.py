@@ -64,9 +64,9 @@ class AdminServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
-        server = site._server
-        if server is not None and getattr(server, "sockets", None):
-            self.port = int(server.sockets[0].getsockname()[1])
+        sockets = getattr(site._server, "sockets", None)  # an asyncio.Server once started
+        if sockets:
+            self.port = int(sockets[0].getsockname()[1])
         log.info("proxy.admin_listening", address=f"{self.host}:{self.port}")
 
     async def stop(self) -> None:

@@ -226,7 +226,9 @@ class RemoteMarks:
             self._batch_fut = asyncio.get_running_loop().create_future()
             asyncio.get_running_loop().call_soon(self._send_batch)
         self._batch.setdefault(db, []).extend(keys)
-        await asyncio.shield(self._batch_fut)
+        fut = self._batch_fut
+        assert fut is not None  # set together with self._batch above
+        await asyncio.shield(fut)
 
     def _send_batch(self) -> None:
         batch, fut = self._batch, self._batch_fut

@@ -530,8 +530,8 @@ class Session(asyncio.Protocol):
                     pending.append(run)
                 run.count += 1
                 if code is not FAST_READ:      # a write with its one key at a fixed position
-                    if code < len(args):
-                        keys.append(args[code])
+                    if code < len(args):  # type: ignore[operator]  # an int here (checked above)
+                        keys.append(args[code])  # type: ignore[index]
                     run.writes += 1
                     writes += 1
             elif code is FAST_NO:
@@ -1317,7 +1317,10 @@ def _reset(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> Non
     for group in s.subs:
         group.clear()
     if not s.conns:
-        s.local_fn(lambda: (done(Entry()), b"+RESET\r\n")[1])
+        def reset_locally() -> bytes:
+            done(Entry())
+            return b"+RESET\r\n"
+        s.local_fn(reset_locally)
         return
     require_auth = s.proxy.require_auth
     for node, conn in s.conns.items():
