@@ -20,7 +20,7 @@ from ..resp import Connection, tls_context
 from ..topology import SLOTS, Topology, discover
 from ..urls import Endpoint
 from .commandtable import CommandTable
-from .session import FAST_NO, FAST_READ, READ, SPECIAL, Session
+from .session import FAST_NO, FAST_READ, READ, SCALAR_REPLY, SPECIAL, Session
 
 MarkCallback = Callable[[int, list[bytes]], Awaitable[None]]
 log = logs.get("durablecache.proxy")
@@ -119,6 +119,7 @@ class Proxy:
         self._eager_skip = 0
         self._rounds: set[asyncio.Task[None]] = set()
         self.fastmap: dict[bytes, Any] = {}
+        self.scalar_names: set[bytes] = set()   # SCALAR_REPLY as the clients spell the names
         self._started = 0.0
         # stats
         self.commands = 0
@@ -266,6 +267,8 @@ class Proxy:
             else:
                 code = spec
             self.fastmap[name] = code
+            if low in SCALAR_REPLY:
+                self.scalar_names.add(name)
         return code
 
     async def deliver(self, batch: dict[int, list[bytes]], writes: int) -> bool:

@@ -41,6 +41,15 @@ CONFIRM_KINDS = frozenset({b"subscribe", b"psubscribe", b"ssubscribe",
                            b"unsubscribe", b"punsubscribe", b"sunsubscribe"})
 FAST_READ = "read"
 FAST_NO = "general"
+# Commands whose reply is one non-aggregate frame (RESP2) whatever their arguments. A run made only of
+# them has its replies counted by libvalkey's reader instead of framed in Python (Upstream._count):
+# the reader takes such a frame whole (or only its type byte), never part of an aggregate.
+SCALAR_REPLY = frozenset(
+    b"get set setnx setex psetex getset getdel getex append strlen incr incrby incrbyfloat decr decrby "
+    b"del unlink exists touch expire pexpire expireat pexpireat persist ttl pttl expiretime pexpiretime "
+    b"getrange setrange getbit setbit bitcount pfadd pfcount hget hset hsetnx hdel hlen hexists hincrby "
+    b"hincrbyfloat hstrlen sadd srem scard sismember zadd zrem zcard zscore zincrby zcount lpush rpush "
+    b"lpushx rpushx llen lindex lset ltrim lrem mset msetnx".split())
 REFUSED = ("ERR durablecache: {} is refused during a migration because its effect cannot be tracked "
            "key by key; see docs/proxy.md")
 Marks = list[tuple[int | None, list[bytes]]]
@@ -50,7 +59,7 @@ class Entry:
     """One expected reply. ``reply`` is set when complete; ``fn`` computes a local reply instead."""
 
     __slots__ = ("reply", "marks", "cb", "fn", "args", "conn", "blocking", "remaining", "parts",
-                 "redirects", "internal", "count", "writes")
+                 "redirects", "internal", "count", "writes", "scalar")
 
     def __init__(self, marks: Marks | None = None, cb: Callable[[Entry], None] | None = None):
         self.reply: bytes | None = None
@@ -66,6 +75,7 @@ class Entry:
         self.internal = False     # the proxy's own command: the reply never reaches the client
         self.count = 0            # a run (fast path): replies still expected for its commands
         self.writes = 1           # writes whose marks these are (a run: how many of its commands)
+        self.scalar = False       # a run whose every reply is one frame of SCALAR_REPLY
 
 
 READ = Entry()       # a plain reply (standalone): forwarded as it is, nothing to do when it arrives
@@ -107,6 +117,7 @@ class Upstream(asyncio.Protocol):
         self.expect: deque[Entry] = deque()
         self.rbuf = b""
         self.chunks: list[bytes] = []
+        self.counter = libvalkey.Reader()   # see _count
         self.have = 0
         self.need = 0
         self.client_id: int | None = None
@@ -167,6 +178,12 @@ class Upstream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         sess = self.session
         sess.proxy.bytes_up += len(data)
+        if not self.chunks and not self.rbuf and not sess.router.cluster and self._count(data):
+            sess.collect()
+            sess.kick()
+            if self.drop_idle:
+                sess.drop_if_idle(self)
+            return
         if self.chunks:
             self.chunks.append(data)
             self.have += len(data)
@@ -197,6 +214,58 @@ class Upstream(asyncio.Protocol):
         sess.kick()
         if self.drop_idle:
             sess.drop_if_idle(self)
+
+    def _count(self, data: bytes) -> bool:
+        """The pipelined hot path (standalone, RESP2): when every entry waiting is a run of
+        SCALAR_REPLY commands, count the chunk's replies with libvalkey's reader instead of framing
+        each in Python. Only a chunk that ends on a frame boundary is taken; anything else (a frame
+        split across chunks, more replies than asked for) returns False untouched, for
+        _frames_standalone. Replies of a write run answered in part are held with the run, as there:
+        the chunk waits whole (earlier replies in it too) until the run's marks are delivered."""
+        sess = self.session
+        if sess.resp3 or self.subscribed:
+            return False
+        pending = sess.pending
+        cap = 0
+        for e in pending:
+            if not e.scalar:
+                return False
+            cap += e.count
+        counter = self.counter
+        counter.feed(data)
+        gets = counter.gets
+        n = 0
+        while gets() is not False:
+            n += 1
+        # The reader has taken every byte and the chunk ends a line: a frame boundary (a chunk ending
+        # just after a frame's type byte also leaves nothing unread, but does not end with CRLF).
+        if n > cap or not n or counter.has_data() or not data.endswith(b"\r\n"):
+            self.counter = libvalkey.Reader()
+            return False
+        out = sess.out
+        answered_in_part = False
+        while n:
+            e = pending[0]
+            if n < e.count:
+                e.count -= n
+                answered_in_part = True
+                break
+            n -= e.count
+            e.count = 0
+            pending.popleft()
+            if e.parts is not None:   # its replies held from earlier chunks go first
+                out.extend(e.parts)
+                e.parts = None
+            if e.marks is not None:
+                sess.add_marks(e)
+        head = pending[0] if pending else None
+        if head is not None and head.parts is not None:
+            head.parts.append(data)   # still waiting for the rest of its replies
+        elif answered_in_part and head is not None and head.marks is not None:
+            head.parts = [data]
+        else:
+            out.append(data)
+        return True
 
     def _frames_standalone(self, data: bytes) -> tuple[int, int]:
         """Standalone: replies arrive in request order, so the chunk goes to the client as it is,
@@ -504,6 +573,7 @@ class Session(asyncio.Protocol):
         proxy = self.proxy
         pending = self.pending
         fastmap = proxy.fastmap
+        scalar = proxy.scalar_names
         done: list[list[bytes]] = []
         writes = 0
         run: Entry | None = None          # consecutive plain commands share one entry
@@ -527,8 +597,11 @@ class Session(asyncio.Protocol):
                     run = Entry()
                     run.conn = conn
                     run.writes = 0
+                    run.scalar = True
                     pending.append(run)
                 run.count += 1
+                if args[0] not in scalar:
+                    run.scalar = False
                 if code is not FAST_READ:      # a write with its one key at a fixed position
                     if code < len(args):  # type: ignore[operator]  # an int here (checked above)
                         keys.append(args[code])  # type: ignore[index]
@@ -559,8 +632,11 @@ class Session(asyncio.Protocol):
                     run = Entry()
                     run.conn = conn
                     run.writes = 0
+                    run.scalar = True
                     pending.append(run)
                 run.count += 1
+                if args[0] not in scalar:
+                    run.scalar = False
                 run.writes += 1
                 keys.extend(code.write_keys(args))
                 writes += 1

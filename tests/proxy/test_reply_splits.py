@@ -1,0 +1,122 @@
+"""Replies split anywhere: the counted path (runs of scalar-reply commands, Upstream._count) and the
+framed path must both forward every reply once, in order, and never a write's reply before its marks.
+
+The proxy talks to a real valkey-server; only the upstream reply stream is then fed by the test, cut
+at every byte offset, because no real server can be made to split its replies at a chosen byte. The
+client side is a recording transport for the same reason: what matters is when each byte is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from durablecache.proxy import Proxy
+from durablecache.proxy.session import Session
+
+
+class Recorder:
+    """A transport that records what is written, and checks the marks came first."""
+
+    def __init__(self, marked: list[bytes], needs: dict[bytes, bytes]):
+        self.out = b""
+        self.marked = marked
+        self.needs = needs   # a reply fragment -> the key that must be marked before it is written
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+        for fragment, key in self.needs.items():
+            if fragment in self.out:
+                assert key in self.marked, f"{fragment!r} written before {key!r} was marked"
+
+    def get_extra_info(self, _name: str) -> Any:
+        return None
+
+    def close(self) -> None: ...
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+class Sink:
+    def write(self, _data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+def cmd(*args: bytes) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in args)
+
+
+# Three client chunks -> three runs: reads, writes, reads. The second scenario puts an MGET (an array
+# reply) in the write run, so that run takes the framed path.
+SCENARIOS = {
+    "scalar runs": (
+        [cmd(b"GET", b"a") + cmd(b"GET", b"a2"), cmd(b"SET", b"b", b"1") + cmd(b"INCR", b"c"), cmd(b"GET", b"d")],
+        b"$1\r\nA\r\n$-1\r\n+OK\r\n:7\r\n$12\r\nhello\r\nworld\r\n",
+        {b"+OK\r\n": b"b", b":7\r\n": b"c"},
+    ),
+    "an array reply among them": (
+        [cmd(b"GET", b"a"), cmd(b"SET", b"b", b"1") + cmd(b"MGET", b"x", b"y") + cmd(b"SET", b"c", b"2"),
+         cmd(b"GET", b"d")],
+        b"$1\r\nA\r\n+OK\r\n*2\r\n$1\r\nX\r\n$-1\r\n+OK\r\n$2\r\nDD\r\n",
+        {b"+OK\r\n": b"c"},
+    ),
+}
+
+
+def splits(n: int) -> list[list[int]]:
+    """Every single cut, and every pair of cuts 3 bytes apart (a frame split three ways)."""
+    return [[i] for i in range(1, n)] + [[i, i + 3] for i in range(1, n - 3)]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_split_of_the_reply_stream(source, scenario):
+    requests, replies, needs = SCENARIOS[scenario]
+
+    async def one(proxy: Proxy, cuts: list[int]) -> tuple[bytes, list[bytes], int]:
+        marked: list[bytes] = []
+        proxy.on_marks = _recorder(marked)
+        session = Session(proxy, 1)
+        client = Recorder(marked, needs)
+        session.connection_made(client)  # type: ignore[arg-type]
+        upstream = session.conn(0)
+        for _ in range(100):  # the real connection's own handshake (CLIENT SETNAME ...) completes
+            await asyncio.sleep(0.01)
+            if upstream.transport is not None and not session.pending:
+                break
+        assert not session.pending, "the upstream handshake did not complete"
+        upstream.transport = Sink()  # type: ignore[assignment]
+        for chunk in requests:
+            session.data_received(chunk)
+        for a, b in zip([0, *cuts], [*cuts, len(replies)]):
+            upstream.data_received(replies[a:b])
+        session.transport = None
+        return client.out, marked, len(session.pending)
+
+    async def scenario_runs() -> None:
+        proxy = Proxy(source.endpoint(), listen_port=0, on_marks=_recorder([]))
+        await proxy.start()
+        try:
+            for cuts in splits(len(replies)):
+                out, marked, left = await one(proxy, cuts)
+                assert out == replies, (cuts, out)
+                assert left == 0, cuts
+                assert set(needs.values()) <= set(marked), (cuts, marked)
+        finally:
+            await proxy.stop()
+
+    asyncio.run(scenario_runs())
+
+
+def _recorder(marked: list[bytes]) -> Any:
+    async def on_marks(_db: int, keys: list[bytes]) -> None:
+        marked.extend(keys)
+    return on_marks
