@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from durablecache.proxy import Proxy
-from durablecache.proxy.session import Session
+from durablecache.proxy.session import Session, Upstream
 
 
 class Recorder:
@@ -78,8 +78,16 @@ def splits(n: int) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_every_split_of_the_reply_stream(source, scenario):
+def test_every_split_of_the_reply_stream(source, scenario, monkeypatch):
     requests, replies, needs = SCENARIOS[scenario]
+    counted = {True: 0, False: 0}
+    count = Upstream._count
+
+    def counting(self: Upstream, data: bytes) -> bool:
+        taken = count(self, data)
+        counted[taken] += 1
+        return taken
+    monkeypatch.setattr(Upstream, "_count", counting)
 
     async def one(proxy: Proxy, cuts: list[int]) -> tuple[bytes, list[bytes], int]:
         marked: list[bytes] = []
@@ -93,12 +101,13 @@ def test_every_split_of_the_reply_stream(source, scenario):
             if upstream.transport is not None and not session.pending:
                 break
         assert not session.pending, "the upstream handshake did not complete"
-        upstream.transport = Sink()  # type: ignore[assignment]
+        real, upstream.transport = upstream.transport, Sink()  # type: ignore[assignment]
         for chunk in requests:
             session.data_received(chunk)
         for a, b in zip([0, *cuts], [*cuts, len(replies)]):
             upstream.data_received(replies[a:b])
         session.transport = None
+        real.close()
         return client.out, marked, len(session.pending)
 
     async def scenario_runs() -> None:
@@ -114,6 +123,7 @@ def test_every_split_of_the_reply_stream(source, scenario):
             await proxy.stop()
 
     asyncio.run(scenario_runs())
+    assert counted[True] and counted[False], counted  # both paths were taken, in turn
 
 
 def _recorder(marked: list[bytes]) -> Any:

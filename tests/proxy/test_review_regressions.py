@@ -229,6 +229,26 @@ def test_read_only_sort_inside_multi(source, make_proxy):
     c.close()
 
 
+def test_hello_and_subscribe_inside_multi_are_refused(source, make_proxy):
+    """Queued, HELLO 2 would leave the proxy believing the connection speaks RESP2 while the server
+    still sends RESP3 pushes (CLIENT TRACKING), which the counted reply path would take for replies;
+    SUBSCRIBE would start pub/sub without the proxy knowing."""
+    p = make_proxy(source.endpoint())
+    c = Raw(p.port)
+    c.send(("HELLO", "3"))
+    assert isinstance(c.get(), (dict, list))
+    for command in (("HELLO", "2"), ("SUBSCRIBE", "ch")):
+        c.send(("MULTI",), command, ("EXEC",))
+        replies = [c.get(), c.get(), c.get()]
+        assert replies[0] == b"OK", replies
+        assert "inside MULTI is not supported" in str(replies[1]) and "EXECABORT" in str(replies[2]), replies
+    c.send(("CLIENT", "INFO"))
+    assert b"resp=3" in c.get()  # the connection still speaks RESP3, and the proxy knows it
+    c.send(("SET", "k", "v"), ("GET", "k"))
+    assert [c.get(), c.get()] == [b"OK", b"v"]
+    c.close()
+
+
 # ---- flip() re-checks the freeze after its own awaits ----------------------------------------------
 
 def test_flip_aborts_if_unfrozen_while_it_prepares(source, make_proxy, make_server):

@@ -235,8 +235,15 @@ class Upstream(asyncio.Protocol):
         counter.feed(data)
         gets = counter.gets
         n = 0
-        while gets() is not False:
-            n += 1
+        try:
+            while (reply := gets()) is not False:
+                if type(reply) is list:  # an aggregate where none can be (a push, a message): not ours
+                    self.counter = libvalkey.Reader()
+                    return False
+                n += 1
+        except libvalkey.ProtocolError:  # not RESP: _frames_standalone says so and aborts the session
+            self.counter = libvalkey.Reader()
+            return False
         # The reader has taken every byte and the chunk ends a line: a frame boundary (a chunk ending
         # just after a frame's type byte also leaves nothing unread, but does not end with CRLF).
         if n > cap or not n or counter.has_data() or not data.endswith(b"\r\n"):
@@ -1151,7 +1158,21 @@ def _auth(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None
             other.internal(args)
 
 
+def _refused_in_multi(s: Session, args: tuple[bytes, ...]) -> bool:
+    """HELLO and (un)subscribing inside MULTI take effect at EXEC, behind the proxy's back (which
+    protocol the server speaks, whether pub/sub messages may arrive): refused, and the transaction
+    with them, as the server does for a command it rejects while queuing."""
+    if not s.in_multi:
+        return False
+    s.multi_error = True
+    s.local(framing.error(f"ERR durablecache: {args[0].decode(errors='replace').upper()} inside MULTI is "
+                          "not supported through the proxy; see docs/proxy.md"))
+    return True
+
+
 def _hello(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    if _refused_in_multi(s, args):
+        return
     fwd: list[bytes] = [args[0]]
     proto: int | None = None
     auth: tuple[bytes, ...] | None = None
@@ -1418,6 +1439,8 @@ def _reset(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> Non
 
 
 def _subscribe(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    if _refused_in_multi(s, args):
+        return
     name = args[0].lower()
     kind = SUBSCRIBE_FAMILY[name]
     group = s.subs[kind]
