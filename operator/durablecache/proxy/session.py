@@ -599,22 +599,7 @@ class Session(asyncio.Protocol):
             code = fastmap.get(args[0])
             if code is None:
                 code = proxy.classify(args[0])
-            if code is FAST_READ or type(code) is int:
-                if run is None:
-                    run = Entry()
-                    run.conn = conn
-                    run.writes = 0
-                    run.scalar = True
-                    pending.append(run)
-                run.count += 1
-                if args[0] not in scalar:
-                    run.scalar = False
-                if code is not FAST_READ:      # a write with its one key at a fixed position
-                    if code < len(args):  # type: ignore[operator]  # an int here (checked above)
-                        keys.append(args[code])  # type: ignore[index]
-                    run.writes += 1
-                    writes += 1
-            elif code is FAST_NO:
+            if code is FAST_NO:
                 conn.obuf.extend([pack_command(tuple(a)) for a in done])
                 self.dirty.add(conn)
                 self.inflight += writes
@@ -624,7 +609,7 @@ class Session(asyncio.Protocol):
                     run.marks = [(None, keys)]
                 self.handle(tuple(args))
                 return self._ends_with(data, self._general() or args)
-            elif code.blocking:
+            if code is not FAST_READ and type(code) is not int and code.blocking:
                 if run is not None and run.writes:
                     run.marks = [(None, keys)]
                     keys = []
@@ -634,18 +619,24 @@ class Session(asyncio.Protocol):
                 e.blocking = True
                 pending.append(e)
                 writes += 1
-            else:
-                if run is None:
-                    run = Entry()
-                    run.conn = conn
-                    run.writes = 0
-                    run.scalar = True
-                    pending.append(run)
-                run.count += 1
-                if args[0] not in scalar:
-                    run.scalar = False
+                done.append(args)
+                continue
+            if run is None:
+                run = Entry()
+                run.conn = conn
+                run.writes = 0
+                run.scalar = True
+                pending.append(run)
+            run.count += 1
+            if args[0] not in scalar:
+                run.scalar = False
+            if code is not FAST_READ:
+                if type(code) is int:          # a write with its one key at a fixed position
+                    if code < len(args):
+                        keys.append(args[code])
+                else:
+                    keys.extend(code.write_keys(args))
                 run.writes += 1
-                keys.extend(code.write_keys(args))
                 writes += 1
             done.append(args)
         if run is not None and run.writes:
