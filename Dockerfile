@@ -4,9 +4,13 @@
 ARG PYTHON_IMAGE=python:3.11-slim
 
 # Stage 1: build the durablecache wheel and install it, with every dependency pinned by
-# constraints.txt, into a virtualenv that the runtime stage copies as a whole.
+# constraints.txt, into a virtualenv that the runtime stage copies as a whole. The wheel's proxy
+# modules are compiled with mypyc (setup.py), hence the C compiler in this stage only.
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN python -m pip wheel --no-deps --wheel-dir /dist . \

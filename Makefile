@@ -3,24 +3,34 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint bench
+.PHONY: build demo test lint bench
+
+# The proxy's modules run compiled (mypyc, setup.py); rebuilt in place whenever their sources change.
+COMPILED := $(VENV)/.compiled
+COMPILED_SRC := setup.py $(shell sed -n 's/^ *"\(operator\/.*\.py\)",$$/\1/p' setup.py)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	DURABLECACHE_PURE_PYTHON=1 $(PY) -m pip install -q -e '.[test]'
 	@touch $@
 
-demo: $(STAMP)
+$(COMPILED): $(STAMP) $(COMPILED_SRC)
+	$(PY) setup.py -q build_ext --inplace --force
+	@touch $@
+
+build: $(COMPILED)
+
+demo: $(COMPILED)
 	$(VENV)/bin/durablecache demo
 
-test: $(STAMP)
+test: $(COMPILED)
 	bash scripts/system-deps.sh
 	bash scripts/build-k8s-tools.sh
 	$(VENV)/bin/ruff check operator tests bench
 	$(VENV)/bin/mypy operator/durablecache
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-bench: $(STAMP)
+bench: $(COMPILED)
 	bash scripts/system-deps.sh
 	$(PY) bench/copy.py

@@ -42,6 +42,8 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import uvloop  # noqa: E402
+
 from durablecache.localvalkey import LOOPBACK, LocalServer, free_port  # noqa: E402
 from durablecache.proxy.marks import MarkServer  # noqa: E402
 
@@ -147,7 +149,8 @@ def main() -> int:
     server = LocalServer(extra=["--io-threads", "1"]).start()
     tmp = tempfile.mkdtemp(prefix="durablecache-bench-")
     procs: list[subprocess.Popen[bytes]] = []
-    loop = asyncio.new_event_loop()
+    # The mark server runs on the same kind of loop as the proxies (like the syncer of `migrate`).
+    loop = asyncio.new_event_loop() if args.stdlib_loop else uvloop.new_event_loop()
     try:
         # The syncer side of the marks wire: counts what arrives.
         received = {"keys": 0}

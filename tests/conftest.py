@@ -3,6 +3,9 @@ and Debian's redis-server 7.0 where a test needs TLS."""
 
 from __future__ import annotations
 
+import importlib.machinery
+import os
+import re
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -11,6 +14,30 @@ from pathlib import Path
 import pytest
 
 from durablecache.localvalkey import LocalCluster, LocalServer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The proxy's modules ship compiled (setup.py, mypyc), so the tests run the compiled ones: refuse
+    to run on a missing or stale build, which Python would import silently instead of the source."""
+    pure = os.environ.get("DURABLECACHE_PURE_PYTHON") == "1"
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    # Each compiled module is a small shim; the code of them all is in one shared library.
+    shared = list((ROOT / "operator").glob(f"*__mypyc{suffix}"))
+    built_at = max((lib.stat().st_mtime for lib in shared), default=0.0)
+    wrong = []
+    for source in re.findall(r'"(operator/[\w/]+\.py)"', (ROOT / "setup.py").read_text()):
+        py = ROOT / source
+        shim = py.with_name(py.stem + suffix)
+        if shim.exists() if pure else (not shim.exists() or built_at < py.stat().st_mtime):
+            wrong.append(source)
+    if wrong and pure:
+        raise pytest.UsageError(f"DURABLECACHE_PURE_PYTHON=1, but these are compiled (delete the .so files): "
+                                f"{', '.join(wrong)}")
+    if wrong:
+        raise pytest.UsageError(f"compiled modules missing or older than their sources: {', '.join(wrong)}; "
+                                "run `make build` (or DURABLECACHE_PURE_PYTHON=1 to test the sources)")
 
 
 @pytest.fixture

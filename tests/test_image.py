@@ -191,6 +191,8 @@ def test_dockerfile_installs_the_wheel_with_the_pinned_constraints() -> None:
     runs = " ".join(a for w, a in _instructions() if w == "RUN")
     assert re.search(r"pip wheel --no-deps .* \.", runs), runs
     assert re.search(r"pip install (--constraint|-c) constraints\.txt \S*durablecache-\S*\.whl", runs), runs
+    # The build stage has the C compiler that setup.py's mypyc build needs (python:*-slim has none).
+    assert re.search(r"apt-get install .*\bgcc\b", runs), runs
     # The base image's Python is the one pyproject.toml allows.
     base = next(a for w, a in _instructions() if w == "ARG" and a.startswith("PYTHON_IMAGE="))
     assert re.fullmatch(r"PYTHON_IMAGE=python:3\.(1[1-9])-slim", base), base
@@ -222,15 +224,21 @@ def test_installed_package_is_the_wheel_not_the_source_tree(image_venv: Path, tm
     # fails here, not in a pod. --help of a role imports only its argument parser.
     code = ("import durablecache, importlib, pkgutil; "
             "[importlib.import_module(m.name) for m in pkgutil.walk_packages(durablecache.__path__, 'durablecache.')]; "
-            "print(durablecache.__file__)")
+            "print(durablecache.__file__); "
+            "print(*(importlib.import_module(f'durablecache.proxy.{m}').__file__ for m in "
+            "('session', 'server', 'framing', 'marks', 'commandtable', 'cluster')))")
     out = _run([py, "-c", code], env=image_env(image_venv, tmp_path), cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert Path(out.stdout.strip()).resolve().is_relative_to(image_venv.resolve()), out.stdout
+    package, compiled = out.stdout.strip().splitlines()
+    assert Path(package).resolve().is_relative_to(image_venv.resolve()), out.stdout
+    # The proxy's modules are the wheel's mypyc-compiled extensions, not their .py sources.
+    assert all(f.endswith(".so") for f in compiled.split()), compiled
     # Test-only packages are pinned in constraints.txt but must not be installed into the image.
     listed = _run([str(image_venv / "bin" / "pip"), "list", "--format=json"], cwd=tmp_path)
     names = {p["name"].lower().replace("_", "-") for p in json.loads(listed.stdout)}
     assert {"kopf", "boto3", "valkey", "libvalkey", "structlog", "aiohttp", "prometheus-client"} <= names
-    assert not names & {"pytest", "moto", "ruff", "valkey-glide"}, names & {"pytest", "moto", "ruff", "valkey-glide"}
+    test_only = {"pytest", "moto", "ruff", "valkey-glide", "mypy"}
+    assert not names & test_only, names & test_only
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
+import uvloop
 
 from durablecache.proxy import Proxy
 from durablecache.urls import Endpoint
@@ -18,7 +19,8 @@ class ProxyRunner:
     def __init__(self, upstream: Endpoint, **kwargs: Any):
         self.marks: list[tuple[int, bytes]] = []
         self.mark_delay = 0.0
-        self.loop = asyncio.new_event_loop()
+        # uvloop: the loop `durablecache proxy` and `migrate` run on.
+        self.loop = uvloop.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
 

@@ -264,3 +264,29 @@ def test_flip_aborts_if_unfrozen_while_it_prepares(source, make_proxy, make_serv
             await task
     p.run(race())
     assert p.proxy.upstream == source.endpoint()
+
+
+# ---- 13. command names spelled in more ways than the fast path remembers ---------------------------
+
+def test_command_spellings_past_the_fast_path_cache(source, make_proxy):
+    """The fast path remembers a bounded number of spellings; past that bound, commands must still be
+    classified (a write still marked), not crash the session."""
+    from durablecache.proxy.server import FASTMAP_SPELLINGS
+
+    p = make_proxy(source.endpoint())
+    c = Raw(p.port)
+    args = {b"pexpiretime": (b"k",), b"expiretime": (b"k",), b"getrange": (b"k", b"0", b"1"),
+            b"sismember": (b"k", b"m"), b"hexists": (b"k", b"f"), b"zscore": (b"k", b"m"), b"exists": (b"k",),
+            b"strlen": (b"k",), b"pttl": (b"k",), b"ping": (), b"echo": (b"x",), b"type": (b"k",)}
+    spellings = [b"".join([name[j:j + 1].upper() if (i >> j) & 1 else name[j:j + 1] for j in range(len(name))])
+                 for name in args for i in range(1 << len(name))]
+    assert len(spellings) > FASTMAP_SPELLINGS
+    for name in spellings:
+        c.send((name, *args[name.lower()]))
+    for name in spellings:
+        assert not isinstance(c.get(), libvalkey.ReplyError), name
+    assert p.call(lambda: len(p.proxy.fastmap)) == FASTMAP_SPELLINGS
+    c.send((b"iNcR", b"counter"))
+    assert c.get() == 1
+    assert wait_for(lambda: (0, b"counter") in p.marks)
+    c.close()

@@ -112,8 +112,8 @@ def encode(value: Any, resp3: bool = False) -> bytes:
     if isinstance(value, (bytes, str)):
         return bulk(value)
     if isinstance(value, dict):
-        body = b"".join(encode(k, resp3) + encode(v, resp3) for k, v in value.items())
+        body = b"".join([encode(k, resp3) + encode(v, resp3) for k, v in value.items()])
         return (b"%%%d\r\n" % len(value) if resp3 else b"*%d\r\n" % (2 * len(value))) + body
     if isinstance(value, Sequence):
-        return b"*%d\r\n" % len(value) + b"".join(encode(v, resp3) for v in value)
+        return b"*%d\r\n" % len(value) + b"".join([encode(v, resp3) for v in value])
     raise TypeError(f"cannot encode {type(value).__name__}")

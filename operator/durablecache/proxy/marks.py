@@ -48,7 +48,8 @@ class MarkServer:
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, self.host, self.port)
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        server: Any = self._server     # as in Proxy.start: uvloop's sockets are a list, not a tuple
+        self.port = int(server.sockets[0].getsockname()[1])
         log.info("marks.listening", address=f"{self.host}:{self.port}")
 
     async def stop(self) -> None:

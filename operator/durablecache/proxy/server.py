@@ -26,6 +26,7 @@ MarkCallback = Callable[[int, list[bytes]], Awaitable[None]]
 log = logs.get("durablecache.proxy")
 
 UNBLOCK_EVERY = 0.1      # re-send CLIENT UNBLOCK while a blocking write is still in flight
+FASTMAP_SPELLINGS = 4096  # command names (as clients spell them) whose fast-path class is remembered
 EAGER_RETRY = 1000       # after on_marks suspended, queue this many submissions before trying "now" again
 FLIP_QUIESCE = 10.0      # bound on waiting for in-flight reads before moving a session
 
@@ -132,6 +133,8 @@ class Proxy:
         self.bytes_in = 0
         self.bytes_out = 0
         self.bytes_up = 0
+        self.reply_chunks = 0
+        self.reply_chunks_counted = 0   # taken whole by the counted reply path (Upstream._count)
         self.connections_total = 0
 
     # ---- life cycle -------------------------------------------------------------------------------
@@ -140,7 +143,10 @@ class Proxy:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._new_session, self.listen_host, self.listen_port,
                                                 ssl=self.client_tls, reuse_address=True)
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        # Any: uvloop's server keeps its sockets in a list, the standard loop's (as typed) in a tuple,
+        # and the compiled module would check the declared type.
+        server: Any = self._server
+        self.port = int(server.sockets[0].getsockname()[1])
         self._started = time.monotonic()
         log.info("proxy.started", listen=f"{self.listen_host}:{self.port}", upstream=self.upstream.redacted(),
                  mode="cluster" if self.router.cluster else "standalone", nodes=len(self.router.nodes),
@@ -249,7 +255,7 @@ class Proxy:
         path: special handling, subcommands, unknown), an int for a plain write whose one key is
         always at that index (SET, INCR …), or the CommandSpec of another plain write."""
         code = self.fastmap.get(name)
-        if code is None and len(self.fastmap) < 4096:
+        if code is None:
             spec = self.table.specs.get(name.lower())
             low = name.lower()
             if spec is None or spec.subcommands or spec.pubsub or low in SPECIAL:
@@ -266,9 +272,10 @@ class Proxy:
                 code = spec.key_index
             else:
                 code = spec
-            self.fastmap[name] = code
-            if low in SCALAR_REPLY:
-                self.scalar_names.add(name)
+            if len(self.fastmap) < FASTMAP_SPELLINGS:   # bounded: a client could spell names endlessly
+                self.fastmap[name] = code
+                if low in SCALAR_REPLY:
+                    self.scalar_names.add(name)
         return code
 
     async def deliver(self, batch: dict[int, list[bytes]], writes: int) -> bool:
@@ -485,6 +492,8 @@ class Proxy:
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "bytes_upstream": self.bytes_up,
+            "reply_chunks": self.reply_chunks,
+            "reply_chunks_counted": self.reply_chunks_counted,
             "upstream": self.upstream.redacted(),
             "mode": "cluster" if self.router.cluster else "standalone",
             "uptime": round(time.monotonic() - self._started, 3) if self._started else 0.0,

@@ -177,8 +177,11 @@ class Upstream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         sess = self.session
-        sess.proxy.bytes_up += len(data)
+        proxy = sess.proxy
+        proxy.bytes_up += len(data)
+        proxy.reply_chunks += 1
         if not self.chunks and not self.rbuf and not sess.router.cluster and self._count(data):
+            proxy.reply_chunks_counted += 1
             sess.collect()
             sess.kick()
             if self.drop_idle:

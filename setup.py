@@ -1,0 +1,27 @@
+"""Compiles the proxy's modules with mypyc (see pyproject.toml: why, and how to opt out).
+
+Everything else about the package is declared in pyproject.toml; setuptools needs this file only
+because compiled extension modules cannot be declared there.
+"""
+
+import os
+
+from setuptools import setup
+
+# The proxy's request and reply paths run for every command a client sends during a migration.
+COMPILED = [
+    "operator/durablecache/proxy/cluster.py",
+    "operator/durablecache/proxy/commandtable.py",
+    "operator/durablecache/proxy/framing.py",
+    "operator/durablecache/proxy/marks.py",
+    "operator/durablecache/proxy/server.py",
+    "operator/durablecache/proxy/session.py",
+]
+
+ext_modules = []
+if os.environ.get("DURABLECACHE_PURE_PYTHON", "") != "1":
+    from mypyc.build import mypycify
+
+    ext_modules = mypycify(COMPILED, opt_level="3")
+
+setup(ext_modules=ext_modules)
