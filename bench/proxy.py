@@ -10,9 +10,9 @@ that no run is over in a fraction of a second.
 The proxy is measured in the two configurations ``durablecache migrate`` uses:
 
 * ``proxy-local`` — marks delivered in-process (the default of ``migrate``: the proxy runs in the
-  syncer's process and ``on_marks`` is a direct coroutine call into ``Syncer.on_marks``). Here it is a
-  ``durablecache proxy`` process without ``--marks-to``, whose ``on_marks`` is an ``async def`` that
-  records the keys without suspending — the same shape as ``Syncer.on_marks``.
+  syncer's process and ``on_marks`` is a direct call of ``Syncer.on_marks``). Here it is a
+  ``durablecache proxy`` process without ``--marks-to``, whose ``on_marks`` counts the keys: a plain
+  function, the same shape as ``Syncer.on_marks``.
 * ``proxy-remote`` — the proxy in its own process (``migrate --proxy-mode subprocess``), its marks going
   over TCP to a MarkServer in this process: every write's reply waits for a MARK round trip.
 
@@ -140,6 +140,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="runs per cell; the median is reported")
     ap.add_argument("--stdlib-loop", action="store_true",
                     help="run the proxies and the relay on the standard library's event loop, not uvloop")
+    ap.add_argument("--only", metavar="T,T", default="",
+                    help="measure only these targets (the relay is always measured): e.g. proxy-remote")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     for tool in ("redis-benchmark", "nutcracker"):
@@ -155,7 +157,7 @@ def main() -> int:
         # The syncer side of the marks wire: counts what arrives.
         received = {"keys": 0}
 
-        async def on_marks(db: int, keys: list[bytes]) -> None:
+        def on_marks(db: int, keys: list[bytes]) -> None:   # synchronous, like Syncer.on_marks
             received["keys"] += len(keys)
         token = "bench-token"
         marks = MarkServer(on_marks, token)
@@ -188,6 +190,9 @@ def main() -> int:
 
         targets = [("direct", server.port), ("proxy-local", local_port), ("proxy-remote", remote_port),
                    ("relay", relay_port), ("twemproxy", nut_port)]
+        if args.only:
+            wanted = {"relay", *args.only.split(",")}
+            targets = [t for t in targets if t[0] in wanted]
         runs: dict[tuple[str, int, str], list[dict[str, float]]] = {}
         for _ in range(args.rounds):
             for pipeline in (1, 16):
@@ -205,6 +210,8 @@ def main() -> int:
                 def rps(target: str, p: int = pipeline, t: str = test) -> float:
                     return next(r["rps"] for r in rows if r["target"] == target and r["P"] == p and r["test"] == t)
                 for proxy_name in ("proxy-local", "proxy-remote"):
+                    if not any(r["target"] == proxy_name for r in rows):
+                        continue
                     ratios[f"{proxy_name} P={pipeline} {test}"] = round(rps(proxy_name) / rps("relay"), 3)
         if args.json:
             print(json.dumps({"rows": rows, "proxy_vs_relay": ratios, "marked_keys": received["keys"]}))

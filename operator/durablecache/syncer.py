@@ -89,8 +89,9 @@ class Syncer:
         if self._dirty:
             self._work.set()
 
-    async def on_marks(self, db: int, keys: list[bytes]) -> None:
-        """The proxies' MarkCallback: delivered once it returns."""
+    def on_marks(self, db: int, keys: list[bytes]) -> None:
+        """The proxies' MarkCallback: delivered once it returns (synchronous: the in-process proxy
+        then acknowledges the writes without a coroutine or a task in between)."""
         self.mark(db, keys)
 
     async def copy_now(self, db: int, keys: list[bytes], strings: frozenset[bytes] = frozenset()) -> MoveResult:

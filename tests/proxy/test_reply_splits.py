@@ -77,14 +77,15 @@ def splits(n: int) -> list[list[int]]:
     return [[i] for i in range(1, n)] + [[i, i + 3] for i in range(1, n - 3)]
 
 
+@pytest.mark.parametrize("delivery", ["sync", "async"])
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_every_split_of_the_reply_stream(source, scenario):
+def test_every_split_of_the_reply_stream(source, scenario, delivery):
     requests, replies, needs = SCENARIOS[scenario]
     counted = {True: 0, False: 0}
 
     async def one(proxy: Proxy, cuts: list[int]) -> tuple[bytes, list[bytes], int]:
         marked: list[bytes] = []
-        proxy.on_marks = _recorder(marked)
+        proxy.on_marks = _recorder(marked, delivery == "sync")
         session = Session(proxy, 1)
         client = Recorder(marked, needs)
         session.connection_made(client)  # type: ignore[arg-type]
@@ -107,7 +108,7 @@ def test_every_split_of_the_reply_stream(source, scenario):
         return client.out, marked, len(session.pending)
 
     async def scenario_runs() -> None:
-        proxy = Proxy(source.endpoint(), listen_port=0, on_marks=_recorder([]))
+        proxy = Proxy(source.endpoint(), listen_port=0, on_marks=_recorder([], delivery == "sync"))
         await proxy.start()
         try:
             for cuts in splits(len(replies)):
@@ -122,7 +123,11 @@ def test_every_split_of_the_reply_stream(source, scenario):
     assert counted[True] and counted[False], counted  # both paths were taken, in turn
 
 
-def _recorder(marked: list[bytes]) -> Any:
-    async def on_marks(_db: int, keys: list[bytes]) -> None:
+def _recorder(marked: list[bytes], sync: bool) -> Any:
+    """An on_marks of either kind (the proxy delivers to them differently: server.py, submit_marks)."""
+    def on_marks(_db: int, keys: list[bytes]) -> None:
         marked.extend(keys)
-    return on_marks
+
+    async def on_marks_async(_db: int, keys: list[bytes]) -> None:
+        marked.extend(keys)
+    return on_marks if sync else on_marks_async

@@ -63,7 +63,7 @@ async def _main(args: argparse.Namespace) -> int:
     remote: RemoteMarks | None = None
     counted = {"keys": 0}
 
-    async def count_marks(db: int, keys: list[bytes]) -> None:   # no syncer: count only
+    def count_marks(db: int, keys: list[bytes]) -> None:   # no syncer: count only
         counted["keys"] += len(keys)
 
     on_marks: MarkCallback = count_marks

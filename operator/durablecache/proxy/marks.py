@@ -25,7 +25,7 @@ from .. import logs
 from ..errors import ConnectError
 
 log = logs.get("durablecache.marks")
-MarkCallback = Callable[[int, list[bytes]], Awaitable[None]]
+MarkCallback = Callable[[int, list[bytes]], Awaitable[None] | None]   # as the proxy's (server.py)
 LostCallback = Callable[[str], Any]
 READ_CHUNK = 1 << 16
 
@@ -92,7 +92,9 @@ class MarkServer:
                         await writer.drain()
                         return
                     if verb == b"MARK" and len(cmd) >= 2:
-                        await self.on_marks(int(cmd[1]), cmd[2:])
+                        taken = self.on_marks(int(cmd[1]), cmd[2:])
+                        if taken is not None:
+                            await taken
                         self.batches += 1
                         self.keys += len(cmd) - 2
                         self.peers[peer] = self.peers.get(peer, 0) + 1
@@ -146,6 +148,7 @@ class RemoteMarks:
         self._batch_fut: asyncio.Future[None] | None = None
         self._lock = asyncio.Lock()
         self._closing = False
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def connect(self) -> None:
         async with self._lock:
@@ -205,7 +208,12 @@ class RemoteMarks:
             self._writer.close()
         self._writer = None
         if self._unacked and not self._closing:
-            asyncio.get_running_loop().create_task(self._reconnect())
+            self._reconnect_later()
+
+    def _reconnect_later(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._reconnect())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _reconnect(self) -> None:
         try:
@@ -221,15 +229,23 @@ class RemoteMarks:
         if self._writer is None:
             async with self._lock:
                 await self._connect_locked()
-        # Calls made in the same loop iteration share one send and one ack round.
+        await asyncio.shield(self.submit(db, keys))
+
+    def submit(self, db: int, keys: list[bytes]) -> asyncio.Future[None]:
+        """Send marks without a coroutine (the proxy's hot path): the future is done once the syncer
+        acknowledged them, or fails as ``__call__`` would. Marks submitted in the same loop iteration
+        share one send and one ack round (and one future)."""
+        loop = asyncio.get_running_loop()
         if self._batch is None:
             self._batch = {}
-            self._batch_fut = asyncio.get_running_loop().create_future()
-            asyncio.get_running_loop().call_soon(self._send_batch)
+            self._batch_fut = loop.create_future()
+            loop.call_soon(self._send_batch)
+            if self._writer is None and not self._lock.locked() and not self._closing:
+                self._reconnect_later()   # the batch is re-sent once connected (or fails)
         self._batch.setdefault(db, []).extend(keys)
         fut = self._batch_fut
         assert fut is not None  # set together with self._batch above
-        await asyncio.shield(fut)
+        return fut
 
     def _send_batch(self) -> None:
         batch, fut = self._batch, self._batch_fut

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
+import inspect
 import itertools
 import secrets
 import ssl
@@ -20,9 +22,18 @@ from ..resp import Connection, tls_context
 from ..topology import SLOTS, Topology, discover
 from ..urls import Endpoint
 from .commandtable import CommandTable
+from .marks import RemoteMarks
 from .session import FAST_NO, FAST_READ, READ, SCALAR_REPLY, SPECIAL, Session
 
-MarkCallback = Callable[[int, list[bytes]], Awaitable[None]]
+# Takes the keys of completed writes. Either synchronous (returns None once it has them: the
+# in-process syncer, delivered without a coroutine or a task) or a coroutine function (awaited:
+# RemoteMarks). Synchronous callbacks that return anything else are treated as failures.
+MarkCallback = Callable[[int, list[bytes]], Awaitable[None] | None]
+
+
+def is_async(fn: Any) -> bool:
+    """Is ``fn`` (a function, a bound method or an object with ``__call__``) a coroutine function?"""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(type(fn), "__call__", None))
 log = logs.get("durablecache.proxy")
 
 UNBLOCK_EVERY = 0.1      # re-send CLIENT UNBLOCK while a blocking write is still in flight
@@ -137,6 +148,17 @@ class Proxy:
         self.reply_chunks_counted = 0   # taken whole by the counted reply path (Upstream._count)
         self.connections_total = 0
 
+    @property
+    def on_marks(self) -> MarkCallback:
+        return self._on_marks
+
+    @on_marks.setter
+    def on_marks(self, on_marks: MarkCallback) -> None:
+        self._on_marks = on_marks
+        self._marks_sync = not is_async(on_marks)
+        # RemoteMarks takes marks without a coroutine per round: a future per loop iteration.
+        self._marks_submit = on_marks.submit if isinstance(on_marks, RemoteMarks) else None
+
     # ---- life cycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         self.router, self.table = await self._discover(self.upstream)
@@ -203,7 +225,20 @@ class Proxy:
         task, no extra loop iteration. If it suspends (a remote syncer's ack), the started delivery is
         finished in a task, and the next ``EAGER_RETRY`` submissions are queued instead: everything
         queued in one loop iteration is delivered as one round (one ``on_marks`` call per db); rounds
-        do not wait for each other, so a slow syncer ack does not serialise the sessions."""
+        do not wait for each other, so a slow syncer ack does not serialise the sessions.
+
+        A synchronous ``on_marks`` is simply called; RemoteMarks gets the batch at once and calls back
+        when the syncer acknowledged it."""
+        if self._marks_sync:
+            session.marks_done(self._deliver_now(batch, writes), writes, out)
+            return
+        if self._marks_submit is not None and batch:
+            keys = 0
+            for db, db_keys in batch.items():
+                acked = self._marks_submit(db, db_keys)
+                keys += len(db_keys)
+            acked.add_done_callback(functools.partial(self._acked, session, writes, out, keys))
+            return
         if not self._eager_skip:
             coro = self.deliver(batch, writes)
             try:
@@ -282,14 +317,38 @@ class Proxy:
         """Hand the keys of completed writes to ``on_marks``; False if that failed (never drop quietly)."""
         try:
             for db, keys in batch.items():
-                await self.on_marks(db, keys)
+                await self._on_marks(db, keys)   # type: ignore[misc]  # async: checked when it was set
                 self.marks += len(keys)
             self.mark_batches += 1
             return True
         except Exception as exc:  # noqa: BLE001 — any failure means the marks are not delivered
-            self.marks_failed += 1
-            log.error("proxy.marks_failed", reason=str(exc) or type(exc).__name__, writes=writes)
-            return False
+            return self._marks_failed(exc, writes)
+
+    def _acked(self, session: Session, writes: int, out: list[bytes], keys: int, acked: asyncio.Future[None]) -> None:
+        exc = acked.exception() if not acked.cancelled() else ConnectError("marks delivery cancelled")
+        if exc is None:
+            self.marks += keys
+            self.mark_batches += 1
+        else:
+            self._marks_failed(exc, writes)
+        session.marks_done(exc is None, writes, out)
+
+    def _deliver_now(self, batch: dict[int, list[bytes]], writes: int) -> bool:
+        """``deliver`` for a synchronous ``on_marks``."""
+        try:
+            for db, keys in batch.items():
+                if self._on_marks(db, keys) is not None:
+                    raise TypeError("a synchronous on_marks must return None (or be a coroutine function)")
+                self.marks += len(keys)
+            self.mark_batches += 1
+            return True
+        except Exception as exc:  # noqa: BLE001 — any failure means the marks are not delivered
+            return self._marks_failed(exc, writes)
+
+    def _marks_failed(self, exc: BaseException, writes: int) -> bool:
+        self.marks_failed += 1
+        log.error("proxy.marks_failed", reason=str(exc) or type(exc).__name__, writes=writes)
+        return False
 
     def node_index(self, host: str, port: int) -> int:
         for i, node in enumerate(self.router.nodes):

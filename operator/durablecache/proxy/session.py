@@ -576,7 +576,7 @@ class Session(asyncio.Protocol):
         """The hot path (standalone, nothing special going on): plain reads cost a sentinel in the
         queue, plain writes an entry with their keys; the chunk is forwarded as it came when it holds
         only such commands and starts and ends on a command boundary. Returns whether it ends on one."""
-        reader = self.reader
+        gets = self.reader.gets     # bound once: compiled code would look the method up per call
         conn = self.conns.get(0)
         if conn is None or conn.failed:
             conn = self.conn(0)
@@ -590,7 +590,7 @@ class Session(asyncio.Protocol):
         keys: list[bytes] = []
         while True:
             try:
-                args = reader.gets()
+                args = gets()
             except libvalkey.ProtocolError:
                 self._protocol_error()
                 return False

@@ -1,0 +1,105 @@
+"""How marks reach ``on_marks``: a synchronous callback (the in-process syncer) or a coroutine function
+(RemoteMarks), and what a client sees when delivery fails: never an acknowledgement."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import valkey
+
+from durablecache.proxy import MarkServer, RemoteMarks
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def sync_recorder(marked: list[bytes]) -> Any:
+    def on_marks(_db: int, keys: list[bytes]) -> None:
+        marked.extend(keys)
+    return on_marks
+
+
+def async_recorder(marked: list[bytes]) -> Any:
+    async def on_marks(_db: int, keys: list[bytes]) -> None:
+        await asyncio.sleep(0)          # suspends: the delivery finishes in a task
+        marked.extend(keys)
+    return on_marks
+
+
+@pytest.mark.parametrize("recorder", [sync_recorder, async_recorder], ids=["sync", "async"])
+def test_every_acknowledged_write_was_marked_first(source, make_proxy, recorder):
+    marked: list[bytes] = []
+    p = make_proxy(source.endpoint(), on_marks=recorder(marked))
+    c = valkey.Valkey(port=p.port, socket_timeout=5)
+    for i in range(50):
+        assert c.set(f"k{i}", i)
+        assert f"k{i}".encode() in marked, i        # marked before the OK reached us
+    pipe = c.pipeline(transaction=False)
+    for i in range(200):
+        pipe.incr(f"n{i % 7}")
+    pipe.execute()
+    assert {f"n{i}".encode() for i in range(7)} <= set(marked)
+    assert p.proxy.marks_failed == 0
+    c.close()
+
+
+def failing_sync(_db: int, _keys: list[bytes]) -> None:
+    raise RuntimeError("syncer gone")
+
+
+async def failing_async(_db: int, _keys: list[bytes]) -> None:
+    raise RuntimeError("syncer gone")
+
+
+def returns_a_coroutine(_db: int, _keys: list[bytes]) -> Any:
+    """A plain function that returns an awaitable (a lambda around an async callback, say): the proxy
+    took it for synchronous, so it must refuse it rather than acknowledge unmarked writes."""
+    async def later() -> None:
+        pass
+    return later()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the refused coroutine is never awaited
+@pytest.mark.parametrize("on_marks", [failing_sync, failing_async, returns_a_coroutine],
+                         ids=["sync raises", "async raises", "sync returns an awaitable"])
+def test_a_write_whose_marks_fail_is_never_acknowledged(source, make_proxy, on_marks):
+    p = make_proxy(source.endpoint(), on_marks=on_marks)
+    c = valkey.Valkey(port=p.port, socket_timeout=5, retry_on_timeout=False)
+    assert c.get("x") is None                      # reads need no marks
+    with pytest.raises(valkey.ConnectionError):
+        c.set("x", 1)                              # written upstream, but not acknowledged
+    assert p.proxy.marks_failed == 1
+    assert source.client().get("x") == b"1"        # ... which is why the session had to end
+
+
+def test_remote_marks_acknowledge_writes_only_after_the_syncer_has_them(source, make_proxy):
+    """The proxy hands RemoteMarks each round without a coroutine (RemoteMarks.submit); a write is still
+    acknowledged only once the mark server acked its keys, and never once the syncer is gone."""
+    got: list[bytes] = []
+
+    def on_marks(_db: int, keys: list[bytes]) -> None:
+        got.extend(keys)
+    p = make_proxy(source.endpoint())
+    server = MarkServer(on_marks, "tok")
+    p.run(server.start())
+    remote = RemoteMarks("127.0.0.1", server.port, "tok", retry_for=0.5)
+    p.run(remote.connect())
+    p.call(lambda: setattr(p.proxy, "on_marks", remote))
+    c = valkey.Valkey(port=p.port, socket_timeout=5, retry_on_timeout=False)
+    for i in range(20):
+        assert c.set(f"r{i}", i)
+        assert f"r{i}".encode() in got, i
+    pipe = c.pipeline(transaction=False)
+    for i in range(300):
+        pipe.hset(f"h{i % 11}", "f", i)
+    pipe.execute()
+    assert {f"h{i}".encode() for i in range(11)} <= set(got)
+    assert p.proxy.marks_failed == 0
+
+    p.run(server.stop())                            # the syncer goes away for longer than retry_for
+    with pytest.raises(valkey.ConnectionError):
+        c.set("after", 1)
+    assert p.proxy.marks_failed == 1
+    assert b"after" not in got
+    p.run(remote.close())
