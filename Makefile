@@ -27,7 +27,7 @@ demo: $(COMPILED)
 test: $(COMPILED)
 	bash scripts/system-deps.sh
 	bash scripts/build-k8s-tools.sh
-	$(VENV)/bin/ruff check operator tests bench
+	$(VENV)/bin/ruff check operator tests bench setup.py
 	$(VENV)/bin/mypy operator/durablecache
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 

@@ -33,7 +33,11 @@ MarkCallback = Callable[[int, list[bytes]], Awaitable[None] | None]
 
 def is_async(fn: Any) -> bool:
     """Is ``fn`` (a function, a bound method or an object with ``__call__``) a coroutine function?"""
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(type(fn), "__call__", None))
+    if inspect.iscoroutinefunction(fn):
+        return True
+    return not inspect.isroutine(fn) and inspect.iscoroutinefunction(type(fn).__call__)
+
+
 log = logs.get("durablecache.proxy")
 
 UNBLOCK_EVERY = 0.1      # re-send CLIENT UNBLOCK while a blocking write is still in flight
