@@ -8,14 +8,14 @@ top-level frame ends and whether it is a RESP3 push (``>``), which libvalkey's r
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
-CRLF = b"\r\n"
-_BULK = frozenset(b"$!=")          # length-prefixed payloads
-_AGG1 = frozenset(b"*~>")          # aggregates of N frames
-_AGG2 = frozenset(b"%|")           # aggregates of N pairs
-PUSH = 0x3E                        # '>'
-MINUS = 0x2D                       # '-'
+CRLF: Final = b"\r\n"
+_BULK: Final = frozenset(b"$!=")          # length-prefixed payloads
+_AGG1: Final = frozenset(b"*~>")          # aggregates of N frames
+_AGG2: Final = frozenset(b"%|")           # aggregates of N pairs
+PUSH: Final = 0x3E                        # '>'
+MINUS: Final = 0x2D                       # '-'
 
 
 def frame_end(buf: bytes, pos: int) -> int:
@@ -53,6 +53,65 @@ def frame_end(buf: bytes, pos: int) -> int:
     return pos
 
 
+# ---- plain commands, scanned in place ---------------------------------------------------------------
+# The proxy's fast path reads most commands without building Python objects for them: only the name
+# (to classify it) and a write's key are sliced out. Anything not plainly canonical (an incomplete
+# command, a sign, a leading zero, a non-bulk argument) is reported as "not here" (-1) and left to
+# libvalkey's reader, which parses it or reports the protocol error.
+
+def _count_at(buf: bytes, i: int, n: int) -> tuple[int, int]:
+    """The canonical decimal at ``i`` ended by CRLF: (value, offset after CRLF), or (-1, 0)."""
+    start = i
+    value = 0
+    while i < n:
+        c = buf[i]
+        if c == 13:
+            if i == start or i + 1 >= n or buf[i + 1] != 10 or (buf[start] == 48 and i - start > 1):
+                return -1, 0
+            return value, i + 2
+        if c < 48 or c > 57 or i - start >= 9:
+            return -1, 0
+        value = value * 10 + (c - 48)
+        i += 1
+    return -1, 0
+
+
+def command_head(buf: bytes, pos: int) -> tuple[int, int, int]:
+    """The array of bulk strings starting at ``pos``: (argument count, start, end) of its first
+    argument (the command name), the name complete in ``buf``; (-1, 0, 0) otherwise."""
+    n = len(buf)
+    if pos >= n or buf[pos] != 0x2A:      # '*'
+        return -1, 0, 0
+    argc, i = _count_at(buf, pos + 1, n)
+    if argc < 1 or i >= n or buf[i] != 0x24:   # '$'
+        return -1, 0, 0
+    size, i = _count_at(buf, i + 1, n)
+    end = i + size
+    if size < 0 or end + 2 > n or buf[end] != 13 or buf[end + 1] != 10:
+        return -1, 0, 0
+    return argc, i, end
+
+
+def command_tail(buf: bytes, pos: int, args: int, key_at: int) -> tuple[int, int, int]:
+    """``args`` more bulk strings from ``pos`` (after the name): (end of the command, start, end) of the
+    argument at index ``key_at`` (the name is index 0; (-1, -1) for none); (-1, 0, 0) when the command
+    is not complete and plain in ``buf``."""
+    n = len(buf)
+    key_start = key_end = -1
+    i = pos
+    for index in range(1, args + 1):
+        if i >= n or buf[i] != 0x24:
+            return -1, 0, 0
+        size, i = _count_at(buf, i + 1, n)
+        end = i + size
+        if size < 0 or end + 2 > n or buf[end] != 13 or buf[end + 1] != 10:
+            return -1, 0, 0
+        if index == key_at:
+            key_start, key_end = i, end
+        i = end + 2
+    return i, key_start, key_end
+
+
 def split_inline(line: bytes) -> list[bytes]:
     """An inline command (``PING``, ``SET a "b c"``): words, honouring double and single quotes."""
     out: list[bytes] = []
@@ -80,9 +139,9 @@ def split_inline(line: bytes) -> list[bytes]:
 
 # ---- encoders for the replies the proxy answers itself -------------------------------------------
 
-OK = b"+OK\r\n"
-QUEUED = b"+QUEUED\r\n"
-NOAUTH = b"-NOAUTH Authentication required.\r\n"
+OK: Final = b"+OK\r\n"
+QUEUED: Final = b"+QUEUED\r\n"
+NOAUTH: Final = b"-NOAUTH Authentication required.\r\n"
 
 
 def error(msg: str) -> bytes:

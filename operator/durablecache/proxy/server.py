@@ -12,7 +12,7 @@ import secrets
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Generator
-from typing import Any
+from typing import Any, Final
 
 from valkey.crc import key_slot
 
@@ -40,10 +40,10 @@ def is_async(fn: Any) -> bool:
 
 log = logs.get("durablecache.proxy")
 
-UNBLOCK_EVERY = 0.1      # re-send CLIENT UNBLOCK while a blocking write is still in flight
-FASTMAP_SPELLINGS = 4096  # command names (as clients spell them) whose fast-path class is remembered
-EAGER_RETRY = 1000       # after on_marks suspended, queue this many submissions before trying "now" again
-FLIP_QUIESCE = 10.0      # bound on waiting for in-flight reads before moving a session
+UNBLOCK_EVERY: Final = 0.1      # re-send CLIENT UNBLOCK while a blocking write is still in flight
+FASTMAP_SPELLINGS: Final = 4096  # command names (as clients spell them) whose fast-path class is remembered
+EAGER_RETRY: Final = 1000       # after on_marks suspended, queue this many submissions before trying "now" again
+FLIP_QUIESCE: Final = 10.0      # bound on waiting for in-flight reads before moving a session
 
 
 @dataclasses.dataclass

@@ -16,41 +16,42 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import libvalkey
 
 from .. import logs
 from . import framing
 from .commandtable import SUBSCRIBE_FAMILY, CommandSpec, keys_from_getkeys
-from .framing import MINUS, PUSH, frame_end
+from .framing import MINUS, PUSH, command_head, command_tail, frame_end
 
 if TYPE_CHECKING:
     from .server import Proxy, Router
 
 log = logs.get("durablecache.proxy")
-pack_command = libvalkey.pack_command
+pack_command: Final = libvalkey.pack_command
 
-STAR = 0x2A
-DOLLAR = 0x24
-CLIENT_GONE_GRACE = 2.0        # how long replies to in-flight writes are awaited after a client left
-CLIENT_GONE_MAX = 30.0         # ... and at most, while a non-blocking write (a long script) is unanswered
-UNSAFE = frozenset({b"flushall", b"flushdb", b"swapdb", b"move"})
-MESSAGE_KINDS = frozenset({b"message", b"pmessage", b"smessage"})
-CONFIRM_KINDS = frozenset({b"subscribe", b"psubscribe", b"ssubscribe",
+STAR: Final = 0x2A
+DOLLAR: Final = 0x24
+CLIENT_GONE_GRACE: Final = 2.0        # how long replies to in-flight writes are awaited after a client left
+CLIENT_GONE_MAX: Final = 30.0         # ... and at most, while a non-blocking write (a long script) is unanswered
+UNSAFE: Final = frozenset({b"flushall", b"flushdb", b"swapdb", b"move"})
+MESSAGE_KINDS: Final = frozenset({b"message", b"pmessage", b"smessage"})
+CONFIRM_KINDS: Final = frozenset({b"subscribe", b"psubscribe", b"ssubscribe",
                            b"unsubscribe", b"punsubscribe", b"sunsubscribe"})
-FAST_READ = "read"
-FAST_NO = "general"
+# Module constants are Final: compiled, each use is then a constant, not a module-dict lookup.
+FAST_READ: Final = "read"
+FAST_NO: Final = "general"
 # Commands whose reply is one non-aggregate frame (RESP2) whatever their arguments. A run made only of
 # them has its replies counted by libvalkey's reader instead of framed in Python (Upstream._count):
 # the reader takes such a frame whole (or only its type byte), never part of an aggregate.
-SCALAR_REPLY = frozenset(
+SCALAR_REPLY: Final = frozenset(
     b"get set setnx setex psetex getset getdel getex append strlen incr incrby incrbyfloat decr decrby "
     b"del unlink exists touch expire pexpire expireat pexpireat persist ttl pttl expiretime pexpiretime "
     b"getrange setrange getbit setbit bitcount pfadd pfcount hget hset hsetnx hdel hlen hexists hincrby "
     b"hincrbyfloat hstrlen sadd srem scard sismember zadd zrem zcard zscore zincrby zcount lpush rpush "
     b"lpushx rpushx llen lindex lset ltrim lrem mset msetnx".split())
-REFUSED = ("ERR durablecache: {} is refused during a migration because its effect cannot be tracked "
+REFUSED: Final = ("ERR durablecache: {} is refused during a migration because its effect cannot be tracked "
            "key by key; see docs/proxy.md")
 Marks = list[tuple[int | None, list[bytes]]]
 
@@ -78,7 +79,7 @@ class Entry:
         self.scalar = False       # a run whose every reply is one frame of SCALAR_REPLY
 
 
-READ = Entry()       # a plain reply (standalone): forwarded as it is, nothing to do when it arrives
+READ: Final = Entry()   # a plain reply (standalone): forwarded as it is, nothing to do when it arrives
 
 
 def first_word(frame: bytes) -> bytes:
@@ -559,11 +560,11 @@ class Session(asyncio.Protocol):
             if not data:
                 self._push_all()
                 return
-        reader.feed(data)
         if (not self.router.cluster and not proxy.frozen and not self.held and not self.paused
                 and not proxy.key_hold and not self.in_multi and self.authed and self.multi_abort is None):
-            self.boundary = self._fast(data)
+            self.boundary = self._fast(data)      # feeds the reader what it does not scan itself
         else:
+            reader.feed(data)
             self.boundary = self._ends_with(data, self._general())
         self._push_all()
 
@@ -575,19 +576,62 @@ class Session(asyncio.Protocol):
     def _fast(self, data: bytes) -> bool:
         """The hot path (standalone, nothing special going on): plain reads cost a sentinel in the
         queue, plain writes an entry with their keys; the chunk is forwarded as it came when it holds
-        only such commands and starts and ends on a command boundary. Returns whether it ends on one."""
-        gets = self.reader.gets     # bound once: compiled code would look the method up per call
+        only such commands and starts and ends on a command boundary. Returns whether it ends on one.
+
+        From a command boundary, reads and writes with a fixed key position are scanned in place
+        (no Python objects but the name and the key); the reader parses whatever follows them."""
         conn = self.conns.get(0)
         if conn is None or conn.failed:
             conn = self.conn(0)
         proxy = self.proxy
-        pending = self.pending
         fastmap = proxy.fastmap
         scalar = proxy.scalar_names
-        done: list[list[bytes]] = []
         writes = 0
         run: Entry | None = None          # consecutive plain commands share one entry
         keys: list[bytes] = []
+        n = len(data)
+        pos = scanned = 0
+        if self.boundary:                 # the reader holds nothing of an earlier command
+            while pos < n:
+                argc, name_start, name_end = command_head(data, pos)
+                if argc < 0:
+                    break
+                name = data[name_start:name_end]
+                code = fastmap.get(name)
+                if code is None:
+                    code = proxy.classify(name)
+                if code is FAST_READ:
+                    key_at = 0
+                elif type(code) is int:       # a write with its one key at a fixed position
+                    key_at = code
+                else:
+                    break
+                end, key_start, key_end = command_tail(data, name_end + 2, argc - 1, key_at)
+                if end < 0:
+                    break
+                if run is None:
+                    run = self._open_run(conn)
+                run.count += 1
+                if name not in scalar:
+                    run.scalar = False
+                if key_at:
+                    if key_start >= 0:
+                        keys.append(data[key_start:key_end])
+                    run.writes += 1
+                    writes += 1
+                scanned += 1
+                pos = end
+            if pos:
+                conn.obuf.append(data if pos == n else data[:pos])
+                self.dirty.add(conn)
+                if pos == n:
+                    self._count_fast(run, keys, writes, scanned)
+                    return True
+        rest = data[pos:] if pos else data
+        self.reader.feed(rest)
+        gets = self.reader.gets     # bound once: compiled code would look the method up per call
+        pending = self.pending
+        done: list[list[bytes]] = []
         while True:
             try:
                 args = gets()
@@ -605,13 +649,9 @@ class Session(asyncio.Protocol):
             if code is FAST_NO:
                 conn.obuf.extend([pack_command(tuple(a)) for a in done])
                 self.dirty.add(conn)
-                self.inflight += writes
-                proxy.commands += len(done)
-                proxy.writes += writes
-                if run is not None and run.writes:
-                    run.marks = [(None, keys)]
+                self._count_fast(run, keys, writes, scanned + len(done))
                 self.handle(tuple(args))
-                return self._ends_with(data, self._general() or args)
+                return self._ends_with(rest, self._general() or args)
             if code is not FAST_READ and type(code) is not int and code.blocking:
                 if run is not None and run.writes:
                     run.marks = [(None, keys)]
@@ -625,11 +665,7 @@ class Session(asyncio.Protocol):
                 done.append(args)
                 continue
             if run is None:
-                run = Entry()
-                run.conn = conn
-                run.writes = 0
-                run.scalar = True
-                pending.append(run)
+                run = self._open_run(conn)
             run.count += 1
             if args[0] not in scalar:
                 run.scalar = False
@@ -642,20 +678,33 @@ class Session(asyncio.Protocol):
                 run.writes += 1
                 writes += 1
             done.append(args)
-        if run is not None and run.writes:
-            run.marks = [(None, keys)]
+        self._count_fast(run, keys, writes, scanned + len(done))
         if not done:
             return False
-        ends = self._ends_with(data, done[-1])
-        if self.boundary and ends:
-            conn.obuf.append(data)
+        ends = self._ends_with(rest, done[-1])
+        if ends and (pos or self.boundary):
+            conn.obuf.append(rest)
         else:
             conn.obuf.extend([pack_command(tuple(a)) for a in done])
         self.dirty.add(conn)
-        self.inflight += writes
-        proxy.commands += len(done)
-        proxy.writes += writes
         return ends
+
+    def _open_run(self, conn: Upstream) -> Entry:
+        run = Entry()
+        run.conn = conn
+        run.writes = 0
+        run.scalar = True
+        self.pending.append(run)
+        return run
+
+    def _count_fast(self, run: Entry | None, keys: list[bytes], writes: int, commands: int) -> None:
+        """The fast path's last run gets its keys; the chunk's commands and writes are counted."""
+        if run is not None and run.writes:
+            run.marks = [(None, keys)]
+        self.inflight += writes
+        proxy = self.proxy
+        proxy.commands += commands
+        proxy.writes += writes
 
     def _general(self) -> list[bytes] | None:
         """The general path; returns the last complete command (None if none)."""
