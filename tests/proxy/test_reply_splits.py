@@ -9,11 +9,14 @@ client side is a recording transport for the same reason: what matters is when e
 from __future__ import annotations
 
 import asyncio
+import random
 from typing import Any
 
+import libvalkey
 import pytest
 
 from durablecache.proxy import Proxy
+from durablecache.proxy.framing import count_scalars
 from durablecache.proxy.session import Session
 
 
@@ -131,3 +134,29 @@ def _recorder(marked: list[bytes], sync: bool) -> Any:
     async def on_marks_async(_db: int, keys: list[bytes]) -> None:
         marked.extend(keys)
     return on_marks if sync else on_marks_async
+
+
+def test_count_scalars_agrees_with_libvalkeys_reader():
+    """framing.count_scalars on random scalar replies, cut at every byte: a count only for whole frames,
+    the same count as the reader's; -1 for a frame cut short, an aggregate, or more than the limit."""
+    rng = random.Random(11)
+    frames = [b"+OK\r\n", b"-ERR wrong\r\n", b":0\r\n", b":-42\r\n", b"$-1\r\n", b"$0\r\n\r\n",
+              b"$4\r\na\r\nb\r\n", b"$12\r\nhello\r\nworld\r\n", b"$1\r\n$\r\n"]
+    for _ in range(200):
+        chosen = [rng.choice(frames) for _ in range(rng.randint(1, 6))]
+        stream = b"".join(chosen)
+        ends = {sum(len(f) for f in chosen[:k]): k for k in range(1, len(chosen) + 1)}
+        for cut in range(1, len(stream) + 1):
+            got = count_scalars(stream[:cut], len(chosen))
+            if cut not in ends:
+                assert got == -1, (stream, cut)
+                continue
+            reader = libvalkey.Reader()
+            reader.feed(stream[:cut])
+            parsed = 0
+            while reader.gets() is not False:
+                parsed += 1
+            assert got == parsed == ends[cut], (stream, cut)
+        assert count_scalars(stream, len(chosen) - 1) == -1       # more replies than expected
+    for aggregate in (b"*1\r\n$1\r\na\r\n", b"+OK\r\n*-1\r\n", b">2\r\n", b"_\r\n", b"$01\r\na\r\n"):
+        assert count_scalars(aggregate, 10) == -1, aggregate

@@ -112,6 +112,38 @@ def command_tail(buf: bytes, pos: int, args: int, key_at: int) -> tuple[int, int
     return i, key_start, key_end
 
 
+def count_scalars(buf: bytes, limit: int) -> int:
+    """How many RESP2 frames ``buf`` holds if it holds only whole single-line (``+`` ``-`` ``:``) and
+    bulk-string frames, at most ``limit`` of them; -1 otherwise (an aggregate, a frame cut short, too
+    many): the caller frames such a chunk the general way."""
+    n = len(buf)
+    i = count = 0
+    while i < n:
+        t = buf[i]
+        if t == 0x2B or t == 0x2D or t == 0x3A:          # '+' '-' ':'
+            i += 1
+            while i < n and buf[i] != 13:
+                i += 1
+            if i + 1 >= n or buf[i + 1] != 10:
+                return -1
+            i += 2
+        elif t == 0x24:                                   # '$'
+            if i + 4 < n and buf[i + 1] == 0x2D and buf[i + 2] == 0x31 and buf[i + 3] == 13 and buf[i + 4] == 10:
+                i += 5                                    # $-1: a null
+            else:
+                size, i = _count_at(buf, i + 1, n)
+                end = i + size
+                if size < 0 or end + 2 > n or buf[end] != 13 or buf[end + 1] != 10:
+                    return -1
+                i = end + 2
+        else:
+            return -1
+        count += 1
+        if count > limit:
+            return -1
+    return count
+
+
 def split_inline(line: bytes) -> list[bytes]:
     """An inline command (``PING``, ``SET a "b c"``): words, honouring double and single quotes."""
     out: list[bytes] = []

@@ -23,7 +23,7 @@ import libvalkey
 from .. import logs
 from . import framing
 from .commandtable import SUBSCRIBE_FAMILY, CommandSpec, keys_from_getkeys
-from .framing import MINUS, PUSH, command_head, command_tail, frame_end
+from .framing import MINUS, PUSH, command_head, command_tail, count_scalars, frame_end
 
 if TYPE_CHECKING:
     from .server import Proxy, Router
@@ -118,7 +118,6 @@ class Upstream(asyncio.Protocol):
         self.expect: deque[Entry] = deque()
         self.rbuf = b""
         self.chunks: list[bytes] = []
-        self.counter = libvalkey.Reader()   # see _count
         self.have = 0
         self.need = 0
         self.client_id: int | None = None
@@ -221,11 +220,11 @@ class Upstream(asyncio.Protocol):
 
     def _count(self, data: bytes) -> bool:
         """The pipelined hot path (standalone, RESP2): when every entry waiting is a run of
-        SCALAR_REPLY commands, count the chunk's replies with libvalkey's reader instead of framing
-        each in Python. Only a chunk that ends on a frame boundary is taken; anything else (a frame
-        split across chunks, more replies than asked for) returns False untouched, for
-        _frames_standalone. Replies of a write run answered in part are held with the run, as there:
-        the chunk waits whole (earlier replies in it too) until the run's marks are delivered."""
+        SCALAR_REPLY commands, count the chunk's replies (framing.count_scalars) instead of framing
+        each. Only a chunk of whole scalar frames is taken; anything else (a frame split across
+        chunks, more replies than asked for) returns False untouched, for _frames_standalone. Replies
+        of a write run answered in part are held with the run, as there: the chunk waits whole
+        (earlier replies in it too) until the run's marks are delivered."""
         sess = self.session
         if sess.resp3 or self.subscribed:
             return False
@@ -235,23 +234,8 @@ class Upstream(asyncio.Protocol):
             if not e.scalar:
                 return False
             cap += e.count
-        counter = self.counter
-        counter.feed(data)
-        gets = counter.gets
-        n = 0
-        try:
-            while (reply := gets()) is not False:
-                if type(reply) is list:  # an aggregate where none can be (a push, a message): not ours
-                    self.counter = libvalkey.Reader()
-                    return False
-                n += 1
-        except libvalkey.ProtocolError:  # not RESP: _frames_standalone says so and aborts the session
-            self.counter = libvalkey.Reader()
-            return False
-        # The reader has taken every byte and the chunk ends a line: a frame boundary (a chunk ending
-        # just after a frame's type byte also leaves nothing unread, but does not end with CRLF).
-        if n > cap or not n or counter.has_data() or not data.endswith(b"\r\n"):
-            self.counter = libvalkey.Reader()
+        n = count_scalars(data, cap)
+        if n <= 0:
             return False
         out = sess.out
         answered_in_part = False
