@@ -103,3 +103,37 @@ def test_remote_marks_acknowledge_writes_only_after_the_syncer_has_them(source, 
     assert p.proxy.marks_failed == 1
     assert b"after" not in got
     p.run(remote.close())
+
+
+def test_remote_marks_reconnect_and_resend_what_was_not_acknowledged():
+    """The syncer's mark server restarts: marks submitted meanwhile are sent once it is back (within
+    retry_for) and acknowledged then; the old server reported the dropped stream as a possible loss."""
+    async def main() -> None:
+        first: list[bytes] = []
+        second: list[bytes] = []
+        lost: list[str] = []
+        server = MarkServer(lambda _db, keys: first.extend(keys), "tok", on_lost=lost.append)
+        await server.start()
+        port = server.port
+        remote = RemoteMarks("127.0.0.1", port, "tok", retry_for=5.0)
+        await remote(0, [b"before"])
+        assert first == [b"before"]
+
+        await server.stop()
+        await asyncio.sleep(0.1)                 # the proxy side sees its stream end
+        outcome: list[BaseException | None] = []
+        remote.submit({0: [b"during"], 2: [b"other-db"]}, outcome.append)
+        await asyncio.sleep(0.3)                 # reconnect attempts fail: nothing listens
+        assert outcome == []
+        restarted = MarkServer(lambda db, keys: second.extend((db, k) for k in keys), "tok", port=port)
+        await restarted.start()
+        for _ in range(100):
+            if outcome:
+                break
+            await asyncio.sleep(0.05)
+        assert outcome == [None]
+        assert second == [(0, b"during"), (2, b"other-db")]
+        assert len(lost) == 1                    # the first server saw the stream end without BYE
+        await remote.close()
+        await restarted.stop()
+    asyncio.run(main())

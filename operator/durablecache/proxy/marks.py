@@ -26,6 +26,7 @@ from ..errors import ConnectError
 
 log = logs.get("durablecache.marks")
 MarkCallback = Callable[[int, list[bytes]], Awaitable[None] | None]   # as the proxy's (server.py)
+Acked = Callable[[BaseException | None], None]   # RemoteMarks.submit: None once acknowledged, or why not
 LostCallback = Callable[[str], Any]
 READ_CHUNK = 1 << 16
 
@@ -143,9 +144,11 @@ class RemoteMarks:
         self.retry_for = retry_for
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
-        self._unacked: deque[tuple[bytes, asyncio.Future[None] | None]] = deque()
+        # Frames sent (or to re-send) and not acknowledged yet; the last frame of a batch carries the
+        # callbacks of everyone whose marks it holds.
+        self._unacked: deque[tuple[bytes, list[Acked] | None]] = deque()
         self._batch: dict[int, list[bytes]] | None = None
-        self._batch_fut: asyncio.Future[None] | None = None
+        self._batch_acked: list[Acked] = []
         self._lock = asyncio.Lock()
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -190,14 +193,13 @@ class RemoteMarks:
                 while (reply := parser.gets()) is not False:
                     if not self._unacked:
                         continue
-                    _, fut = self._unacked.popleft()
-                    if fut is None:     # not the last frame of its batch: the last one's ack counts
+                    _, acked = self._unacked.popleft()
+                    if acked is None:     # not the last frame of its batch: the last one's ack counts
                         continue
-                    if not fut.done():
-                        if isinstance(reply, libvalkey.ReplyError):
-                            fut.set_exception(ConnectError(f"syncer rejected marks: {reply}"))
-                        else:
-                            fut.set_result(None)
+                    failed = ConnectError(f"syncer rejected marks: {reply}") \
+                        if isinstance(reply, libvalkey.ReplyError) else None
+                    for done in acked:
+                        done(failed)
                 data = await reader.read(READ_CHUNK)
                 if not data:
                     break
@@ -221,43 +223,48 @@ class RemoteMarks:
                 await self._connect_locked()
         except ConnectError as exc:
             while self._unacked:
-                _, fut = self._unacked.popleft()
-                if fut is not None and not fut.done():
-                    fut.set_exception(exc)
+                _, acked = self._unacked.popleft()
+                for done in acked or ():
+                    done(exc)
 
     async def __call__(self, db: int, keys: list[bytes]) -> None:
         if self._writer is None:
             async with self._lock:
                 await self._connect_locked()
-        await asyncio.shield(self.submit(db, keys))
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.submit({db: keys}, _settles(fut))
+        await fut
 
-    def submit(self, db: int, keys: list[bytes]) -> asyncio.Future[None]:
-        """Send marks without a coroutine (the proxy's hot path): the future is done once the syncer
-        acknowledged them, or fails as ``__call__`` would. Marks submitted in the same loop iteration
-        share one send and one ack round (and one future)."""
-        loop = asyncio.get_running_loop()
+    def submit(self, batch: dict[int, list[bytes]], acked: Acked) -> None:
+        """Send marks (db -> keys) without a coroutine (the proxy's hot path): ``acked(None)`` once the
+        syncer acknowledged them, ``acked(error)`` when ``__call__`` would raise. Marks submitted in the
+        same loop iteration share one send and one ack round."""
         if self._batch is None:
             self._batch = {}
-            self._batch_fut = loop.create_future()
-            loop.call_soon(self._send_batch)
+            asyncio.get_running_loop().call_soon(self._send_batch)
             if self._writer is None and not self._lock.locked() and not self._closing:
                 self._reconnect_later()   # the batch is re-sent once connected (or fails)
-        self._batch.setdefault(db, []).extend(keys)
-        fut = self._batch_fut
-        assert fut is not None  # set together with self._batch above
-        return fut
+        for db, keys in batch.items():
+            pending = self._batch.get(db)
+            if pending is None:
+                self._batch[db] = list(keys)
+            else:
+                pending.extend(keys)
+        self._batch_acked.append(acked)
 
     def _send_batch(self) -> None:
-        batch, fut = self._batch, self._batch_fut
-        self._batch = None
-        if not batch or fut is None:
+        batch, acked = self._batch, self._batch_acked
+        self._batch, self._batch_acked = None, []
+        if not batch:
+            for done in acked:
+                done(None)
             return
         items = list(batch.items())
         frames = []
         for i, (db, keys) in enumerate(items):
             frame = libvalkey.pack_command((b"MARK", db, *keys))
             frames.append(frame)
-            self._unacked.append((frame, fut if i == len(items) - 1 else None))
+            self._unacked.append((frame, acked if i == len(items) - 1 else None))
         if self._writer is not None:
             self._writer.write(b"".join(frames))
 
@@ -267,7 +274,7 @@ class RemoteMarks:
         writer = self._writer
         if writer is not None:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._unacked.append((b"", fut))
+            self._unacked.append((b"", [_settles(fut)]))
             writer.write(libvalkey.pack_command((b"BYE",)))
             with contextlib.suppress(TimeoutError, ConnectError):
                 await asyncio.wait_for(fut, 5.0)
@@ -275,3 +282,15 @@ class RemoteMarks:
         if self._reader_task is not None:
             self._reader_task.cancel()
         self._writer = None
+
+
+def _settles(fut: asyncio.Future[None]) -> Acked:
+    """An Acked callback that completes ``fut`` (the awaitable API on top of ``submit``)."""
+    def acked(failed: BaseException | None) -> None:
+        if fut.done():
+            return
+        if failed is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(failed)
+    return acked

@@ -236,12 +236,9 @@ class Proxy:
         if self._marks_sync:
             session.marks_done(self._deliver_now(batch, writes), writes, out)
             return
-        if self._marks_submit is not None and batch:
-            keys = 0
-            for db, db_keys in batch.items():
-                acked = self._marks_submit(db, db_keys)
-                keys += len(db_keys)
-            acked.add_done_callback(functools.partial(self._acked, session, writes, out, keys))
+        if self._marks_submit is not None:
+            keys = sum(len(k) for k in batch.values())
+            self._marks_submit(batch, functools.partial(self._acked, session, writes, out, keys))
             return
         if not self._eager_skip:
             coro = self.deliver(batch, writes)
@@ -328,14 +325,13 @@ class Proxy:
         except Exception as exc:  # noqa: BLE001 — any failure means the marks are not delivered
             return self._marks_failed(exc, writes)
 
-    def _acked(self, session: Session, writes: int, out: list[bytes], keys: int, acked: asyncio.Future[None]) -> None:
-        exc = acked.exception() if not acked.cancelled() else ConnectError("marks delivery cancelled")
-        if exc is None:
+    def _acked(self, session: Session, writes: int, out: list[bytes], keys: int, failed: BaseException | None) -> None:
+        if failed is None:
             self.marks += keys
             self.mark_batches += 1
         else:
-            self._marks_failed(exc, writes)
-        session.marks_done(exc is None, writes, out)
+            self._marks_failed(failed, writes)
+        session.marks_done(failed is None, writes, out)
 
     def _deliver_now(self, batch: dict[int, list[bytes]], writes: int) -> bool:
         """``deliver`` for a synchronous ``on_marks``."""
