@@ -198,8 +198,7 @@ class RemoteMarks:
                         continue
                     failed = ConnectError(f"syncer rejected marks: {reply}") \
                         if isinstance(reply, libvalkey.ReplyError) else None
-                    for done in acked:
-                        done(failed)
+                    _notify(acked, failed)
                 data = await reader.read(READ_CHUNK)
                 if not data:
                     break
@@ -224,8 +223,7 @@ class RemoteMarks:
         except ConnectError as exc:
             while self._unacked:
                 _, acked = self._unacked.popleft()
-                for done in acked or ():
-                    done(exc)
+                _notify(acked or [], exc)
 
     async def __call__(self, db: int, keys: list[bytes]) -> None:
         if self._writer is None:
@@ -256,8 +254,7 @@ class RemoteMarks:
         batch, acked = self._batch, self._batch_acked
         self._batch, self._batch_acked = None, []
         if not batch:
-            for done in acked:
-                done(None)
+            _notify(acked, None)
             return
         items = list(batch.items())
         frames = []
@@ -294,3 +291,12 @@ def _settles(fut: asyncio.Future[None]) -> Acked:
         else:
             fut.set_exception(failed)
     return acked
+
+
+def _notify(acked: list[Acked], failed: BaseException | None) -> None:
+    """Tell everyone waiting on a batch; one failing callback must not stop the acks of the others."""
+    for done in acked:
+        try:
+            done(failed)
+        except Exception:  # noqa: BLE001
+            log.exception("marks.ack_callback_failed")

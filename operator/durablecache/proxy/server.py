@@ -160,7 +160,7 @@ class Proxy:
     def on_marks(self, on_marks: MarkCallback) -> None:
         self._on_marks = on_marks
         self._marks_sync = not is_async(on_marks)
-        # RemoteMarks takes marks without a coroutine per round: a future per loop iteration.
+        # RemoteMarks takes each batch through submit() and calls back on its acknowledgement.
         self._marks_submit = on_marks.submit if isinstance(on_marks, RemoteMarks) else None
 
     # ---- life cycle -------------------------------------------------------------------------------
