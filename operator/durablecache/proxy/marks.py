@@ -43,6 +43,7 @@ class MarkServer:
         self._token = token.encode()
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._reports: set[asyncio.Future[Any]] = set()   # on_lost calls that returned an awaitable
         self.peers: dict[str, int] = {}      # connected proxies -> batches received
         self.batches = 0
         self.keys = 0
@@ -115,15 +116,23 @@ class MarkServer:
         except (OSError, libvalkey.ProtocolError, ValueError):
             pass
         finally:
+            # No await in here: compiled (mypyc), an await in a finally block leaves the pending
+            # exception (a cancellation) set as the thread's handled exception, where later code finds it.
             self._tasks.discard(task)
             self.peers.pop(peer, None)
             writer.close()
             if authed and not clean:
                 log.warning("marks.peer_lost", peer=peer)
-                if self.on_lost is not None:
-                    result = self.on_lost(peer)
-                    if inspect.isawaitable(result):
-                        await result
+                self._report_lost(peer)
+
+    def _report_lost(self, peer: str) -> None:
+        if self.on_lost is None:
+            return
+        result = self.on_lost(peer)
+        if inspect.isawaitable(result):
+            task = asyncio.ensure_future(result)
+            self._reports.add(task)
+            task.add_done_callback(self._reports.discard)
 
 
 class RemoteMarks:

@@ -187,10 +187,12 @@ class Proxy:
         name = f"{self.name_prefix}-admin"
         topo = await discover(upstream, name=name)
         conn = await Connection.open(upstream, name=name, select_db=0)
-        try:
+        try:   # not try/finally: see MarkServer._serve (no await in a finally block, compiled)
             reply = await conn.call("COMMAND")
-        finally:
+        except BaseException:
             await conn.close()
+            raise
+        await conn.close()
         return Router.from_topology(topo), CommandTable(reply, topo.version)
 
     async def stop(self) -> None:
