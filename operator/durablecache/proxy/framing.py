@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Final
 
+from mypy_extensions import i64
+
 CRLF: Final = b"\r\n"
 _BULK: Final = frozenset(b"$!=")          # length-prefixed payloads
 _AGG1: Final = frozenset(b"*~>")          # aggregates of N frames
@@ -59,10 +61,10 @@ def frame_end(buf: bytes, pos: int) -> int:
 # command, a sign, a leading zero, a non-bulk argument) is reported as "not here" (-1) and left to
 # libvalkey's reader, which parses it or reports the protocol error.
 
-def _count_at(buf: bytes, i: int, n: int) -> tuple[int, int]:
+def _count_at(buf: bytes, i: i64, n: i64) -> tuple[i64, i64]:
     """The canonical decimal at ``i`` ended by CRLF: (value, offset after CRLF), or (-1, 0)."""
     start = i
-    value = 0
+    value: i64 = 0
     while i < n:
         c = buf[i]
         if c == 13:
@@ -76,10 +78,10 @@ def _count_at(buf: bytes, i: int, n: int) -> tuple[int, int]:
     return -1, 0
 
 
-def command_head(buf: bytes, pos: int) -> tuple[int, int, int]:
+def command_head(buf: bytes, pos: i64) -> tuple[i64, i64, i64]:
     """The array of bulk strings starting at ``pos``: (argument count, start, end) of its first
     argument (the command name), the name complete in ``buf``; (-1, 0, 0) otherwise."""
-    n = len(buf)
+    n: i64 = len(buf)
     if pos >= n or buf[pos] != 0x2A:      # '*'
         return -1, 0, 0
     argc, i = _count_at(buf, pos + 1, n)
@@ -92,12 +94,13 @@ def command_head(buf: bytes, pos: int) -> tuple[int, int, int]:
     return argc, i, end
 
 
-def command_tail(buf: bytes, pos: int, args: int, key_at: int) -> tuple[int, int, int]:
+def command_tail(buf: bytes, pos: i64, args: i64, key_at: i64) -> tuple[i64, i64, i64]:
     """``args`` more bulk strings from ``pos`` (after the name): (end of the command, start, end) of the
     argument at index ``key_at`` (the name is index 0; (-1, -1) for none); (-1, 0, 0) when the command
     is not complete and plain in ``buf``."""
-    n = len(buf)
-    key_start = key_end = -1
+    n: i64 = len(buf)
+    key_start: i64 = -1
+    key_end: i64 = -1
     i = pos
     for index in range(1, args + 1):
         if i >= n or buf[i] != 0x24:
@@ -112,12 +115,13 @@ def command_tail(buf: bytes, pos: int, args: int, key_at: int) -> tuple[int, int
     return i, key_start, key_end
 
 
-def count_scalars(buf: bytes, limit: int) -> int:
+def count_scalars(buf: bytes, limit: i64) -> i64:
     """How many RESP2 frames ``buf`` holds if it holds only whole single-line (``+`` ``-`` ``:``) and
     bulk-string frames, at most ``limit`` of them; -1 otherwise (an aggregate, a frame cut short, too
     many): the caller frames such a chunk the general way."""
-    n = len(buf)
-    i = count = 0
+    n: i64 = len(buf)
+    i: i64 = 0
+    count: i64 = 0
     while i < n:
         t = buf[i]
         if t == 0x2B or t == 0x2D or t == 0x3A:          # '+' '-' ':'
