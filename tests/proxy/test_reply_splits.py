@@ -17,7 +17,7 @@ import pytest
 
 from durablecache.proxy import Proxy
 from durablecache.proxy.framing import count_scalars
-from durablecache.proxy.session import Session
+from durablecache.proxy.session import Session, Upstream
 
 
 class Recorder:
@@ -52,6 +52,20 @@ class Sink:
     def pause_reading(self) -> None: ...
 
     def resume_reading(self) -> None: ...
+
+
+async def connected_session(proxy: Proxy, client: Any) -> tuple[Session, Upstream]:
+    """A session for a recording client transport, once its real upstream connection's own handshake
+    (CLIENT SETNAME ...) has completed."""
+    session = Session(proxy, 1)
+    session.connection_made(client)
+    upstream = session.conn(0)
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if upstream.transport is not None and not session.pending:
+            break
+    assert not session.pending, "the upstream handshake did not complete"
+    return session, upstream
 
 
 def cmd(*args: bytes) -> bytes:
@@ -89,15 +103,8 @@ def test_every_split_of_the_reply_stream(source, scenario, delivery):
     async def one(proxy: Proxy, cuts: list[int]) -> tuple[bytes, list[bytes], int]:
         marked: list[bytes] = []
         proxy.on_marks = _recorder(marked, delivery == "sync")
-        session = Session(proxy, 1)
         client = Recorder(marked, needs)
-        session.connection_made(client)  # type: ignore[arg-type]
-        upstream = session.conn(0)
-        for _ in range(100):  # the real connection's own handshake (CLIENT SETNAME ...) completes
-            await asyncio.sleep(0.01)
-            if upstream.transport is not None and not session.pending:
-                break
-        assert not session.pending, "the upstream handshake did not complete"
+        session, upstream = await connected_session(proxy, client)
         real, upstream.transport = upstream.transport, Sink()  # type: ignore[assignment]
         for chunk in requests:
             session.data_received(chunk)

@@ -13,11 +13,10 @@ import random
 
 import libvalkey
 import pytest
-from test_reply_splits import Recorder, cmd  # tests/proxy is on sys.path (pytest's rootdir import)
+from test_reply_splits import Recorder, cmd, connected_session  # tests/proxy is on sys.path (pytest's rootdir import)
 
 from durablecache.proxy import Proxy
 from durablecache.proxy.framing import command_head, command_tail
-from durablecache.proxy.session import Session
 
 
 class Capture:
@@ -55,14 +54,7 @@ def test_every_split_of_a_pipeline_is_forwarded_unchanged(source):
     payload = b"".join(cmd(*c) for c in PIPELINE)
 
     async def one(proxy: Proxy, cuts: list[int]) -> tuple[bytes, int, set[bytes]]:
-        session = Session(proxy, 1)
-        session.connection_made(Recorder([], {}))  # type: ignore[arg-type]
-        upstream = session.conn(0)
-        for _ in range(100):  # the real connection's own handshake (CLIENT SETNAME ...) completes
-            await asyncio.sleep(0.01)
-            if upstream.transport is not None and not session.pending:
-                break
-        assert not session.pending, "the upstream handshake did not complete"
+        session, upstream = await connected_session(proxy, Recorder([], {}))
         real, upstream.transport = upstream.transport, Capture()  # type: ignore[assignment]
         for a, b in zip([0, *cuts], [*cuts, len(payload)]):
             session.data_received(payload[a:b])

@@ -2,9 +2,11 @@
 
 Requests are parsed with libvalkey's reader, re-packed and written to the upstream connection of the
 key's node; every request that expects a reply gets an ``Entry`` in the session's ``pending`` queue, in
-request order. Replies are framed (``framing.frame_end``), matched to the entries of the connection
-they came from, and written to the client in request order. A write's reply is held until its keys
-were marked (``on_marks`` awaited): "acknowledged" always implies "marked".
+request order (on the standalone fast path, plain commands are scanned in place, forwarded as received
+and share one entry per chunk: ``Session._fast``). Replies are framed (``framing.frame_end``) or
+counted, matched to the entries of the connection they came from, and written to the client in request
+order. A write's reply is held until its keys were marked (``on_marks`` returned): "acknowledged"
+always implies "marked".
 
 Entries answered by the proxy itself carry a function that computes the reply when the entry reaches
 the head of the queue, so local answers (CLIENT GETNAME, CLUSTER SLOTS, NOAUTH ...) see exactly the
@@ -43,8 +45,7 @@ CONFIRM_KINDS: Final = frozenset({b"subscribe", b"psubscribe", b"ssubscribe",
 FAST_READ: Final = "read"
 FAST_NO: Final = "general"
 # Commands whose reply is one non-aggregate frame (RESP2) whatever their arguments. A run made only of
-# them has its replies counted by libvalkey's reader instead of framed in Python (Upstream._count):
-# the reader takes such a frame whole (or only its type byte), never part of an aggregate.
+# them has its replies counted (framing.count_scalars, in Upstream._count) instead of framed.
 SCALAR_REPLY: Final = frozenset(
     b"get set setnx setex psetex getset getdel getex append strlen incr incrby incrbyfloat decr decrby "
     b"del unlink exists touch expire pexpire expireat pexpireat persist ttl pttl expiretime pexpiretime "
@@ -52,7 +53,7 @@ SCALAR_REPLY: Final = frozenset(
     b"hincrbyfloat hstrlen sadd srem scard sismember zadd zrem zcard zscore zincrby zcount lpush rpush "
     b"lpushx rpushx llen lindex lset ltrim lrem mset msetnx".split())
 REFUSED: Final = ("ERR durablecache: {} is refused during a migration because its effect cannot be tracked "
-           "key by key; see docs/proxy.md")
+                  "key by key; see docs/proxy.md")
 Marks = list[tuple[int | None, list[bytes]]]
 
 
