@@ -192,6 +192,10 @@ def main() -> int:
                    ("relay", relay_port), ("twemproxy", nut_port)]
         if args.only:
             wanted = {"relay", *args.only.split(",")}
+            unknown = wanted - {name for name, _ in targets}
+            if unknown:
+                print(f"--only: unknown target(s) {', '.join(sorted(unknown))}", file=sys.stderr)
+                return 2
             targets = [t for t in targets if t[0] in wanted]
         runs: dict[tuple[str, int, str], list[dict[str, float]]] = {}
         for _ in range(args.rounds):

@@ -16,28 +16,36 @@ import pytest
 from durablecache.localvalkey import LocalCluster, LocalServer
 
 ROOT = Path(__file__).resolve().parents[1]
+# The modules setup.py compiles with mypyc (repository-relative paths).
+COMPILED_SOURCES = re.findall(r'"(operator/[\w/]+\.py)"', (ROOT / "setup.py").read_text())
 
 
 def pytest_configure(config: pytest.Config) -> None:
     """The proxy's modules ship compiled (setup.py, mypyc), so the tests run the compiled ones: refuse
     to run on a missing or stale build, which Python would import silently instead of the source."""
-    pure = os.environ.get("DURABLECACHE_PURE_PYTHON") == "1"
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    shims = {source: (ROOT / source).with_name(Path(source).stem + suffix)
+             for source in COMPILED_SOURCES}
+    if os.environ.get("DURABLECACHE_PURE_PYTHON") == "1":
+        compiled = [source for source, shim in shims.items() if shim.exists()]
+        if compiled:
+            raise pytest.UsageError(f"DURABLECACHE_PURE_PYTHON=1, but these are compiled (delete the .so "
+                                    f"files): {', '.join(compiled)}")
+        return
     # Each compiled module is a small shim; the code of them all is in one shared library.
     shared = list((ROOT / "operator").glob(f"*__mypyc{suffix}"))
     built_at = max((lib.stat().st_mtime for lib in shared), default=0.0)
-    wrong = []
-    for source in re.findall(r'"(operator/[\w/]+\.py)"', (ROOT / "setup.py").read_text()):
-        py = ROOT / source
-        shim = py.with_name(py.stem + suffix)
-        if shim.exists() if pure else (not shim.exists() or built_at < py.stat().st_mtime):
-            wrong.append(source)
-    if wrong and pure:
-        raise pytest.UsageError(f"DURABLECACHE_PURE_PYTHON=1, but these are compiled (delete the .so files): "
-                                f"{', '.join(wrong)}")
-    if wrong:
-        raise pytest.UsageError(f"compiled modules missing or older than their sources: {', '.join(wrong)}; "
+    stale = [source for source, shim in shims.items()
+             if not shim.exists() or built_at < (ROOT / source).stat().st_mtime]
+    if stale:
+        raise pytest.UsageError(f"compiled modules missing or older than their sources: {', '.join(stale)}; "
                                 "run `make build` (or DURABLECACHE_PURE_PYTHON=1 to test the sources)")
+
+
+@pytest.fixture
+def compiled_sources() -> list[Path]:
+    """The modules setup.py compiles with mypyc."""
+    return [ROOT / source for source in COMPILED_SOURCES]
 
 
 @pytest.fixture

@@ -71,7 +71,7 @@ class ProxyHandle(Protocol):
     async def stop(self) -> None: ...
 
 
-MarkCallback = Callable[[int, list[bytes]], Awaitable[None] | None]   # as the proxy's (proxy/server.py)
+MarkCallback = Callable[[int, list[bytes]], Awaitable[None] | None]   # as the proxy's (proxy/marks.py)
 # (upstream, on_marks, on_lost) -> running proxies. on_lost(reason): a proxy died with marks in flight.
 ProxyStarter = Callable[[Endpoint, MarkCallback, Callable[[str], None]], Awaitable[list[ProxyHandle]]]
 Emit = Callable[[dict[str, Any]], None]

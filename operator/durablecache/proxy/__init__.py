@@ -1,7 +1,7 @@
 """The dual-write RESP proxy (see docs/proxy.md): forwards clients to the authoritative side and
 reports every key a write touched, after the write was applied and before the client sees the reply."""
 
-from .marks import MarkServer, RemoteMarks
-from .server import MarkCallback, Proxy, Router
+from .marks import MarkCallback, MarkServer, RemoteMarks
+from .server import Proxy, Router
 
 __all__ = ["MarkCallback", "MarkServer", "Proxy", "RemoteMarks", "Router"]

@@ -78,6 +78,18 @@ def _count_at(buf: bytes, i: i64, n: i64) -> tuple[i64, i64]:
     return -1, 0
 
 
+def _bulk_at(buf: bytes, i: i64, n: i64) -> tuple[i64, i64]:
+    """The canonical bulk string whose ``$`` is at ``i``, whole in ``buf``: (start, end) of its
+    payload, or (-1, 0)."""
+    if i >= n or buf[i] != 0x24:     # '$'
+        return -1, 0
+    size, start = _count_at(buf, i + 1, n)
+    end = start + size
+    if size < 0 or end + 2 > n or buf[end] != 13 or buf[end + 1] != 10:
+        return -1, 0
+    return start, end
+
+
 def command_head(buf: bytes, pos: i64) -> tuple[i64, i64, i64]:
     """The array of bulk strings starting at ``pos``: (argument count, start, end) of its first
     argument (the command name), the name complete in ``buf``; (-1, 0, 0) otherwise."""
@@ -85,13 +97,12 @@ def command_head(buf: bytes, pos: i64) -> tuple[i64, i64, i64]:
     if pos >= n or buf[pos] != 0x2A:      # '*'
         return -1, 0, 0
     argc, i = _count_at(buf, pos + 1, n)
-    if argc < 1 or i >= n or buf[i] != 0x24:   # '$'
+    if argc < 1:
         return -1, 0, 0
-    size, i = _count_at(buf, i + 1, n)
-    end = i + size
-    if size < 0 or end + 2 > n or buf[end] != 13 or buf[end + 1] != 10:
+    start, end = _bulk_at(buf, i, n)
+    if start < 0:
         return -1, 0, 0
-    return argc, i, end
+    return argc, start, end
 
 
 def command_tail(buf: bytes, pos: i64, args: i64, key_at: i64) -> tuple[i64, i64, i64]:
@@ -103,14 +114,11 @@ def command_tail(buf: bytes, pos: i64, args: i64, key_at: i64) -> tuple[i64, i64
     key_end: i64 = -1
     i = pos
     for index in range(1, args + 1):
-        if i >= n or buf[i] != 0x24:
-            return -1, 0, 0
-        size, i = _count_at(buf, i + 1, n)
-        end = i + size
-        if size < 0 or end + 2 > n or buf[end] != 13 or buf[end + 1] != 10:
+        start, end = _bulk_at(buf, i, n)
+        if start < 0:
             return -1, 0, 0
         if index == key_at:
-            key_start, key_end = i, end
+            key_start, key_end = start, end
         i = end + 2
     return i, key_start, key_end
 
@@ -135,9 +143,8 @@ def count_scalars(buf: bytes, limit: i64) -> i64:
             if i + 4 < n and buf[i + 1] == 0x2D and buf[i + 2] == 0x31 and buf[i + 3] == 13 and buf[i + 4] == 10:
                 i += 5                                    # $-1: a null
             else:
-                size, i = _count_at(buf, i + 1, n)
-                end = i + size
-                if size < 0 or end + 2 > n or buf[end] != 13 or buf[end + 1] != 10:
+                start, end = _bulk_at(buf, i, n)
+                if start < 0:
                     return -1
                 i = end + 2
         else:

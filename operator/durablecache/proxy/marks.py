@@ -25,7 +25,10 @@ from .. import logs
 from ..errors import ConnectError
 
 log = logs.get("durablecache.marks")
-MarkCallback = Callable[[int, list[bytes]], Awaitable[None] | None]   # as the proxy's (server.py)
+# Takes the keys of completed writes. Either synchronous (returns None once it has them: the
+# in-process syncer; the proxy delivers to it without a coroutine or a task) or a coroutine function
+# (awaited: RemoteMarks). Synchronous callbacks that return anything else are treated as failures.
+MarkCallback = Callable[[int, list[bytes]], Awaitable[None] | None]
 Acked = Callable[[BaseException | None], None]   # RemoteMarks.submit: None once acknowledged, or why not
 LostCallback = Callable[[str], Any]
 READ_CHUNK = 1 << 16

@@ -11,7 +11,7 @@ import itertools
 import secrets
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Coroutine, Generator
 from typing import Any, Final
 
 from valkey.crc import key_slot
@@ -22,13 +22,8 @@ from ..resp import Connection, tls_context
 from ..topology import SLOTS, Topology, discover
 from ..urls import Endpoint
 from .commandtable import CommandTable
-from .marks import RemoteMarks
+from .marks import MarkCallback, RemoteMarks
 from .session import FAST_NO, FAST_READ, READ, SCALAR_REPLY, SPECIAL, Session
-
-# Takes the keys of completed writes. Either synchronous (returns None once it has them: the
-# in-process syncer, delivered without a coroutine or a task) or a coroutine function (awaited:
-# RemoteMarks). Synchronous callbacks that return anything else are treated as failures.
-MarkCallback = Callable[[int, list[bytes]], Awaitable[None] | None]
 
 
 def is_async(fn: Any) -> bool:
