@@ -13,8 +13,9 @@ The proxy is measured in the two configurations ``durablecache migrate`` uses:
   syncer's process and ``on_marks`` is a direct call of ``Syncer.on_marks``). Here it is a
   ``durablecache proxy`` process without ``--marks-to``, whose ``on_marks`` counts the keys: a plain
   function, the same shape as ``Syncer.on_marks``.
-* ``proxy-remote`` — the proxy in its own process (``migrate --proxy-mode subprocess``), its marks going
-  over TCP to a MarkServer in this process: every write's reply waits for a MARK round trip.
+* ``proxy-remote`` — the proxy in its own process (``migrate --proxy-mode subprocess``), its marks
+  streamed over TCP to a MarkServer in this process (one MARK frame per millisecond at most; the mark
+  server's work shares this machine's cores with everything else).
 
 The bare relay is the floor any asyncio proxy pays: it copies bytes both ways (Protocol callbacks,
 the same event loop style as the proxy) and understands nothing. The proxies and the relay run on

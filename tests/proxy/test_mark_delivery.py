@@ -1,5 +1,6 @@
-"""How marks reach ``on_marks``: a synchronous callback (the in-process syncer) or a coroutine function
-(RemoteMarks), and what a client sees when delivery fails: never an acknowledgement."""
+"""How marks reach ``on_marks``: a synchronous callback (the in-process syncer), a coroutine function,
+or a MarkServer over TCP (RemoteMarks: streamed, FREEZE waits for the acks), and what a client sees
+when delivery fails."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 import valkey
 
+from durablecache.errors import ConnectError
 from durablecache.proxy import MarkServer, RemoteMarks
 
 pytestmark = pytest.mark.timeout(60)
@@ -74,29 +76,69 @@ def test_a_write_whose_marks_fail_is_never_acknowledged(source, make_proxy, on_m
     assert source.client().get("x") == b"1"        # ... which is why the session had to end
 
 
-def test_remote_marks_acknowledge_writes_only_after_the_syncer_has_them(source, make_proxy):
-    """The proxy hands RemoteMarks each round without a coroutine (RemoteMarks.submit); a write is still
-    acknowledged only once the mark server acked its keys, and never once the syncer is gone."""
-    got: list[bytes] = []
-
-    def on_marks(_db: int, keys: list[bytes]) -> None:
-        got.extend(keys)
+def remote_proxy(make_proxy: Any, source: Any, on_marks: Any, *, retry_for: float = 0.5) -> tuple[Any, Any, Any]:
+    """A proxy whose marks go over TCP to a MarkServer (both on the proxy's loop)."""
     p = make_proxy(source.endpoint())
     server = MarkServer(on_marks, "tok")
     p.run(server.start())
-    remote = RemoteMarks("127.0.0.1", server.port, "tok", retry_for=0.5)
+    remote = RemoteMarks("127.0.0.1", server.port, "tok", retry_for=retry_for)
     p.run(remote.connect())
     p.call(lambda: setattr(p.proxy, "on_marks", remote))
+    return p, server, remote
+
+
+def test_remote_marks_are_streamed_and_freeze_waits_for_the_syncers_ack(source, make_proxy):
+    """Writes are answered without waiting for the syncer (their marks follow within FLUSH_DELAY), and
+    FREEZE is the barrier: it returns only once the syncer acknowledged every mark."""
+    got: list[bytes] = []
+    syncer_busy = asyncio.Event()
+    syncer_busy.set()
+
+    async def on_marks(_db: int, keys: list[bytes]) -> None:
+        await syncer_busy.wait()
+        got.extend(keys)
+    p, server, remote = remote_proxy(make_proxy, source, on_marks)
     c = valkey.Valkey(port=p.port, socket_timeout=5, retry_on_timeout=False)
+    assert c.set("warm", 1)
+    p.run(p.proxy.freeze(5.0))
+    p.call(p.proxy.unfreeze)
+    assert b"warm" in got
+
+    p.call(syncer_busy.clear)                     # the syncer takes marks but does not ack them
     for i in range(20):
-        assert c.set(f"r{i}", i)
-        assert f"r{i}".encode() in got, i
+        assert c.set(f"r{i}", i)                  # answered all the same
     pipe = c.pipeline(transaction=False)
     for i in range(300):
         pipe.hset(f"h{i % 11}", "f", i)
     pipe.execute()
-    assert {f"h{i}".encode() for i in range(11)} <= set(got)
+    assert p.call(lambda: remote.pending) > 0
+    with pytest.raises(TimeoutError):
+        p.run(p.proxy.freeze(0.3))                # marks unacknowledged: no cutover may start
+    assert not {f"r{i}".encode() for i in range(20)} <= set(got)
+    p.call(p.proxy.unfreeze)
+
+    p.call(syncer_busy.set)
+    p.run(p.proxy.freeze(5.0))
+    assert {f"r{i}".encode() for i in range(20)} | {f"h{i}".encode() for i in range(11)} <= set(got)
+    assert p.call(lambda: p.proxy.stats()["marks_unacknowledged_bytes"]) == 0
     assert p.proxy.marks_failed == 0
+    p.call(p.proxy.unfreeze)
+    c.close()
+    p.run(remote.close())
+    p.run(server.stop())
+
+
+def test_past_the_stream_limit_writes_wait_for_the_syncers_ack(source, make_proxy):
+    """With its backlog full (here: a limit of 0 bytes), the proxy answers a write only once the syncer
+    acknowledged its marks, and never once the syncer is gone."""
+    got: list[bytes] = []
+    p, server, remote = remote_proxy(make_proxy, source, lambda _db, keys: got.extend(keys))
+    p.call(lambda: setattr(p.proxy, "mark_stream_bytes", 0))
+    c = valkey.Valkey(port=p.port, socket_timeout=5, retry_on_timeout=False)
+    for i in range(20):
+        assert c.set(f"r{i}", i)
+        assert f"r{i}".encode() in got, i            # the syncer had it before we got the OK
+    assert p.proxy.marks_throttled >= 20
 
     p.run(server.stop())                            # the syncer goes away for longer than retry_for
     with pytest.raises(valkey.ConnectionError):
@@ -104,6 +146,45 @@ def test_remote_marks_acknowledge_writes_only_after_the_syncer_has_them(source, 
     assert p.proxy.marks_failed == 1
     assert b"after" not in got
     p.run(remote.close())
+
+
+def test_streamed_marks_outlive_a_syncer_outage():
+    """Marks of writes already answered are never dropped: a failed reconnect fails only the batches
+    someone waits for, and the streamed ones are re-sent once the syncer is back."""
+    async def main() -> None:
+        second: list[bytes] = []
+        lost: list[str] = []
+        server = MarkServer(lambda _db, _keys: None, "tok", on_lost=lost.append)
+        await server.start()
+        port = server.port
+        remote = RemoteMarks("127.0.0.1", port, "tok", retry_for=0.2)
+        await remote.connect()
+        await server.stop()
+        await asyncio.sleep(0.1)                 # the proxy side sees its stream end
+
+        remote.submit({0: [b"answered"]})         # streamed: its writes were answered
+        await asyncio.sleep(0.05)                # framed (FLUSH_DELAY) on its own
+        outcome: list[BaseException | None] = []
+        remote.submit({0: [b"waiting"]}, outcome.append)
+        for _ in range(100):
+            if outcome:
+                break
+            await asyncio.sleep(0.05)
+        assert len(outcome) == 1 and isinstance(outcome[0], ConnectError)
+        assert remote.pending == 1               # the streamed frame is kept, the failed one dropped
+
+        restarted = MarkServer(lambda _db, keys: second.extend(keys), "tok", port=port)
+        await restarted.start()
+        for _ in range(100):                     # retried every RETRY_PAUSE
+            if not remote.pending:
+                break
+            await asyncio.sleep(0.05)
+        assert second == [b"answered"]
+        assert remote.backlog_bytes == 0
+        assert len(lost) == 1
+        await remote.close()
+        await restarted.stop()
+    asyncio.run(main())
 
 
 def test_remote_marks_reconnect_and_resend_what_was_not_acknowledged():

@@ -87,9 +87,10 @@ def test_proxy_process_delivers_marks_and_its_death_is_reported(source, tmp_path
             await asyncio.to_thread(wait_listening, admin_port, proc)
             c = valkey.Valkey(port=port, socket_timeout=10)
             await asyncio.to_thread(c.set, "remote-key", "1")
-            # The write was acknowledged, so its mark is already at the syncer.
-            assert (0, b"remote-key") in got
+            # Answered at once; its mark is streamed, and the FREEZE in _admin_checks returns only
+            # once the syncer acknowledged it.
             await asyncio.to_thread(_admin_checks, admin_port, c)
+            assert (0, b"remote-key") in got
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
             deadline = time.monotonic() + 5

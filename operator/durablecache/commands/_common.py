@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,7 +49,21 @@ def read_token(path: str | None, what: str) -> str:
     return token
 
 
+# The proxy allocates a few short-lived container objects per request; with the default threshold
+# (700) the young generation was collected hundreds of times a second, about 2% of the proxy's CPU at
+# full load. Its cycles (a session and its upstream connections) are few and small.
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """Collect the young generation less often, and never re-scan what exists at start-up."""
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+    gc.freeze()
+
+
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    tune_gc()
     with contextlib.suppress(ImportError):
         import uvloop  # optional: faster event loop where installed
 

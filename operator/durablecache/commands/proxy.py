@@ -11,7 +11,7 @@ import ssl
 from .. import logs
 from ..errors import UsageError
 from ..urls import parse_url
-from ._common import hostport, read_token, run_async
+from ._common import hostport, read_token, run_async, tune_gc
 
 NAME = "proxy"
 HELP = "run the dual-write RESP proxy: forward clients to the upstream and report every key written"
@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         logs.configure(json=True, level=getattr(args, "log_level", "info") or "info")
     if os.environ.get("DURABLECACHE_UVLOOP") == "0":  # the stdlib loop, for comparison (bench/proxy.py)
+        tune_gc()
         return asyncio.run(_main(args))
     return run_async(_main(args))
 

@@ -123,6 +123,19 @@ def command_tail(buf: bytes, pos: i64, args: i64, key_at: i64) -> tuple[i64, i64
     return i, key_start, key_end
 
 
+def name_sig(buf: bytes, start: i64, end: i64) -> i64:
+    """The bytes ``buf[start:end]`` (a command name of up to 7 bytes) packed into one integer with
+    their length, so that a name can be compared with the previous one without slicing it out; -1 for
+    longer names."""
+    size = end - start
+    if size > 7:
+        return -1
+    sig: i64 = 0
+    for i in range(start, end):
+        sig = (sig << 8) | buf[i]
+    return (sig << 3) | size
+
+
 def count_scalars(buf: bytes, limit: i64) -> i64:
     """How many RESP2 frames ``buf`` holds if it holds only whole single-line (``+`` ``-`` ``:``) and
     bulk-string frames, at most ``limit`` of them; -1 otherwise (an aggregate, a frame cut short, too

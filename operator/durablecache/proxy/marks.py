@@ -4,9 +4,9 @@
                       MARK <db> <key> [<key> ...]         <- +OK   (after the syncer's callback returned)
                       BYE                                 <- +OK   (a clean goodbye)
 
-``RemoteMarks.__call__`` returns only after the syncer acknowledged the batch, so "marks delivered"
-means the syncer has them. A connection that ends without BYE makes the server call ``on_lost(peer)``:
-marks may have been lost, and the syncer must force a full verify-and-repair before any cutover.
+A MARK is acknowledged after the syncer's callback took its keys, so an acknowledged frame means the
+syncer has them. A connection that ends without BYE makes the server call ``on_lost(peer)``: marks
+may have been lost, and the syncer must force a full verify-and-repair before any cutover.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import hmac
 import inspect
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 
 import libvalkey
 
@@ -32,6 +32,10 @@ MarkCallback = Callable[[int, list[bytes]], Awaitable[None] | None]
 Acked = Callable[[BaseException | None], None]   # RemoteMarks.submit: None once acknowledged, or why not
 LostCallback = Callable[[str], Any]
 READ_CHUNK = 1 << 16
+# Streamed marks wait this long for company: at a high write rate one frame then carries hundreds of
+# keys, where per-iteration frames cost the proxy and the syncer a syscall and a wake-up each.
+FLUSH_DELAY: Final = 0.001
+RETRY_PAUSE: Final = 1.0     # after a failed reconnect, while streamed marks are still undelivered
 
 
 class MarkServer:
@@ -139,12 +143,19 @@ class MarkServer:
 
 
 class RemoteMarks:
-    """Proxy side: a MarkCallback that ships each batch to a MarkServer and awaits its ack.
+    """Proxy side: ships batches of marks to a MarkServer, in order, over one connection.
 
-    If the connection drops, it reconnects (for up to ``retry_for`` seconds) and re-sends every batch
-    not yet acknowledged — the server saw the drop and already called ``on_lost``, so a batch that
-    arrives twice does no harm. Past that bound the call raises ConnectError: the proxy then closes
-    the client connection instead of acknowledging a write whose marks are not delivered.
+    Two ways to submit (see ``submit``): *streamed* batches are sent within ``FLUSH_DELAY`` together
+    with everything else submitted meanwhile, and nobody waits for their acknowledgement — the proxy
+    has already answered those writes (docs/proxy.md, "Marks"); *acknowledged* batches are sent in
+    the same loop iteration and their callbacks run on the syncer's ack. ``backlog_bytes`` (frames
+    not acknowledged yet) is what the proxy's freeze waits to reach zero, and what bounds streaming.
+
+    If the connection drops, it reconnects (for up to ``retry_for`` seconds per attempt) and re-sends
+    every frame not yet acknowledged — the server saw the drop and already called ``on_lost``, so a
+    batch that arrives twice does no harm. When an attempt fails, the waiting callbacks get the
+    ConnectError (the proxy then closes those clients instead of acknowledging their writes); frames
+    of streamed batches are kept and retried every ``RETRY_PAUSE`` until delivered or ``close()``.
     """
 
     def __init__(self, host: str, port: int, token: str, *, name: str = "durablecache-proxy",
@@ -156,14 +167,29 @@ class RemoteMarks:
         self.retry_for = retry_for
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
-        # Frames sent (or to re-send) and not acknowledged yet; the last frame of a batch carries the
-        # callbacks of everyone whose marks it holds.
-        self._unacked: deque[tuple[bytes, list[Acked] | None]] = deque()
-        self._batch: dict[int, list[bytes]] | None = None
+        # Frames sent (or to re-send) and not acknowledged yet, in order.
+        self._unacked: deque[_Frame] = deque()
+        self.backlog_bytes = 0                # size of the frames in _unacked
+        self._batch: dict[int, list[bytes]] | None = None     # submitted, not framed yet
         self._batch_acked: list[Acked] = []
+        self._batch_streamed = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._soon = False
         self._lock = asyncio.Lock()
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def pending(self) -> int:
+        """Frames not acknowledged yet, plus a batch not framed yet: 0 once the syncer has everything."""
+        return len(self._unacked) + (self._batch is not None)
+
+    def touches(self, keys: set[bytes]) -> int:
+        """How many unacknowledged frames or pending batches name one of ``keys`` (any db)."""
+        n = sum(1 for f in self._unacked if any(k in keys for k in f.keys))
+        if self._batch:
+            n += sum(1 for ks in self._batch.values() if any(k in keys for k in ks))
+        return n
 
     async def connect(self) -> None:
         async with self._lock:
@@ -195,8 +221,8 @@ class RemoteMarks:
             writer.close()
             raise ConnectError(f"the syncer at {self.host}:{self.port} refused us: {reply}")
         self._writer = writer
-        for frame, _ in self._unacked:       # re-send what the old connection did not ack
-            writer.write(frame)
+        for f in self._unacked:       # re-send what the old connection did not ack
+            writer.write(f.frame)
         self._reader_task = loop.create_task(self._read_acks(reader, parser))
 
     async def _read_acks(self, reader: asyncio.StreamReader, parser: Any) -> None:
@@ -205,12 +231,13 @@ class RemoteMarks:
                 while (reply := parser.gets()) is not False:
                     if not self._unacked:
                         continue
-                    _, acked = self._unacked.popleft()
-                    if acked is None:     # not the last frame of its batch: the last one's ack counts
+                    f = self._unacked.popleft()
+                    self.backlog_bytes -= len(f.frame)
+                    if f.acked is None:     # streamed, or not the last frame of its batch
                         continue
                     failed = ConnectError(f"syncer rejected marks: {reply}") \
                         if isinstance(reply, libvalkey.ReplyError) else None
-                    _notify(acked, failed)
+                    _notify(f.acked, failed)
                 data = await reader.read(READ_CHUNK)
                 if not data:
                     break
@@ -223,74 +250,135 @@ class RemoteMarks:
         if self._unacked and not self._closing:
             self._reconnect_later()
 
-    def _reconnect_later(self) -> None:
-        task = asyncio.get_running_loop().create_task(self._reconnect())
+    def _reconnect_later(self, after: float = 0.0) -> None:
+        task = asyncio.get_running_loop().create_task(self._reconnect(after))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _reconnect(self) -> None:
+    async def _reconnect(self, after: float) -> None:
+        if after:
+            await asyncio.sleep(after)
         try:
             async with self._lock:
                 await self._connect_locked()
         except ConnectError as exc:
-            while self._unacked:
-                _, acked = self._unacked.popleft()
-                _notify(acked or [], exc)
+            kept: deque[_Frame] = deque()
+            for f in self._unacked:
+                if f.acked is not None:
+                    _notify(f.acked, exc)
+                    f.acked = None
+                if f.streamed:          # writes already answered: their marks must still arrive
+                    kept.append(f)
+                else:
+                    self.backlog_bytes -= len(f.frame)
+            self._unacked = kept
+            if kept and not self._closing:
+                log.warning("marks.syncer_unreachable", frames=len(kept), retry_in=RETRY_PAUSE)
+                self._reconnect_later(RETRY_PAUSE)
 
     async def __call__(self, db: int, keys: list[bytes]) -> None:
         if self._writer is None:
             async with self._lock:
                 await self._connect_locked()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.submit({db: keys}, _settles(fut))
+        self.submit({db: list(keys)}, _settles(fut))
         await fut
 
-    def submit(self, batch: dict[int, list[bytes]], acked: Acked) -> None:
-        """Send marks (db -> keys) without a coroutine (the proxy's hot path): ``acked(None)`` once the
-        syncer acknowledged them, ``acked(error)`` when ``__call__`` would raise. Marks submitted in the
-        same loop iteration share one send and one ack round."""
+    def submit(self, batch: dict[int, list[bytes]], acked: Acked | None = None) -> None:
+        """Send marks (db -> keys; the lists are taken over, not copied) without a coroutine (the
+        proxy's hot path). With ``acked``: sent in this loop iteration, and ``acked(None)`` once the
+        syncer acknowledged them, ``acked(error)`` when ``__call__`` would raise. Without: streamed —
+        sent within FLUSH_DELAY, retried until delivered; ``backlog_bytes`` and ``pending`` tell
+        when the syncer has them. Everything submitted until the send shares one frame per db."""
         if self._batch is None:
             self._batch = {}
-            asyncio.get_running_loop().call_soon(self._send_batch)
             if self._writer is None and not self._lock.locked() and not self._closing:
                 self._reconnect_later()   # the batch is re-sent once connected (or fails)
         for db, keys in batch.items():
             pending = self._batch.get(db)
             if pending is None:
-                self._batch[db] = list(keys)
+                self._batch[db] = keys
             else:
                 pending.extend(keys)
-        self._batch_acked.append(acked)
+        if acked is None:
+            self._batch_streamed = True
+            if self._timer is None and not self._soon:
+                self._timer = asyncio.get_running_loop().call_later(FLUSH_DELAY, self.flush)
+        else:
+            self._batch_acked.append(acked)
+            if not self._soon:
+                self._soon = True
+                asyncio.get_running_loop().call_soon(self.flush)
 
-    def _send_batch(self) -> None:
-        batch, acked = self._batch, self._batch_acked
-        self._batch, self._batch_acked = None, []
+    def flush(self) -> None:
+        """Frame and send what was submitted (freeze calls this rather than wait for the timer)."""
+        self._soon = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, acked, streamed = self._batch, self._batch_acked, self._batch_streamed
+        if batch is None:
+            return
+        self._batch, self._batch_acked, self._batch_streamed = None, [], False
         if not batch:
             _notify(acked, None)
             return
-        items = list(batch.items())
         frames = []
-        for i, (db, keys) in enumerate(items):
-            frame = libvalkey.pack_command((b"MARK", db, *keys))
+        last = len(batch) - 1
+        for i, (db, keys) in enumerate(batch.items()):
+            frame = mark_frame(db, keys)
             frames.append(frame)
-            self._unacked.append((frame, acked if i == len(items) - 1 else None))
+            self.backlog_bytes += len(frame)
+            self._unacked.append(_Frame(frame, keys, acked if i == last and acked else None, streamed))
         if self._writer is not None:
             self._writer.write(b"".join(frames))
 
     async def close(self) -> None:
-        """Say goodbye cleanly (the syncer then knows no marks were lost) and close."""
+        """Send what is pending, say goodbye cleanly (the syncer then knows no marks were lost), close."""
+        self.flush()
         self._closing = True
         writer = self._writer
         if writer is not None:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._unacked.append((b"", [_settles(fut)]))
+            self._unacked.append(_Frame(b"", [], [_settles(fut)], False))
             writer.write(libvalkey.pack_command((b"BYE",)))
             with contextlib.suppress(TimeoutError, ConnectError):
                 await asyncio.wait_for(fut, 5.0)
             writer.close()
         if self._reader_task is not None:
             self._reader_task.cancel()
+        for t in list(self._tasks):
+            t.cancel()
         self._writer = None
+
+
+class _Frame:
+    """A MARK frame sent (or to re-send) and not acknowledged yet."""
+
+    __slots__ = ("frame", "keys", "acked", "streamed")
+
+    def __init__(self, frame: bytes, keys: list[bytes], acked: list[Acked] | None, streamed: bool):
+        self.frame = frame
+        self.keys = keys
+        self.acked = acked        # the callbacks of the batch it ends (None: streamed or not the last)
+        self.streamed = streamed  # holds marks of writes already answered: never dropped
+
+
+_BULK_HEADERS: Final = [b"$%d\r\n" % n for n in range(256)]
+
+
+def mark_frame(db: int, keys: list[bytes]) -> bytes:
+    """``MARK <db> <key>...`` in RESP. libvalkey's pack_command grows its buffer key by key (a
+    realloc and a printf each), which cost more than everything else the proxy does for a write."""
+    dbs = b"%d" % db
+    parts = [b"*%d\r\n$4\r\nMARK\r\n$%d\r\n%s\r\n" % (len(keys) + 2, len(dbs), dbs)]
+    headers = _BULK_HEADERS
+    for k in keys:
+        n = len(k)
+        parts.append(headers[n] if n < 256 else b"$%d\r\n" % n)
+        parts.append(k)
+        parts.append(b"\r\n")
+    return b"".join(parts)
 
 
 def _settles(fut: asyncio.Future[None]) -> Acked:

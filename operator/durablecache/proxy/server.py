@@ -39,6 +39,9 @@ UNBLOCK_EVERY: Final = 0.1      # re-send CLIENT UNBLOCK while a blocking write 
 FASTMAP_SPELLINGS: Final = 4096  # command names (as clients spell them) whose fast-path class is remembered
 EAGER_RETRY: Final = 1000       # after on_marks suspended, queue this many submissions before trying "now" again
 FLIP_QUIESCE: Final = 10.0      # bound on waiting for in-flight reads before moving a session
+# Remote marks not acknowledged yet, in frame bytes, below which writes are answered without waiting
+# for the syncer's ack: bounds the proxy's memory (and the marks a crash could lose) in a syncer outage.
+MARK_STREAM_BYTES: Final = 8 << 20
 
 
 @dataclasses.dataclass
@@ -132,12 +135,14 @@ class Proxy:
         self.fastmap: dict[bytes, Any] = {}
         self.scalar_names: set[bytes] = set()   # SCALAR_REPLY as the clients spell the names
         self._started = 0.0
+        self.mark_stream_bytes = MARK_STREAM_BYTES
         # stats
         self.commands = 0
         self.writes = 0
         self.marks = 0
         self.mark_batches = 0
         self.marks_failed = 0
+        self.marks_throttled = 0        # batches whose replies waited for the syncer's ack (backlog full)
         self.held_total = 0
         self.key_held_total = 0
         self.bytes_in = 0
@@ -155,8 +160,8 @@ class Proxy:
     def on_marks(self, on_marks: MarkCallback) -> None:
         self._on_marks = on_marks
         self._marks_sync = not is_async(on_marks)
-        # RemoteMarks takes each batch through submit() and calls back on its acknowledgement.
-        self._marks_submit = on_marks.submit if isinstance(on_marks, RemoteMarks) else None
+        # RemoteMarks takes each batch through submit(): streamed, or calling back on its ack.
+        self._remote = on_marks if isinstance(on_marks, RemoteMarks) else None
 
     # ---- life cycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -228,14 +233,26 @@ class Proxy:
         queued in one loop iteration is delivered as one round (one ``on_marks`` call per db); rounds
         do not wait for each other, so a slow syncer ack does not serialise the sessions.
 
-        A synchronous ``on_marks`` is simply called; RemoteMarks gets the batch at once and calls back
-        when the syncer acknowledged it."""
+        A synchronous ``on_marks`` is simply called. RemoteMarks streams the batch and the replies go
+        out at once, while its unacknowledged backlog is below ``mark_stream_bytes`` (freeze and
+        hold_keys wait for that backlog: docs/proxy.md, "Marks"); past it, the replies wait for the
+        syncer's ack, which slows the writers down to the syncer's pace."""
         if self._marks_sync:
             session.marks_done(self._deliver_now(batch, writes), writes, out)
             return
-        if self._marks_submit is not None:
-            keys = sum(len(k) for k in batch.values())
-            self._marks_submit(batch, functools.partial(self._acked, session, writes, out, keys))
+        remote = self._remote
+        if remote is not None:
+            keys = 0
+            for ks in batch.values():
+                keys += len(ks)
+            if remote.backlog_bytes < self.mark_stream_bytes:
+                remote.submit(batch)
+                self.marks += keys
+                self.mark_batches += 1
+                session.marks_done(True, writes, out)
+            else:
+                self.marks_throttled += 1
+                remote.submit(batch, functools.partial(self._acked, session, writes, out, keys))
             return
         if not self._eager_skip:
             coro = self.deliver(batch, writes)
@@ -380,7 +397,13 @@ class Proxy:
         return [*self.sessions.values(), *self.departed]
 
     def _inflight(self) -> int:
-        return sum(s.inflight + (1 if s.marking else 0) for s in self._all_sessions())
+        """Writes sent and not answered, batches of marks in delivery, and remote marks not
+        acknowledged by the syncer yet (sent now rather than on RemoteMarks' timer)."""
+        n = sum(s.inflight + (1 if s.marking else 0) for s in self._all_sessions())
+        if self._remote is not None:
+            self._remote.flush()
+            n += self._remote.pending
+        return n
 
     async def freeze(self, timeout: float) -> None:
         """Hold new writes; return when every write already sent is answered and its marks delivered."""
@@ -494,6 +517,9 @@ class Proxy:
             for batch in (s.batch, s.delivering):
                 if batch and any(k in keys for ks in batch.values() for k in ks):
                     n += 1
+        if self._remote is not None:
+            self._remote.flush()
+            n += self._remote.touches(keys)
         return n
 
     async def hold_keys(self, keys: set[tuple[int, bytes]], timeout: float) -> None:
@@ -539,6 +565,8 @@ class Proxy:
             "marks": self.marks,
             "mark_batches": self.mark_batches,
             "marks_failed": self.marks_failed,
+            "marks_throttled": self.marks_throttled,
+            "marks_unacknowledged_bytes": self._remote.backlog_bytes if self._remote is not None else 0,
             "held": sum(len(s.held) for s in self.sessions.values()),
             "held_total": self.held_total,
             "held_keys": sum(len(k) for k in self.key_hold.values()),

@@ -21,11 +21,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import libvalkey
+from mypy_extensions import i64
 
 from .. import logs
 from . import framing
 from .commandtable import SUBSCRIBE_FAMILY, CommandSpec, keys_from_getkeys
-from .framing import MINUS, PUSH, command_head, command_tail, count_scalars, frame_end
+from .framing import MINUS, PUSH, command_head, command_tail, count_scalars, frame_end, name_sig
 
 if TYPE_CHECKING:
     from .server import Proxy, Router
@@ -576,15 +577,24 @@ class Session(asyncio.Protocol):
         keys: list[bytes] = []
         n = len(data)
         pos = scanned = 0
+        # A pipeline mostly repeats one command: the previous name's class is reused when the next
+        # name has the same bytes (compared as an integer: no slice, no hashing).
+        last_sig: i64 = -1
+        code: Any = None
+        is_scalar = False
         if self.boundary:                 # the reader holds nothing of an earlier command
             while pos < n:
                 argc, name_start, name_end = command_head(data, pos)
                 if argc < 0:
                     break
-                name = data[name_start:name_end]
-                code = fastmap.get(name)
-                if code is None:
-                    code = proxy.classify(name)
+                sig = name_sig(data, name_start, name_end)
+                if sig < 0 or sig != last_sig:
+                    name = data[name_start:name_end]
+                    code = fastmap.get(name)
+                    if code is None:
+                        code = proxy.classify(name)
+                    is_scalar = name in scalar
+                    last_sig = sig
                 if code is FAST_READ:
                     key_at = 0
                 elif type(code) is int:       # a write with its one key at a fixed position
@@ -597,7 +607,7 @@ class Session(asyncio.Protocol):
                 if run is None:
                     run = self._open_run(conn)
                 run.count += 1
-                if name not in scalar:
+                if not is_scalar:
                     run.scalar = False
                 if key_at:
                     if key_start >= 0:
@@ -975,7 +985,8 @@ class Session(asyncio.Protocol):
         self.out.append(frame)
 
     def add_marks(self, e: Entry) -> None:
-        """A write's reply arrived: its keys join the batch delivered before the reply is written."""
+        """A write's reply arrived: its keys join the batch delivered before the reply is written.
+        The batch takes the entry's key lists over (the entry is done with them)."""
         db = self.db
         batch = self.batch
         for sel, keys in e.marks or ():
@@ -984,7 +995,7 @@ class Session(asyncio.Protocol):
             if keys:
                 lst = batch.get(db)
                 if lst is None:
-                    batch[db] = list(keys)
+                    batch[db] = keys
                 else:
                     lst.extend(keys)
         self.batch_writes += e.writes
