@@ -16,7 +16,7 @@ import pytest
 from test_reply_splits import Recorder, cmd, connected_session  # tests/proxy is on sys.path (pytest's rootdir import)
 
 from durablecache.proxy import Proxy
-from durablecache.proxy.framing import command_head, command_tail
+from durablecache.proxy.framing import command_head, command_tail, name_sig
 
 
 class Capture:
@@ -132,3 +132,16 @@ def test_anything_not_plainly_canonical_is_left_to_the_reader(frame: bytes) -> N
     else:
         assert argc == -1
 
+
+
+def test_name_sig_tells_every_short_name_apart():
+    """The scan reuses the previous command's class when the next name has the same sig: two different
+    names with one sig would be classified alike (a write taken for a read would go unmarked)."""
+    names = {b"", b"a", b"A", b"\x00", b"\x00\x00", b"get", b"GET", b"set", b"SET", b"getex", b"\x00get",
+             b"getdel\x00", b"1234567", b"\xff" * 7}
+    rng = random.Random(7)
+    names |= {bytes(rng.randrange(256) for _ in range(rng.randrange(8))) for _ in range(5000)}
+    sigs = {name_sig(n, 0, len(n)) for n in names}
+    assert len(sigs) == len(names) and min(sigs) >= 0
+    assert name_sig(b"*SETx", 1, 4) == name_sig(b"SET", 0, 3)     # only the slice counts
+    assert name_sig(b"xxEXPIREAT", 2, 10) == -1                    # longer names: looked up by bytes
