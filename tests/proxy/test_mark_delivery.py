@@ -162,8 +162,11 @@ def test_streamed_marks_outlive_a_syncer_outage():
         await server.stop()
         await asyncio.sleep(0.1)                 # the proxy side sees its stream end
 
-        remote.submit({0: [b"answered"]})         # streamed: its writes were answered
-        await asyncio.sleep(0.05)                # framed (FLUSH_DELAY) on its own
+        tasks_before = len(asyncio.all_tasks())
+        for _ in range(30):                      # streamed: their writes were answered
+            remote.submit({0: [b"answered"]})
+            await asyncio.sleep(0.003)           # each framed (FLUSH_DELAY) on its own
+        assert len(asyncio.all_tasks()) <= tasks_before + 1   # one reconnect under way, not one per frame
         outcome: list[BaseException | None] = []
         remote.submit({0: [b"waiting"]}, outcome.append)
         for _ in range(100):
@@ -171,7 +174,7 @@ def test_streamed_marks_outlive_a_syncer_outage():
                 break
             await asyncio.sleep(0.05)
         assert len(outcome) == 1 and isinstance(outcome[0], ConnectError)
-        assert remote.pending == 1               # the streamed frame is kept, the failed one dropped
+        assert remote.pending == 30              # the streamed frames are kept, the failed one dropped
 
         restarted = MarkServer(lambda _db, keys: second.extend(keys), "tok", port=port)
         await restarted.start()
@@ -179,7 +182,7 @@ def test_streamed_marks_outlive_a_syncer_outage():
             if not remote.pending:
                 break
             await asyncio.sleep(0.05)
-        assert second == [b"answered"]
+        assert second == [b"answered"] * 30
         assert remote.backlog_bytes == 0
         assert len(lost) == 1
         await remote.close()

@@ -177,7 +177,7 @@ class RemoteMarks:
         self._soon = False
         self._lock = asyncio.Lock()
         self._closing = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._reconnecting: asyncio.Task[None] | None = None
 
     @property
     def pending(self) -> int:
@@ -250,31 +250,37 @@ class RemoteMarks:
         if self._unacked and not self._closing:
             self._reconnect_later()
 
-    def _reconnect_later(self, after: float = 0.0) -> None:
-        task = asyncio.get_running_loop().create_task(self._reconnect(after))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _reconnect_later(self) -> None:
+        """Start reconnecting, unless that is under way (every batch submitted meanwhile asks)."""
+        if self._reconnecting is None or self._reconnecting.done():
+            self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
 
-    async def _reconnect(self, after: float) -> None:
-        if after:
-            await asyncio.sleep(after)
-        try:
-            async with self._lock:
-                await self._connect_locked()
-        except ConnectError as exc:
-            kept: deque[_Frame] = deque()
-            for f in self._unacked:
-                if f.acked is not None:
-                    _notify(f.acked, exc)
-                    f.acked = None
-                if f.streamed:          # writes already answered: their marks must still arrive
-                    kept.append(f)
-                else:
-                    self.backlog_bytes -= len(f.frame)
-            self._unacked = kept
-            if kept and not self._closing:
-                log.warning("marks.syncer_unreachable", frames=len(kept), retry_in=RETRY_PAUSE)
-                self._reconnect_later(RETRY_PAUSE)
+    async def _reconnect(self) -> None:
+        while True:
+            try:
+                async with self._lock:
+                    await self._connect_locked()
+                return
+            except ConnectError as exc:
+                self._give_up_waiting(exc)
+            if not self._unacked or self._closing:
+                return
+            log.warning("marks.syncer_unreachable", frames=len(self._unacked), retry_in=RETRY_PAUSE)
+            await asyncio.sleep(RETRY_PAUSE)
+
+    def _give_up_waiting(self, exc: ConnectError) -> None:
+        """A reconnect attempt failed: fail the batches someone waits for, and drop their frames unless
+        they also hold streamed marks (writes already answered: those must still arrive)."""
+        kept: deque[_Frame] = deque()
+        for f in self._unacked:
+            if f.acked is not None:
+                _notify(f.acked, exc)
+                f.acked = None
+            if f.streamed:
+                kept.append(f)
+            else:
+                self.backlog_bytes -= len(f.frame)
+        self._unacked = kept
 
     async def __call__(self, db: int, keys: list[bytes]) -> None:
         if self._writer is None:
@@ -292,8 +298,6 @@ class RemoteMarks:
         when the syncer has them. Everything submitted until the send shares one frame per db."""
         if self._batch is None:
             self._batch = {}
-            if self._writer is None and not self._lock.locked() and not self._closing:
-                self._reconnect_later()   # the batch is re-sent once connected (or fails)
         for db, keys in batch.items():
             pending = self._batch.get(db)
             if pending is None:
@@ -332,11 +336,13 @@ class RemoteMarks:
             self._unacked.append(_Frame(frame, keys, acked if i == last and acked else None, streamed))
         if self._writer is not None:
             self._writer.write(b"".join(frames))
+        elif not self._closing:
+            self._reconnect_later()       # sent (re-sent) once connected
 
     async def close(self) -> None:
         """Send what is pending, say goodbye cleanly (the syncer then knows no marks were lost), close."""
-        self.flush()
         self._closing = True
+        self.flush()
         writer = self._writer
         if writer is not None:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -347,8 +353,8 @@ class RemoteMarks:
             writer.close()
         if self._reader_task is not None:
             self._reader_task.cancel()
-        for t in list(self._tasks):
-            t.cancel()
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
         self._writer = None
 
 

@@ -222,37 +222,43 @@ class Proxy:
             self._ssl[endpoint] = tls_context(endpoint)
         return self._ssl[endpoint]
 
+    def marks_now(self, batch: dict[int, list[bytes]], writes: int) -> bool | None:
+        """Hand marks over without waiting, where that settles them: True once a synchronous
+        ``on_marks`` took them or RemoteMarks streams them, False if that failed; None when they
+        need a delivery that completes later (``submit_marks``).
+
+        RemoteMarks streams while its unacknowledged backlog is below ``mark_stream_bytes`` (freeze
+        and hold_keys wait for that backlog: docs/proxy.md, "Marks"); past it, the replies wait for
+        the syncer's ack, which slows the writers down to the syncer's pace."""
+        if self._marks_sync:
+            return self._deliver_now(batch, writes)
+        remote = self._remote
+        if remote is not None and remote.backlog_bytes < self.mark_stream_bytes:
+            for keys in batch.values():
+                self.marks += len(keys)
+            self.mark_batches += 1
+            remote.submit(batch)
+            return True
+        return None
+
     def submit_marks(self, session: Session, batch: dict[int, list[bytes]], writes: int,
                      out: list[bytes]) -> None:
-        """Deliver a session's marks, then let it write the replies (``session.marks_done``).
+        """Deliver marks that ``marks_now`` could not settle, then let the session write the replies
+        (``session.marks_done``).
 
-        First try now: ``deliver`` is driven by hand, and when ``on_marks`` completes without
-        suspending (the in-process ``Syncer.on_marks``), the replies go out in this very callback — no
-        task, no extra loop iteration. If it suspends (a remote syncer's ack), the started delivery is
+        RemoteMarks with a full backlog calls back on the syncer's ack. A coroutine function is
+        driven by hand first, and when it completes without suspending the replies go out in this
+        very callback — no task, no extra loop iteration. If it suspends, the started delivery is
         finished in a task, and the next ``EAGER_RETRY`` submissions are queued instead: everything
         queued in one loop iteration is delivered as one round (one ``on_marks`` call per db); rounds
-        do not wait for each other, so a slow syncer ack does not serialise the sessions.
-
-        A synchronous ``on_marks`` is simply called. RemoteMarks streams the batch and the replies go
-        out at once, while its unacknowledged backlog is below ``mark_stream_bytes`` (freeze and
-        hold_keys wait for that backlog: docs/proxy.md, "Marks"); past it, the replies wait for the
-        syncer's ack, which slows the writers down to the syncer's pace."""
-        if self._marks_sync:
-            session.marks_done(self._deliver_now(batch, writes), writes, out)
-            return
+        do not wait for each other, so a slow syncer does not serialise the sessions."""
         remote = self._remote
         if remote is not None:
             keys = 0
             for ks in batch.values():
                 keys += len(ks)
-            if remote.backlog_bytes < self.mark_stream_bytes:
-                remote.submit(batch)
-                self.marks += keys
-                self.mark_batches += 1
-                session.marks_done(True, writes, out)
-            else:
-                self.marks_throttled += 1
-                remote.submit(batch, functools.partial(self._acked, session, writes, out, keys))
+            self.marks_throttled += 1
+            remote.submit(batch, functools.partial(self._acked, session, writes, out, keys))
             return
         if not self._eager_skip:
             coro = self.deliver(batch, writes)

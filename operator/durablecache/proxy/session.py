@@ -1022,12 +1022,19 @@ class Session(asyncio.Protocol):
         if self.marking:
             return
         if self.batch_writes:
-            batch, writes, out = self.batch, self.batch_writes, self.out
-            self.batch, self.batch_writes, self.out = {}, 0, []
-            self.marking = True
-            self.delivering = batch
-            self.proxy.submit_marks(self, batch, writes, out)
-            return
+            batch, writes = self.batch, self.batch_writes
+            self.batch, self.batch_writes = {}, 0
+            settled = self.proxy.marks_now(batch, writes)
+            if settled is None:       # delivery under way: marks_done writes these replies
+                out, self.out = self.out, []
+                self.marking = True
+                self.delivering = batch
+                self.proxy.submit_marks(self, batch, writes, out)
+                return
+            self.inflight -= writes
+            if not settled:
+                self.abort("marks could not be delivered")
+                return
         if self.out:
             data = b"".join(self.out)
             self.out = []
