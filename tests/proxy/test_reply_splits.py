@@ -134,7 +134,7 @@ def test_every_split_of_the_reply_stream(source, scenario, delivery):
 
 
 def _recorder(marked: list[bytes], sync: bool) -> Any:
-    """An on_marks of either kind (the proxy delivers to them differently: server.py, submit_marks)."""
+    """An on_marks of either kind (the proxy delivers to them differently: server.py, marks_now and submit_marks)."""
     def on_marks(_db: int, keys: list[bytes]) -> None:
         marked.extend(keys)
 
