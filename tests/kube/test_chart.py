@@ -149,6 +149,12 @@ def test_rendered_options(kube_env: KubeEnv) -> None:
     args = named["Deployment"]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert arg_value(args, "--worker-service-account") == "dc-worker"
     assert not [a for a in args if a.startswith("--worker-cluster-role")]
+    # The workers' pull secrets (names in the DurableCaches' namespaces) reach the operator as flags.
+    pulling = by_kind(render(kube_env, "--set", "worker.imagePullSecrets[0].name=regcred",
+                             "--set", "worker.imagePullSecrets[1].name=mirror"))
+    args = pulling["Deployment"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert [a for a in args if a.startswith("--worker-image-pull-secret")] == [
+        "--worker-image-pull-secret=regcred", "--worker-image-pull-secret=mirror"]
     # rbac.create=false: neither ClusterRole is rendered (the user makes both).
     no_rbac = by_kind(render(kube_env, "--set", "rbac.create=false"))
     assert not {"ClusterRole", "WorkerClusterRole", "ClusterRoleBinding"} & set(no_rbac)
@@ -161,6 +167,7 @@ def test_rendered_options(kube_env: KubeEnv) -> None:
     ("replicaCount=2", "replicaCount"),
     ("operator.watchNamespaces[0]=Not_A_Namespace", "watchNamespaces"),
     ("worker.serviceAccountName=Not_A_Name", "serviceAccountName"),
+    ("worker.imagePullSecrets[0].name=Not_A_Name", "imagePullSecrets"),
 ])
 def test_values_schema_rejects_bad_values(kube_env: KubeEnv, setting: str, expected: str) -> None:
     result = kube_env.helm("template", "x", str(CHART_DIR), "--set", setting, check=False)

@@ -477,6 +477,7 @@ def test_kubernetes_runner_creates_the_owned_worker_deployment_service_pdb_and_i
     worker_args = chart_worker_args(kube_env, operator_release)
     flags = dict(a.split("=", 1) for a in worker_args)
     assert set(flags) == {"--worker-image", "--worker-cluster-role"}, worker_args
+    worker_args.append("--worker-image-pull-secret=regcred")    # as the chart passes worker.imagePullSecrets
     op = operator_factory()
     op.start(runner="kubernetes", extra_args=tuple(worker_args))
     cluster.apply(durablecache("carts", source, target, mode="manual"))
@@ -503,6 +504,7 @@ def test_kubernetes_runner_creates_the_owned_worker_deployment_service_pdb_and_i
     assert deployment.spec.replicas == 1 and deployment.spec.strategy.type == "Recreate"
     pod = deployment.spec.template.spec
     assert pod.service_account_name == identity
+    assert [s.name for s in pod.image_pull_secrets] == ["regcred"]
     container = pod.containers[0]
     assert container.image == flags["--worker-image"]
     assert container.args[-4:] == ["--resource", f"{kube_namespace}/carts", "--listen", "0.0.0.0:6379"]

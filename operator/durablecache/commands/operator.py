@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    metavar="SA",
                    help="run every worker as this existing service account instead (it needs get on "
                         "durablecaches and the spec's Secrets, patch on durablecaches/status, create on events)")
+    p.add_argument("--worker-image-pull-secret", action="append", default=[], metavar="SECRET",
+                   help="a docker-registry Secret the worker pods pull their image with (repeatable); it "
+                        "must exist in each DurableCache's namespace")
     p.add_argument("--local-state-dir", help="where --runner=local keeps worker pids, ports and logs")
     p.add_argument("--ready-timeout", type=float, default=3600.0, metavar="SECONDS",
                    help="how long Provision waits for a new target to become available (default 1h)")
@@ -94,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
         state = args.local_state_dir or tempfile.mkdtemp(prefix="durablecache-workers-")
         runner = LocalProcessRunner(state)
     else:
-        runner = KubernetesRunner(kube, args.worker_image, args.worker_service_account, args.worker_cluster_role)
+        runner = KubernetesRunner(kube, args.worker_image, args.worker_service_account, args.worker_cluster_role,
+                                  args.worker_image_pull_secret)
     metrics = Metrics()
     if args.metrics_port:
         metrics.serve(args.metrics_port, args.metrics_host)

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -65,13 +66,15 @@ class KubernetesRunner:
     DurableCache's namespace. Neither: the namespace's default ServiceAccount."""
 
     def __init__(self, kube: Kube, image: str, service_account: str | None = None,
-                 cluster_role: str | None = None):
+                 cluster_role: str | None = None, image_pull_secrets: Sequence[str] = ()):
         if service_account and cluster_role:
             raise ValueError("a worker service account and a worker cluster role exclude each other")
         self.kube = kube
         self.image = image
         self.service_account = service_account
         self.cluster_role = cluster_role
+        # Secrets are namespaced: these must exist in each DurableCache's namespace.
+        self.image_pull_secrets = list(image_pull_secrets)
 
     def names(self, obj: dict[str, Any]) -> dict[str, str]:
         """Everything created for a worker, in the order it is removed (the pod before its identity)."""
@@ -127,6 +130,8 @@ class KubernetesRunner:
         account = self.pod_service_account(obj)
         if account:
             pod["serviceAccountName"] = account
+        if self.image_pull_secrets:
+            pod["imagePullSecrets"] = [{"name": name} for name in self.image_pull_secrets]
         return {
             "Deployment": {
                 "apiVersion": "apps/v1", "kind": "Deployment",
