@@ -26,7 +26,15 @@ from .endpoints import desired_route, restart_workloads, switch
 from .kube import Kube
 from .metrics import Metrics
 from .runner import WorkloadRunner
-from .spec import credentials, endpoint_dict, make_provider, migration_id, static_endpoint, target_spec
+from .spec import (
+    credentials,
+    endpoint_dict,
+    ignored_settings,
+    make_provider,
+    migration_id,
+    static_endpoint,
+    target_spec,
+)
 from .status import FINAL_PHASES, OPERATOR_PHASES, conditions_for, progress
 
 log = logs.get("durablecache.operator")
@@ -144,6 +152,8 @@ class Reconciler:
                 result = await asyncio.to_thread(provider.preflight, tspec)
                 for warning in result.warnings:
                     await self.event(obj, "Warning", "PreflightWarning", str(warning))
+                for ignored in ignored_settings(obj):
+                    await self.event(obj, "Warning", "SettingIgnored", ignored)
                 if not result.ok:
                     await self.fail(obj, "PreflightFailed", result.message())
                     return

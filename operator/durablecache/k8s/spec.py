@@ -110,3 +110,21 @@ def with_credentials(ep: dict[str, Any], username: str | None, password: str | N
     """The stored endpoint plus the credentials read from the Secret (worker side)."""
     return Endpoint(host=ep["host"], port=int(ep["port"]), tls=bool(ep.get("tls")), username=username,
                     password=password, ca_file=ca_file)
+
+
+def ignored_settings(obj: dict[str, Any]) -> list[str]:
+    """Spec settings the CRD accepts that the operator does not act on yet (docs/limits.md), each as
+    the message of the Warning event that says so: the user learns it at Preflight, not at the end."""
+    spec = obj["spec"]
+    out = []
+    if (spec.get("seeding") or {}).get("mode", "none") != "none":
+        out.append("spec.seeding.mode snapshot is not acted on yet: the target is filled by copying every "
+                   "key (docs/limits.md)")
+    source_policy = (spec.get("deletionPolicy") or {}).get("source", "Retain")
+    if source_policy != "Retain":
+        out.append(f"spec.deletionPolicy.source {source_policy} is not acted on yet: the source is kept "
+                   "(docs/limits.md)")
+    if (spec.get("cutover") or {}).get("drainBudget"):
+        out.append("spec.cutover.drainBudget is not acted on yet: FREEZE, DRAIN and FLIP share "
+                   "spec.cutover.maxWritePause (docs/limits.md)")
+    return out
