@@ -8,11 +8,13 @@ import asyncio
 import sys
 from typing import Any
 
+import libvalkey
 import pytest
 import valkey
 
 from durablecache.errors import ConnectError
 from durablecache.proxy import MarkServer, RemoteMarks
+from durablecache.proxy.marks import mark_frame
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -225,3 +227,9 @@ def test_remote_marks_reconnect_and_resend_what_was_not_acknowledged():
         await remote.close()
         await restarted.stop()
     asyncio.run(main())
+
+
+def test_mark_frames_are_the_resp_libvalkey_would_send():
+    keys = [b"k", b"", b"\r\n$3\r\n", bytes(range(256)), b"x" * 70000]
+    for db in (0, 7, 15):
+        assert mark_frame(db, keys) == libvalkey.pack_command((b"MARK", db, *keys))

@@ -233,7 +233,7 @@ class RemoteMarks:
                         continue
                     f = self._unacked.popleft()
                     self.backlog_bytes -= len(f.frame)
-                    if f.acked is None:     # streamed, or not the last frame of its batch
+                    if f.acked is None:     # nobody waits for this one
                         continue
                     failed = ConnectError(f"syncer rejected marks: {reply}") \
                         if isinstance(reply, libvalkey.ReplyError) else None
@@ -366,7 +366,7 @@ class _Frame:
     def __init__(self, frame: bytes, keys: list[bytes], acked: list[Acked] | None, streamed: bool):
         self.frame = frame
         self.keys = keys
-        self.acked = acked        # the callbacks of the batch it ends (None: streamed or not the last)
+        self.acked = acked        # callbacks waiting for this frame's ack (the batch it ends); None: nobody
         self.streamed = streamed  # holds marks of writes already answered: never dropped
 
 
