@@ -17,10 +17,13 @@ from typing import Any
 
 import pytest
 
+from durablecache.errors import ConnectError
 from durablecache.localvalkey import free_port
 from durablecache.migration import Migration, MigrationOptions, Phase
-from durablecache.proxyhandles import local_proxies
+from durablecache.proxy import Proxy
+from durablecache.proxyhandles import LocalProxy, local_proxies
 from durablecache.topology import discover
+from durablecache.urls import Endpoint
 from durablecache.verify import Verifier
 from durablecache.workload import Workload, seed
 from keyspace import CLI, run_cli
@@ -245,6 +248,73 @@ def test_rollback_returns_authority_to_the_source(source, target):
         await app.set("after-rollback", "on-source")
         assert source.client().get("after-rollback") == b"on-source"
         await app.aclose()
+        m.stop_requested.set()
+        await asyncio.wait_for(task, 30)
+
+    asyncio.run(scenario())
+
+
+class FlipFailsOnce:
+    """Fault injection (no real proxy fails a FLIP on cue): the first flip to port ``fail_to`` really
+    happens, then reports an error, as when the acknowledgement of a flip is lost: its outcome is
+    unknown to the migration."""
+
+    def __init__(self, inner: LocalProxy, fail_to: int):
+        self.inner, self.fail_to, self.failed = inner, fail_to, False
+        self.address = inner.address
+
+    async def freeze(self, timeout: float) -> None:
+        await self.inner.freeze(timeout)
+
+    async def flip(self, upstream: Endpoint) -> None:
+        await self.inner.flip(upstream)
+        if not self.failed and upstream.port == self.fail_to:
+            self.failed = True
+            raise ConnectError("injected: the flip's acknowledgement was lost")
+
+    async def unfreeze(self) -> None:
+        await self.inner.unfreeze()
+
+    async def hold_keys(self, keys: set[tuple[int, bytes]], timeout: float) -> None:
+        await self.inner.hold_keys(keys, timeout)
+
+    async def release_keys(self) -> None:
+        await self.inner.release_keys()
+
+    async def stop(self) -> None:
+        await self.inner.stop()
+
+
+def test_a_flip_failing_on_one_of_two_proxies_is_undone_on_both_before_writes_resume(source, target):
+    """With several proxies, one that flipped while another's flip failed would write to the target
+    while the other writes to the source. The failed cutover flips every proxy back first."""
+    async def scenario() -> None:
+        proxies: list[LocalProxy] = []
+
+        async def start(upstream: Endpoint, on_marks: Any, _on_lost: Any) -> list[Any]:
+            for _ in range(2):
+                p = Proxy(upstream, listen_host="127.0.0.1", listen_port=0, on_marks=on_marks)
+                await p.start()
+                proxies.append(LocalProxy(p))
+            return [proxies[0], FlipFailsOnce(proxies[1], target.port)]
+
+        seen: dict[str, Any] = {}
+        cut = asyncio.Event()
+
+        def emit(e: dict[str, Any]) -> None:
+            if e["event"] == "cutover_aborted" and "aborted" not in seen:
+                seen["aborted"] = ([h.proxy.upstream.port for h in proxies], e["reason"])
+            if e["event"] == "cutover":
+                seen["cutover"] = [h.proxy.upstream.port for h in proxies]
+                cut.set()
+
+        m = Migration(source.endpoint(), target.endpoint(), MigrationOptions(gate_settle=0.2), start, emit=emit)
+        task = asyncio.create_task(m.run())
+        await asyncio.wait_for(cut.wait(), 60)
+        ports, reason = seen["aborted"]
+        assert "injected" in reason
+        assert ports == [source.port, source.port]       # unfrozen only once both serve the source again
+        assert seen["cutover"] == [target.port, target.port]
         m.stop_requested.set()
         await asyncio.wait_for(task, 30)
 

@@ -315,7 +315,7 @@ class Migration:
             # Both sides are equal and no write is in flight: the target becomes authoritative.
             await self.syncer.switch_pool(self._pool(reverse=True))
             switched = True
-            await asyncio.gather(*(p.flip(self.target_ep) for p in self.proxies))
+            await self._flip_all(self.target_ep, back=self.source_ep)
             self.state["flipped"] = True
             self.save()
         except (TimeoutError, DurableCacheError, OSError) as exc:
@@ -346,6 +346,31 @@ class Migration:
         self.emit({"event": "cutover", "pause_ms": round(pause, 2), "freeze_ms": round(frozen_ms, 2),
                    "attempt": attempt, "held_keys": len(held), "key_pause_ms": round(key_pause, 2)})
         return True
+
+    async def _flip_all(self, upstream: Endpoint, back: Endpoint) -> None:
+        """FLIP every (frozen) proxy to ``upstream``. If any flip fails, every proxy is flipped ``back``
+        before anyone is unfrozen, and the error is raised: one proxy writing to the new side while the
+        others write to the old one would split the authority (and a failed flip's outcome is unknown,
+        so it is flipped back too). A proxy that cannot be flipped back is stopped, so that it cannot
+        take writes on the wrong side, and the migration ends (RuntimeError: not an aborted attempt to
+        retry); its clients lose their connection, nothing is lost."""
+        results = await asyncio.gather(*(p.flip(upstream) for p in self.proxies), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if not failed:
+            return
+        reverted = await asyncio.gather(*(p.flip(back) for p in self.proxies), return_exceptions=True)
+        stuck = [(p, r) for p, r in zip(self.proxies, reverted) if isinstance(r, BaseException)]
+        for proxy, why in stuck:
+            log.error("proxy stopped: it could not be flipped back", address=proxy.address, reason=str(why))
+            self.emit({"event": "proxy_stopped", "address": proxy.address, "reason": f"flip back failed: {why}"})
+            try:
+                await proxy.stop()
+            except Exception as exc:  # noqa: BLE001 — stopped or gone either way
+                log.warning("proxy stop failed", address=proxy.address, reason=str(exc))
+        if stuck:
+            raise RuntimeError(f"{len(stuck)} proxy(ies) could not be flipped back to {back.redacted()} after a "
+                               f"failed flip ({failed[0]}); they were stopped and the migration stops")
+        raise failed[0]
 
     async def _hold_keys(self, keys: set[DirtyKey], limit: float) -> None:
         """Hold writes to ``keys`` on every proxy, then wait until the syncer copied each of them after
@@ -414,7 +439,14 @@ class Migration:
                 drained = False      # a freeze that did not quiesce: this attempt failed, never hold on
             if drained:
                 await self.syncer.switch_pool(self._pool(reverse=False))
-                await asyncio.gather(*(p.flip(self.source_ep) for p in self.proxies))
+                try:
+                    await self._flip_all(self.source_ep, back=self.target_ep)
+                except (TimeoutError, DurableCacheError, OSError) as exc:
+                    await self.syncer.switch_pool(self._pool(reverse=True))   # the target stays authoritative
+                    drained = False
+                    self.emit({"event": "rollback_aborted", "attempt": attempt, "reason": f"flip failed: {exc}",
+                               "held_keys": len(held)})
+            if drained:
                 self.state["flipped"] = False
                 self.save()  # before any write reaches the source again
                 await asyncio.gather(*(p.unfreeze() for p in self.proxies))
