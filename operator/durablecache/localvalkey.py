@@ -180,12 +180,14 @@ class LocalCluster:
         first = self.nodes[0].client()
         for node in self.nodes[1:]:
             first.execute_command("CLUSTER", "MEET", LOOPBACK, node.port, node.bus_port)
-        self._wait(lambda: all(len(_known(n)) == len(self.nodes) for n in self.nodes), "nodes to meet")
+        ids = [_myid(n) for n in self.nodes]
+        # Every node must know every other by its real id: during the handshake a peer is listed under
+        # a temporary one, and CLUSTER REPLICATE <primary id> then fails with "Unknown node".
+        self._wait(lambda: all(_known_ids(n) >= set(ids) for n in self.nodes), "nodes to meet")
         for r in range(self.n_replicas):
-            for i, primary in enumerate(self.primaries):
+            for i in range(self.n_primaries):
                 replica = self.nodes[self.n_primaries + r * self.n_primaries + i]
-                pid = primary.client().execute_command("CLUSTER", "MYID")
-                replica.client().execute_command("CLUSTER", "REPLICATE", pid)
+                replica.client().execute_command("CLUSTER", "REPLICATE", ids[i])
         self._wait(lambda: all(_state_ok(n) for n in self.nodes), "cluster_state:ok")
         if self.n_replicas:
             self._wait(lambda: all(_replica_synced(n) for n in self.nodes[self.n_primaries:]),
@@ -215,10 +217,16 @@ class LocalCluster:
             node.stop()
 
 
-def _known(node: LocalServer) -> list[str]:
+def _myid(node: LocalServer) -> str:
+    raw = node.client().execute_command("CLUSTER", "MYID")
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def _known_ids(node: LocalServer) -> set[str]:
+    """Ids of the nodes this one knows, past the handshake."""
     raw = node.client().execute_command("CLUSTER", "NODES")
     text = raw.decode() if isinstance(raw, bytes) else str(raw)
-    return [line for line in text.splitlines() if line.strip()]
+    return {line.split()[0] for line in text.splitlines() if line.strip() and "handshake" not in line.split()[2]}
 
 
 def _state_ok(node: LocalServer) -> bool:
