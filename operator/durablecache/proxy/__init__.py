@@ -1,5 +1,6 @@
 """The dual-write RESP proxy (see docs/proxy.md): forwards clients to the authoritative side and
-reports every key a write touched, after the write was applied and before the client sees the reply."""
+reports every key a write touched, after the write was applied: in-process before the client sees the
+reply, to a remote syncer streamed, with FREEZE waiting for its acknowledgement."""
 
 from .marks import MarkCallback, MarkServer, RemoteMarks
 from .server import Proxy, Router

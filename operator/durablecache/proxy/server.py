@@ -404,12 +404,16 @@ class Proxy:
 
     def _inflight(self) -> int:
         """Writes sent and not answered, batches of marks in delivery, and remote marks not
-        acknowledged by the syncer yet (sent now rather than on RemoteMarks' timer)."""
+        acknowledged by the syncer yet."""
         n = sum(s.inflight + (1 if s.marking else 0) for s in self._all_sessions())
         if self._remote is not None:
-            self._remote.flush()
             n += self._remote.pending
         return n
+
+    def _send_marks_now(self) -> None:
+        """Freeze and hold_keys wait for remote marks' acks: send them now, not on RemoteMarks' timer."""
+        if self._remote is not None:
+            self._remote.flush()
 
     async def freeze(self, timeout: float) -> None:
         """Hold new writes; return when every write already sent is answered and its marks delivered."""
@@ -417,6 +421,7 @@ class Proxy:
         started = time.monotonic()
         deadline = started + timeout
         last_unblock = 0.0
+        self._send_marks_now()
         while self._inflight():
             now = time.monotonic()
             if now >= deadline:
@@ -426,6 +431,7 @@ class Proxy:
                 last_unblock = now
                 await self._unblock(writes_only=True)
             await asyncio.sleep(0.001)
+            self._send_marks_now()
         log.info("proxy.frozen", ms=round((time.monotonic() - started) * 1000, 2))
 
     async def _unblock(self, writes_only: bool, keys: set[bytes] | None = None) -> None:
@@ -524,7 +530,6 @@ class Proxy:
                 if batch and any(k in keys for ks in batch.values() for k in ks):
                     n += 1
         if self._remote is not None:
-            self._remote.flush()
             n += self._remote.touches(keys)
         return n
 
@@ -539,6 +544,7 @@ class Proxy:
         started = time.monotonic()
         deadline = started + timeout
         last_unblock = 0.0
+        self._send_marks_now()
         while self._inflight_on(everything):
             now = time.monotonic()
             if now >= deadline:
@@ -549,6 +555,7 @@ class Proxy:
                 last_unblock = now
                 await self._unblock(writes_only=True, keys=everything)
             await asyncio.sleep(0.001)
+            self._send_marks_now()
         log.info("proxy.keys_held", keys=len(everything), ms=round((time.monotonic() - started) * 1000, 2))
 
     def release_keys(self) -> None:

@@ -5,8 +5,9 @@ key's node; every request that expects a reply gets an ``Entry`` in the session'
 request order (on the standalone fast path, plain commands are scanned in place, forwarded as received
 and share one entry per chunk: ``Session._fast``). Replies are framed (``framing.frame_end``) or
 counted, matched to the entries of the connection they came from, and written to the client in request
-order. A write's reply is held until its keys were marked (``on_marks`` returned): "acknowledged"
-always implies "marked".
+order. A write's reply is held until its keys were handed over: ``on_marks`` returned (in-process),
+or RemoteMarks has them to stream, and then FREEZE waits for the syncer's ack. So by the cutover,
+"acknowledged" always implies "marked".
 
 Entries answered by the proxy itself carry a function that computes the reply when the entry reaches
 the head of the queue, so local answers (CLIENT GETNAME, CLUSTER SLOTS, NOAUTH ...) see exactly the
@@ -1018,7 +1019,7 @@ class Session(asyncio.Protocol):
             out.append(e.reply)
 
     def kick(self) -> None:
-        """Write what is ready to the client — after the marks of the writes in it were delivered."""
+        """Write what is ready to the client — after the marks of the writes in it were handed over."""
         if self.marking:
             return
         if self.batch_writes:
