@@ -3,9 +3,10 @@ relay vs twemproxy (nutcracker), all in the same run, with redis-benchmark at P=
 
     .venv/bin/python bench/proxy.py [--requests 200000] [--clients 50] [--rounds 3] [--stdlib-loop] [--json]
 
-Every cell runs --rounds times (the whole matrix once per round, so a slow moment of this shared
-machine hits every target alike) and the median is reported; P=16 runs ten times --requests, so
-that no run is over in a fraction of a second.
+Every cell runs --rounds times (the whole matrix once per round, in reverse order every other round,
+so that a slow moment of this shared machine hits every target alike) and the median is reported;
+P=16 runs ten times --requests, so that no run is over in a fraction of a second. A proxy's share of
+the relay is taken per round and reported as the median over the rounds, with its range.
 
 The proxy is measured in the two configurations ``durablecache migrate`` uses:
 
@@ -199,9 +200,12 @@ def main() -> int:
                 return 2
             targets = [t for t in targets if t[0] in wanted]
         runs: dict[tuple[str, int, str], list[dict[str, float]]] = {}
-        for _ in range(args.rounds):
+        for round_no in range(args.rounds):
+            # Every other round runs the targets in reverse order, so that none always follows the same
+            # one (a slow spell of this shared machine then hits them alike).
+            order = targets if round_no % 2 == 0 else targets[::-1]
             for pipeline in (1, 16):
-                for name, port in targets:
+                for name, port in order:
                     requests = args.requests * (10 if pipeline > 1 else 1)
                     for test, r in run_benchmark(port, pipeline, requests, args.clients).items():
                         runs.setdefault((name, pipeline, test), []).append(r)
@@ -209,24 +213,29 @@ def main() -> int:
                  "rps": statistics.median(r["rps"] for r in cell),
                  "p99_ms": statistics.median(r["p99_ms"] for r in cell)}
                 for (name, pipeline, test), cell in runs.items()]
-        ratios = {}
+        # A proxy's share of the relay, per round (both measured within the same minute), then the
+        # median and the range over the rounds.
+        ratios: dict[str, dict[str, float]] = {}
         for pipeline in (1, 16):
             for test in ("SET", "GET"):
-                def rps(target: str, p: int = pipeline, t: str = test) -> float:
-                    return next(r["rps"] for r in rows if r["target"] == target and r["P"] == p and r["test"] == t)
+                relay_runs = runs[("relay", pipeline, test)]
                 for proxy_name in ("proxy-local", "proxy-remote"):
-                    if not any(r["target"] == proxy_name for r in rows):
+                    cell = runs.get((proxy_name, pipeline, test))
+                    if cell is None:
                         continue
-                    ratios[f"{proxy_name} P={pipeline} {test}"] = round(rps(proxy_name) / rps("relay"), 3)
+                    shares = [mine["rps"] / theirs["rps"] for mine, theirs in zip(cell, relay_runs)]
+                    ratios[f"{proxy_name} P={pipeline} {test}"] = {
+                        "median": round(statistics.median(shares), 3),
+                        "min": round(min(shares), 3), "max": round(max(shares), 3)}
         if args.json:
             print(json.dumps({"rows": rows, "proxy_vs_relay": ratios, "marked_keys": received["keys"]}))
         else:
             print(f"{'target':<12} {'P':>3} {'test':<4} {'ops/s':>12} {'p99 ms':>8}")
-            for r in rows:
-                print(f"{r['target']:<12} {r['P']:>3} {r['test']:<4} {r['rps']:>12,.0f} {r['p99_ms']:>8.3f}")
-            print("proxy / bare relay throughput:")
+            for row in rows:
+                print(f"{row['target']:<12} {row['P']:>3} {row['test']:<4} {row['rps']:>12,.0f} {row['p99_ms']:>8.3f}")
+            print(f"proxy / bare relay throughput, per round (median, and range over {args.rounds} rounds):")
             for k, v in ratios.items():
-                print(f"  {k}: {v:.0%}")
+                print(f"  {k}: {v['median']:.0%} ({v['min']:.0%}-{v['max']:.0%})")
             print(f"marked keys received by the MarkServer: {received['keys']:,}")
         return 0
     finally:

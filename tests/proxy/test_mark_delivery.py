@@ -230,6 +230,6 @@ def test_remote_marks_reconnect_and_resend_what_was_not_acknowledged():
 
 
 def test_mark_frames_are_the_resp_libvalkey_would_send():
-    keys = [b"k", b"", b"\r\n$3\r\n", bytes(range(256)), b"x" * 70000]
-    for db in (0, 7, 15):
-        assert mark_frame(db, keys) == libvalkey.pack_command((b"MARK", db, *keys))
+    for keys in ([b"k", b"", b"\r\n$3\r\n", bytes(range(256)), b"x" * 70000], [b"one"], []):
+        for db in (0, 7, 15):
+            assert mark_frame(db, keys) == libvalkey.pack_command((b"MARK", db, *keys))

@@ -370,20 +370,21 @@ class _Frame:
         self.streamed = streamed  # holds marks of writes already answered: never dropped
 
 
-_BULK_HEADERS: Final = [b"$%d\r\n" % n for n in range(256)]
+# "\r\n" ending the previous argument, then the next one's bulk header: one part per key boundary.
+_BULK_HEADERS: Final = [b"\r\n$%d\r\n" % n for n in range(256)]
 
 
 def mark_frame(db: int, keys: list[bytes]) -> bytes:
     """``MARK <db> <key>...`` in RESP. libvalkey's pack_command grows its buffer key by key (a
     realloc and a printf each), which cost more than everything else the proxy does for a write."""
     dbs = b"%d" % db
-    parts = [b"*%d\r\n$4\r\nMARK\r\n$%d\r\n%s\r\n" % (len(keys) + 2, len(dbs), dbs)]
+    parts = [b"*%d\r\n$4\r\nMARK\r\n$%d\r\n%s" % (len(keys) + 2, len(dbs), dbs)]
     headers = _BULK_HEADERS
     for k in keys:
         n = len(k)
-        parts.append(headers[n] if n < 256 else b"$%d\r\n" % n)
+        parts.append(headers[n] if n < 256 else b"\r\n$%d\r\n" % n)
         parts.append(k)
-        parts.append(b"\r\n")
+    parts.append(b"\r\n")
     return b"".join(parts)
 
 

@@ -118,6 +118,7 @@ class Upstream(asyncio.Protocol):
         self.node = node
         self.transport: asyncio.Transport | None = None
         self.obuf: list[bytes] = []
+        self.queued = False       # in the session's list of connections to push out
         self.expect: deque[Entry] = deque()
         self.rbuf = b""
         self.chunks: list[bytes] = []
@@ -146,7 +147,7 @@ class Upstream(asyncio.Protocol):
                 self.expect.append(entry)
             elif not requeue:
                 sess.pending.append(entry)
-        self.session.dirty.add(self)
+        self.session.queue_out(self)
 
     def internal(self, args: tuple[bytes, ...], cb: Callable[[Entry], None] | None = None,
                  remaining: int = 0) -> Entry:
@@ -463,7 +464,7 @@ class Session(asyncio.Protocol):
         self.batch_writes = 0
         self.marking = False
         self.delivering: dict[int, list[bytes]] | None = None   # the batch whose marks are in delivery
-        self.dirty: set[Upstream] = set()
+        self.dirty: list[Upstream] = []     # connections with commands to send (queue_out)
         self.conns: dict[int, Upstream] = {}
         self.held: deque[tuple[bytes, ...]] = deque()
         self.paused = False                 # every new command held (during FLIP)
@@ -471,6 +472,12 @@ class Session(asyncio.Protocol):
         self.closed = False
         self.client_gone = False
         self.boundary = True                # the client's stream is at a command boundary
+        # The fast path's last command name (framing.name_sig) and its class, kept across chunks: a
+        # client mostly sends one command over and over. Valid while the proxy's fastmap is this one.
+        self.fast_map: dict[bytes, Any] = proxy.fastmap
+        self.fast_sig: i64 = -1
+        self.fast_code: Any = None
+        self.fast_scalar = False
         # client-visible state
         self.name: bytes | None = None
         self.db = 0                         # db in effect at the reply position (marks use it)
@@ -580,9 +587,12 @@ class Session(asyncio.Protocol):
         pos = scanned = 0
         # A pipeline mostly repeats one command: the previous name's class is reused when the next
         # name has the same bytes (compared as an integer: no slice, no hashing).
-        last_sig: i64 = -1
-        code: Any = None
-        is_scalar = False
+        last_sig: i64 = self.fast_sig
+        code: Any = self.fast_code
+        is_scalar = self.fast_scalar
+        if self.fast_map is not fastmap:      # the proxy flipped: names are classified anew
+            self.fast_map = fastmap
+            last_sig = -1
         if self.boundary:                 # the reader holds nothing of an earlier command
             while pos < n:
                 argc, name_start, name_end = command_head(data, pos)
@@ -596,6 +606,9 @@ class Session(asyncio.Protocol):
                         code = proxy.classify(name)
                     is_scalar = name in scalar
                     last_sig = sig
+                    self.fast_sig = sig
+                    self.fast_code = code
+                    self.fast_scalar = is_scalar
                 if code is FAST_READ:
                     key_at = 0
                 elif type(code) is int:       # a write with its one key at a fixed position
@@ -619,7 +632,7 @@ class Session(asyncio.Protocol):
                 pos = end
             if pos:
                 conn.obuf.append(data if pos == n else data[:pos])
-                self.dirty.add(conn)
+                self.queue_out(conn)
                 if pos == n:
                     self._count_fast(run, keys, writes, scanned)
                     return True
@@ -644,7 +657,7 @@ class Session(asyncio.Protocol):
                 code = proxy.classify(args[0])
             if code is FAST_NO:
                 conn.obuf.extend([pack_command(tuple(a)) for a in done])
-                self.dirty.add(conn)
+                self.queue_out(conn)
                 self._count_fast(run, keys, writes, scanned + len(done))
                 self.handle(tuple(args))
                 return self._ends_with(rest, self._general() or args)
@@ -682,7 +695,7 @@ class Session(asyncio.Protocol):
             conn.obuf.append(rest)
         else:
             conn.obuf.extend([pack_command(tuple(a)) for a in done])
-        self.dirty.add(conn)
+        self.queue_out(conn)
         return ends
 
     def _open_run(self, conn: Upstream) -> Entry:
@@ -739,10 +752,18 @@ class Session(asyncio.Protocol):
             self.transport.write(b"-ERR Protocol error: invalid multibulk\r\n")
             self.transport.close()
 
+    def queue_out(self, conn: Upstream) -> None:
+        if not conn.queued:
+            conn.queued = True
+            self.dirty.append(conn)
+
     def _push_all(self) -> None:
-        for c in self.dirty:
-            c.push_out()
-        self.dirty.clear()
+        dirty = self.dirty
+        if dirty:
+            for c in dirty:
+                c.queued = False
+                c.push_out()
+            dirty.clear()
         self.collect()
         self.kick()
 
@@ -1036,9 +1057,10 @@ class Session(asyncio.Protocol):
             if not settled:
                 self.abort("marks could not be delivered")
                 return
-        if self.out:
-            data = b"".join(self.out)
-            self.out = []
+        out = self.out
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
             if self.transport is not None:
                 self.transport.write(data)
                 self.proxy.bytes_out += len(data)
