@@ -321,6 +321,55 @@ def test_a_flip_failing_on_one_of_two_proxies_is_undone_on_both_before_writes_re
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("drain_budget", [None, 0.05])
+def test_the_drain_gets_the_drain_budget_or_what_freeze_left_of_the_write_pause(source, target, drain_budget):
+    """spec.cutover.drainBudget / --drain-budget: the cutover's DRAIN waits at most that long inside
+    maxWritePause; unset, it gets what FREEZE left. (A spy on the real syncer's drain records what
+    it was given; the cutover runs for real.)"""
+    async def scenario() -> list[float]:
+        given: list[float] = []
+        cut = asyncio.Event()
+
+        def emit(e: dict[str, Any]) -> None:
+            if e["event"] == "cutover":
+                cut.set()
+
+        opts = MigrationOptions(gate_settle=0.2, max_write_pause=2.0, drain_budget=drain_budget)
+        m = Migration(source.endpoint(), target.endpoint(), opts, local_proxies("127.0.0.1", 0), emit=emit)
+        task = asyncio.create_task(m.run())
+        for _ in range(3000):
+            if m.syncer is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert m.syncer is not None
+        real_drain = m.syncer.drain
+
+        async def recorded(timeout: float) -> bool:
+            given.append(timeout)
+            return await real_drain(timeout)
+        m.syncer.drain = recorded  # type: ignore[method-assign]
+        await asyncio.wait_for(cut.wait(), 60)
+        m.stop_requested.set()
+        await asyncio.wait_for(task, 30)
+        return given
+
+    seed(source.client(), 500)
+    given = asyncio.run(scenario())
+    assert len(given) == 1                       # one cutover attempt, which succeeded
+    if drain_budget is None:
+        assert 1.5 < given[0] <= 2.0             # the write pause, less the time FREEZE took
+    else:
+        assert given[0] == drain_budget
+
+
+def test_a_drain_budget_over_the_write_pause_is_refused_up_front(source, target):
+    proc = run_cli("migrate", "--source", source.url(), "--target", target.url(), "--listen",
+                   f"127.0.0.1:{free_port()}", "--max-write-pause", "100ms", "--drain-budget", "150ms")
+    assert proc.returncode == 2
+    assert "--drain-budget (150 ms) must not exceed --max-write-pause (100 ms)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("phase", ["Copy", "Sync", "RouteOut"])
 def test_migrate_killed_in_a_phase_resumes_from_its_state_file_without_loss(source, target, tmp_path, phase):

@@ -81,6 +81,9 @@ Emit = Callable[[dict[str, Any]], None]
 class MigrationOptions:
     cutover: str = "auto"  # auto | manual
     max_write_pause: float = 0.1  # seconds: freeze + drain + flip must fit, or the cutover aborts
+    # seconds the DRAIN step may take inside the write pause (leaving the rest for FLIP); None: what is
+    # left of max_write_pause once FREEZE returned.
+    drain_budget: float | None = None
     # seconds: before the global freeze, writes to keys too slow to copy inside max_write_pause (hot
     # big keys) are held on their own until the syncer copied them; longer, and the attempt aborts.
     max_key_pause: float = 5.0
@@ -280,10 +283,14 @@ class Migration:
                 self.set_phase(Phase.ROUTE_OUT)
                 return
             if attempts >= self.opts.cutover_attempts:
+                drain = self.opts.max_write_pause
+                knobs = "maxWritePause"
+                if self.opts.drain_budget is not None and self.opts.drain_budget < drain:
+                    drain, knobs = self.opts.drain_budget, "drainBudget"
                 raise DurableCacheError(
                     f"cutover aborted {attempts} times: the dirty backlog could not be drained within "
-                    f"{self.opts.max_write_pause * 1000:.0f} ms (hot keys: within "
-                    f"{self.opts.max_key_pause:.1f} s); raise maxWritePause / maxKeyPause or lower the write load")
+                    f"{drain * 1000:.0f} ms (hot keys: within {self.opts.max_key_pause:.1f} s); "
+                    f"raise {knobs} / maxKeyPause or lower the write load")
             await asyncio.sleep(min(0.2 * attempts, 2.0))
 
     async def cutover(self, attempt: int) -> bool:
@@ -297,7 +304,8 @@ class Migration:
         assert self.syncer and self.target
         self.set_phase(Phase.CUTOVER)
         budget = self.opts.max_write_pause
-        held = self.syncer.slow_keys(budget / 2)
+        drain_budget = self.opts.drain_budget
+        held = self.syncer.slow_keys(min(budget, drain_budget or budget) / 2)
         k0 = time.monotonic()
         t0: float | None = None
         switched = False
@@ -307,10 +315,13 @@ class Migration:
             t0 = time.monotonic()
             await asyncio.gather(*(p.freeze(budget) for p in self.proxies))
             frozen_ms = (time.monotonic() - t0) * 1000
-            drained = await self.syncer.drain(max(0.0, budget - (time.monotonic() - t0)))
+            drain_for = max(0.0, budget - (time.monotonic() - t0))
+            if drain_budget is not None and drain_budget < drain_for:
+                drain_for = drain_budget
+            drained = await self.syncer.drain(drain_for)
             if not drained or self.syncer.repair_reason:
                 reason = "repair required" if self.syncer.repair_reason else \
-                    f"backlog of {self.syncer.backlog} keys not drained in time"
+                    f"backlog of {self.syncer.backlog} keys not drained within {drain_for * 1000:.0f} ms"
                 raise TimeoutError(reason)
             # Both sides are equal and no write is in flight: the target becomes authoritative.
             await self.syncer.switch_pool(self._pool(reverse=True))

@@ -193,7 +193,8 @@ def durablecache(name: str, source: LocalServer, target: LocalServer, *, mode: s
                        "endpoints": [{"host": "127.0.0.1", "port": target.port}]},
             "routeIn": {"settlePeriod": "1s"},
             # A loaded 2-core CI machine: a generous pause bound keeps the cutover from aborting forever.
-            "cutover": {"mode": mode, "maxWritePause": "1s", "rollbackWindow": "2s"},
+            # (drainBudget: the worker passes it on; the CRD checks it against maxWritePause.)
+            "cutover": {"mode": mode, "maxWritePause": "1s", "drainBudget": "800ms", "rollbackWindow": "2s"},
             "endpoint": {"secretName": "app-cache"},
         },
     }

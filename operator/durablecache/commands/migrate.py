@@ -15,6 +15,7 @@ from typing import Any
 
 from ..checkpoint import CheckpointStore, FileCheckpoint, MemoryCheckpoint
 from ..control import ControlServer
+from ..errors import UsageError
 from ..migration import Migration, MigrationOptions, Phase
 from ..proxyhandles import local_proxies, subprocess_proxies
 from ..urls import parse_url
@@ -44,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="manual waits for `durablecache control approve` (or POST /approve on --control)")
     p.add_argument("--max-write-pause", type=duration, default=0.1, metavar="DUR",
                    help="the longest writes may be held at cutover (default 100ms)")
+    p.add_argument("--drain-budget", type=duration, default=None, metavar="DUR",
+                   help="the longest the cutover's DRAIN step may take inside --max-write-pause, leaving the "
+                        "rest for FLIP (default: whatever FREEZE left of --max-write-pause)")
     p.add_argument("--max-key-pause", type=duration, default=5.0, metavar="DUR",
                    help="the longest writes to a hot big key (one too slow to copy inside --max-write-pause) "
                         "may be held before the cutover's global freeze; other keys are not held (default 5s)")
@@ -87,6 +91,9 @@ async def migrate(args: argparse.Namespace, store: CheckpointStore | None = None
     elsewhere and see every event."""
     source, target = parse_url(args.source), parse_url(args.target)
     host, port = hostport(args.listen, "--listen")
+    if args.drain_budget is not None and args.drain_budget > args.max_write_pause:
+        raise UsageError(f"--drain-budget ({args.drain_budget * 1000:g} ms) must not exceed --max-write-pause "
+                         f"({args.max_write_pause * 1000:g} ms): the drain happens inside the write pause")
     emit = emit or printer(args.json)
     owned: list[Any] = []
     if args.proxy_mode == "subprocess":
@@ -94,7 +101,7 @@ async def migrate(args: argparse.Namespace, store: CheckpointStore | None = None
     else:
         starter = local_proxies(host, port)
     opts = MigrationOptions(cutover=args.cutover, max_write_pause=args.max_write_pause,
-                            max_key_pause=args.max_key_pause,
+                            drain_budget=args.drain_budget, max_key_pause=args.max_key_pause,
                             rollback_window=args.rollback_window, exit_after_cutover=args.exit_after_cutover,
                             allow_clients=args.allow_client, gate_settle=args.gate_settle,
                             gate_timeout=args.gate_timeout, max_source_ops=args.max_ops)

@@ -70,6 +70,7 @@ async def work(args: argparse.Namespace, namespace: str, name: str) -> Phase | N
             source=source.to_url(), target=target.to_url(), listen=args.listen,
             cutover=cutover.get("mode", "manual"),
             max_write_pause=go_duration(cutover.get("maxWritePause"), 0.1),
+            drain_budget=go_duration(cutover["drainBudget"], 0.0) if cutover.get("drainBudget") else None,
             max_key_pause=go_duration(cutover.get("maxKeyPause"), 5.0),
             rollback_window=go_duration(cutover.get("rollbackWindow"), 1800.0),
             exit_after_cutover=False, state_file=None, proxy_mode=args.proxy_mode,

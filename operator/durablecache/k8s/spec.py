@@ -124,7 +124,4 @@ def ignored_settings(obj: dict[str, Any]) -> list[str]:
     if source_policy != "Retain":
         out.append(f"spec.deletionPolicy.source {source_policy} is not acted on yet: the source is kept "
                    "(docs/limits.md)")
-    if (spec.get("cutover") or {}).get("drainBudget"):
-        out.append("spec.cutover.drainBudget is not acted on yet: FREEZE, DRAIN and FLIP share "
-                   "spec.cutover.maxWritePause (docs/limits.md)")
     return out
