@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 import libvalkey
@@ -38,6 +38,7 @@ pack_command: Final = libvalkey.pack_command
 STAR: Final = 0x2A
 DOLLAR: Final = 0x24
 CLIENT_GONE_GRACE: Final = 2.0        # how long replies to in-flight writes are awaited after a client left
+COMPACT_AT: Final = 1024             # Replies: entries already taken that may stay in its list
 CLIENT_GONE_MAX: Final = 30.0         # ... and at most, while a non-blocking write (a long script) is unanswered
 UNSAFE: Final = frozenset({b"flushall", b"flushdb", b"swapdb", b"move"})
 MESSAGE_KINDS: Final = frozenset({b"message", b"pmessage", b"smessage"})
@@ -85,6 +86,52 @@ class Entry:
 READ: Final = Entry()   # a plain reply (standalone): forwarded as it is, nothing to do when it arrives
 
 
+class Replies:
+    """The entries whose replies are expected, oldest first: a list and the index of its head.
+    (collections.deque is no native type for mypyc: every operation on it would be a generic method
+    call, several per chunk on the hot path.) Taken entries stay in the list until it empties, or
+    until they are the larger part of at least COMPACT_AT entries."""
+
+    __slots__ = ("items", "head")
+
+    def __init__(self) -> None:
+        self.items: list[Entry] = []
+        self.head = 0
+
+    def __len__(self) -> int:
+        return len(self.items) - self.head
+
+    def __bool__(self) -> bool:
+        return len(self.items) > self.head
+
+    def __getitem__(self, i: int) -> Entry:
+        return self.items[self.head + i]
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(self.items[self.head:])
+
+    def append(self, e: Entry) -> None:
+        self.items.append(e)
+
+    def popleft(self) -> Entry:
+        items = self.items
+        head = self.head
+        e = items[head]
+        head += 1
+        if head == len(items):
+            items.clear()
+            head = 0
+        elif head >= COMPACT_AT and 2 * head >= len(items):
+            del items[:head]
+            head = 0
+        self.head = head
+        return e
+
+    def clear(self) -> None:
+        self.items.clear()
+        self.head = 0
+
+
 def first_word(frame: bytes) -> bytes:
     """The first element of an array/push frame whose first element is a bulk string, lowercased."""
     nl = frame.find(b"\r\n")
@@ -119,7 +166,7 @@ class Upstream(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.obuf: list[bytes] = []
         self.queued = False       # in the session's list of connections to push out
-        self.expect: deque[Entry] = deque()
+        self.expect = Replies()
         self.rbuf = b""
         self.chunks: list[bytes] = []
         self.have = 0
@@ -233,8 +280,10 @@ class Upstream(asyncio.Protocol):
         if sess.resp3 or self.subscribed:
             return False
         pending = sess.pending
+        items = pending.items
         cap = 0
-        for e in pending:
+        for i in range(pending.head, len(items)):
+            e = items[i]
             if not e.scalar:
                 return False
             cap += e.count
@@ -401,7 +450,7 @@ class Upstream(asyncio.Protocol):
         return pos, end
 
     # -- pub/sub --------------------------------------------------------------------------------
-    def _queue(self) -> deque[Entry]:
+    def _queue(self) -> Replies:
         return self.expect if self.session.router.cluster else self.session.pending
 
     def _confirmation(self, frame: bytes) -> bool:
@@ -458,7 +507,7 @@ class Session(asyncio.Protocol):
         self.router: Router = proxy.router
         self.transport: asyncio.Transport | None = None
         self.reader = libvalkey.Reader()
-        self.pending: deque[Entry] = deque()
+        self.pending = Replies()
         self.out: list[bytes] = []
         self.batch: dict[int, list[bytes]] = {}
         self.batch_writes = 0
