@@ -1,7 +1,7 @@
 # Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
 .PHONY: build demo test lint bench
 
@@ -9,10 +9,12 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 COMPILED := $(VENV)/.compiled
 COMPILED_SRC := setup.py $(shell sed -n 's/^ *"\(operator\/.*\.py\)",$$/\1/p' setup.py)
 
-$(STAMP): pyproject.toml
+# The runtime dependencies at the versions constraints.txt pins (as the image installs them), so a
+# release upstream never changes what the tests run against.
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	DURABLECACHE_PURE_PYTHON=1 $(PY) -m pip install -q -e '.[test]'
+	DURABLECACHE_PURE_PYTHON=1 $(PY) -m pip install -q --constraint constraints.txt -e '.[test]'
 	@touch $@
 
 $(COMPILED): $(STAMP) $(COMPILED_SRC)

@@ -189,6 +189,8 @@ INVALID: list[tuple[str, Body, list[str]]] = [
      ["cutover.drainBudget must not exceed cutover.maxWritePause"]),
     ("snapshot seeding on static", _with("seeding", {"mode": "snapshot"}),
      ["seeding.mode snapshot needs target.provider aws"]),
+    ("source deletion on static", _with("deletionPolicy.source", "Delete"),
+     ["deletionPolicy.source SnapshotThenDelete or Delete needs an ElastiCache source"]),
     ("endpoint with nothing to switch", _with("endpoint", {"restartWorkloads": []}),
      ["endpoint needs secretName and/or serviceName"]),
     ("restart of an unsupported kind", _with("endpoint.restartWorkloads", [{"kind": "Pod", "name": "x"}]),
@@ -217,6 +219,7 @@ def test_the_same_manifests_are_accepted_when_fixed(custom: client.CustomObjects
     create(custom, kube_namespace, _with("cutover.drainBudget", "80ms"), dry_run=True)
     aws_source = _with("source", {"replicationGroupId": "old-rg"}, _with("target", AWS_TARGET))
     create(custom, kube_namespace, _with("seeding", {"mode": "snapshot"}, aws_source), dry_run=True)
+    create(custom, kube_namespace, _with("deletionPolicy.source", "SnapshotThenDelete", aws_source), dry_run=True)
 
 
 def _patch(custom: client.CustomObjectsApi, ns: str, name: str, spec: Body) -> Body:

@@ -407,6 +407,28 @@ def _moto_source(moto: str) -> str:
     return rg_id
 
 
+def _elasticache(moto: str) -> Any:
+    return boto3.client("elasticache", endpoint_url=moto, region_name="us-east-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+def _aws_durablecache(source_id: str, target_id: str, source_policy: str) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "DurableCache", "metadata": {"name": "sessions"},
+        "spec": {"source": {"replicationGroupId": source_id},
+                 "target": {"provider": "aws", "replicationGroupId": target_id, "durability": "sync",
+                            "nodeType": "cache.r7g.large", "shards": 1, "replicasPerShard": 1},
+                 "endpoint": {"secretName": "app-cache"},
+                 "deletionPolicy": {"source": source_policy}},
+    }
+
+
+def _delete_and_wait(kube_env: KubeEnv, namespace: str, name: str) -> None:
+    kube_env.kubectl("delete", "dcache", name, "-n", namespace, "--wait=false")
+    wait_for(f"DurableCache {name} to be gone",
+             lambda: kube_env.kubectl("get", "dcache", name, "-n", namespace, check=False).returncode != 0, 60)
+
+
 def test_aws_provider_creates_the_target_with_the_requested_durability(
         kube_env: KubeEnv, kube_api: k8s_client.ApiClient, kube_namespace: str, moto_server: str,
         operator_factory: Callable[..., Operator]) -> None:
@@ -415,32 +437,65 @@ def test_aws_provider_creates_the_target_with_the_requested_durability(
     cluster = Cluster(kube_api, kube_env, kube_namespace)
     op = operator_factory(**AWS_TEST_ENV, AWS_ENDPOINT_URL_ELASTICACHE=moto_server)
     op.start()
-    cluster.apply({
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "DurableCache", "metadata": {"name": "sessions"},
-        "spec": {"source": {"replicationGroupId": source_id},
-                 "target": {"provider": "aws", "replicationGroupId": target_id, "durability": "sync",
-                            "nodeType": "cache.r7g.large", "shards": 1, "replicasPerShard": 1},
-                 "endpoint": {"secretName": "app-cache"}},
-    })
+    cluster.apply(_aws_durablecache(source_id, target_id, source_policy="Delete"))
     wait_for("targetDurability", lambda: cluster.status("sessions").get("targetDurability"), 60)
     status = cluster.status("sessions")
     assert status["targetDurability"] == "sync"
-    ec = boto3.client("elasticache", endpoint_url=moto_server, region_name="us-east-1",
-                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    ec = _elasticache(moto_server)
     rg = ec.describe_replication_groups(ReplicationGroupId=target_id)["ReplicationGroups"][0]
     assert (rg["Durability"], rg["EffectiveDurability"]) == ("sync", "sync")
     assert rg["CacheNodeType"] == "cache.r7g.large"
     reasons = [reason for _, reason, _ in cluster.events("sessions")]
     assert {"Preflight", "Provision", "TargetCreated", "TargetReady"} <= set(reasons), reasons
     assert status["checkpoint"]["operator"]["target"]["tls"] is True
-    # Deleting the DurableCache runs the finalizer's cleanup; the target is retained (policy Retain).
-    kube_env.kubectl("delete", "dcache", "sessions", "-n", kube_namespace, "--wait=false")
-    wait_for("the DurableCache to be gone",
-             lambda: kube_env.kubectl("get", "dcache", "sessions", "-n", kube_namespace, check=False).returncode != 0,
-             30)
+    # Deleting the DurableCache runs the finalizer's cleanup: the target is retained (policy Retain),
+    # and so is the source, although its policy says Delete: the migration did not complete.
+    _delete_and_wait(kube_env, kube_namespace, "sessions")
     assert ec.describe_replication_groups(ReplicationGroupId=target_id)["ReplicationGroups"]
+    assert ec.describe_replication_groups(ReplicationGroupId=source_id)["ReplicationGroups"]
+    kept = [m for t, reason, m in cluster.events("sessions") if reason == "SourceKept"]
+    assert kept and "did not complete" in kept[0], cluster.events("sessions")
     assert_no_rbac_denials(op)
     json.dumps(status)  # the status is plain JSON (no leaked Python objects)
+
+
+def test_deleting_a_completed_aws_migration_snapshots_then_deletes_the_source(
+        kube_env: KubeEnv, kube_api: k8s_client.ApiClient, kube_namespace: str, moto_server: str,
+        operator_factory: Callable[..., Operator]) -> None:
+    """deletionPolicy.source SnapshotThenDelete. No migration can complete against moto (its endpoints
+    serve no data), so the target is provisioned for real, then, with the operator and its worker
+    stopped, the test records phase Complete in the status as a finished worker would; the operator
+    is started again and the DurableCache deleted."""
+    source_id = _moto_source(moto_server)
+    target_id = f"dst-{uuid.uuid4().hex[:8]}"
+    cluster = Cluster(kube_api, kube_env, kube_namespace)
+    op = operator_factory(**AWS_TEST_ENV, AWS_ENDPOINT_URL_ELASTICACHE=moto_server)
+    op.start()
+    cluster.apply(_aws_durablecache(source_id, target_id, source_policy="SnapshotThenDelete"))
+    wait_for("the target to be provisioned",
+             lambda: (cluster.status("sessions").get("checkpoint") or {}).get("operator", {}).get("provisioned"), 60)
+    op.kill(signal.SIGTERM)
+    op.kill_workers()
+    cluster.custom.patch_namespaced_custom_object_status(
+        GROUP, VERSION, kube_namespace, PLURAL, "sessions", {"status": {"phase": "Complete"}})
+    op.start()
+    _delete_and_wait(kube_env, kube_namespace, "sessions")
+    ec = _elasticache(moto_server)
+
+    def source_gone() -> bool:   # it shows "deleting" first, as ElastiCache does (motoserver.py)
+        try:
+            ec.describe_replication_groups(ReplicationGroupId=source_id)
+        except ec.exceptions.ReplicationGroupNotFoundFault:
+            return True
+        return False
+    wait_for("the source to be deleted", source_gone, 10)
+    snapshot = f"{source_id}-final-{kube_namespace}-sessions"
+    (snap,) = ec.describe_snapshots(SnapshotName=snapshot)["Snapshots"]
+    assert snap["ReplicationGroupId"] == source_id
+    assert ec.describe_replication_groups(ReplicationGroupId=target_id)["ReplicationGroups"]   # target kept
+    deleted = [m for t, reason, m in cluster.events("sessions") if reason == "SourceDeleted"]
+    assert deleted and snapshot in deleted[0], cluster.events("sessions")
+    assert_no_rbac_denials(op)
 
 
 def chart_worker_args(kube_env: KubeEnv, release: OperatorRelease) -> list[str]:

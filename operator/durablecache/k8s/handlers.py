@@ -245,7 +245,8 @@ class Reconciler:
     # -- deletion ---------------------------------------------------------------------------------
     async def cleanup(self, obj: dict[str, Any]) -> None:
         """Put the applications on the side that holds the latest writes, stop the worker, apply the
-        deletion policies. Source data is never touched here."""
+        deletion policies. The source is deleted only after a Complete migration, and only when its
+        policy says so (the provider refuses otherwise, too)."""
         phase = _status(obj).get("phase")
         op = _checkpoint(obj, "operator")
         if op.get("provisioned") and phase not in OPERATOR_PHASES:
@@ -266,7 +267,25 @@ class Reconciler:
                 log.info("target deletion policy", outcome=outcome.action, reason=outcome.reason)
             except DurableCacheError as exc:
                 log.warning("target kept", reason=str(exc))
+        source_policy = (obj["spec"].get("deletionPolicy") or {}).get("source", "Retain")
+        if source_policy != "Retain" and op.get("provisioned"):
+            await self._apply_source_policy(obj, source_policy, completed=phase == "Complete")
         self.ctx.metrics.forget(self.ns, self.name)
+
+    async def _apply_source_policy(self, obj: dict[str, Any], policy: str, completed: bool) -> None:
+        """deletionPolicy.source SnapshotThenDelete / Delete (aws; the CRD refuses them otherwise)."""
+        try:
+            provider = await asyncio.to_thread(make_provider, obj, self.ctx.ready_timeout)
+            outcome = await asyncio.to_thread(provider.delete_source, policy, migration_id(obj), completed)
+        except DurableCacheError as exc:
+            await self.event(obj, "Warning", "SourceKept", f"deletionPolicy.source {policy} failed: {exc}")
+            return
+        if outcome.action == "retained":
+            await self.event(obj, "Warning", "SourceKept", f"source {outcome.resource} kept: {outcome.reason}")
+            return
+        snapshot = f" after snapshot {outcome.snapshot}" if outcome.snapshot else ""
+        await self.event(obj, "Normal", "SourceDeleted",
+                         f"source {outcome.resource} deleted{snapshot} (deletionPolicy.source {policy})")
 
 
 async def _pause(stopped: Any, seconds: float) -> None:

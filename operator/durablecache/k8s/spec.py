@@ -120,8 +120,4 @@ def ignored_settings(obj: dict[str, Any]) -> list[str]:
     if (spec.get("seeding") or {}).get("mode", "none") != "none":
         out.append("spec.seeding.mode snapshot is not acted on yet: the target is filled by copying every "
                    "key (docs/limits.md)")
-    source_policy = (spec.get("deletionPolicy") or {}).get("source", "Retain")
-    if source_policy != "Retain":
-        out.append(f"spec.deletionPolicy.source {source_policy} is not acted on yet: the source is kept "
-                   "(docs/limits.md)")
     return out
