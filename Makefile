@@ -9,8 +9,8 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum |
 COMPILED := $(VENV)/.compiled
 COMPILED_SRC := setup.py $(shell sed -n 's/^ *"\(operator\/.*\.py\)",$$/\1/p' setup.py)
 
-# The runtime dependencies at the versions constraints.txt pins (as the image installs them), so a
-# release upstream never changes what the tests run against.
+# Installed at the versions constraints.txt pins (the image installs the runtime ones the same way),
+# so a release upstream never changes what the tests run against.
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

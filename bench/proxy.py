@@ -223,6 +223,8 @@ def main() -> int:
                     cell = runs.get((proxy_name, pipeline, test))
                     if cell is None:
                         continue
+                    if len(cell) != len(relay_runs):
+                        raise RuntimeError(f"{proxy_name} P={pipeline} {test}: not measured in every round")
                     shares = [mine["rps"] / theirs["rps"] for mine, theirs in zip(cell, relay_runs)]
                     ratios[f"{proxy_name} P={pipeline} {test}"] = {
                         "median": round(statistics.median(shares), 3),

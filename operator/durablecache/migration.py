@@ -81,8 +81,8 @@ Emit = Callable[[dict[str, Any]], None]
 class MigrationOptions:
     cutover: str = "auto"  # auto | manual
     max_write_pause: float = 0.1  # seconds: freeze + drain + flip must fit, or the cutover aborts
-    # seconds the DRAIN step may take inside the write pause (leaving the rest for FLIP); None: what is
-    # left of max_write_pause once FREEZE returned.
+    # seconds the DRAIN step may take inside the write pause (an attempt that cannot drain quickly then
+    # aborts sooner); None: what is left of max_write_pause once FREEZE returned. Rollback ignores it.
     drain_budget: float | None = None
     # seconds: before the global freeze, writes to keys too slow to copy inside max_write_pause (hot
     # big keys) are held on their own until the syncer copied them; longer, and the attempt aborts.
@@ -305,7 +305,7 @@ class Migration:
         self.set_phase(Phase.CUTOVER)
         budget = self.opts.max_write_pause
         drain_budget = self.opts.drain_budget
-        held = self.syncer.slow_keys(min(budget, drain_budget or budget) / 2)
+        held = self.syncer.slow_keys(min(budget, budget if drain_budget is None else drain_budget) / 2)
         k0 = time.monotonic()
         t0: float | None = None
         switched = False

@@ -31,5 +31,9 @@ def test_an_emptied_queue_starts_over_and_clear_forgets_everything() -> None:
     q.append(b)
     q.append(c)
     assert q and q[0] is b and list(q) == [b, c]
+    assert q.popleft() is b and list(q) == [c]
+    assert all(e is not b for e in q.items)     # a taken entry (its reply, keys) is not kept alive
+    q.append(b)
+    assert list(q) == [c, b]
     q.clear()
     assert not q and q.items == [] and q.head == 0

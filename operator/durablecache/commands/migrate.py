@@ -46,8 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-write-pause", type=duration, default=0.1, metavar="DUR",
                    help="the longest writes may be held at cutover (default 100ms)")
     p.add_argument("--drain-budget", type=duration, default=None, metavar="DUR",
-                   help="the longest the cutover's DRAIN step may take inside --max-write-pause, leaving the "
-                        "rest for FLIP (default: whatever FREEZE left of --max-write-pause)")
+                   help="the longest the cutover's DRAIN step may take inside --max-write-pause: an attempt "
+                        "that cannot drain within it aborts sooner (default: whatever FREEZE left of "
+                        "--max-write-pause)")
     p.add_argument("--max-key-pause", type=duration, default=5.0, metavar="DUR",
                    help="the longest writes to a hot big key (one too slow to copy inside --max-write-pause) "
                         "may be held before the cutover's global freeze; other keys are not held (default 5s)")

@@ -89,8 +89,8 @@ READ: Final = Entry()   # a plain reply (standalone): forwarded as it is, nothin
 class Replies:
     """The entries whose replies are expected, oldest first: a list and the index of its head.
     (collections.deque is no native type for mypyc: every operation on it would be a generic method
-    call, several per chunk on the hot path.) Taken entries stay in the list until it empties, or
-    until they are the larger part of at least COMPACT_AT entries."""
+    call, several per chunk on the hot path.) A taken entry's slot holds READ until the list empties,
+    or until such slots are the larger part of at least COMPACT_AT."""
 
     __slots__ = ("items", "head")
 
@@ -117,6 +117,7 @@ class Replies:
         items = self.items
         head = self.head
         e = items[head]
+        items[head] = READ        # what a taken entry holds (replies, commands, keys) is freed now
         head += 1
         if head == len(items):
             items.clear()
@@ -641,7 +642,7 @@ class Session(asyncio.Protocol):
         is_scalar = self.fast_scalar
         if self.fast_map is not fastmap:      # the proxy flipped: names are classified anew
             self.fast_map = fastmap
-            last_sig = -1
+            self.fast_sig = last_sig = -1
         if self.boundary:                 # the reader holds nothing of an earlier command
             while pos < n:
                 argc, name_start, name_end = command_head(data, pos)
