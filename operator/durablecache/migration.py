@@ -103,6 +103,11 @@ class MigrationOptions:
     verify_in_sync: bool = True  # a full verify-and-repair pass when Sync begins
     max_dirty: int = 2_000_000
 
+    @property
+    def drain_limit(self) -> float:
+        """The most a cutover's DRAIN may take: the drain budget when set, else the write pause."""
+        return self.max_write_pause if self.drain_budget is None else min(self.max_write_pause, self.drain_budget)
+
 
 class Migration:
     def __init__(self, source: Endpoint, target: Endpoint, opts: MigrationOptions, start_proxies: ProxyStarter,
@@ -283,14 +288,11 @@ class Migration:
                 self.set_phase(Phase.ROUTE_OUT)
                 return
             if attempts >= self.opts.cutover_attempts:
-                drain = self.opts.max_write_pause
-                knobs = "maxWritePause"
-                if self.opts.drain_budget is not None and self.opts.drain_budget < drain:
-                    drain, knobs = self.opts.drain_budget, "drainBudget"
+                knob = "maxWritePause" if self.opts.drain_limit == self.opts.max_write_pause else "drainBudget"
                 raise DurableCacheError(
                     f"cutover aborted {attempts} times: the dirty backlog could not be drained within "
-                    f"{drain * 1000:.0f} ms (hot keys: within {self.opts.max_key_pause:.1f} s); "
-                    f"raise {knobs} / maxKeyPause or lower the write load")
+                    f"{self.opts.drain_limit * 1000:.0f} ms (hot keys: within {self.opts.max_key_pause:.1f} s); "
+                    f"raise {knob} / maxKeyPause or lower the write load")
             await asyncio.sleep(min(0.2 * attempts, 2.0))
 
     async def cutover(self, attempt: int) -> bool:
@@ -304,8 +306,7 @@ class Migration:
         assert self.syncer and self.target
         self.set_phase(Phase.CUTOVER)
         budget = self.opts.max_write_pause
-        drain_budget = self.opts.drain_budget
-        held = self.syncer.slow_keys(min(budget, budget if drain_budget is None else drain_budget) / 2)
+        held = self.syncer.slow_keys(self.opts.drain_limit / 2)
         k0 = time.monotonic()
         t0: float | None = None
         switched = False
@@ -315,9 +316,7 @@ class Migration:
             t0 = time.monotonic()
             await asyncio.gather(*(p.freeze(budget) for p in self.proxies))
             frozen_ms = (time.monotonic() - t0) * 1000
-            drain_for = max(0.0, budget - (time.monotonic() - t0))
-            if drain_budget is not None and drain_budget < drain_for:
-                drain_for = drain_budget
+            drain_for = min(max(0.0, budget - (time.monotonic() - t0)), self.opts.drain_limit)
             drained = await self.syncer.drain(drain_for)
             if not drained or self.syncer.repair_reason:
                 reason = "repair required" if self.syncer.repair_reason else \

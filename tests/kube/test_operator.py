@@ -387,8 +387,7 @@ def test_manual_cutover_waits_for_approval_and_resumes_after_operator_and_worker
 
 def _moto_source(moto: str) -> str:
     """A non-durable source replication group as ElastiCache would show it."""
-    ec = boto3.client("elasticache", endpoint_url=moto, region_name="us-east-1",
-                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    ec = _elasticache(moto)
     rg_id = f"src-{uuid.uuid4().hex[:8]}"
     ec.create_cache_subnet_group(CacheSubnetGroupName=f"{rg_id}-subnets", CacheSubnetGroupDescription="test",
                                  SubnetIds=["subnet-1111", "subnet-2222"])
@@ -423,6 +422,20 @@ def _aws_durablecache(source_id: str, target_id: str, source_policy: str) -> dic
     }
 
 
+def _start_aws_migration(
+        kube_env: KubeEnv, kube_api: k8s_client.ApiClient, namespace: str, moto: str,
+        operator_factory: Callable[..., Operator], source_policy: str) -> tuple[str, str, Cluster, Operator]:
+    """A moto source, an operator talking to moto, and DurableCache "sessions" applied:
+    (source id, target id, cluster, operator)."""
+    source_id = _moto_source(moto)
+    target_id = f"dst-{uuid.uuid4().hex[:8]}"
+    cluster = Cluster(kube_api, kube_env, namespace)
+    op = operator_factory(**AWS_TEST_ENV, AWS_ENDPOINT_URL_ELASTICACHE=moto)
+    op.start()
+    cluster.apply(_aws_durablecache(source_id, target_id, source_policy))
+    return source_id, target_id, cluster, op
+
+
 def _delete_and_wait(kube_env: KubeEnv, namespace: str, name: str) -> None:
     kube_env.kubectl("delete", "dcache", name, "-n", namespace, "--wait=false")
     wait_for(f"DurableCache {name} to be gone",
@@ -432,12 +445,8 @@ def _delete_and_wait(kube_env: KubeEnv, namespace: str, name: str) -> None:
 def test_aws_provider_creates_the_target_with_the_requested_durability(
         kube_env: KubeEnv, kube_api: k8s_client.ApiClient, kube_namespace: str, moto_server: str,
         operator_factory: Callable[..., Operator]) -> None:
-    source_id = _moto_source(moto_server)
-    target_id = f"dst-{uuid.uuid4().hex[:8]}"
-    cluster = Cluster(kube_api, kube_env, kube_namespace)
-    op = operator_factory(**AWS_TEST_ENV, AWS_ENDPOINT_URL_ELASTICACHE=moto_server)
-    op.start()
-    cluster.apply(_aws_durablecache(source_id, target_id, source_policy="Delete"))
+    source_id, target_id, cluster, op = _start_aws_migration(
+        kube_env, kube_api, kube_namespace, moto_server, operator_factory, source_policy="Delete")
     wait_for("targetDurability", lambda: cluster.status("sessions").get("targetDurability"), 60)
     status = cluster.status("sessions")
     assert status["targetDurability"] == "sync"
@@ -466,12 +475,8 @@ def test_deleting_a_completed_aws_migration_snapshots_then_deletes_the_source(
     serve no data), so the target is provisioned for real, then, with the operator and its worker
     stopped, the test records phase Complete in the status as a finished worker would; the operator
     is started again and the DurableCache deleted."""
-    source_id = _moto_source(moto_server)
-    target_id = f"dst-{uuid.uuid4().hex[:8]}"
-    cluster = Cluster(kube_api, kube_env, kube_namespace)
-    op = operator_factory(**AWS_TEST_ENV, AWS_ENDPOINT_URL_ELASTICACHE=moto_server)
-    op.start()
-    cluster.apply(_aws_durablecache(source_id, target_id, source_policy="SnapshotThenDelete"))
+    source_id, target_id, cluster, op = _start_aws_migration(
+        kube_env, kube_api, kube_namespace, moto_server, operator_factory, source_policy="SnapshotThenDelete")
     wait_for("the target to be provisioned",
              lambda: (cluster.status("sessions").get("checkpoint") or {}).get("operator", {}).get("provisioned"), 60)
     op.kill(signal.SIGTERM)

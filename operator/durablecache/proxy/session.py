@@ -38,8 +38,8 @@ pack_command: Final = libvalkey.pack_command
 STAR: Final = 0x2A
 DOLLAR: Final = 0x24
 CLIENT_GONE_GRACE: Final = 2.0        # how long replies to in-flight writes are awaited after a client left
-COMPACT_AT: Final = 1024             # Replies: entries already taken that may stay in its list
 CLIENT_GONE_MAX: Final = 30.0         # ... and at most, while a non-blocking write (a long script) is unanswered
+COMPACT_AT: Final = 1024              # Replies: taken slots that may stay in its list
 UNSAFE: Final = frozenset({b"flushall", b"flushdb", b"swapdb", b"move"})
 MESSAGE_KINDS: Final = frozenset({b"message", b"pmessage", b"smessage"})
 CONFIRM_KINDS: Final = frozenset({b"subscribe", b"psubscribe", b"ssubscribe",
@@ -1109,7 +1109,7 @@ class Session(asyncio.Protocol):
                 return
         out = self.out
         if out:
-            data = out[0] if len(out) == 1 else b"".join(out)
+            data = b"".join(out)      # one part: that very object, not a copy
             out.clear()
             if self.transport is not None:
                 self.transport.write(data)
