@@ -251,9 +251,11 @@ def test_cutover_while_a_hot_big_key_is_written(source, target):
             normal_max = load.max_latency_ms
             hot_max = hot_stats["max_latency"] * 1000
             assert hot_max >= cutover["key_pause_ms"] * 0.5
-            # Held with the hot key they would have waited about as long as its writer (the ratio ~1);
-            # what they do see is the global pause plus the servers' own DUMP/RESTORE stalls of that key.
-            assert normal_max < 0.6 * hot_max, (normal_max, hot_max, cutover)
+            # Held with the hot key they would have waited about as long as its writer, the whole key
+            # pause; what they do see is the global pause plus the servers' own DUMP/RESTORE stalls of
+            # that key: well under the time the hot key alone was held.
+            held_alone = cutover["key_pause_ms"] - cutover["pause_ms"]
+            assert normal_max < cutover["pause_ms"] + 0.5 * held_alone, (normal_max, hot_max, cutover)
             print(f"\nhot key cutover: key pause {cutover['key_pause_ms']} ms, global pause "
                   f"{cutover['pause_ms']} ms, hot writer max {hot_max:.1f} ms, others max {normal_max:.1f} ms, "
                   f"aborted attempts {sum(e['event'] == 'cutover_aborted' for e in events)}")

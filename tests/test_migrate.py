@@ -263,6 +263,9 @@ class FlipFailsOnce:
         self.inner, self.fail_to, self.failed = inner, fail_to, False
         self.address = inner.address
 
+    async def prepare_flip(self, upstream: Endpoint) -> None:
+        await self.inner.prepare_flip(upstream)
+
     async def freeze(self, timeout: float) -> None:
         await self.inner.freeze(timeout)
 
@@ -315,6 +318,57 @@ def test_a_flip_failing_on_one_of_two_proxies_is_undone_on_both_before_writes_re
         assert "injected" in reason
         assert ports == [source.port, source.port]       # unfrozen only once both serve the source again
         assert seen["cutover"] == [target.port, target.port]
+        m.stop_requested.set()
+        await asyncio.wait_for(task, 30)
+
+    asyncio.run(scenario())
+
+
+class PrepareFailsOnce(LocalProxy):
+    """Fault injection (no real target becomes unreachable on cue): the first PREPARE fails."""
+
+    def __init__(self, proxy: Proxy):
+        super().__init__(proxy)
+        self.failed = False
+        self.freezes = 0
+
+    async def prepare_flip(self, upstream: Endpoint) -> None:
+        if not self.failed:
+            self.failed = True
+            raise ConnectError("injected: the target cannot be reached")
+        await super().prepare_flip(upstream)
+
+    async def freeze(self, timeout: float) -> None:
+        self.freezes += 1
+        await super().freeze(timeout)
+
+
+def test_a_target_the_proxies_cannot_discover_aborts_the_cutover_before_any_write_is_held(source, target):
+    async def scenario() -> None:
+        handles: list[PrepareFailsOnce] = []
+
+        async def start(upstream: Endpoint, on_marks: Any, _on_lost: Any) -> list[Any]:
+            p = Proxy(upstream, listen_host="127.0.0.1", listen_port=0, on_marks=on_marks)
+            await p.start()
+            handles.append(PrepareFailsOnce(p))
+            return handles
+
+        events: list[dict[str, Any]] = []
+        cut = asyncio.Event()
+
+        def emit(e: dict[str, Any]) -> None:
+            if e["event"] == "cutover_aborted":
+                events.append({**e, "freezes": handles[0].freezes})
+            if e["event"] == "cutover":
+                events.append(e)
+                cut.set()
+
+        m = Migration(source.endpoint(), target.endpoint(), MigrationOptions(gate_settle=0.2), start, emit=emit)
+        task = asyncio.create_task(m.run())
+        await asyncio.wait_for(cut.wait(), 60)
+        aborted, done = events
+        assert "injected" in aborted["reason"] and aborted["pause_ms"] == 0.0 and aborted["freezes"] == 0
+        assert done["event"] == "cutover" and done["attempt"] == 2 and handles[0].freezes == 1
         m.stop_requested.set()
         await asyncio.wait_for(task, 30)
 

@@ -58,6 +58,8 @@ class ProxyHandle(Protocol):
 
     address: str
 
+    async def prepare_flip(self, upstream: Endpoint) -> None: ...
+
     async def freeze(self, timeout: float) -> None: ...
 
     async def flip(self, upstream: Endpoint) -> None: ...
@@ -296,8 +298,9 @@ class Migration:
             await asyncio.sleep(min(0.2 * attempts, 2.0))
 
     async def cutover(self, attempt: int) -> bool:
-        """[HOLD hot keys] -> FREEZE -> DRAIN -> FLIP -> UNFREEZE [-> RELEASE] within the bounds, or
-        abort back to Sync.
+        """PREPARE -> [HOLD hot keys] -> FREEZE -> DRAIN -> FLIP -> UNFREEZE [-> RELEASE] within the
+        bounds, or abort back to Sync. PREPARE has the proxies discover the target while writes still
+        flow, so that FLIP only moves the sessions.
 
         A key whose copy takes longer than half the write pause (a hot big key) could never be drained
         inside it while it is being written. So first only the writes to such keys are held (other keys
@@ -311,6 +314,8 @@ class Migration:
         t0: float | None = None
         switched = False
         try:
+            await self._prepare_flip(self.target_ep)
+            k0 = time.monotonic()
             if held:
                 await self._hold_keys(held, self.opts.max_key_pause)
             t0 = time.monotonic()
@@ -356,6 +361,10 @@ class Migration:
         self.emit({"event": "cutover", "pause_ms": round(pause, 2), "freeze_ms": round(frozen_ms, 2),
                    "attempt": attempt, "held_keys": len(held), "key_pause_ms": round(key_pause, 2)})
         return True
+
+    async def _prepare_flip(self, upstream: Endpoint) -> None:
+        """Every proxy discovers ``upstream`` now, before the freeze, not during its flip."""
+        await asyncio.gather(*(p.prepare_flip(upstream) for p in self.proxies))
 
     async def _flip_all(self, upstream: Endpoint, back: Endpoint) -> None:
         """FLIP every (frozen) proxy to ``upstream``. If any flip fails, every proxy is flipped ``back``
@@ -433,6 +442,8 @@ class Migration:
             held = self.syncer.slow_keys(budget / 2)
             k0 = time.monotonic()
             try:
+                await self._prepare_flip(self.source_ep)
+                k0 = time.monotonic()
                 if held:
                     await self._hold_keys(held, self.opts.max_key_pause)
             except (TimeoutError, DurableCacheError, OSError) as exc:

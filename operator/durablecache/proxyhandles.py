@@ -38,6 +38,9 @@ class LocalProxy:
     async def freeze(self, timeout: float) -> None:
         await self.proxy.freeze(timeout)
 
+    async def prepare_flip(self, upstream: Endpoint) -> None:
+        await self.proxy.prepare_flip(upstream)
+
     async def flip(self, upstream: Endpoint) -> None:
         await self.proxy.flip(upstream)
 
@@ -169,6 +172,10 @@ class SubprocessProxy:
 
     async def freeze(self, timeout: float) -> None:
         await self._admin("POST", f"/freeze?timeout={timeout}", timeout=timeout + 5)
+
+    async def prepare_flip(self, upstream: Endpoint) -> None:
+        # A child restarted before the flip has lost this; its flip then discovers for itself.
+        await self._admin("POST", "/prepare", json={"upstream": upstream.to_url()})
 
     async def flip(self, upstream: Endpoint) -> None:
         self.upstream = upstream  # a restarted child starts on the side that is authoritative now

@@ -123,6 +123,35 @@ def test_flip_moves_clients_with_their_state(make_server, make_proxy):
     assert names and all(n.startswith("durablecache-") for n in names), names
 
 
+def command_calls(server) -> int:
+    """How often COMMAND (what a flip's discovery sends) has run on ``server``."""
+    return int(server.client().info("commandstats").get("cmdstat_command", {}).get("calls", 0))
+
+
+def test_a_prepared_flip_discovers_nothing_while_writes_are_frozen(make_server, make_proxy):
+    old, new, other = make_server(), make_server(), make_server()
+    p = make_proxy(old.endpoint())
+    c = client(p.port)
+    p.run(p.proxy.prepare_flip(new.endpoint()))
+    prepared = command_calls(new)
+    assert prepared >= 1
+    p.run(p.proxy.freeze(5))
+    p.run(p.proxy.flip(new.endpoint()))
+    p.call(p.proxy.unfreeze)
+    assert command_calls(new) == prepared                 # the flip used what prepare_flip found
+    c.set("after", "1")
+    assert new.client().get("after") == b"1" and old.client().get("after") is None
+    # A preparation is used once, and only for the endpoint it was made for.
+    p.run(p.proxy.prepare_flip(old.endpoint()))
+    before = command_calls(other)
+    p.run(p.proxy.freeze(5))
+    p.run(p.proxy.flip(other.endpoint()))
+    p.call(p.proxy.unfreeze)
+    assert command_calls(other) == before + 1
+    c.set("after-other", "1")
+    assert other.client().get("after-other") == b"1"
+
+
 def test_flip_with_subscriber_and_held_writes(make_server, make_proxy):
     old, new = make_server(), make_server()
     p = make_proxy(old.endpoint())

@@ -89,7 +89,7 @@ def test_proxy_process_delivers_marks_and_its_death_is_reported(source, tmp_path
             await asyncio.to_thread(c.set, "remote-key", "1")
             # Answered at once; its mark is streamed, and the FREEZE in _admin_checks returns only
             # once the syncer acknowledged it.
-            await asyncio.to_thread(_admin_checks, admin_port, c)
+            await asyncio.to_thread(_admin_checks, admin_port, c, source.url())
             assert (0, b"remote-key") in got
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
@@ -105,7 +105,7 @@ def test_proxy_process_delivers_marks_and_its_death_is_reported(source, tmp_path
     asyncio.run(main())
 
 
-def _admin_checks(admin_port: int, c: valkey.Valkey) -> None:
+def _admin_checks(admin_port: int, c: valkey.Valkey, upstream: str) -> None:
     base = f"http://127.0.0.1:{admin_port}"
 
     def call(method: str, path: str, token: str | None = "admin-secret", body: dict | None = None):
@@ -125,6 +125,11 @@ def _admin_checks(admin_port: int, c: valkey.Valkey) -> None:
     status, stats = call("GET", "/stats")
     assert status == 200 and stats["writes"] >= 1 and stats["clients"] >= 1
     assert call("POST", "/flip", body={"upstream": "valkey://127.0.0.1:1"})[0] == 409   # not frozen
+    assert call("POST", "/prepare", body={"upstream": "not a url"})[0] == 400
+    status, body = call("POST", "/prepare", body={"upstream": "valkey://127.0.0.1:1"})
+    assert status == 502 and body["error"]                                      # nothing listens there
+    status, body = call("POST", "/prepare", body={"upstream": upstream})
+    assert status == 200 and body["upstream"].startswith("valkey://127.0.0.1:")
     status, body = call("POST", "/freeze?timeout=5")
     assert status == 200 and body["quiesced"]
     assert call("GET", "/healthz")[1]["frozen"] is True

@@ -3,6 +3,9 @@
     GET  /healthz                    -> {"ok": true}
     GET  /stats                      -> Proxy.stats()
     POST /freeze?timeout=S           -> 200 {"frozen": true, "ms": ...}, 504 if not quiesced in time (still frozen)
+    POST /prepare {"upstream": URL}  -> 200 {"upstream": redacted URL, "ms": ...}: discover it now, so
+                                        that the next /flip to it need not while writes are frozen
+                                        (502 if it cannot be reached)
     POST /flip   {"upstream": URL}   -> 200 {"upstream": redacted URL}   (only while frozen; 409 otherwise)
     POST /unfreeze                   -> 200 {"frozen": false}
     POST /hold?timeout=S {"keys": [...], "db": 0, "encoding": "latin-1" | "base64"}
@@ -24,7 +27,7 @@ from aiohttp import web
 
 from .. import logs
 from ..errors import DurableCacheError
-from ..urls import parse_url
+from ..urls import Endpoint, parse_url
 from .server import Proxy
 
 log = logs.get("durablecache.proxy.admin")
@@ -45,6 +48,7 @@ class AdminServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/stats", self._stats)
         app.router.add_post("/freeze", self._freeze)
+        app.router.add_post("/prepare", self._prepare)
         app.router.add_post("/flip", self._flip)
         app.router.add_post("/unfreeze", self._unfreeze)
         app.router.add_post("/hold", self._hold)
@@ -92,12 +96,22 @@ class AdminServer:
         return web.json_response({"frozen": True, "quiesced": True,
                                   "ms": round((time.monotonic() - started) * 1000, 2)})
 
-    async def _flip(self, request: web.Request) -> web.Response:
+    async def _prepare(self, request: web.Request) -> web.Response:
+        endpoint = await upstream_of(request)
+        if isinstance(endpoint, web.Response):
+            return endpoint
+        started = time.monotonic()
         try:
-            body = await request.json()
-            endpoint = parse_url(str(body["upstream"]))
-        except (ValueError, KeyError, TypeError, DurableCacheError) as exc:
-            return web.json_response({"error": f"need JSON {{\"upstream\": URL}}: {exc}"}, status=400)
+            await self.proxy.prepare_flip(endpoint)
+        except (DurableCacheError, OSError, TimeoutError) as exc:
+            return web.json_response({"error": str(exc)}, status=502)
+        return web.json_response({"upstream": endpoint.redacted(),
+                                  "ms": round((time.monotonic() - started) * 1000, 2)})
+
+    async def _flip(self, request: web.Request) -> web.Response:
+        endpoint = await upstream_of(request)
+        if isinstance(endpoint, web.Response):
+            return endpoint
         if not self.proxy.frozen:
             return web.json_response({"error": "freeze first"}, status=409)
         try:
@@ -130,6 +144,15 @@ class AdminServer:
     async def _release(self, request: web.Request) -> web.Response:
         self.proxy.release_keys()
         return web.json_response({"held": 0})
+
+
+async def upstream_of(request: web.Request) -> Endpoint | web.Response:
+    """The endpoint a request's JSON body names, or the 400 response saying what is wrong."""
+    try:
+        body = await request.json()
+        return parse_url(str(body["upstream"]))
+    except (ValueError, KeyError, TypeError, DurableCacheError) as exc:
+        return web.json_response({"error": f"need JSON {{\"upstream\": URL}}: {exc}"}, status=400)
 
 
 def parse_keys(body: Any) -> set[tuple[int, bytes]]:

@@ -39,6 +39,8 @@ UNBLOCK_EVERY: Final = 0.1      # re-send CLIENT UNBLOCK while a blocking write 
 FASTMAP_SPELLINGS: Final = 4096  # command names (as clients spell them) whose fast-path class is remembered
 EAGER_RETRY: Final = 1000       # after on_marks suspended, queue this many submissions before trying "now" again
 FLIP_QUIESCE: Final = 10.0      # bound on waiting for in-flight reads before moving a session
+PREPARED_FOR: Final = 60.0      # seconds a prepare_flip() discovery may be used by flip() (a topology
+                                # change meanwhile is followed by MOVED and the refresh, as at any time)
 # Remote marks not acknowledged yet, in frame bytes, below which writes are answered without waiting
 # for the syncer's ack: bounds the proxy's memory (and the marks a crash could lose) in a syncer outage.
 MARK_STREAM_BYTES: Final = 8 << 20
@@ -127,6 +129,7 @@ class Proxy:
         self._admin: dict[str, Connection] = {}
         self._admin_locks: dict[str, asyncio.Lock] = {}
         self._ssl: dict[Endpoint, ssl.SSLContext | None] = {}
+        self._prepared: tuple[Endpoint, Router, CommandTable, float] | None = None
         self._refresh: asyncio.Task[None] | None = None
         self._mark_queue: list[tuple[Session, dict[int, list[bytes]], int, list[bytes]]] = []
         self._delivering = False
@@ -466,12 +469,22 @@ class Proxy:
                 log.warning("proxy.admin_failed", upstream=endpoint.address, reason=str(exc))
                 return None
 
+    async def prepare_flip(self, new_upstream: Endpoint) -> None:
+        """Discover ``new_upstream`` (topology, COMMAND) before the freeze, for the next flip() to it:
+        that discovery was most of a flip's time, which is all write-paused time."""
+        router, table = await self._discover(new_upstream)
+        self._prepared = (new_upstream, router, table, time.monotonic())
+
     async def flip(self, new_upstream: Endpoint) -> None:
         """While frozen: move every session to ``new_upstream`` with its state (see docs/proxy.md)."""
         if not self.frozen:
             raise RuntimeError("flip() needs the proxy frozen first")
         started = time.monotonic()
-        router, table = await self._discover(new_upstream)
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared[0] == new_upstream and started - prepared[3] < PREPARED_FOR:
+            router, table = prepared[1], prepared[2]
+        else:
+            router, table = await self._discover(new_upstream)
         if not self.frozen:     # unfreeze() while we discovered: writes may be flowing to the old side
             raise RuntimeError("flip() aborted: the proxy was unfrozen meanwhile")
         self.flipping = True
