@@ -102,21 +102,29 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -
     raise RuntimeError(f"nothing listens on {port} after {timeout}s")
 
 
-def run_benchmark(port: int, pipeline: int, requests: int, clients: int) -> dict[str, dict[str, float]]:
-    """redis-benchmark SET,GET -> {"SET": {"rps":..., "p99_ms":...}, ...} (from its --csv output)."""
+def cpu_seconds(stat_path: str) -> float:
+    """User + system CPU time of a process or thread, from /proc (utime and stime, in clock ticks)."""
+    fields = Path(stat_path).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_benchmark(port: int, pipeline: int, test: str, requests: int, clients: int,
+                  cpu_of: list[str]) -> dict[str, float]:
+    """One redis-benchmark run of ``test`` -> {"rps", "p99_ms", "cpu_us": [per request, for each of
+    ``cpu_of`` (/proc stat files)]}."""
+    before = [cpu_seconds(path) for path in cpu_of]
     out = subprocess.run(
-        ["redis-benchmark", "-h", LOOPBACK, "-p", str(port), "-t", "set,get", "-n", str(requests),
+        ["redis-benchmark", "-h", LOOPBACK, "-p", str(port), "-t", test, "-n", str(requests),
          "-c", str(clients), "-P", str(pipeline), "-r", "100000", "--csv"],
         capture_output=True, text=True, timeout=600, check=True).stdout
-    results: dict[str, dict[str, float]] = {}
+    used = [cpu_seconds(path) - b for path, b in zip(cpu_of, before)]
     for line in out.splitlines():
         cells = [c.strip('"') for c in line.split(",")]
-        if len(cells) >= 8 and cells[0] in ("SET", "GET"):
+        if len(cells) >= 8 and cells[0] == test.upper():
             # test, rps, avg, min, p50, p95, p99, max (latencies in ms)
-            results[cells[0]] = {"rps": float(cells[1]), "p99_ms": float(cells[6])}
-    if not results:
-        raise RuntimeError(f"could not read redis-benchmark output: {out[:500]!r}")
-    return results
+            return {"rps": float(cells[1]), "p99_ms": float(cells[6]),
+                    "cpu_us": [u * 1e6 / requests for u in used]}
+    raise RuntimeError(f"could not read redis-benchmark output: {out[:500]!r}")
 
 
 def start_twemproxy(upstream_port: int, tmp: str) -> tuple[subprocess.Popen[bytes], int]:
@@ -165,7 +173,9 @@ def main() -> int:
         marks = MarkServer(on_marks, token)
         loop.run_until_complete(marks.start())
         Path(tmp, "token").write_text(token)
-        threading.Thread(target=loop.run_forever, daemon=True).start()
+        marks_thread = threading.Thread(target=loop.run_forever, daemon=True)
+        marks_thread.start()
+        marks_cpu = f"/proc/self/task/{marks_thread.native_id}/stat"   # the mark server's own CPU time
 
         relay_port = free_port()
         relay = subprocess.Popen([sys.executable, "-c", RELAY, str(server.port), str(relay_port),
@@ -175,26 +185,30 @@ def main() -> int:
 
         env = dict(os.environ, DURABLECACHE_UVLOOP="0" if args.stdlib_loop else "1")
 
-        def start_proxy(*extra: str) -> int:
+        def start_proxy(*extra: str) -> tuple[int, int]:
             port = free_port()
             proc = subprocess.Popen([str(DURABLECACHE), "proxy", "--upstream", server.url(),
                                      "--listen", f"{LOOPBACK}:{port}", *extra],
                                     env=env, stdout=subprocess.DEVNULL)
             procs.append(proc)
             wait_port(port, proc)
-            return port
-        local_port = start_proxy()
-        remote_port = start_proxy("--marks-to", f"{LOOPBACK}:{marks.port}",
-                                  "--marks-token-file", str(Path(tmp, "token")))
+            return port, proc.pid
+        local_port, local_pid = start_proxy()
+        remote_port, remote_pid = start_proxy("--marks-to", f"{LOOPBACK}:{marks.port}",
+                                              "--marks-token-file", str(Path(tmp, "token")))
 
         nut, nut_port = start_twemproxy(server.port, tmp)
         procs.append(nut)
 
-        targets = [("direct", server.port), ("proxy-local", local_port), ("proxy-remote", remote_port),
-                   ("relay", relay_port), ("twemproxy", nut_port)]
+        # name, port, the /proc stat files whose CPU time is that target's (the server's own is not)
+        targets = [("direct", server.port, []),
+                   ("proxy-local", local_port, [f"/proc/{local_pid}/stat"]),
+                   ("proxy-remote", remote_port, [f"/proc/{remote_pid}/stat", marks_cpu]),
+                   ("relay", relay_port, [f"/proc/{relay.pid}/stat"]),
+                   ("twemproxy", nut_port, [f"/proc/{nut.pid}/stat"])]
         if args.only:
             wanted = {"relay", *args.only.split(",")}
-            unknown = wanted - {name for name, _ in targets}
+            unknown = wanted - {name for name, _, _ in targets}
             if unknown:
                 print(f"--only: unknown target(s) {', '.join(sorted(unknown))}", file=sys.stderr)
                 return 2
@@ -205,13 +219,16 @@ def main() -> int:
             # one (a slow spell of this shared machine then hits them alike).
             order = targets if round_no % 2 == 0 else targets[::-1]
             for pipeline in (1, 16):
-                for name, port in order:
+                for name, port, cpu_of in order:
                     requests = args.requests * (10 if pipeline > 1 else 1)
-                    for test, r in run_benchmark(port, pipeline, requests, args.clients).items():
+                    for test in ("SET", "GET"):
+                        r = run_benchmark(port, pipeline, test, requests, args.clients, cpu_of)
                         runs.setdefault((name, pipeline, test), []).append(r)
         rows = [{"target": name, "P": pipeline, "test": test,
                  "rps": statistics.median(r["rps"] for r in cell),
-                 "p99_ms": statistics.median(r["p99_ms"] for r in cell)}
+                 "p99_ms": statistics.median(r["p99_ms"] for r in cell),
+                 "cpu_us": [round(statistics.median(r["cpu_us"][i] for r in cell), 3)
+                            for i in range(len(cell[0]["cpu_us"]))]}
                 for (name, pipeline, test), cell in runs.items()]
         # A proxy's share of the relay, per round (both measured within the same minute), then the
         # median and the range over the rounds.
@@ -226,18 +243,29 @@ def main() -> int:
                     if len(cell) != len(relay_runs):
                         raise RuntimeError(f"{proxy_name} P={pipeline} {test}: not measured in every round")
                     shares = [mine["rps"] / theirs["rps"] for mine, theirs in zip(cell, relay_runs)]
+                    # CPU per request, relay / proxy (the mark server's included): the throughput share
+                    # this proxy would reach where CPU, not this machine's two shared cores, limits it.
+                    cpu = [theirs["cpu_us"][0] / sum(mine["cpu_us"]) for mine, theirs in zip(cell, relay_runs)]
                     ratios[f"{proxy_name} P={pipeline} {test}"] = {
                         "median": round(statistics.median(shares), 3),
-                        "min": round(min(shares), 3), "max": round(max(shares), 3)}
+                        "min": round(min(shares), 3), "max": round(max(shares), 3),
+                        "cpu_median": round(statistics.median(cpu), 3),
+                        "cpu_min": round(min(cpu), 3), "cpu_max": round(max(cpu), 3)}
         if args.json:
             print(json.dumps({"rows": rows, "proxy_vs_relay": ratios, "marked_keys": received["keys"]}))
         else:
-            print(f"{'target':<12} {'P':>3} {'test':<4} {'ops/s':>12} {'p99 ms':>8}")
+            print(f"{'target':<12} {'P':>3} {'test':<4} {'ops/s':>12} {'p99 ms':>8}  CPU µs/request")
             for row in rows:
-                print(f"{row['target']:<12} {row['P']:>3} {row['test']:<4} {row['rps']:>12,.0f} {row['p99_ms']:>8.3f}")
-            print(f"proxy / bare relay throughput, per round (median, and range over {args.rounds} rounds):")
+                cpu = " + ".join(f"{c:.2f}" for c in row["cpu_us"]) or "-"
+                if len(row["cpu_us"]) > 1:
+                    cpu += " (proxy + mark server)"
+                print(f"{row['target']:<12} {row['P']:>3} {row['test']:<4} {row['rps']:>12,.0f} "
+                      f"{row['p99_ms']:>8.3f}  {cpu}")
+            print(f"proxy / bare relay, per round (median, and range over {args.rounds} rounds): "
+                  f"throughput; CPU per request, relay / proxy")
             for k, v in ratios.items():
-                print(f"  {k}: {v['median']:.0%} ({v['min']:.0%}-{v['max']:.0%})")
+                print(f"  {k}: {v['median']:.0%} ({v['min']:.0%}-{v['max']:.0%}); "
+                      f"CPU {v['cpu_median']:.0%} ({v['cpu_min']:.0%}-{v['cpu_max']:.0%})")
             print(f"marked keys received by the MarkServer: {received['keys']:,}")
         return 0
     finally:

@@ -251,11 +251,13 @@ def test_cutover_while_a_hot_big_key_is_written(source, target):
             normal_max = load.max_latency_ms
             hot_max = hot_stats["max_latency"] * 1000
             assert hot_max >= cutover["key_pause_ms"] * 0.5
-            # Held with the hot key they would have waited about as long as its writer, the whole key
-            # pause; what they do see is the global pause plus the servers' own DUMP/RESTORE stalls of
-            # that key: well under the time the hot key alone was held.
+            # Held with the hot key they would have waited about as long as its writer; what they do see
+            # is the global pause (of this attempt, or of an aborted one) plus the servers' own
+            # DUMP/RESTORE stalls of that key: they are spared a good part of the time the hot key alone
+            # was held.
             held_alone = cutover["key_pause_ms"] - cutover["pause_ms"]
-            assert normal_max < cutover["pause_ms"] + 0.5 * held_alone, (normal_max, hot_max, cutover)
+            global_pause = max(e["pause_ms"] for e in events if e["event"] in ("cutover", "cutover_aborted"))
+            assert normal_max < global_pause + 0.5 * held_alone, (normal_max, hot_max, cutover)
             print(f"\nhot key cutover: key pause {cutover['key_pause_ms']} ms, global pause "
                   f"{cutover['pause_ms']} ms, hot writer max {hot_max:.1f} ms, others max {normal_max:.1f} ms, "
                   f"aborted attempts {sum(e['event'] == 'cutover_aborted' for e in events)}")

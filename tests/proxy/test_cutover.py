@@ -8,6 +8,7 @@ import time
 
 import pytest
 import valkey
+from waiting import wait_for
 
 from durablecache.urls import Endpoint
 
@@ -45,9 +46,9 @@ def test_freeze_holds_writes_not_reads_and_unfreeze_releases(source, make_proxy)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         held = pool.submit(lambda: c.set("a", "2"))
         assert reader.get("a") == b"1"          # reads go on
-        time.sleep(0.3)
+        assert wait_for(lambda: p.proxy.stats()["held"] == 1, 5)
+        time.sleep(0.2)
         assert not held.done() and source.client().get("a") == b"1"
-        assert p.proxy.stats()["held"] == 1
         p.call(p.proxy.unfreeze)
         assert held.result(5) is True
     assert source.client().get("a") == b"2"
@@ -58,13 +59,11 @@ def test_freeze_waits_for_in_flight_writes_and_their_marks(source, make_proxy):
     p.mark_delay = 0.4              # a slow syncer: the write's ack waits for it, and so does FREEZE
     c = client(p.port)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        submitted = time.monotonic()
         write = pool.submit(lambda: c.set("slow", "1"))
-        deadline = time.monotonic() + 5
-        while p.proxy.stats()["inflight_writes"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        started = time.monotonic()
+        assert wait_for(lambda: p.proxy.stats()["inflight_writes"] > 0, 5)
         p.run(p.proxy.freeze(5))
-        assert time.monotonic() - started >= 0.2
+        assert time.monotonic() - submitted >= 0.35      # the freeze waited for the slow marks
         assert (0, b"slow") in p.marks and write.result(5) is True
     p.mark_delay = 0
     with pytest.raises(TimeoutError):       # a freeze that cannot quiesce says so, and stays frozen
@@ -72,7 +71,7 @@ def test_freeze_waits_for_in_flight_writes_and_their_marks(source, make_proxy):
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             p.call(p.proxy.unfreeze)
             pool.submit(lambda: c.set("slow2", "1"))
-            time.sleep(0.2)
+            assert wait_for(lambda: p.proxy.stats()["inflight_writes"] > 0, 5)
             p.run(p.proxy.freeze(0.2))
     assert p.proxy.frozen
     p.call(p.proxy.unfreeze)
@@ -83,7 +82,8 @@ def test_freeze_unblocks_a_blocking_write_in_flight(source, make_proxy):
     c = client(p.port)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         blocked = pool.submit(lambda: c.blpop(["nothing"], timeout=30))
-        time.sleep(0.3)
+        d = source.client()
+        assert wait_for(lambda: any(x["cmd"] == "blpop" for x in d.client_list()), 5)
         started = time.monotonic()
         p.run(p.proxy.freeze(5))
         assert time.monotonic() - started < 2

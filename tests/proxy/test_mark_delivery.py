@@ -14,7 +14,7 @@ import valkey
 
 from durablecache.errors import ConnectError
 from durablecache.proxy import MarkServer, RemoteMarks
-from durablecache.proxy.marks import mark_frame
+from durablecache.proxy.marks import FLUSH_DELAY, mark_frame
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -167,7 +167,7 @@ def test_streamed_marks_outlive_a_syncer_outage():
         tasks_before = len(asyncio.all_tasks())
         for _ in range(30):                      # streamed: their writes were answered
             remote.submit({0: [b"answered"]})
-            await asyncio.sleep(0.003)           # each framed (FLUSH_DELAY) on its own
+            await asyncio.sleep(FLUSH_DELAY + 0.002)   # each framed on its own
         assert len(asyncio.all_tasks()) <= tasks_before + 1   # one reconnect under way, not one per frame
         outcome: list[BaseException | None] = []
         remote.submit({0: [b"waiting"]}, outcome.append)

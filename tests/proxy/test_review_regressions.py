@@ -9,6 +9,7 @@ import time
 
 import libvalkey
 import pytest
+from waiting import wait_for
 
 from durablecache.resp import pack
 
@@ -42,15 +43,6 @@ class Raw:
 
     def close(self) -> None:
         self.s.close()
-
-
-def wait_for(cond, timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
 
 
 # ---- 1. a TCP split right after '*' or '$' must not turn the rest into inline commands -------------
@@ -163,7 +155,8 @@ def test_freeze_unblocks_a_blocking_read_that_holds_up_a_write(source, make_prox
     source.client().xadd("s", {"f": "v"})
     c = Raw(p.port)
     c.sendraw(pack([("XREAD", "BLOCK", "0", "STREAMS", "s", "$"), ("SET", "k3", "v")]))
-    time.sleep(0.2)
+    d = source.client()
+    assert wait_for(lambda: any(x["cmd"] == "xread" for x in d.client_list()))
     p.run(p.proxy.freeze(3.0))
     assert c.get() is None                 # the timeout reply a client of XREAD BLOCK handles
     assert c.get() == b"OK"

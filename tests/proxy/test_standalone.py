@@ -115,7 +115,8 @@ def test_resp3_pushes_are_forwarded_and_not_counted_as_replies(source, make_prox
     ps = c.pubsub()
     ps.subscribe(**{"ch": lambda m: got.append(m["data"])})
     deadline = time.monotonic() + 5
-    while not ps.subscribed and time.monotonic() < deadline:
+    watcher = source.client()
+    while watcher.pubsub_numsub("ch")[0][1] == 0 and time.monotonic() < deadline:   # subscribed upstream
         ps.get_message(timeout=0.1)
     for i in range(3):
         other.publish("ch", f"m{i}")

@@ -34,7 +34,7 @@ LostCallback = Callable[[str], Any]
 READ_CHUNK = 1 << 16
 # Streamed marks wait this long for company: at a high write rate one frame then carries hundreds of
 # keys, where per-iteration frames cost the proxy and the syncer a syscall and a wake-up each.
-FLUSH_DELAY: Final = 0.001
+FLUSH_DELAY: Final = 0.005
 RETRY_PAUSE: Final = 1.0     # after a failed reconnect, while streamed marks are still undelivered
 
 
