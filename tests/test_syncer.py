@@ -126,3 +126,33 @@ def test_a_failing_batch_is_retried_and_waits_stay_bounded(source, target):
 
     asyncio.run(scenario())
     assert target.client().get("a") == b"1"
+
+
+def test_a_switched_pool_is_closed_only_when_asked(source, target):
+    """The cutover switches pools while writes are frozen and closes the old one after they resume:
+    switch_pool() must not close it, close_pools() must."""
+    source.client().set("k", "v")
+
+    def syncer_connections() -> int:
+        return sum(c["name"].startswith("durablecache") for c in source.client().client_list())
+
+    async def scenario() -> None:
+        syncer = await make_syncer(source, target)
+        syncer.mark(0, [b"k"])
+        assert await syncer.drain(10)
+        opened = syncer_connections()
+        assert opened >= 1
+        src, dst = await discover(source.endpoint()), await discover(target.endpoint())
+        syncer.switch_pool(MoverPool(dst, src, size=2, opts=MoverOptions()))
+        await asyncio.sleep(0.1)
+        assert syncer_connections() == opened          # still open while writes would be frozen
+        await syncer.close_pools()
+        for _ in range(100):
+            if syncer_connections() == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert syncer_connections() == 0
+        await syncer.stop()
+        await syncer.close_pools(current=True)
+
+    asyncio.run(scenario())

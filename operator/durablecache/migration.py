@@ -328,17 +328,18 @@ class Migration:
                     f"backlog of {self.syncer.backlog} keys not drained within {drain_for * 1000:.0f} ms"
                 raise TimeoutError(reason)
             # Both sides are equal and no write is in flight: the target becomes authoritative.
-            await self.syncer.switch_pool(self._pool(reverse=True))
+            self.syncer.switch_pool(self._pool(reverse=True))
             switched = True
             await self._flip_all(self.target_ep, back=self.source_ep)
             self.state["flipped"] = True
             self.save()
         except (TimeoutError, DurableCacheError, OSError) as exc:
             if switched:  # FLIP failed: the source stays authoritative, copy towards the target again
-                await self.syncer.switch_pool(self._pool(reverse=False))
+                self.syncer.switch_pool(self._pool(reverse=False))
             if t0 is not None:
                 await asyncio.gather(*(p.unfreeze() for p in self.proxies), return_exceptions=True)
             await self._release_keys(held)
+            await self.syncer.close_pools()
             now = time.monotonic()
             self.emit({"event": "cutover_aborted", "attempt": attempt, "reason": str(exc) or "freeze timed out",
                        "pause_ms": round((now - t0) * 1000, 2) if t0 is not None else 0.0,
@@ -354,6 +355,7 @@ class Migration:
         await asyncio.gather(*(p.unfreeze() for p in self.proxies))
         pause = (time.monotonic() - t0) * 1000
         await self._release_keys(held)   # held writes go on, to the target now
+        await self.syncer.close_pools()
         key_pause = (time.monotonic() - k0) * 1000 if held else 0.0
         self.state["lastCutoverPauseMs"] = round(pause, 2)
         self.state["lastCutoverKeyPauseMs"] = round(key_pause, 2)
@@ -459,11 +461,11 @@ class Migration:
             except TimeoutError:
                 drained = False      # a freeze that did not quiesce: this attempt failed, never hold on
             if drained:
-                await self.syncer.switch_pool(self._pool(reverse=False))
+                self.syncer.switch_pool(self._pool(reverse=False))
                 try:
                     await self._flip_all(self.source_ep, back=self.target_ep)
                 except (TimeoutError, DurableCacheError, OSError) as exc:
-                    await self.syncer.switch_pool(self._pool(reverse=True))   # the target stays authoritative
+                    self.syncer.switch_pool(self._pool(reverse=True))   # the target stays authoritative
                     drained = False
                     self.emit({"event": "rollback_aborted", "attempt": attempt, "reason": f"flip failed: {exc}",
                                "held_keys": len(held)})
@@ -473,6 +475,7 @@ class Migration:
                 await asyncio.gather(*(p.unfreeze() for p in self.proxies))
                 pause_ms = round((time.monotonic() - t0) * 1000, 2)
                 await self._release_keys(held)
+                await self.syncer.close_pools()
                 self.emit({"event": "rolled_back", "pause_ms": pause_ms, "attempt": attempt,
                            "held_keys": len(held), "key_pause_ms": round((time.monotonic() - k0) * 1000, 2)
                            if held else 0.0})
@@ -480,6 +483,7 @@ class Migration:
                 return
             await asyncio.gather(*(p.unfreeze() for p in self.proxies))
             await self._release_keys(held)
+            await self.syncer.close_pools()
             await asyncio.sleep(0.2 * attempt)
         raise DurableCacheError("rollback could not drain the reverse backlog; the target stays authoritative")
 
@@ -499,7 +503,7 @@ class Migration:
                 log.warning("proxy stop failed", error=str(exc))
         if self.syncer:
             await self.syncer.stop()
-            await self.syncer.pool.close()
+            await self.syncer.close_pools(current=True)
 
 
 class _SubStore:

@@ -44,6 +44,7 @@ class SyncStats:
 class Syncer:
     def __init__(self, pool: MoverPool, *, workers: int = 4, batch: int = 500, max_dirty: int = 2_000_000):
         self.pool = pool
+        self._retired: list[MoverPool] = []   # replaced by switch_pool(), not closed yet
         self.workers = workers
         self.batch = batch
         self.max_dirty = max_dirty
@@ -218,12 +219,21 @@ class Syncer:
                 await t
         self._tasks = []
 
-    async def switch_pool(self, pool: MoverPool) -> None:
+    def switch_pool(self, pool: MoverPool) -> None:
         """Copy the other way from now on. Called between DRAIN and FLIP, while writes are frozen: a
         mark that still arrives then (a write whose client vanished before its reply) must be copied
-        from the side that is about to become authoritative, never onto it."""
-        old, self.pool = self.pool, pool
-        await old.close()
+        from the side that is about to become authoritative, never onto it. The old pool's connections
+        are closed by close_pools(), once writes flow again: closing them need not hold writes."""
+        self._retired.append(self.pool)
+        self.pool = pool
+
+    async def close_pools(self, *, current: bool = False) -> None:
+        """Close the pools switch_pool() replaced (and, with ``current``, the one in use)."""
+        pools, self._retired = self._retired, []
+        if current:
+            pools.append(self.pool)
+        for pool in pools:
+            await pool.close()
 
     def _take(self) -> list[DirtyKey]:
         """Up to `batch` dirty keys of one db, oldest first."""
