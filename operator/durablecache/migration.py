@@ -309,14 +309,15 @@ class Migration:
         assert self.syncer and self.target
         self.set_phase(Phase.CUTOVER)
         budget = self.opts.max_write_pause
-        held = self.syncer.slow_keys(self.opts.drain_limit / 2)
-        k0 = time.monotonic()
-        t0: float | None = None
+        held: set[DirtyKey] = set()
+        k0: float | None = None     # when the hot keys' writes began to be held
+        t0: float | None = None     # when everything was frozen
         switched = False
         try:
             await self._prepare_flip(self.target_ep)
-            k0 = time.monotonic()
+            held = self.syncer.slow_keys(self.opts.drain_limit / 2)
             if held:
+                k0 = time.monotonic()
                 await self._hold_keys(held, self.opts.max_key_pause)
             t0 = time.monotonic()
             await asyncio.gather(*(p.freeze(budget) for p in self.proxies))
@@ -335,15 +336,14 @@ class Migration:
             self.save()
         except (TimeoutError, DurableCacheError, OSError) as exc:
             if switched:  # FLIP failed: the source stays authoritative, copy towards the target again
-                self.syncer.switch_pool(self._pool(reverse=False))
+                await self._switch_back(reverse=False)
+            pause_ms = 0.0
             if t0 is not None:
                 await asyncio.gather(*(p.unfreeze() for p in self.proxies), return_exceptions=True)
+                pause_ms = _ms_since(t0)
             await self._release_keys(held)
-            await self.syncer.close_pools()
-            now = time.monotonic()
             self.emit({"event": "cutover_aborted", "attempt": attempt, "reason": str(exc) or "freeze timed out",
-                       "pause_ms": round((now - t0) * 1000, 2) if t0 is not None else 0.0,
-                       "held_keys": len(held), "key_pause_ms": round((now - k0) * 1000, 2) if held else 0.0})
+                       "pause_ms": pause_ms, "held_keys": len(held), "key_pause_ms": _ms_since(k0)})
             self.set_phase(Phase.SYNC)
             return False
         except BaseException:
@@ -353,20 +353,31 @@ class Migration:
             await self._release_keys(held)
             raise
         await asyncio.gather(*(p.unfreeze() for p in self.proxies))
-        pause = (time.monotonic() - t0) * 1000
+        pause = _ms_since(t0)
         await self._release_keys(held)   # held writes go on, to the target now
-        await self.syncer.close_pools()
-        key_pause = (time.monotonic() - k0) * 1000 if held else 0.0
-        self.state["lastCutoverPauseMs"] = round(pause, 2)
-        self.state["lastCutoverKeyPauseMs"] = round(key_pause, 2)
+        key_pause = _ms_since(k0)
+        await self.syncer.close_pools()  # the forward copy's connections, no longer needed
+        self.state["lastCutoverPauseMs"] = pause
+        self.state["lastCutoverKeyPauseMs"] = key_pause
         self.save()
-        self.emit({"event": "cutover", "pause_ms": round(pause, 2), "freeze_ms": round(frozen_ms, 2),
-                   "attempt": attempt, "held_keys": len(held), "key_pause_ms": round(key_pause, 2)})
+        self.emit({"event": "cutover", "pause_ms": pause, "freeze_ms": round(frozen_ms, 2),
+                   "attempt": attempt, "held_keys": len(held), "key_pause_ms": key_pause})
         return True
+
+    async def _switch_back(self, *, reverse: bool) -> None:
+        """After a failed FLIP, while still frozen: copy in the old direction again, and close the
+        pool of the direction just abandoned before writes resume, so that no copy begun in it runs on
+        once the old side takes writes again."""
+        assert self.syncer
+        self.syncer.switch_pool(self._pool(reverse=reverse))
+        await self.syncer.close_pools()
 
     async def _prepare_flip(self, upstream: Endpoint) -> None:
         """Every proxy discovers ``upstream`` now, before the freeze, not during its flip."""
-        await asyncio.gather(*(p.prepare_flip(upstream) for p in self.proxies))
+        results = await asyncio.gather(*(p.prepare_flip(upstream) for p in self.proxies), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
 
     async def _flip_all(self, upstream: Endpoint, back: Endpoint) -> None:
         """FLIP every (frozen) proxy to ``upstream``. If any flip fails, every proxy is flipped ``back``
@@ -441,12 +452,13 @@ class Migration:
         budget = max(self.opts.max_write_pause, 1.0)
         for attempt in range(1, self.opts.cutover_attempts + 1):
             # The same key-scoped hold as the cutover's (see cutover()), in the other direction.
-            held = self.syncer.slow_keys(budget / 2)
-            k0 = time.monotonic()
+            held: set[DirtyKey] = set()
+            k0: float | None = None
             try:
                 await self._prepare_flip(self.source_ep)
-                k0 = time.monotonic()
+                held = self.syncer.slow_keys(budget / 2)
                 if held:
+                    k0 = time.monotonic()
                     await self._hold_keys(held, self.opts.max_key_pause)
             except (TimeoutError, DurableCacheError, OSError) as exc:
                 await self._release_keys(held)
@@ -465,7 +477,7 @@ class Migration:
                 try:
                     await self._flip_all(self.source_ep, back=self.target_ep)
                 except (TimeoutError, DurableCacheError, OSError) as exc:
-                    self.syncer.switch_pool(self._pool(reverse=True))   # the target stays authoritative
+                    await self._switch_back(reverse=True)   # the target stays authoritative
                     drained = False
                     self.emit({"event": "rollback_aborted", "attempt": attempt, "reason": f"flip failed: {exc}",
                                "held_keys": len(held)})
@@ -473,17 +485,16 @@ class Migration:
                 self.state["flipped"] = False
                 self.save()  # before any write reaches the source again
                 await asyncio.gather(*(p.unfreeze() for p in self.proxies))
-                pause_ms = round((time.monotonic() - t0) * 1000, 2)
+                pause_ms = _ms_since(t0)
                 await self._release_keys(held)
+                key_pause_ms = _ms_since(k0)
                 await self.syncer.close_pools()
                 self.emit({"event": "rolled_back", "pause_ms": pause_ms, "attempt": attempt,
-                           "held_keys": len(held), "key_pause_ms": round((time.monotonic() - k0) * 1000, 2)
-                           if held else 0.0})
+                           "held_keys": len(held), "key_pause_ms": key_pause_ms})
                 self.set_phase(Phase.ROLLED_BACK)
                 return
             await asyncio.gather(*(p.unfreeze() for p in self.proxies))
             await self._release_keys(held)
-            await self.syncer.close_pools()
             await asyncio.sleep(0.2 * attempt)
         raise DurableCacheError("rollback could not drain the reverse backlog; the target stays authoritative")
 
@@ -504,6 +515,11 @@ class Migration:
         if self.syncer:
             await self.syncer.stop()
             await self.syncer.close_pools(current=True)
+
+
+def _ms_since(t: float | None) -> float:
+    """Milliseconds since monotonic time ``t``, rounded for events and status; 0.0 if it never began."""
+    return round((time.monotonic() - t) * 1000, 2) if t is not None else 0.0
 
 
 class _SubStore:

@@ -162,13 +162,17 @@ class SubprocessProxy:
     async def _admin(self, method: str, path: str, json: Any = None, timeout: float = ADMIN_TIMEOUT) -> Any:
         assert self._session
         url = f"http://127.0.0.1:{self.admin_port}{path}"
-        async with self._session.request(method, url, json=json, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-            body = await r.json()
-            if r.status == 504:
-                raise TimeoutError(body.get("error", "timed out"))
-            if r.status >= 400:
-                raise ConnectError(f"proxy {self.address}: {method} {path} failed: {body.get('error')}")
-            return body
+        try:
+            async with self._session.request(method, url, json=json,
+                                             timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                body = await r.json()
+        except aiohttp.ClientError as exc:   # the child died or answered garbage: an aborted step
+            raise ConnectError(f"proxy {self.address}: {method} {path} failed: {exc}") from exc
+        if r.status == 504:
+            raise TimeoutError(body.get("error", "timed out"))
+        if r.status >= 400:
+            raise ConnectError(f"proxy {self.address}: {method} {path} failed: {body.get('error')}")
+        return body
 
     async def freeze(self, timeout: float) -> None:
         await self._admin("POST", f"/freeze?timeout={timeout}", timeout=timeout + 5)

@@ -229,11 +229,10 @@ class Syncer:
 
     async def close_pools(self, *, current: bool = False) -> None:
         """Close the pools switch_pool() replaced (and, with ``current``, the one in use)."""
-        pools, self._retired = self._retired, []
         if current:
-            pools.append(self.pool)
-        for pool in pools:
-            await pool.close()
+            self._retired.append(self.pool)
+        while self._retired:
+            await self._retired.pop().close()
 
     def _take(self) -> list[DirtyKey]:
         """Up to `batch` dirty keys of one db, oldest first."""

@@ -141,12 +141,20 @@ def test_a_prepared_flip_discovers_nothing_while_writes_are_frozen(make_server, 
     assert command_calls(new) == prepared                 # the flip used what prepare_flip found
     c.set("after", "1")
     assert new.client().get("after") == b"1" and old.client().get("after") is None
-    # A preparation is used once, and only for the endpoint it was made for.
+
+    def flip(to) -> None:
+        p.run(p.proxy.freeze(5))
+        p.run(p.proxy.flip(to.endpoint()))
+        p.call(p.proxy.unfreeze)
+
+    # A preparation is used once ...
+    flip(old)
+    flip(new)
+    assert command_calls(new) == prepared + 1
+    # ... and only for the endpoint it was made for.
     p.run(p.proxy.prepare_flip(old.endpoint()))
     before = command_calls(other)
-    p.run(p.proxy.freeze(5))
-    p.run(p.proxy.flip(other.endpoint()))
-    p.call(p.proxy.unfreeze)
+    flip(other)
     assert command_calls(other) == before + 1
     c.set("after-other", "1")
     assert other.client().get("after-other") == b"1"
