@@ -1,4 +1,5 @@
-"""Compiles the proxy's modules with mypyc (see pyproject.toml: why, and how to opt out).
+"""Compiles the proxy's modules with mypyc, and its C module (see pyproject.toml: why, and how to opt
+out).
 
 Everything else about the package is declared in pyproject.toml; setuptools needs this file only
 because compiled extension modules cannot be declared there.
@@ -6,7 +7,7 @@ because compiled extension modules cannot be declared there.
 
 import os
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 # The proxy's request and reply paths run for every command a client sends during a migration.
 COMPILED = [
@@ -17,11 +18,17 @@ COMPILED = [
     "operator/durablecache/proxy/server.py",
     "operator/durablecache/proxy/session.py",
 ]
+# Its innermost loops in C: each function has a reference in typed Python that runs without it
+# (framing.scan_run, marks.encode_marks) and that tests/proxy/test_resp_c.py holds it to.
+C_MODULES = {
+    "durablecache.proxy._resp": "operator/durablecache/proxy/_resp.c",
+}
 
 ext_modules = []
 if os.environ.get("DURABLECACHE_PURE_PYTHON", "") != "1":
     from mypyc.build import mypycify
 
     ext_modules = mypycify(COMPILED, opt_level="3")
+    ext_modules += [Extension(name, [source], extra_compile_args=["-O2"]) for name, source in C_MODULES.items()]
 
 setup(ext_modules=ext_modules)

@@ -16,8 +16,9 @@ import pytest
 from durablecache.localvalkey import LocalCluster, LocalServer
 
 ROOT = Path(__file__).resolve().parents[1]
-# The modules setup.py compiles with mypyc (repository-relative paths).
+# The modules setup.py compiles with mypyc, and its C modules (repository-relative paths).
 COMPILED_SOURCES = re.findall(r'"(operator/[\w/]+\.py)"', (ROOT / "setup.py").read_text())
+C_SOURCES = re.findall(r'"(operator/[\w/]+\.c)"', (ROOT / "setup.py").read_text())
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -25,7 +26,7 @@ def pytest_configure(config: pytest.Config) -> None:
     to run on a missing or stale build, which Python would import silently instead of the source."""
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
     shims = {source: (ROOT / source).with_name(Path(source).stem + suffix)
-             for source in COMPILED_SOURCES}
+             for source in COMPILED_SOURCES + C_SOURCES}
     if os.environ.get("DURABLECACHE_PURE_PYTHON") == "1":
         compiled = [source for source, shim in shims.items() if shim.exists()]
         if compiled:
@@ -36,7 +37,8 @@ def pytest_configure(config: pytest.Config) -> None:
     shared = list((ROOT / "operator").glob(f"*__mypyc{suffix}"))
     built_at = max((lib.stat().st_mtime for lib in shared), default=0.0)
     stale = [source for source, shim in shims.items()
-             if not shim.exists() or built_at < (ROOT / source).stat().st_mtime]
+             if not shim.exists() or (shim.stat().st_mtime if source in C_SOURCES else built_at)
+             < (ROOT / source).stat().st_mtime]
     if stale:
         raise pytest.UsageError(f"compiled modules missing or older than their sources: {', '.join(stale)}; "
                                 "run `make build` (or DURABLECACHE_PURE_PYTHON=1 to test the sources)")

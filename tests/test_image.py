@@ -226,12 +226,12 @@ def test_installed_package_is_the_wheel_not_the_source_tree(image_venv: Path, tm
             "[importlib.import_module(m.name) for m in pkgutil.walk_packages(durablecache.__path__, 'durablecache.')]; "
             "print(durablecache.__file__); "
             "print(*(importlib.import_module(f'durablecache.proxy.{m}').__file__ for m in "
-            "('session', 'server', 'framing', 'marks', 'commandtable', 'cluster')))")
+            "('session', 'server', 'framing', 'marks', 'commandtable', 'cluster', '_resp')))")
     out = _run([py, "-c", code], env=image_env(image_venv, tmp_path), cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     package, compiled = out.stdout.strip().splitlines()
     assert Path(package).resolve().is_relative_to(image_venv.resolve()), out.stdout
-    # The proxy's modules are the wheel's mypyc-compiled extensions, not their .py sources.
+    # The proxy's modules are the wheel's compiled extensions (mypyc, and _resp.c), not .py sources.
     assert all(f.endswith(".so") for f in compiled.split()), compiled
     # Test-only packages are pinned in constraints.txt but must not be installed into the image.
     listed = _run([str(image_venv / "bin" / "pip"), "list", "--format=json"], cwd=tmp_path)

@@ -43,6 +43,15 @@ PIPELINE = [
     (b"BLMOVE", b"src", b"dst", b"LEFT", b"RIGHT", b"0"), (b"SET", b"empty", b""), (b"GET", b"b"),
 ]
 WRITTEN = {b"b", b"c", b"d", b"e", b"h", b"src", b"dst", b"empty"}
+# Runs of one name (scanned by framing.scan_run, or _resp.c's, from the second command on): keys of
+# several lengths, an argument more, a value that looks like a command, a name in another case.
+RUNS = [
+    (b"SET", b"k1", b"v"), (b"SET", b"key2", b"vv"), (b"SET", b"k3", b"v", b"EX", b"100"),
+    (b"SET", b"k4", b"*3\r\n$3\r\nSET\r\n$1\r\nx\r\n$1\r\ny\r\n"), (b"GET", b"a"), (b"GET", b"bb"),
+    (b"GET", b"c"), (b"set", b"k5", b"v"), (b"set", b"k6", b"v"), (b"set", b"k7", b""), (b"INCR", b"n"),
+    (b"INCR", b"n"), (b"INCR", b"m"),
+]
+RUNS_WRITTEN = {b"k1", b"key2", b"k3", b"k4", b"k5", b"k6", b"k7", b"n", b"m"}
 
 
 def cuts_of(n: int) -> list[list[int]]:
@@ -50,8 +59,10 @@ def cuts_of(n: int) -> list[list[int]]:
     return [[i] for i in range(1, n)] + [[i, i + 5] for i in range(1, n - 5)]
 
 
-def test_every_split_of_a_pipeline_is_forwarded_unchanged(source):
-    payload = b"".join(cmd(*c) for c in PIPELINE)
+@pytest.mark.parametrize(("pipeline", "written"), [(PIPELINE, WRITTEN), (RUNS, RUNS_WRITTEN)],
+                         ids=["mixed", "runs"])
+def test_every_split_of_a_pipeline_is_forwarded_unchanged(source, pipeline, written):
+    payload = b"".join(cmd(*c) for c in pipeline)
 
     async def one(proxy: Proxy, cuts: list[int]) -> tuple[bytes, int, set[bytes]]:
         session, upstream = await connected_session(proxy, Recorder([], {}))
@@ -72,8 +83,8 @@ def test_every_split_of_a_pipeline_is_forwarded_unchanged(source):
             for cuts in [[], *cuts_of(len(payload))]:
                 sent, expected, keys = await one(proxy, cuts)
                 assert sent == payload, cuts
-                assert expected == len(PIPELINE), cuts
-                assert keys == WRITTEN, cuts
+                assert expected == len(pipeline), cuts
+                assert keys == written, cuts
         finally:
             await proxy.stop()
 

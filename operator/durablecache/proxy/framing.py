@@ -123,6 +123,27 @@ def command_tail(buf: bytes, pos: i64, args: i64, key_at: i64) -> tuple[i64, i64
     return i, key_start, key_end
 
 
+def scan_run(buf: bytes, pos: i64, name_start: i64, name_end: i64, key_at: i64,
+             keys: list[bytes]) -> tuple[i64, i64]:
+    """From ``pos``, the plain complete commands named ``buf[name_start:name_end]`` (a pipeline's run
+    of one command): (where the last ends, how many). The argument at index ``key_at`` (the name is
+    0; 0 for none) of each is appended to ``keys``. The reference for _resp.c's, which the proxy
+    runs when it was built."""
+    name = buf[name_start:name_end]
+    count: i64 = 0
+    while True:
+        argc, start, end = command_head(buf, pos)
+        if argc < 0 or end - start != name_end - name_start or buf[start:end] != name:
+            return pos, count
+        end, key_start, key_end = command_tail(buf, end + 2, argc - 1, key_at)
+        if end < 0:
+            return pos, count
+        if key_start >= 0:
+            keys.append(buf[key_start:key_end])
+        count += 1
+        pos = end
+
+
 def name_sig(buf: bytes, start: i64, end: i64) -> i64:
     """The bytes ``buf[start:end]`` (a command name of up to 7 bytes) packed into one integer with
     their length, so that a name can be compared with the previous one without slicing it out; -1 for

@@ -29,6 +29,11 @@ from . import framing
 from .commandtable import SUBSCRIBE_FAMILY, CommandSpec, keys_from_getkeys
 from .framing import MINUS, PUSH, command_head, command_tail, count_scalars, frame_end, name_sig
 
+try:
+    from ._resp import scan_run
+except ImportError:      # built without a C compiler (DURABLECACHE_PURE_PYTHON=1)
+    from .framing import scan_run
+
 if TYPE_CHECKING:
     from .server import Proxy, Router
 
@@ -668,17 +673,23 @@ class Session(asyncio.Protocol):
                 end, key_start, key_end = command_tail(data, name_end + 2, argc - 1, key_at)
                 if end < 0:
                     break
+                if key_start >= 0:
+                    keys.append(data[key_start:key_end])
+                count: i64 = 1
+                if n - end >= 2 * (end - pos):
+                    # Room for two more like it: the rest of a pipeline's run of this name in one
+                    # call (for fewer, the call costs more than it saves).
+                    end, more = scan_run(data, end, name_start, name_end, key_at, keys)
+                    count += more
                 if run is None:
                     run = self._open_run(conn)
-                run.count += 1
+                run.count += count
                 if not is_scalar:
                     run.scalar = False
                 if key_at:
-                    if key_start >= 0:
-                        keys.append(data[key_start:key_end])
-                    run.writes += 1
-                    writes += 1
-                scanned += 1
+                    run.writes += count
+                    writes += count
+                scanned += count
                 pos = end
             if pos:
                 conn.obuf.append(data if pos == n else data[:pos])

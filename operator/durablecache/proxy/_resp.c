@@ -1,0 +1,213 @@
+/* The proxy's request scan in C: a run of plain commands that repeat one name (a pipeline).
+ *
+ * framing.scan_run (typed Python, compiled by mypyc) is the reference and the fallback; this file
+ * must accept and reject exactly what it does (tests/proxy/test_resp.py compares the two).
+ * Why C: a pipelined write's bytes are walked four times per command in the compiled Python, with a
+ * bounds-checked index per byte; here it is one pass over a char pointer.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdio.h>
+#include <string.h>
+
+/* The canonical decimal at i ended by CRLF (no sign, no leading zero, at most 9 digits): its value,
+ * *next set after the CRLF; -1 otherwise. */
+static inline Py_ssize_t count_at(const char *b, Py_ssize_t i, Py_ssize_t n, Py_ssize_t *next)
+{
+    Py_ssize_t start = i, value = 0;
+    while (i < n) {
+        unsigned char c = (unsigned char)b[i];
+        if (c == '\r') {
+            if (i == start || i + 1 >= n || b[i + 1] != '\n' || (b[start] == '0' && i - start > 1))
+                return -1;
+            *next = i + 2;
+            return value;
+        }
+        if (c < '0' || c > '9' || i - start >= 9)
+            return -1;
+        value = value * 10 + (c - '0');
+        i++;
+    }
+    return -1;
+}
+
+/* The bulk string whose '$' is at i, whole in the buffer: the start of its payload, *end its end;
+ * -1 otherwise. */
+static inline Py_ssize_t bulk_at(const char *b, Py_ssize_t i, Py_ssize_t n, Py_ssize_t *end)
+{
+    Py_ssize_t start = 0, size, e;
+    if (i >= n || b[i] != '$')
+        return -1;
+    size = count_at(b, i + 1, n, &start);
+    if (size < 0)
+        return -1;
+    e = start + size;
+    if (e + 2 > n || b[e] != '\r' || b[e + 1] != '\n')
+        return -1;
+    *end = e;
+    return start;
+}
+
+static Py_ssize_t arg_ssize(PyObject *o)
+{
+    return PyLong_Check(o) ? PyLong_AsSsize_t(o) : (PyErr_SetString(PyExc_TypeError, "an int"), -1);
+}
+
+PyDoc_STRVAR(scan_run_doc,
+"scan_run(data, pos, name_start, name_end, key_at, keys) -> (end, count)\n\n"
+"From pos, the plain complete commands named data[name_start:name_end]: how many, and where the\n"
+"last ends. The argument at index key_at (the name is 0; 0 for none) of each is appended to keys.");
+
+static PyObject *scan_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6 || !PyBytes_CheckExact(args[0]) || !PyList_CheckExact(args[5])) {
+        PyErr_SetString(PyExc_TypeError, "scan_run(data: bytes, pos, name_start, name_end, key_at, keys: list)");
+        return NULL;
+    }
+    const char *b = PyBytes_AS_STRING(args[0]);
+    Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
+    Py_ssize_t pos = arg_ssize(args[1]), name_start = arg_ssize(args[2]);
+    Py_ssize_t name_end = arg_ssize(args[3]), key_at = arg_ssize(args[4]);
+    PyObject *keys = args[5];
+    if (PyErr_Occurred())
+        return NULL;
+    if (pos < 0 || pos > n || name_start < 0 || name_end < name_start || name_end > n || key_at < 0) {
+        PyErr_SetString(PyExc_ValueError, "scan_run: offsets outside data");
+        return NULL;
+    }
+    const char *name = b + name_start;
+    Py_ssize_t name_len = name_end - name_start, count = 0;
+    while (pos < n) {
+        Py_ssize_t i = 0, e = 0, s, argc, index, key_start = -1, key_end = -1;
+        if (b[pos] != '*')
+            break;
+        argc = count_at(b, pos + 1, n, &i);
+        if (argc < 1)
+            break;
+        s = bulk_at(b, i, n, &e);
+        if (s < 0 || e - s != name_len || memcmp(b + s, name, (size_t)name_len) != 0)
+            break;
+        i = e + 2;
+        for (index = 1; index < argc; index++) {
+            s = bulk_at(b, i, n, &e);
+            if (s < 0)
+                break;
+            if (index == key_at) {
+                key_start = s;
+                key_end = e;
+            }
+            i = e + 2;
+        }
+        if (index < argc)
+            break;
+        if (key_start >= 0) {
+            PyObject *key = PyBytes_FromStringAndSize(b + key_start, key_end - key_start);
+            if (key == NULL)
+                return NULL;
+            int failed = PyList_Append(keys, key);
+            Py_DECREF(key);
+            if (failed)
+                return NULL;
+        }
+        count++;
+        pos = i;
+    }
+    PyObject *end = PyLong_FromSsize_t(pos), *scanned = PyLong_FromSsize_t(count);
+    if (end == NULL || scanned == NULL) {
+        Py_XDECREF(end);
+        Py_XDECREF(scanned);
+        return NULL;
+    }
+    PyObject *result = PyTuple_New(2);
+    if (result == NULL) {
+        Py_DECREF(end);
+        Py_DECREF(scanned);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(result, 0, end);
+    PyTuple_SET_ITEM(result, 1, scanned);
+    return result;
+}
+
+
+static Py_ssize_t digits_of(Py_ssize_t v)
+{
+    Py_ssize_t digits = 1;
+    for (; v >= 10; v /= 10)
+        digits++;
+    return digits;
+}
+
+/* "$<size>\r\n" at p; returns the end. */
+static char *put_bulk_header(char *p, Py_ssize_t size, Py_ssize_t digits)
+{
+    *p = '$';
+    for (Py_ssize_t i = digits; i > 0; i--, size /= 10)
+        p[i] = (char)('0' + size % 10);
+    p += digits + 1;
+    *p++ = '\r';
+    *p++ = '\n';
+    return p;
+}
+
+PyDoc_STRVAR(mark_frame_doc,
+"mark_frame(db, keys) -> bytes\n\n"
+"MARK <db> <key>... in RESP (marks.mark_frame is the reference).");
+
+static PyObject *mark_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyLong_Check(args[0]) || !PyList_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "mark_frame(db: int, keys: list[bytes])");
+        return NULL;
+    }
+    long long db = PyLong_AsLongLong(args[0]);
+    if (db == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *keys = args[1];
+    Py_ssize_t count = PyList_GET_SIZE(keys), i;
+    char head[96];
+    int dblen = snprintf(head, 32, "%lld", db);
+    int headlen = snprintf(head, sizeof(head), "*%zd\r\n$4\r\nMARK\r\n$%d\r\n%lld\r\n", count + 2, dblen, db);
+    /* The size first (a "$<n>\r\n" header, the key and CRLF per key), then one buffer filled in place. */
+    Py_ssize_t size = headlen;
+    for (i = 0; i < count; i++) {
+        PyObject *key = PyList_GET_ITEM(keys, i);
+        if (!PyBytes_Check(key)) {
+            PyErr_SetString(PyExc_TypeError, "mark_frame: keys must be bytes");
+            return NULL;
+        }
+        Py_ssize_t n = PyBytes_GET_SIZE(key);
+        size += 1 + digits_of(n) + 2 + n + 2;
+    }
+    PyObject *frame = PyBytes_FromStringAndSize(NULL, size);
+    if (frame == NULL)
+        return NULL;
+    char *p = PyBytes_AS_STRING(frame);
+    memcpy(p, head, (size_t)headlen);
+    p += headlen;
+    for (i = 0; i < count; i++) {
+        PyObject *key = PyList_GET_ITEM(keys, i);
+        Py_ssize_t n = PyBytes_GET_SIZE(key);
+        p = put_bulk_header(p, n, digits_of(n));
+        memcpy(p, PyBytes_AS_STRING(key), (size_t)n);
+        p += n;
+        *p++ = '\r';
+        *p++ = '\n';
+    }
+    return frame;
+}
+
+static PyMethodDef methods[] = {
+    {"scan_run", (PyCFunction)(void (*)(void))scan_run, METH_FASTCALL, scan_run_doc},
+    {"mark_frame", (PyCFunction)(void (*)(void))mark_frame, METH_FASTCALL, mark_frame_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_resp", "The proxy's request scan in C (see framing.scan_run).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__resp(void)
+{
+    return PyModule_Create(&module);
+}
