@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum |
 
 # The proxy's modules run compiled (mypyc, setup.py); rebuilt in place whenever their sources change.
 COMPILED := $(VENV)/.compiled
-COMPILED_SRC := setup.py $(shell sed -n 's/.*"\(operator\/[^"]*\.\(py\|c\)\)",$$/\1/p' setup.py)
+COMPILED_SRC := setup.py $(shell sed -n -E 's/.*"(operator\/[^"]*\.(py|c))",$$/\1/p' setup.py)
 
 # Installed at the versions constraints.txt pins (the image installs the runtime ones the same way),
 # so a release upstream never changes what the tests run against.

@@ -29,6 +29,6 @@ if os.environ.get("DURABLECACHE_PURE_PYTHON", "") != "1":
     from mypyc.build import mypycify
 
     ext_modules = mypycify(COMPILED, opt_level="3")
-    ext_modules += [Extension(name, [source], extra_compile_args=["-O2"]) for name, source in C_MODULES.items()]
+    ext_modules += [Extension(name, [source], extra_compile_args=["-O3"]) for name, source in C_MODULES.items()]
 
 setup(ext_modules=ext_modules)

@@ -42,16 +42,20 @@ PIPELINE = [
     (b"INCR", b"e"), (b"OBJECT", b"ENCODING", b"a"), (b"HSET", b"h", b"f", b"*2\r\n$3\r\nDEL\r\n"),
     (b"BLMOVE", b"src", b"dst", b"LEFT", b"RIGHT", b"0"), (b"SET", b"empty", b""), (b"GET", b"b"),
 ]
-WRITTEN = {b"b", b"c", b"d", b"e", b"h", b"src", b"dst", b"empty"}
-# Runs of one name (scanned by framing.scan_run, or _resp.c's, from the second command on): keys of
-# several lengths, an argument more, a value that looks like a command, a name in another case.
+# The keys a proxy must mark, in request order, and how many writes there are.
+WRITTEN = [b"b", b"c", b"d", b"e", b"h", b"src", b"dst", b"empty"]
+WRITES = 6
+# Runs of one name (the second command on is scanned by scan_run, in C when built): keys of several
+# lengths, an argument more, a value that looks like a command, a name in another case, a key marked
+# twice, and writes without their key (counted, nothing to mark).
 RUNS = [
     (b"SET", b"k1", b"v"), (b"SET", b"key2", b"vv"), (b"SET", b"k3", b"v", b"EX", b"100"),
     (b"SET", b"k4", b"*3\r\n$3\r\nSET\r\n$1\r\nx\r\n$1\r\ny\r\n"), (b"GET", b"a"), (b"GET", b"bb"),
     (b"GET", b"c"), (b"set", b"k5", b"v"), (b"set", b"k6", b"v"), (b"set", b"k7", b""), (b"INCR", b"n"),
-    (b"INCR", b"n"), (b"INCR", b"m"),
+    (b"INCR", b"n"), (b"INCR", b"m"), (b"SET",), (b"SET",), (b"SET",),
 ]
-RUNS_WRITTEN = {b"k1", b"key2", b"k3", b"k4", b"k5", b"k6", b"k7", b"n", b"m"}
+RUNS_WRITTEN = [b"k1", b"key2", b"k3", b"k4", b"k5", b"k6", b"k7", b"n", b"n", b"m"]
+RUNS_WRITES = 13
 
 
 def cuts_of(n: int) -> list[list[int]]:
@@ -59,32 +63,34 @@ def cuts_of(n: int) -> list[list[int]]:
     return [[i] for i in range(1, n)] + [[i, i + 5] for i in range(1, n - 5)]
 
 
-@pytest.mark.parametrize(("pipeline", "written"), [(PIPELINE, WRITTEN), (RUNS, RUNS_WRITTEN)],
-                         ids=["mixed", "runs"])
-def test_every_split_of_a_pipeline_is_forwarded_unchanged(source, pipeline, written):
+@pytest.mark.parametrize(("pipeline", "written", "writes"),
+                         [(PIPELINE, WRITTEN, WRITES), (RUNS, RUNS_WRITTEN, RUNS_WRITES)], ids=["mixed", "runs"])
+def test_every_split_of_a_pipeline_is_forwarded_unchanged(source, pipeline, written, writes):
     payload = b"".join(cmd(*c) for c in pipeline)
 
-    async def one(proxy: Proxy, cuts: list[int]) -> tuple[bytes, int, set[bytes]]:
+    async def one(proxy: Proxy, cuts: list[int]) -> tuple[bytes, int, list[bytes], int, int]:
         session, upstream = await connected_session(proxy, Recorder([], {}))
         real, upstream.transport = upstream.transport, Capture()  # type: ignore[assignment]
         for a, b in zip([0, *cuts], [*cuts, len(payload)]):
             session.data_received(payload[a:b])
         expected = sum(e.count or 1 for e in session.pending)
-        keys = {k for e in session.pending for _, ks in e.marks or () for k in ks}
+        keys = [k for e in session.pending for _, ks in e.marks or () for k in ks]
+        marked_writes = sum(e.writes for e in session.pending if e.marks is not None)
         sent = upstream.transport.sent  # type: ignore[attr-defined]
         session.transport = None
         real.close()
-        return sent, expected, keys
+        return sent, expected, keys, marked_writes, session.inflight
 
     async def scenario() -> None:
         proxy = Proxy(source.endpoint(), listen_port=0, on_marks=lambda _db, _keys: None)
         await proxy.start()
         try:
             for cuts in [[], *cuts_of(len(payload))]:
-                sent, expected, keys = await one(proxy, cuts)
+                sent, expected, keys, marked_writes, inflight = await one(proxy, cuts)
                 assert sent == payload, cuts
                 assert expected == len(pipeline), cuts
                 assert keys == written, cuts
+                assert marked_writes == inflight == writes, cuts     # what FREEZE waits for
         finally:
             await proxy.stop()
 

@@ -83,6 +83,26 @@ def test_scan_run_counts_what_libvalkey_parses() -> None:
     assert keys == [c[1] for c in parsed] == [b"k%d" % i for i in range(1, 50)]
 
 
+@pytest.mark.parametrize("frame", [
+    b"*3\r\n$03\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n",          # a leading zero
+    b"*3\r\n$3\r\nSET\r\n$-1\r\n$1\r\nv\r\n",                 # a sign
+    b"*3\r\n$3\r\nSET\r\n:1\r\n$1\r\nv\r\n",                  # an argument that is not a bulk string
+    b"*3\r\n$3\r\nSET\r\n$1000000000\r\nk\r\n$1\r\nv\r\n",   # ten digits: more than a scan takes
+    b"*3\r\n$3\r\nSET\r\n$999999999\r\nk\r\n$1\r\nv\r\n",    # nine digits, not that many bytes
+    b"*0\r\n",
+    b"*3\r\n$3\r\nSET\r\n$1\r\nkX\r\n$1\r\nv\r\n",           # payload longer than declared
+])
+def test_scan_run_stops_where_the_reference_does(frame: bytes) -> None:
+    good = cmd(b"SET", b"a", b"1")
+    data = good * 3 + frame + good
+    keys_c: list[bytes] = []
+    keys_py: list[bytes] = []
+    _, name_start, name_end = command_head(data, 0)
+    got = _resp.scan_run(data, len(good), name_start, name_end, 1, keys_c)      # after the first SET
+    assert got == scan_run(data, len(good), name_start, name_end, 1, keys_py) == (3 * len(good), 2)
+    assert keys_c == keys_py == [b"a", b"a"]
+
+
 @pytest.mark.parametrize("call", [
     lambda: _resp.scan_run("SET", 0, 0, 0, 0, []),                   # not bytes
     lambda: _resp.scan_run(b"*1\r\n", 0, 0, 0, 0, ()),               # not a list
@@ -90,12 +110,15 @@ def test_scan_run_counts_what_libvalkey_parses() -> None:
     lambda: _resp.scan_run(b"*1\r\n", 0, 3, 2, 0, []),               # name ends before it starts
     lambda: _resp.scan_run(b"*1\r\n", -1, 0, 0, 0, []),
     lambda: _resp.scan_run(b"*1\r\n", 0, 0, 0, 0),                   # too few arguments
+    lambda: _resp.scan_run(b"*1\r\n", 0, 0, 9, 0, []),               # name past the end
+    lambda: _resp.scan_run(b"*1\r\n", 0, 0, 0, -1, []),              # negative key index
+    lambda: _resp.scan_run(b"*1\r\n", 2**70, 0, 0, 0, []),           # an offset no machine has
     lambda: _resp.mark_frame(0, [b"a", "b"]),                        # a key that is not bytes
     lambda: _resp.mark_frame("0", [b"a"]),
     lambda: _resp.mark_frame(0, (b"a",)),
 ])
 def test_bad_arguments_raise_instead_of_reading_out_of_bounds(call) -> None:
-    with pytest.raises((TypeError, ValueError)):
+    with pytest.raises((TypeError, ValueError, OverflowError)):
         call()
 
 
@@ -104,7 +127,7 @@ def test_mark_frame_in_c_matches_the_reference_and_libvalkey() -> None:
     lengths = [0, 1, 9, 10, 11, 99, 100, 101, 255, 256, 999, 1000, 65536, 100001]
     keys = [bytes(rng.randrange(256) for _ in range(n)) for n in lengths]
     keys += [b"key:%012d" % i for i in range(1000)]
-    for db in (0, 7, 15, 10**12):
+    for db in (0, 7, 15, 10**12, -1):
         for some in ([], keys[:1], keys):
             frame = _resp.mark_frame(db, some)
             assert frame == encode_marks(db, some)

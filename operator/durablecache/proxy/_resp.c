@@ -1,9 +1,12 @@
-/* The proxy's request scan in C: a run of plain commands that repeat one name (a pipeline).
+/* The proxy's innermost loops in C: the scan of a pipeline's run of one command (scan_run) and the
+ * encoding of a MARK frame (mark_frame).
  *
- * framing.scan_run (typed Python, compiled by mypyc) is the reference and the fallback; this file
- * must accept and reject exactly what it does (tests/proxy/test_resp.py compares the two).
- * Why C: a pipelined write's bytes are walked four times per command in the compiled Python, with a
- * bounds-checked index per byte; here it is one pass over a char pointer.
+ * Each has a reference in typed Python that runs when this module was not built: framing.scan_run
+ * and marks.encode_marks. On the proxy's input (bytes, lists of bytes, offsets within the buffer)
+ * they must return exactly what the references do; tests/proxy/test_resp_c.py compares them. Where
+ * the references would go on quietly, bad arguments here raise instead of reading outside a buffer.
+ * Why C: compiled Python reads each byte of a request through a bounds-checked index, four times
+ * per command; here it is one pass over a char pointer.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -41,16 +44,23 @@ static inline Py_ssize_t bulk_at(const char *b, Py_ssize_t i, Py_ssize_t n, Py_s
     size = count_at(b, i + 1, n, &start);
     if (size < 0)
         return -1;
+    if (size > n - start - 2)       /* written so that it cannot overflow */
+        return -1;
     e = start + size;
-    if (e + 2 > n || b[e] != '\r' || b[e + 1] != '\n')
+    if (b[e] != '\r' || b[e + 1] != '\n')
         return -1;
     *end = e;
     return start;
 }
 
+/* An int argument; -1 with an exception set when it is none (or does not fit). */
 static Py_ssize_t arg_ssize(PyObject *o)
 {
-    return PyLong_Check(o) ? PyLong_AsSsize_t(o) : (PyErr_SetString(PyExc_TypeError, "an int"), -1);
+    if (!PyLong_Check(o)) {
+        PyErr_SetString(PyExc_TypeError, "scan_run: offsets must be ints");
+        return -1;
+    }
+    return PyLong_AsSsize_t(o);
 }
 
 PyDoc_STRVAR(scan_run_doc,
@@ -66,11 +76,14 @@ static PyObject *scan_run(PyObject *self, PyObject *const *args, Py_ssize_t narg
     }
     const char *b = PyBytes_AS_STRING(args[0]);
     Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
-    Py_ssize_t pos = arg_ssize(args[1]), name_start = arg_ssize(args[2]);
-    Py_ssize_t name_end = arg_ssize(args[3]), key_at = arg_ssize(args[4]);
+    Py_ssize_t offsets[4];
+    for (int i = 0; i < 4; i++) {
+        offsets[i] = arg_ssize(args[1 + i]);
+        if (offsets[i] == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    Py_ssize_t pos = offsets[0], name_start = offsets[1], name_end = offsets[2], key_at = offsets[3];
     PyObject *keys = args[5];
-    if (PyErr_Occurred())
-        return NULL;
     if (pos < 0 || pos > n || name_start < 0 || name_end < name_start || name_end > n || key_at < 0) {
         PyErr_SetString(PyExc_ValueError, "scan_run: offsets outside data");
         return NULL;
@@ -152,11 +165,11 @@ static char *put_bulk_header(char *p, Py_ssize_t size, Py_ssize_t digits)
 
 PyDoc_STRVAR(mark_frame_doc,
 "mark_frame(db, keys) -> bytes\n\n"
-"MARK <db> <key>... in RESP (marks.mark_frame is the reference).");
+"MARK <db> <key>... in RESP (marks.encode_marks is the reference); keys: a list of bytes.");
 
 static PyObject *mark_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2 || !PyLong_Check(args[0]) || !PyList_CheckExact(args[1])) {
+    if (nargs != 2 || !PyLong_Check(args[0]) || !PyList_Check(args[1])) {
         PyErr_SetString(PyExc_TypeError, "mark_frame(db: int, keys: list[bytes])");
         return NULL;
     }
@@ -166,7 +179,7 @@ static PyObject *mark_frame(PyObject *self, PyObject *const *args, Py_ssize_t na
     PyObject *keys = args[1];
     Py_ssize_t count = PyList_GET_SIZE(keys), i;
     char head[96];
-    int dblen = snprintf(head, 32, "%lld", db);
+    int dblen = snprintf(head, sizeof(head), "%lld", db);     /* its length, for the header below */
     int headlen = snprintf(head, sizeof(head), "*%zd\r\n$4\r\nMARK\r\n$%d\r\n%lld\r\n", count + 2, dblen, db);
     /* The size first (a "$<n>\r\n" header, the key and CRLF per key), then one buffer filled in place. */
     Py_ssize_t size = headlen;
@@ -177,6 +190,8 @@ static PyObject *mark_frame(PyObject *self, PyObject *const *args, Py_ssize_t na
             return NULL;
         }
         Py_ssize_t n = PyBytes_GET_SIZE(key);
+        if (n > PY_SSIZE_T_MAX - size - 32)     /* "$", up to 20 digits, CRLF, the key, CRLF */
+            return PyErr_NoMemory();
         size += 1 + digits_of(n) + 2 + n + 2;
     }
     PyObject *frame = PyBytes_FromStringAndSize(NULL, size);

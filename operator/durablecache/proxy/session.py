@@ -676,11 +676,14 @@ class Session(asyncio.Protocol):
                 if key_start >= 0:
                     keys.append(data[key_start:key_end])
                 count: i64 = 1
-                if n - end >= 2 * (end - pos):
-                    # Room for two more like it: the rest of a pipeline's run of this name in one
-                    # call (for fewer, the call costs more than it saves).
-                    end, more = scan_run(data, end, name_start, name_end, key_at, keys)
-                    count += more
+                # A pipeline mostly repeats one command. When the next command has the same name and
+                # the chunk has room for two more like this one, the rest of the run is scanned in one
+                # call (scan_run, in C); for fewer, or for another name, the call costs more than it saves.
+                if sig >= 0 and n - end >= 2 * (end - pos):
+                    next_argc, next_start, next_end = command_head(data, end)
+                    if next_argc > 0 and name_sig(data, next_start, next_end) == sig:
+                        end, more = scan_run(data, end, name_start, name_end, key_at, keys)
+                        count += more
                 if run is None:
                     run = self._open_run(conn)
                 run.count += count
