@@ -142,7 +142,7 @@ static PyObject *scan_run(PyObject *self, PyObject *const *args, Py_ssize_t narg
     return result;
 }
 
-
+/* How many decimal digits a size has. */
 static Py_ssize_t digits_of(Py_ssize_t v)
 {
     Py_ssize_t digits = 1;
@@ -219,7 +219,8 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_resp", "The proxy's request scan in C (see framing.scan_run).", -1, methods,
+    PyModuleDef_HEAD_INIT, "_resp", "The proxy's innermost loops in C (references: framing.scan_run, "
+    "marks.encode_marks).", -1, methods,
 };
 
 PyMODINIT_FUNC PyInit__resp(void)
