@@ -178,9 +178,9 @@ static PyObject *mark_frame(PyObject *self, PyObject *const *args, Py_ssize_t na
         return NULL;
     PyObject *keys = args[1];
     Py_ssize_t count = PyList_GET_SIZE(keys), i;
-    char head[96];
-    int dblen = snprintf(head, sizeof(head), "%lld", db);     /* its length, for the header below */
-    int headlen = snprintf(head, sizeof(head), "*%zd\r\n$4\r\nMARK\r\n$%d\r\n%lld\r\n", count + 2, dblen, db);
+    char dbs[24], head[96];
+    int dblen = snprintf(dbs, sizeof(dbs), "%lld", db);
+    int headlen = snprintf(head, sizeof(head), "*%zd\r\n$4\r\nMARK\r\n$%d\r\n%s\r\n", count + 2, dblen, dbs);
     /* The size first (a "$<n>\r\n" header, the key and CRLF per key), then one buffer filled in place. */
     Py_ssize_t size = headlen;
     for (i = 0; i < count; i++) {
