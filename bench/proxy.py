@@ -15,11 +15,20 @@ The proxy is measured in the two configurations ``durablecache migrate`` uses:
   ``durablecache proxy`` process without ``--marks-to``, whose ``on_marks`` counts the keys: a plain
   function, the same shape as ``Syncer.on_marks``.
 * ``proxy-remote`` — the proxy in its own process (``migrate --proxy-mode subprocess``), its marks
-  streamed over TCP to a MarkServer in this process (one MARK frame per millisecond at most; the mark
-  server's work shares this machine's cores with everything else).
+  streamed over TCP to a MarkServer in this process (one MARK frame per ``FLUSH_DELAY``, 5 ms, at
+  most; the mark server's work shares this machine's cores with everything else).
 
 The bare relay is the floor any asyncio proxy pays: it copies bytes both ways (Protocol callbacks,
-the same event loop style as the proxy) and understands nothing. The proxies and the relay run on
+the same event loop style as the proxy) and understands nothing. ``mark-floor`` (only with ``--only``)
+is the floor of an asyncio proxy that marks keys: the relay plus the proxy's own C scan of each
+pipeline, the written keys as ``bytes`` objects and the replies counted before the keys are handed to
+a counting function. It is a cost model, not a proxy to run: it assumes that a chunk holds whole
+commands and that replies are single frames.
+
+``--pin`` runs each target under test (the proxies, the relay, twemproxy, mark-floor) alone on the
+last CPU and everything else (Valkey, redis-benchmark, the mark server) on the others. Where that
+makes redis-benchmark the bottleneck, every target serves about the same requests/s, and the CPU per
+request is the measure of what each target would serve with a core to itself. The proxies and the relay run on
 uvloop, the loop `durablecache proxy` uses; ``--stdlib-loop`` runs them all on the standard library's
 loop instead (like with like either way).
 """
@@ -46,6 +55,7 @@ from pathlib import Path  # noqa: E402
 
 import uvloop  # noqa: E402
 
+from durablecache import logs  # noqa: E402
 from durablecache.localvalkey import LOOPBACK, LocalServer, free_port  # noqa: E402
 from durablecache.proxy.marks import MarkServer  # noqa: E402
 
@@ -83,6 +93,60 @@ async def main():
 if USE_UVLOOP and uvloop: uvloop.install()
 asyncio.run(main())
 '''
+
+FLOOR = r'''
+import asyncio, sys
+import uvloop
+from durablecache.proxy._resp import scan_run
+from durablecache.proxy.framing import command_head, command_tail, count_scalars
+UP_PORT, PORT = int(sys.argv[1]), int(sys.argv[2])
+marked = [0]
+
+def on_marks(keys):
+    marked[0] += len(keys)
+
+class Up(asyncio.Protocol):
+    def __init__(self, down): self.down = down; self.t = None
+    def connection_made(self, t): self.t = t
+    def data_received(self, d):
+        down = self.down
+        down.expect -= count_scalars(d, 1 << 30)
+        if down.expect <= 0:          # every reply in: the keys of the writes are handed over
+            down.expect = 0
+            if down.keys:
+                on_marks(down.keys)
+                down.keys = []
+        down.t.write(d)
+    def connection_lost(self, e): self.down.t.close()
+
+class Down(asyncio.Protocol):
+    def connection_made(self, t):
+        self.t = t; self.buf = []; self.up = Up(self); self.keys = []; self.expect = 0
+        asyncio.get_running_loop().create_task(self.open())
+    async def open(self):
+        await asyncio.get_running_loop().create_connection(lambda: self.up, "127.0.0.1", UP_PORT)
+        if self.buf: self.up.t.write(b"".join(self.buf)); self.buf = []
+    def data_received(self, d):
+        argc, start, end = command_head(d, 0)
+        if argc > 0:
+            key_at = 1 if d[start:end] in (b"SET", b"set") else 0
+            after, key_start, key_end = command_tail(d, end + 2, argc - 1, key_at)
+            if after > 0:
+                if key_start >= 0:
+                    self.keys.append(d[key_start:key_end])
+                after, more = scan_run(d, after, start, end, key_at, self.keys)
+                self.expect += 1 + more
+        if self.up.t is None: self.buf.append(d)
+        else: self.up.t.write(d)
+    def connection_lost(self, e):
+        if self.up.t is not None: self.up.t.close()
+
+async def main():
+    srv = await asyncio.get_running_loop().create_server(Down, "127.0.0.1", PORT)
+    await srv.serve_forever()
+uvloop.run(main())
+'''
+OPT_IN = {"mark-floor"}     # measured only when --only names them
 
 ROOT = Path(__file__).resolve().parent.parent
 DURABLECACHE = ROOT / ".venv" / "bin" / "durablecache"
@@ -127,7 +191,7 @@ def run_benchmark(port: int, pipeline: int, test: str, requests: int, clients: i
     raise RuntimeError(f"could not read redis-benchmark output: {out[:500]!r}")
 
 
-def start_twemproxy(upstream_port: int, tmp: str) -> tuple[subprocess.Popen[bytes], int]:
+def start_twemproxy(upstream_port: int, tmp: str, pin: list[str]) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     conf = Path(tmp, "nutcracker.yml")
     conf.write_text(
@@ -137,7 +201,7 @@ def start_twemproxy(upstream_port: int, tmp: str) -> tuple[subprocess.Popen[byte
         "  server_connections: 1\n"
         f"  servers:\n   - {LOOPBACK}:{upstream_port}:1\n")
     proc = subprocess.Popen(
-        ["nutcracker", "-c", str(conf), "-s", str(free_port()), "-o", str(Path(tmp, "nc.log"))],
+        [*pin, "nutcracker", "-c", str(conf), "-s", str(free_port()), "-o", str(Path(tmp, "nc.log"))],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(port, proc)
     return proc, port
@@ -151,13 +215,27 @@ def main() -> int:
     ap.add_argument("--stdlib-loop", action="store_true",
                     help="run the proxies and the relay on the standard library's event loop, not uvloop")
     ap.add_argument("--only", metavar="T,T", default="",
-                    help="measure only these targets (the relay is always measured): e.g. proxy-remote")
+                    help="measure only these targets (the relay is always measured): e.g. proxy-remote; "
+                         "mark-floor is measured only when named here")
+    ap.add_argument("--pin", action="store_true",
+                    help="run each target alone on the last CPU, everything else on the others")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    for tool in ("redis-benchmark", "nutcracker"):
+    logs.configure()      # to stderr: with --json, standard output holds the result alone
+    for tool in ("redis-benchmark", "nutcracker") + (("taskset",) if args.pin else ()):
         if not shutil.which(tool):
-            print(f"{tool} is required (Debian redis-tools / nutcracker)", file=sys.stderr)
+            print(f"{tool} is required (Debian redis-tools / nutcracker / util-linux)", file=sys.stderr)
             return 2
+    # --pin: the targets' command lines start with `taskset -c LAST`; this process (and so Valkey,
+    # redis-benchmark and the mark server's thread, which inherit it) keeps to the other CPUs.
+    target_pin: list[str] = []
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            print("--pin needs at least two CPUs", file=sys.stderr)
+            return 2
+        os.sched_setaffinity(0, cpus[:-1])
+        target_pin = ["taskset", "-c", str(cpus[-1])]
     server = LocalServer(extra=["--io-threads", "1"]).start()
     tmp = tempfile.mkdtemp(prefix="durablecache-bench-")
     procs: list[subprocess.Popen[bytes]] = []
@@ -178,16 +256,21 @@ def main() -> int:
         marks_cpu = f"/proc/self/task/{marks_thread.native_id}/stat"   # the mark server's own CPU time
 
         relay_port = free_port()
-        relay = subprocess.Popen([sys.executable, "-c", RELAY, str(server.port), str(relay_port),
+        relay = subprocess.Popen([*target_pin, sys.executable, "-c", RELAY, str(server.port), str(relay_port),
                                   "0" if args.stdlib_loop else "1"], stdout=subprocess.DEVNULL)
         procs.append(relay)
         wait_port(relay_port, relay)
+        floor_port = free_port()
+        floor = subprocess.Popen([*target_pin, sys.executable, "-c", FLOOR, str(server.port), str(floor_port)],
+                                 stdout=subprocess.DEVNULL)
+        procs.append(floor)
+        wait_port(floor_port, floor)
 
         env = dict(os.environ, DURABLECACHE_UVLOOP="0" if args.stdlib_loop else "1")
 
         def start_proxy(*extra: str) -> tuple[int, int]:
             port = free_port()
-            proc = subprocess.Popen([str(DURABLECACHE), "proxy", "--upstream", server.url(),
+            proc = subprocess.Popen([*target_pin, str(DURABLECACHE), "proxy", "--upstream", server.url(),
                                      "--listen", f"{LOOPBACK}:{port}", *extra],
                                     env=env, stdout=subprocess.DEVNULL)
             procs.append(proc)
@@ -197,7 +280,7 @@ def main() -> int:
         remote_port, remote_pid = start_proxy("--marks-to", f"{LOOPBACK}:{marks.port}",
                                               "--marks-token-file", str(Path(tmp, "token")))
 
-        nut, nut_port = start_twemproxy(server.port, tmp)
+        nut, nut_port = start_twemproxy(server.port, tmp, target_pin)
         procs.append(nut)
 
         # name, port, the /proc stat files whose CPU time is that target's (the server's own is not)
@@ -205,14 +288,14 @@ def main() -> int:
                    ("proxy-local", local_port, [f"/proc/{local_pid}/stat"]),
                    ("proxy-remote", remote_port, [f"/proc/{remote_pid}/stat", marks_cpu]),
                    ("relay", relay_port, [f"/proc/{relay.pid}/stat"]),
-                   ("twemproxy", nut_port, [f"/proc/{nut.pid}/stat"])]
-        if args.only:
-            wanted = {"relay", *args.only.split(",")}
-            unknown = wanted - {name for name, _, _ in targets}
-            if unknown:
-                print(f"--only: unknown target(s) {', '.join(sorted(unknown))}", file=sys.stderr)
-                return 2
-            targets = [t for t in targets if t[0] in wanted]
+                   ("twemproxy", nut_port, [f"/proc/{nut.pid}/stat"]),
+                   ("mark-floor", floor_port, [f"/proc/{floor.pid}/stat"])]
+        wanted = {"relay", *args.only.split(",")} if args.only else {t[0] for t in targets} - OPT_IN
+        unknown = wanted - {name for name, _, _ in targets}
+        if unknown:
+            print(f"--only: unknown target(s) {', '.join(sorted(unknown))}", file=sys.stderr)
+            return 2
+        targets = [t for t in targets if t[0] in wanted]
         runs: dict[tuple[str, int, str], list[dict[str, float]]] = {}
         for round_no in range(args.rounds):
             # Every other round runs the targets in reverse order, so that none always follows the same
@@ -236,7 +319,7 @@ def main() -> int:
         for pipeline in (1, 16):
             for test in ("SET", "GET"):
                 relay_runs = runs[("relay", pipeline, test)]
-                for proxy_name in ("proxy-local", "proxy-remote"):
+                for proxy_name in ("proxy-local", "proxy-remote", "mark-floor"):
                     cell = runs.get((proxy_name, pipeline, test))
                     if cell is None:
                         continue
@@ -249,6 +332,7 @@ def main() -> int:
                     ratios[f"{proxy_name} P={pipeline} {test}"] = {
                         "median": round(statistics.median(shares), 3),
                         "min": round(min(shares), 3), "max": round(max(shares), 3),
+                        "rounds": [round(x, 3) for x in shares],
                         "cpu_median": round(statistics.median(cpu), 3),
                         "cpu_min": round(min(cpu), 3), "cpu_max": round(max(cpu), 3)}
         if args.json:
