@@ -1,7 +1,8 @@
 """Proxy throughput and p99 latency: direct Valkey vs the DurableCache proxy vs a bare asyncio byte
 relay vs twemproxy (nutcracker), all in the same run, with redis-benchmark at P=1 and P=16.
 
-    .venv/bin/python bench/proxy.py [--requests 200000] [--clients 50] [--rounds 3] [--stdlib-loop] [--json]
+    .venv/bin/python bench/proxy.py [--requests 200000] [--clients 50] [--rounds 3] [--stdlib-loop]
+                                    [--only T,T] [--pin] [--json]
 
 Every cell runs --rounds times (the whole matrix once per round, in reverse order every other round,
 so that a slow moment of this shared machine hits every target alike) and the median is reported;
@@ -20,17 +21,19 @@ The proxy is measured in the two configurations ``durablecache migrate`` uses:
 
 The bare relay is the floor any asyncio proxy pays: it copies bytes both ways (Protocol callbacks,
 the same event loop style as the proxy) and understands nothing. ``mark-floor`` (only with ``--only``)
-is the floor of an asyncio proxy that marks keys: the relay plus the proxy's own C scan of each
-pipeline, the written keys as ``bytes`` objects and the replies counted before the keys are handed to
-a counting function. It is a cost model, not a proxy to run: it assumes that a chunk holds whole
-commands and that replies are single frames.
+models the least an asyncio proxy that marks keys must do on top: the proxy's own scan of each
+pipeline (C), the written keys as ``bytes`` objects, the replies counted (compiled), and the keys
+handed to a counting function once a client's replies are all in. It is a cost model, not a proxy to
+run: it assumes that a chunk holds whole commands and that replies are single frames.
+
+The proxies, the relay and mark-floor run on uvloop, the loop `durablecache proxy` uses;
+``--stdlib-loop`` runs them all on the standard library's loop instead (like with like either way).
 
 ``--pin`` runs each target under test (the proxies, the relay, twemproxy, mark-floor) alone on the
 last CPU and everything else (Valkey, redis-benchmark, the mark server) on the others. Where that
 makes redis-benchmark the bottleneck, every target serves about the same requests/s, and the CPU per
-request is the measure of what each target would serve with a core to itself. The proxies and the relay run on
-uvloop, the loop `durablecache proxy` uses; ``--stdlib-loop`` runs them all on the standard library's
-loop instead (like with like either way).
+request is the measure of what each target would serve with a core to itself. (``direct`` then has
+Valkey and redis-benchmark on the other CPUs only: not comparable with an unpinned run.)
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import uvloop  # noqa: E402
 
@@ -96,10 +100,16 @@ asyncio.run(main())
 
 FLOOR = r'''
 import asyncio, sys
-import uvloop
-from durablecache.proxy._resp import scan_run
+try:
+    import uvloop
+except ImportError:
+    uvloop = None
+try:
+    from durablecache.proxy._resp import scan_run
+except ImportError:          # built without the C module
+    from durablecache.proxy.framing import scan_run
 from durablecache.proxy.framing import command_head, command_tail, count_scalars
-UP_PORT, PORT = int(sys.argv[1]), int(sys.argv[2])
+UP_PORT, PORT, USE_UVLOOP = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
 marked = [0]
 
 def on_marks(keys):
@@ -110,7 +120,8 @@ class Up(asyncio.Protocol):
     def connection_made(self, t): self.t = t
     def data_received(self, d):
         down = self.down
-        down.expect -= count_scalars(d, 1 << 30)
+        n = count_scalars(d, 1 << 30)
+        down.expect = 0 if n < 0 else down.expect - n     # n < 0: not plain frames; taken as all in
         if down.expect <= 0:          # every reply in: the keys of the writes are handed over
             down.expect = 0
             if down.keys:
@@ -134,7 +145,7 @@ class Down(asyncio.Protocol):
             if after > 0:
                 if key_start >= 0:
                     self.keys.append(d[key_start:key_end])
-                after, more = scan_run(d, after, start, end, key_at, self.keys)
+                _, more = scan_run(d, after, start, end, key_at, self.keys)
                 self.expect += 1 + more
         if self.up.t is None: self.buf.append(d)
         else: self.up.t.write(d)
@@ -144,8 +155,10 @@ class Down(asyncio.Protocol):
 async def main():
     srv = await asyncio.get_running_loop().create_server(Down, "127.0.0.1", PORT)
     await srv.serve_forever()
-uvloop.run(main())
+if USE_UVLOOP and uvloop: uvloop.install()
+asyncio.run(main())
 '''
+TARGETS = ("direct", "proxy-local", "proxy-remote", "relay", "twemproxy", "mark-floor")
 OPT_IN = {"mark-floor"}     # measured only when --only names them
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -222,6 +235,11 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     logs.configure()      # to stderr: with --json, standard output holds the result alone
+    wanted = {"relay", *args.only.split(",")} if args.only else set(TARGETS) - OPT_IN
+    unknown = wanted - set(TARGETS)
+    if unknown:
+        print(f"--only: unknown target(s) {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
     for tool in ("redis-benchmark", "nutcracker") + (("taskset",) if args.pin else ()):
         if not shutil.which(tool):
             print(f"{tool} is required (Debian redis-tools / nutcracker / util-linux)", file=sys.stderr)
@@ -260,11 +278,14 @@ def main() -> int:
                                   "0" if args.stdlib_loop else "1"], stdout=subprocess.DEVNULL)
         procs.append(relay)
         wait_port(relay_port, relay)
-        floor_port = free_port()
-        floor = subprocess.Popen([*target_pin, sys.executable, "-c", FLOOR, str(server.port), str(floor_port)],
-                                 stdout=subprocess.DEVNULL)
-        procs.append(floor)
-        wait_port(floor_port, floor)
+        floor: tuple[int, int] | None = None
+        if "mark-floor" in wanted:
+            floor_port = free_port()
+            proc = subprocess.Popen([*target_pin, sys.executable, "-c", FLOOR, str(server.port), str(floor_port),
+                                     "0" if args.stdlib_loop else "1"], stdout=subprocess.DEVNULL)
+            procs.append(proc)
+            wait_port(floor_port, proc)
+            floor = (floor_port, proc.pid)
 
         env = dict(os.environ, DURABLECACHE_UVLOOP="0" if args.stdlib_loop else "1")
 
@@ -288,13 +309,9 @@ def main() -> int:
                    ("proxy-local", local_port, [f"/proc/{local_pid}/stat"]),
                    ("proxy-remote", remote_port, [f"/proc/{remote_pid}/stat", marks_cpu]),
                    ("relay", relay_port, [f"/proc/{relay.pid}/stat"]),
-                   ("twemproxy", nut_port, [f"/proc/{nut.pid}/stat"]),
-                   ("mark-floor", floor_port, [f"/proc/{floor.pid}/stat"])]
-        wanted = {"relay", *args.only.split(",")} if args.only else {t[0] for t in targets} - OPT_IN
-        unknown = wanted - {name for name, _, _ in targets}
-        if unknown:
-            print(f"--only: unknown target(s) {', '.join(sorted(unknown))}", file=sys.stderr)
-            return 2
+                   ("twemproxy", nut_port, [f"/proc/{nut.pid}/stat"])]
+        if floor is not None:
+            targets.append(("mark-floor", floor[0], [f"/proc/{floor[1]}/stat"]))
         targets = [t for t in targets if t[0] in wanted]
         runs: dict[tuple[str, int, str], list[dict[str, float]]] = {}
         for round_no in range(args.rounds):
@@ -315,7 +332,7 @@ def main() -> int:
                 for (name, pipeline, test), cell in runs.items()]
         # A proxy's share of the relay, per round (both measured within the same minute), then the
         # median and the range over the rounds.
-        ratios: dict[str, dict[str, float]] = {}
+        ratios: dict[str, dict[str, Any]] = {}
         for pipeline in (1, 16):
             for test in ("SET", "GET"):
                 relay_runs = runs[("relay", pipeline, test)]
