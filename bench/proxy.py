@@ -63,7 +63,10 @@ from durablecache import logs  # noqa: E402
 from durablecache.localvalkey import LOOPBACK, LocalServer, free_port  # noqa: E402
 from durablecache.proxy.marks import MarkServer  # noqa: E402
 
-RELAY = r'''
+# What the relay and mark-floor share, none of it on the per-chunk path: the upstream connection made
+# per client (what arrives before it is buffered), the closes, the server. Each script's two
+# data_received methods are its own, so that neither pays a call the other does not.
+PLUMBING = r'''
 import asyncio, sys
 try:
     import uvloop
@@ -71,53 +74,55 @@ except ImportError:
     uvloop = None
 UP_PORT, PORT, USE_UVLOOP = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
 
-class Up(asyncio.Protocol):
+class UpBase(asyncio.Protocol):
     def __init__(self, down): self.down = down; self.t = None
     def connection_made(self, t): self.t = t
-    def data_received(self, d): self.down.t.write(d)
     def connection_lost(self, e): self.down.t.close()
 
-class Down(asyncio.Protocol):
+class DownBase(asyncio.Protocol):
+    UP = UpBase
     def connection_made(self, t):
-        self.t = t; self.buf = []; self.up = Up(self)
+        self.t = t; self.buf = []; self.up = self.UP(self)
         asyncio.get_running_loop().create_task(self.open())
     async def open(self):
         await asyncio.get_running_loop().create_connection(lambda: self.up, "127.0.0.1", UP_PORT)
         if self.buf: self.up.t.write(b"".join(self.buf)); self.buf = []
-    def data_received(self, d):
-        if self.up.t is None: self.buf.append(d)
-        else: self.up.t.write(d)
     def connection_lost(self, e):
         if self.up.t is not None: self.up.t.close()
 
-async def main():
-    srv = await asyncio.get_running_loop().create_server(Down, "127.0.0.1", PORT)
-    print("ready", flush=True)
-    await srv.serve_forever()
-if USE_UVLOOP and uvloop: uvloop.install()
-asyncio.run(main())
+def serve(down):
+    async def main():
+        srv = await asyncio.get_running_loop().create_server(down, "127.0.0.1", PORT)
+        await srv.serve_forever()
+    if USE_UVLOOP and uvloop: uvloop.install()
+    asyncio.run(main())
 '''
 
-FLOOR = r'''
-import asyncio, sys
-try:
-    import uvloop
-except ImportError:
-    uvloop = None
+RELAY = PLUMBING + r'''
+class Up(UpBase):
+    def data_received(self, d): self.down.t.write(d)
+
+class Down(DownBase):
+    UP = Up
+    def data_received(self, d):
+        if self.up.t is None: self.buf.append(d)
+        else: self.up.t.write(d)
+
+serve(Down)
+'''
+
+FLOOR = PLUMBING + r'''
 try:
     from durablecache.proxy._resp import scan_run
 except ImportError:          # built without the C module
     from durablecache.proxy.framing import scan_run
 from durablecache.proxy.framing import command_head, command_tail, count_scalars
-UP_PORT, PORT, USE_UVLOOP = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
 marked = [0]
 
 def on_marks(keys):
     marked[0] += len(keys)
 
-class Up(asyncio.Protocol):
-    def __init__(self, down): self.down = down; self.t = None
-    def connection_made(self, t): self.t = t
+class Up(UpBase):
     def data_received(self, d):
         down = self.down
         n = count_scalars(d, 1 << 30)
@@ -128,15 +133,12 @@ class Up(asyncio.Protocol):
                 on_marks(down.keys)
                 down.keys = []
         down.t.write(d)
-    def connection_lost(self, e): self.down.t.close()
 
-class Down(asyncio.Protocol):
+class Down(DownBase):
+    UP = Up
     def connection_made(self, t):
-        self.t = t; self.buf = []; self.up = Up(self); self.keys = []; self.expect = 0
-        asyncio.get_running_loop().create_task(self.open())
-    async def open(self):
-        await asyncio.get_running_loop().create_connection(lambda: self.up, "127.0.0.1", UP_PORT)
-        if self.buf: self.up.t.write(b"".join(self.buf)); self.buf = []
+        self.keys = []; self.expect = 0
+        super().connection_made(t)
     def data_received(self, d):
         argc, start, end = command_head(d, 0)
         if argc > 0:
@@ -149,14 +151,8 @@ class Down(asyncio.Protocol):
                 self.expect += 1 + more
         if self.up.t is None: self.buf.append(d)
         else: self.up.t.write(d)
-    def connection_lost(self, e):
-        if self.up.t is not None: self.up.t.close()
 
-async def main():
-    srv = await asyncio.get_running_loop().create_server(Down, "127.0.0.1", PORT)
-    await srv.serve_forever()
-if USE_UVLOOP and uvloop: uvloop.install()
-asyncio.run(main())
+serve(Down)
 '''
 TARGETS = ("direct", "proxy-local", "proxy-remote", "relay", "twemproxy", "mark-floor")
 OPT_IN = {"mark-floor"}     # measured only when --only names them
