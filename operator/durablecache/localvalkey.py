@@ -120,16 +120,22 @@ class LocalServer:
         self.dir = tempfile.mkdtemp(prefix="durablecache-valkey-")
         for _attempt in range(5):
             self.port = free_port()
-            self.proc = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            if self._wait_ready():
-                if self.acl_user:
-                    user, pw = self.acl_user
-                    self.client().execute_command("ACL", "SETUSER", user, "on", f">{pw}", "~*", "&*", "+@all")
+            if self._launch():
                 return self
-            self._kill()
         log = Path(self.dir, "server.log")
         tail = log.read_text()[-2000:] if log.exists() else ""
         raise RuntimeError(f"valkey-server did not start: {tail}")
+
+    def _launch(self) -> bool:
+        """Start the process on self.port; True once it answers (its ACL user made), else killed."""
+        self.proc = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if self._wait_ready():
+            if self.acl_user:
+                user, pw = self.acl_user
+                self.client().execute_command("ACL", "SETUSER", user, "on", f">{pw}", "~*", "&*", "+@all")
+            return True
+        self._kill()
+        return False
 
     def restart(self, *, keep_data: bool = False) -> LocalServer:
         """Crash (SIGKILL) and start again on the same port: empty, as a server without persistence
@@ -148,13 +154,8 @@ class LocalServer:
                 else:
                     path.unlink(missing_ok=True)
         for _attempt in range(50):   # the port is ours; a just-closed socket may hold it for a moment
-            self.proc = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            if self._wait_ready():
-                if self.acl_user:
-                    user, pw = self.acl_user
-                    self.client().execute_command("ACL", "SETUSER", user, "on", f">{pw}", "~*", "&*", "+@all")
+            if self._launch():
                 return self
-            self._kill()
             time.sleep(0.1)
         raise RuntimeError(f"valkey-server did not restart on port {self.port}")
 
