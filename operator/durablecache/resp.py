@@ -161,9 +161,17 @@ class Connection:
             return []
         return await self._exchange(data, want, timeout, False)  # type: ignore[return-value]
 
+    @property
+    def usable(self) -> bool:
+        """Neither out of step (``broken``) nor closed by the server or the network."""
+        return not self.broken and not self._transport.is_closing()
+
     async def _exchange(self, data: bytes, want: int, timeout: float, expect_ok: bool) -> list[Any] | None:
         if self.broken:
             raise ConnectError(f"connection to {self.endpoint.address} is broken")
+        if self._transport.is_closing():   # the server or the network closed it since the last use
+            self.broken = True
+            raise ConnectError(f"{self.endpoint.address} closed the connection")
         replies: list[Any] = []
         # Until every reply is read the connection is out of step: if we stop early (timeout, error,
         # cancellation), the next command would receive this one's reply. It is then never used again.
@@ -187,6 +195,9 @@ class Connection:
         except OSError as exc:
             self._transport.close()
             raise ConnectError(f"connection to {self.endpoint.address} failed: {_os_reason(exc)}") from None
+        except RuntimeError as exc:    # uvloop: a write on a transport closed under us
+            self._transport.close()
+            raise ConnectError(f"connection to {self.endpoint.address} failed: {exc}") from None
         except BaseException:
             self._transport.close()
             raise
