@@ -157,6 +157,21 @@ def last_int(frame: bytes) -> int:
         return 0
 
 
+def hello_id(frame: bytes) -> int | None:
+    """The connection id in a HELLO reply (RESP2: a flat array, RESP3: a map)."""
+    try:
+        reply = parse_frame(frame)
+    except libvalkey.ProtocolError:
+        return None
+    if isinstance(reply, list):
+        reply = dict(zip(reply[::2], reply[1::2]))
+    if isinstance(reply, dict):
+        value = reply.get(b"id")
+        if isinstance(value, int):
+            return value
+    return None
+
+
 def parse_frame(frame: bytes) -> Any:
     r = libvalkey.Reader()
     r.feed(frame)
@@ -186,6 +201,13 @@ class Upstream(asyncio.Protocol):
         # Not authenticated (failed AUTH, RESET): closed once nothing of the client is in flight on
         # it, so no unnamed connection lingers in the upstream's CLIENT LIST (the RouteIn gate).
         self.drop_idle = False
+        # The AUTH gate (``gate``): while an AUTH the proxy sent for the client (replayed on a new
+        # connection, or a client's AUTH followed on another node) is unanswered, nothing queued after
+        # it is written: the transport waits in ``stash`` (``transport`` is None, so push_out holds
+        # everything), ``gate_ends`` are the obuf parts up to each later such AUTH not written yet.
+        self.stash: asyncio.Transport | None = None
+        self.gate_ends: list[int] = []
+        self.gates: list[Entry] = []     # the gating AUTHs not answered yet, oldest first
 
     # -- sending ------------------------------------------------------------------------------
     def send(self, args: tuple[bytes, ...], entry: Entry | None, requeue: bool = False) -> None:
@@ -216,8 +238,54 @@ class Upstream(asyncio.Protocol):
             self.obuf.clear()
             self.transport.write(data)
 
+    def gate(self, args: tuple[bytes, ...], cb: Callable[[Entry], None] | None = None,
+             refused: Callable[[Entry], None] | None = None, open_if_refused: bool = False) -> None:
+        """Send a command that authenticates (HELLO ... AUTH) for the client, and write nothing queued
+        after it until its reply is a success: commands pipelined behind a refused AUTH would run as
+        whoever the connection was before (``default``). Refused: Session.auth_refused (or, with
+        ``open_if_refused``, when the connection's previous state is the client's too, go on)."""
+        def check(e: Entry) -> None:
+            if self.failed:
+                return
+            if self.gates and self.gates[0] is e:
+                self.gates.pop(0)
+            if (e.reply or b"")[:1] in (b"-", b"!"):
+                if refused is not None:
+                    refused(e)
+                if not open_if_refused:
+                    self.session.auth_refused(self, e.reply or b"")
+                    return
+            elif cb is not None:
+                cb(e)
+            self._open_gate()
+        self.gates.append(self.internal(args, check))
+        if self.transport is not None:
+            self.push_out()
+            self.stash, self.transport = self.transport, None
+        else:
+            self.gate_ends.append(len(self.obuf))
+
+    def _open_gate(self) -> None:
+        t = self.stash
+        if t is None:
+            return
+        if self.gate_ends:
+            self._write_first(t, self.gate_ends.pop(0))
+        else:
+            self.transport, self.stash = t, None
+            self.push_out()
+
+    def _write_first(self, t: asyncio.Transport, n: int) -> None:
+        t.write(b"".join(self.obuf[:n]))
+        del self.obuf[:n]
+        self.gate_ends = [end - n for end in self.gate_ends]
+
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.gate_ends:        # an AUTH gate: only what precedes it goes now
+            self.stash = transport  # type: ignore[assignment]
+            self._write_first(self.stash, self.gate_ends.pop(0))  # type: ignore[arg-type]
+            return
         self.transport = transport  # type: ignore[assignment]
         self.push_out()
 
@@ -229,6 +297,7 @@ class Upstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.stash = None
         if not self.retired:
             self.session.upstream_lost(self)
 
@@ -501,6 +570,8 @@ class Upstream(asyncio.Protocol):
         self.retired = True
         if self.transport is not None:
             self.transport.close()
+        if self.stash is not None:
+            self.stash.close()
 
 
 class Session(asyncio.Protocol):
@@ -966,12 +1037,12 @@ class Session(asyncio.Protocol):
                 return None
         return conn
 
-    def conn(self, node: int) -> Upstream:
+    def conn(self, node: int, replay_auth: bool = True) -> Upstream:
         conn = self.conns.get(node)
         if conn is None or conn.failed:
             conn = Upstream(self, node)
             self.conns[node] = conn
-            self._replay(conn)
+            self._replay(conn, replay_auth)
             asyncio.get_running_loop().create_task(self._open(conn))
         return conn
 
@@ -990,8 +1061,16 @@ class Session(asyncio.Protocol):
             conn.failed = True
             self.upstream_lost(conn)
 
-    def _replay(self, conn: Upstream) -> None:
-        """A new upstream connection gets this client's state: AUTH, protocol, db, and our name."""
+    def _replay(self, conn: Upstream, replay_auth: bool = True) -> None:
+        """A new upstream connection gets this client's state: AUTH, protocol, db, and our name.
+        The AUTH goes as ``HELLO <proto> AUTH <user> <pass> SETNAME <our name>`` (its reply carries the
+        connection's id): one command every user may run, so the proxy's housekeeping never shows up
+        as the client's ACL denials; and it gates the connection (Upstream.gate): if it is refused,
+        the client's commands on this connection fail with the server's error (auth_refused), none
+        runs as ``default``. Without ``replay_auth`` (the connection opened for a client's AUTH, which
+        is its gate) the previous AUTH is not replayed."""
+        auth_args = self.auth_args if replay_auth else None
+
         def named(e: Entry) -> None:
             conn.named = (e.reply or b"").startswith(b"+")
 
@@ -999,13 +1078,13 @@ class Session(asyncio.Protocol):
             r = e.reply or b""
             if r.startswith(b":"):
                 conn.client_id = int(r[1:-2])
-        if self.auth_args is not None:
-            conn.internal(self.auth_args)
-        if self.req_proto == 3:
+        if auth_args is not None:
+            conn.gate(self.hello_auth(auth_args), self.hello_done(conn))
+        elif self.req_proto == 3:
             conn.internal((b"HELLO", b"3"))
         if self.req_db and not self.router.cluster:
             conn.internal((b"SELECT", str(self.req_db).encode()))
-        if self.authed or self.auth_args is not None or self.auth_sent:
+        if auth_args is None and (self.authed or self.auth_sent):
             conn.internal((b"CLIENT", b"SETNAME", self.name_on_upstream), named)
             conn.internal((b"CLIENT", b"ID"), got_id)
         for kind, verb in ((0, b"SUBSCRIBE"), (1, b"PSUBSCRIBE")):
@@ -1015,6 +1094,76 @@ class Session(asyncio.Protocol):
             for ch in sorted(self.subs[2]):
                 if self.router.owner_of(ch) == conn.node:
                     conn.internal((b"SSUBSCRIBE", ch), remaining=1)
+
+    def hello_auth(self, auth: tuple[bytes, ...]) -> tuple[bytes, ...]:
+        """``AUTH [user] pass`` as the HELLO that authenticates, keeps the protocol and names."""
+        user, password = (b"default", auth[1]) if len(auth) == 2 else (auth[1], auth[2])
+        return (b"HELLO", str(self.req_proto).encode(), b"AUTH", user, password,
+                b"SETNAME", self.name_on_upstream)
+
+    @staticmethod
+    def hello_done(conn: Upstream) -> Callable[[Entry], None]:
+        """A successful HELLO ... SETNAME: the connection is named; its id is in the reply."""
+        def done(e: Entry) -> None:
+            conn.named = True
+            conn.client_id = hello_id(e.reply or b"")
+        return done
+
+    def auth_refused(self, conn: Upstream, reply: bytes) -> None:
+        """An AUTH the proxy sent for the client on ``conn`` (Upstream.gate) was refused: nothing
+        after it was written. Every request of the client waiting behind it is answered with the
+        server's error, up to the next such AUTH on the connection (a client's AUTH queued behind a
+        replayed one), which is then written and decides in turn. If there is none, the connection
+        goes, and the next request for its node opens a new one (and replays the AUTH again). Never
+        does a request run as the connection's previous user."""
+        log.warning("proxy.upstream_auth_refused", session=self.id, upstream=self.router.nodes[conn.node].address,
+                    reason=reply[:-2].decode(errors="replace"))
+        nxt = conn.gates[0] if conn.gates else None
+        if self.tx_conn is conn and self.in_multi:
+            self.multi_error = True
+        if nxt is None:
+            conn.failed = True
+            conn.obuf.clear()
+            conn.gate_ends.clear()
+            if self.tx_conn is conn:
+                self.tx_conn = None
+        elif conn.stash is not None and conn.gate_ends:
+            end = conn.gate_ends.pop(0)
+            auth = conn.obuf[end - 1]            # the next gating AUTH: it goes, nothing before it
+            del conn.obuf[:end]
+            conn.gate_ends = [e - end for e in conn.gate_ends]
+            conn.stash.write(auth)
+        if self.router.cluster:
+            expect = conn.expect
+            while expect and expect[0] is not nxt:
+                e = expect.popleft()
+                e.reply = reply
+                if e.internal and e.cb is not None:
+                    e.cb(e)
+        else:
+            pending = self.pending
+            kept = pending.items[:pending.head]
+            items = pending.items[pending.head:]
+            for i, e in enumerate(items):
+                if e is nxt:
+                    kept.extend(items[i:])
+                    break
+                if e is READ:
+                    e = Entry()
+                    e.reply = reply
+                elif e.conn is conn and e.reply is None:
+                    if e.internal:
+                        if e.cb is not None:
+                            e.reply = reply
+                            e.cb(e)
+                        continue
+                    e.reply = reply * e.count if e.count else reply
+                    e.count = 0
+                    e.parts = None
+                kept.append(e)
+            pending.items = kept
+        if nxt is None:
+            conn.close()
 
     def name_after_auth(self, conn: Upstream) -> None:
         """After a client's AUTH/HELLO AUTH, name the connection (fails harmlessly if AUTH failed)."""
@@ -1269,11 +1418,19 @@ class Session(asyncio.Protocol):
 # ---- the commands the proxy handles itself (or watches on their way) -------------------------------
 
 def _auth(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    if _refused_in_multi(s, args):
+        return
     previous = s.auth_args
+    existing = s.conns.get(0)
+    fresh = existing is None or existing.failed
+    # A new connection is opened for this AUTH, which is then its gate (not the previous AUTH: that
+    # one may be refused where this one is not, e.g. after FLIP). Its refusal: Session.auth_refused.
+    # On a connection whose replayed AUTH is still unanswered it is a gate too (auth_refused).
+    conn = s.conn(0, replay_auth=not fresh)
+    gated = fresh or bool(conn.gates)
     s.auth_args = args
     s.auth_sent = True
     s.auth_pending += 1
-    conn = s.conn(0)
 
     def done(e: Entry) -> None:
         s.auth_pending -= 1
@@ -1284,11 +1441,47 @@ def _auth(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None
             s.auth_args = previous
             s.auth_failed(conn)
     entry = Entry(cb=done)
-    conn.send(args, entry)
-    s.name_after_auth(conn)
-    for other in s.conns.values():      # cluster: every open node connection follows
-        if other is not conn:
-            other.internal(args)
+    # AUTH <user> <pass> goes as HELLO ... AUTH ... SETNAME: an ACL user may be refused CLIENT
+    # SETNAME/ID (each refusal in the server's ACL LOG as the user's). The client gets AUTH's answer:
+    # +OK, or the server's error.
+    hello = len(args) == 3
+
+    def answered(e: Entry) -> None:
+        r = e.reply or b""
+        if r[:1] in (b"-", b"!"):
+            entry.reply = r
+            return
+        entry.reply = framing.OK
+        if hello:
+            conn.named = True
+            conn.client_id = hello_id(r)
+    sent = s.hello_auth(args) if hello else args
+    if gated:
+        # Refused: what was pipelined behind it runs as before it (the server's way) when that was
+        # no AUTH of the client's (``default``, or not authenticated: NOAUTH from the server).
+        conn.gate(sent, answered, answered, open_if_refused=previous is None)
+    elif hello:
+        conn.internal(sent, answered)
+    else:
+        conn.send(args, entry)
+    if gated or hello:
+        s.pending.append(entry)
+    if not hello:
+        s.name_after_auth(conn)
+    _follow_auth(s, conn, args)
+
+
+def _follow_auth(s: Session, conn: Upstream, args: tuple[bytes, ...]) -> None:
+    """Cluster: every other open node connection authenticates too, behind an AUTH gate."""
+    if len(args) not in (2, 3):
+        return
+    for node, other in list(s.conns.items()):
+        if other is conn:
+            continue
+        if other.failed:
+            del s.conns[node]     # reopened when needed, with the AUTH replayed
+            continue
+        other.gate(s.hello_auth(args), s.hello_done(other))
 
 
 def _refused_in_multi(s: Session, args: tuple[bytes, ...]) -> bool:
@@ -1335,6 +1528,10 @@ def _hello(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> Non
                 b"HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and "
                 b"select the RESP protocol version at the same time\r\n")
         return
+    existing = s.conns.get(0)
+    fresh = auth is not None and (existing is None or existing.failed)
+    conn = s.conn(0, replay_auth=not fresh)     # as in _auth: a new connection's gate is this AUTH
+    gated = auth is not None and (fresh or bool(conn.gates))
     previous = s.auth_args
     if auth is not None:
         s.auth_args = auth
@@ -1358,16 +1555,28 @@ def _hello(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> Non
         if auth is not None:
             s.authed = True
             conn.drop_idle = False
+            conn.named = True
+            conn.client_id = hello_id(r)
         if name is not None:
             s.name = name or None
-    conn = s.conn(0)
-    entry = Entry(cb=done)
-    conn.send(tuple(fwd), entry)
     if auth is not None:
-        s.name_after_auth(conn)
-    for other in s.conns.values():
-        if other is not conn:
-            other.internal(tuple(fwd))
+        # Named by the same HELLO (a SETNAME of our own, the client's is kept by the proxy): no
+        # CLIENT SETNAME/ID that an ACL user may be refused.
+        fwd += [b"SETNAME", s.name_on_upstream]
+    entry = Entry(cb=done)
+    if gated:
+        def answered(e: Entry) -> None:
+            entry.reply = e.reply
+        conn.gate(tuple(fwd), answered, answered, open_if_refused=previous is None)
+        s.pending.append(entry)
+    else:
+        conn.send(tuple(fwd), entry)
+    if auth is not None:
+        _follow_auth(s, conn, auth)
+    else:
+        for other in s.conns.values():
+            if other is not conn and not other.failed:
+                other.internal(tuple(fwd))
 
 
 def _valid_name(name: bytes) -> bool:
@@ -1546,6 +1755,9 @@ def _reset(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> Non
     s.tx_conn = None
     for group in s.subs:
         group.clear()
+    for node, c in list(s.conns.items()):
+        if c.failed:             # refused AUTH (auth_refused): nothing to reset there
+            del s.conns[node]
     if not s.conns:
         def reset_locally() -> bytes:
             done(Entry())
