@@ -25,7 +25,7 @@ import libvalkey
 from mypy_extensions import i64
 
 from .. import logs
-from . import framing
+from . import framing, scripts
 from .commandtable import SUBSCRIBE_FAMILY, CommandSpec, keys_from_getkeys
 from .framing import MINUS, PUSH, command_head, command_tail, count_scalars, frame_end, name_sig
 
@@ -62,6 +62,11 @@ SCALAR_REPLY: Final = frozenset(
     b"lpushx rpushx llen lindex lset ltrim lrem mset msetnx".split())
 REFUSED: Final = ("ERR durablecache: {} is refused during a migration because its effect cannot be tracked "
                   "key by key; see docs/proxy.md")
+SCRIPT_REFUSED: Final = ("ERR durablecache: this script is refused during a migration: {}; the proxy cannot "
+                         "check it for writes it could not track key by key; see docs/proxy.md")
+NOSCRIPT: Final = b"-NOSCRIPT No matching script. Please use EVAL.\r\n"
+# Checked during a migration (scripts.py): the general path then, the fast path otherwise (classify).
+SCRIPTING: Final = frozenset({b"eval", b"evalsha", b"fcall", b"eval_ro", b"evalsha_ro", b"fcall_ro"})
 Marks = list[tuple[int | None, list[bytes]]]
 
 
@@ -1841,6 +1846,79 @@ def _copy(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None
     s.forward(args, spec)
 
 
+def _refuse_script(s: Session, reason: str) -> None:
+    if s.in_multi:
+        s.multi_error = True
+    s.local(framing.error(SCRIPT_REFUSED.format(reason)))
+
+
+def _eval(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    """EVAL during a migration: the body is checked (scripts.check_script) and, if it passes, its
+    SHA1 is remembered for EVALSHA. EVAL_RO cannot write: not checked."""
+    if s.proxy.migrating and len(args) > 1 and args[0].lower() == b"eval":
+        reason = scripts.check_script(args[1])
+        if reason is not None:
+            _refuse_script(s, reason)
+            return
+        s.proxy.script_shas.add(scripts.sha1(args[1]).encode())
+    s.forward(args, spec)
+
+
+def _evalsha(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    """EVALSHA during a migration of a script the proxy has not checked: NOSCRIPT, so the client sends
+    the body with EVAL (valkey-py's Script, GLIDE do), which is checked."""
+    if (s.proxy.migrating and len(args) > 1 and args[0].lower() == b"evalsha"
+            and args[1].lower() not in s.proxy.script_shas):
+        if s.in_multi:
+            s.multi_error = True
+        s.local(NOSCRIPT)
+        return
+    s.forward(args, spec)
+
+
+def _fcall(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    """FCALL during a migration: only of functions whose library the proxy checked and accepted (at
+    FUNCTION LOAD through it, or in FUNCTION LIST WITHCODE at start). FCALL_RO cannot write."""
+    if (s.proxy.migrating and len(args) > 1 and args[0].lower() == b"fcall"
+            and args[1] not in s.proxy.functions):
+        _refuse_script(s, f"function '{args[1].decode(errors='replace')}' is in a library the proxy did "
+                          "not check (loaded other than through it during the migration)")
+        return
+    s.forward(args, spec)
+
+
+def _script(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    sub = args[1].lower() if len(args) > 1 else b""
+    if s.proxy.migrating and sub == b"load" and len(args) == 3:
+        reason = scripts.check_script(args[2])
+        if reason is not None:
+            _refuse_script(s, reason)
+            return
+        s.proxy.script_shas.add(scripts.sha1(args[2]).encode())
+    elif s.proxy.migrating and sub == b"exists" and len(args) > 2:
+        # Scripts the proxy has not checked "do not exist": a client then loads them (SCRIPT LOAD,
+        # checked) instead of sending an EVALSHA that would get NOSCRIPT (valkey-py's pipelines).
+        shas = [a.lower() in s.proxy.script_shas for a in args[2:]]
+        s.local_fn(lambda: framing.NOAUTH if not s.authed else
+                   b"*%d\r\n" % len(shas) + b"".join(b":1\r\n" if ok else b":0\r\n" for ok in shas))
+        return
+    s.forward(args, spec)
+
+
+def _function(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    sub = args[1].lower() if len(args) > 1 else b""
+    if s.proxy.migrating and sub == b"load" and len(args) > 2:
+        reason, names = scripts.check_library(args[-1])
+        if reason is not None:
+            _refuse_script(s, reason)
+            return
+        s.proxy.functions.update(names)
+    elif s.proxy.migrating and sub == b"restore":
+        _refuse_script(s, "FUNCTION RESTORE loads libraries the proxy cannot check")
+        return
+    s.forward(args, spec)
+
+
 def _monitor(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
     s.local(framing.error("ERR durablecache: MONITOR is not supported through the proxy"))
 
@@ -1893,4 +1971,6 @@ SPECIAL: dict[bytes, Callable[[Session, tuple[bytes, ...], CommandSpec | None], 
     b"readonly": _readonly, b"readwrite": _readonly, b"copy": _copy,
     **{name: _subscribe for name in SUBSCRIBE_FAMILY},
     **{name: _refuse_if_migrating for name in UNSAFE},
+    b"eval": _eval, b"eval_ro": _eval, b"evalsha": _evalsha, b"evalsha_ro": _evalsha,
+    b"fcall": _fcall, b"fcall_ro": _fcall, b"script": _script, b"function": _function,
 }
