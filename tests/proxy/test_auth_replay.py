@@ -5,45 +5,11 @@ server's error."""
 
 from __future__ import annotations
 
-import socket
-
-import libvalkey
 import pytest
 import valkey
-
-from durablecache.resp import pack
+from rawclient import Raw, refused
 
 pytestmark = pytest.mark.timeout(120)
-
-
-class Raw:
-    """A client connection that returns errors as values (valkey-py drops its connection on
-    WRONGPASS, and its reconnect would be a new, unauthenticated session)."""
-
-    def __init__(self, port: int):
-        self.s = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.r = libvalkey.Reader()
-
-    def pipe(self, *cmds: tuple[str | bytes, ...]) -> list[object]:
-        self.s.sendall(pack(list(cmds)))
-        out: list[object] = []
-        while len(out) < len(cmds):
-            reply = self.r.gets()
-            if reply is False:
-                data = self.s.recv(65536)
-                if not data:
-                    raise EOFError
-                self.r.feed(data)
-                continue
-            out.append(reply)
-        return out
-
-    def __call__(self, *args: str | bytes) -> object:
-        return self.pipe(args)[0]
-
-
-def refused(reply: object, code: str) -> bool:
-    return isinstance(reply, libvalkey.ReplyError) and str(reply).startswith(code)
 
 
 def _acl_entries(client: valkey.Valkey) -> list[bytes]:

@@ -626,6 +626,11 @@ class Session(asyncio.Protocol):
         self.watching = False
         self.watch_broken = False
         self.tx_conn: Upstream | None = None      # cluster: the node a transaction is bound to
+        self.multi_sent = False                   # cluster: MULTI was sent on tx_conn
+        # Inside MULTI: how many commands were queued, and the proxy's own answers among them (their
+        # index in EXEC's array, and the function computing each at EXEC): local_fn, _exec.
+        self.multi_count = 0
+        self.multi_local: list[tuple[int, Callable[[], bytes]]] = []
         self.subs: tuple[set[bytes], set[bytes], set[bytes]] = (set(), set(), set())
         self.sockname: tuple[str, int] = ("127.0.0.1", 0)
 
@@ -1006,6 +1011,8 @@ class Session(asyncio.Protocol):
         if self.router.cluster:
             entry.args = args
         conn.send(args, entry)
+        if self.in_multi:
+            self.multi_count += 1
 
     def _getkeys(self, conn: Upstream, args: tuple[bytes, ...], spec: CommandSpec, marks: Marks) -> None:
         """Ask the server for the keys of a command whose key specs are incomplete (SORT ... STORE)."""
@@ -1018,9 +1025,7 @@ class Session(asyncio.Protocol):
         router = self.router
         if not router.cluster:
             return self.conn(0)
-        if self.in_multi and self.tx_conn is not None and spec is None:
-            return self.tx_conn
-        node = 0
+        node = -1
         if spec is not None:
             keys = spec.route_keys(args)
             if keys:
@@ -1031,16 +1036,23 @@ class Session(asyncio.Protocol):
                         self.multi_error = True
                     return None
                 node = router.owner[slot]
-        conn = self.conn(node)
-        if self.in_multi:
-            if self.tx_conn is None:
-                self.tx_conn = conn
-                conn.internal((b"MULTI",))
-            elif conn is not self.tx_conn:
-                self.multi_error = True
-                self.local_error(b"-CROSSSLOT Keys in request don't hash to the same slot\r\n")
-                return None
-        return conn
+        tx = self.tx_conn
+        if tx is not None and tx.failed:      # its AUTH was refused (auth_refused)
+            tx = self.tx_conn = None
+        if not self.in_multi:
+            return self.conn(max(node, 0))
+        # Inside MULTI every command goes to the transaction's connection (bound by WATCH or by the
+        # first command with keys; keyless commands go there too), queued by the server after MULTI.
+        if tx is None:
+            tx = self.tx_conn = self.conn(max(node, 0))
+        elif node >= 0 and node != tx.node:
+            self.multi_error = True
+            self.local_error(b"-CROSSSLOT Keys in request don't hash to the same slot\r\n")
+            return None
+        if not self.multi_sent:
+            self.multi_sent = True
+            tx.internal((b"MULTI",))
+        return tx
 
     def conn(self, node: int, replay_auth: bool = True) -> Upstream:
         conn = self.conns.get(node)
@@ -1196,6 +1208,8 @@ class Session(asyncio.Protocol):
         node = self.proxy.node_index(host.decode() or self.router.nodes[0].host, int(port))
         e.redirects += 1
         conn = self.conn(node)
+        if e.conn is self.tx_conn and not self.in_multi and not self.multi_sent:
+            self.tx_conn = conn       # a WATCH that moved: the transaction follows it
         if parts[0] == b"ASK":
             conn.internal((b"ASKING",))
         else:
@@ -1215,6 +1229,14 @@ class Session(asyncio.Protocol):
         self.local(reply)
 
     def local_fn(self, fn: Callable[[], bytes]) -> None:
+        """A reply the proxy computes when it is due. Inside MULTI it is a queued command: +QUEUED
+        now, and its reply is computed at EXEC, in its place in EXEC's array (_exec)."""
+        if self.in_multi:
+            if self.multi_abort is None:
+                self.multi_local.append((self.multi_count, fn))
+                self.multi_count += 1
+            self.local(framing.QUEUED)
+            return
         e = Entry()
         e.fn = fn
         self.pending.append(e)
@@ -1642,12 +1664,24 @@ def _multi(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> Non
     s.in_multi = True
     s.multi_marks = []
     s.multi_error = False
+    s.multi_count = 0
+    s.multi_local = []
     if s.watch_broken:
         s.multi_abort = framing.null_array(s.resp3)
-    if s.router.cluster or s.multi_abort is not None:
-        s.local(framing.OK)         # cluster: MULTI goes to the node of the first key (conn_for)
+    if s.multi_abort is not None:
+        s.local(framing.OK)
+        return
+    if s.router.cluster:
+        # Cluster: MULTI goes to the transaction's node: the WATCHed one, now; otherwise the node of
+        # the first command queued (conn_for). The client's +OK is the proxy's.
+        tx = s.tx_conn
+        if tx is not None and not tx.failed:
+            s.multi_sent = True
+            tx.internal((b"MULTI",))
+        s.local(framing.OK)
         return
     s.forward(args, spec)
+    s.multi_count = 0             # MULTI itself is no queued command
 
 
 def _end_multi(s: Session) -> None:
@@ -1655,10 +1689,30 @@ def _end_multi(s: Session) -> None:
     s.multi_marks = []
     s.multi_abort = None
     s.multi_error = False
+    s.multi_count = 0
+    s.multi_local = []
     s.watching = False
     s.watch_broken = False
     if s.router.cluster:
         s.tx_conn = None
+        s.multi_sent = False
+
+
+def splice(reply: bytes, local: list[tuple[int, Callable[[], bytes]]]) -> bytes:
+    """EXEC's array with the proxy's own answers (CLIENT GETNAME ... queued inside MULTI) put in their
+    places; an aborted (null) or refused EXEC is passed on as it is."""
+    if not reply.startswith(b"*") or reply.startswith(b"*-"):
+        return reply
+    nl = reply.find(b"\r\n")
+    frames: list[bytes] = []
+    pos = nl + 2
+    for _ in range(int(reply[1:nl])):
+        end = frame_end(reply, pos)
+        frames.append(reply[pos:end])
+        pos = end
+    for index, fn in local:
+        frames.insert(index, fn())
+    return b"*%d\r\n" % len(frames) + b"".join(frames)
 
 
 def _exec(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
@@ -1669,16 +1723,24 @@ def _exec(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None
     abort = s.multi_abort
     error = s.multi_error
     tx_conn = s.tx_conn
+    sent = s.multi_sent
+    local = s.multi_local
+    count = s.multi_count
     _end_multi(s)
     if abort is not None:           # broken by FLIP: as if a watched key was touched
         s.local(abort)
         return
-    if s.router.cluster and tx_conn is None:
-        s.local(b"*0\r\n")
-        return
+    if s.router.cluster and not sent:         # nothing queued on a server
+        if error:
+            s.local(b"-EXECABORT Transaction discarded because of previous errors.\r\n")
+            return
+        if tx_conn is None:
+            s.local(b"*%d\r\n" % count + b"".join(fn() for _, fn in local))
+            return
+        # WATCHed (MULTI not sent: its connection was replaced): an empty transaction on it.
+        tx_conn.internal((b"MULTI",))
     if error:
-        conn = tx_conn or s.conn(0)
-        conn.internal((b"DISCARD",))
+        (tx_conn or s.conn(0)).internal((b"DISCARD",))
         s.local(b"-EXECABORT Transaction discarded because of previous errors.\r\n")
         return
     conn = tx_conn or s.conn(0)
@@ -1693,6 +1755,14 @@ def _exec(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None
         s.proxy.writes += 1
     else:
         entry = Entry(cb=done)
+    if local:
+        # EXEC's reply is taken by the proxy (internal) and given to the client with the proxy's own
+        # answers spliced in: ``entry`` (with the marks) is due once it is there.
+        def answered(e: Entry) -> None:
+            entry.reply = splice(e.reply or b"", local)
+        conn.internal(args, answered)
+        s.pending.append(entry)
+        return
     if s.router.cluster:
         entry.args = args
     conn.send(args, entry)
@@ -1702,9 +1772,11 @@ def _discard(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> N
     if not s.in_multi:
         s.local(b"-ERR DISCARD without MULTI\r\n")
         return
-    abort, tx_conn = s.multi_abort, s.tx_conn
+    abort, tx_conn, sent = s.multi_abort, s.tx_conn, s.multi_sent
     _end_multi(s)
-    if abort is not None or (s.router.cluster and tx_conn is None):
+    if abort is not None or (s.router.cluster and (tx_conn is None or not sent)):
+        if tx_conn is not None:
+            tx_conn.internal((b"UNWATCH",))      # DISCARD unwatches
         s.local(framing.OK)
         return
     entry = Entry()
@@ -1716,6 +1788,8 @@ def _watch(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> Non
         s.local(b"-ERR WATCH inside MULTI is not allowed\r\n")
         return
     if s.router.cluster:
+        # All of a transaction goes to one connection: WATCHed keys must be on one node (in one slot
+        # per WATCH, as for a cluster server), and that node is then the transaction's.
         conn = s.conn_for(args, spec)
         if conn is None:
             return
@@ -1725,7 +1799,7 @@ def _watch(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> Non
         s.tx_conn = conn
         s.watching = True
         entry = Entry()
-        entry.args = args
+        entry.args = args       # MOVED is followed (redirect), and the transaction with it
         conn.send(args, entry)
         return
     s.watching = True
@@ -1733,15 +1807,17 @@ def _watch(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> Non
 
 
 def _unwatch(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    if s.in_multi:
+        s.forward(args, spec)     # queued: the server's own answer
+        return
     s.watching = False
     s.watch_broken = False
-    if s.router.cluster and not s.in_multi:
+    if s.router.cluster:
         conn, s.tx_conn = s.tx_conn, None
         if conn is None:
             s.local(framing.OK)
             return
-        entry = Entry()
-        conn.send(args, entry)
+        conn.send(args, Entry())
         return
     s.forward(args, spec)
 
