@@ -216,3 +216,24 @@ def test_fcall_only_of_checked_libraries(source, make_proxy):
     with pytest.raises(valkey.ResponseError) as exc:
         c.execute_command("FUNCTION", "RESTORE", direct.function_dump())
     _refused(exc)
+
+
+def test_glide_script_through_a_migrating_proxy(source, make_proxy):
+    """GLIDE's invoke_script sends EVALSHA, and the body when it gets NOSCRIPT."""
+    glide = pytest.importorskip("glide", reason="pip install valkey-glide")
+    import asyncio
+    body = "return redis.call('incrby', KEYS[1], ARGV[1])"
+    source.client().script_load(body)        # the server has it; the proxy has not checked it
+    p = make_proxy(source.endpoint())
+
+    async def main() -> None:
+        cfg = glide.GlideClientConfiguration([glide.NodeAddress("127.0.0.1", p.port)], request_timeout=5000)
+        client = await glide.GlideClient.create(cfg)
+        assert await client.invoke_script(glide.Script(body), keys=["gs"], args=["4"]) == 4
+        assert await client.invoke_script(glide.Script(body), keys=["gs"], args=["1"]) == 5
+        with pytest.raises(glide.RequestError, match="durablecache"):
+            await client.invoke_script(glide.Script(FLUSH))
+        await client.close()
+    asyncio.run(asyncio.wait_for(main(), 60))
+    assert source.client().get("gs") == b"5"
+    assert b"gs" in p.keys(0)

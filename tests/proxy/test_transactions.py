@@ -239,3 +239,32 @@ def test_random_interleavings_match_a_server(upstream, make_server, seed, protoc
     # The outcomes were not all of one kind.
     execs = [r for (who, cmd), r in zip([s for s in steps if s[0] == "a"], want) if cmd == ("EXEC",)]
     assert any(r is None for r in execs) and any(isinstance(r, list) for r in execs)
+
+
+def test_glide_watch_transaction_in_cluster_mode(make_cluster, make_proxy):
+    """The reported case: GLIDE against a cluster through the proxy, WATCH + atomic batch."""
+    glide = pytest.importorskip("glide", reason="pip install valkey-glide")
+    import asyncio
+    cluster = make_cluster(primaries=3)
+    p = make_proxy(cluster.endpoint())
+    direct = cluster.cluster_client()
+    direct.set("bar", "a")
+
+    async def main() -> None:
+        cfg = glide.GlideClusterClientConfiguration([glide.NodeAddress("127.0.0.1", p.port)],
+                                                    request_timeout=5000)
+        client = await glide.GlideClusterClient.create(cfg)
+        assert await client.watch(["bar"]) == "OK"
+        batch = glide.ClusterBatch(is_atomic=True)
+        batch.set("bar", "b")
+        batch.get("bar")
+        assert await client.exec(batch, raise_on_error=True) == ["OK", b"b"]
+        assert direct.get("bar") == b"b"
+        assert await client.watch(["bar"]) == "OK"
+        direct.set("bar", "other")
+        batch = glide.ClusterBatch(is_atomic=True)
+        batch.set("bar", "c")
+        assert await client.exec(batch, raise_on_error=True) is None
+        assert direct.get("bar") == b"other"
+        await client.close()
+    asyncio.run(asyncio.wait_for(main(), 60))

@@ -197,7 +197,8 @@ class Proxy:
             conn = await Connection.open(endpoint, name=f"{self.name_prefix}-admin", select_db=0)
             try:   # not try/finally: see MarkServer._serve (no await in a finally block, compiled)
                 reply = await conn.call("FUNCTION", "LIST", "WITHCODE")
-            except ServerError:
+            except ServerError as exc:   # no functions (Redis 6), or not allowed: FCALL is then refused
+                log.info("proxy.function_list_unavailable", node=endpoint.address, reason=str(exc))
                 reply = []
             except BaseException:
                 await conn.close()

@@ -1431,6 +1431,7 @@ class Session(asyncio.Protocol):
         self.conns.clear()
         self.router = router
         self.tx_conn = None
+        self.multi_sent = False
         self.req_db = self.db
         if self.in_multi:
             self.multi_abort = framing.null_array(self.resp3)
