@@ -151,6 +151,8 @@ def test_checked_script_works_and_marks_its_keys(source, make_proxy):
     assert c.eval(PLAIN, 1, "s1", "v") in (b"OK", True)
     assert source.client().get("s1") == b"v"
     assert b"s1" in p.keys(0)
+    assert c.eval(PLAIN, 1, "s0", "u") in (b"OK", True)     # known now: not checked again
+    assert b"s0" in p.keys(0)
     # Its SHA1 is known now: EVALSHA goes through, and marks.
     sha = source.client().script_load(PLAIN)
     assert c.evalsha(sha, 1, "s2", "w") in (b"OK", True)

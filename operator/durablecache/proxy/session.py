@@ -64,6 +64,7 @@ REFUSED: Final = ("ERR durablecache: {} is refused during a migration because it
                   "key by key; see docs/proxy.md")
 SCRIPT_REFUSED: Final = ("ERR durablecache: this script is refused during a migration: {}; the proxy cannot "
                          "check it for writes it could not track key by key; see docs/proxy.md")
+SCRIPTS_REMEMBERED: Final = 65536        # checked script SHA1s kept by the proxy (Proxy.script_shas)
 NOSCRIPT: Final = b"-NOSCRIPT No matching script. Please use EVAL.\r\n"
 # Checked during a migration (scripts.py): the general path then, the fast path otherwise (classify).
 SCRIPTING: Final = frozenset({b"eval", b"evalsha", b"fcall", b"eval_ro", b"evalsha_ro", b"fcall_ro"})
@@ -1929,15 +1930,29 @@ def _refuse_script(s: Session, reason: str) -> None:
     s.local(framing.error(SCRIPT_REFUSED.format(reason)))
 
 
+def _accept_script(s: Session, body: bytes) -> bool:
+    """Check a script body (once per distinct body: its SHA1 is remembered when it passes, for EVALSHA
+    and the next EVAL of it); refuse it (False) if it does not pass."""
+    sha = scripts.sha1(body).encode()
+    shas = s.proxy.script_shas
+    if sha in shas:
+        return True
+    reason = scripts.check_script(body)
+    if reason is not None:
+        _refuse_script(s, reason)
+        return False
+    if len(shas) >= SCRIPTS_REMEMBERED:   # bounded: clients that make up scripts as they go
+        shas.clear()                      # (those forgotten get NOSCRIPT, and are sent again)
+    shas.add(sha)
+    return True
+
+
 def _eval(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
     """EVAL during a migration: the body is checked (scripts.check_script) and, if it passes, its
     SHA1 is remembered for EVALSHA. EVAL_RO cannot write: not checked."""
-    if s.proxy.migrating and len(args) > 1 and args[0].lower() == b"eval":
-        reason = scripts.check_script(args[1])
-        if reason is not None:
-            _refuse_script(s, reason)
-            return
-        s.proxy.script_shas.add(scripts.sha1(args[1]).encode())
+    if (s.proxy.migrating and len(args) > 1 and args[0].lower() == b"eval"
+            and not _accept_script(s, args[1])):
+        return
     s.forward(args, spec)
 
 
@@ -1967,11 +1982,8 @@ def _fcall(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> Non
 def _script(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
     sub = args[1].lower() if len(args) > 1 else b""
     if s.proxy.migrating and sub == b"load" and len(args) == 3:
-        reason = scripts.check_script(args[2])
-        if reason is not None:
-            _refuse_script(s, reason)
+        if not _accept_script(s, args[2]):
             return
-        s.proxy.script_shas.add(scripts.sha1(args[2]).encode())
     elif s.proxy.migrating and sub == b"exists" and len(args) > 2:
         # Scripts the proxy has not checked "do not exist": a client then loads them (SCRIPT LOAD,
         # checked) instead of sending an EVALSHA that would get NOSCRIPT (valkey-py's pipelines).
