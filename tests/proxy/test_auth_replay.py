@@ -42,9 +42,10 @@ def _owner(node: valkey.Valkey, slot: int) -> int:
     raise AssertionError(f"slot {slot} unowned")
 
 
+@pytest.mark.parametrize("password", [None, "admin-pw"])      # `default` without and with a password
 @pytest.mark.parametrize("how", ["auth", "hello"])
-def test_cluster_auth_refused_on_a_shard_fails_commands_there(make_cluster, make_proxy, how):
-    cluster = make_cluster(primaries=3)
+def test_cluster_auth_refused_on_a_shard_fails_commands_there(make_cluster, make_proxy, how, password):
+    cluster = make_cluster(primaries=3, password=password)
     p = make_proxy(cluster.endpoint())
     first_port = p.proxy.router.nodes[0].port        # where the proxy sends the client's own AUTH
     direct = {n.port: n.client() for n in cluster.primaries}

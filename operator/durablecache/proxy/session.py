@@ -661,13 +661,15 @@ class Session(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         for c in self.conns.values():
-            if c.transport is not None:
-                c.transport.pause_reading()
+            t = c.transport or c.stash        # stash: behind an AUTH gate (Upstream.gate)
+            if t is not None:
+                t.pause_reading()
 
     def resume_writing(self) -> None:
         for c in self.conns.values():
-            if c.transport is not None:
-                c.transport.resume_reading()
+            t = c.transport or c.stash
+            if t is not None:
+                t.resume_reading()
 
     def pause_client_reading(self) -> None:
         if self.transport is not None:
