@@ -82,7 +82,7 @@ def test_helm_lint(kube_env: KubeEnv) -> None:
     out = kube_env.helm("lint", "--strict", str(CHART_DIR)).stdout
     assert "0 chart(s) failed" in out
     kube_env.helm("lint", "--strict", str(CHART_DIR), *ALL_ON, "--set", "metrics.serviceMonitor.enabled=true",
-                  "--set", "crds.enabled=false", "--set", "peering.enabled=false")
+                  "--set", "prometheusRule.enabled=true", "--set", "crds.enabled=false", "--set", "peering.enabled=false")
 
 
 def test_rendered_defaults(kube_env: KubeEnv) -> None:
@@ -129,7 +129,13 @@ def test_rendered_defaults(kube_env: KubeEnv) -> None:
 def test_rendered_options(kube_env: KubeEnv) -> None:
     docs = by_kind(render(kube_env, *ALL_ON, "--set", "metrics.serviceMonitor.enabled=true",
                           "--set", "image.tag=1.2.3", "--set", "crds.enabled=false",
-                          "--set", "operator.watchNamespaces={shop,cart}"))
+                          "--set", "operator.watchNamespaces={shop,cart}",
+                          "--set", "prometheusRule.enabled=true", "--set", "prometheusRule.labels.release=kps"))
+    # The suggested alerts (files/alerts.yaml, also in docs/metrics.md) as they are, {{ $labels }} intact.
+    rule = docs["PrometheusRule"]
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1" and rule["metadata"]["labels"]["release"] == "kps"
+    assert rule["spec"] == yaml.safe_load((CHART_DIR / "files" / "alerts.yaml").read_text())
+    assert "{{ $labels.namespace }}" in rule["spec"]["groups"][0]["rules"][0]["annotations"]["summary"]
     assert "CustomResourceDefinition" not in docs
     assert docs["ServiceAccount"]["metadata"]["annotations"] == {
         "eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/dc"}
@@ -177,6 +183,8 @@ def test_rendered_options(kube_env: KubeEnv) -> None:
     ("operator.watchNamespaces[0]=Not_A_Namespace", "watchNamespaces"),
     ("worker.serviceAccountName=Not_A_Name", "serviceAccountName"),
     ("worker.imagePullSecrets[0].name=Not_A_Name", "imagePullSecrets"),
+    ("prometheusRule.enabled=maybe", "prometheusRule"),
+    ("prometheusRule.severity=high", "prometheusRule"),
 ])
 def test_values_schema_rejects_bad_values(kube_env: KubeEnv, setting: str, expected: str) -> None:
     result = kube_env.helm("template", "x", str(CHART_DIR), "--set", setting, check=False)
