@@ -82,7 +82,8 @@ def test_helm_lint(kube_env: KubeEnv) -> None:
     out = kube_env.helm("lint", "--strict", str(CHART_DIR)).stdout
     assert "0 chart(s) failed" in out
     kube_env.helm("lint", "--strict", str(CHART_DIR), *ALL_ON, "--set", "metrics.serviceMonitor.enabled=true",
-                  "--set", "prometheusRule.enabled=true", "--set", "crds.enabled=false", "--set", "peering.enabled=false")
+                  "--set", "prometheusRule.enabled=true", "--set", "crds.enabled=false",
+                  "--set", "peering.enabled=false")
 
 
 def test_rendered_defaults(kube_env: KubeEnv) -> None:
