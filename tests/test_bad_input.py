@@ -197,3 +197,21 @@ def test_every_option_of_every_subcommand_has_help():
     assert missing == []
     migrate = " ".join(sub.choices["migrate"].format_help().split())
     assert "--gate-settle DUR RouteIn gate" in migrate and "--gate-timeout DUR RouteIn gate" in migrate
+
+
+def test_acl_user_in_the_url_with_its_password_in_a_file(make_server, target, tmp_path):
+    """valkey://USER@host alone means "AUTH USER" (a token); with a password file it names the ACL user."""
+    server = make_server(password="admin", acl_user=("copier", "copier-pw"))
+    server.client().set("a", "1")
+    pw = tmp_path / "pw"
+    pw.write_text("copier-pw\n")
+    pw.chmod(0o600)
+    url = f"valkey://copier@127.0.0.1:{server.port}"
+    ok = run_cli("copy", "--source", url, "--target", target.url(), "--source-password-file", str(pw))
+    assert ok.returncode == 0 and target.client().get("a") == b"1", ok
+    ok = run_cli("verify", "--source", url, "--target", target.url(), env={"DURABLECACHE_SOURCE_PASSWORD": "copier-pw"})
+    assert ok.returncode == 0 and ok.stdout.startswith("equal"), ok
+    # The URL's own password wins over the environment's.
+    ok = run_cli("verify", "--source", f"valkey://copier:copier-pw@127.0.0.1:{server.port}", "--target", target.url(),
+                 env={"DURABLECACHE_SOURCE_PASSWORD": "stale"})
+    assert ok.returncode == 0, ok

@@ -11,6 +11,7 @@ import os
 import stat
 from collections.abc import Coroutine
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
 
 from .. import logs
 from ..copier import refuse_same_server
@@ -27,8 +28,8 @@ PASSWORD_ENV = {"source": "DURABLECACHE_SOURCE_PASSWORD", "target": "DURABLECACH
 
 def add_pair_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", required=True, metavar="URL",
-                   help="valkey[s]://[user@]host:port (any node of a cluster; every database is used). A password "
-                        "in the URL shows in `ps`: prefer --source-password-file")
+                   help="valkey[s]://[user[:pass]@]host:port (any node of a cluster; every database is used). A "
+                        "password in the URL shows in `ps`: prefer --source-password-file")
     p.add_argument("--target", required=True, metavar="URL", help="same form as --source")
     add_password_arguments(p)
     p.add_argument("--json", action="store_true", help="print JSON lines (progress, then one summary object)")
@@ -38,24 +39,31 @@ def add_password_arguments(p: argparse.ArgumentParser) -> None:
     for side in ("source", "target"):
         p.add_argument(f"--{side}-password-file", metavar="PATH",
                        help=f"read the {side}'s password (AUTH token) from this file (its first line) instead of "
-                            f"the URL, where `ps` would show it; or set {PASSWORD_ENV[side]}")
+                            f"the URL, where `ps` would show it; or set {PASSWORD_ENV[side]}. An ACL user "
+                            f"stays in the URL: valkey://USER@host:port")
 
 
 def side_endpoint(args: argparse.Namespace, side: str) -> Endpoint:
     """--source/--target parsed, with the password from --<side>-password-file or the environment.
 
     A password given in the URL and in a file is refused (which one is meant?); the environment
-    variable is used only when neither gives one."""
-    ep = parse_url(getattr(args, side))
+    variable is used only when neither gives one. With the password from a file or the environment,
+    the URL's valkey://USER@host gives the ACL user name."""
+    url = getattr(args, side)
+    ep = parse_url(url)
     path = getattr(args, f"{side}_password_file", None)
-    if path:
-        if ep.password is not None:
-            raise UsageError(f"--{side} has a password and --{side}-password-file gives one too: give it once")
-        return dataclasses.replace(ep, password=read_secret_file(path, f"--{side}-password-file"))
     from_env = os.environ.get(PASSWORD_ENV[side])
-    if ep.password is None and from_env:
-        return dataclasses.replace(ep, password=from_env)
-    return ep
+    if not path and not from_env:
+        return ep
+    parts = urlsplit(url)
+    if parts.password is not None:
+        if path:
+            raise UsageError(f"--{side} has a password and --{side}-password-file gives one too: give it once")
+        return ep  # the URL's own password wins over the environment
+    # With the password elsewhere, valkey://alice@host names the ACL user (alone, it is an AUTH token).
+    username = unquote(parts.username) if parts.username else None
+    password = read_secret_file(path, f"--{side}-password-file") if path else from_env
+    return dataclasses.replace(ep, username=username, password=password)
 
 
 def whole_server(ep: Endpoint, side: str, command: str) -> Endpoint:

@@ -49,7 +49,7 @@ def share(value: str) -> float:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", required=True, metavar="URL",
-                   help="the live, authoritative keyspace: valkey[s]://[user@]host:port (a password in the URL "
+                   help="the live, authoritative keyspace: valkey[s]://[user[:pass]@]host:port (a password in the URL "
                         "shows in `ps`: prefer --source-password-file)")
     p.add_argument("--target", required=True, metavar="URL", help="the new (durable) keyspace, same form")
     add_password_arguments(p)
