@@ -1,4 +1,5 @@
-"""The migration's control API: status for humans and the operator, approval and rollback.
+"""The migration's control API: status for humans and the operator, approval, rollback, and accepting
+a repair that stopped to ask.
 
 Listens separately from the proxy and requires a bearer token on every request."""
 
@@ -24,6 +25,7 @@ class ControlServer:
         app.router.add_get("/status", self._status)
         app.router.add_post("/approve", self._approve)
         app.router.add_post("/rollback", self._rollback)
+        app.router.add_post("/accept-repair", self._accept_repair)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -52,6 +54,13 @@ class ControlServer:
                                      status=409)
         self.m.rollback_requested.set()
         return web.json_response({"rollback": "requested"})
+
+    async def _accept_repair(self, _request: web.Request) -> web.Response:
+        blocked = self.m.state.get("repairBlocked")
+        if not blocked:
+            return web.json_response({"error": "no repair is waiting for acceptance"}, status=409)
+        self.m.repair_accepted.set()
+        return web.json_response({"accepted": True, "repair": blocked})
 
     async def stop(self) -> None:
         if self._runner:

@@ -38,13 +38,19 @@ def is_foreign(client: dict[str, str], allow: Sequence[str]) -> bool:
 
 
 async def foreign_clients(topo: Topology, allow: Sequence[str]) -> list[str]:
-    found = []
+    return list((await foreign_clients_by_id(topo, allow)).values())
+
+
+async def foreign_clients_by_id(topo: Topology, allow: Sequence[str]) -> dict[str, str]:
+    """Foreign clients on every primary: "node#client-id" -> "addr (name=…, on node)"."""
+    found = {}
     for node in topo.primaries:
         conn = await Connection.open(node, name="durablecache-gate", select_db=0)
         try:
             for c in parse_client_list(await conn.call("CLIENT", "LIST")):
                 if is_foreign(c, allow):
-                    found.append(f"{c.get('addr', '?')} (name={c.get('name') or '-'}, on {node.address})")
+                    found[f"{node.address}#{c.get('id', '?')}"] = \
+                        f"{c.get('addr', '?')} (name={c.get('name') or '-'}, on {node.address})"
         finally:
             await conn.close()
     return found

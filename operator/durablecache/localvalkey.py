@@ -97,6 +97,33 @@ class LocalServer:
         tail = log.read_text()[-2000:] if log.exists() else ""
         raise RuntimeError(f"valkey-server did not start: {tail}")
 
+    def restart(self, *, keep_data: bool = False) -> LocalServer:
+        """Crash (SIGKILL) and start again on the same port: empty, as a server without persistence
+        comes back, or with ``keep_data`` holding what it had at the moment of the crash (saved to its
+        dump file just before, as a server restarting from a snapshot would)."""
+        if keep_data:
+            self.client().save()
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        if not keep_data:
+            for name in ("dump.rdb", "appendonlydir"):
+                path = Path(self.dir, name)
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        for _attempt in range(50):   # the port is ours; a just-closed socket may hold it for a moment
+            self.proc = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if self._wait_ready():
+                if self.acl_user:
+                    user, pw = self.acl_user
+                    self.client().execute_command("ACL", "SETUSER", user, "on", f">{pw}", "~*", "&*", "+@all")
+                return self
+            self._kill()
+            time.sleep(0.1)
+        raise RuntimeError(f"valkey-server did not restart on port {self.port}")
+
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:

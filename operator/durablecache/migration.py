@@ -11,6 +11,7 @@ in-memory marks may be lost, so a full verify-and-repair runs before any cutover
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import time
@@ -25,13 +26,16 @@ from .gate import wait_for_gate
 from .keymover import DEFAULT_BIG_KEY_BYTES, MoverOptions
 from .movers import DEFAULT_TARGET_BYTES_PER_PRIMARY, MoverPool
 from .progress import JsonProgress
+from .repairplan import RepairPlan
 from .syncer import DirtyKey, Syncer
 from .topology import Topology, discover
+from .trust import Trust
 from .urls import Endpoint
 from .verify import Verifier
 
 log = logs.get("durablecache.migration")
 STATE_VERSION = 1
+PLANNED_REPAIR = "verify pass after the copy"
 
 
 class Phase(enum.StrEnum):
@@ -104,6 +108,12 @@ class MigrationOptions:
     sync_workers: int = 4
     verify_in_sync: bool = True  # a full verify-and-repair pass when Sync begins
     max_dirty: int = 2_000_000
+    watch_interval: float = 1.0  # seconds between looks at both sides' identities and the source's clients
+    # A repair that would delete or overwrite more than this share of the side it writes (and more
+    # than repair_min_keys keys) stops and asks, unless accepted (control API / accept_destructive_repair).
+    repair_max_share: float = 0.05
+    repair_min_keys: int = 100
+    accept_destructive_repair: bool = False
 
     @property
     def drain_limit(self) -> float:
@@ -126,9 +136,14 @@ class Migration:
         self.source: Topology | None = None
         self.target: Topology | None = None
         self.bulk: BulkCopy | None = None
+        self.trust: Trust | None = None
+        self._watch: asyncio.Task[None] | None = None
         self.approved = asyncio.Event()
         self.rollback_requested = asyncio.Event()
         self.stop_requested = asyncio.Event()
+        self.repair_accepted = asyncio.Event()
+        self._accept_next_repair = opts.accept_destructive_repair
+        self._direct_writers_seen: list[str] = []
 
     # -- state ------------------------------------------------------------------------------------
     @property
@@ -159,6 +174,9 @@ class Migration:
             "repairRequired": syncer.repair_reason if syncer else None,
             "lastCutoverPauseMs": self.state.get("lastCutoverPauseMs"),
             "lastCutoverKeyPauseMs": self.state.get("lastCutoverKeyPauseMs"),
+            "repairBlocked": self.state.get("repairBlocked"),
+            "authorityChanged": self.state.get("authorityChanged"),
+            "directClients": list(self.trust.direct_clients) if self.trust else [],
             "syncer": dataclasses.asdict(syncer.stats) if syncer else {},
             "message": self.state.get("message", ""),
         }
@@ -191,8 +209,11 @@ class Migration:
         flipped = bool(self.state.get("flipped"))
         self.syncer = Syncer(self._pool(reverse=flipped), workers=self.opts.sync_workers, max_dirty=self.opts.max_dirty)
         self.syncer.start()
+        self.trust = Trust(self.source, self.target, self.state, on_change=self._side_changed,
+                           on_clients=self._direct_clients, allow_clients=self.opts.allow_clients)
         if resumed_after_route_in:
             self.syncer.require_repair("resumed after a restart: marks in flight may have been lost")
+            await self.trust.changes_since_trusted()   # says what changed while nobody watched
         if not resumed_after_route_in:
             self.set_phase(Phase.PROVISION)  # static endpoints: the target exists already
             self.set_phase(Phase.ROUTE_IN)
@@ -202,12 +223,15 @@ class Migration:
         if self.phase == Phase.ROUTE_IN:
             await wait_for_gate(self.source, self.opts.allow_clients, self.opts.gate_settle, self.opts.gate_timeout,
                                 on_blocked=lambda c: self.emit({"event": "gate_blocked", "clients": c}))
+            await self.trust.establish()   # what the copy makes equal
             self.set_phase(Phase.COPY)
+        self._watch = asyncio.create_task(self.trust.watch(self.opts.watch_interval, self._source_writable))
         if self.phase == Phase.COPY:
             await self._copy()
             self.set_phase(Phase.SYNC)
-        if self.phase in (Phase.SYNC, Phase.CUTOVER):
+        if self.phase == Phase.CUTOVER:     # resumed inside a cutover attempt: it was aborted
             self.set_phase(Phase.SYNC)
+        if self.phase == Phase.SYNC:
             await self._sync_until_cutover()
         if self.phase == Phase.ROUTE_OUT:
             await self._route_out()
@@ -238,19 +262,93 @@ class Migration:
         self.emit({"event": "copied", "keys": summary.keys, "seconds": round(summary.seconds, 3),
                    "keys_per_s": round(summary.keys / summary.seconds, 1) if summary.seconds else 0})
 
-    async def repair(self) -> int:
-        """Full verify-and-repair: every differing key is marked dirty again, then drained."""
-        assert self.syncer
-        reason = self.syncer.repair_reason
-        self.syncer.repair_reason = None
-        self.emit({"event": "repair", "reason": reason})
-        src, dst = self._sides()
+    async def repair(self, *, keep_extra: bool = False) -> int:
+        """Full verify-and-repair: every differing key is marked dirty again, then drained.
+
+        Before anything is written, what the repair would do to the side it writes is counted: deleting
+        or overwriting more than a small share of it stops and asks (``repair_blocked``) until accepted
+        — the authoritative side may be the one that lost its data. ``keep_extra``: keys only the
+        written side holds are kept (a rollback after the target lost data, docs/protocol.md)."""
+        assert self.syncer and self.trust
         syncer = self.syncer
-        report = await Verifier(src, dst, on_diff=lambda db, key: syncer.mark(db, [key])).run()
-        repaired = sum(report.counts.values())
-        self.emit({"event": "repaired", "keys": repaired, "checked": report.checked})
+        for _ in range(1 << 30):   # once, or again after the operator accepted a blocked repair
+            reason = syncer.repair_reason
+            syncer.repair_reason = None
+            self.emit({"event": "repair", "reason": reason, "planned": reason == PLANNED_REPAIR})
+            readings = await self.trust.establish()   # the servers this repair makes equal
+            src, dst = self._sides()
+            written = "source" if self.state.get("flipped") else "target"
+            written_keys = sum(readings[written].keys.values())
+            plan = RepairPlan(pending=syncer.pending)
+            report = await Verifier(src, dst, on_diff=plan.record).run()
+            if keep_extra:
+                plan.deletes.clear()
+            if self._accept_next_repair or not plan.too_destructive(written_keys, self.opts.repair_max_share,
+                                                                    self.opts.repair_min_keys):
+                break
+            await self._ask_before_repair(plan, written, written_keys, reason)
+        self._accept_next_repair = self.opts.accept_destructive_repair
+        todo = plan.to_copy()
+        for db, key in todo:
+            syncer.mark(db, [key])
+        repaired = len(todo)
+        self.emit({"event": "repaired", "keys": repaired, "checked": report.checked, **plan.summary()})
         await self._drain_background()
         return repaired
+
+    async def _ask_before_repair(self, plan: RepairPlan, written: str, written_keys: int, reason: str | None) -> None:
+        """Hold the repair (and so any cutover) until the operator accepts it; nothing is written meanwhile."""
+        authority = "target" if written == "source" else "source"
+        message = (f"a repair would delete {len(plan.deletes)} and overwrite {len(plan.overwrites)} of the "
+                   f"{written_keys} keys on the {written} (and add {len(plan.adds)}), more than "
+                   f"{self.opts.repair_max_share:.0%}: the {authority}, which is authoritative, may have lost data "
+                   f"({reason}). Nothing was written. Accept it (control accept-repair, "
+                   f"--accept-destructive-repair, spec.repair.acceptDestructive) to make the {written} equal to "
+                   f"the {authority}, or stop and restore the {authority}")
+        self.state["repairBlocked"] = {"message": message, **plan.summary(), "side": written,
+                                       "sideKeys": written_keys}
+        self.save()
+        log.warning("repair blocked", message=message)
+        self.emit({"event": "repair_blocked", "message": message, "side": written, "side_keys": written_keys,
+                   **plan.summary()})
+        self.repair_accepted.clear()
+        await self.repair_accepted.wait()
+        self.state.pop("repairBlocked", None)
+        self.save()
+        self._accept_next_repair = True
+        self.emit({"event": "repair_accepted"})
+        assert self.syncer
+        self.syncer.require_repair(reason or "accepted repair")
+
+    # -- faults around us ---------------------------------------------------------------------
+    def _authority(self) -> str:
+        return "target" if self.state.get("flipped") else "source"
+
+    def _source_writable(self) -> bool:
+        """Is the source authoritative and written through the proxies (so a direct writer is lost)?"""
+        return not self.state.get("flipped") and self.phase in (Phase.COPY, Phase.SYNC, Phase.CUTOVER)
+
+    def _side_changed(self, side: str, changes: list[str]) -> None:
+        authoritative = side == self._authority()
+        log.warning("side changed", side=side, authoritative=authoritative, changes=changes)
+        self.emit({"event": "side_changed", "side": side, "authoritative": authoritative, "changes": changes})
+        if authoritative:
+            self.state["authorityChanged"] = {"side": side, "changes": changes}
+            self.save()
+        assert self.syncer
+        self.syncer.require_repair(f"the {side} changed: {'; '.join(changes)}")
+
+    def _direct_clients(self, clients: list[str]) -> None:
+        """Clients on the source around the proxy: their writes are invisible to the syncer. No cutover
+        while they are there, and a repair once they are gone."""
+        if clients:
+            self._direct_writers_seen = clients
+            self.emit({"event": "gate_blocked", "clients": clients, "phase": self.phase.value})
+            return
+        if self._direct_writers_seen and self.syncer:
+            seen = ", ".join(self._direct_writers_seen[:3])
+            self.syncer.require_repair(f"clients connected to the source directly: {seen}")
+        self._direct_writers_seen = []
 
     def _sides(self) -> tuple[Topology, Topology]:
         assert self.source and self.target
@@ -269,7 +367,7 @@ class Migration:
         if self.opts.verify_in_sync:
             # DESIGN step 5: compare both sides once the copy is done; it also catches what key tracking
             # cannot see (scripts writing undeclared keys) up to this point.
-            self.syncer.require_repair("verify pass after the copy")
+            self.syncer.require_repair(PLANNED_REPAIR, planned=True)
         attempts = 0
         for _ in range(1 << 30):  # bounded by cutover_attempts and by stop/rollback requests
             if self.syncer.repair_reason:
@@ -278,12 +376,18 @@ class Migration:
             await self._drain_background()
             if self.opts.cutover == "manual" and not self.approved.is_set():
                 self.emit({"event": "awaiting_approval"})
-                await self._wait_any(self.approved, self.stop_requested)
+                self.syncer.repair_wanted.clear()     # a fault meanwhile is repaired at once, not at approval
+                if not self.syncer.repair_reason:
+                    await self._wait_any(self.approved, self.stop_requested, self.syncer.repair_wanted)
                 if self.stop_requested.is_set():
                     return
                 continue
             if self.syncer.backlog > self.opts.ready_backlog:
                 await asyncio.sleep(0.05)
+                continue
+            assert self.trust
+            if await self.trust.look_for_direct_clients():
+                await asyncio.sleep(self.opts.watch_interval)   # no cutover while anyone writes around us
                 continue
             attempts += 1
             if await self.cutover(attempts):
@@ -328,6 +432,7 @@ class Migration:
                 reason = "repair required" if self.syncer.repair_reason else \
                     f"backlog of {self.syncer.backlog} keys not drained within {drain_for * 1000:.0f} ms"
                 raise TimeoutError(reason)
+            await self._last_check("source", budget - (time.monotonic() - t0))
             # Both sides are equal and no write is in flight: the target becomes authoritative.
             self.syncer.switch_pool(self._pool(reverse=True))
             switched = True
@@ -363,6 +468,15 @@ class Migration:
         self.emit({"event": "cutover", "pause_ms": pause, "freeze_ms": round(frozen_ms, 2),
                    "attempt": attempt, "held_keys": len(held), "key_pause_ms": key_pause})
         return True
+
+    async def _last_check(self, authoritative: str, left: float) -> None:
+        """Inside the pause, after the drain: the same servers as at the last repair on both sides, and
+        equal key counts. Otherwise the attempt aborts (DurableCacheError) and a repair is demanded."""
+        assert self.trust and self.syncer
+        why = await self.trust.before_flip(authoritative, left)
+        if why:
+            self.syncer.require_repair(why)
+            raise DurableCacheError(why)
 
     async def _switch_back(self, *, reverse: bool) -> None:
         """After a failed FLIP, while still frozen: copy in the old direction again, and close the
@@ -448,7 +562,13 @@ class Migration:
         await wait_for_gate(self.target, self.opts.allow_clients, self.opts.gate_settle, self.opts.gate_timeout,
                             on_blocked=lambda c: self.emit({"event": "gate_blocked", "clients": c}))
         self.syncer.require_repair("rollback: writes made directly on the target were not tracked")
-        await self.repair()
+        # A target that lost data after FLIP (it restarted, failed over) must not take the source's
+        # copy of that data with it: keys only the source holds are kept (docs/protocol.md).
+        lost = (self.state.get("authorityChanged") or {}).get("side") == "target"
+        if lost:
+            self.emit({"event": "rollback_restores", "reason": "the target changed after FLIP: keys only the "
+                       "source holds are kept, not deleted"})
+        await self.repair(keep_extra=lost)
         budget = max(self.opts.max_write_pause, 1.0)
         for attempt in range(1, self.opts.cutover_attempts + 1):
             # The same key-scoped hold as the cutover's (see cutover()), in the other direction.
@@ -469,9 +589,13 @@ class Migration:
             t0 = time.monotonic()
             try:
                 await asyncio.gather(*(p.freeze(budget) for p in self.proxies))
-                drained = await self.syncer.drain(budget)
-            except TimeoutError:
+                drained = await self.syncer.drain(budget) and not self.syncer.repair_reason
+                if drained and not lost:
+                    await self._last_check("target", budget - (time.monotonic() - t0))
+            except (TimeoutError, DurableCacheError) as exc:
                 drained = False      # a freeze that did not quiesce: this attempt failed, never hold on
+                self.emit({"event": "rollback_aborted", "attempt": attempt, "reason": str(exc) or "freeze timed out",
+                           "held_keys": len(held)})
             if drained:
                 self.syncer.switch_pool(self._pool(reverse=False))
                 try:
@@ -483,6 +607,7 @@ class Migration:
                                "held_keys": len(held)})
             if drained:
                 self.state["flipped"] = False
+                self.state.pop("authorityChanged", None)
                 self.save()  # before any write reaches the source again
                 await asyncio.gather(*(p.unfreeze() for p in self.proxies))
                 pause_ms = _ms_since(t0)
@@ -495,6 +620,8 @@ class Migration:
                 return
             await asyncio.gather(*(p.unfreeze() for p in self.proxies))
             await self._release_keys(held)
+            if self.syncer.repair_reason:
+                await self.repair(keep_extra=lost)
             await asyncio.sleep(0.2 * attempt)
         raise DurableCacheError("rollback could not drain the reverse backlog; the target stays authoritative")
 
@@ -507,6 +634,12 @@ class Migration:
                 w.cancel()
 
     async def _shutdown(self) -> None:
+        if self._watch:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        if self.trust:
+            await self.trust.close()
         for p in self.proxies:
             try:
                 await p.stop()

@@ -65,6 +65,7 @@ class Syncer:
         self._last_progress = time.monotonic()
         # Why the next cutover must be preceded by a full verify-and-repair (None: not needed).
         self.repair_reason: str | None = None
+        self.repair_wanted = asyncio.Event()   # set with repair_reason: wakes whoever waits for approval
 
     # -- marking ---------------------------------------------------------------------------------
     def mark(self, db: int, keys: Iterable[bytes], bulk: bool = False) -> None:
@@ -116,10 +117,16 @@ class Syncer:
         # Keys of one call may share batches with live marks: bytes are only counted in self.stats.
         return MoveResult(copied=len(keys))
 
-    def require_repair(self, reason: str) -> None:
+    def require_repair(self, reason: str, *, planned: bool = False) -> None:
+        """A full verify-and-repair must run before any cutover. ``planned``: a pass the protocol always
+        makes (after the copy), not a fault, so it is not logged as a warning."""
         if self.repair_reason is None:
-            log.warning("full verify-and-repair required before cutover", reason=reason)
+            if planned:
+                log.info("verify-and-repair pass", reason=reason)
+            else:
+                log.warning("full verify-and-repair required before cutover", reason=reason)
             self.repair_reason = reason
+            self.repair_wanted.set()
 
     # -- state -----------------------------------------------------------------------------------
     @property

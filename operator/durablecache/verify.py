@@ -130,7 +130,7 @@ def _flatten(value: Any) -> list[Any]:
 
 class Verifier:
     def __init__(self, source: Topology, target: Topology, *, tolerance_ms: int = 1000,
-                 sample: int | None = None, on_diff: Callable[[int, bytes], None] | None = None,
+                 sample: int | None = None, on_diff: Callable[[str, int, bytes], None] | None = None,
                  progress: Progress | None = None, scan_count: int = 500,
                  big_key_bytes: int = DEFAULT_BIG_KEY_BYTES, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
         self.source = source
@@ -147,7 +147,7 @@ class Verifier:
     def _diff(self, kind: str, db: int, key: bytes, detail: str) -> None:
         self.report.add(Difference(kind, db, key, detail))
         if self.on_diff:
-            self.on_diff(db, key)
+            self.on_diff(kind, db, key)
 
     async def run(self) -> VerifyReport:
         t0 = time.monotonic()

@@ -1,4 +1,5 @@
-"""durablecache control: talk to a running `durablecache migrate --control` (status, approve, rollback)."""
+"""durablecache control: talk to a running `durablecache migrate --control` (status, approve, rollback,
+accept-repair)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from ..errors import ConnectError
 from ._common import read_token
 
 NAME = "control"
-HELP = "status of a running migration, approve its manual cutover, or roll it back (via its --control API)"
+HELP = ("status of a running migration, approve its manual cutover, roll it back, or accept a repair that "
+        "stopped to ask (via its --control API)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["status", "approve", "rollback"])
+    p.add_argument("action", choices=["status", "approve", "rollback", "accept-repair"],
+                   help="accept-repair: let a blocked verify-and-repair delete/overwrite what it found (see status)")
     p.add_argument("--control", required=True, metavar="HOST:PORT", help="the migration's --control address")
     p.add_argument("--control-token-file", required=True, metavar="PATH", help="the migration's token file")
 

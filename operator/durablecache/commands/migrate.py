@@ -37,6 +37,17 @@ def duration(value: str) -> float:
         raise argparse.ArgumentTypeError(f"not a duration: {value!r} (use e.g. 100ms, 2s, 30m)") from None
 
 
+def share(value: str) -> float:
+    """A fraction between 0 and 1, or a percentage ('5%')."""
+    try:
+        x = float(value[:-1]) / 100 if value.endswith("%") else float(value)
+    except ValueError:
+        x = -1.0
+    if not 0.0 <= x <= 1.0:
+        raise argparse.ArgumentTypeError(f"not a share between 0 and 1 (or 0% and 100%): {value!r}")
+    return x
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", required=True, metavar="URL", help="the live, authoritative keyspace")
     p.add_argument("--target", required=True, metavar="URL", help="the new (durable) keyspace")
@@ -65,6 +76,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gate-settle", type=duration, default=2.0, metavar="DUR")
     p.add_argument("--gate-timeout", type=duration, default=300.0, metavar="DUR")
     p.add_argument("--max-ops", type=float, metavar="N", help="at most N commands/s on the source while copying")
+    p.add_argument("--repair-max-share", type=share, default=0.05, metavar="FRACTION",
+                   help="a verify-and-repair that would delete or overwrite more than this share of the side it "
+                        "writes stops and asks (default 0.05); the authoritative side may be the one that lost data")
+    p.add_argument("--accept-destructive-repair", action="store_true",
+                   help="let such repairs go ahead without asking (or accept one with `control accept-repair`)")
     p.add_argument("--json", action="store_true", help="one JSON object per line for every event")
 
 
@@ -105,7 +121,9 @@ async def migrate(args: argparse.Namespace, store: CheckpointStore | None = None
                             drain_budget=args.drain_budget, max_key_pause=args.max_key_pause,
                             rollback_window=args.rollback_window, exit_after_cutover=args.exit_after_cutover,
                             allow_clients=args.allow_client, gate_settle=args.gate_settle,
-                            gate_timeout=args.gate_timeout, max_source_ops=args.max_ops)
+                            gate_timeout=args.gate_timeout, max_source_ops=args.max_ops,
+                            repair_max_share=args.repair_max_share,
+                            accept_destructive_repair=args.accept_destructive_repair)
     if store is None:
         store = FileCheckpoint(args.state_file) if args.state_file else MemoryCheckpoint()
     m = Migration(source, target, opts, starter, emit=emit, store=store)

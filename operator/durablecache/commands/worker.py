@@ -66,6 +66,7 @@ async def work(args: argparse.Namespace, namespace: str, name: str) -> Phase | N
         spec = obj["spec"]
         cutover = spec.get("cutover") or {}
         route_in = spec.get("routeIn") or {}
+        repair = spec.get("repair") or {}
         margs = argparse.Namespace(
             source=source.to_url(), target=target.to_url(), listen=args.listen,
             cutover=cutover.get("mode", "manual"),
@@ -77,7 +78,9 @@ async def work(args: argparse.Namespace, namespace: str, name: str) -> Phase | N
             control="127.0.0.1:0", control_token_file=os.path.join(tmp, "control-token"),
             allow_client=list(route_in.get("allowedClients") or []),
             gate_settle=go_duration(route_in.get("settlePeriod"), 30.0), gate_timeout=args.gate_timeout,
-            max_ops=None, json=True)
+            max_ops=None, json=True,
+            repair_max_share=float(repair.get("maxDestructiveShare", 0.05)),
+            accept_destructive_repair=bool(repair.get("acceptDestructive", False)))
         reporter = Reporter(kube, obj, args.status_interval, margs.control_token_file)
         store = StatusStore(kube, namespace, name, on_phase=reporter.on_phase)
         reporter.store = store
@@ -162,7 +165,7 @@ class Reporter:
             now = time.monotonic()
             if now - self.last_gate_event >= GATE_EVENT_INTERVAL:
                 self.last_gate_event = now
-                self._event("Warning", "RouteInBlocked",
+                self._event("Warning", "RouteInBlocked" if e.get("phase") in (None, "RouteIn") else "DirectClients",
                             f"clients still connected to the source, not through the proxy: {e.get('clients')}")
         elif kind == "awaiting_approval":
             if not self.awaiting:
@@ -177,9 +180,18 @@ class Reporter:
             self._event("Warning", "CutoverAborted", f"attempt {e.get('attempt')}: {e.get('reason')}; "
                         f"writes resumed after {e.get('pause_ms')} ms, staying in Sync")
         elif kind == "repair":
-            self._event("Warning", "RepairRequired", f"full verify-and-repair: {e.get('reason')}")
+            if e.get("planned"):   # the pass the protocol always makes after the copy: not a fault
+                self._event("Normal", "Verifying", f"verify-and-repair: {e.get('reason')}")
+            else:
+                self._event("Warning", "RepairRequired", f"full verify-and-repair: {e.get('reason')}")
         elif kind == "repaired":
             self._event("Normal", "Repaired", f"{e.get('keys')} differing keys re-copied, {e.get('checked')} checked")
+        elif kind == "side_changed":
+            role = "authoritative " if e.get("authoritative") else ""
+            changes = "; ".join(e.get("changes", []))
+            self._event("Warning", "SideChanged", f"the {role}{e.get('side')} changed: {changes}")
+        elif kind == "repair_blocked":
+            self._event("Warning", "RepairBlocked", str(e.get("message")))
         elif kind == "rolled_back":
             self._event("Normal", "RollbackDone", f"writes paused {e.get('pause_ms')} ms")
 
@@ -226,6 +238,8 @@ class Reporter:
                   "dirtyBacklog": int(st.get("dirtyBacklog") or 0)}
         if st.get("lastCutoverPauseMs") is not None:
             report["lastCutoverPauseMs"] = st["lastCutoverPauseMs"]
+        blocked = st.get("repairBlocked")
+        report["repairBlocked"] = blocked["message"] if blocked else None
         if report != self.last_status:
             await self._patch(report)
             self.last_status = report
@@ -240,6 +254,10 @@ class Reporter:
                 if rsp.status == 200:
                     self.approved_sent = True
                     self._event("Normal", "CutoverApproved", "spec.cutover.approved is true: cutting over")
+        if blocked and (obj["spec"].get("repair") or {}).get("acceptDestructive"):
+            async with http.post(f"{base}/accept-repair", headers=headers) as rsp:
+                if rsp.status == 200:
+                    self._event("Warning", "RepairAccepted", "spec.repair.acceptDestructive is true: repairing")
         if cutover.get("rollback") and not self.rollback_sent and st["phase"] == "RouteOut":
             await self._maybe_rollback(http, base, headers, obj)
 

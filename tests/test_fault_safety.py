@@ -1,0 +1,268 @@
+"""Faults of the servers around DurableCache (docs/protocol.md, "Faults around DurableCache"): a side
+that restarts empty, someone's FLUSHALL on the target, a client writing to the source around the proxy,
+a rollback after the target lost its data, an authoritative source that comes back empty. Each runs the
+real migration (in-process proxy) between real valkey-server processes under a ledger-keeping write
+load, and checks every acknowledged write afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from durablecache.localvalkey import LocalServer
+from durablecache.migration import Migration, MigrationOptions, Phase
+from durablecache.proxyhandles import local_proxies
+from durablecache.repairplan import RepairPlan
+from durablecache.topology import discover
+from durablecache.verify import Verifier
+from durablecache.witness import NodeIdentity, SideReading, count_mismatch, identity_changes
+from durablecache.workload import Workload, seed
+
+SEED_KEYS = 3000
+WAIT = 60.0
+
+
+class Run:
+    """One migration with manual cutover under a ledger-keeping load, its events awaitable."""
+
+    def __init__(self, source: LocalServer, target: LocalServer, **opts: Any):
+        self.source, self.target = source, target
+        self.events: list[dict[str, Any]] = []
+        self._changed = asyncio.Event()
+        self.load = Workload("127.0.0.1", source.port, writers=3, rate=150)
+        options = dict(cutover="manual", gate_settle=0.3, gate_timeout=30, rollback_window=600,
+                       copy_concurrency=4, watch_interval=0.2)
+        options.update(opts)
+        self.m = Migration(source.endpoint(), target.endpoint(), MigrationOptions(**options),
+                           local_proxies("127.0.0.1", 0), emit=self._emit)
+        self.task: asyncio.Task[Phase] | None = None
+
+    def _emit(self, e: dict[str, Any]) -> None:
+        self.events.append(e)
+        if e["event"] == "proxies":
+            host, port = e["addresses"][0].rsplit(":", 1)
+            self.load.point_at(host, int(port))
+        self._changed.set()
+
+    async def start(self) -> None:
+        self.load.start()
+        self.task = asyncio.create_task(self.m.run())
+
+    async def wait(self, pred: Callable[[dict[str, Any]], bool], timeout: float = WAIT,
+                   after: int = 0) -> dict[str, Any]:
+        """The first event from index ``after`` on that satisfies ``pred``."""
+        async with asyncio.timeout(timeout):
+            while True:
+                for e in self.events[after:]:
+                    if pred(e):
+                        return e
+                if self.task and self.task.done():
+                    raise AssertionError(f"migration ended: {self.task.exception()!r}; {self.events[-6:]}")
+                self._changed.clear()
+                await self._changed.wait()
+
+    def kinds(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["event"] == kind]
+
+    async def stop(self) -> None:
+        if not self.load.stop.is_set():
+            await self.load.finish()
+        self.m.stop_requested.set()
+        if self.task:
+            await asyncio.wait_for(self.task, 30)
+
+
+def event(kind: str, **fields: Any) -> Callable[[dict[str, Any]], bool]:
+    return lambda e: e["event"] == kind and all(e.get(k) == v for k, v in fields.items())
+
+
+async def verify_equal(a: LocalServer, b: LocalServer) -> bool:
+    return (await Verifier(await discover(a.endpoint()), await discover(b.endpoint())).run()).equal
+
+
+def in_thread(fn: Callable[[], Any]) -> Any:
+    return asyncio.to_thread(fn)
+
+
+def test_a_target_that_restarts_empty_during_sync_is_never_cut_over_to(make_server):
+    """The issue's first reproduction: the target restarts empty, the cutover is approved at once.
+    The last check before FLIP (or the watch, whichever sees it first) aborts, the repair re-copies,
+    and the cutover that follows loses nothing."""
+    source, target = make_server(), make_server()
+    seed(source.client(), SEED_KEYS)
+
+    async def scenario() -> Run:
+        run = Run(source, target)
+        await run.start()
+        await run.wait(event("awaiting_approval"))
+        await in_thread(target.restart)
+        run.m.approved.set()
+        await run.wait(event("cutover"))
+        await asyncio.sleep(0.3)        # writes go on, to the target now
+        await run.load.finish()
+        assert run.m.syncer and await run.m.syncer.drain(30)
+        await run.stop()
+        return run
+
+    run = asyncio.run(scenario())
+    noticed = run.kinds("side_changed") + [e for e in run.kinds("cutover_aborted") if "changed" in e["reason"]]
+    assert noticed, run.events
+    assert any(e["side"] == "target" for e in run.kinds("side_changed")) or run.kinds("cutover_aborted")
+    assert run.load.acked > 100
+    assert run.load.lost(target.client()) == []
+    assert target.client().dbsize() >= SEED_KEYS
+    assert asyncio.run(verify_equal(source, target))
+
+
+def test_a_flushall_on_the_target_is_caught_by_the_count_witness_before_flip(make_server):
+    """No server restarted, so no identity changed: only the key counts inside the pause can tell."""
+    source, target = make_server(), make_server()
+    seed(source.client(), SEED_KEYS)
+
+    async def scenario() -> Run:
+        run = Run(source, target, watch_interval=3600)     # the watch never looks again: the witness must
+        await run.start()
+        await run.wait(event("awaiting_approval"))
+        await in_thread(lambda: target.client().flushall())
+        run.m.approved.set()
+        await run.wait(event("cutover"))
+        await run.load.finish()
+        assert run.m.syncer and await run.m.syncer.drain(30)
+        await run.stop()
+        return run
+
+    run = asyncio.run(scenario())
+    aborted = run.kinds("cutover_aborted")
+    assert aborted and "keys without expiry" in aborted[0]["reason"], run.events
+    assert run.load.lost(target.client()) == []
+    assert asyncio.run(verify_equal(source, target))
+
+
+def test_a_client_writing_to_the_source_directly_holds_the_cutover_until_it_leaves(make_server):
+    """The issue's fourth reproduction: a direct writer connected during Sync. No cutover starts while
+    it is connected; once it leaves, a repair brings its writes over before the cutover."""
+    source, target = make_server(), make_server()
+    seed(source.client(), SEED_KEYS)
+
+    async def scenario() -> Run:
+        run = Run(source, target)
+        await run.start()
+        await run.wait(event("awaiting_approval"))
+        direct = source.client()
+        mark = len(run.events)
+        for i in range(50):
+            direct.set(f"direct:{i}", i)
+        direct.incrby("direct:counter", 7)
+        run.m.approved.set()
+        blocked = await run.wait(event("gate_blocked", phase="Sync"), after=mark)
+        assert blocked["clients"]
+        assert not run.kinds("cutover")            # held while the client is connected
+        await in_thread(direct.close)
+        await run.wait(event("cutover"))
+        await run.load.finish()
+        assert run.m.syncer and await run.m.syncer.drain(30)
+        await run.stop()
+        return run
+
+    run = asyncio.run(scenario())
+    t = target.client()
+    assert [t.get(f"direct:{i}") for i in range(50)] == [str(i).encode() for i in range(50)]
+    assert t.get("direct:counter") == b"7"
+    assert any("directly" in (e.get("reason") or "") for e in run.kinds("repair"))
+    assert run.load.lost(t) == []
+
+
+def test_a_rollback_after_the_target_lost_its_data_keeps_the_source(make_server):
+    """The issue's second reproduction: after FLIP the target restarts empty; the rollback must not
+    copy that loss onto the source. Every acknowledged write (reverse-synced before the crash) and
+    every seeded key is on the source after the rollback."""
+    source, target = make_server(), make_server()
+    seed(source.client(), SEED_KEYS)
+
+    async def scenario() -> Run:
+        run = Run(source, target)
+        await run.start()
+        await run.wait(event("awaiting_approval"))
+        run.m.approved.set()
+        await run.wait(event("cutover"))
+        await asyncio.sleep(0.3)                   # writes land on the target, reverse-synced to the source
+        await run.load.finish()
+        assert run.m.syncer and await run.m.syncer.drain(30)
+        mark = len(run.events)
+        await in_thread(target.restart)
+        await run.wait(event("side_changed", side="target", authoritative=True), after=mark)
+        run.m.rollback_requested.set()
+        await run.wait(event("rolled_back"))
+        await run.stop()
+        return run
+
+    run = asyncio.run(scenario())
+    s = source.client()
+    assert s.dbsize() >= SEED_KEYS
+    assert run.load.lost(s) == []
+    assert run.kinds("rollback_restores")
+
+
+def test_a_source_that_comes_back_empty_stops_the_repair_and_asks(make_server):
+    """The authoritative source restarts empty during Sync: repairing the target from it would wipe
+    the only copy. The repair stops and asks (nothing written); once accepted it goes ahead."""
+    source, target = make_server(), make_server()
+    seed(source.client(), SEED_KEYS)
+
+    async def scenario() -> Run:
+        run = Run(source, target)
+        await run.start()
+        await run.wait(event("awaiting_approval"))
+        await run.load.finish()
+        await in_thread(source.restart)
+        blocked = await run.wait(event("repair_blocked"))
+        assert blocked["delete"] >= SEED_KEYS and blocked["side"] == "target"
+        assert run.m.status()["repairBlocked"]["message"] == blocked["message"]
+        assert target.client().dbsize() >= SEED_KEYS       # nothing was written
+        run.m.repair_accepted.set()
+        await run.wait(event("repaired", delete=blocked["delete"]))
+        await run.stop()
+        return run
+
+    run = asyncio.run(scenario())
+    assert any(e["authoritative"] and e["side"] == "source" for e in run.kinds("side_changed"))
+    assert target.client().dbsize() == source.client().dbsize()
+
+
+# -- the pieces, without servers ---------------------------------------------------------------------
+def node(run_id: str, role: str = "master", node_id: str = "") -> NodeIdentity:
+    return NodeIdentity("127.0.0.1:1", run_id, role, node_id)
+
+
+def test_identity_changes_name_restarts_failovers_and_replaced_nodes():
+    assert identity_changes((node("a"),), (node("a"),)) == []
+    assert "restarted" in identity_changes((node("a"),), (node("b"),))[0]
+    assert "failover" in identity_changes((node("a"),), (node("a", "slave"),))[0]
+    assert "another cluster node" in identity_changes((node("a", node_id="x"),), (node("a", node_id="y"),))[0]
+    assert "primaries" in identity_changes((node("a"),), (node("a"), node("b")))[-1]
+
+
+@pytest.mark.parametrize(("a", "b", "equal"), [
+    (({0: 100}, {0: 30}), ({0: 100}, {0: 30}), True),
+    (({0: 100}, {0: 30}), ({0: 99}, {0: 30}), False),         # a persistent key missing: never explained
+    (({0: 1000}, {0: 1000}), ({0: 950}, {0: 950}), True),     # volatile keys expiring at their own pace
+    (({0: 1000}, {0: 1000}), ({0: 0}, {0: 0}), False),        # an emptied target
+    (({0: 10, 3: 5}, {}), ({0: 10}, {}), False),              # a whole db missing
+])
+def test_the_count_witness(a, b, equal):
+    ra, rb = SideReading((), *a), SideReading((), *b)
+    assert (count_mismatch(ra, rb, "source", "target") is None) is equal
+
+
+def test_a_repair_plan_counts_what_it_would_destroy_and_leaves_live_keys_out():
+    plan = RepairPlan(pending=lambda dk: dk[1] == b"live")
+    for kind, key in [("missing", b"a"), ("extra", b"b"), ("value", b"c"), ("ttl", b"d"), ("value", b"live")]:
+        plan.record(kind, 0, key)
+    assert plan.summary() == {"add": 1, "delete": 1, "overwrite": 2, "live": 1}
+    assert plan.destructive == 3
+    assert not plan.too_destructive(written_keys=1000, max_share=0.05, min_keys=2)
+    assert plan.too_destructive(written_keys=10, max_share=0.05, min_keys=2)
+    assert sorted(plan.to_copy()) == [(0, b"a"), (0, b"b"), (0, b"c"), (0, b"d")]
