@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import valkey
-from fault_ledger import LedgerWorkload, check_ledgers
+from fault_ledger import LedgerWorkload, check_ledgers, counter_totals
 from fault_runner import (
     Event,
     MigrationRun,
@@ -48,6 +48,14 @@ ROUTINE = {"phase", "proxies", "control", "progress", "copied", "awaiting_approv
 PHASES = ["Copy", "Sync", "Cutover", "RouteOut", "Rollback"]
 
 
+def notable(e: Event) -> bool:
+    """An event beyond the routine ones: a repair counts unless it is the planned pass after the copy."""
+    name = e.get("event")
+    if name == "repair":
+        return bool(e.get("reason")) and not e.get("planned") and "after the copy" not in str(e.get("reason"))
+    return name not in ROUTINE
+
+
 @dataclasses.dataclass
 class Ctx:
     source: LocalServer
@@ -59,7 +67,7 @@ class Ctx:
     others: list[LedgerWorkload] = dataclasses.field(default_factory=list)
     fault_at: int = 0                 # event index when the fault was injected
     fault_cleared_at: int | None = None  # event index when the fault ended (refuse cells)
-    authoritative_lost_own_data: bool = False
+    counter_base: dict[str, int] | None = None   # counters' acked totals when a side came back empty
 
 
 Fault = Callable[[Ctx], None]
@@ -75,6 +83,8 @@ class Cell:
     target_aof: bool = False
     seed_keys: int = 2000
     refuse_wait: float = 20.0          # refuse cells: how long the tool is watched holding off
+    outcome_wait: float = 45.0         # no-loss cells: how long a cutover may take after approval
+    verify_wait: float = 20.0          # how long verify is retried while the syncer catches up
     xfail_reason: str | None = None    # set by the fast subset where a feature has not landed
 
     @property
@@ -108,6 +118,7 @@ class Result:
 # -- faults ---------------------------------------------------------------------------------------
 def target_restart_empty(ctx: Ctx) -> None:
     restart_server(ctx.target, keep_data=False)
+    ctx.counter_base = counter_totals(ctx.writers.ledgers)
 
 
 def target_restart_data(ctx: Ctx) -> None:
@@ -118,6 +129,7 @@ def target_restart_data(ctx: Ctx) -> None:
 
 def source_restart_empty(ctx: Ctx) -> None:
     restart_server(ctx.source, keep_data=False)
+    ctx.counter_base = counter_totals(ctx.writers.ledgers)
 
 
 def net_cut(ctx: Ctx) -> None:
@@ -188,16 +200,18 @@ def _wait_until(cond: Callable[[], bool], timeout: float) -> bool:
     return cond()
 
 
-def _said(events: list[Event], run: MigrationRun, notes: list[str]) -> str:
+def _said(events: list[Event], run: MigrationRun, notes: list[str], names: dict[int, str]) -> str:
     parts: list[str] = []
     seen: dict[str, int] = {}
     for e in events:
         name = str(e.get("event"))
-        if name in ROUTINE:
+        if not notable(e):
             continue
         seen[name] = seen.get(name, 0) + 1
         if seen[name] == 1:
-            detail = e.get("reason") or e.get("message") or e.get("clients") or e.get("side") or ""
+            detail = e.get("reason") or e.get("message") or e.get("clients") or e.get("changes") or ""
+            if name == "side_changed":
+                detail = f"{e.get('side')}: {detail}"
             parts.append(f"`{name}`" + (f" {str(detail)[:90]}" if detail else ""))
     for name, n in seen.items():
         if n > 1:
@@ -207,7 +221,10 @@ def _said(events: list[Event], run: MigrationRun, notes: list[str]) -> str:
     if state.get("message"):
         final += f": {str(state['message'])[:120]}"
     err = run.stderr_tail(160)
-    return "; ".join([*parts, final, *notes, *([err] if err else [])])
+    text = "; ".join([*parts, final, *notes, *([err] if err else [])])
+    for port, name in names.items():
+        text = text.replace(f"127.0.0.1:{port}", name)
+    return text
 
 
 def _drive(cell: Cell, ctx: Ctx) -> None:
@@ -243,6 +260,13 @@ def _drive(cell: Cell, ctx: Ctx) -> None:
             cell.inject(ctx)
             back = run.wait(is_event("route_out", "awaiting_approval", "cutover_aborted"), 30)
             ctx.notes.append("after the restart: " + (str(back.get("event")) if back else "nothing within 30 s"))
+            if back is not None and back.get("event") == "awaiting_approval":
+                # resumed in Sync although it had flipped: approve once more and see where it goes
+                r = run.control("/approve")
+                went_on = is_event("route_out", "cutover", "cutover_aborted")
+                again = run.wait(lambda e: went_on(e) or is_phase("Failed")(e), 20)
+                ctx.notes.append(f"approved again ({r.get('http_error') or 'accepted'}): "
+                                 + (str(again.get("event")) if again else "nothing within 20 s"))
             ctx.writers.wait_acked(200, 10)
         else:
             ctx.fault_at = run.mark()
@@ -260,7 +284,7 @@ def _drive(cell: Cell, ctx: Ctx) -> None:
         ctx.fault_at = run.mark()
         cell.inject(ctx)
         w.wait_acked(200, 10)
-        run.wait(lambda e: e.get("event") not in ROUTINE, 5)   # give the tool a moment to react
+        run.wait(notable, 5)   # give the tool a moment to react
     elif cell.phase == "Rollback":
         run.control("/approve")
         if run.wait(is_event("cutover"), 30) is None:
@@ -281,7 +305,7 @@ def _drive(cell: Cell, ctx: Ctx) -> None:
 def _outcome(cell: Cell, ctx: Ctx) -> None:
     """After approval: wait for the cutover, a failure, or (refuse cells) the tool holding off."""
     run = ctx.run
-    wait_for = cell.refuse_wait if cell.expect == "refuse" else 45.0
+    wait_for = cell.refuse_wait if cell.expect == "refuse" else cell.outcome_wait
     e = run.wait(lambda e: e.get("event") == "cutover" or is_phase("Failed")(e), wait_for)
     if cell.expect == "refuse" and ctx.others:
         # The direct writer leaves; a tool that held off may now (re-check, repair and) cut over.
@@ -352,18 +376,21 @@ def _judge(cell: Cell, ctx: Ctx, res: Result) -> None:
     state = run.state()
     res.flipped = bool(state.get("flipped"))
     # writes that finished; the syncer catches up with the last of them before verify compares
-    res.verify = verify(ctx.source, ctx.target)
+    res.verify = verify(ctx.source, ctx.target, cell.verify_wait)
     auth, other = (ctx.target, ctx.source) if res.flipped else (ctx.source, ctx.target)
     ledgers = [*ctx.writers.ledgers, *(led for o in ctx.others for led in o.ledgers)]
     own_loss = cell.inject is source_restart_empty and cell.phase in ("Copy", "Sync") or \
         cell.inject is target_restart_empty and cell.phase in ("RouteOut", "Rollback")
     sides = [client(auth), client(other)] if own_loss else [client(auth)]
-    check = check_ledgers(ledgers, sides)
+    check = check_ledgers(ledgers, sides, ctx.counter_base if own_loss else None)
     for s in sides:
         s.close()
     res.acked, res.uncertain, res.lost, res.lost_examples = check.acked, check.uncertain, check.n_lost, check.lost[:5]
     events = run.since(ctx.fault_at)
-    res.said = _said(run.since(0), run, ctx.notes)
+    names = {ctx.source.port: "source", ctx.target.port: "target", run.listen: "proxy"}
+    if ctx.proxy:
+        names[ctx.proxy.port] = "target(via fault proxy)"
+    res.said = _said(run.since(0), run, ctx.notes, names)
     if res.why:
         return
     problems: list[str] = []
@@ -377,7 +404,7 @@ def _judge(cell: Cell, ctx: Ctx, res: Result) -> None:
         during = events[:end]
         if any(e.get("event") in ("cutover", "rolled_back") for e in during):
             problems.append("went on while the fault stood")
-        if not any(e.get("event") not in ROUTINE for e in during):
+        if not any(notable(e) for e in during):
             problems.append("said nothing")
     res.ok = not problems
     res.why = "; ".join(problems)

@@ -171,7 +171,22 @@ class LedgerWorkload:
         return check_ledgers(self.ledgers, sides)
 
 
-def check_ledgers(ledgers: list[WriterLedger], sides: list[valkey.Valkey]) -> Check:
+def counter_totals(ledgers: list[WriterLedger]) -> dict[str, int]:
+    """The acknowledged total of every counter so far."""
+    out: dict[str, int] = {}
+    for led in ledgers:
+        for c, n in list(led.incr_acked.items()):
+            out[c] = out.get(c, 0) + n
+    return out
+
+
+def check_ledgers(ledgers: list[WriterLedger], sides: list[valkey.Valkey],
+                  counter_base: dict[str, int] | None = None) -> Check:
+    """Every acknowledged write missing or wrong on ``sides`` (present on any of them is enough).
+
+    ``counter_base``: where a server that was authoritative lost its data in a crash, the increments
+    it acknowledged before are gone with it (and no side can keep a counter that is written on); only
+    the increments acknowledged after the fault, ``total - base``, must be there."""
     lost: list[str] = []
     expected: dict[str, str] = {}
     for led in ledgers:
@@ -198,6 +213,8 @@ def check_ledgers(ledgers: list[WriterLedger], sides: list[valkey.Valkey]) -> Ch
             unsure_ctr[c] = unsure_ctr.get(c, 0) + n
     for c in sorted(set(acked_ctr) | set(unsure_ctr)):
         lo, hi = acked_ctr.get(c, 0), acked_ctr.get(c, 0) + unsure_ctr.get(c, 0)
+        if counter_base is not None:
+            lo -= counter_base.get(c, 0)
         got = [int(side.get(c) or 0) for side in sides]  # type: ignore[arg-type]
         if not any(lo <= v <= hi for v in got):
             lost.append(f"{c}: {got}, expected {lo}..{hi}")
