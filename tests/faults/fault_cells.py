@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import re
 import shutil
 import tempfile
 import time
@@ -85,6 +87,7 @@ class Cell:
     refuse_wait: float = 20.0          # refuse cells: how long the tool is watched holding off
     outcome_wait: float = 45.0         # no-loss cells: how long a cutover may take after approval
     verify_wait: float = 20.0          # how long verify is retried while the syncer catches up
+    must_name: str | None = None       # refuse cells: what the tool's words must name (not an event name)
     xfail_reason: str | None = None    # set by the fast subset where a feature has not landed
 
     @property
@@ -371,6 +374,13 @@ def run_cell(cell: Cell) -> Result:
     return res
 
 
+def _names(e: Event, what: str, ctx: Ctx) -> bool:
+    """Does the event's text name ``what``: a side by that word or by its server's address, or a client?"""
+    text = json.dumps(e)
+    ports = {"source": ctx.source.port, "target": ctx.target.port}
+    return what in text or (what in ports and f"127.0.0.1:{ports[what]}" in text)
+
+
 def _judge(cell: Cell, ctx: Ctx, res: Result) -> None:
     run = ctx.run
     state = run.state()
@@ -394,6 +404,9 @@ def _judge(cell: Cell, ctx: Ctx, res: Result) -> None:
     if res.why:
         return
     problems: list[str] = []
+    crash = re.search(r"error: ([A-Z]\w*(Error|Exception)): ", run.stderr_tail(400))
+    if crash:   # not a refusal (a DurableCacheError is printed without its type): the process broke
+        problems.append(f"migrate died of {crash.group(1)}")
     if res.lost:
         problems.append(f"{res.lost} acked writes lost" + (" (on both sides)" if own_loss else ""))
     if cell.expect == "no-loss":
@@ -406,6 +419,8 @@ def _judge(cell: Cell, ctx: Ctx, res: Result) -> None:
             problems.append("went on while the fault stood")
         if not any(notable(e) for e in during):
             problems.append("said nothing")
+        elif cell.must_name and not any(notable(e) and _names(e, cell.must_name, ctx) for e in events):
+            problems.append(f"never named the {cell.must_name}")
     res.ok = not problems
     res.why = "; ".join(problems)
 
@@ -416,11 +431,12 @@ def all_cells() -> list[Cell]:
     for phase in PHASES:
         expect = "refuse" if phase in ("RouteOut", "Rollback") else "no-loss"
         cells.append(Cell("target restarted empty", phase, target_restart_empty, expect=expect,
-                          seed_keys=50_000 if phase == "Copy" else 2000))
+                          seed_keys=50_000 if phase == "Copy" else 2000,
+                          must_name="target" if expect == "refuse" else None))
     for phase in ("Copy", "Sync", "Cutover", "RouteOut"):
         cells.append(Cell("target restarted with its data (AOF)", phase, target_restart_data, target_aof=True,
                           seed_keys=50_000 if phase == "Copy" else 2000))
-    cells.append(Cell("source restarted empty", "Sync", source_restart_empty, expect="refuse"))
+    cells.append(Cell("source restarted empty", "Sync", source_restart_empty, expect="refuse", must_name="source"))
     for phase in ("Copy", "Sync", "Cutover", "RouteOut"):
         cells.append(Cell("network to target cut 2 s", phase, net_cut, proxy_side="target",
                           seed_keys=50_000 if phase == "Copy" else 2000))
@@ -430,7 +446,8 @@ def all_cells() -> list[Cell]:
     for phase in ("Sync", "Cutover", "RouteOut"):
         cells.append(Cell("target refuses writes (NOREPLICAS)", phase, target_refuses_writes))
     cells.append(Cell("migration SIGKILLed after FLIP, restarted", "Cutover", kill_migration_after_flip))
-    cells.append(Cell("client writing directly to the source", "Sync", direct_writer, expect="refuse"))
+    cells.append(Cell("client writing directly to the source", "Sync", direct_writer, expect="refuse",
+                      must_name="billing-cron"))
     cells.append(Cell("EVAL flushdb through the proxy", "Sync", scripted_flushdb))
     return cells
 
