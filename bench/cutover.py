@@ -5,7 +5,7 @@ from a separate process (so the load does not share this process's event loop wi
 full migration with an in-process proxy; records the cutover write pause and, during Sync, the
 resync lag: the time from a write's acknowledgement through the proxy until the target has it.
 Then a hot big key: a large sorted set under constant ZINCRBY, to measure what key-level resync
-costs (DESIGN.md: the known weakness) and whether the cutover succeeds while it is being written: the
+costs (docs/design.md: the known weakness) and whether the cutover succeeds while it is being written: the
 key-scoped hold (only that key's writes wait until it was copied) before the global freeze, reported
 as the key pause and, separately, the global write pause.
 Usage: python bench/cutover.py [--runs 5] [--rate 5000] [--hot-members 200000]

@@ -30,9 +30,10 @@ class Run:
 
     def __init__(self, source: LocalServer, target: LocalServer, **opts: Any):
         self.source, self.target = source, target
+        first = getattr(source, "nodes", [source])[0]
         self.events: list[dict[str, Any]] = []
         self._changed = asyncio.Event()
-        self.load = Workload("127.0.0.1", source.port, writers=3, rate=150)
+        self.load = Workload("127.0.0.1", first.port, writers=3, rate=150)
         options = dict(cutover="manual", gate_settle=0.3, gate_timeout=30, rollback_window=600,
                        copy_concurrency=4, watch_interval=0.2)
         options.update(opts)
@@ -232,9 +233,39 @@ def test_a_source_that_comes_back_empty_stops_the_repair_and_asks(make_server):
     assert target.client().dbsize() == source.client().dbsize()
 
 
+def test_a_failover_in_the_target_cluster_is_noticed_and_repaired_before_the_cutover(make_cluster):
+    """Cluster mode: a replica of the target takes over its shard (CLUSTER FAILOVER) during Sync. The
+    old primary is a replica now: the side changed, a repair runs on the new slot map, then the cutover."""
+    source, target = make_cluster(primaries=3), make_cluster(primaries=3, replicas=1)
+    client = source.cluster_client()
+    seed(client, SEED_KEYS)
+    client.close()        # a client left connected to the source would block the RouteIn gate
+    replica = target.nodes[3]
+
+    async def scenario() -> Run:
+        run = Run(source, target)        # type: ignore[arg-type]
+        run.load = Workload("127.0.0.1", source.nodes[0].port, writers=3, rate=150, cluster=True)
+        await run.start()
+        await run.wait(event("awaiting_approval"))
+        mark = len(run.events)
+        await in_thread(lambda: replica.client().execute_command("CLUSTER", "FAILOVER"))
+        changed = await run.wait(event("side_changed", side="target"), after=mark)
+        assert any("failover" in c for c in changed["changes"]), changed
+        run.m.approved.set()
+        await run.wait(event("cutover"))
+        await run.load.finish()
+        assert run.m.syncer and await run.m.syncer.drain(30)
+        await run.stop()
+        return run
+
+    run = asyncio.run(scenario())
+    assert run.load.lost(target.cluster_client()) == []
+    assert asyncio.run(verify_equal(source, target))          # type: ignore[arg-type]
+
+
 # -- the pieces, without servers ---------------------------------------------------------------------
-def node(run_id: str, role: str = "master", node_id: str = "") -> NodeIdentity:
-    return NodeIdentity("127.0.0.1:1", run_id, role, node_id)
+def node(run_id: str, role: str = "master", node_id: str = "", port: int = 1) -> NodeIdentity:
+    return NodeIdentity(f"127.0.0.1:{port}", run_id, role, node_id)
 
 
 def test_identity_changes_name_restarts_failovers_and_replaced_nodes():
@@ -242,7 +273,9 @@ def test_identity_changes_name_restarts_failovers_and_replaced_nodes():
     assert "restarted" in identity_changes((node("a"),), (node("b"),))[0]
     assert "failover" in identity_changes((node("a"),), (node("a", "slave"),))[0]
     assert "another cluster node" in identity_changes((node("a", node_id="x"),), (node("a", node_id="y"),))[0]
-    assert "primaries" in identity_changes((node("a"),), (node("a"), node("b")))[-1]
+    moved = identity_changes((node("a"), node("b", port=2)), (node("c", port=3), node("b", port=2)))
+    assert moved == ["127.0.0.1:1 is no longer a primary (a failover or a node removed)",
+                     "127.0.0.1:3 is a primary now (a failover or a node added)"]
 
 
 @pytest.mark.parametrize(("a", "b", "equal"), [
@@ -266,3 +299,16 @@ def test_a_repair_plan_counts_what_it_would_destroy_and_leaves_live_keys_out():
     assert not plan.too_destructive(written_keys=1000, max_share=0.05, min_keys=2)
     assert plan.too_destructive(written_keys=10, max_share=0.05, min_keys=2)
     assert sorted(plan.to_copy()) == [(0, b"a"), (0, b"b"), (0, b"c"), (0, b"d")]
+
+
+def test_a_blocked_repair_and_changed_servers_show_in_the_metrics():
+    from durablecache.k8s.metrics import Metrics
+
+    m = Metrics()
+    labels = {"namespace": "shop", "name": "sessions"}
+    m.observe({"metadata": labels, "status": {"phase": "Sync", "repairBlocked": "a repair would delete ...",
+                                              "sideChanges": 2}})
+    assert m.registry.get_sample_value("durablecache_repair_blocked", labels) == 1
+    assert m.registry.get_sample_value("durablecache_side_changes", labels) == 2
+    m.observe({"metadata": labels, "status": {"phase": "Sync", "sideChanges": 2}})
+    assert m.registry.get_sample_value("durablecache_repair_blocked", labels) == 0

@@ -1,4 +1,5 @@
-"""The migration protocol (DESIGN.md), runtime-agnostic: the CLI and the operator's worker run this.
+"""The migration protocol (docs/design.md, docs/protocol.md), runtime-agnostic: the CLI and the
+operator's worker run this.
 
 Preflight -> Provision -> RouteIn -> Copy -> Sync -> Cutover -> RouteOut -> Complete
 (and Failed, RollingBack, RolledBack).
@@ -176,6 +177,7 @@ class Migration:
             "lastCutoverKeyPauseMs": self.state.get("lastCutoverKeyPauseMs"),
             "repairBlocked": self.state.get("repairBlocked"),
             "authorityChanged": self.state.get("authorityChanged"),
+            "sideChanges": self.state.get("sideChanges", 0),
             "directClients": list(self.trust.direct_clients) if self.trust else [],
             "syncer": dataclasses.asdict(syncer.stats) if syncer else {},
             "message": self.state.get("message", ""),
@@ -332,9 +334,10 @@ class Migration:
         authoritative = side == self._authority()
         log.warning("side changed", side=side, authoritative=authoritative, changes=changes)
         self.emit({"event": "side_changed", "side": side, "authoritative": authoritative, "changes": changes})
+        self.state["sideChanges"] = self.state.get("sideChanges", 0) + 1
         if authoritative:
             self.state["authorityChanged"] = {"side": side, "changes": changes}
-            self.save()
+        self.save()
         assert self.syncer
         self.syncer.require_repair(f"the {side} changed: {'; '.join(changes)}")
 
@@ -365,8 +368,8 @@ class Migration:
     async def _sync_until_cutover(self) -> None:
         assert self.syncer
         if self.opts.verify_in_sync:
-            # DESIGN step 5: compare both sides once the copy is done; it also catches what key tracking
-            # cannot see (scripts writing undeclared keys) up to this point.
+            # docs/protocol.md, Copy and Sync: compare both sides once the copy is done; it also catches
+            # what key tracking cannot see (scripts writing undeclared keys) up to this point.
             self.syncer.require_repair(PLANNED_REPAIR, planned=True)
         attempts = 0
         for _ in range(1 << 30):  # bounded by cutover_attempts and by stop/rollback requests

@@ -1,7 +1,7 @@
 """The syncer: the one owner of copying. Every key that must be copied — a live write marked by a
 proxy, or a key found by the bulk copy or by a repair pass — goes through here.
 
-Invariant kept (DESIGN.md): a key stays dirty until a copy of it *started after its last mark* has
+Invariant kept (docs/design.md): a key stays dirty until a copy of it *started after its last mark* has
 finished. A key marked while its copy is in flight is copied again afterwards, so two copies of
 one key never race and a stale value can never land last.
 """

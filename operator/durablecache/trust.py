@@ -48,6 +48,7 @@ class Trust:
 
     async def establish(self) -> dict[str, SideReading]:
         """The sides as they are now are the ones the copy or repair about to run makes equal."""
+        await asyncio.gather(*(w.refresh() for w in self.watches.values()))
         readings = await self._read_both()
         self.state["trusted"] = {side: r.as_state() for side, r in readings.items()}
         self.reported = {side: r.nodes for side, r in readings.items()}

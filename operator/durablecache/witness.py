@@ -21,7 +21,7 @@ from typing import Any
 
 from .errors import DurableCacheError
 from .resp import Connection, ReplyError, text
-from .topology import Topology, keyspace_counts, parse_info
+from .topology import Topology, discover, keyspace_counts, parse_info
 from .urls import Endpoint
 
 # Volatile keys may differ by this share of the larger count, plus a few, between two equal sides.
@@ -58,17 +58,20 @@ class SideReading:
 
 
 def identity_changes(trusted: tuple[NodeIdentity, ...], now: tuple[NodeIdentity, ...]) -> list[str]:
-    """What differs between the trusted identities and the current ones, in words (empty: nothing)."""
+    """What differs between the trusted primaries and the current ones, in words (empty: nothing)."""
+    current = {n.address: n for n in now}
     out = []
-    for old, new in zip(trusted, now):
-        if old.run_id != new.run_id:
+    for old in trusted:
+        new = current.pop(old.address, None)
+        if new is None:
+            out.append(f"{old.address} is no longer a primary (a failover or a node removed)")
+        elif old.run_id != new.run_id:
             out.append(f"{old.address} restarted or was replaced (run_id {old.run_id[:8]} -> {new.run_id[:8]})")
         elif old.node_id and new.node_id and old.node_id != new.node_id:
             out.append(f"{old.address} is another cluster node now ({old.node_id[:8]} -> {new.node_id[:8]})")
         elif old.role != new.role:
             out.append(f"{old.address} is a {new.role} now, not a {old.role} (a failover)")
-    if len(trusted) != len(now):
-        out.append(f"{len(now)} primaries now, {len(trusted)} before")
+    out.extend(f"{address} is a primary now (a failover or a node added)" for address in current)
     return out
 
 
@@ -103,22 +106,30 @@ class SideWatch:
     def __init__(self, topology: Topology, side: str):
         self.topology = topology
         self.side = side
-        self._conns: dict[int, Connection] = {}
+        self._conns: dict[str, Connection] = {}    # by address: the primaries may change (a failover)
 
-    async def _conn(self, i: int, endpoint: Endpoint) -> Connection:
-        conn = self._conns.get(i)
+    async def _conn(self, endpoint: Endpoint) -> Connection:
+        conn = self._conns.get(endpoint.address)
         if conn is not None and conn.broken:
             await conn.close()
             conn = None
         if conn is None:
             conn = await Connection.open(endpoint, name=CONNECTION_NAME, select_db=0)
-            self._conns[i] = conn
+            self._conns[endpoint.address] = conn
         return conn
+
+    async def refresh(self) -> None:
+        """Re-read a cluster's slot map (a failover or a reshard since): the primaries to trust now."""
+        if not self.topology.cluster:
+            return
+        fresh = await discover(self.topology.seed, name=CONNECTION_NAME)
+        self.topology.primaries = fresh.primaries
+        self.topology.slot_owner = fresh.slot_owner
 
     async def read(self, timeout: float = 5.0) -> SideReading:
         """Read every primary at once; ConnectError when one cannot be reached."""
         primaries = list(self.topology.primaries)
-        replies = await asyncio.gather(*(self._read_one(i, ep, timeout) for i, ep in enumerate(primaries)))
+        replies = await asyncio.gather(*(self._read_one(ep, timeout) for ep in primaries))
         keys: dict[int, int] = {}
         volatile: dict[int, int] = {}
         nodes = []
@@ -130,9 +141,9 @@ class SideWatch:
                 volatile[db] = volatile.get(db, 0) + n
         return SideReading(tuple(nodes), keys, volatile)
 
-    async def _read_one(self, i: int, endpoint: Endpoint, timeout: float) -> tuple[NodeIdentity, dict[int, int],
-                                                                                     dict[int, int]]:
-        conn = await self._conn(i, endpoint)
+    async def _read_one(self, endpoint: Endpoint, timeout: float) -> tuple[NodeIdentity, dict[int, int],
+                                                                            dict[int, int]]:
+        conn = await self._conn(endpoint)
         commands: list[tuple[Any, ...]] = [("INFO", "server"), ("INFO", "replication"), ("INFO", "keyspace")]
         if self.topology.cluster:
             commands.append(("CLUSTER", "MYID"))

@@ -18,7 +18,7 @@ from .conftest import REPO, KubeEnv
 GROUP, VERSION, PLURAL = "durablecache.dev", "v1alpha1", "durablecaches"
 EXAMPLES = sorted((REPO / "docs" / "examples").glob("*.yaml"))
 
-# The manifest from DESIGN.md's "What a user writes", verbatim: the UX the CRD must accept.
+# The manifest the team's design note gave as "what a user writes", verbatim: the UX the CRD must accept.
 DESIGN_EXAMPLE = """
 apiVersion: durablecache.dev/v1alpha1
 kind: DurableCache

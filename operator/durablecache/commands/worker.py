@@ -135,6 +135,7 @@ class Reporter:
         self.rollback_routed_at: float | None = None
         self.last_gate_event = 0.0
         self.last_status: dict[str, Any] = {}
+        self.blocked: dict[str, Any] | None = None     # the repair waiting for spec.repair.acceptDestructive
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue()
 
@@ -208,8 +209,9 @@ class Reporter:
         phase = self.phase or (self.store.phase if self.store else None)
         if not self.store or not phase:
             return
+        degraded = ("RepairBlocked", self.blocked["message"]) if self.blocked else None
         self.store.conditions = conditions_for(phase, "", self.store.generation, self.store.conditions,
-                                               awaiting_approval=self.awaiting)
+                                               awaiting_approval=self.awaiting, degraded=degraded)
         await self._patch({"conditions": self.store.conditions})
 
     # -- periodic ---------------------------------------------------------------------------------
@@ -240,6 +242,10 @@ class Reporter:
             report["lastCutoverPauseMs"] = st["lastCutoverPauseMs"]
         blocked = st.get("repairBlocked")
         report["repairBlocked"] = blocked["message"] if blocked else None
+        report["sideChanges"] = int(st.get("sideChanges") or 0)
+        if (blocked or None) != self.blocked:
+            self.blocked = blocked or None
+            await self._conditions()
         if report != self.last_status:
             await self._patch(report)
             self.last_status = report

@@ -26,6 +26,10 @@ class Metrics:
                              "copied yet", LABELS, registry=r)
         self.pause = Gauge("durablecache_last_cutover_pause_milliseconds", "write pause of the last cutover "
                            "attempt", LABELS, registry=r)
+        self.repair_blocked = Gauge("durablecache_repair_blocked", "1 while a verify-and-repair that would delete "
+                                    "or overwrite much of a side waits for acceptance", LABELS, registry=r)
+        self.side_changes = Gauge("durablecache_side_changes", "times a server of either side was found restarted, "
+                                  "failed over or replaced during the migration", LABELS, registry=r)
         self._known: set[tuple[str, str]] = set()
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
@@ -43,6 +47,8 @@ class Metrics:
         self.keys_copied.labels(*key).set(prog.get("keysCopied") or 0)
         self.keys_total.labels(*key).set(prog.get("keysTotal") or 0)
         self.backlog.labels(*key).set(status.get("dirtyBacklog") or 0)
+        self.repair_blocked.labels(*key).set(1 if status.get("repairBlocked") else 0)
+        self.side_changes.labels(*key).set(status.get("sideChanges") or 0)
         if status.get("lastCutoverPauseMs") is not None:
             self.pause.labels(*key).set(status["lastCutoverPauseMs"])
 
@@ -53,7 +59,8 @@ class Metrics:
         self._known.discard(key)
         for phase in PHASES:
             self.phase.remove(*key, phase)
-        for gauge in (self.progress, self.keys_copied, self.keys_total, self.backlog):
+        for gauge in (self.progress, self.keys_copied, self.keys_total, self.backlog, self.repair_blocked,
+                      self.side_changes):
             gauge.remove(*key)
         with contextlib.suppress(KeyError):
             self.pause.remove(*key)
