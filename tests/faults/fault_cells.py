@@ -322,7 +322,8 @@ def _outcome(cell: Cell, ctx: Ctx) -> None:
     ctx.writers.wait_acked(100, 5)  # writes go on after the outcome, to whichever side is authoritative
 
 
-def run_cell(cell: Cell) -> Result:
+def run_cell(cell: Cell, keep_logs: Path | None = None) -> Result:
+    """One cell, start to end; ``keep_logs``: where a failing cell's events, state and stderr are kept."""
     res = Result(cell.fault, cell.phase, cell.expect)
     t0 = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="durablecache-fault-"))
@@ -369,6 +370,12 @@ def run_cell(cell: Cell) -> Result:
             with contextlib.suppress(Exception):
                 kill_server(s)
             s.stop()
+        if keep_logs is not None and not res.ok:
+            dest = keep_logs / re.sub(r"[^\w@.-]+", "_", cell.name)
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(workdir, dest, ignore=shutil.ignore_patterns("token"))
+            if run is not None:
+                (dest / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in run.since(0)))
         shutil.rmtree(workdir, ignore_errors=True)
     res.seconds = round(time.monotonic() - t0, 1)
     return res
@@ -412,6 +419,8 @@ def _judge(cell: Cell, ctx: Ctx, res: Result) -> None:
     if cell.expect == "no-loss":
         if res.verify != "equal":
             problems.append("sides differ")
+        if state.get("phase") == "Failed" and not crash:   # a fault it should ride out ended the migration
+            problems.append(f"migration failed: {str(state.get('message'))[:80]}")
     else:
         end = None if ctx.fault_cleared_at is None else ctx.fault_cleared_at - ctx.fault_at
         during = events[:end]

@@ -32,6 +32,8 @@ def main() -> int:
                     help="run cells whose 'fault@phase' contains this text (case-insensitive; repeatable)")
     ap.add_argument("--list", action="store_true", help="list the cells and exit")
     ap.add_argument("--json", metavar="PATH", help="also write every result as JSON here")
+    ap.add_argument("--logs", metavar="DIR", type=Path,
+                    help="keep each failing cell's events, state file and stderr under DIR")
     args = ap.parse_args()
     cells = [c for c in all_cells() if not args.only or any(o.lower() in c.name.lower() for o in args.only)]
     if args.list:
@@ -45,7 +47,7 @@ def main() -> int:
     results: list[Result] = []
     for i, cell in enumerate(cells, 1):
         print(f"[{i}/{len(cells)}] {cell.name} ...", file=sys.stderr, flush=True)
-        r = run_cell(cell)
+        r = run_cell(cell, args.logs)
         results.append(r)
         print(f"    {r.seconds:.0f}s {'ok' if r.ok else 'FAIL: ' + r.why}", file=sys.stderr, flush=True)
     total = time.monotonic() - started
