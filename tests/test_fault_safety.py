@@ -236,7 +236,7 @@ def test_a_source_that_comes_back_empty_stops_the_repair_and_asks(make_server):
 def test_a_failover_in_the_target_cluster_is_noticed_and_repaired_before_the_cutover(make_cluster):
     """Cluster mode: a replica of the target takes over its shard (CLUSTER FAILOVER) during Sync. The
     old primary is a replica now: the side changed, a repair runs on the new slot map, then the cutover."""
-    source, target = make_cluster(primaries=3), make_cluster(primaries=3, replicas=1)
+    source, target = make_cluster(primaries=3), make_cluster(primaries=3, replicas=1, engine="valkey9")
     client = source.cluster_client()
     seed(client, SEED_KEYS)
     client.close()        # a client left connected to the source would block the RouteIn gate

@@ -81,7 +81,7 @@ def test_zero_loss_standalone(source, target):
 
 
 def test_zero_loss_cluster(make_cluster):
-    source, target = make_cluster(primaries=3), make_cluster(primaries=3)
+    source, target = make_cluster(primaries=3), make_cluster(primaries=3, engine="valkey9")
     r = asyncio.run(migrate_under_load(source, target, cluster=True, keys=3000))
     assert r["acked"] > 1000
     assert r["lost"] == []

@@ -100,11 +100,42 @@ async def check_pair(source: Topology, target: Topology, allow_nonempty: bool,
         if used:
             raise RefusedError(f"source has keys in database(s) {used}, "
                                "but the target is a cluster, which has only db 0")
+    if source.volatile_item_keys and not target.field_ttl:
+        examples = await keys_with_field_expiry(source)
+        raise RefusedError(
+            f"source has {source.volatile_item_keys} hash key(s) whose fields carry their own expiry (e.g. "
+            f"{', '.join(repr(k.decode(errors='replace')) for k in examples) or '?'}), which a target without "
+            f"hash field expiration cannot hold (target {target.describe()}; Valkey >= 9 can)")
     if not allow_nonempty:
         await refresh_db_keys(target)
         present = sum((await unit_sizes(target)).values())
         if present:
             raise RefusedError(f"target {target.seed.address} is not empty ({present} keys); {nonempty_hint}")
+
+
+async def keys_with_field_expiry(topo: Topology, want: int = 5, scan_limit: int = 200_000) -> list[bytes]:
+    """A few hash keys whose fields carry their own expiry, found by scanning at most ``scan_limit`` keys
+    of db 0 on each primary (to name them in an error)."""
+    found: list[bytes] = []
+    for node in topo.primaries:
+        conn = await Connection.open(node, name="durablecache-preflight", select_db=0)
+        try:
+            cursor, seen = b"0", 0
+            while len(found) < want and seen < scan_limit:
+                cursor, keys = await conn.call("SCAN", cursor, "COUNT", 1000, "TYPE", "hash")
+                seen += 1000
+                # The first chunk of each hash's fields only: enough to name examples, never a huge read.
+                replies = await conn.pipeline([("HSCAN", k, 0, "COUNT", 1000) for k in keys])
+                checks = [(k, list(v[1][::2])) for k, v in zip(keys, replies) if isinstance(v, list) and v[1]]
+                ttls = await conn.pipeline([("HPEXPIRETIME", k, "FIELDS", len(fs), *fs) for k, fs in checks])
+                found += [k for (k, _), t in zip(checks, ttls) if isinstance(t, list) and any(x > 0 for x in t)]
+                if cursor in (b"0", 0):
+                    break
+        finally:
+            await conn.close()
+        if len(found) >= want:
+            break
+    return found[:want]
 
 
 class BulkCopy:

@@ -320,7 +320,8 @@ class KeyMover:
             await self._dst(db, key, ("APPEND", key, part), size=len(part))
         return int(length)
 
-    async def _scan_copy(self, db: int, key: bytes, scan: str, write: str, pairs: bool, swap: bool) -> int:
+    async def _scan_copy(self, db: int, key: bytes, scan: str, write: str, pairs: bool, swap: bool,
+                         field_ttls: bool = False) -> int:
         cursor, total = b"0", 0
         for _ in range(1 << 30):  # bounded by SCAN's own termination; the range is a safety net
             cursor, items = await self._src(db, key, scan, key, cursor, "COUNT", self.opts.chunk_elements)
@@ -330,12 +331,25 @@ class KeyMover:
                 size = sum(len(x) for x in items)
                 total += size
                 await self._dst(db, key, (write, key, *items), size=size)
+                if field_ttls:
+                    await self._copy_field_expiries(db, key, items[::2])
             if cursor in (b"0", 0, "0"):
                 return total
         return total
 
     async def _chunk_hash(self, db: int, key: bytes) -> int:
-        return await self._scan_copy(db, key, "HSCAN", "HSET", True, False)
+        return await self._scan_copy(db, key, "HSCAN", "HSET", True, False, field_ttls=self.src.topology.field_ttl)
+
+    async def _copy_field_expiries(self, db: int, key: bytes, fields: list[bytes]) -> None:
+        """Valkey 9: each hash field may carry its own expiry; HSET wrote the chunk's fields without it.
+        Their absolute expiry (unix ms) is copied as it is, like a key's."""
+        times = await self._src(db, key, "HPEXPIRETIME", key, "FIELDS", len(fields), *fields)
+        at: dict[int, list[bytes]] = {}
+        for field, when in zip(fields, times):
+            if isinstance(when, int) and when > 0:
+                at.setdefault(when, []).append(field)
+        if at:
+            await self._dst(db, key, *(("HPEXPIREAT", key, when, "FIELDS", len(fs), *fs) for when, fs in at.items()))
 
     async def _chunk_set(self, db: int, key: bytes) -> int:
         return await self._scan_copy(db, key, "SSCAN", "SADD", False, False)

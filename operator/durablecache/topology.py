@@ -26,6 +26,10 @@ class Topology:
     slot_owner: list[int] = dataclasses.field(default_factory=list, repr=False)
     # standalone: db number -> key count (INFO keyspace)
     db_keys: dict[int, int] = dataclasses.field(default_factory=dict)
+    # hash fields with their own expiry (HEXPIRE, HSETEX...: Valkey 9): the server knows HPEXPIRETIME
+    field_ttl: bool = False
+    # keys with such fields (INFO keyspace keys_with_volatile_items), summed over the dbs (standalone)
+    volatile_item_keys: int = 0
 
     def primary_for(self, key: bytes) -> int:
         return self.slot_owner[key_slot(key)] if self.cluster else 0
@@ -51,13 +55,13 @@ def parse_info(text: bytes | str) -> dict[str, str]:
     return out
 
 
-def keyspace_counts(info: dict[str, str]) -> dict[int, int]:
-    """`db0:keys=3,expires=0,avg_ttl=0` -> {0: 3}."""
+def keyspace_counts(info: dict[str, str], field: str = "keys") -> dict[int, int]:
+    """`db0:keys=3,expires=0,avg_ttl=0` -> {0: 3} (or another field of each db's line)."""
     counts = {}
     for k, v in info.items():
         if k.startswith("db") and k[2:].isdigit():
-            fields = dict(f.split("=", 1) for f in v.split(","))
-            counts[int(k[2:])] = int(fields.get("keys", 0))
+            fields = dict(f.split("=", 1) for f in v.split(",") if "=" in f)
+            counts[int(k[2:])] = int(fields.get(field, 0))
     return counts
 
 
@@ -73,20 +77,28 @@ async def discover(seed: Endpoint, name: str = "durablecache-engine") -> Topolog
         info.update(parse_info(await conn.call("INFO", "cluster")))
         info.update(parse_info(await conn.call("INFO", "keyspace")))
         version = _version(info)
+        probe = (await conn.pipeline([("COMMAND", "INFO", "HPEXPIRETIME")]))[0]
+        field_ttl = isinstance(probe, list) and bool(probe) and probe[0] is not None
+        volatile_items = keyspace_counts(info, "keys_with_volatile_items")
         if info.get("cluster_enabled") != "1":
             return Topology(seed, False, [seed], version, {info.get("run_id", "")},
-                            db_keys=keyspace_counts(info))
+                            db_keys=keyspace_counts(info), field_ttl=field_ttl,
+                            volatile_item_keys=sum(volatile_items.values()))
         primaries, owner = await _cluster_map(conn, seed)
     finally:
         await conn.close()
     run_ids = set()
+    volatile_items_total = 0
     for node in primaries:
         c = await Connection.open(node, name=name, select_db=0)
         try:
             run_ids.add(parse_info(await c.call("INFO", "server")).get("run_id", ""))
+            space = parse_info(await c.call("INFO", "keyspace"))
+            volatile_items_total += sum(keyspace_counts(space, "keys_with_volatile_items").values())
         finally:
             await c.close()
-    return Topology(seed, True, primaries, version, run_ids, owner)
+    return Topology(seed, True, primaries, version, run_ids, owner, field_ttl=field_ttl,
+                    volatile_item_keys=volatile_items_total)
 
 
 async def _cluster_map(conn: Connection, seed: Endpoint) -> tuple[list[Endpoint], list[int]]:

@@ -24,7 +24,7 @@ from .resp import Connection, ReplyError, reply_map
 from .side import Side
 from .topology import Topology
 
-KINDS = ("missing", "extra", "type", "value", "ttl")
+KINDS = ("missing", "extra", "type", "value", "ttl", "field_ttl")   # field_ttl: a hash field's own expiry
 MAX_EXAMPLES = 5
 FETCH: dict[str, Callable[[bytes], list[tuple[Any, ...]]]] = {
     "string": lambda k: [("GET", k)],
@@ -230,8 +230,9 @@ class Verifier:
             elif (sexp < 0) != (dexp < 0) or abs(sexp - dexp) > self.tolerance_ms:
                 self._diff("ttl", db, key, f"expiry source {sexp} ms, target {dexp} ms (unix ms; -1 none)")
             elif size > self.big_key_bytes:
-                if not await self._big_equal(src, dst, db, key, stype):
-                    self._diff("value", db, key, f"{stype} values differ")
+                kind = await self._big_difference(src, dst, db, key, stype)
+                if kind:
+                    self._diff(kind, db, key, f"{stype} {'field expiries' if kind == 'field_ttl' else 'values'} differ")
             else:
                 small.setdefault(stype, []).append(key)
         for ktype, group in small.items():
@@ -240,12 +241,45 @@ class Verifier:
                 raise ServerError(f"key {group[0][:60]!r} has type {ktype!r}, which verify cannot compare")
             n = len(fetch(b""))
             svals, dvals = await asyncio.gather(src.per_key(db, group, fetch, n), dst.per_key(db, group, fetch, n))
+            same: list[tuple[bytes, list[bytes]]] = []
             for key, sv, dv in zip(group, svals, dvals):
                 if any(isinstance(x, ReplyError) for x in sv + dv) or sv[0] is None or dv[0] is None:
                     continue  # changed type or vanished between the two reads
                 if canonical_digest(ktype, sv) != canonical_digest(ktype, dv):
                     self._diff("value", db, key, f"{ktype} values differ")
+                elif ktype == "hash":
+                    same.append((key, _hash_fields(sv[0])))
+            if same and src.topology.field_ttl:
+                await self._compare_field_expiries(src, dst, db, same)
         self.progress.advance(len(keys), 0)
+
+    async def _field_expiries(self, side: Side, db: int, fields: dict[bytes, list[bytes]]) -> dict[bytes, list[int]]:
+        """Each hash field's own absolute expiry in unix ms (-1: none); all -1 where the server has none."""
+        keys = [k for k, fs in fields.items() if fs]
+        replies = await side.per_key(db, keys, lambda k: [("HPEXPIRETIME", k, "FIELDS", len(fields[k]), *fields[k])], 1)
+        return {k: [int(x) for x in r[0]] if isinstance(r[0], list) else [-1] * len(fields[k])
+                for k, r in zip(keys, replies)}
+
+    def _expiries_differ(self, a: list[int], b: list[int], now: int) -> bool:
+        for sa, sb in zip(a, b):
+            if sa == sb or (_expiring(sa, now, self.tolerance_ms) and (sb < 0 or abs(sa - sb) <= self.tolerance_ms)):
+                continue
+            if (sa < 0) != (sb < 0) or abs(sa - sb) > self.tolerance_ms:
+                return True
+        return False
+
+    async def _both_field_expiries(self, src: Side, dst: Side, db: int,
+                                   fields: dict[bytes, list[bytes]]) -> tuple[dict[bytes, list[int]], ...]:
+        return tuple(await asyncio.gather(self._field_expiries(src, db, fields), self._field_expiries(dst, db, fields)))
+
+    async def _compare_field_expiries(self, src: Side, dst: Side, db: int,
+                                      same: list[tuple[bytes, list[bytes]]]) -> None:
+        sexp, dexp = await self._both_field_expiries(src, dst, db, dict(same))
+        now = int(time.time() * 1000)
+        for key, a in sexp.items():
+            b = dexp.get(key, [-1] * len(a))
+            if self._expiries_differ(a, b, now):
+                self._diff("field_ttl", db, key, "hash field expiries differ (source vs target, unix ms)")
 
     async def _extras(self, src: Side, db: int, keys: list[bytes]) -> None:
         exists = await src.per_key(db, keys, lambda k: [("EXISTS", k)], 1)
@@ -253,6 +287,26 @@ class Verifier:
             if present == 0:
                 self._diff("extra", db, key, "on target only")
         self.progress.advance(len(keys), 0)
+
+    async def _big_difference(self, src: Side, dst: Side, db: int, key: bytes, ktype: str) -> str | None:
+        """Compare a large value chunk by chunk, never holding all of it: None when equal, else the kind
+        of difference (value, or field_ttl for a hash whose fields' own expiries differ)."""
+        if not await self._big_equal(src, dst, db, key, ktype):
+            return "value"
+        if ktype != "hash" or not src.topology.field_ttl:
+            return None
+        cursor: Any = 0
+        now = int(time.time() * 1000)
+        for _ in range(1 << 40):
+            cursor, items = (await src.on_key(db, key, ("HSCAN", key, cursor, "COUNT", self.chunk)))[0]
+            names = items[::2]
+            if names:
+                a, b = await self._both_field_expiries(src, dst, db, {key: list(names)})
+                if self._expiries_differ(a[key], b[key], now):
+                    return "field_ttl"
+            if int(cursor) == 0:
+                return None
+        return None
 
     async def _big_equal(self, src: Side, dst: Side, db: int, key: bytes, ktype: str) -> bool:
         """Compare a large value chunk by chunk, never holding all of it."""
@@ -307,6 +361,11 @@ class Verifier:
                 if start >= length:
                     return True
         return True
+
+
+def _hash_fields(value: Any) -> list[bytes]:
+    """The field names of an HGETALL reply (flat in RESP2, a map in RESP3)."""
+    return list(value.keys()) if isinstance(value, dict) else list(value[::2])
 
 
 def _expiring(expiry: int, now: int, tolerance: int) -> bool:

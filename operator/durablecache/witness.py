@@ -156,18 +156,10 @@ class SideWatch:
         node_id = text(replies[3]) if len(replies) > 3 and not isinstance(replies[3], ReplyError) else ""
         space = parse_info(replies[2])
         keys = keyspace_counts(space)
-        volatile = {db: _field(space.get(f"db{db}", ""), "expires") for db in keys}
+        volatile = keyspace_counts(space, "expires")
         return NodeIdentity(endpoint.address, info.get("run_id", ""), role, node_id), keys, volatile
 
     async def close(self) -> None:
         conns, self._conns = self._conns, {}
         for c in conns.values():
             await c.close()
-
-
-def _field(entry: str, name: str) -> int:
-    for part in entry.split(","):
-        k, _, v = part.partition("=")
-        if k == name and v.isdigit():
-            return int(v)
-    return 0

@@ -28,12 +28,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    print("starting two local valkey-server 8.1 instances"
-          + (" (3-primary clusters)" if args.cluster else "") + " ...", flush=True)
+    print("starting a valkey-server 8.1 source and a valkey-server 9.1 target (the engine of every durable "
+          "cluster)" + (", 3-primary clusters" if args.cluster else "") + " ...", flush=True)
     servers: list[Any] = []
     try:
-        for _ in range(2):
-            servers.append(LocalCluster(primaries=3).start() if args.cluster else LocalServer().start())
+        for engine in ("valkey8", "valkey9"):
+            servers.append(LocalCluster(primaries=3, engine=engine).start() if args.cluster
+                           else LocalServer(engine=engine).start())
         source, target = servers
         client = source.cluster_client() if args.cluster else source.client()
         t0 = time.monotonic()
