@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -48,6 +49,10 @@ from durablecache.workload import seed
 ROUTINE = {"phase", "proxies", "control", "progress", "copied", "awaiting_approval", "serving", "route_out",
            "repair", "repaired", "cutover", "rolled_back", "_started", "_exited"}
 PHASES = ["Copy", "Sync", "Cutover", "RouteOut", "Rollback"]
+# As in tests/conftest.py: the source is valkey-server 8.1, a durable target is Valkey >= 9 (9.1).
+# Environment DURABLECACHE_FAULTS_SOURCE / _TARGET (valkey8 | valkey9 | redis7) pick others.
+SOURCE_ENGINE = os.environ.get("DURABLECACHE_FAULTS_SOURCE", "valkey8")
+TARGET_ENGINE = os.environ.get("DURABLECACHE_FAULTS_TARGET", "valkey9")
 
 
 def notable(e: Event) -> bool:
@@ -327,8 +332,8 @@ def run_cell(cell: Cell, keep_logs: Path | None = None) -> Result:
     res = Result(cell.fault, cell.phase, cell.expect)
     t0 = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="durablecache-fault-"))
-    source = LocalServer()
-    target = aof_server() if cell.target_aof else LocalServer()
+    source = LocalServer(engine=SOURCE_ENGINE)
+    target = aof_server(TARGET_ENGINE) if cell.target_aof else LocalServer(engine=TARGET_ENGINE)
     proxy: FaultProxy | None = None
     run: MigrationRun | None = None
     writers: LedgerWorkload | None = None

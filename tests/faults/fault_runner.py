@@ -163,9 +163,9 @@ class MigrationRun:
 
 
 # -- servers --------------------------------------------------------------------------------------
-def aof_server() -> LocalServer:
+def aof_server(engine: str) -> LocalServer:
     """A server that keeps its data across a restart: AOF, fsync always (later arguments win)."""
-    return LocalServer(extra=["--appendonly", "yes", "--appendfsync", "always"])
+    return LocalServer(engine=engine, extra=["--appendonly", "yes", "--appendfsync", "always"])
 
 
 def kill_server(server: LocalServer) -> None:
