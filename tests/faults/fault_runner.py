@@ -20,9 +20,14 @@ from typing import Any
 
 import valkey
 
+import durablecache
 from durablecache.localvalkey import START_TIMEOUT, LocalServer, free_port
 
 CLI = [sys.executable, "-m", "durablecache.cli"]
+# Children run the same durablecache as this process (this checkout's, not an editable install's).
+_PKG_ROOT = str(Path(durablecache.__file__).resolve().parents[1])
+CHILD_ENV = {**os.environ, "PYTHONUNBUFFERED": "1",
+             "PYTHONPATH": os.pathsep.join(p for p in (_PKG_ROOT, os.environ.get("PYTHONPATH", "")) if p)}
 Event = dict[str, Any]
 Pred = Callable[[Event], bool]
 
@@ -62,8 +67,7 @@ class MigrationRun:
     def start(self) -> MigrationRun:
         n = len(self.procs)
         stderr = open(self.workdir / f"stderr.{n}", "w")  # noqa: SIM115 - closed by the child's exit
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
+        proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=stderr, text=True, env=CHILD_ENV,
                                 start_new_session=True)
         stderr.close()
         self.procs.append(proc)
@@ -206,7 +210,8 @@ def verify(source: LocalServer, target: LocalServer, timeout: float = 20.0) -> s
     while True:
         try:
             res = subprocess.run([*CLI, "verify", "--source", source.url(), "--target", target.url()],
-                                 capture_output=True, text=True, timeout=max(5.0, deadline - time.monotonic()))
+                                 capture_output=True, text=True, env=CHILD_ENV,
+                                 timeout=max(5.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             return "verify timed out"
         if res.returncode == 0:
