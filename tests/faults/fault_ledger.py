@@ -28,6 +28,7 @@ COUNTERS = 3
 @dataclasses.dataclass
 class WriterLedger:
     keys: dict[str, str] = dataclasses.field(default_factory=dict)       # acknowledged SETs
+    acked_at: dict[str, float] = dataclasses.field(default_factory=dict)  # key -> time.monotonic() of its reply
     uncertain_keys: set[str] = dataclasses.field(default_factory=set)
     incr_acked: dict[str, int] = dataclasses.field(default_factory=dict)  # counter -> acknowledged total
     incr_uncertain: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -41,6 +42,7 @@ class Check:
     acked: int
     uncertain: int
     lost: list[str]
+    crash_lost: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def n_lost(self) -> int:
@@ -130,6 +132,7 @@ class LedgerWorkload:
                 try:
                     client.set(key, value)
                     led.keys[key] = value
+                    led.acked_at[key] = time.monotonic()
                     led.acked += 1
                 except (valkey.ValkeyError, OSError) as exc:
                     led.uncertain_keys.add(key)
@@ -181,13 +184,19 @@ def counter_totals(ledgers: list[WriterLedger]) -> dict[str, int]:
 
 
 def check_ledgers(ledgers: list[WriterLedger], sides: list[valkey.Valkey],
-                  counter_base: dict[str, int] | None = None) -> Check:
+                  counter_base: dict[str, int] | None = None, crash_window: tuple[float, float] | None = None) -> Check:
     """Every acknowledged write missing or wrong on ``sides`` (present on any of them is enough).
 
     ``counter_base``: where a server that was authoritative lost its data in a crash, the increments
     it acknowledged before are gone with it (and no side can keep a counter that is written on); only
-    the increments acknowledged after the fault, ``total - base``, must be there."""
+    the increments acknowledged after the fault, ``total - base``, must be there.
+    ``crash_window`` (monotonic start, end): a missing key acknowledged then — by the server that crashed,
+    just before its crash, faster than any copy — goes to ``crash_lost`` instead of ``lost``."""
     lost: list[str] = []
+    crash_lost: list[str] = []
+    acked_at: dict[str, float] = {}
+    for led in ledgers:
+        acked_at.update(led.acked_at)
     expected: dict[str, str] = {}
     for led in ledgers:
         expected.update(led.keys)
@@ -203,7 +212,12 @@ def check_ledgers(ledgers: list[WriterLedger], sides: list[valkey.Valkey],
                     found[k] = v
     for k in keys:
         if found[k] != expected[k].encode():
-            lost.append(f"{k}: expected {expected[k]!r}, found {found[k]!r}")
+            what = f"{k}: expected {expected[k]!r}, found {found[k]!r}"
+            at = acked_at.get(k, 0.0)
+            if crash_window is not None and crash_window[0] <= at <= crash_window[1]:
+                crash_lost.append(what)
+            else:
+                lost.append(what)
     acked_ctr: dict[str, int] = {}
     unsure_ctr: dict[str, int] = {}
     for led in ledgers:
@@ -218,7 +232,8 @@ def check_ledgers(ledgers: list[WriterLedger], sides: list[valkey.Valkey],
         got = [int(side.get(c) or 0) for side in sides]  # type: ignore[arg-type]
         if not any(lo <= v <= hi for v in got):
             lost.append(f"{c}: {got}, expected {lo}..{hi}")
-    return Check(acked=sum(x.acked for x in ledgers), uncertain=sum(x.uncertain for x in ledgers), lost=lost)
+    return Check(acked=sum(x.acked for x in ledgers), uncertain=sum(x.uncertain for x in ledgers), lost=lost,
+                 crash_lost=crash_lost)
 
 
 def _close(client: valkey.Valkey) -> None:

@@ -172,17 +172,20 @@ def aof_server(engine: str) -> LocalServer:
     return LocalServer(engine=engine, extra=["--appendonly", "yes", "--appendfsync", "always"])
 
 
-def kill_server(server: LocalServer) -> None:
-    """SIGKILL the server process (no shutdown save); its directory stays."""
+def kill_server(server: LocalServer) -> float:
+    """SIGKILL the server process (no shutdown save); its directory stays. Returns when it was sent."""
+    at = time.monotonic()
     if server.proc and server.proc.poll() is None:
         server.proc.kill()
         server.proc.wait(10)
+    return at
 
 
-def restart_server(server: LocalServer, *, keep_data: bool) -> None:
+def restart_server(server: LocalServer, *, keep_data: bool) -> float:
     """Start the server again on the same port. keep_data=False: its files are removed first, so it
-    comes back empty (as a cache node replaced after a crash); True: it reloads its AOF."""
-    kill_server(server)
+    comes back empty (as a cache node replaced after a crash); True: it reloads its AOF. Returns when
+    the kill was sent."""
+    killed_at = kill_server(server)
     if not keep_data:
         for entry in Path(server.dir).iterdir():
             if entry.name != "server.log":
@@ -196,7 +199,7 @@ def restart_server(server: LocalServer, *, keep_data: bool) -> None:
     while time.monotonic() < deadline:  # the port was just released; a bind may briefly fail
         server.proc = subprocess.Popen(server.args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if server._wait_ready():
-            return
+            return killed_at
         kill_server(server)
         time.sleep(0.2)
     raise RuntimeError(f"valkey-server on port {server.port} did not restart")
