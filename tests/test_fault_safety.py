@@ -68,6 +68,15 @@ class Run:
     def kinds(self, kind: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e["event"] == kind]
 
+    async def cut_over_and_stop(self) -> None:
+        """Approve, wait for the cutover, end the load, let reverse sync catch up, stop."""
+        self.m.approved.set()
+        await self.wait(event("cutover"))
+        await asyncio.sleep(0.3)        # writes go on, to the target now
+        await self.load.finish()
+        assert self.m.syncer and await self.m.syncer.drain(30)
+        await self.stop()
+
     async def stop(self) -> None:
         if not self.load.stop.is_set():
             await self.load.finish()
@@ -92,7 +101,7 @@ def test_a_target_that_restarts_empty_during_sync_is_never_cut_over_to(make_serv
     """The issue's first reproduction: the target restarts empty, the cutover is approved at once.
     The last check before FLIP (or the watch, whichever sees it first) aborts, the repair re-copies,
     and the cutover that follows loses nothing."""
-    source, target = make_server(), make_server()
+    source, target = make_server(), make_server(engine="valkey9")
     seed(source.client(), SEED_KEYS)
 
     async def scenario() -> Run:
@@ -100,12 +109,7 @@ def test_a_target_that_restarts_empty_during_sync_is_never_cut_over_to(make_serv
         await run.start()
         await run.wait(event("awaiting_approval"))
         await in_thread(target.restart)
-        run.m.approved.set()
-        await run.wait(event("cutover"))
-        await asyncio.sleep(0.3)        # writes go on, to the target now
-        await run.load.finish()
-        assert run.m.syncer and await run.m.syncer.drain(30)
-        await run.stop()
+        await run.cut_over_and_stop()
         return run
 
     run = asyncio.run(scenario())
@@ -120,7 +124,7 @@ def test_a_target_that_restarts_empty_during_sync_is_never_cut_over_to(make_serv
 
 def test_a_flushall_on_the_target_is_caught_by_the_count_witness_before_flip(make_server):
     """No server restarted, so no identity changed: only the key counts inside the pause can tell."""
-    source, target = make_server(), make_server()
+    source, target = make_server(), make_server(engine="valkey9")
     seed(source.client(), SEED_KEYS)
 
     async def scenario() -> Run:
@@ -128,11 +132,7 @@ def test_a_flushall_on_the_target_is_caught_by_the_count_witness_before_flip(mak
         await run.start()
         await run.wait(event("awaiting_approval"))
         await in_thread(lambda: target.client().flushall())
-        run.m.approved.set()
-        await run.wait(event("cutover"))
-        await run.load.finish()
-        assert run.m.syncer and await run.m.syncer.drain(30)
-        await run.stop()
+        await run.cut_over_and_stop()
         return run
 
     run = asyncio.run(scenario())
@@ -145,7 +145,7 @@ def test_a_flushall_on_the_target_is_caught_by_the_count_witness_before_flip(mak
 def test_a_client_writing_to_the_source_directly_holds_the_cutover_until_it_leaves(make_server):
     """The issue's fourth reproduction: a direct writer connected during Sync. No cutover starts while
     it is connected; once it leaves, a repair brings its writes over before the cutover."""
-    source, target = make_server(), make_server()
+    source, target = make_server(), make_server(engine="valkey9")
     seed(source.client(), SEED_KEYS)
 
     async def scenario() -> Run:
@@ -162,10 +162,7 @@ def test_a_client_writing_to_the_source_directly_holds_the_cutover_until_it_leav
         assert blocked["clients"]
         assert not run.kinds("cutover")            # held while the client is connected
         await in_thread(direct.close)
-        await run.wait(event("cutover"))
-        await run.load.finish()
-        assert run.m.syncer and await run.m.syncer.drain(30)
-        await run.stop()
+        await run.cut_over_and_stop()
         return run
 
     run = asyncio.run(scenario())
@@ -180,7 +177,7 @@ def test_a_rollback_after_the_target_lost_its_data_keeps_the_source(make_server)
     """The issue's second reproduction: after FLIP the target restarts empty; the rollback must not
     copy that loss onto the source. Every acknowledged write (reverse-synced before the crash) and
     every seeded key is on the source after the rollback."""
-    source, target = make_server(), make_server()
+    source, target = make_server(), make_server(engine="valkey9")
     seed(source.client(), SEED_KEYS)
 
     async def scenario() -> Run:
@@ -210,7 +207,7 @@ def test_a_rollback_after_the_target_lost_its_data_keeps_the_source(make_server)
 def test_a_source_that_comes_back_empty_stops_the_repair_and_asks(make_server):
     """The authoritative source restarts empty during Sync: repairing the target from it would wipe
     the only copy. The repair stops and asks (nothing written); once accepted it goes ahead."""
-    source, target = make_server(), make_server()
+    source, target = make_server(), make_server(engine="valkey9")
     seed(source.client(), SEED_KEYS)
 
     async def scenario() -> Run:
@@ -251,11 +248,7 @@ def test_a_failover_in_the_target_cluster_is_noticed_and_repaired_before_the_cut
         await in_thread(lambda: replica.client().execute_command("CLUSTER", "FAILOVER"))
         changed = await run.wait(event("side_changed", side="target"), after=mark)
         assert any("failover" in c for c in changed["changes"]), changed
-        run.m.approved.set()
-        await run.wait(event("cutover"))
-        await run.load.finish()
-        assert run.m.syncer and await run.m.syncer.drain(30)
-        await run.stop()
+        await run.cut_over_and_stop()
         return run
 
     run = asyncio.run(scenario())

@@ -159,3 +159,24 @@ def test_field_expiry_writes_through_the_proxy_are_marked_and_synced(make_server
     assert field_expiries(t, "h", ["a", "b"]) == field_expiries(s, "h", ["a", "b"])
     assert field_expiries(t, "p", ["x"]) == [-1]
     assert verify(source, target).equal
+
+
+def test_numbered_databases_copy_into_a_valkey9_cluster_with_enough_databases(make_server, make_cluster):
+    """A cluster-mode-disabled source using dbs 0, 3 and 7 into a Valkey 9 cluster: refused while the
+    cluster has one database (naming the setting), copied and verified per db with cluster-databases 16."""
+    from keyspace import run_cli
+
+    source = make_server()
+    for db in (0, 3, 7):
+        client = source.client(db=db)
+        seed(client, 300, prefix=f"db{db}")
+        client.close()
+    single = make_cluster(primaries=3, engine="valkey9")
+    refused = run_cli("copy", "--source", source.url(), "--target", single.url())
+    assert refused.returncode != 0 and "cluster-databases >= 8" in refused.stdout + refused.stderr, refused
+    many = make_cluster(primaries=3, engine="valkey9", extra=["--cluster-databases", "16"])
+    copied = run_cli("copy", "--source", source.url(), "--target", many.url())
+    assert copied.returncode == 0, copied
+    checked = run_cli("verify", "--source", source.url(), "--target", many.url())
+    assert checked.returncode == 0 and "equal" in checked.stdout, checked
+    assert [sum(n.client(db=db).dbsize() for n in many.primaries) for db in (0, 3, 7)] == [300, 300, 300]

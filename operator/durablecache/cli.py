@@ -42,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args._run(args))
     except DurableCacheError as exc:
+        logs.get().debug("error", exc_info=True)    # --log-level debug: where it came from
         print(f"durablecache {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except (OSError, RuntimeError, ValueError) as exc:

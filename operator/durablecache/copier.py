@@ -73,7 +73,10 @@ async def unit_sizes(topo: Topology) -> dict[Unit, int]:
     for i, node in enumerate(topo.primaries):
         conn = await Connection.open(node, name="durablecache-copy", select_db=0)
         try:
-            sizes[Unit(i, 0, node.address)] = int(await conn.call("DBSIZE"))
+            # Valkey 9 clusters may have numbered databases (cluster-databases): one unit per db in use.
+            counts = keyspace_counts(parse_info(await conn.call("INFO", "keyspace")))
+            for db in sorted(set(counts) | {0}):
+                sizes[Unit(i, db, node.address)] = counts.get(db, 0)
         finally:
             await conn.close()
     return sizes
@@ -97,9 +100,10 @@ async def check_pair(source: Topology, target: Topology, allow_nonempty: bool,
     await refresh_db_keys(source)
     if target.cluster and not source.cluster:
         used = sorted(db for db, n in source.db_keys.items() if n and db != 0)
-        if used:
-            raise RefusedError(f"source has keys in database(s) {used}, "
-                               "but the target is a cluster, which has only db 0")
+        if used and not await _cluster_has_databases(target, max(used)):
+            raise RefusedError(f"source has keys in database(s) {used}, but the target is a cluster without "
+                               f"database {max(used)}: a Valkey >= 9 cluster needs cluster-databases >= "
+                               f"{max(used) + 1} (a cluster has only db 0 otherwise)")
     if source.volatile_item_keys and not target.field_ttl:
         examples = await keys_with_field_expiry(source)
         raise RefusedError(
@@ -111,6 +115,19 @@ async def check_pair(source: Topology, target: Topology, allow_nonempty: bool,
         present = sum((await unit_sizes(target)).values())
         if present:
             raise RefusedError(f"target {target.seed.address} is not empty ({present} keys); {nonempty_hint}")
+
+
+async def _cluster_has_databases(topo: Topology, highest: int) -> bool:
+    """Can every primary of this cluster SELECT ``highest``? (Valkey 9's cluster-databases; CONFIG is
+    not available on ElastiCache, so ask by trying.)"""
+    for node in topo.primaries:
+        conn = await Connection.open(node, name="durablecache-preflight", select_db=0)
+        try:
+            if isinstance((await conn.pipeline([("SELECT", highest)]))[0], ReplyError):
+                return False
+        finally:
+            await conn.close()
+    return True
 
 
 async def keys_with_field_expiry(topo: Topology, want: int = 5, scan_limit: int = 200_000) -> list[bytes]:

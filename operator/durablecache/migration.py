@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from . import logs
 from .checkpoint import CheckpointStore, MemoryCheckpoint
 from .copier import BulkCopy, check_pair
-from .errors import DurableCacheError
+from .errors import ConnectError, DurableCacheError, RefusedError
 from .gate import wait_for_gate
 from .keymover import DEFAULT_BIG_KEY_BYTES, MoverOptions
 from .movers import DEFAULT_TARGET_BYTES_PER_PRIMARY, MoverPool
@@ -208,6 +208,13 @@ class Migration:
         self.source, self.target = await discover(self.source_ep), await discover(self.target_ep)
         await check_pair(self.source, self.target, allow_nonempty=resumed_after_route_in,
                          nonempty_hint="a migration needs an empty target (a new cluster); empty it or pick another")
+        numbered = sorted(db for db, n in self.source.db_keys.items() if n and db) if self.target.cluster else []
+        if numbered and not self.source.cluster:
+            # The copy and the syncer handle them (Valkey 9 cluster-databases), but the proxy does not
+            # yet keep a session's SELECT on every shard of a cluster upstream after FLIP.
+            raise RefusedError(f"the source uses database(s) {numbered}: a live migration into a cluster keeps "
+                               "only database 0 through the proxy for now (durablecache copy can copy them into "
+                               "a Valkey 9 cluster with cluster-databases); see docs/limits.md")
         flipped = bool(self.state.get("flipped"))
         self.syncer = Syncer(self._pool(reverse=flipped), workers=self.opts.sync_workers, max_dirty=self.opts.max_dirty)
         self.syncer.start()
@@ -215,7 +222,8 @@ class Migration:
                            on_clients=self._direct_clients, allow_clients=self.opts.allow_clients)
         if resumed_after_route_in:
             self.syncer.require_repair("resumed after a restart: marks in flight may have been lost")
-            await self.trust.changes_since_trusted()   # says what changed while nobody watched
+            with contextlib.suppress(ConnectError):     # a side still down: the watch reports it later
+                await self.trust.changes_since_trusted()   # says what changed while nobody watched
         if not resumed_after_route_in:
             self.set_phase(Phase.PROVISION)  # static endpoints: the target exists already
             self.set_phase(Phase.ROUTE_IN)
@@ -298,6 +306,20 @@ class Migration:
         await self._drain_background()
         return repaired
 
+    async def _repair_retrying(self, **kwargs: Any) -> None:
+        """A repair that cannot reach a side (a server restarting, a network cut) is tried again, with
+        backoff, rather than failing the migration: the fault is what the repair is there for."""
+        assert self.syncer
+        for attempt in range(1, 1 << 30):
+            reason = self.syncer.repair_reason
+            try:
+                await self.repair(**kwargs)
+                return
+            except ConnectError as exc:
+                self.syncer.require_repair(reason or "repair interrupted")
+                self.emit({"event": "repair_interrupted", "attempt": attempt, "reason": str(exc)})
+                await asyncio.sleep(min(0.5 * attempt, 5.0))
+
     async def _ask_before_repair(self, plan: RepairPlan, written: str, written_keys: int, reason: str | None) -> None:
         """Hold the repair (and so any cutover) until the operator accepts it; nothing is written meanwhile."""
         authority = "target" if written == "source" else "source"
@@ -374,7 +396,7 @@ class Migration:
         attempts = 0
         for _ in range(1 << 30):  # bounded by cutover_attempts and by stop/rollback requests
             if self.syncer.repair_reason:
-                await self.repair()
+                await self._repair_retrying()
                 continue
             await self._drain_background()
             if self.opts.cutover == "manual" and not self.approved.is_set():
@@ -571,7 +593,7 @@ class Migration:
         if lost:
             self.emit({"event": "rollback_restores", "reason": "the target changed after FLIP: keys only the "
                        "source holds are kept, not deleted"})
-        await self.repair(keep_extra=lost)
+        await self._repair_retrying(keep_extra=lost)
         budget = max(self.opts.max_write_pause, 1.0)
         for attempt in range(1, self.opts.cutover_attempts + 1):
             # The same key-scoped hold as the cutover's (see cutover()), in the other direction.
@@ -624,7 +646,7 @@ class Migration:
             await asyncio.gather(*(p.unfreeze() for p in self.proxies))
             await self._release_keys(held)
             if self.syncer.repair_reason:
-                await self.repair(keep_extra=lost)
+                await self._repair_retrying(keep_extra=lost)
             await asyncio.sleep(0.2 * attempt)
         raise DurableCacheError("rollback could not drain the reverse backlog; the target stays authoritative")
 

@@ -27,6 +27,7 @@ SLOW_KEY_SECONDS = 0.005  # copies faster than this are not worth remembering
 SLOW_KEYS_KEPT = 1024     # bound on memory: the least recently copied slow keys are forgotten
 POLL = 0.002
 FAILURE_GRACE = 30.0  # a batch failing again and again for this long fails the waiters
+BULK_BATCHES = 4      # see _take
 STALL_LIMIT = 600.0  # no batch finished for this long while keys wait: something is stuck
 
 
@@ -41,6 +42,16 @@ class SyncStats:
     slow_keys: int = 0  # keys whose last copy took at least SLOW_KEY_SECONDS (at most SLOW_KEYS_KEPT)
 
 
+class _Waiter:
+    """One copy_now call: done when each of its keys was copied (a key listed twice counts twice)."""
+
+    __slots__ = ("left", "future")
+
+    def __init__(self, left: int, future: asyncio.Future[None]):
+        self.left = left
+        self.future = future
+
+
 class Syncer:
     def __init__(self, pool: MoverPool, *, workers: int = 4, batch: int = 500, max_dirty: int = 2_000_000):
         self.pool = pool
@@ -53,7 +64,10 @@ class Syncer:
         self._dirty: dict[DirtyKey, None] = {}
         self._in_flight: set[DirtyKey] = set()
         self._again: set[DirtyKey] = set()  # marked while in flight: copy once more afterwards
-        self._waiters: dict[DirtyKey, list[asyncio.Future[None]]] = {}
+        # Keys the bulk copy's SCAN ... TYPE string listed: read with GETRANGE instead of the DUMP script
+        # (a hint only: keymover copies exactly whatever the key has become).
+        self._strings: set[DirtyKey] = set()
+        self._waiters: dict[DirtyKey, list[_Waiter]] = {}
         # Duration of the last copy of each slow key, least recently copied first (a dict keeps order),
         # and when such a key was last marked (is it being written now?).
         self._copy_time: dict[DirtyKey, float] = {}
@@ -75,19 +89,24 @@ class Syncer:
             raise TypeError("mark() takes an iterable of keys, not one key")
         if not self.backlog:
             self._last_progress = time.monotonic()  # the stall clock starts when work arrives
+        # Locals: this runs for every key a client writes and every key the bulk copy finds.
+        dirty, in_flight, again, slow = self._dirty, self._in_flight, self._again, self._copy_time
+        limit = self.max_dirty if not bulk else 1 << 62
+        marked = 0
         for key in keys:
-            self.stats.marks += 1
+            marked += 1
             dk = (db, key)
-            if dk in self._copy_time:
+            if slow and dk in slow:
                 self._slow_marked[dk] = time.monotonic()
-            if dk in self._in_flight:
-                self._again.add(dk)
-            elif dk not in self._dirty:
-                if len(self._dirty) >= self.max_dirty and not bulk:
+            if dk in in_flight:
+                again.add(dk)
+            elif dk not in dirty:
+                if len(dirty) >= limit:
                     self.stats.overflowed += 1
                     self.require_repair(f"dirty-key backlog exceeded {self.max_dirty} keys")
                     continue
-                self._dirty[dk] = None
+                dirty[dk] = None
+        self.stats.marks += marked
         if self._dirty:
             self._work.set()
 
@@ -98,22 +117,29 @@ class Syncer:
 
     async def copy_now(self, db: int, keys: list[bytes], strings: frozenset[bytes] = frozenset()) -> MoveResult:
         """Bulk copy entry: mark and wait until each key was copied by a copy started after now.
-        (The string hint is not used: these keys join batches with live marks.)
+        ``strings`` (keys SCAN ... TYPE string listed) travel with the keys to the batch that copies them.
 
         Waits for room first, so the bulk copy never crowds out live marks."""
         while len(self._dirty) + len(keys) > self.max_dirty // 2:
             self._raise_failure()
             await asyncio.sleep(0.01)
-        loop = asyncio.get_running_loop()
-        futures = []
+        if not keys:
+            return MoveResult()
+        waiter = _Waiter(len(keys), asyncio.get_running_loop().create_future())
+        waiters = self._waiters
         for key in keys:
-            fut: asyncio.Future[None] = loop.create_future()
-            self._waiters.setdefault((db, key), []).append(fut)
-            futures.append(fut)
+            dk = (db, key)
+            listed = waiters.get(dk)
+            if listed is None:
+                waiters[dk] = [waiter]
+            else:
+                listed.append(waiter)
+        if strings:
+            self._strings.update((db, k) for k in strings)
         self.mark(db, keys, bulk=True)
-        while not all(f.done() for f in futures):
+        while not waiter.future.done():
             self._raise_failure()
-            await asyncio.wait(futures, timeout=1.0)
+            await asyncio.wait([waiter.future], timeout=1.0)
         # Keys of one call may share batches with live marks: bytes are only counted in self.stats.
         return MoveResult(copied=len(keys))
 
@@ -242,17 +268,22 @@ class Syncer:
             await self._retired.pop().close()
 
     def _take(self) -> list[DirtyKey]:
-        """Up to `batch` dirty keys of one db, oldest first."""
-        first_db = next(iter(self._dirty))[0]
+        """Up to `batch` dirty keys of one db, oldest first; BULK_BATCHES times as many while the backlog
+        is large (the bulk copy): fewer round trips per key, and no drain waits behind such a batch,
+        since a cutover starts only once the backlog is small."""
+        dirty = self._dirty
+        first_db = next(iter(dirty))[0]
+        size = self.batch * BULK_BATCHES if len(dirty) > self.batch * BULK_BATCHES * self.workers else self.batch
         taken: list[DirtyKey] = []
-        for dk in self._dirty:
+        for dk in dirty:
             if dk[0] == first_db:
                 taken.append(dk)
-                if len(taken) >= self.batch:
+                if len(taken) >= size:
                     break
+        in_flight = self._in_flight
         for dk in taken:
-            del self._dirty[dk]
-            self._in_flight.add(dk)
+            del dirty[dk]
+            in_flight.add(dk)
         return taken
 
     async def _worker(self, n: int) -> None:
@@ -293,13 +324,18 @@ class Syncer:
                 if dk in self._again:
                     self._again.discard(dk)
                     self._dirty[dk] = None
-            for futures in waiters.values():
-                for f in futures:
-                    if not f.done():
-                        f.set_result(None)
+            for listed in waiters.values():
+                for w in listed:
+                    w.left -= 1
+                    if w.left <= 0 and not w.future.done():
+                        w.future.set_result(None)
             if self._dirty:
                 self._work.set()
 
     async def _move(self, batch: list[DirtyKey]) -> MoveResult:
-        return await self.pool.move(batch[0][0], [k for _, k in batch])
+        hinted = self._strings
+        strings = frozenset([dk[1] for dk in batch if dk in hinted]) if hinted else frozenset()
+        if strings:
+            hinted.difference_update((batch[0][0], k) for k in strings)
+        return await self.pool.move(batch[0][0], [k for _, k in batch], strings)
 

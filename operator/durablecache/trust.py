@@ -40,6 +40,7 @@ class Trust:
         self.reported: dict[str, tuple[NodeIdentity, ...]] = {}
         self.direct_clients: list[str] = []
         self._candidates: set[str] = set()       # foreign clients seen on the last look only
+        self._looking = asyncio.Lock()
         self.unreachable: dict[str, str] = {}
 
     # -- trusted identities -----------------------------------------------------------------------
@@ -120,7 +121,8 @@ class Trust:
         for the moment between its connect and its CLIENT SETNAME. True while any is seen (confirmed
         or not): no cutover may start then."""
         try:
-            found = await foreign_clients_by_id(self.topologies["source"], self.allow_clients)
+            async with self._looking:     # the watch and a cutover attempt may look at once
+                found = await foreign_clients_by_id(self.topologies["source"], self.allow_clients)
         except (DurableCacheError, OSError, TimeoutError) as exc:
             log.warning("cannot list the source's clients", error=str(exc))
             return bool(self.direct_clients or self._candidates)

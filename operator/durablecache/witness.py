@@ -107,6 +107,7 @@ class SideWatch:
         self.topology = topology
         self.side = side
         self._conns: dict[str, Connection] = {}    # by address: the primaries may change (a failover)
+        self._lock = asyncio.Lock()                # the watch and a repair or a cutover may read at once
 
     async def _conn(self, endpoint: Endpoint) -> Connection:
         conn = self._conns.get(endpoint.address)
@@ -129,7 +130,8 @@ class SideWatch:
     async def read(self, timeout: float = 5.0) -> SideReading:
         """Read every primary at once; ConnectError when one cannot be reached."""
         primaries = list(self.topology.primaries)
-        replies = await asyncio.gather(*(self._read_one(ep, timeout) for ep in primaries))
+        async with self._lock:
+            replies = await asyncio.gather(*(self._read_one(ep, timeout) for ep in primaries))
         keys: dict[int, int] = {}
         volatile: dict[int, int] = {}
         nodes = []
