@@ -458,17 +458,17 @@ def all_cells() -> list[Cell]:
         cells.append(Cell("target restarted empty", phase, target_restart_empty, expect=expect,
                           seed_keys=50_000 if phase == "Copy" else 2000,
                           must_name="target" if expect == "refuse" else None))
-    for phase in ("Copy", "Sync", "Cutover", "RouteOut"):
+    for phase in ("Copy", "Sync", "Cutover", "RouteOut", "Rollback"):
         cells.append(Cell("target restarted with its data (AOF)", phase, target_restart_data, target_aof=True,
                           seed_keys=50_000 if phase == "Copy" else 2000))
     cells.append(Cell("source restarted empty", "Sync", source_restart_empty, expect="refuse", must_name="source"))
-    for phase in ("Copy", "Sync", "Cutover", "RouteOut"):
+    for phase in ("Copy", "Sync", "Cutover", "RouteOut", "Rollback"):
         cells.append(Cell("network to target cut 2 s", phase, net_cut, proxy_side="target",
                           seed_keys=50_000 if phase == "Copy" else 2000))
     for phase in ("Sync", "Cutover"):
         cells.append(Cell("network to target +30 ms", phase, net_delay, proxy_side="target"))
         cells.append(Cell("target reply dropped mid-reply", phase, net_drop_mid_reply, proxy_side="target"))
-    for phase in ("Sync", "Cutover", "RouteOut"):
+    for phase in ("Sync", "Cutover", "RouteOut", "Rollback"):
         cells.append(Cell("target refuses writes (NOREPLICAS)", phase, target_refuses_writes))
     cells.append(Cell("migration SIGKILLed after FLIP, restarted", "Cutover", kill_migration_after_flip))
     cells.append(Cell("client writing directly to the source", "Sync", direct_writer, expect="refuse",
