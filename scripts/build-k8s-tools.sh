@@ -31,23 +31,6 @@ if [[ -z "$k8s_version" || -z "$etcd_version" || -z "$helm_version" ]]; then
     exit 1
 fi
 
-# The hash covers the module files and this script's build flags, so changing
-# either lands in a new cache directory instead of reusing stale binaries.
-digest="$(cat "$mods/go.mod" "$mods/go.sum" "$mods/helm/go.mod" "$mods/helm/go.sum" \
-    "${BASH_SOURCE[0]}" | sha256sum | cut -c1-12)"
-version="k8s-${k8s_version}_etcd-${etcd_version}_helm-${helm_version}_${digest}"
-tools="${DURABLECACHE_TOOLS:-${HOME}/.cache/durablecache/tools/${version}}"
-
-if [[ "${1:-}" == "--print-dir" ]]; then
-    echo "$tools"
-    exit 0
-fi
-
-mkdir -p "$tools"
-# Several developers share this machine: one build at a time per cache dir.
-exec 9>"$tools/.lock"
-flock 9
-
 k8s_minor="${k8s_version#v1.}"; k8s_minor="${k8s_minor%%.*}"
 helm_k8s_minor="$(mod_version "$mods/helm/go.sum" k8s.io/client-go | cut -d. -f2)"
 
@@ -72,6 +55,38 @@ helm_ldflags="-s -w \
  -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 \
  -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=${helm_k8s_minor}"
 
+go_build_flags="-trimpath"
+
+# The hash covers the module files and the build recipe (flags, environment),
+# so changing either lands in a new cache directory instead of reusing stale
+# binaries; editing the rest of this script (messages, timing) does not.
+digest="$( { cat "$mods/go.mod" "$mods/go.sum" "$mods/helm/go.mod" "$mods/helm/go.sum"
+             printf '%s\n' "$GOTOOLCHAIN" "$GOFLAGS" "$CGO_ENABLED" "$go_build_flags" \
+                 "$k8s_ldflags" "$helm_ldflags"; } | sha256sum | cut -c1-12)"
+version="k8s-${k8s_version}_etcd-${etcd_version}_helm-${helm_version}_${digest}"
+tools="${DURABLECACHE_TOOLS:-${HOME}/.cache/durablecache/tools/${version}}"
+
+if [[ "${1:-}" == "--print-dir" ]]; then
+    echo "$tools"
+    exit 0
+fi
+
+mkdir -p "$tools"
+# Several developers share this machine: one build at a time per cache dir.
+exec 9>"$tools/.lock"
+lock_start=$SECONDS
+flock 9
+
+# Seconds as "1m 05s": each step prints how long it took, so CI's log shows where the time went.
+took() { # <start, in $SECONDS>
+    local s=$((SECONDS - $1))
+    printf '%dm %02ds' $((s / 60)) $((s % 60))
+}
+all_start=$SECONDS
+if (( SECONDS - lock_start > 0 )); then
+    echo "build-k8s-tools: waited $(took "$lock_start") for another build of $tools"
+fi
+
 # build <module dir> <binary name> <package> <ldflags>
 # Builds into a temporary name and renames, so an interrupted build never
 # leaves a half-written binary that a later run would take as done.
@@ -83,9 +98,9 @@ build() {
     fi
     echo "build-k8s-tools: building $name ($pkg)"
     local start=$SECONDS
-    (cd "$dir" && go build -trimpath -ldflags="$ldflags" -o "$tools/.$name.tmp" "$pkg")
+    (cd "$dir" && go build $go_build_flags -ldflags="$ldflags" -o "$tools/.$name.tmp" "$pkg")
     mv -f "$tools/.$name.tmp" "$tools/$name"
-    echo "build-k8s-tools: built $name in $((SECONDS - start))s"
+    echo "build-k8s-tools: built $name in $(took "$start")"
 }
 
 build "$mods" etcd go.etcd.io/etcd/server/v3 "-s -w"
@@ -93,5 +108,6 @@ build "$mods" kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$k8s_ldflags"
 build "$mods" kubectl k8s.io/kubernetes/cmd/kubectl "$k8s_ldflags"
 build "$mods/helm" helm helm.sh/helm/v3/cmd/helm "$helm_ldflags"
 
+echo "build-k8s-tools: all tools ready in $(took "$all_start") (a busy machine takes longer)"
 echo "build-k8s-tools: tools in $tools"
 echo "$tools"

@@ -16,3 +16,8 @@ def test_demo_reports_a_lossless_migration(extra):
     assert report["writes lost"] == "0"
     assert report["verify (source vs target)"] == "equal"
     assert int(report["keys copied"]) >= 3000
+    # Each phase is announced once, in protocol order (issue #20: `phase Sync` used to print twice).
+    phases = [line.split()[1] for line in res.stdout.splitlines() if line.startswith("phase ")]
+    assert phases.count("Sync") == 1, phases
+    assert len(phases) == len(set(phases)), phases
+    assert phases.index("Copy") < phases.index("Sync") < phases.index("Cutover"), phases

@@ -36,3 +36,29 @@ def test_tls_server_needs_tls(tls_server):
         pass
     else:
         raise AssertionError("the TLS port answered plain text")
+
+
+def test_build_k8s_tools_prints_step_times_and_keys_its_cache_on_the_recipe(tmp_path):
+    """scripts/build-k8s-tools.sh: CI's log shows how long each step took; the cache directory changes
+    with the build recipe (GOFLAGS here), not with the script's messages."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "build-k8s-tools.sh"
+    for name in ("etcd", "kube-apiserver", "kubectl", "helm"):  # "already built": nothing is compiled
+        (tmp_path / name).write_text("#!/bin/sh\n")
+        (tmp_path / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("DURABLECACHE_TOOLS", "GOFLAGS")}
+    out = subprocess.run(["bash", str(script)], env={**env, "DURABLECACHE_TOOLS": str(tmp_path)},
+                         capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
+    assert "build-k8s-tools: helm already built" in out
+    assert any(line.startswith("build-k8s-tools: all tools ready in 0m 0") for line in out), out
+    assert out[-1] == str(tmp_path)
+
+    def cache_dir(**extra: str) -> str:
+        return subprocess.run(["bash", str(script), "--print-dir"], env={**env, **extra}, capture_output=True,
+                              text=True, timeout=60, check=True).stdout.strip()
+
+    assert cache_dir() == cache_dir()
+    assert cache_dir(GOFLAGS="-race") != cache_dir()

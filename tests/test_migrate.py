@@ -195,6 +195,11 @@ def test_migrate_cli_reports_phases_and_pause(source, target):
     lines = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
     phases = [x["phase"] for x in lines if x["event"] == "phase"]
     assert phases[0] == "Preflight" and phases[-1] == "Complete"
+    assert len(phases) == len(set(phases)), phases  # each phase announced once (`Sync` used to come twice)
+    # A healthy migration's only verify-and-repair is the planned pass after the copy (a Normal
+    # `Verifying` event in the operator, not a Warning `RepairRequired`).
+    repairs = [x for x in lines if x["event"] == "repair"]
+    assert repairs and all(x.get("planned") for x in repairs), repairs
     cut = next(x for x in lines if x["event"] == "cutover")
     assert 0 < cut["pause_ms"] < 1000
     assert target.client().dbsize() == source.client().dbsize() == 1000

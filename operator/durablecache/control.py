@@ -34,9 +34,12 @@ class ControlServer:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ")
-        if not hmac.compare_digest(given.encode(), self.token.encode()):
-            return web.json_response({"error": "missing or wrong bearer token"}, status=401)
+        # RFC 6750: "Bearer <token>" (the scheme is case-insensitive). A bare token is refused, as the
+        # proxy's admin API refuses it: a header sent to the wrong service must not work by accident.
+        scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+            return web.json_response({"error": "missing or wrong bearer token (Authorization: Bearer <token>)"},
+                                     status=401, headers={"WWW-Authenticate": "Bearer"})
         return await handler(request)
 
     async def _status(self, _request: web.Request) -> web.Response:

@@ -91,12 +91,19 @@ async def refresh_db_keys(topo: Topology) -> None:
             await conn.close()
 
 
+def refuse_same_server(source: Topology, target: Topology, command: str) -> None:
+    """Source and target must be different servers (compared by run_id, whatever address names them):
+    a copy onto itself corrupts, a verify of a server against itself proves nothing."""
+    if source.run_ids & target.run_ids:
+        why = "comparing a server with itself proves nothing" if command == "verify" else \
+            f"refusing to {command} onto itself"
+        raise RefusedError(f"source and target are the same server ({target.seed.address}); {why}")
+
+
 async def check_pair(source: Topology, target: Topology, allow_nonempty: bool,
                      nonempty_hint: str = "pass --allow-nonempty to copy over existing data") -> None:
     """Refuse, before anything is written, what would corrupt or lose data."""
-    if source.run_ids & target.run_ids:
-        raise RefusedError(f"source and target are the same server ({target.seed.address}); "
-                           "refusing to copy onto itself")
+    refuse_same_server(source, target, "copy")
     await refresh_db_keys(source)
     if target.cluster and not source.cluster:
         used = sorted(db for db, n in source.db_keys.items() if n and db != 0)

@@ -239,11 +239,18 @@ class Migration:
         if self.phase == Phase.COPY:
             await self._copy()
             self.set_phase(Phase.SYNC)
-        if self.phase == Phase.CUTOVER:     # resumed inside a cutover attempt: it was aborted
-            self.set_phase(Phase.SYNC)
+        if self.phase == Phase.CUTOVER:
+            # Resumed inside a cutover attempt. ``flipped`` is saved once every proxy has flipped: then
+            # the target is authoritative (the restarted proxies start on it) and the cutover is done;
+            # otherwise the attempt was aborted by the restart.
+            self.set_phase(Phase.ROUTE_OUT if flipped else Phase.SYNC)
         if self.phase == Phase.SYNC:
             await self._sync_until_cutover()
         if self.phase == Phase.ROUTE_OUT:
+            if resumed_after_route_in and self.syncer.repair_reason:
+                # Reverse sync's marks died with the old process: make the source equal again first,
+                # so that a rollback within the window still finds it current.
+                await self._repair_retrying()
             await self._route_out()
         if self.phase == Phase.ROLLING_BACK:
             await self._rollback()
@@ -584,8 +591,7 @@ class Migration:
         assert self.syncer and self.target
         # After RouteOut applications may have written to the target directly, where no proxy saw
         # them: wait until they are all back on the proxy, then repair the source from the target.
-        await wait_for_gate(self.target, self.opts.allow_clients, self.opts.gate_settle, self.opts.gate_timeout,
-                            on_blocked=lambda c: self.emit({"event": "gate_blocked", "clients": c}))
+        await self._rollback_gate()
         self.syncer.require_repair("rollback: writes made directly on the target were not tracked")
         # A target that lost data after FLIP (it restarted, failed over) must not take the source's
         # copy of that data with it: keys only the source holds are kept (docs/protocol.md).
@@ -649,6 +655,23 @@ class Migration:
                 await self._repair_retrying(keep_extra=lost)
             await asyncio.sleep(0.2 * attempt)
         raise DurableCacheError("rollback could not drain the reverse backlog; the target stays authoritative")
+
+    async def _rollback_gate(self) -> None:
+        """The RouteIn gate on the target, tried again while the target cannot be reached (it may be
+        restarting: the rollback is what is wanted then), within the gate timeout."""
+        assert self.target
+        deadline = time.monotonic() + self.opts.gate_timeout
+        for attempt in range(1, 1 << 30):
+            try:
+                await wait_for_gate(self.target, self.opts.allow_clients, self.opts.gate_settle,
+                                    max(1.0, deadline - time.monotonic()),
+                                    on_blocked=lambda c: self.emit({"event": "gate_blocked", "clients": c}))
+                return
+            except ConnectError as exc:
+                if time.monotonic() >= deadline:
+                    raise
+                self.emit({"event": "rollback_waits", "attempt": attempt, "reason": str(exc)})
+                await asyncio.sleep(min(0.5 * attempt, 5.0))
 
     async def _wait_any(self, *events: asyncio.Event, task: asyncio.Task[Any] | None = None) -> None:
         waits = [asyncio.create_task(e.wait()) for e in events] + ([task] if task else [])

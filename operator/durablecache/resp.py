@@ -24,6 +24,9 @@ ReplyError = libvalkey.ReplyError
 Command = Sequence[Any]
 
 CONNECT_TIMEOUT = 5.0
+# A TLS handshake with a server that speaks TLS takes milliseconds; a plain-TCP server never answers a
+# ClientHello (it waits for the end of an inline command), so this bounds how long that takes to say.
+TLS_HANDSHAKE_TIMEOUT = 3.0
 REPLY_TIMEOUT = 120.0
 OK = b"+OK\r\n"
 
@@ -88,6 +91,34 @@ class _Wire(asyncio.Protocol):
         return self.chunks.popleft()
 
 
+async def _start_tls(loop: asyncio.AbstractEventLoop, transport: asyncio.Transport, wire: _Wire,
+                     context: ssl.SSLContext, endpoint: Endpoint) -> asyncio.Transport:
+    """The TLS handshake on a connected socket; a one-line ConnectError when it fails."""
+    try:
+        tls = await asyncio.wait_for(
+            loop.start_tls(transport, wire, context, server_hostname=endpoint.host,
+                           ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT),
+            TLS_HANDSHAKE_TIMEOUT + 1)
+    except ssl.SSLCertVerificationError as exc:
+        transport.close()
+        raise ConnectError(f"TLS handshake with {endpoint.address} failed: certificate verify failed "
+                           f"({exc.verify_message}; a private CA goes in the URL: ?ca=/path/ca.pem)") from None
+    except (TimeoutError, OSError, ssl.SSLError) as exc:
+        transport.close()
+        # The loop reports its handshake timeout as ConnectionAbortedError("SSL handshake is taking longer ...").
+        slow = isinstance(exc, asyncio.TimeoutError) or "taking longer" in str(exc)
+        raise _not_tls(endpoint, f"no answer in {TLS_HANDSHAKE_TIMEOUT:g} s" if slow else _os_reason(exc)) from None
+    if tls is None:  # the peer closed the connection during the handshake
+        transport.close()
+        raise _not_tls(endpoint, "connection closed")
+    return tls
+
+
+def _not_tls(endpoint: Endpoint, reason: str) -> ConnectError:
+    return ConnectError(f"TLS handshake with {endpoint.address} failed — is it a plain-TCP port? "
+                        f"({reason}; valkey:// is plain TCP, valkeys:// is TLS)")
+
+
 class Connection:
     """One connection to one server, used by one task at a time."""
 
@@ -102,16 +133,18 @@ class Connection:
     async def open(
         cls, endpoint: Endpoint, name: str = "durablecache-engine", select_db: int | None = None
     ) -> Connection:
+        loop = asyncio.get_running_loop()
         try:
             transport, wire = await asyncio.wait_for(
-                asyncio.get_running_loop().create_connection(
-                    _Wire, endpoint.host, endpoint.port, ssl=tls_context(endpoint)
-                ),
-                CONNECT_TIMEOUT,
-            )
-        except (TimeoutError, OSError, ssl.SSLError) as exc:
+                loop.create_connection(_Wire, endpoint.host, endpoint.port), CONNECT_TIMEOUT)
+        except (TimeoutError, OSError) as exc:
             reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else _os_reason(exc)
             raise ConnectError(f"cannot reach {endpoint.address}: {reason}") from None
+        context = tls_context(endpoint)
+        if context is not None:
+            # TCP first, then TLS on its own clock: a failed handshake is named as such instead of
+            # looking like an unreachable server.
+            transport = await _start_tls(loop, transport, wire, context, endpoint)
         conn = cls(endpoint, transport, wire)
         try:
             await conn._handshake(name, endpoint.db if select_db is None else select_db)
@@ -133,7 +166,8 @@ class Connection:
         for reply in replies:
             if isinstance(reply, ReplyError):
                 if str(reply).startswith("NOAUTH"):
-                    raise ConnectError(f"{self.endpoint.address} requires a password (put it in the URL)")
+                    raise ConnectError(f"{self.endpoint.address} requires a password "
+                                       "(give it in the URL or a password file)")
                 raise ConnectError(f"{self.endpoint.address} refused the connection: {reply}")
         if db:
             await self.call("SELECT", db)
@@ -161,9 +195,17 @@ class Connection:
             return []
         return await self._exchange(data, want, timeout, False)  # type: ignore[return-value]
 
+    @property
+    def usable(self) -> bool:
+        """Neither out of step (``broken``) nor closed by the server or the network."""
+        return not self.broken and not self._transport.is_closing()
+
     async def _exchange(self, data: bytes, want: int, timeout: float, expect_ok: bool) -> list[Any] | None:
         if self.broken:
             raise ConnectError(f"connection to {self.endpoint.address} is broken")
+        if self._transport.is_closing():   # the server or the network closed it since the last use
+            self.broken = True
+            raise ConnectError(f"{self.endpoint.address} closed the connection")
         replies: list[Any] = []
         # Until every reply is read the connection is out of step: if we stop early (timeout, error,
         # cancellation), the next command would receive this one's reply. It is then never used again.
@@ -187,6 +229,9 @@ class Connection:
         except OSError as exc:
             self._transport.close()
             raise ConnectError(f"connection to {self.endpoint.address} failed: {_os_reason(exc)}") from None
+        except RuntimeError as exc:    # uvloop: a write on a transport closed under us
+            self._transport.close()
+            raise ConnectError(f"connection to {self.endpoint.address} failed: {exc}") from None
         except BaseException:
             self._transport.close()
             raise

@@ -27,7 +27,7 @@ class Side:
     async def conn(self, primary: int, db: int) -> Connection:
         key = (primary, db)
         conn = self._conns.get(key)
-        if conn is not None and conn.broken:  # a failover, an idle timeout, a reply we gave up on
+        if conn is not None and not conn.usable:  # a failover, an idle timeout, a reply we gave up on
             await conn.close()
             conn = None
         if conn is None:

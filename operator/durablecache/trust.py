@@ -85,7 +85,7 @@ class Trust:
         (None: they can). Same servers as at the last repair, and the same key counts."""
         try:
             readings = await self._read_both(timeout=max(timeout, 0.005))
-        except (DurableCacheError, OSError, TimeoutError) as exc:
+        except (DurableCacheError, OSError, TimeoutError, RuntimeError) as exc:
             return f"the last check before FLIP could not read both sides: {exc}"
         for side, reading in readings.items():
             changed = self._compare(side, reading)
@@ -107,9 +107,9 @@ class Trust:
                     self._compare(side, await self.watches[side].read())
                     if self.unreachable.pop(side, None):
                         log.info("side reachable again", side=side)
-                except (DurableCacheError, OSError, TimeoutError) as exc:
+                except Exception as exc:  # noqa: BLE001 — whatever a fault throws, the watch goes on
                     if side not in self.unreachable:
-                        log.warning("side unreachable", side=side, error=str(exc))
+                        log.warning("side unreachable", side=side, error=str(exc) or type(exc).__name__)
                     self.unreachable[side] = str(exc)
             if source_authoritative():
                 await self.look_for_direct_clients()
@@ -123,7 +123,7 @@ class Trust:
         try:
             async with self._looking:     # the watch and a cutover attempt may look at once
                 found = await foreign_clients_by_id(self.topologies["source"], self.allow_clients)
-        except (DurableCacheError, OSError, TimeoutError) as exc:
+        except (DurableCacheError, OSError, TimeoutError, RuntimeError) as exc:
             log.warning("cannot list the source's clients", error=str(exc))
             return bool(self.direct_clients or self._candidates)
         confirmed = sorted(desc for cid, desc in found.items() if cid in self._candidates)

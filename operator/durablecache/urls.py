@@ -62,7 +62,8 @@ class Endpoint:
 def parse_url(url: str) -> Endpoint:
     """Parse an endpoint URL; raise UsageError with a one-line reason when it is malformed."""
     if not url or "://" not in url:
-        raise UsageError(f"malformed URL {url!r}: expected valkey://[user:pass@]host:port[/db]")
+        raise UsageError(f"malformed URL {_safe(url)!r}: expected valkey://[user:pass@]host:port[/db] "
+                         "(or valkeys://, redis://, rediss://)")
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -70,7 +71,8 @@ def parse_url(url: str) -> Endpoint:
         raise UsageError(f"malformed URL {_safe(url)}: {exc}") from None
     scheme = parts.scheme.lower()
     if scheme not in PLAIN_SCHEMES | TLS_SCHEMES:
-        raise UsageError(f"malformed URL {_safe(url)}: scheme must be valkey:// or valkeys://")
+        raise UsageError(f"malformed URL {_safe(url)}: scheme must be valkey:// or redis:// (plain TCP), "
+                         "valkeys:// or rediss:// (TLS)")
     if not parts.hostname:
         raise UsageError(f"malformed URL {_safe(url)}: no host")
     db_text = parts.path.lstrip("/")

@@ -111,7 +111,7 @@ class SideWatch:
 
     async def _conn(self, endpoint: Endpoint) -> Connection:
         conn = self._conns.get(endpoint.address)
-        if conn is not None and conn.broken:
+        if conn is not None and not conn.usable:
             await conn.close()
             conn = None
         if conn is None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from .conftest import CHART_DIR, CRD_FILE, KubeEnv, OperatorRelease, adopt_for_helm
+from .conftest import CHART_DIR, CRD_FILE, KubeEnv, OperatorRelease, adopt_for_helm, tools_dir
 
 CHART_CRD_COPY = CHART_DIR / "files" / "durablecache.yaml"
 APP_VERSION = str(yaml.safe_load((CHART_DIR / "Chart.yaml").read_text())["appVersion"])
@@ -27,8 +27,14 @@ ALL_ON = ["--set", "metrics.service.enabled=true", "--set", "networkPolicy.enabl
 Doc = dict[str, Any]
 
 
-def render(env: KubeEnv, *args: str, namespace: str = "durablecache-system") -> list[Doc]:
-    out = env.helm("template", "durablecache-operator", str(CHART_DIR), "--namespace", namespace, *args).stdout
+# What a real install sees when it renders: helm applies crds/ (kopf's peering CRDs) first.
+PEERING_SERVED = ("--api-versions", "kopf.dev/v1/ClusterKopfPeering")
+
+
+def render(env: KubeEnv, *args: str, namespace: str = "durablecache-system", peering_served: bool = True) -> list[Doc]:
+    served = PEERING_SERVED if peering_served else ()
+    out = env.helm("template", "durablecache-operator", str(CHART_DIR), "--namespace", namespace, *served,
+                   *args).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 
 
@@ -76,7 +82,8 @@ def test_helm_lint(kube_env: KubeEnv) -> None:
     out = kube_env.helm("lint", "--strict", str(CHART_DIR)).stdout
     assert "0 chart(s) failed" in out
     kube_env.helm("lint", "--strict", str(CHART_DIR), *ALL_ON, "--set", "metrics.serviceMonitor.enabled=true",
-                  "--set", "crds.enabled=false", "--set", "peering.enabled=false")
+                  "--set", "prometheusRule.enabled=true", "--set", "crds.enabled=false",
+                  "--set", "peering.enabled=false")
 
 
 def test_rendered_defaults(kube_env: KubeEnv) -> None:
@@ -123,7 +130,13 @@ def test_rendered_defaults(kube_env: KubeEnv) -> None:
 def test_rendered_options(kube_env: KubeEnv) -> None:
     docs = by_kind(render(kube_env, *ALL_ON, "--set", "metrics.serviceMonitor.enabled=true",
                           "--set", "image.tag=1.2.3", "--set", "crds.enabled=false",
-                          "--set", "operator.watchNamespaces={shop,cart}"))
+                          "--set", "operator.watchNamespaces={shop,cart}",
+                          "--set", "prometheusRule.enabled=true", "--set", "prometheusRule.labels.release=kps"))
+    # The suggested alerts (files/alerts.yaml, also in docs/metrics.md) as they are, {{ $labels }} intact.
+    rule = docs["PrometheusRule"]
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1" and rule["metadata"]["labels"]["release"] == "kps"
+    assert rule["spec"] == yaml.safe_load((CHART_DIR / "files" / "alerts.yaml").read_text())
+    assert "{{ $labels.namespace }}" in rule["spec"]["groups"][0]["rules"][0]["annotations"]["summary"]
     assert "CustomResourceDefinition" not in docs
     assert docs["ServiceAccount"]["metadata"]["annotations"] == {
         "eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/dc"}
@@ -142,6 +155,9 @@ def test_rendered_options(kube_env: KubeEnv) -> None:
     # Without peering the operator is told to run standalone, and no peering object is made.
     standalone = by_kind(render(kube_env, "--set", "peering.enabled=false"))
     assert "ClusterKopfPeering" not in standalone
+    # Where the API server does not serve the kind (yet), the peering object is left out, nothing else.
+    unserved = by_kind(render(kube_env, peering_served=False))
+    assert set(by_kind(render(kube_env))) - set(unserved) == {"ClusterKopfPeering"}
     assert "--standalone" in standalone["Deployment"]["spec"]["template"]["spec"]["containers"][0]["args"]
     # One ServiceAccount named for every worker replaces the per-worker identity (the flags exclude
     # each other in the operator).
@@ -168,6 +184,8 @@ def test_rendered_options(kube_env: KubeEnv) -> None:
     ("operator.watchNamespaces[0]=Not_A_Namespace", "watchNamespaces"),
     ("worker.serviceAccountName=Not_A_Name", "serviceAccountName"),
     ("worker.imagePullSecrets[0].name=Not_A_Name", "imagePullSecrets"),
+    ("prometheusRule.enabled=maybe", "prometheusRule"),
+    ("prometheusRule.severity=high", "prometheusRule"),
 ])
 def test_values_schema_rejects_bad_values(kube_env: KubeEnv, setting: str, expected: str) -> None:
     result = kube_env.helm("template", "x", str(CHART_DIR), "--set", setting, check=False)
@@ -233,6 +251,55 @@ def test_install_upgrade_uninstall_keeps_the_crd(kube_env: KubeEnv, crd_installe
         with pytest.raises(ApiException) as gone:
             rbac.read_cluster_role(name)
         assert gone.value.status == 404
+
+
+@pytest.fixture(scope="module")
+def empty_kube_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeEnv]:
+    """A second etcd + kube-apiserver that no other test touches: a fresh cluster, without kopf's CRDs."""
+    env = KubeEnv(workdir=tmp_path_factory.mktemp("empty-kube"), tools=tools_dir())
+    try:
+        env.start()
+        yield env
+    finally:
+        env.stop()
+
+
+def _manifest_kinds(helm_output: str) -> list[str]:
+    """Kinds of the objects in `helm install --dry-run` output (the part before NOTES)."""
+    manifest = helm_output.split("\nMANIFEST:", 1)[-1].split("\nNOTES:", 1)[0]
+    return [d["kind"] for d in yaml.safe_load_all(manifest) if isinstance(d, dict) and "kind" in d]
+
+
+def test_dry_run_and_install_on_an_empty_cluster(empty_kube_env: KubeEnv) -> None:
+    """`helm install --dry-run` (client and server) applies nothing from crds/, so it must not render a
+    kind only those CRDs define; the real install applies them first and does create the peering object."""
+    env, release, namespace = empty_kube_env, "dc", "dc-system"
+    crds = env.kubectl("get", "crd", "-o", "name").stdout
+    assert "kopf.dev" not in crds and "durablecache.dev" not in crds, crds
+    for mode in ("--dry-run", "--dry-run=server"):
+        out = env.helm("install", release, str(CHART_DIR), "--namespace", namespace, "--create-namespace",
+                       mode, timeout=120).stdout
+        kinds = _manifest_kinds(out)
+        assert "Deployment" in kinds and "CustomResourceDefinition" in kinds, (mode, kinds)
+        assert "ClusterKopfPeering" not in kinds, (mode, kinds)
+        assert "ClusterKopfPeering dc-durablecache-operator was left out" in out, out
+    # Nothing was created by the dry runs.
+    assert "kopf.dev" not in env.kubectl("get", "crd", "-o", "name").stdout
+    out = env.helm("install", release, str(CHART_DIR), "--namespace", namespace, "--create-namespace",
+                   timeout=180).stdout
+    assert "was left out" not in out and "kubectl get clusterkopfpeering dc-durablecache-operator" in out, out
+    peering = env.kubectl("get", "clusterkopfpeering", "dc-durablecache-operator", "-o",
+                          "jsonpath={.metadata.annotations.meta\\.helm\\.sh/release-name}").stdout
+    assert peering == release  # created by the release, so `helm uninstall` removes it
+    # The NOTES do not claim the operator runs; they say how to check.
+    assert "is running" not in out and "rollout status deploy/dc-durablecache-operator" in out, out
+    # With the CRDs in place a dry run renders the peering object again.
+    upgrade = env.helm("upgrade", release, str(CHART_DIR), "--namespace", namespace, "--dry-run=server",
+                       timeout=120).stdout
+    assert "ClusterKopfPeering" in _manifest_kinds(upgrade)
+    env.helm("uninstall", release, "--namespace", namespace, timeout=120)
+    gone = env.kubectl("get", "clusterkopfpeering", "dc-durablecache-operator", check=False)
+    assert gone.returncode != 0 and "NotFound" in gone.stderr, gone.stderr
 
 
 # (verb, resource, namespace-or-None) the operator needs; `kubectl auth can-i` must say yes.

@@ -108,6 +108,13 @@ def test_crd_is_established_with_names(kube_env: KubeEnv, crd_installed: str,
     # The API server publishes the schema: `kubectl explain` reads it back.
     out = kube_env.kubectl("explain", "dcache.spec.target.durability").stdout
     assert "sync" in out and "async" in out
+    # Every top-level field and every field of spec is described (`kubectl explain` shows it).
+    for path in ("dcache", "dcache.spec", "dcache.status", "dcache.spec.source", "dcache.spec.endpoint"):
+        out = kube_env.kubectl("explain", path).stdout
+        description = out.split("DESCRIPTION:", 1)[1].split("FIELDS:", 1)[0].strip()
+        assert description and "<empty>" not in description, (path, out)
+    spec_fields = kube_env.kubectl("explain", "dcache.spec").stdout.split("FIELDS:", 1)[1]
+    assert "<empty>" not in spec_fields, spec_fields
 
 
 @pytest.mark.parametrize("source", ["design", *[p.name for p in EXAMPLES]])
@@ -261,6 +268,8 @@ STATUS = {
                  "bytesCopied": 65536},
     "dirtyBacklog": 3,
     "targetDurability": "sync",
+    "sourceName": "sessions-prod",
+    "targetName": "sessions-durable",
     "lastCutoverPauseMs": 12.5,
     "endpoints": {"source": "127.0.0.1:7000", "target": "127.0.0.1:7001", "active": "proxy"},
     "conditions": [{"type": "Progressing", "status": "True", "reason": "Syncing",

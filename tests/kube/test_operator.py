@@ -326,8 +326,10 @@ def test_static_migration_under_load_survives_an_operator_kill(
 
     table = kube_env.kubectl("get", "dcache", "-n", kube_namespace).stdout
     header, row = table.splitlines()[:2]
-    assert header.split()[:4] == ["NAME", "PHASE", "PROGRESS", "DURABILITY"], header
-    assert row.split()[:4] == ["sessions", "Complete", "100%", "unknown"], row
+    assert header.split()[:6] == ["NAME", "PHASE", "PROGRESS", "DURABILITY", "SOURCE", "TARGET"], header
+    # SOURCE and TARGET are filled for the static provider too (status.sourceName/targetName).
+    assert row.split()[:6] == ["sessions", "Complete", "100%", "unknown", f"127.0.0.1:{source.port}",
+                               f"127.0.0.1:{target.port}"], row
     metrics = op.metrics()
     assert f'durablecache_phase{{name="sessions",namespace="{kube_namespace}",phase="Complete"}} 1.0' in metrics
     assert "durablecache_last_cutover_pause_milliseconds" in metrics

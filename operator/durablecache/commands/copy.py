@@ -48,7 +48,7 @@ async def copy(args: argparse.Namespace) -> CopySummary:
         from ..errors import UsageError
 
         raise UsageError("--concurrency, --scan-count and --big-key-mib must be positive")
-    source, target = await discover_pair(args)
+    source, target = await discover_pair(args, "copy")
     store = FileCheckpoint(args.state_file) if args.state_file else MemoryCheckpoint()
     resuming = bool(store.load())
     await check_pair(source, target, allow_nonempty=args.allow_nonempty or resuming)

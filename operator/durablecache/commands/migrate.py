@@ -18,8 +18,7 @@ from ..control import ControlServer
 from ..errors import UsageError
 from ..migration import Migration, MigrationOptions, Phase
 from ..proxyhandles import local_proxies, subprocess_proxies
-from ..urls import parse_url
-from ._common import hostport, read_token, run_async
+from ._common import add_password_arguments, hostport, read_token, run_async, side_endpoint
 
 NAME = "migrate"
 HELP = "migrate --source to --target live: proxy at --listen, copy, sync, cut over with a sub-second pause"
@@ -49,8 +48,11 @@ def share(value: str) -> float:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", required=True, metavar="URL", help="the live, authoritative keyspace")
-    p.add_argument("--target", required=True, metavar="URL", help="the new (durable) keyspace")
+    p.add_argument("--source", required=True, metavar="URL",
+                   help="the live, authoritative keyspace: valkey[s]://[user[:pass]@]host:port (a password in the URL "
+                        "shows in `ps`: prefer --source-password-file)")
+    p.add_argument("--target", required=True, metavar="URL", help="the new (durable) keyspace, same form")
+    add_password_arguments(p)
     p.add_argument("--listen", required=True, metavar="HOST:PORT", help="where applications connect (the proxy)")
     p.add_argument("--cutover", choices=["auto", "manual"], default="auto",
                    help="manual waits for `durablecache control approve` (or POST /approve on --control)")
@@ -73,8 +75,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control-token-file", metavar="PATH", help="bearer token for --control (created if missing)")
     p.add_argument("--allow-client", action="append", default=[], metavar="NAME|HOST",
                    help="a known read-only client the RouteIn gate may ignore (repeatable)")
-    p.add_argument("--gate-settle", type=duration, default=2.0, metavar="DUR")
-    p.add_argument("--gate-timeout", type=duration, default=300.0, metavar="DUR")
+    p.add_argument("--gate-settle", type=duration, default=2.0, metavar="DUR",
+                   help="RouteIn gate: how long no client but the proxy (and --allow-client) may be seen on the "
+                        "source before the copy starts (also on the target before a rollback; default 2s)")
+    p.add_argument("--gate-timeout", type=duration, default=300.0, metavar="DUR",
+                   help="RouteIn gate: stop with an error naming the clients still connected if the gate has not "
+                        "passed within this time (default 300s)")
     p.add_argument("--max-ops", type=float, metavar="N", help="at most N commands/s on the source while copying")
     p.add_argument("--repair-max-share", type=share, default=0.05, metavar="FRACTION",
                    help="a verify-and-repair that would delete or overwrite more than this share of the side it "
@@ -106,7 +112,7 @@ async def migrate(args: argparse.Namespace, store: CheckpointStore | None = None
                   emit: Callable[[dict[str, Any]], None] | None = None) -> Phase:
     """Run the protocol; `store` and `emit` let another runtime (the operator's worker) keep the state
     elsewhere and see every event."""
-    source, target = parse_url(args.source), parse_url(args.target)
+    source, target = side_endpoint(args, "source"), side_endpoint(args, "target")
     host, port = hostport(args.listen, "--listen")
     if args.drain_budget is not None and args.drain_budget > args.max_write_pause:
         raise UsageError(f"--drain-budget ({args.drain_budget * 1000:g} ms) must not exceed --max-write-pause "

@@ -34,7 +34,8 @@ FLAGS = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source-replication-group", required=True, metavar="ID",
                         help="the existing (non-durable) replication group")
-    parser.add_argument("--durability", required=True, choices=["sync", "async"])
+    parser.add_argument("--durability", required=True, choices=["sync", "async"],
+                        help="the durability the target is to be created with (see docs/durability.md)")
     parser.add_argument("--target-replication-group", metavar="ID",
                         help="id for the durable target (default: SOURCE-durable)")
     parser.add_argument("--node-type", help="target node type (default: the source's)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import UsageError
 from ..progress import choose, emit_json
 from ..verify import Verifier, VerifyReport
 from ._common import add_pair_arguments, discover_pair, run_async
@@ -15,7 +16,7 @@ HELP = "compare --source and --target (existence, type, value digest, expiry); e
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_pair_arguments(p)
-    p.add_argument("--sample", type=int, metavar="N", help="check N random keys per side instead of all")
+    p.add_argument("--sample", type=int, metavar="N", help="check N (at least 1) random keys per side instead of all")
     p.add_argument("--ttl-tolerance-ms", type=int, default=1000, help="allowed expiry difference (default 1000)")
 
 
@@ -29,7 +30,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def verify(args: argparse.Namespace) -> VerifyReport:
-    source, target = await discover_pair(args)
+    if args.sample is not None and args.sample < 1:
+        raise UsageError(f"--sample must be a positive number of keys, not {args.sample} (leave it out to check all)")
+    source, target = await discover_pair(args, "verify")
     return await Verifier(source, target, tolerance_ms=args.ttl_tolerance_ms, sample=args.sample,
                           progress=choose(args.json, "verifying")).run()
 

@@ -37,7 +37,8 @@ ROLLBACK_SETTLE = 2.0
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resource", required=True, metavar="NAMESPACE/NAME", help="the DurableCache to run")
     p.add_argument("--listen", default="0.0.0.0:6379", metavar="HOST:PORT", help="where the proxy listens")
-    p.add_argument("--proxy-mode", choices=["inprocess", "subprocess"], default="inprocess")
+    p.add_argument("--proxy-mode", choices=["inprocess", "subprocess"], default="inprocess",
+                   help="run the proxy in the worker's process or as a supervised child (as migrate)")
     p.add_argument("--gate-timeout", type=migrate_cmd.duration, default=3600.0, metavar="DUR",
                    help="how long RouteIn waits for applications to move onto the proxy (default 1h)")
     p.add_argument("--status-interval", type=float, default=1.0, metavar="SECONDS",

@@ -32,6 +32,7 @@ from .spec import (
     ignored_settings,
     make_provider,
     migration_id,
+    side_names,
     static_endpoint,
     target_spec,
 )
@@ -148,7 +149,7 @@ class Reconciler:
             _user, token = await asyncio.to_thread(credentials, self.kube, self.ns, obj["spec"]["target"])
             tspec = target_spec(obj, token)
             if phase != "Provision":
-                await self.set_phase(obj, "Preflight")
+                await self.set_phase(obj, "Preflight", **side_names(obj))
                 result = await asyncio.to_thread(provider.preflight, tspec)
                 for warning in result.warnings:
                     await self.event(obj, "Warning", "PreflightWarning", str(warning))
@@ -185,6 +186,7 @@ class Reconciler:
         dst = endpoint_dict(target_ep, (spec["target"].get("tls") or {}).get("serverName"))
         await self.patch({
             "targetDurability": durability,
+            **side_names(obj),
             "progress": progress(0, 0, "Provision"),
             "endpoints": {"source": source_ep.address, "target": target_ep.address},
             "checkpoint": {"operator": {"provisioned": True, "source": src, "target": dst,

@@ -97,6 +97,31 @@ def make_provider(obj: dict[str, Any], ready_timeout: float) -> Provider:
     return StaticProvider(static_endpoint(source), targets, source_name=_source_name(obj))
 
 
+def side_name(side: dict[str, Any]) -> str:
+    """A short description of one side for SOURCE/TARGET in `kubectl get`: the replication group ID, or
+    the first endpoint's HOST:PORT with "+N" for N more endpoints."""
+    if side.get("replicationGroupId"):
+        return str(side["replicationGroupId"])
+    endpoints = side.get("endpoints") or []
+    if not endpoints:
+        return ""
+    first = endpoints[0]
+    more = f" +{len(endpoints) - 1}" if len(endpoints) > 1 else ""
+    return f"{first['host']}:{first['port']}{more}"
+
+
+def side_names(obj: dict[str, Any]) -> dict[str, str]:
+    """status.sourceName and status.targetName. The aws provider names the target after the resource
+    when spec.target.replicationGroupId is unset (target_spec)."""
+    spec = obj["spec"]
+    target = spec["target"]
+    if target.get("provider", "aws") == "aws":
+        target_name = target.get("replicationGroupId") or obj["metadata"]["name"]
+    else:
+        target_name = side_name(target)
+    return {"sourceName": side_name(spec["source"]), "targetName": str(target_name)}
+
+
 def _source_name(obj: dict[str, Any]) -> str:
     source = obj["spec"]["source"]
     if source.get("replicationGroupId"):

@@ -18,12 +18,13 @@ from valkey.crc import key_slot
 
 from .. import logs
 from ..errors import ConnectError, ServerError
-from ..resp import Connection, tls_context
+from ..resp import Connection, reply_map, tls_context
 from ..topology import SLOTS, Topology, discover
 from ..urls import Endpoint
 from .commandtable import CommandTable
 from .marks import MarkCallback, RemoteMarks
-from .session import FAST_NO, FAST_READ, READ, SCALAR_REPLY, SPECIAL, Session
+from .scripts import check_library
+from .session import FAST_NO, FAST_READ, READ, SCALAR_REPLY, SCRIPTING, SPECIAL, Session
 
 
 def is_async(fn: Any) -> bool:
@@ -139,6 +140,11 @@ class Proxy:
         self.scalar_names: set[bytes] = set()   # SCALAR_REPLY as the clients spell the names
         self._started = 0.0
         self.mark_stream_bytes = MARK_STREAM_BYTES
+        # During a migration (session.SCRIPTING): the SHA1s of the script bodies the proxy checked and
+        # accepted (EVALSHA of any other gets NOSCRIPT), and the functions whose library it accepted
+        # (FCALL of any other is refused). Shared by every session.
+        self.script_shas: set[bytes] = set()
+        self.functions: set[bytes] = set()
         # stats
         self.commands = 0
         self.writes = 0
@@ -169,6 +175,8 @@ class Proxy:
     # ---- life cycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         self.router, self.table = await self._discover(self.upstream)
+        if self.migrating:
+            await self._check_functions(self.router)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._new_session, self.listen_host, self.listen_port,
                                                 ssl=self.client_tls, reuse_address=True)
@@ -180,6 +188,32 @@ class Proxy:
         log.info("proxy.started", listen=f"{self.listen_host}:{self.port}", upstream=self.upstream.redacted(),
                  mode="cluster" if self.router.cluster else "standalone", nodes=len(self.router.nodes),
                  commands=len(self.table))
+
+    async def _check_functions(self, router: Router) -> None:
+        """The function libraries already loaded upstream (FUNCTION LIST WITHCODE on each primary) are
+        checked like a FUNCTION LOAD during a migration (scripts.check_library): FCALL of a function
+        is allowed only if its library passed. Servers without functions (Redis 6) have none."""
+        for endpoint in router.nodes:
+            conn = await Connection.open(endpoint, name=f"{self.name_prefix}-admin", select_db=0)
+            try:   # not try/finally: see MarkServer._serve (no await in a finally block, compiled)
+                reply = await conn.call("FUNCTION", "LIST", "WITHCODE")
+            except ServerError as exc:   # no functions (Redis 6), or not allowed: FCALL is then refused
+                log.info("proxy.function_list_unavailable", node=endpoint.address, reason=str(exc))
+                reply = []
+            except BaseException:
+                await conn.close()
+                raise
+            await conn.close()
+            for lib in reply or []:
+                fields = reply_map(lib)
+                reason, _ = check_library(bytes(fields.get(b"library_code") or b""))
+                names = [reply_map(f).get(b"name") for f in fields.get(b"functions") or []]
+                if reason is None:
+                    self.functions.update(n for n in names if isinstance(n, bytes))
+                else:
+                    log.info("proxy.function_library_refused", node=endpoint.address,
+                             library=bytes(fields.get(b"library_name") or b"").decode(errors="replace"),
+                             reason=reason)
 
     def _new_session(self) -> Session:
         self.connections_total += 1
@@ -317,7 +351,8 @@ class Proxy:
         if code is None:
             spec = self.table.specs.get(name.lower())
             low = name.lower()
-            if spec is None or spec.subcommands or spec.pubsub or low in SPECIAL:
+            if (spec is None or spec.subcommands or spec.pubsub
+                    or (low in SPECIAL and (self.migrating or low not in SCRIPTING))):
                 code = FAST_NO
             elif spec.blocking and not spec.hold:
                 # XREAD BLOCK, WAIT, WAITAOF: an entry of their own (general path), never inside a

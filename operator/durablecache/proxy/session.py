@@ -25,7 +25,7 @@ import libvalkey
 from mypy_extensions import i64
 
 from .. import logs
-from . import framing
+from . import framing, scripts
 from .commandtable import SUBSCRIBE_FAMILY, CommandSpec, keys_from_getkeys
 from .framing import MINUS, PUSH, command_head, command_tail, count_scalars, frame_end, name_sig
 
@@ -62,6 +62,12 @@ SCALAR_REPLY: Final = frozenset(
     b"lpushx rpushx llen lindex lset ltrim lrem mset msetnx".split())
 REFUSED: Final = ("ERR durablecache: {} is refused during a migration because its effect cannot be tracked "
                   "key by key; see docs/proxy.md")
+SCRIPT_REFUSED: Final = ("ERR durablecache: this script is refused during a migration: {}; the proxy cannot "
+                         "check it for writes it could not track key by key; see docs/proxy.md")
+SCRIPTS_REMEMBERED: Final = 65536        # checked script SHA1s kept by the proxy (Proxy.script_shas)
+NOSCRIPT: Final = b"-NOSCRIPT No matching script. Please use EVAL.\r\n"
+# Checked during a migration (scripts.py): the general path then, the fast path otherwise (classify).
+SCRIPTING: Final = frozenset({b"eval", b"evalsha", b"fcall", b"eval_ro", b"evalsha_ro", b"fcall_ro"})
 Marks = list[tuple[int | None, list[bytes]]]
 
 
@@ -157,6 +163,21 @@ def last_int(frame: bytes) -> int:
         return 0
 
 
+def hello_id(frame: bytes) -> int | None:
+    """The connection id in a HELLO reply (RESP2: a flat array, RESP3: a map)."""
+    try:
+        reply = parse_frame(frame)
+    except libvalkey.ProtocolError:
+        return None
+    if isinstance(reply, list):
+        reply = dict(zip(reply[::2], reply[1::2]))
+    if isinstance(reply, dict):
+        value = reply.get(b"id")
+        if isinstance(value, int):
+            return value
+    return None
+
+
 def parse_frame(frame: bytes) -> Any:
     r = libvalkey.Reader()
     r.feed(frame)
@@ -186,6 +207,13 @@ class Upstream(asyncio.Protocol):
         # Not authenticated (failed AUTH, RESET): closed once nothing of the client is in flight on
         # it, so no unnamed connection lingers in the upstream's CLIENT LIST (the RouteIn gate).
         self.drop_idle = False
+        # The AUTH gate (``gate``): while an AUTH the proxy sent for the client (replayed on a new
+        # connection, or a client's AUTH followed on another node) is unanswered, nothing queued after
+        # it is written: the transport waits in ``stash`` (``transport`` is None, so push_out holds
+        # everything), ``gate_ends`` are the obuf parts up to each later such AUTH not written yet.
+        self.stash: asyncio.Transport | None = None
+        self.gate_ends: list[int] = []
+        self.gates: list[Entry] = []     # the gating AUTHs not answered yet, oldest first
 
     # -- sending ------------------------------------------------------------------------------
     def send(self, args: tuple[bytes, ...], entry: Entry | None, requeue: bool = False) -> None:
@@ -216,8 +244,54 @@ class Upstream(asyncio.Protocol):
             self.obuf.clear()
             self.transport.write(data)
 
+    def gate(self, args: tuple[bytes, ...], cb: Callable[[Entry], None] | None = None,
+             refused: Callable[[Entry], None] | None = None, open_if_refused: bool = False) -> None:
+        """Send a command that authenticates (HELLO ... AUTH) for the client, and write nothing queued
+        after it until its reply is a success: commands pipelined behind a refused AUTH would run as
+        whoever the connection was before (``default``). Refused: Session.auth_refused (or, with
+        ``open_if_refused``, when the connection's previous state is the client's too, go on)."""
+        def check(e: Entry) -> None:
+            if self.failed:
+                return
+            if self.gates and self.gates[0] is e:
+                self.gates.pop(0)
+            if (e.reply or b"")[:1] in (b"-", b"!"):
+                if refused is not None:
+                    refused(e)
+                if not open_if_refused:
+                    self.session.auth_refused(self, e.reply or b"")
+                    return
+            elif cb is not None:
+                cb(e)
+            self._open_gate()
+        self.gates.append(self.internal(args, check))
+        if self.transport is not None:
+            self.push_out()
+            self.stash, self.transport = self.transport, None
+        else:
+            self.gate_ends.append(len(self.obuf))
+
+    def _open_gate(self) -> None:
+        t = self.stash
+        if t is None:
+            return
+        if self.gate_ends:
+            self._write_first(t, self.gate_ends.pop(0))
+        else:
+            self.transport, self.stash = t, None
+            self.push_out()
+
+    def _write_first(self, t: asyncio.Transport, n: int) -> None:
+        t.write(b"".join(self.obuf[:n]))
+        del self.obuf[:n]
+        self.gate_ends = [end - n for end in self.gate_ends]
+
     # -- asyncio.Protocol ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.gate_ends:        # an AUTH gate: only what precedes it goes now
+            self.stash = transport  # type: ignore[assignment]
+            self._write_first(self.stash, self.gate_ends.pop(0))  # type: ignore[arg-type]
+            return
         self.transport = transport  # type: ignore[assignment]
         self.push_out()
 
@@ -229,6 +303,7 @@ class Upstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.stash = None
         if not self.retired:
             self.session.upstream_lost(self)
 
@@ -501,6 +576,8 @@ class Upstream(asyncio.Protocol):
         self.retired = True
         if self.transport is not None:
             self.transport.close()
+        if self.stash is not None:
+            self.stash.close()
 
 
 class Session(asyncio.Protocol):
@@ -550,6 +627,11 @@ class Session(asyncio.Protocol):
         self.watching = False
         self.watch_broken = False
         self.tx_conn: Upstream | None = None      # cluster: the node a transaction is bound to
+        self.multi_sent = False                   # cluster: MULTI was sent on tx_conn
+        # Inside MULTI: how many commands were queued, and the proxy's own answers among them (their
+        # index in EXEC's array, and the function computing each at EXEC): local_fn, _exec.
+        self.multi_count = 0
+        self.multi_local: list[tuple[int, Callable[[], bytes]]] = []
         self.subs: tuple[set[bytes], set[bytes], set[bytes]] = (set(), set(), set())
         self.sockname: tuple[str, int] = ("127.0.0.1", 0)
 
@@ -579,13 +661,15 @@ class Session(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         for c in self.conns.values():
-            if c.transport is not None:
-                c.transport.pause_reading()
+            t = c.transport or c.stash        # stash: behind an AUTH gate (Upstream.gate)
+            if t is not None:
+                t.pause_reading()
 
     def resume_writing(self) -> None:
         for c in self.conns.values():
-            if c.transport is not None:
-                c.transport.resume_reading()
+            t = c.transport or c.stash
+            if t is not None:
+                t.resume_reading()
 
     def pause_client_reading(self) -> None:
         if self.transport is not None:
@@ -930,6 +1014,8 @@ class Session(asyncio.Protocol):
         if self.router.cluster:
             entry.args = args
         conn.send(args, entry)
+        if self.in_multi:
+            self.multi_count += 1
 
     def _getkeys(self, conn: Upstream, args: tuple[bytes, ...], spec: CommandSpec, marks: Marks) -> None:
         """Ask the server for the keys of a command whose key specs are incomplete (SORT ... STORE)."""
@@ -942,9 +1028,7 @@ class Session(asyncio.Protocol):
         router = self.router
         if not router.cluster:
             return self.conn(0)
-        if self.in_multi and self.tx_conn is not None and spec is None:
-            return self.tx_conn
-        node = 0
+        node = -1
         if spec is not None:
             keys = spec.route_keys(args)
             if keys:
@@ -955,23 +1039,30 @@ class Session(asyncio.Protocol):
                         self.multi_error = True
                     return None
                 node = router.owner[slot]
-        conn = self.conn(node)
-        if self.in_multi:
-            if self.tx_conn is None:
-                self.tx_conn = conn
-                conn.internal((b"MULTI",))
-            elif conn is not self.tx_conn:
-                self.multi_error = True
-                self.local_error(b"-CROSSSLOT Keys in request don't hash to the same slot\r\n")
-                return None
-        return conn
+        tx = self.tx_conn
+        if tx is not None and tx.failed:      # its AUTH was refused (auth_refused)
+            tx = self.tx_conn = None
+        if not self.in_multi:
+            return self.conn(max(node, 0))
+        # Inside MULTI every command goes to the transaction's connection (bound by WATCH or by the
+        # first command with keys; keyless commands go there too), queued by the server after MULTI.
+        if tx is None:
+            tx = self.tx_conn = self.conn(max(node, 0))
+        elif node >= 0 and node != tx.node:
+            self.multi_error = True
+            self.local_error(b"-CROSSSLOT Keys in request don't hash to the same slot\r\n")
+            return None
+        if not self.multi_sent:
+            self.multi_sent = True
+            tx.internal((b"MULTI",))
+        return tx
 
-    def conn(self, node: int) -> Upstream:
+    def conn(self, node: int, replay_auth: bool = True) -> Upstream:
         conn = self.conns.get(node)
         if conn is None or conn.failed:
             conn = Upstream(self, node)
             self.conns[node] = conn
-            self._replay(conn)
+            self._replay(conn, replay_auth)
             asyncio.get_running_loop().create_task(self._open(conn))
         return conn
 
@@ -990,8 +1081,16 @@ class Session(asyncio.Protocol):
             conn.failed = True
             self.upstream_lost(conn)
 
-    def _replay(self, conn: Upstream) -> None:
-        """A new upstream connection gets this client's state: AUTH, protocol, db, and our name."""
+    def _replay(self, conn: Upstream, replay_auth: bool = True) -> None:
+        """A new upstream connection gets this client's state: AUTH, protocol, db, and our name.
+        The AUTH goes as ``HELLO <proto> AUTH <user> <pass> SETNAME <our name>`` (its reply carries the
+        connection's id): one command every user may run, so the proxy's housekeeping never shows up
+        as the client's ACL denials; and it gates the connection (Upstream.gate): if it is refused,
+        the client's commands on this connection fail with the server's error (auth_refused), none
+        runs as ``default``. Without ``replay_auth`` (the connection opened for a client's AUTH, which
+        is its gate) the previous AUTH is not replayed."""
+        auth_args = self.auth_args if replay_auth else None
+
         def named(e: Entry) -> None:
             conn.named = (e.reply or b"").startswith(b"+")
 
@@ -999,13 +1098,13 @@ class Session(asyncio.Protocol):
             r = e.reply or b""
             if r.startswith(b":"):
                 conn.client_id = int(r[1:-2])
-        if self.auth_args is not None:
-            conn.internal(self.auth_args)
-        if self.req_proto == 3:
+        if auth_args is not None:
+            conn.gate(self.hello_auth(auth_args), self.hello_done(conn))
+        elif self.req_proto == 3:
             conn.internal((b"HELLO", b"3"))
         if self.req_db and not self.router.cluster:
             conn.internal((b"SELECT", str(self.req_db).encode()))
-        if self.authed or self.auth_args is not None or self.auth_sent:
+        if auth_args is None and (self.authed or self.auth_sent):
             conn.internal((b"CLIENT", b"SETNAME", self.name_on_upstream), named)
             conn.internal((b"CLIENT", b"ID"), got_id)
         for kind, verb in ((0, b"SUBSCRIBE"), (1, b"PSUBSCRIBE")):
@@ -1015,6 +1114,76 @@ class Session(asyncio.Protocol):
             for ch in sorted(self.subs[2]):
                 if self.router.owner_of(ch) == conn.node:
                     conn.internal((b"SSUBSCRIBE", ch), remaining=1)
+
+    def hello_auth(self, auth: tuple[bytes, ...]) -> tuple[bytes, ...]:
+        """``AUTH [user] pass`` as the HELLO that authenticates, keeps the protocol and names."""
+        user, password = (b"default", auth[1]) if len(auth) == 2 else (auth[1], auth[2])
+        return (b"HELLO", str(self.req_proto).encode(), b"AUTH", user, password,
+                b"SETNAME", self.name_on_upstream)
+
+    @staticmethod
+    def hello_done(conn: Upstream) -> Callable[[Entry], None]:
+        """A successful HELLO ... SETNAME: the connection is named; its id is in the reply."""
+        def done(e: Entry) -> None:
+            conn.named = True
+            conn.client_id = hello_id(e.reply or b"")
+        return done
+
+    def auth_refused(self, conn: Upstream, reply: bytes) -> None:
+        """An AUTH the proxy sent for the client on ``conn`` (Upstream.gate) was refused: nothing
+        after it was written. Every request of the client waiting behind it is answered with the
+        server's error, up to the next such AUTH on the connection (a client's AUTH queued behind a
+        replayed one), which is then written and decides in turn. If there is none, the connection
+        goes, and the next request for its node opens a new one (and replays the AUTH again). Never
+        does a request run as the connection's previous user."""
+        log.warning("proxy.upstream_auth_refused", session=self.id, upstream=self.router.nodes[conn.node].address,
+                    reason=reply[:-2].decode(errors="replace"))
+        nxt = conn.gates[0] if conn.gates else None
+        if self.tx_conn is conn and self.in_multi:
+            self.multi_error = True
+        if nxt is None:
+            conn.failed = True
+            conn.obuf.clear()
+            conn.gate_ends.clear()
+            if self.tx_conn is conn:
+                self.tx_conn = None
+        elif conn.stash is not None and conn.gate_ends:
+            end = conn.gate_ends.pop(0)
+            auth = conn.obuf[end - 1]            # the next gating AUTH: it goes, nothing before it
+            del conn.obuf[:end]
+            conn.gate_ends = [e - end for e in conn.gate_ends]
+            conn.stash.write(auth)
+        if self.router.cluster:
+            expect = conn.expect
+            while expect and expect[0] is not nxt:
+                e = expect.popleft()
+                e.reply = reply
+                if e.internal and e.cb is not None:
+                    e.cb(e)
+        else:
+            pending = self.pending
+            kept = pending.items[:pending.head]
+            items = pending.items[pending.head:]
+            for i, e in enumerate(items):
+                if e is nxt:
+                    kept.extend(items[i:])
+                    break
+                if e is READ:
+                    e = Entry()
+                    e.reply = reply
+                elif e.conn is conn and e.reply is None:
+                    if e.internal:
+                        if e.cb is not None:
+                            e.reply = reply
+                            e.cb(e)
+                        continue
+                    e.reply = reply * e.count if e.count else reply
+                    e.count = 0
+                    e.parts = None
+                kept.append(e)
+            pending.items = kept
+        if nxt is None:
+            conn.close()
 
     def name_after_auth(self, conn: Upstream) -> None:
         """After a client's AUTH/HELLO AUTH, name the connection (fails harmlessly if AUTH failed)."""
@@ -1042,6 +1211,8 @@ class Session(asyncio.Protocol):
         node = self.proxy.node_index(host.decode() or self.router.nodes[0].host, int(port))
         e.redirects += 1
         conn = self.conn(node)
+        if e.conn is self.tx_conn and not self.in_multi and not self.multi_sent:
+            self.tx_conn = conn       # a WATCH that moved: the transaction follows it
         if parts[0] == b"ASK":
             conn.internal((b"ASKING",))
         else:
@@ -1061,6 +1232,14 @@ class Session(asyncio.Protocol):
         self.local(reply)
 
     def local_fn(self, fn: Callable[[], bytes]) -> None:
+        """A reply the proxy computes when it is due. Inside MULTI it is a queued command: +QUEUED
+        now, and its reply is computed at EXEC, in its place in EXEC's array (_exec)."""
+        if self.in_multi:
+            if self.multi_abort is None:
+                self.multi_local.append((self.multi_count, fn))
+                self.multi_count += 1
+            self.local(framing.QUEUED)
+            return
         e = Entry()
         e.fn = fn
         self.pending.append(e)
@@ -1255,6 +1434,7 @@ class Session(asyncio.Protocol):
         self.conns.clear()
         self.router = router
         self.tx_conn = None
+        self.multi_sent = False
         self.req_db = self.db
         if self.in_multi:
             self.multi_abort = framing.null_array(self.resp3)
@@ -1269,11 +1449,19 @@ class Session(asyncio.Protocol):
 # ---- the commands the proxy handles itself (or watches on their way) -------------------------------
 
 def _auth(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    if _refused_in_multi(s, args):
+        return
     previous = s.auth_args
+    existing = s.conns.get(0)
+    fresh = existing is None or existing.failed
+    # A new connection is opened for this AUTH, which is then its gate (not the previous AUTH: that
+    # one may be refused where this one is not, e.g. after FLIP). Its refusal: Session.auth_refused.
+    # On a connection whose replayed AUTH is still unanswered it is a gate too (auth_refused).
+    conn = s.conn(0, replay_auth=not fresh)
+    gated = fresh or bool(conn.gates)
     s.auth_args = args
     s.auth_sent = True
     s.auth_pending += 1
-    conn = s.conn(0)
 
     def done(e: Entry) -> None:
         s.auth_pending -= 1
@@ -1284,11 +1472,47 @@ def _auth(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None
             s.auth_args = previous
             s.auth_failed(conn)
     entry = Entry(cb=done)
-    conn.send(args, entry)
-    s.name_after_auth(conn)
-    for other in s.conns.values():      # cluster: every open node connection follows
-        if other is not conn:
-            other.internal(args)
+    # AUTH <user> <pass> goes as HELLO ... AUTH ... SETNAME: an ACL user may be refused CLIENT
+    # SETNAME/ID (each refusal in the server's ACL LOG as the user's). The client gets AUTH's answer:
+    # +OK, or the server's error.
+    hello = len(args) == 3
+
+    def answered(e: Entry) -> None:
+        r = e.reply or b""
+        if r[:1] in (b"-", b"!"):
+            entry.reply = r
+            return
+        entry.reply = framing.OK
+        if hello:
+            conn.named = True
+            conn.client_id = hello_id(r)
+    sent = s.hello_auth(args) if hello else args
+    if gated:
+        # Refused: what was pipelined behind it runs as before it (the server's way) when that was
+        # no AUTH of the client's (``default``, or not authenticated: NOAUTH from the server).
+        conn.gate(sent, answered, answered, open_if_refused=previous is None)
+    elif hello:
+        conn.internal(sent, answered)
+    else:
+        conn.send(args, entry)
+    if gated or hello:
+        s.pending.append(entry)
+    if not hello:
+        s.name_after_auth(conn)
+    _follow_auth(s, conn, args)
+
+
+def _follow_auth(s: Session, conn: Upstream, args: tuple[bytes, ...]) -> None:
+    """Cluster: every other open node connection authenticates too, behind an AUTH gate."""
+    if len(args) not in (2, 3):
+        return
+    for node, other in list(s.conns.items()):
+        if other is conn:
+            continue
+        if other.failed:
+            del s.conns[node]     # reopened when needed, with the AUTH replayed
+            continue
+        other.gate(s.hello_auth(args), s.hello_done(other))
 
 
 def _refused_in_multi(s: Session, args: tuple[bytes, ...]) -> bool:
@@ -1335,6 +1559,10 @@ def _hello(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> Non
                 b"HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and "
                 b"select the RESP protocol version at the same time\r\n")
         return
+    existing = s.conns.get(0)
+    fresh = auth is not None and (existing is None or existing.failed)
+    conn = s.conn(0, replay_auth=not fresh)     # as in _auth: a new connection's gate is this AUTH
+    gated = auth is not None and (fresh or bool(conn.gates))
     previous = s.auth_args
     if auth is not None:
         s.auth_args = auth
@@ -1358,16 +1586,28 @@ def _hello(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> Non
         if auth is not None:
             s.authed = True
             conn.drop_idle = False
+            conn.named = True
+            conn.client_id = hello_id(r)
         if name is not None:
             s.name = name or None
-    conn = s.conn(0)
-    entry = Entry(cb=done)
-    conn.send(tuple(fwd), entry)
     if auth is not None:
-        s.name_after_auth(conn)
-    for other in s.conns.values():
-        if other is not conn:
-            other.internal(tuple(fwd))
+        # Named by the same HELLO (a SETNAME of our own, the client's is kept by the proxy): no
+        # CLIENT SETNAME/ID that an ACL user may be refused.
+        fwd += [b"SETNAME", s.name_on_upstream]
+    entry = Entry(cb=done)
+    if gated:
+        def answered(e: Entry) -> None:
+            entry.reply = e.reply
+        conn.gate(tuple(fwd), answered, answered, open_if_refused=previous is None)
+        s.pending.append(entry)
+    else:
+        conn.send(tuple(fwd), entry)
+    if auth is not None:
+        _follow_auth(s, conn, auth)
+    else:
+        for other in s.conns.values():
+            if other is not conn and not other.failed:
+                other.internal(tuple(fwd))
 
 
 def _valid_name(name: bytes) -> bool:
@@ -1428,12 +1668,24 @@ def _multi(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> Non
     s.in_multi = True
     s.multi_marks = []
     s.multi_error = False
+    s.multi_count = 0
+    s.multi_local = []
     if s.watch_broken:
         s.multi_abort = framing.null_array(s.resp3)
-    if s.router.cluster or s.multi_abort is not None:
-        s.local(framing.OK)         # cluster: MULTI goes to the node of the first key (conn_for)
+    if s.multi_abort is not None:
+        s.local(framing.OK)
+        return
+    if s.router.cluster:
+        # Cluster: MULTI goes to the transaction's node: the WATCHed one, now; otherwise the node of
+        # the first command queued (conn_for). The client's +OK is the proxy's.
+        tx = s.tx_conn
+        if tx is not None and not tx.failed:
+            s.multi_sent = True
+            tx.internal((b"MULTI",))
+        s.local(framing.OK)
         return
     s.forward(args, spec)
+    s.multi_count = 0             # MULTI itself is no queued command
 
 
 def _end_multi(s: Session) -> None:
@@ -1441,10 +1693,30 @@ def _end_multi(s: Session) -> None:
     s.multi_marks = []
     s.multi_abort = None
     s.multi_error = False
+    s.multi_count = 0
+    s.multi_local = []
     s.watching = False
     s.watch_broken = False
     if s.router.cluster:
         s.tx_conn = None
+        s.multi_sent = False
+
+
+def splice(reply: bytes, local: list[tuple[int, Callable[[], bytes]]]) -> bytes:
+    """EXEC's array with the proxy's own answers (CLIENT GETNAME ... queued inside MULTI) put in their
+    places; an aborted (null) or refused EXEC is passed on as it is."""
+    if not reply.startswith(b"*") or reply.startswith(b"*-"):
+        return reply
+    nl = reply.find(b"\r\n")
+    frames: list[bytes] = []
+    pos = nl + 2
+    for _ in range(int(reply[1:nl])):
+        end = frame_end(reply, pos)
+        frames.append(reply[pos:end])
+        pos = end
+    for index, fn in local:
+        frames.insert(index, fn())
+    return b"*%d\r\n" % len(frames) + b"".join(frames)
 
 
 def _exec(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
@@ -1455,16 +1727,24 @@ def _exec(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None
     abort = s.multi_abort
     error = s.multi_error
     tx_conn = s.tx_conn
+    sent = s.multi_sent
+    local = s.multi_local
+    count = s.multi_count
     _end_multi(s)
     if abort is not None:           # broken by FLIP: as if a watched key was touched
         s.local(abort)
         return
-    if s.router.cluster and tx_conn is None:
-        s.local(b"*0\r\n")
-        return
+    if s.router.cluster and not sent:         # nothing queued on a server
+        if error:
+            s.local(b"-EXECABORT Transaction discarded because of previous errors.\r\n")
+            return
+        if tx_conn is None:
+            s.local(b"*%d\r\n" % count + b"".join(fn() for _, fn in local))
+            return
+        # WATCHed (MULTI not sent: its connection was replaced): an empty transaction on it.
+        tx_conn.internal((b"MULTI",))
     if error:
-        conn = tx_conn or s.conn(0)
-        conn.internal((b"DISCARD",))
+        (tx_conn or s.conn(0)).internal((b"DISCARD",))
         s.local(b"-EXECABORT Transaction discarded because of previous errors.\r\n")
         return
     conn = tx_conn or s.conn(0)
@@ -1479,6 +1759,14 @@ def _exec(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None
         s.proxy.writes += 1
     else:
         entry = Entry(cb=done)
+    if local:
+        # EXEC's reply is taken by the proxy (internal) and given to the client with the proxy's own
+        # answers spliced in: ``entry`` (with the marks) is due once it is there.
+        def answered(e: Entry) -> None:
+            entry.reply = splice(e.reply or b"", local)
+        conn.internal(args, answered)
+        s.pending.append(entry)
+        return
     if s.router.cluster:
         entry.args = args
     conn.send(args, entry)
@@ -1488,9 +1776,11 @@ def _discard(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> N
     if not s.in_multi:
         s.local(b"-ERR DISCARD without MULTI\r\n")
         return
-    abort, tx_conn = s.multi_abort, s.tx_conn
+    abort, tx_conn, sent = s.multi_abort, s.tx_conn, s.multi_sent
     _end_multi(s)
-    if abort is not None or (s.router.cluster and tx_conn is None):
+    if abort is not None or (s.router.cluster and (tx_conn is None or not sent)):
+        if tx_conn is not None:
+            tx_conn.internal((b"UNWATCH",))      # DISCARD unwatches
         s.local(framing.OK)
         return
     entry = Entry()
@@ -1502,6 +1792,8 @@ def _watch(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> Non
         s.local(b"-ERR WATCH inside MULTI is not allowed\r\n")
         return
     if s.router.cluster:
+        # All of a transaction goes to one connection: WATCHed keys must be on one node (in one slot
+        # per WATCH, as for a cluster server), and that node is then the transaction's.
         conn = s.conn_for(args, spec)
         if conn is None:
             return
@@ -1511,7 +1803,7 @@ def _watch(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> Non
         s.tx_conn = conn
         s.watching = True
         entry = Entry()
-        entry.args = args
+        entry.args = args       # MOVED is followed (redirect), and the transaction with it
         conn.send(args, entry)
         return
     s.watching = True
@@ -1519,15 +1811,17 @@ def _watch(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> Non
 
 
 def _unwatch(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    if s.in_multi:
+        s.forward(args, spec)     # queued: the server's own answer
+        return
     s.watching = False
     s.watch_broken = False
-    if s.router.cluster and not s.in_multi:
+    if s.router.cluster:
         conn, s.tx_conn = s.tx_conn, None
         if conn is None:
             s.local(framing.OK)
             return
-        entry = Entry()
-        conn.send(args, entry)
+        conn.send(args, Entry())
         return
     s.forward(args, spec)
 
@@ -1546,6 +1840,9 @@ def _reset(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> Non
     s.tx_conn = None
     for group in s.subs:
         group.clear()
+    for node, c in list(s.conns.items()):
+        if c.failed:             # refused AUTH (auth_refused): nothing to reset there
+            del s.conns[node]
     if not s.conns:
         def reset_locally() -> bytes:
             done(Entry())
@@ -1629,6 +1926,90 @@ def _copy(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None
     s.forward(args, spec)
 
 
+def _refuse_script(s: Session, reason: str) -> None:
+    if s.in_multi:
+        s.multi_error = True
+    s.local(framing.error(SCRIPT_REFUSED.format(reason)))
+
+
+def _accept_script(s: Session, body: bytes) -> bool:
+    """Check a script body (once per distinct body: its SHA1 is remembered when it passes, for EVALSHA
+    and the next EVAL of it); refuse it (False) if it does not pass."""
+    sha = scripts.sha1(body).encode()
+    shas = s.proxy.script_shas
+    if sha in shas:
+        return True
+    reason = scripts.check_script(body)
+    if reason is not None:
+        _refuse_script(s, reason)
+        return False
+    if len(shas) >= SCRIPTS_REMEMBERED:   # bounded: clients that make up scripts as they go
+        shas.clear()                      # (those forgotten get NOSCRIPT, and are sent again)
+    shas.add(sha)
+    return True
+
+
+def _eval(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    """EVAL during a migration: the body is checked (scripts.check_script) and, if it passes, its
+    SHA1 is remembered for EVALSHA. EVAL_RO cannot write: not checked."""
+    if (s.proxy.migrating and len(args) > 1 and args[0].lower() == b"eval"
+            and not _accept_script(s, args[1])):
+        return
+    s.forward(args, spec)
+
+
+def _evalsha(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    """EVALSHA during a migration of a script the proxy has not checked: NOSCRIPT, so the client sends
+    the body with EVAL (valkey-py's Script, GLIDE do), which is checked."""
+    if (s.proxy.migrating and len(args) > 1 and args[0].lower() == b"evalsha"
+            and args[1].lower() not in s.proxy.script_shas):
+        if s.in_multi:
+            s.multi_error = True
+        s.local(NOSCRIPT)
+        return
+    s.forward(args, spec)
+
+
+def _fcall(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    """FCALL during a migration: only of functions whose library the proxy checked and accepted (at
+    FUNCTION LOAD through it, or in FUNCTION LIST WITHCODE at start). FCALL_RO cannot write."""
+    if (s.proxy.migrating and len(args) > 1 and args[0].lower() == b"fcall"
+            and args[1] not in s.proxy.functions):
+        _refuse_script(s, f"function '{args[1].decode(errors='replace')}' is in a library the proxy did "
+                          "not check (loaded other than through it during the migration)")
+        return
+    s.forward(args, spec)
+
+
+def _script(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    sub = args[1].lower() if len(args) > 1 else b""
+    if s.proxy.migrating and sub == b"load" and len(args) == 3:
+        if not _accept_script(s, args[2]):
+            return
+    elif s.proxy.migrating and sub == b"exists" and len(args) > 2:
+        # Scripts the proxy has not checked "do not exist": a client then loads them (SCRIPT LOAD,
+        # checked) instead of sending an EVALSHA that would get NOSCRIPT (valkey-py's pipelines).
+        shas = [a.lower() in s.proxy.script_shas for a in args[2:]]
+        s.local_fn(lambda: framing.NOAUTH if not s.authed else
+                   b"*%d\r\n" % len(shas) + b"".join(b":1\r\n" if ok else b":0\r\n" for ok in shas))
+        return
+    s.forward(args, spec)
+
+
+def _function(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    sub = args[1].lower() if len(args) > 1 else b""
+    if s.proxy.migrating and sub == b"load" and len(args) > 2:
+        reason, names = scripts.check_library(args[-1])
+        if reason is not None:
+            _refuse_script(s, reason)
+            return
+        s.proxy.functions.update(names)
+    elif s.proxy.migrating and sub == b"restore":
+        _refuse_script(s, "FUNCTION RESTORE loads libraries the proxy cannot check")
+        return
+    s.forward(args, spec)
+
+
 def _monitor(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
     s.local(framing.error("ERR durablecache: MONITOR is not supported through the proxy"))
 
@@ -1681,4 +2062,6 @@ SPECIAL: dict[bytes, Callable[[Session, tuple[bytes, ...], CommandSpec | None], 
     b"readonly": _readonly, b"readwrite": _readonly, b"copy": _copy,
     **{name: _subscribe for name in SUBSCRIBE_FAMILY},
     **{name: _refuse_if_migrating for name in UNSAFE},
+    b"eval": _eval, b"eval_ro": _eval, b"evalsha": _evalsha, b"evalsha_ro": _evalsha,
+    b"fcall": _fcall, b"fcall_ro": _fcall, b"script": _script, b"function": _function,
 }
