@@ -16,23 +16,13 @@ FAST = [
     ("client writing directly", "Sync", None),
     ("migration SIGKILLed after FLIP", "Cutover", None),
     ("network to target cut", "Sync", None),
-    ("EVAL flushdb", "Sync",
-     "feature (e) not on this branch yet: FLUSHDB inside EVAL passes the proxy during a migration"),
+    ("EVAL flushdb", "Sync", None),
 ]
-
-
-# Intermittent on the current code (docs/reliability.md): in about one run of three the migration
-# restarted from its state file fails its verify-and-repair with "<target> closed the connection" and
-# ends Failed, with the proxy gone. Not a missing feature, so not strict: it still runs every time.
-FLAKY = {"migration SIGKILLed after FLIP": "intermittent: the resumed migration's repair fails with "
-                                           "'<target> closed the connection' and the migration ends Failed"}
 
 
 def fast(fault: str, phase: str, xfail: str | None) -> object:
     cell = dataclasses.replace(find(fault, phase), refuse_wait=8.0, outcome_wait=15.0, verify_wait=5.0)
     marks = [pytest.mark.xfail(strict=True, reason=xfail)] if xfail else []
-    if fault in FLAKY:
-        marks.append(pytest.mark.xfail(strict=False, reason=FLAKY[fault]))
     return pytest.param(cell, id=cell.name, marks=marks)
 
 
