@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: build demo test lint bench
+.PHONY: build demo test lint bench faults
 
 # The proxy's modules run compiled (mypyc, setup.py); rebuilt in place whenever their sources change.
 COMPILED := $(VENV)/.compiled
@@ -32,6 +32,10 @@ test: $(COMPILED)
 	$(VENV)/bin/ruff check operator tests bench setup.py
 	$(VENV)/bin/mypy operator/durablecache
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The fault-injection matrix (docs/reliability.md): every fault x phase cell, a Markdown table at the end.
+faults: $(COMPILED)
+	$(PY) tests/faults/matrix.py $(FAULTS_ARGS)
 
 bench: $(COMPILED)
 	bash scripts/system-deps.sh
