@@ -29,6 +29,7 @@ HELP = "run the proxy and syncer of one DurableCache (started by the operator; n
 log = logs.get("durablecache.worker")
 WORKER_COMPONENT = "durablecache-worker"
 GATE_EVENT_INTERVAL = 30.0
+GATE_WARN_AFTER = 120.0     # RouteIn: applications still on the source this long is worth a Warning
 # After the operator moved the applications back onto the proxy for a rollback, wait this long for
 # their old connections to the target to drain before the proxies flip back to the source.
 ROLLBACK_SETTLE = 2.0
@@ -135,6 +136,7 @@ class Reporter:
         self.rollback_sent = False
         self.rollback_routed_at: float | None = None
         self.last_gate_event = 0.0
+        self.gate_blocked_since: float | None = None   # RouteIn: when clients were first seen on the source
         self.last_status: dict[str, Any] = {}
         self.blocked: dict[str, Any] | None = None     # the repair waiting for spec.repair.acceptDestructive
         self.loop = asyncio.get_running_loop()
@@ -167,7 +169,7 @@ class Reporter:
             now = time.monotonic()
             if now - self.last_gate_event >= GATE_EVENT_INTERVAL:
                 self.last_gate_event = now
-                self._event("Warning", "RouteInBlocked" if e.get("phase") in (None, "RouteIn") else "DirectClients",
+                self._event(*self._gate_event(e, now),
                             f"clients still connected to the source, not through the proxy: {e.get('clients')}")
         elif kind == "awaiting_approval":
             if not self.awaiting:
@@ -196,6 +198,18 @@ class Reporter:
             self._event("Warning", "RepairBlocked", str(e.get("message")))
         elif kind == "rolled_back":
             self._event("Normal", "RollbackDone", f"writes paused {e.get('pause_ms')} ms")
+
+    def _gate_event(self, e: dict[str, Any], now: float) -> tuple[str, str]:
+        """(type, reason) for clients seen on the source around the proxy. In RouteIn that is normal
+        while applications move onto the proxy (Normal RouteInWaiting), and a Warning (RouteInBlocked)
+        once it lasts GATE_WARN_AFTER; after RouteIn it is always a Warning (DirectClients)."""
+        if e.get("phase") not in (None, "RouteIn"):
+            return "Warning", "DirectClients"
+        if self.gate_blocked_since is None:
+            self.gate_blocked_since = now
+        if now - self.gate_blocked_since >= GATE_WARN_AFTER:
+            return "Warning", "RouteInBlocked"
+        return "Normal", "RouteInWaiting"
 
     def _spawn(self, coro: Any) -> None:
         asyncio.ensure_future(coro)
