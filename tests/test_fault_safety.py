@@ -305,3 +305,108 @@ def test_a_blocked_repair_and_changed_servers_show_in_the_metrics():
     assert m.registry.get_sample_value("durablecache_side_changes", labels) == 2
     m.observe({"metadata": labels, "status": {"phase": "Sync", "sideChanges": 2}})
     assert m.registry.get_sample_value("durablecache_repair_blocked", labels) == 0
+
+
+def move_slot(cluster: Any, slot: int, src: int, dst: int) -> int:
+    """Reshard one slot, keys and all, from primary ``src`` to ``dst`` as valkey-cli does (IMPORTING /
+    MIGRATING, MIGRATE in batches, SETSLOT NODE everywhere); returns how many keys moved."""
+    owner, other = cluster.primaries[src].client(), cluster.primaries[dst].client()
+    owner_id, other_id = (c.execute_command("CLUSTER", "MYID").decode() for c in (owner, other))
+    other.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", owner_id)
+    owner.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", other_id)
+    moved = 0
+    for _ in range(10_000):
+        keys = owner.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+        if not keys:
+            break
+        owner.execute_command("MIGRATE", "127.0.0.1", cluster.primaries[dst].port, "", 0, 5000, "REPLACE",
+                              "KEYS", *keys)
+        moved += len(keys)
+    for node in cluster.primaries:
+        node.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", other_id)
+    return moved
+
+
+@pytest.mark.parametrize("phase", ["Copy", "Sync"])
+def test_a_slot_moving_in_the_source_cluster_loses_nothing(make_cluster, phase):
+    """A reshard of the source while it is copied or kept in sync: keys move between primaries under
+    the copy's SCAN and the proxy's writes (MIGRATE, then MOVED). Nothing acknowledged is lost and the
+    sides end equal."""
+    from valkey.crc import key_slot
+
+    source, target = make_cluster(primaries=3), make_cluster(primaries=3, engine="valkey9")
+    client = source.cluster_client()
+    seed(client, 20_000)
+    client.close()
+    slot = key_slot(b"seed:1")
+    src = next(i for i, n in enumerate(source.primaries)
+               if n.client().execute_command("CLUSTER", "COUNTKEYSINSLOT", slot))
+
+    async def scenario() -> tuple[Run, int]:
+        run = Run(source, target, max_source_ops=20_000 if phase == "Copy" else None)   # type: ignore[arg-type]
+        run.load = Workload("127.0.0.1", source.nodes[0].port, writers=3, rate=150, cluster=True)
+        await run.start()
+        await run.wait(event("phase", phase="Copy") if phase == "Copy" else event("awaiting_approval"))
+        moved = await in_thread(lambda: move_slot(source, slot, src, (src + 1) % 3))
+        await run.cut_over_and_stop()
+        return run, moved
+
+    run, moved = asyncio.run(scenario())
+    assert moved > 0
+    assert run.load.lost(target.cluster_client()) == []
+    assert asyncio.run(verify_equal(source, target))          # type: ignore[arg-type]
+
+
+def wait_until(what: str, cond: Callable[[], bool], timeout: float = 30.0) -> None:
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_failover_of_the_standalone_source_holds_the_repair_until_it_leads_to_a_primary(make_server):
+    """The source's replica is promoted and its primary demoted during Sync (what an ElastiCache
+    failover does behind the primary endpoint). The address DurableCache was given now leads to a
+    replica: it says so, repairs nothing against a replica, cuts over nothing; once the address leads
+    to a primary again (failed back), the repair and the cutover follow and nothing acknowledged is lost."""
+    primary = make_server()
+    replica = make_server(extra=["--replicaof", "127.0.0.1", str(primary.port)])
+    target = make_server(engine="valkey9")
+    seed(primary.client(), SEED_KEYS)
+
+    def linked(node: LocalServer) -> bool:
+        return node.client().info("replication").get("master_link_status") == "up"
+
+    wait_until("the replica to sync", lambda: linked(replica))
+
+    async def scenario() -> Run:
+        run = Run(primary, target)
+        await run.start()
+        await run.wait(event("awaiting_approval"))
+        mark = len(run.events)
+
+        def fail_over() -> None:
+            replica.client().execute_command("REPLICAOF", "NO", "ONE")
+            primary.client().execute_command("REPLICAOF", "127.0.0.1", replica.port)
+            wait_until("the old primary to follow", lambda: linked(primary))
+        await in_thread(fail_over)
+        changed = await run.wait(event("side_changed", side="source"), after=mark)
+        assert changed["authoritative"] and any("failover" in c for c in changed["changes"]), changed
+        run.m.approved.set()
+        waiting = await run.wait(event("repair_interrupted"), after=mark)
+        assert "replica now" in waiting["reason"]
+        assert not [e for e in run.events[mark:] if e["event"] == "cutover"]
+
+        def fail_back() -> None:
+            primary.client().execute_command("REPLICAOF", "NO", "ONE")
+            replica.client().execute_command("REPLICAOF", "127.0.0.1", primary.port)
+        await in_thread(fail_back)
+        await run.cut_over_and_stop()
+        return run
+
+    run = asyncio.run(scenario())
+    assert run.load.lost(target.client()) == []
+    assert asyncio.run(verify_equal(primary, target))

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import logs
-from .errors import DurableCacheError
+from .errors import ConnectError, DurableCacheError
 from .gate import foreign_clients_by_id
 from .topology import Topology
 from .witness import NodeIdentity, SideReading, SideWatch, count_mismatch, from_state, identity_changes
@@ -51,6 +51,11 @@ class Trust:
         """The sides as they are now are the ones the copy or repair about to run makes equal."""
         await asyncio.gather(*(w.refresh() for w in self.watches.values()))
         readings = await self._read_both()
+        for side, reading in readings.items():
+            replicas = [n.address for n in reading.nodes if n.role != "master"]
+            if replicas:   # a failover under way: equality with a replica would be equality with nothing
+                raise ConnectError(f"the {side}'s {', '.join(replicas)} is a replica now (a failover): waiting "
+                                   "until its address leads to a primary again")
         self.state["trusted"] = {side: r.as_state() for side, r in readings.items()}
         self.reported = {side: r.nodes for side, r in readings.items()}
         return readings
