@@ -7,6 +7,7 @@ load, and checks every acknowledged write afterwards."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -85,6 +86,13 @@ class Run:
             await asyncio.wait_for(self.task, 30)
 
 
+def seed_and_close(server: LocalServer, keys: int) -> None:
+    """Seed, then close the connection: one left open is a client on the source around the proxy,
+    which rightly holds the RouteIn gate and every cutover (until garbage collection closes it)."""
+    with contextlib.closing(server.client()) as client:
+        seed(client, keys)
+
+
 def event(kind: str, **fields: Any) -> Callable[[dict[str, Any]], bool]:
     return lambda e: e["event"] == kind and all(e.get(k) == v for k, v in fields.items())
 
@@ -102,7 +110,7 @@ def test_a_target_that_restarts_empty_during_sync_is_never_cut_over_to(make_serv
     The last check before FLIP (or the watch, whichever sees it first) aborts, the repair re-copies,
     and the cutover that follows loses nothing."""
     source, target = make_server(), make_server(engine="valkey9")
-    seed(source.client(), SEED_KEYS)
+    seed_and_close(source, SEED_KEYS)
 
     async def scenario() -> Run:
         run = Run(source, target)
@@ -125,7 +133,7 @@ def test_a_target_that_restarts_empty_during_sync_is_never_cut_over_to(make_serv
 def test_a_flushall_on_the_target_is_caught_by_the_count_witness_before_flip(make_server):
     """No server restarted, so no identity changed: only the key counts inside the pause can tell."""
     source, target = make_server(), make_server(engine="valkey9")
-    seed(source.client(), SEED_KEYS)
+    seed_and_close(source, SEED_KEYS)
 
     async def scenario() -> Run:
         run = Run(source, target, watch_interval=3600)     # the watch never looks again: the witness must
@@ -146,7 +154,7 @@ def test_a_client_writing_to_the_source_directly_holds_the_cutover_until_it_leav
     """The issue's fourth reproduction: a direct writer connected during Sync. No cutover starts while
     it is connected; once it leaves, a repair brings its writes over before the cutover."""
     source, target = make_server(), make_server(engine="valkey9")
-    seed(source.client(), SEED_KEYS)
+    seed_and_close(source, SEED_KEYS)
 
     async def scenario() -> Run:
         run = Run(source, target)
@@ -178,7 +186,7 @@ def test_a_rollback_after_the_target_lost_its_data_keeps_the_source(make_server)
     copy that loss onto the source. Every acknowledged write (reverse-synced before the crash) and
     every seeded key is on the source after the rollback."""
     source, target = make_server(), make_server(engine="valkey9")
-    seed(source.client(), SEED_KEYS)
+    seed_and_close(source, SEED_KEYS)
 
     async def scenario() -> Run:
         run = Run(source, target)
@@ -208,7 +216,7 @@ def test_a_source_that_comes_back_empty_stops_the_repair_and_asks(make_server):
     """The authoritative source restarts empty during Sync: repairing the target from it would wipe
     the only copy. The repair stops and asks (nothing written); once accepted it goes ahead."""
     source, target = make_server(), make_server(engine="valkey9")
-    seed(source.client(), SEED_KEYS)
+    seed_and_close(source, SEED_KEYS)
 
     async def scenario() -> Run:
         run = Run(source, target)
@@ -375,7 +383,7 @@ def test_a_failover_of_the_standalone_source_holds_the_repair_until_it_leads_to_
     primary = make_server()
     replica = make_server(extra=["--replicaof", "127.0.0.1", str(primary.port)])
     target = make_server(engine="valkey9")
-    seed(primary.client(), SEED_KEYS)
+    seed_and_close(primary, SEED_KEYS)
 
     def linked(node: LocalServer) -> bool:
         return node.client().info("replication").get("master_link_status") == "up"

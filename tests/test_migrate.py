@@ -5,6 +5,7 @@ with the proxy process killed during Sync."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import queue
@@ -125,8 +126,8 @@ def control(port: int, token: str, path: str, method: str = "POST") -> dict[str,
 
 @pytest.mark.timeout(240)
 def test_proxy_killed_during_sync_forces_repair_and_loses_nothing(source, target, tmp_path):
-    seed(source.client(), 3000)
-    source.client().connection_pool.disconnect()
+    with contextlib.closing(source.client()) as client:   # left open, it would hold the gate
+        seed(client, 3000)
     listen, control_port = free_port(), free_port()
     token_file = tmp_path / "token"
     proc = subprocess.Popen(
@@ -185,8 +186,8 @@ def test_proxy_killed_during_sync_forces_repair_and_loses_nothing(source, target
 
 
 def test_migrate_cli_reports_phases_and_pause(source, target):
-    seed(source.client(), 1000)
-    source.client().connection_pool.disconnect()
+    with contextlib.closing(source.client()) as client:   # left open, it would hold the gate
+        seed(client, 1000)
     listen = free_port()
     res = subprocess.run([*CLI, "migrate", "--source", source.url(), "--target", target.url(), "--listen",
                           f"127.0.0.1:{listen}", "--gate-settle", "0.2", "--exit-after-cutover", "--json"],
@@ -419,7 +420,8 @@ def test_the_drain_gets_the_drain_budget_or_what_freeze_left_of_the_write_pause(
         await asyncio.wait_for(task, 30)
         return given
 
-    seed(source.client(), 500)
+    with contextlib.closing(source.client()) as client:   # left open, it would hold the gate
+        seed(client, 500)
     given = asyncio.run(scenario())
     assert len(given) == 1                       # one cutover attempt, which succeeded
     if drain_budget is None:
@@ -440,8 +442,8 @@ def test_a_drain_budget_over_the_write_pause_is_refused_up_front(source, target)
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("phase", ["Copy", "Sync", "RouteOut"])
 def test_migrate_killed_in_a_phase_resumes_from_its_state_file_without_loss(source, target, tmp_path, phase):
-    seed(source.client(), 20_000)
-    source.client().connection_pool.disconnect()
+    with contextlib.closing(source.client()) as client:   # left open, it would hold the gate
+        seed(client, 20_000)
     listen, control_port = free_port(), free_port()
     token_file, state = tmp_path / "token", tmp_path / "state.json"
     args = [*CLI, "migrate", "--source", source.url(), "--target", target.url(), "--listen", f"127.0.0.1:{listen}",
