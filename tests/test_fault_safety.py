@@ -56,15 +56,31 @@ class Run:
     async def wait(self, pred: Callable[[dict[str, Any]], bool], timeout: float = WAIT,
                    after: int = 0) -> dict[str, Any]:
         """The first event from index ``after`` on that satisfies ``pred``."""
-        async with asyncio.timeout(timeout):
-            while True:
-                for e in self.events[after:]:
-                    if pred(e):
-                        return e
-                if self.task and self.task.done():
-                    raise AssertionError(f"migration ended: {self.task.exception()!r}; {self.events[-6:]}")
-                self._changed.clear()
-                await self._changed.wait()
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    for e in self.events[after:]:
+                        if pred(e):
+                            return e
+                    if self.task and self.task.done():
+                        await self.abort()
+                        raise AssertionError(f"migration ended: {self.task.exception()!r}; {self.events[-8:]}")
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            await self.abort()
+            raise AssertionError(f"event not seen in {timeout:.0f}s; last events: {self.events[-12:]}") from None
+
+    async def abort(self) -> None:
+        """A failed test still stops its writers and its migration, within bounds, so that nothing it
+        started outlives it (asyncio.run would otherwise wait on them)."""
+        self.load.stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*self.load._tasks, return_exceptions=True), 10)
+        self.m.stop_requested.set()
+        if self.task and not self.task.done():
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(self.task, 30)
 
     def kinds(self, kind: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e["event"] == kind]
