@@ -313,6 +313,12 @@ class Migration:
         await self._drain_background()
         return repaired
 
+    def _check_watch(self) -> None:
+        """The watch of both sides must be running: without it a restarted or failed-over server would
+        go unnoticed, so its failure ends the migration rather than letting it cut over blind."""
+        if self._watch and self._watch.done() and not self._watch.cancelled() and self._watch.exception():
+            raise DurableCacheError(f"the watch of both sides failed: {self._watch.exception()!r}")
+
     async def _repair_retrying(self, **kwargs: Any) -> None:
         """A repair that cannot reach a side (a server restarting, a network cut) is tried again, with
         backoff, rather than failing the migration: the fault is what the repair is there for."""
@@ -402,6 +408,7 @@ class Migration:
             self.syncer.require_repair(PLANNED_REPAIR, planned=True)
         attempts = 0
         for _ in range(1 << 30):  # bounded by cutover_attempts and by stop/rollback requests
+            self._check_watch()
             if self.syncer.repair_reason:
                 await self._repair_retrying()
                 continue
@@ -422,6 +429,7 @@ class Migration:
                 await asyncio.sleep(self.opts.watch_interval)   # no cutover while anyone writes around us
                 continue
             attempts += 1
+            self._check_watch()
             if await self.cutover(attempts):
                 self.set_phase(Phase.ROUTE_OUT)
                 return

@@ -109,13 +109,15 @@ class Trust:
             started = time.monotonic()
             for side in SIDES:
                 try:
-                    self._compare(side, await self.watches[side].read())
-                    if self.unreachable.pop(side, None):
-                        log.info("side reachable again", side=side)
+                    reading = await self.watches[side].read()
                 except Exception as exc:  # noqa: BLE001 — whatever a fault throws, the watch goes on
                     if side not in self.unreachable:
                         log.warning("side unreachable", side=side, error=str(exc) or type(exc).__name__)
                     self.unreachable[side] = str(exc)
+                    continue
+                if self.unreachable.pop(side, None):
+                    log.info("side reachable again", side=side)
+                self._compare(side, reading)   # a failure here is a bug, not a fault: it ends the watch
             if source_authoritative():
                 await self.look_for_direct_clients()
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
