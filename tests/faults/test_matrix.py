@@ -1,4 +1,4 @@
-"""Every cell of the fault matrix as a pytest test, skipped unless run with ``-m faults`` (the same
+"""Every cell of the fault matrix as a pytest test, deselected unless run with ``-m faults`` (the same
 cells as ``tests/faults/matrix.py``, which prints the table instead)."""
 
 from __future__ import annotations
