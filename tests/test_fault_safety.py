@@ -21,6 +21,7 @@ from durablecache.topology import discover
 from durablecache.verify import Verifier
 from durablecache.witness import NodeIdentity, SideReading, count_mismatch, identity_changes
 from durablecache.workload import Workload, seed
+from proxy.waiting import wait_for
 
 SEED_KEYS = 3000
 WAIT = 60.0
@@ -85,11 +86,18 @@ class Run:
     def kinds(self, kind: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e["event"] == kind]
 
+    async def writes_go_on(self, more: int = 30, timeout: float = WAIT) -> None:
+        """Wait until the writers had ``more`` further writes acknowledged."""
+        goal = self.load.acked + more
+        async with asyncio.timeout(timeout):
+            while self.load.acked < goal:
+                await asyncio.sleep(0.01)
+
     async def cut_over_and_stop(self) -> None:
         """Approve, wait for the cutover, end the load, let reverse sync catch up, stop."""
         self.m.approved.set()
         await self.wait(event("cutover"))
-        await asyncio.sleep(0.3)        # writes go on, to the target now
+        await self.writes_go_on()       # to the target now
         await self.load.finish()
         assert self.m.syncer and await self.m.syncer.drain(30)
         await self.stop()
@@ -210,7 +218,7 @@ def test_a_rollback_after_the_target_lost_its_data_keeps_the_source(make_server)
         await run.wait(event("awaiting_approval"))
         run.m.approved.set()
         await run.wait(event("cutover"))
-        await asyncio.sleep(0.3)                   # writes land on the target, reverse-synced to the source
+        await run.writes_go_on()                   # on the target, reverse-synced to the source
         await run.load.finish()
         assert run.m.syncer and await run.m.syncer.drain(30)
         mark = len(run.events)
@@ -381,16 +389,6 @@ def test_a_slot_moving_in_the_source_cluster_loses_nothing(make_cluster, phase):
     assert asyncio.run(verify_equal(source, target))          # type: ignore[arg-type]
 
 
-def wait_until(what: str, cond: Callable[[], bool], timeout: float = 30.0) -> None:
-    import time
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_a_failover_of_the_standalone_source_holds_the_repair_until_it_leads_to_a_primary(make_server):
     """The source's replica is promoted and its primary demoted during Sync (what an ElastiCache
     failover does behind the primary endpoint). The address DurableCache was given now leads to a
@@ -404,7 +402,7 @@ def test_a_failover_of_the_standalone_source_holds_the_repair_until_it_leads_to_
     def linked(node: LocalServer) -> bool:
         return node.client().info("replication").get("master_link_status") == "up"
 
-    wait_until("the replica to sync", lambda: linked(replica))
+    assert wait_for(lambda: linked(replica), 30), "the replica did not sync"
 
     async def scenario() -> Run:
         run = Run(primary, target)
@@ -415,7 +413,7 @@ def test_a_failover_of_the_standalone_source_holds_the_repair_until_it_leads_to_
         def fail_over() -> None:
             replica.client().execute_command("REPLICAOF", "NO", "ONE")
             primary.client().execute_command("REPLICAOF", "127.0.0.1", replica.port)
-            wait_until("the old primary to follow", lambda: linked(primary))
+            assert wait_for(lambda: linked(primary), 30), "the old primary did not follow"
         await in_thread(fail_over)
         changed = await run.wait(event("side_changed", side="source"), after=mark)
         assert changed["authoritative"] and any("failover" in c for c in changed["changes"]), changed
