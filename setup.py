@@ -11,12 +11,22 @@ from setuptools import Extension, setup
 
 # The proxy's request and reply paths run for every command a client sends during a migration.
 COMPILED = [
+    "operator/durablecache/proxy/classify.py",
     "operator/durablecache/proxy/cluster.py",
     "operator/durablecache/proxy/commandtable.py",
+    "operator/durablecache/proxy/delivery.py",
     "operator/durablecache/proxy/framing.py",
+    "operator/durablecache/proxy/guards.py",
+    "operator/durablecache/proxy/handlers.py",
     "operator/durablecache/proxy/marks.py",
+    "operator/durablecache/proxy/outbox.py",
+    "operator/durablecache/proxy/replies.py",
+    "operator/durablecache/proxy/router.py",
+    "operator/durablecache/proxy/routing.py",
     "operator/durablecache/proxy/server.py",
     "operator/durablecache/proxy/session.py",
+    "operator/durablecache/proxy/state.py",
+    "operator/durablecache/proxy/upstream.py",
 ]
 # Its innermost loops in C: each function has a reference in typed Python that runs without it
 # (framing.scan_run, marks.encode_marks) and that tests/proxy/test_resp_c.py holds it to.

@@ -45,7 +45,7 @@ def test_every_acknowledged_write_was_marked_first(source, make_proxy, recorder)
         pipe.incr(f"n{i % 7}")
     pipe.execute()
     assert {f"n{i}".encode() for i in range(7)} <= set(marked)
-    assert p.proxy.marks_failed == 0
+    assert p.proxy.delivery.marks_failed == 0
     c.close()
 
 
@@ -74,7 +74,7 @@ def test_a_write_whose_marks_fail_is_never_acknowledged(source, make_proxy, on_m
     assert c.get("x") is None                      # reads need no marks
     with pytest.raises(valkey.ConnectionError):
         c.set("x", 1)                              # written upstream, but not acknowledged
-    assert p.proxy.marks_failed == 1
+    assert p.proxy.delivery.marks_failed == 1
     assert source.client().get("x") == b"1"        # ... which is why the session had to end
 
 
@@ -123,7 +123,7 @@ def test_remote_marks_are_streamed_and_freeze_waits_for_the_syncers_ack(source, 
     p.run(p.proxy.freeze(5.0))
     assert {f"r{i}".encode() for i in range(20)} | {f"h{i}".encode() for i in range(11)} <= set(got)
     assert p.call(lambda: p.proxy.stats()["marks_unacknowledged_bytes"]) == 0
-    assert p.proxy.marks_failed == 0
+    assert p.proxy.delivery.marks_failed == 0
     p.call(p.proxy.unfreeze)
     c.close()
     p.run(remote.close())
@@ -135,17 +135,17 @@ def test_past_the_stream_limit_writes_wait_for_the_syncers_ack(source, make_prox
     acknowledged its marks, and never once the syncer is gone."""
     got: list[bytes] = []
     p, server, remote = remote_proxy(make_proxy, source, lambda _db, keys: got.extend(keys))
-    p.call(lambda: setattr(p.proxy, "mark_stream_bytes", 0))
+    p.call(lambda: setattr(p.proxy.delivery, "mark_stream_bytes", 0))
     c = valkey.Valkey(port=p.port, socket_timeout=5, retry_on_timeout=False)
     for i in range(20):
         assert c.set(f"r{i}", i)
         assert f"r{i}".encode() in got, i            # the syncer had it before we got the OK
-    assert p.proxy.marks_throttled >= 20
+    assert p.proxy.delivery.marks_throttled >= 20
 
     p.run(server.stop())                            # the syncer goes away for longer than retry_for
     with pytest.raises(valkey.ConnectionError):
         c.set("after", 1)
-    assert p.proxy.marks_failed == 1
+    assert p.proxy.delivery.marks_failed == 1
     assert b"after" not in got
     p.run(remote.close())
 

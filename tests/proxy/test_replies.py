@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from durablecache.proxy.session import COMPACT_AT, Entry, Replies
+from durablecache.proxy.replies import COMPACT_AT, Entry, Replies
 
 
 def test_entries_come_out_in_order_and_taken_ones_do_not_pile_up() -> None:

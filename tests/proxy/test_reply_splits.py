@@ -17,7 +17,8 @@ import pytest
 
 from durablecache.proxy import Proxy
 from durablecache.proxy.framing import count_scalars
-from durablecache.proxy.session import Session, Upstream
+from durablecache.proxy.session import Session
+from durablecache.proxy.upstream import Upstream
 
 
 class Recorder:

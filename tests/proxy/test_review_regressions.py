@@ -264,7 +264,7 @@ def test_flip_aborts_if_unfrozen_while_it_prepares(source, make_proxy, make_serv
 def test_command_spellings_past_the_fast_path_cache(source, make_proxy):
     """The fast path remembers a bounded number of spellings; past that bound, commands must still be
     classified (a write still marked), not crash the session."""
-    from durablecache.proxy.server import FASTMAP_SPELLINGS
+    from durablecache.proxy.classify import FASTMAP_SPELLINGS
 
     p = make_proxy(source.endpoint())
     c = Raw(p.port)
@@ -278,7 +278,7 @@ def test_command_spellings_past_the_fast_path_cache(source, make_proxy):
         c.send((name, *args[name.lower()]))
     for name in spellings:
         assert not isinstance(c.get(), libvalkey.ReplyError), name
-    assert p.call(lambda: len(p.proxy.fastmap)) == FASTMAP_SPELLINGS
+    assert p.call(lambda: len(p.proxy.fastmap.codes)) == FASTMAP_SPELLINGS
     c.send((b"iNcR", b"counter"))
     assert c.get() == 1
     assert wait_for(lambda: (0, b"counter") in p.marks)

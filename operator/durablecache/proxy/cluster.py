@@ -7,17 +7,15 @@ which routes each command to the real primary of its slot and follows MOVED/ASK 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from . import framing
-
-if TYPE_CHECKING:
-    from .server import Proxy
+from .state import ProxyState
 
 LOCAL_SUBCOMMANDS = frozenset({b"slots", b"shards", b"nodes", b"info", b"myid", b"myshardid"})
 
 
-def local_cluster_reply(proxy: Proxy, sub: bytes, addr: tuple[str, int], resp3: bool) -> bytes | None:
+def local_cluster_reply(proxy: ProxyState[Any], sub: bytes, addr: tuple[str, int], resp3: bool) -> bytes | None:
     """The reply to ``CLUSTER <sub>`` answered by the proxy, or None to forward it upstream."""
     if sub not in LOCAL_SUBCOMMANDS:
         return None

@@ -1,0 +1,118 @@
+"""What a proxy's sessions share and use of it: settings, the upstream's routing, the switches FREEZE,
+FLIP and the key hold set, the handler table and the fast path's classes, marks delivery, counters.
+
+``Proxy`` (server.py) is a ``ProxyState`` and drives it; the session modules import only this
+module, so nothing below the server imports it (no import loop). A native base class rather than a
+typing.Protocol: compiled, every read of it on the per-command path stays a native attribute access.
+Generic in the session type, so the registry of sessions is typed for the server without this module
+naming the session class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import ssl
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from .. import logs
+from ..errors import ConnectError, ServerError
+from ..resp import tls_context
+from ..topology import SLOTS, discover
+from ..urls import Endpoint
+from .classify import FastMap
+from .commandtable import CommandSpec, CommandTable
+from .delivery import MarkDelivery
+from .marks import MarkCallback
+from .router import Router
+
+log = logs.get("durablecache.proxy")
+
+S = TypeVar("S")
+# A command the proxy handles itself (or watches on its way): handlers.SPECIAL.
+Handler = Callable[[S, tuple[bytes, ...], CommandSpec | None], None]
+
+
+class ProxyState(Generic[S]):
+    def __init__(self, upstream: Endpoint, *, on_marks: MarkCallback, special: dict[bytes, Handler[S]],
+                 require_auth: bool | None, migrating: bool, name_prefix: str):
+        self.upstream = upstream
+        self.require_auth = upstream.password is not None if require_auth is None else require_auth
+        self.migrating = migrating
+        self.name_prefix = name_prefix
+        self.node_id = secrets.token_hex(20)
+        self.shard_id = secrets.token_hex(20)
+        self.connect_timeout = 5.0
+        self.router = Router(False, [upstream], [])
+        self.table: CommandTable
+        self.special = special
+        self.fastmap: FastMap               # set with the table (start, flip)
+        self.sessions: dict[int, S] = {}
+        # Sessions whose client left while writes were in flight: still awaiting replies/marks.
+        self.departed: set[S] = set()
+        self.frozen = False
+        self.flipping = False
+        # Key-scoped hold (hold_keys): db -> keys whose writes are held; empty when none is.
+        self.key_hold: dict[int, set[bytes]] = {}
+        self.delivery = MarkDelivery(on_marks)
+        # During a migration (classify.SCRIPTING): the SHA1s of the script bodies the proxy checked and
+        # accepted (EVALSHA of any other gets NOSCRIPT), and the functions whose library it accepted
+        # (FCALL of any other is refused). Shared by every session.
+        self.script_shas: set[bytes] = set()
+        self.functions: set[bytes] = set()
+        self._ssl: dict[Endpoint, ssl.SSLContext | None] = {}
+        self._refresh: asyncio.Task[None] | None = None
+        # stats
+        self.commands = 0
+        self.writes = 0
+        self.held_total = 0
+        self.key_held_total = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.bytes_up = 0
+        self.reply_chunks = 0
+        self.reply_chunks_counted = 0   # taken whole by the counted reply path (Upstream._count)
+        self.connections_total = 0
+
+    def use_table(self, table: CommandTable) -> None:
+        """Commands are classified anew from ``table`` (at start, and for the new side at FLIP)."""
+        self.table = table
+        self.fastmap = FastMap(table, frozenset(self.special), self.migrating)
+
+    def holds(self, db: int, keys: list[bytes]) -> bool:
+        """Does a write of ``keys`` in ``db`` touch a held key?"""
+        held = self.key_hold.get(db)
+        return held is not None and any(k in held for k in keys)
+
+    def upstream_ssl(self, endpoint: Endpoint) -> ssl.SSLContext | None:
+        if endpoint not in self._ssl:
+            self._ssl[endpoint] = tls_context(endpoint)
+        return self._ssl[endpoint]
+
+    def node_index(self, host: str, port: int) -> int:
+        for i, node in enumerate(self.router.nodes):
+            if node.host == host and node.port == port:
+                return i
+        self.router.nodes.append(self.router.nodes[0].with_address(host, port))
+        return len(self.router.nodes) - 1
+
+    def refresh_topology(self) -> None:
+        """After a MOVED: reload the slot map (one refresh at a time)."""
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.get_running_loop().create_task(self._do_refresh())
+
+    async def _do_refresh(self) -> None:
+        try:
+            topo = await discover(self.router.nodes[0], name=f"{self.name_prefix}-admin")
+        except (ConnectError, ServerError) as exc:
+            log.warning("proxy.topology_refresh_failed", reason=str(exc))
+            return
+        if not topo.cluster:
+            return
+        router = self.router
+        owner = [0] * SLOTS
+        for slot, idx in enumerate(topo.slot_owner):
+            node = topo.primaries[idx]
+            owner[slot] = self.node_index(node.host, node.port)
+        router.owner[:] = owner
