@@ -3,6 +3,7 @@ reports every key a write touched, after the write was applied: in-process befor
 reply, to a remote syncer streamed, with FREEZE waiting for its acknowledgement."""
 
 from .marks import MarkCallback, MarkServer, RemoteMarks
-from .server import Proxy, Router
+from .router import Router
+from .server import Proxy
 
 __all__ = ["MarkCallback", "MarkServer", "Proxy", "RemoteMarks", "Router"]

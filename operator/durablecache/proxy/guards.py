@@ -16,7 +16,7 @@ REFUSED: Final = ("ERR durablecache: {} is refused during a migration because it
                   "key by key; see docs/proxy.md")
 SCRIPT_REFUSED: Final = ("ERR durablecache: this script is refused during a migration: {}; the proxy cannot "
                          "check it for writes it could not track key by key; see docs/proxy.md")
-SCRIPTS_REMEMBERED: Final = 65536        # checked script SHA1s kept by the proxy (Proxy.script_shas)
+SCRIPTS_REMEMBERED: Final = 65536        # checked script SHA1s kept by the proxy (ProxyState.script_shas)
 NOSCRIPT: Final = b"-NOSCRIPT No matching script. Please use EVAL.\r\n"
 
 

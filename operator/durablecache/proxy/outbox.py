@@ -48,7 +48,6 @@ class Outbox(SessionBase):
         if self.transport is not None:
             self.transport.resume_reading()
 
-
     def queue_out(self, conn: Upstream) -> None:
         if not conn.queued:
             conn.queued = True

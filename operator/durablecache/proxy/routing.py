@@ -104,14 +104,6 @@ class Routing(Outbox):
         runs as ``default``. Without ``replay_auth`` (the connection opened for a client's AUTH, which
         is its gate) the previous AUTH is not replayed."""
         auth_args = self.auth_args if replay_auth else None
-
-        def named(e: Entry) -> None:
-            conn.named = (e.reply or b"").startswith(b"+")
-
-        def got_id(e: Entry) -> None:
-            r = e.reply or b""
-            if r.startswith(b":"):
-                conn.client_id = int(r[1:-2])
         if auth_args is not None:
             conn.gate(self.hello_auth(auth_args), self.hello_done(conn))
         elif self.req_proto == 3:
@@ -119,8 +111,7 @@ class Routing(Outbox):
         if self.req_db and not self.router.cluster:
             conn.internal((b"SELECT", str(self.req_db).encode()))
         if auth_args is None and (self.authed or self.auth_sent):
-            conn.internal((b"CLIENT", b"SETNAME", self.name_on_upstream), named)
-            conn.internal((b"CLIENT", b"ID"), got_id)
+            self._name(conn)
         for kind, verb in ((0, b"SUBSCRIBE"), (1, b"PSUBSCRIBE")):
             if self.subs[kind] and conn.node == 0:
                 conn.internal((verb, *sorted(self.subs[kind])), remaining=len(self.subs[kind]))
@@ -201,9 +192,11 @@ class Routing(Outbox):
 
     def name_after_auth(self, conn: Upstream) -> None:
         """After a client's AUTH/HELLO AUTH, name the connection (fails harmlessly if AUTH failed)."""
-        if conn.named:
-            return
+        if not conn.named:
+            self._name(conn)
 
+    def _name(self, conn: Upstream) -> None:
+        """CLIENT SETNAME with our name, and CLIENT ID for CLIENT UNBLOCK (server.Proxy._unblock)."""
         def named(e: Entry) -> None:
             conn.named = (e.reply or b"").startswith(b"+")
 
@@ -235,7 +228,6 @@ class Routing(Outbox):
         conn.send(e.args, e, requeue=True)
         conn.push_out()
         return True
-
 
     def drop_if_idle(self, conn: Upstream) -> None:
         """Close an unauthenticated upstream connection once none of the client's requests is on it;

@@ -62,7 +62,6 @@ class Proxy(ProxyState[Session]):
     def on_marks(self, on_marks: MarkCallback) -> None:
         self.delivery.on_marks = on_marks
 
-
     # ---- life cycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         self.router, table = await self._discover(self.upstream)
@@ -144,7 +143,6 @@ class Proxy(ProxyState[Session]):
         conns, self._admin = self._admin, {}
         for c in conns.values():
             await c.close()
-
 
     # ---- FREEZE / FLIP / UNFREEZE ---------------------------------------------------------------
     def _all_sessions(self) -> list[Session]:

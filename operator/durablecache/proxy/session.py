@@ -75,7 +75,7 @@ class Session(Routing):
         self.watching = False
         self.watch_broken = False
         # Inside MULTI: how many commands were queued, and the proxy's own answers among them (their
-        # index in EXEC's array, and the function computing each at EXEC): local_fn, handlers.exec_.
+        # index in EXEC's array, and the function computing each at EXEC): local_fn, handlers._exec.
         self.multi_count = 0
         self.multi_local: list[tuple[int, Callable[[], bytes]]] = []
         self.sockname: tuple[str, int] = ("127.0.0.1", 0)
@@ -338,7 +338,6 @@ class Session(Routing):
             self.transport.write(b"-ERR Protocol error: invalid multibulk\r\n")
             self.transport.close()
 
-
     # ---- requests -------------------------------------------------------------------------------
     def handle(self, args: tuple[bytes, ...]) -> None:
         """One request, in order: hold it (FREEZE/FLIP) or dispatch it now."""
@@ -449,7 +448,7 @@ class Session(Routing):
 
     def local_fn(self, fn: Callable[[], bytes]) -> None:
         """A reply the proxy computes when it is due. Inside MULTI it is a queued command: +QUEUED
-        now, and its reply is computed at EXEC, in its place in EXEC's array (_exec)."""
+        now, and its reply is computed at EXEC, in its place in EXEC's array (handlers._exec)."""
         if self.in_multi:
             if self.multi_abort is None:
                 self.multi_local.append((self.multi_count, fn))

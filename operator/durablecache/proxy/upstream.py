@@ -141,7 +141,7 @@ class Upstream(asyncio.Protocol):
              refused: Callable[[Entry], None] | None = None, open_if_refused: bool = False) -> None:
         """Send a command that authenticates (HELLO ... AUTH) for the client, and write nothing queued
         after it until its reply is a success: commands pipelined behind a refused AUTH would run as
-        whoever the connection was before (``default``). Refused: Session.auth_refused (or, with
+        whoever the connection was before (``default``). Refused: routing.Routing.auth_refused (or, with
         ``open_if_refused``, when the connection's previous state is the client's too, go on)."""
         def check(e: Entry) -> None:
             if self.failed:
