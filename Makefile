@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: build demo test lint bench faults
+.PHONY: build demo test lint bench faults conformance
 
 # The proxy's modules run compiled (mypyc, setup.py); rebuilt in place whenever their sources change.
 COMPILED := $(VENV)/.compiled
@@ -36,6 +36,10 @@ test: $(COMPILED)
 # The fault-injection matrix (docs/reliability.md): every fault x phase cell, a Markdown table at the end.
 faults: $(COMPILED)
 	$(PY) tests/faults/matrix.py $(FAULTS_ARGS)
+
+# valkey-py's own test suite against Valkey 9 directly and through the proxy (tests/conformance/run.py).
+conformance: $(COMPILED)
+	$(PY) tests/conformance/run.py $(CONFORMANCE_ARGS)
 
 bench: $(COMPILED)
 	bash scripts/system-deps.sh
