@@ -9,8 +9,12 @@ is also in docs/limits.md). The run fails on an unlisted difference, and names l
 longer differ so the list stays true.
 
 Modes: ``standalone`` (proxy outside a migration, ``--not-migrating``), ``cluster`` (the same against
-a 3-primary cluster, the proxy presenting it as one node). What is run: the synchronous test modules
-that need no Redis modules, no Sentinel, no TLS and no asyncio plugin (LOCAL_FILES below).
+a 3-primary cluster, the proxy presenting it as one node), ``migration`` (through the proxy of a
+`durablecache migrate` in its Sync phase, Valkey 9 to Valkey 9: the suite's teardown deletes keys
+instead of FLUSHDB, teardown_without_flush.py; after the suite the cutover is approved and both sides
+must verify equal — valkey-py's whole suite as a write load that must lose nothing). What is run:
+the synchronous test modules that need no Redis modules, no Sentinel, no TLS and no asyncio plugin
+(LOCAL_FILES below).
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ from pathlib import Path
 
 from durablecache.localvalkey import LocalCluster, LocalServer, free_port
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/: the fault suite's migration driver
+from faults.fault_runner import MigrationRun, is_phase, verify  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 EXPECTED = HERE / "expected-differences.txt"
 CACHE = Path(os.environ.get("DURABLECACHE_CACHE", Path.home() / ".cache" / "durablecache")) / "conformance"
@@ -42,7 +49,7 @@ LOCAL_FILES = ["test_commands.py", "test_pipeline.py", "test_pubsub.py", "test_s
                "test_function.py", "test_lock.py", "test_encoding.py", "test_connection.py",
                "test_helpers.py", "test_cluster.py"]
 PER_RUN_TIMEOUT = 1200   # one pytest run of the suite; it takes a few minutes on a quiet machine
-MODES = ("standalone", "cluster")
+MODES = ("standalone", "cluster", "migration")
 
 
 @dataclass
@@ -51,6 +58,7 @@ class Outcome:
     failed: set[str] = field(default_factory=set)
     skipped: set[str] = field(default_factory=set)
     seconds: float = 0.0
+    verified: str = ""      # migration mode: `durablecache verify` after the cutover
 
 
 def suite_dir() -> Path:
@@ -70,12 +78,13 @@ def suite_dir() -> Path:
 def run_suite(root: Path, url: str, mode: str, cluster_nodes: int, report: Path) -> Outcome:
     """One pytest run of the client's suite against ``url``; outcomes by test id from its JUnit XML."""
     files = [f"tests/{f}" for f in LOCAL_FILES if (root / "tests" / f).exists()]
-    marks = "not onlycluster" if mode == "standalone" else "not onlynoncluster"
+    marks = "not onlynoncluster" if mode == "cluster" else "not onlycluster"
+    plugins = ["-p", "teardown_without_flush"] if mode == "migration" else []
     cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", "-p", "no:valkey",
            "-m", f"{marks} and not valkeymod and not ssl and not replica", f"--valkey-url={url}",
            f"--valkey-cluster-nodes={cluster_nodes}", f"--junitxml={report}", "-o", "addopts=",
-           "--timeout=30"]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(root)}
+           "--timeout=30", *plugins]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": f"{root}:{HERE}"}
     t0 = time.monotonic()
     subprocess.run(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    timeout=PER_RUN_TIMEOUT, check=False)
@@ -160,12 +169,41 @@ def server(mode: str) -> Iterator[tuple[str, int]]:
 
 
 def run_mode(root: Path, mode: str, work: Path) -> tuple[Outcome, Outcome]:
+    if mode == "migration":
+        return run_migration(root, work)
     with server(mode) as (url, nodes):
         print(f"[{mode}] directly against {url} ...", flush=True)
         direct = run_suite(root, url, mode, nodes, work / f"{mode}-direct.xml")
     with server(mode) as (url, _nodes), proxy_in_front(url) as via:
         print(f"[{mode}] through the proxy {via} ...", flush=True)
         proxied = run_suite(root, via, mode, 1, work / f"{mode}-proxy.xml")
+    return direct, proxied
+
+
+def run_migration(root: Path, work: Path) -> tuple[Outcome, Outcome]:
+    """The suite directly against Valkey 9, then through a migrating proxy; cutover; verify equal."""
+    with server("standalone") as (url, _nodes):
+        print(f"[migration] directly against {url} ...", flush=True)
+        direct = run_suite(root, url, "migration", 1, work / "migration-direct.xml")
+    source = LocalServer(engine="valkey9", extra=["--enable-debug-command", "yes"]).start()
+    target = LocalServer(engine="valkey9").start()
+    run = MigrationRun(source.url(), target.url(), work).start()
+    try:
+        if run.wait(is_phase("Sync"), 120) is None:
+            raise SystemExit(f"the migration did not reach Sync: {run.stderr_tail()}")
+        via = f"valkey://127.0.0.1:{run.listen}/0"
+        print(f"[migration] through the proxy of a migration in Sync {via} ...", flush=True)
+        proxied = run_suite(root, via, "migration", 1, work / "migration-proxy.xml")
+        run.control("/approve")
+        done = run.wait(lambda e: e.get("event") == "cutover" or is_phase("Failed")(e), 120)
+        if done is None or done.get("event") != "cutover":
+            raise SystemExit(f"no cutover after the suite: {done} {run.stderr_tail()}")
+        proxied.verified = verify(source, target)
+        print(f"[migration] cutover after the suite; source against target: {proxied.verified}")
+    finally:
+        run.stop()
+        source.stop()
+        target.stop()
     return direct, proxied
 
 
@@ -184,6 +222,8 @@ def compare(mode: str, direct: Outcome, proxied: Outcome, expected: dict[str, st
         print(f"[{mode}] listed but no longer a difference: {t} ({expected[t]})")
     for t in sorted(only_direct):
         print(f"[{mode}] fails directly but not through the proxy: {t}")
+    if proxied.verified not in ("", "equal"):
+        problems.append(f"{mode}: after the suite and the cutover the sides differ: {proxied.verified}")
     if not direct.passed or not proxied.passed:
         problems.append(f"{mode}: a run passed nothing: the suite did not run")
     return problems
