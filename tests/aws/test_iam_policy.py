@@ -25,7 +25,8 @@ from durablecache.providers.base import TargetSpec
 
 POLICY_FILE = Path(__file__).parents[2] / "deploy" / "iam-policy.json"
 # Permissions AWS checks for a call we make, without us calling that operation ourselves.
-IMPLIED = {"elasticache:AddTagsToResource": "CreateReplicationGroup and CreateSnapshot pass Tags"}
+IMPLIED = {"elasticache:AddTagsToResource": "CreateReplicationGroup and CreateSnapshot pass Tags",
+           "elasticache:Connect": "the worker's AUTH with an IAM token (iamauth.py) on source and target"}
 MIGRATION = "shop/sessions"
 TOKEN = "a-valid-token-0123456789"
 
@@ -120,3 +121,15 @@ def test_the_policy_is_enough_under_iam_enforcement(
     assert "elasticache:CreateReplicationGroup" in message and "deploy/iam-policy.json" in message
     assert isinstance(exc.value, ConnectError) and not exc.value.retryable
     assert TOKEN not in message
+
+
+def test_connect_is_allowed_on_both_sides_and_the_user_only() -> None:
+    """ElastiCache checks elasticache:Connect against the cache and the user (docs/aws.md): the
+    statement names the source, the target and the IAM user, nothing wider."""
+    doc = json.loads(POLICY_FILE.read_text())
+    (statement,) = [s for s in doc["Statement"] if "elasticache:Connect" in s["Action"]]
+    assert statement["Action"] == ["elasticache:Connect"]
+    kinds = sorted(arn.split(":")[5] for arn in statement["Resource"])
+    assert kinds == ["replicationgroup", "replicationgroup", "user"]
+    assert not any(arn.endswith((":*", ":replicationgroup:*")) for arn in statement["Resource"])
+

@@ -17,7 +17,7 @@ import aiohttp
 from .. import logs
 from ..errors import DurableCacheError, UsageError
 from ..k8s.kube import Kube, load_client
-from ..k8s.spec import credentials, go_duration, with_credentials
+from ..k8s.spec import credentials, go_duration, iam_auth, with_credentials
 from ..k8s.status import conditions_for, progress
 from ..k8s.store import StatusStore
 from ..migration import Phase
@@ -114,7 +114,7 @@ def _endpoints(kube: Kube, obj: dict[str, Any], op: dict[str, Any], tmp: str) ->
             ca_file = os.path.join(tmp, f"{side}-ca.pem")
             with open(os.open(ca_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
                 f.write(kube.secret_value(ns, ca_ref["name"], ca_ref.get("key", "ca.crt")))
-        out.append(with_credentials(op[side], user, password, ca_file))
+        out.append(with_credentials(op[side], user, password, ca_file, iam_auth(obj, side)))
     return out[0], out[1]
 
 
