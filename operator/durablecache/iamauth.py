@@ -40,7 +40,7 @@ Clock = Callable[[], datetime.datetime]
 
 
 def _utc_now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    return datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
 
 
 @dataclasses.dataclass(frozen=True)
