@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import threading
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -157,3 +158,67 @@ def test_a_long_lived_connection_authenticates_again_with_a_fresh_token(make_ser
         await conn.close()
 
     asyncio.run(run())
+
+
+class IamServer:
+    """A LocalServer as migrate_under_load sees it, whose engine endpoint authenticates through IAM
+    (ACL user "app", password the token of the frozen instant); the applications and the test's own
+    clients stay on the default user."""
+
+    def __init__(self, server: Any, cache: str) -> None:
+        self.server, self.port, self.cache = server, server.port, cache
+        admin = server.client()
+        admin.execute_command("ACL", "SETUSER", "app", "on", f">{mint_token('app', cache, CREDS, 'us-east-1', now=T1)}",
+                              "~*", "&*", "+@all")
+        admin.close()
+
+    def client(self) -> Any:
+        return self.server.client()
+
+    def endpoint(self) -> Endpoint:
+        iam = IamAuth(user="app", cache=self.cache, region="us-east-1", credentials=CREDS, clock=Clock(T1))
+        return Endpoint("127.0.0.1", self.port, iam=iam)
+
+
+def _client_session(name: str) -> bool:
+    return name.startswith("durablecache-proxy-") and name.rsplit("-", 1)[1].isdigit()
+
+
+def test_a_whole_migration_authenticates_every_engine_connection_through_iam(make_server: Any) -> None:
+    """Copier, syncer, witness, gate, verifier and the proxy's own (admin) connections: every connection
+    the engine opens for itself (they all name themselves durablecache-*) is the IAM user's, on both
+    sides, sampled with CLIENT LIST while the migration runs. The proxy's per-client upstream
+    connections (durablecache-proxy-<n>) carry the application's own identity, not ours: excluded."""
+    from test_migrate import migrate_under_load
+
+    source = IamServer(make_server(engine="valkey8"), "src-rg")
+    target = IamServer(make_server(engine="valkey9"), "dst-rg")
+    seen: dict[str, set[tuple[str, str]]] = {"source": set(), "target": set()}
+    done = threading.Event()
+
+    sampler_name = "durablecache-test-sampler"   # our own to the gate, which admits only those
+
+    def sample() -> None:
+        clients = {side: s.server.client(client_name=sampler_name) for side, s in (("source", source),
+                                                                                    ("target", target))}
+        while not done.wait(0.05):
+            for side, client in clients.items():
+                for entry in client.client_list():
+                    name = entry.get("name", "")
+                    if name.startswith("durablecache") and name != sampler_name and not _client_session(name):
+                        seen[side].add((entry["name"], entry["user"]))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        r = asyncio.run(migrate_under_load(source, target, cluster=False, keys=2000))
+    finally:
+        done.set()
+        sampler.join(10)
+    assert r["lost"] == [] and r["equal"]
+    for side in ("source", "target"):
+        users = {user for _name, user in seen[side]}
+        assert users == {"app"}, (side, sorted(seen[side]))
+    names = {name for side in seen.values() for name, _user in side}
+    # The long-lived ones are always caught by the sampling; short ones (scan, verify) usually are.
+    assert {"durablecache-sync", "durablecache-witness", "durablecache-proxy-admin"} <= names, sorted(names)
