@@ -223,3 +223,26 @@ def test_a_whole_migration_authenticates_every_engine_connection_through_iam(mak
     # The long-lived ones are always caught by the sampling; short ones (scan, verify, proxy-admin)
     # usually are.
     assert {"durablecache-sync", "durablecache-witness"} <= names, sorted(names)
+
+
+def test_the_manifest_says_which_side_authenticates_through_iam() -> None:
+    """spec.<side>.auth.iam -> the worker's endpoints (k8s/spec.py; the CRD's own rules are in
+    tests/kube/test_crd.py)."""
+    from durablecache.k8s.spec import iam_auth, with_credentials
+
+    obj = {"metadata": {"name": "sessions", "namespace": "shop"},
+           "spec": {"source": {"replicationGroupId": "old-rg", "auth": {"iam": {"userId": "app"}}},
+                    "target": {"provider": "aws", "replicationGroupId": "new-rg",
+                               "auth": {"iam": {"userId": "migrator", "region": "eu-west-1"}}}}}
+    assert iam_auth(obj, "source") == IamAuth(user="app", cache="old-rg")
+    target = iam_auth(obj, "target")
+    assert target == IamAuth(user="migrator", cache="new-rg", region="eu-west-1")
+    ep = with_credentials({"host": "h", "port": 6379, "tls": True}, None, None, None, target)
+    assert ep.iam == target and ep.password is None
+    obj["spec"]["source"] = {"endpoints": [{"host": "h", "port": 6379}], "auth": {"iam": {"userId": "app"}}}
+    with pytest.raises(UsageError, match="source.auth.iam needs cacheName"):
+        iam_auth(obj, "source")
+    obj["spec"]["source"]["auth"]["iam"]["cacheName"] = "self-named"
+    assert iam_auth(obj, "source") == IamAuth(user="app", cache="self-named")
+    del obj["spec"]["source"]["auth"]
+    assert iam_auth(obj, "source") is None
