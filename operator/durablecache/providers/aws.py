@@ -25,6 +25,7 @@ from ..errors import ConnectError, RefusedError, UsageError
 from ..urls import Endpoint
 from . import awserrors, rules
 from .awserrors import AwsError, AwsNotFound
+from .awslag import DurabilityLagReader
 from .base import (
     DURABILITIES,
     OWNER_TAG,
@@ -101,9 +102,12 @@ class AwsProvider(Provider):
         ready_timeout: float = READY_TIMEOUT,
         first_delay: float = FIRST_DELAY,
         max_delay: float = MAX_DELAY,
+        cloudwatch: Any = None,
     ):
         self.source_id = source_replication_group_id
         self.client = client if client is not None else make_client(region, endpoint_url)
+        self._cloudwatch = cloudwatch
+        self._region, self._endpoint_url = region, endpoint_url
         require_durability_api(self.client)
         self.resolve = endpoint_resolver or (lambda ep: ep)
         self.ca_file = ca_file
@@ -336,6 +340,27 @@ class AwsProvider(Provider):
             self._call("ModifyReplicationGroup", ReplicationGroupId=rg_id, Durability=spec.durability,
                        ApplyImmediately=True)
         return self._wait_ready(spec, None, tolerate_mismatch=True)
+
+    def durability_lag_reader(self, spec: TargetSpec) -> DurabilityLagReader:
+        """A reader of the target's DurabilityLag (CloudWatch) for the engine's laggovernor; an async
+        target refuses writes as it approaches 10 s."""
+        rg_id = spec.replication_group_id
+
+        def members() -> list[str]:
+            rg = self._find_rg(rg_id)
+            return list((rg or {}).get("MemberClusters") or [])
+
+        return DurabilityLagReader(self._cloudwatch_client(), members)
+
+    def _cloudwatch_client(self) -> Any:
+        if self._cloudwatch is None:
+            try:
+                self._cloudwatch = boto3.session.Session().client(
+                    "cloudwatch", region_name=self._region or self.client.meta.region_name,
+                    endpoint_url=self._endpoint_url, config=CLIENT_CONFIG)
+            except (BotoCoreError, ValueError) as exc:
+                raise ConnectError(f"cannot set up the CloudWatch client: {exc}") from None
+        return self._cloudwatch
 
     def _require_owner(self, rg: Mapping[str, Any], migration_id: str) -> None:
         owner = self._tags(rg.get("ARN")).get(OWNER_TAG)
