@@ -158,3 +158,18 @@ def test_the_migration_copies_slower_while_the_target_lags_and_speeds_up_after(m
     floor_at = rates.index(round(full * FLOOR_SHARE))
     assert rates[-1] == full and all(a <= b for a, b in zip(rates[floor_at:], rates[floor_at + 1:]))
     assert target.client().dbsize() >= 200
+
+
+def test_the_lag_and_the_rate_are_metrics() -> None:
+    from durablecache.k8s.metrics import Metrics
+
+    m = Metrics()
+    obj = {"metadata": {"namespace": "shop", "name": "sessions"},
+           "status": {"phase": "Copy", "durabilityLag": {"seconds": 4.5, "rateBytesPerSecond": 1000,
+                                                         "fullRateBytesPerSecond": 80}}}
+    m.observe(obj)
+    labels = {"namespace": "shop", "name": "sessions"}
+    assert m.registry.get_sample_value("durablecache_target_durability_lag_seconds", labels) == 4.5
+    assert m.registry.get_sample_value("durablecache_target_write_rate_bytes", labels) == 1000
+    m.forget("shop", "sessions")
+    assert m.registry.get_sample_value("durablecache_target_durability_lag_seconds", labels) is None

@@ -41,8 +41,9 @@ def policy_actions() -> set[str]:
     return actions
 
 
-def lifecycle(provider: AwsProvider) -> None:
-    """Every provider call the migration protocol makes, in protocol order."""
+def lifecycle(provider: AwsProvider, publish_lag: Callable[[str], None] | None = None) -> None:
+    """Every provider call the migration protocol makes, in protocol order. ``publish_lag(target)``
+    puts a DurabilityLag datapoint for the target's nodes into CloudWatch, so that the reader fetches it."""
     spec = TargetSpec(replication_group_id=unique("tgt"), migration_id=MIGRATION, durability="sync",
                       auth_token=TOKEN)
     assert provider.preflight(spec).ok
@@ -51,15 +52,29 @@ def lifecycle(provider: AwsProvider) -> None:
     provider.ensure_target(seeded)
     provider.wait_ready(seeded)
     provider.endpoints(seeded)
+    if publish_lag is not None:
+        publish_lag(seeded.replication_group_id)
+    provider.durability_lag_reader(seeded)()
     provider.set_durability(TargetSpec(**{**spec.__dict__, "durability": "async"}))
     provider.delete_target(seeded, "Delete", reached_flip=False)
     provider.delete_source("SnapshotThenDelete", MIGRATION, migration_completed=True)
 
 
 def test_policy_matches_the_calls_the_provider_makes(
-        make_source: Callable[..., str], make_provider: Callable[..., AwsProvider], recorder: Recorder) -> None:
-    lifecycle(make_provider(make_source(auth_token=TOKEN)))
-    called = {f"elasticache:{op}" for op in recorder.operations()}
+        make_source: Callable[..., str], make_provider: Callable[..., AwsProvider], recorder: Recorder,
+        moto_url: str) -> None:
+    admin = make_client(REGION, moto_url)
+    cloudwatch = boto3.client("cloudwatch", region_name=REGION, endpoint_url=moto_url)
+
+    def publish_lag(target: str) -> None:
+        (rg,) = admin.describe_replication_groups(ReplicationGroupId=target)["ReplicationGroups"]
+        cloudwatch.put_metric_data(Namespace="AWS/ElastiCache", MetricData=[
+            {"MetricName": "DurabilityLag", "Value": 120.0, "Unit": "Milliseconds",
+             "Dimensions": [{"Name": "CacheClusterId", "Value": rg["MemberClusters"][0]},
+                            {"Name": "CacheNodeId", "Value": "0001"}]}])
+
+    lifecycle(make_provider(make_source(auth_token=TOKEN)), publish_lag)
+    called = recorder.actions()
     allowed = policy_actions()
     assert called <= allowed, f"the policy lacks {sorted(called - allowed)}"
     assert allowed - called == set(IMPLIED), f"the policy allows calls never made: {sorted(allowed - called)}"
@@ -74,7 +89,9 @@ def iam_enforced(moto_url: str) -> Iterator[Callable[[set[str]], boto3.session.S
     def user_with(actions: set[str]) -> boto3.session.Session:
         doc = json.loads(POLICY_FILE.read_text())
         for statement in doc["Statement"]:
-            statement["Action"] = [a for a in statement["Action"] if a in actions]
+            # moto names CloudWatch's actions by its endpoint prefix (monitoring:), AWS by cloudwatch:.
+            statement["Action"] = [a.replace("cloudwatch:", "monitoring:") for a in statement["Action"]
+                                   if a in actions]
         doc["Statement"] = [s for s in doc["Statement"] if s["Action"]]
         name = unique("dcache")
         iam.create_user(UserName=name)
@@ -109,7 +126,8 @@ def test_the_policy_is_enough_under_iam_enforcement(
 
     def provider(session: Any, source: str) -> AwsProvider:
         return AwsProvider(source, client=make_client(REGION, moto_url, session=session), clock=clock,
-                           sleep=clock.sleep)
+                           sleep=clock.sleep,
+                           cloudwatch=session.client("cloudwatch", region_name=REGION, endpoint_url=moto_url))
 
     lifecycle(provider(allowed, src))
     with pytest.raises(AwsAccessDenied) as exc:
