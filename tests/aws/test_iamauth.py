@@ -246,3 +246,19 @@ def test_the_manifest_says_which_side_authenticates_through_iam() -> None:
     assert iam_auth(obj, "source") == IamAuth(user="app", cache="self-named")
     del obj["spec"]["source"]["auth"]
     assert iam_auth(obj, "source") is None
+
+
+def test_a_password_file_next_to_an_iam_url_is_refused(tmp_path: Any) -> None:
+    import argparse
+
+    from durablecache.commands._common import side_endpoint
+
+    secret = tmp_path / "pw"
+    secret.write_text("hunter2")
+    secret.chmod(0o600)
+    url = "valkeys://app@h:6379?iam=1&cache=c"
+    args = argparse.Namespace(source=url, source_password_file=str(secret))
+    with pytest.raises(UsageError, match="authenticates through IAM"):
+        side_endpoint(args, "source")
+    args.source_password_file = None
+    assert side_endpoint(args, "source").iam == IamAuth(user="app", cache="c")
