@@ -187,7 +187,10 @@ class Connection:
         self._reauth_at = None          # the AUTH below goes through _exchange: no recursion
         reply = (await self.pipeline([["AUTH", user, token]]))[0]
         if isinstance(reply, ReplyError):
-            # The token is never in a message: only the user id and the cache it was signed for.
+            # Not used again (a re-authentication that failed must not leave it running as before);
+            # the token is never in a message: only the user id and the cache it was signed for.
+            self.broken = True
+            self._transport.close()
             raise ConnectError(f"IAM authentication as {user!r} for {iam.cache!r} failed at "
                                f"{self.endpoint.address}: {reply}")
         self._reauth_at = time.monotonic() + iam.reauth_after

@@ -155,6 +155,7 @@ def test_a_long_lived_connection_authenticates_again_with_a_fresh_token(make_ser
             for _ in range(400):
                 await conn.call("PING")
                 await asyncio.sleep(0.05)
+        assert not conn.usable      # never used again: a Side opens a new one (which fails loudly too)
         await conn.close()
 
     asyncio.run(run())
