@@ -25,6 +25,7 @@ from .copier import BulkCopy, check_pair
 from .errors import ConnectError, DurableCacheError, RefusedError
 from .gate import wait_for_gate
 from .keymover import DEFAULT_BIG_KEY_BYTES, MoverOptions
+from .laggovernor import READ_INTERVAL, LagControl, LagReader
 from .movers import DEFAULT_TARGET_BYTES_PER_PRIMARY, MoverPool
 from .progress import JsonProgress
 from .repairplan import RepairPlan
@@ -115,6 +116,10 @@ class MigrationOptions:
     repair_max_share: float = 0.05
     repair_min_keys: int = 100
     accept_destructive_repair: bool = False
+    # An async-durable target's DurabilityLag, from the provider (laggovernor.py): writes slow down
+    # before the target refuses them. None: no governor.
+    target_lag: LagReader | None = None
+    lag_interval: float = READ_INTERVAL
 
     @property
     def drain_limit(self) -> float:
@@ -145,6 +150,7 @@ class Migration:
         self.repair_accepted = asyncio.Event()
         self._accept_next_repair = opts.accept_destructive_repair
         self._direct_writers_seen: list[str] = []
+        self.lag = LagControl(opts.target_lag, lambda e: self.emit(e), opts.lag_interval)
 
     # -- state ------------------------------------------------------------------------------------
     @property
@@ -178,6 +184,7 @@ class Migration:
             "repairBlocked": self.state.get("repairBlocked"),
             "authorityChanged": self.state.get("authorityChanged"),
             "sideChanges": self.state.get("sideChanges", 0),
+            "durabilityLag": self.lag.status(),
             "directClients": list(self.trust.direct_clients) if self.trust else [],
             "syncer": dataclasses.asdict(syncer.stats) if syncer else {},
             "message": self.state.get("message", ""),
@@ -263,10 +270,12 @@ class Migration:
     def _pool(self, reverse: bool) -> MoverPool:
         assert self.source and self.target
         src, dst = (self.target, self.source) if reverse else (self.source, self.target)
-        return MoverPool(src, dst, size=max(self.opts.copy_concurrency, self.opts.sync_workers) * len(src.primaries),
+        pool = MoverPool(src, dst, size=max(self.opts.copy_concurrency, self.opts.sync_workers) * len(src.primaries),
                          opts=MoverOptions(big_key_bytes=self.opts.big_key_bytes),
                          max_source_ops=self.opts.max_source_ops, max_target_bytes=self.opts.max_target_bytes,
                          name="durablecache-sync")
+        self.lag.follow(pool, writes_target=not reverse)
+        return pool
 
     async def _copy(self) -> None:
         assert self.source and self.target and self.syncer
@@ -690,6 +699,7 @@ class Migration:
                 w.cancel()
 
     async def _shutdown(self) -> None:
+        await self.lag.close()
         if self._watch:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -129,7 +129,8 @@ async def migrate(args: argparse.Namespace, store: CheckpointStore | None = None
                             allow_clients=args.allow_client, gate_settle=args.gate_settle,
                             gate_timeout=args.gate_timeout, max_source_ops=args.max_ops,
                             repair_max_share=args.repair_max_share,
-                            accept_destructive_repair=args.accept_destructive_repair)
+                            accept_destructive_repair=args.accept_destructive_repair,
+                            target_lag=getattr(args, "target_lag", None))   # the worker's (aws): laggovernor.py
     if store is None:
         store = FileCheckpoint(args.state_file) if args.state_file else MemoryCheckpoint()
     m = Migration(source, target, opts, starter, emit=emit, store=store)

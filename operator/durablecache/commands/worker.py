@@ -17,7 +17,7 @@ import aiohttp
 from .. import logs
 from ..errors import DurableCacheError, UsageError
 from ..k8s.kube import Kube, load_client
-from ..k8s.spec import credentials, go_duration, with_credentials
+from ..k8s.spec import credentials, go_duration, iam_auth, make_provider, target_spec, with_credentials
 from ..k8s.status import conditions_for, progress
 from ..k8s.store import StatusStore
 from ..migration import Phase
@@ -82,7 +82,8 @@ async def work(args: argparse.Namespace, namespace: str, name: str) -> Phase | N
             gate_settle=go_duration(route_in.get("settlePeriod"), 30.0), gate_timeout=args.gate_timeout,
             max_ops=None, json=True,
             repair_max_share=float(repair.get("maxDestructiveShare", 0.05)),
-            accept_destructive_repair=bool(repair.get("acceptDestructive", False)))
+            accept_destructive_repair=bool(repair.get("acceptDestructive", False)),
+            target_lag=await asyncio.to_thread(_lag_reader, obj))
         reporter = Reporter(kube, obj, args.status_interval, margs.control_token_file)
         store = StatusStore(kube, namespace, name, on_phase=reporter.on_phase)
         reporter.store = store
@@ -114,8 +115,16 @@ def _endpoints(kube: Kube, obj: dict[str, Any], op: dict[str, Any], tmp: str) ->
             ca_file = os.path.join(tmp, f"{side}-ca.pem")
             with open(os.open(ca_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
                 f.write(kube.secret_value(ns, ca_ref["name"], ca_ref.get("key", "ca.crt")))
-        out.append(with_credentials(op[side], user, password, ca_file))
+        out.append(with_credentials(op[side], user, password, ca_file, iam_auth(obj, side)))
     return out[0], out[1]
+
+
+def _lag_reader(obj: dict[str, Any]) -> Any:
+    """(aws helper's hunk) The target's DurabilityLag for laggovernor.py: aws targets only; a sync
+    target reports 0, so the reader stays on across a sync<->async switch."""
+    if obj["spec"]["target"].get("provider", "aws") != "aws":
+        return None
+    return make_provider(obj, 60.0).durability_lag_reader(target_spec(obj))
 
 
 class Reporter:
@@ -258,6 +267,7 @@ class Reporter:
         blocked = st.get("repairBlocked")
         report["repairBlocked"] = blocked["message"] if blocked else None
         report["sideChanges"] = int(st.get("sideChanges") or 0)
+        report["durabilityLag"] = st.get("durabilityLag")     # laggovernor.py; None without a reader
         if (blocked or None) != self.blocked:
             self.blocked = blocked or None
             await self._conditions()

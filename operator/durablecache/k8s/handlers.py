@@ -336,6 +336,17 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
                             retry_in_s=backoff)
             await _pause(stopped, backoff)
 
+    # (aws helper's hunk) A durability change after the migration ended: the reconcile daemon has
+    # returned by then, so the change is followed here; before that, the daemon follows it.
+    @kopf.on.field(GROUP, VERSION, PLURAL, field="spec.target.durability", registry=registry)
+    async def durability_changed(name: str, namespace: str | None, old: Any, **_: Any) -> None:
+        assert namespace, "DurableCache is a namespaced resource"
+        rec = Reconciler(ctx, namespace, name)
+        obj = await rec.get()
+        if old is None or obj is None or _status(obj).get("phase") not in FINAL_PHASES:
+            return
+        await rec.follow_durability(obj)
+
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, retries=5, backoff=5)
     async def delete(name: str, namespace: str | None, body: Any, **_: Any) -> None:
         assert namespace, "DurableCache is a namespaced resource"

@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 from ..errors import UsageError
+from ..iamauth import IamAuth
 from ..providers import Provider, StaticProvider, TargetSpec
 from ..urls import Endpoint
 from .kube import Kube
@@ -131,10 +132,27 @@ def _source_name(obj: dict[str, Any]) -> str:
 
 
 def with_credentials(ep: dict[str, Any], username: str | None, password: str | None,
-                     ca_file: str | None = None) -> Endpoint:
-    """The stored endpoint plus the credentials read from the Secret (worker side)."""
+                     ca_file: str | None = None, iam: IamAuth | None = None) -> Endpoint:
+    """The stored endpoint plus the credentials read from the Secret, or IAM (worker side)."""
     return Endpoint(host=ep["host"], port=int(ep["port"]), tls=bool(ep.get("tls")), username=username,
-                    password=password, ca_file=ca_file)
+                    password=password, ca_file=ca_file, iam=iam)
+
+
+# -- IAM authentication (aws helper's hunk: spec.<side>.auth.iam -> iamauth.IamAuth) -----------------
+def iam_auth(obj: dict[str, Any], side: str) -> IamAuth | None:
+    """spec.source.auth.iam / spec.target.auth.iam; the cache defaults to the side's replication group
+    (for an aws target, the one the provider creates)."""
+    spec_side = obj["spec"][side]
+    iam = (spec_side.get("auth") or {}).get("iam")
+    if not iam:
+        return None
+    cache = iam.get("cacheName") or spec_side.get("replicationGroupId")
+    if not cache and side == "target" and spec_side.get("provider", "aws") == "aws":
+        cache = obj["metadata"]["name"]
+    if not cache:
+        raise UsageError(f"{side}.auth.iam needs cacheName (no {side}.replicationGroupId to default to)")
+    return IamAuth(user=iam["userId"], cache=str(cache), region=iam.get("region"),
+                   serverless=bool(iam.get("serverless")))
 
 
 def ignored_settings(obj: dict[str, Any]) -> list[str]:

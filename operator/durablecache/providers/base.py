@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 from ..urls import Endpoint
@@ -233,6 +233,11 @@ class Provider(abc.ABC):
 
     @abc.abstractmethod
     def delete_source(self, policy: str, migration_id: str, migration_completed: bool) -> DeletionOutcome: ...
+
+    def durability_lag_reader(self, spec: TargetSpec) -> Callable[[], float | None] | None:
+        """A reader of the target's durability lag in seconds (laggovernor.py), where the provider can
+        see it; None where it cannot (static targets)."""
+        return None
 
     @abc.abstractmethod
     def delete_target(self, spec: TargetSpec, policy: str, reached_flip: bool) -> DeletionOutcome: ...
