@@ -113,6 +113,24 @@ def test_hash_field_expiries_are_copied_with_their_fields(make_server):
     assert t.hmget("h", fields) == c.hmget("h", fields)
 
 
+def test_a_target_that_refuses_scripts_gets_whole_copies(source, target):
+    c = source.client()
+    c.zadd("z", {f"p{i}": i for i in range(100)})
+    target.client().execute_command("ACL", "SETUSER", "default", "-eval")
+
+    async def scenario() -> None:
+        syncer = await make_syncer(source, target)
+        await copy_whole(syncer, "z")
+        c.zincrby("z", 5, "p1")
+        syncer.mark(0, [m("z", "p1")])
+        assert await syncer.drain(10)
+        assert syncer.stats.members == 0 and syncer.stats.copied == 2 and syncer.failure is None
+        await close(syncer)
+
+    asyncio.run(scenario())
+    assert target.client().zscore("z", "p1") == 6
+
+
 def field_expiries(client: Any, fields: list[str]) -> list[int]:
     return list(client.execute_command("HPEXPIRETIME", "h", "FIELDS", len(fields), *fields))
 

@@ -175,6 +175,7 @@ class KeyMover:
         self.expire_cmd = "PEXPIRETIME" if src.topology.supports_pexpiretime else "PTTL"
         # Scripts need Valkey / Redis >= 7 on both sides (shebang flags, PEXPIRETIME).
         self.use_scripts = src.topology.supports_pexpiretime and dst.topology.supports_pexpiretime
+        self.member_copies = True      # False once a member script was refused (see _no_member_copies)
         self._read_string = _read_string_template(opts.big_key_bytes)
 
     async def move(self, db: int, keys: Sequence[bytes], strings: Container[bytes] = frozenset()) -> MoveResult:
@@ -208,7 +209,7 @@ class KeyMover:
         """Copy just the named members of each key (its current state on the source: value, score,
         field TTL, or absence) — or the whole key where that cannot be done exactly (see APPLY_MEMBERS;
         servers without scripts and PEXPIRETIME always)."""
-        if not self.use_scripts:
+        if not (self.use_scripts and self.member_copies):
             return await self.move(db, list(parts))
         keys = list(parts)
         await self.source_ops.take(sum(len(m) for m in parts.values()) + len(keys))
@@ -219,7 +220,10 @@ class KeyMover:
         whole: list[bytes] = []
         for key, (state,) in zip(keys, reads):
             if isinstance(state, ReplyError):
-                raise ServerError(f"source: reading members failed: {state}")
+                if str(state).startswith(RETRYABLE_PREFIXES):
+                    raise ServerError(f"source: reading members failed: {state}")   # the batch is retried
+                self._no_member_copies("source", state)
+                return await self.move(db, keys)
             argv = _apply_args(state, ttls, parts[key])
             if argv is None:
                 whole.append(key)
@@ -244,7 +248,9 @@ class KeyMover:
             for key, (reply,) in zip(todo, replies):
                 if isinstance(reply, ReplyError):
                     if not str(reply).startswith(RETRYABLE_PREFIXES):
-                        raise ServerError(f"target: applying members failed: {reply}")
+                        self._no_member_copies("target", reply)
+                        refused.append(key)
+                        continue
                     retry.append(key)
                 elif reply != 1:
                     refused.append(key)
@@ -255,6 +261,14 @@ class KeyMover:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         return refused
+
+    def _no_member_copies(self, side: str, reply: ReplyError) -> None:
+        """A member script refused (scripting not allowed to our user, a server without a command it
+        uses): copy whole keys from now on. Whatever else is wrong with the server, the whole copy
+        reports it."""
+        if self.member_copies:
+            log.warning("member copies unavailable, copying whole keys", side=side, reason=str(reply)[:200])
+        self.member_copies = False
 
     @staticmethod
     def _estimate_timings(batch: _RestoreBatch, elapsed: float, result: MoveResult) -> None:
