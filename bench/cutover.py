@@ -4,8 +4,9 @@ For each of N runs: two fresh local valkey-servers, a seeded keyspace, a write l
 from a separate process (so the load does not share this process's event loop with the proxy), a
 full migration with an in-process proxy; records the cutover write pause and, during Sync, the
 resync lag: the time from a write's acknowledgement through the proxy until the target has it.
-Then a hot big key: a large sorted set under constant ZINCRBY: its resync lag (a probe ZINCRBY every
-20 ms on a member of that key, acknowledged through the proxy, until the target has its score), and
+Then a hot big key: a large sorted set under constant ZINCRBY from one client in a process of its own:
+its resync lag (a probe ZINCRBY every 20 ms on a member of that key, acknowledged through the proxy,
+until the target has its score; probes from the writer's process, during Sync), and
 whether the cutover succeeds while it is being written, with the default settings — reported as the
 key pause (what that key's writer waits: a key-scoped hold first if the key's copy does not fit the
 write pause, then the global freeze) and, separately, the global write pause.
@@ -135,9 +136,9 @@ class HotProbes:
     """Resync lag of the hot key: ZINCRBY on probe members (through the proxy) every ``every`` seconds,
     one poller asking the target for every outstanding probe's score each millisecond."""
 
-    def __init__(self, proxy_port: int, target: LocalServer, every: float = 0.02):
+    def __init__(self, proxy_port: int, target_port: int, every: float = 0.02):
         self.app = avalkey.Valkey(port=proxy_port, socket_timeout=60)
-        self.direct = avalkey.Valkey(port=target.port)
+        self.direct = avalkey.Valkey(port=target_port)
         self.every = every
         self.outstanding: dict[str, tuple[float, float]] = {}    # member -> (score acked, when)
         self.lags: list[float] = []
@@ -176,6 +177,40 @@ class HotProbes:
                         self.lags.append((now - at) * 1000)
                         del self.outstanding[member]
             await asyncio.sleep(0.001)
+
+
+def hot_process(ports: Any, approved: Any, stop: Any, result_q: Any, kind: str, members: int,
+                timeout: float) -> None:
+    """The hot key's writer (and, for a sorted set, the lag probes until approval), in a process of its
+    own, as an application would be: not on the event loop of the proxy and the syncer."""
+    async def main() -> None:
+        proxy_port, target_port = ports.get()
+        # A client timeout above the key pause's bound (valkey-py's default, 5 s, equals max_key_pause's).
+        app = avalkey.Valkey(port=proxy_port, socket_timeout=timeout)
+        probes = HotProbes(proxy_port, target_port)
+        probing = asyncio.create_task(probes.run() if kind == "zset" else probes.stop.wait())
+        writes = before = 0
+        max_latency = 0.0
+        while not stop.is_set():
+            if not before and approved.is_set():
+                before = writes
+                probes.stop.set()
+            t0 = time.monotonic()
+            try:
+                writes += await hot_write(app, kind, writes, members)
+            except valkey.exceptions.ConnectionError:
+                break       # a migration that failed stops its proxy
+            if before:
+                max_latency = max(max_latency, time.monotonic() - t0)
+            if writes % 256 == 0:
+                await asyncio.sleep(0)      # let the probes run
+        probes.stop.set()
+        await probing
+        await app.aclose()
+        result_q.put({"writes": before or writes, "writes_after": writes - before, "lags": probes.lags,
+                      "unresolved": len(probes.outstanding), "writer_max_ms": max_latency * 1000})
+
+    asyncio.run(main())
 
 
 def p99(values: list[float]) -> float:
@@ -218,24 +253,28 @@ async def hot_key(members: int, seconds: float, max_key_pause: float = 5.0, kind
     """One big key (a sorted set under ZINCRBY, a list as a queue, a stream under XADD MAXLEN) written as
     fast as one client can, through the proxy, during Sync; probes of the resync lag for a sorted set."""
     source, target = LocalServer().start(), LocalServer().start()
+    ctx = multiprocessing.get_context("spawn")
+    ports, result_q, approved, stop = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Event()
+    writer = ctx.Process(target=hot_process, args=(ports, approved, stop, result_q, kind, members, max_key_pause + 30))
     try:
         c = source.client()
         seed_hot(c, kind, members)
         c.close()
-        in_sync = asyncio.Event()
+        writer.start()
+        in_sync, cut = asyncio.Event(), asyncio.Event()
         proxy_port = 0
-        writing = True
         outcome: dict[str, Any] = {"aborted": 0}
 
         def emit(e: dict[str, Any]) -> None:
-            nonlocal proxy_port, writing
+            nonlocal proxy_port
             if e["event"] == "cutover_aborted":
                 outcome["aborted"] += 1
             if e["event"] == "cutover":
                 outcome["pause_ms"] = e["pause_ms"]
                 outcome["key_pause_ms"] = e.get("key_pause_ms", 0.0)
                 outcome["held_keys"] = e.get("held_keys", 0)
-                outcome["while_writing"] = writing
+                outcome["while_writing"] = not stop.is_set()
+                cut.set()
             if e["event"] == "proxies":
                 proxy_port = int(e["addresses"][0].rsplit(":", 1)[1])
             if e["event"] == "awaiting_approval":   # caught up, and the verify pass after the copy done
@@ -246,52 +285,42 @@ async def hot_key(members: int, seconds: float, max_key_pause: float = 5.0, kind
         m = Migration(source.endpoint(), target.endpoint(), opts, local_proxies("127.0.0.1", 0), emit=emit)
         task = asyncio.create_task(m.run())
         await asyncio.wait_for(in_sync.wait(), 300)
-        # A client timeout above the key pause's bound (valkey-py's default, 5 s, equals max_key_pause's).
-        app = avalkey.Valkey(port=proxy_port, socket_timeout=max_key_pause + 30)
         assert m.syncer
+        ports.put((proxy_port, target.port))
         before, members_before = m.syncer.stats.copied, getattr(m.syncer.stats, "members", 0)
-        probes = HotProbes(proxy_port, target)
-        probing = asyncio.create_task(probes.run() if kind == "zset" else probes.stop.wait())
-        writes, t0, max_latency = 0, time.monotonic(), 0.0
-        while time.monotonic() - t0 < seconds:
-            writes += await hot_write(app, kind, writes, members)
-        probes.stop.set()
+        await asyncio.sleep(seconds)
         copies = m.syncer.stats.copied - before
         member_copies = getattr(m.syncer.stats, "members", 0) - members_before
         # Cut over while the hot key keeps being written: does the drain fit the write-pause budget?
+        approved.set()
         m.approved.set()
         t2 = time.monotonic()
-        while "pause_ms" not in outcome and not task.done() and time.monotonic() - t2 < 30:
-            t3 = time.monotonic()
-            try:
-                writes += await hot_write(app, kind, writes, members)
-            except valkey.exceptions.ConnectionError:
-                await asyncio.wait([task], timeout=10)   # a migration that failed stops its proxy
-                break
-            max_latency = max(max_latency, time.monotonic() - t3)
+        await asyncio.wait([task, asyncio.create_task(cut.wait())], timeout=30, return_when=asyncio.FIRST_COMPLETED)
         outcome["cutover_after_s"] = time.monotonic() - t2
         outcome["copy_ms"] = m.syncer.expected_copy((0, HOT_KEYS[kind])) * 1000
-        outcome["writer_max_ms"] = max_latency * 1000
-        writing = False
+        await asyncio.sleep(0.3)        # writes go on after the cutover, then stop
+        stop.set()
+        load = await asyncio.to_thread(result_q.get, True, 120)
         t1 = time.monotonic()
         drained = await m.syncer.drain(60) if not task.done() else False
         catch_up = time.monotonic() - t1
-        await probing
-        outcome["lag_ms"] = probes.lags
-        outcome["lag_unresolved"] = len(probes.outstanding)
-        probes.stop.set()
         outcome["equal"] = (await Verifier(await discover(source.endpoint()), await discover(target.endpoint()))
                             .run()).equal
-        await app.aclose()
         m.stop_requested.set()
         try:
             await asyncio.wait_for(task, 30)
         except Exception as exc:  # noqa: BLE001 - a failed cutover is a result here, not an error
             outcome["error"] = str(exc)
-        return {"writes": writes, "writes_per_s": writes / seconds, "full_copies": copies,
-                "member_copies_per_s": member_copies / seconds,
+        return {"writes": load["writes"], "writes_per_s": load["writes"] / seconds, "full_copies": copies,
+                "member_copies_per_s": member_copies / seconds, "lag_ms": load["lags"],
+                "lag_unresolved": load["unresolved"], "writer_max_ms": load["writer_max_ms"],
                 "copies_per_s": copies / seconds, "drained": drained, "catch_up_s": catch_up, **outcome}
     finally:
+        stop.set()
+        if writer.is_alive():
+            writer.join(10)
+        if writer.is_alive():
+            writer.terminate()
         source.stop()
         target.stop()
 
