@@ -18,7 +18,7 @@ from durablecache.keymover import MoverOptions
 from durablecache.migration import Migration, MigrationOptions
 from durablecache.movers import MoverPool
 from durablecache.proxy.members import MemberMark
-from durablecache.proxyhandles import local_proxies
+from durablecache.proxyhandles import local_proxies, subprocess_proxies
 from durablecache.syncer import MEMBERS_PER_KEY, Syncer
 from durablecache.topology import discover
 from durablecache.verify import Verifier
@@ -293,7 +293,9 @@ def check_ledger(server: Any, ledger: Ledger) -> None:
     assert got == ledger.present, [k for k in members if got[k] != ledger.present[k]][:10]
 
 
-def test_no_acknowledged_member_write_is_lost_across_a_cutover_with_mixed_whole_key_writes(source, target):
+@pytest.mark.parametrize("proxy_mode", ["local", "subprocess"])
+def test_no_acknowledged_member_write_is_lost_across_a_cutover_with_mixed_whole_key_writes(source, target, proxy_mode):
+    """Subprocess: the member marks travel in MARK frames to the syncer's MarkServer."""
     async def scenario() -> None:
         seed_big_keys(source)
         ledger, stop = Ledger(), asyncio.Event()
@@ -315,7 +317,12 @@ def test_no_acknowledged_member_write_is_lost_across_a_cutover_with_mixed_whole_
 
         opts = MigrationOptions(cutover="manual", gate_settle=0.3, gate_timeout=30, rollback_window=600,
                                 cutover_attempts=20)
-        mig = Migration(source.endpoint(), target.endpoint(), opts, local_proxies("127.0.0.1", 0), emit=emit)
+        owned: list[Any] = []
+        if proxy_mode == "local":
+            starter = local_proxies("127.0.0.1", 0)
+        else:
+            starter, owned = subprocess_proxies("127.0.0.1", 0, emit)
+        mig = Migration(source.endpoint(), target.endpoint(), opts, starter, emit=emit)
         task = asyncio.create_task(mig.run())
         try:
             await asyncio.wait([task, asyncio.create_task(ready.wait())], timeout=60,
@@ -342,6 +349,8 @@ def test_no_acknowledged_member_write_is_lost_across_a_cutover_with_mixed_whole_
             stop.set()
             mig.stop_requested.set()
             await asyncio.wait_for(asyncio.gather(task, *writers, return_exceptions=True), 30)
+            for thing in owned:
+                await thing.stop()
 
     asyncio.run(scenario())
 
