@@ -5,7 +5,7 @@ hold millions. Marking the whole key makes the syncer copy all of it again; mark
 lets it copy just the member (docs/protocol.md, "Member-level marks"). That is only lossless when the
 command's effect is confined to the members its arguments name, so the commands that take the member
 path are listed here, one by one, with how their members are found — everything else (a new command
-of a future server version included) is marked as a whole key, as before. tests/proxy/test_members.py
+of a future server version included) is marked as a whole key, as before. tests/proxy/test_member_marks.py
 holds this table to each server's COMMAND DOCS: a member command whose arguments changed, or a write
 command of these groups that is in neither list, fails the test.
 
