@@ -15,6 +15,7 @@ import pytest
 import valkey.asyncio as avalkey
 
 from durablecache.keymover import MoverOptions
+from durablecache.localvalkey import free_port
 from durablecache.migration import Migration, MigrationOptions
 from durablecache.movers import MoverPool
 from durablecache.proxy.members import MemberMark
@@ -321,7 +322,7 @@ def test_no_acknowledged_member_write_is_lost_across_a_cutover_with_mixed_whole_
         if proxy_mode == "local":
             starter = local_proxies("127.0.0.1", 0)
         else:
-            starter, owned = subprocess_proxies("127.0.0.1", 0, emit)
+            starter, owned = subprocess_proxies("127.0.0.1", free_port(), emit)   # it cannot report port 0
         mig = Migration(source.endpoint(), target.endpoint(), opts, starter, emit=emit)
         task = asyncio.create_task(mig.run())
         try:
@@ -329,7 +330,8 @@ def test_no_acknowledged_member_write_is_lost_across_a_cutover_with_mixed_whole_
                                return_when=asyncio.FIRST_COMPLETED)
             assert ready.is_set(), task.exception() if task.done() else "Sync not reached in 60 s"
             assert mig.syncer is not None
-            await wait_until(lambda: mig.syncer.stats.members > 100, 30, lambda: mig.syncer.stats)
+            await wait_until(lambda: mig.syncer.stats.members > 100, 30,
+                             lambda: (mig.syncer.stats, [w.exception() for w in writers if w.done()], ledger.writes))
             mig.approved.set()
             await asyncio.wait([task, asyncio.create_task(cut.wait())], timeout=60,
                                return_when=asyncio.FIRST_COMPLETED)
