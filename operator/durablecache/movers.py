@@ -38,6 +38,14 @@ class MoverPool:
         finally:
             self._free.put_nowait(m)
 
+    async def move_members(self, db: int, parts: dict[bytes, list[bytes]]) -> MoveResult:
+        """Copy the named members of keys (KeyMover.move_members) with whichever mover is free."""
+        m = await self._free.get()
+        try:
+            return await m.move_members(db, parts)
+        finally:
+            self._free.put_nowait(m)
+
     async def close(self) -> None:
         for m in self._all:
             await m.src.close()
