@@ -1,8 +1,9 @@
 """The migration protocol (docs/design.md, docs/protocol.md), runtime-agnostic: the CLI and the
 operator's worker run this.
 
-Preflight -> Provision -> RouteIn -> Copy -> Sync -> Cutover -> RouteOut -> Complete
-(and Failed, RollingBack, RolledBack).
+RouteIn -> Copy -> Sync -> Cutover -> RouteOut -> Complete (and Failed, RollingBack, RolledBack); the
+operator's Preflight and Provision come before and are not the engine's (phases.py). Its settings are
+MigrationOptions (options.py).
 
 Everything that must survive a restart is in ``self.state`` and saved through a CheckpointStore
 (the CLI: a file; the operator: the resource's status). After any restart past RouteIn the proxies'
@@ -14,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -24,8 +24,10 @@ from .checkpoint import CheckpointStore, MemoryCheckpoint
 from .copier import BulkCopy, check_pair
 from .errors import ConnectError, DurableCacheError, RefusedError
 from .gate import wait_for_gate
-from .keymover import DEFAULT_BIG_KEY_BYTES, MoverOptions
-from .movers import DEFAULT_TARGET_BYTES_PER_PRIMARY, MoverPool
+from .keymover import MoverOptions
+from .movers import MoverPool
+from .options import MigrationOptions
+from .phases import APPROVABLE_PHASES, FINAL_PHASES, OPERATOR_PHASES, Phase, phase_or_none
 from .progress import JsonProgress
 from .repairplan import RepairPlan
 from .syncer import DirtyKey, Syncer
@@ -37,25 +39,7 @@ from .verify import Verifier
 log = logs.get("durablecache.migration")
 STATE_VERSION = 1
 PLANNED_REPAIR = "verify pass after the copy"
-
-
-class Phase(enum.StrEnum):
-    PREFLIGHT = "Preflight"
-    PROVISION = "Provision"
-    ROUTE_IN = "RouteIn"
-    COPY = "Copy"
-    SYNC = "Sync"
-    CUTOVER = "Cutover"
-    ROUTE_OUT = "RouteOut"
-    COMPLETE = "Complete"
-    FAILED = "Failed"
-    ROLLING_BACK = "RollingBack"
-    ROLLED_BACK = "RolledBack"
-
-
-ORDER = [Phase.PREFLIGHT, Phase.PROVISION, Phase.ROUTE_IN, Phase.COPY, Phase.SYNC, Phase.CUTOVER,
-         Phase.ROUTE_OUT, Phase.COMPLETE]
-FINAL = {Phase.COMPLETE, Phase.FAILED, Phase.ROLLED_BACK}
+__all__ = ["Migration", "MigrationOptions", "Phase", "ProxyHandle", "ProxyStarter"]
 
 
 class ProxyHandle(Protocol):
@@ -82,44 +66,6 @@ MarkCallback = Callable[[int, list[bytes]], Awaitable[None] | None]   # as the p
 # (upstream, on_marks, on_lost) -> running proxies. on_lost(reason): a proxy died with marks in flight.
 ProxyStarter = Callable[[Endpoint, MarkCallback, Callable[[str], None]], Awaitable[list[ProxyHandle]]]
 Emit = Callable[[dict[str, Any]], None]
-
-
-@dataclasses.dataclass
-class MigrationOptions:
-    cutover: str = "auto"  # auto | manual
-    max_write_pause: float = 0.1  # seconds: freeze + drain + flip must fit, or the cutover aborts
-    # seconds the DRAIN step may take inside the write pause (an attempt that cannot drain quickly then
-    # aborts sooner); None: what is left of max_write_pause once FREEZE returned. Rollback ignores it.
-    drain_budget: float | None = None
-    # seconds: before the global freeze, writes to keys too slow to copy inside max_write_pause (hot
-    # big keys) are held on their own until the syncer copied them; longer, and the attempt aborts.
-    max_key_pause: float = 5.0
-    rollback_window: float = 1800.0
-    gate_settle: float = 2.0
-    gate_timeout: float = 300.0
-    allow_clients: list[str] = dataclasses.field(default_factory=list)
-    ready_backlog: int = 200  # try a cutover once the dirty backlog is below this
-    cutover_attempts: int = 20
-    exit_after_cutover: bool = False
-    copy_concurrency: int = 8
-    scan_count: int = 1000
-    big_key_bytes: int = DEFAULT_BIG_KEY_BYTES
-    max_source_ops: float | None = None
-    max_target_bytes: float | None = DEFAULT_TARGET_BYTES_PER_PRIMARY
-    sync_workers: int = 4
-    verify_in_sync: bool = True  # a full verify-and-repair pass when Sync begins
-    max_dirty: int = 2_000_000
-    watch_interval: float = 1.0  # seconds between looks at both sides' identities and the source's clients
-    # A repair that would delete or overwrite more than this share of the side it writes (and more
-    # than repair_min_keys keys) stops and asks, unless accepted (control API / accept_destructive_repair).
-    repair_max_share: float = 0.05
-    repair_min_keys: int = 100
-    accept_destructive_repair: bool = False
-
-    @property
-    def drain_limit(self) -> float:
-        """The most a cutover's DRAIN may take: the drain budget when set, else the write pause."""
-        return self.max_write_pause if self.drain_budget is None else min(self.max_write_pause, self.drain_budget)
 
 
 class Migration:
@@ -149,7 +95,10 @@ class Migration:
     # -- state ------------------------------------------------------------------------------------
     @property
     def phase(self) -> Phase:
-        return Phase(self.state.get("phase", Phase.PREFLIGHT.value))
+        """The phase reached; RouteIn before the engine began, since that is where it starts (a state
+        saved by an older version may name an operator phase: the engine had not begun either)."""
+        saved = phase_or_none(self.state.get("phase"))
+        return Phase.ROUTE_IN if saved is None or saved in OPERATOR_PHASES else saved
 
     def set_phase(self, phase: Phase, **extra: Any) -> None:
         self.state["phase"] = phase.value
@@ -183,6 +132,28 @@ class Migration:
             "message": self.state.get("message", ""),
         }
 
+    # -- requests from outside (the control API, the operator's worker) --------------------------
+    def approve(self) -> str | None:
+        """Let a manual cutover proceed; None when accepted, else why not."""
+        if self.phase not in APPROVABLE_PHASES:
+            return f"nothing to approve in phase {self.phase.value}"
+        self.approved.set()
+        return None
+
+    def request_rollback(self) -> str | None:
+        """Move back to the source (RouteOut only); None when accepted, else why not."""
+        if self.phase != Phase.ROUTE_OUT:
+            return f"rollback is possible in RouteOut, not {self.phase.value}"
+        self.rollback_requested.set()
+        return None
+
+    def accept_repair(self) -> str | None:
+        """Let a repair that stopped to ask go ahead; None when accepted, else why not."""
+        if not self.state.get("repairBlocked"):
+            return "no repair is waiting for acceptance"
+        self.repair_accepted.set()
+        return None
+
     # -- the protocol -----------------------------------------------------------------------------
     async def run(self) -> Phase:
         saved = self.store.load()
@@ -190,7 +161,7 @@ class Migration:
             self.state = saved
         if self.phase == Phase.FAILED:
             raise DurableCacheError(f"this migration failed earlier and stays failed: {self.state.get('message')}")
-        if self.phase in FINAL:
+        if self.phase in FINAL_PHASES:
             return self.phase
         try:
             await self._run()
@@ -202,9 +173,9 @@ class Migration:
         return self.phase
 
     async def _run(self) -> None:
-        resumed_after_route_in = ORDER.index(self.phase) > ORDER.index(Phase.ROUTE_IN) if self.phase in ORDER \
-            else True
-        self.set_phase(self.phase if resumed_after_route_in else Phase.PREFLIGHT)
+        resumed_after_route_in = self.phase != Phase.ROUTE_IN
+        if resumed_after_route_in:
+            self.set_phase(self.phase)   # says where it resumes
         self.source, self.target = await discover(self.source_ep), await discover(self.target_ep)
         await check_pair(self.source, self.target, allow_nonempty=resumed_after_route_in,
                          nonempty_hint="a migration needs an empty target (a new cluster); empty it or pick another")
@@ -225,7 +196,6 @@ class Migration:
             with contextlib.suppress(ConnectError):     # a side still down: the watch reports it later
                 await self.trust.changes_since_trusted()   # says what changed while nobody watched
         if not resumed_after_route_in:
-            self.set_phase(Phase.PROVISION)  # static endpoints: the target exists already
             self.set_phase(Phase.ROUTE_IN)
         upstream = self.target_ep if flipped else self.source_ep
         self.proxies = await self.start_proxies(upstream, self.syncer.on_marks, self.syncer.require_repair)

@@ -1,7 +1,9 @@
 """Endpoint URLs: ``valkey://[user:pass@]host:port[/db]`` and ``valkeys://`` for TLS.
 
 ``redis://`` and ``rediss://`` are accepted as synonyms. TLS options ride in the query string:
-``?ca=/path/ca.pem`` (CA bundle), ``&insecure=1`` (skip verification, for tests only).
+``?ca=/path/ca.pem`` (CA bundle), ``&servername=NAME`` (the name sent as SNI and verified in the server's
+certificate when it differs from the host, e.g. an IP address or a tunnel), ``&insecure=1`` (skip
+verification, for tests only).
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ class Endpoint:
     ca_file: str | None = None
     tls_insecure: bool = False
     db_given: bool = False
+    server_name: str | None = None   # TLS: SNI and the certificate name to verify; None: the host
+
+    @property
+    def tls_hostname(self) -> str:
+        """The name TLS sends (SNI) and verifies the server's certificate against."""
+        return self.server_name or self.host
 
     @property
     def address(self) -> str:
@@ -53,6 +61,8 @@ class Endpoint:
         query = []
         if self.ca_file:
             query.append(f"ca={quote(self.ca_file)}")
+        if self.server_name:
+            query.append(f"servername={quote(self.server_name)}")
         if self.tls_insecure:
             query.append("insecure=1")
         tail = ("?" + "&".join(query)) if query else ""
@@ -94,6 +104,7 @@ def parse_url(url: str) -> Endpoint:
         tls=scheme in TLS_SCHEMES,
         ca_file=query.get("ca", [None])[0],
         tls_insecure=query.get("insecure", ["0"])[0] in ("1", "true", "yes"),
+        server_name=query.get("servername", [None])[0],
     )
 
 

@@ -261,6 +261,21 @@ class AwsProvider(Provider):
     def wait_ready(self, spec: TargetSpec, timeout: float | None = None) -> TargetInfo:
         return self._wait_ready(spec, timeout, tolerate_mismatch=False)
 
+    def ready_now(self, spec: TargetSpec) -> TargetInfo | None:
+        rg_id = spec.replication_group_id
+        rg = self._find_rg(rg_id)
+        if rg is None:
+            raise RefusedError(f"target {rg_id!r} disappeared while waiting for it")
+        status = rg.get("Status")
+        if status in FAILED_STATES:
+            raise RefusedError(f"target {rg_id!r} is {status} instead of becoming available")
+        got = (rg.get("Durability"), rg.get("EffectiveDurability"))
+        if status != "available":
+            return None
+        if got[0] != spec.durability:
+            raise RefusedError(_durability_mismatch(rg_id, spec.durability, got))
+        return _info(rg) if got == (spec.durability, spec.durability) else None
+
     def _wait_ready(self, spec: TargetSpec, timeout: float | None, tolerate_mismatch: bool) -> TargetInfo:
         """Poll with exponential backoff (bounded by ``timeout``) until available, then check that
         the cluster really is durable the way it was asked (Durability and EffectiveDurability)."""
