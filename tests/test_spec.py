@@ -14,8 +14,14 @@ import yaml
 
 from durablecache.commands import migrate as migrate_cmd
 from durablecache.k8s.spec import DurableCacheSpec, SpecError
-from durablecache.options import DEFAULTS, GO_DURATION_PATTERN, OPERATOR_CUTOVER, MigrationOptions, OptionError, \
-    parse_duration
+from durablecache.options import (
+    DEFAULTS,
+    GO_DURATION_PATTERN,
+    OPERATOR_CUTOVER,
+    MigrationOptions,
+    OptionError,
+    parse_duration,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CRDS = [ROOT / "crds" / "durablecache.yaml", ROOT / "charts" / "durablecache-operator" / "files" / "durablecache.yaml"]
