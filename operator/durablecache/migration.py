@@ -412,55 +412,73 @@ class Migration:
             await asyncio.sleep(min(0.2 * attempts, 2.0))
 
     async def cutover(self, attempt: int) -> bool:
-        """PREPARE -> [HOLD hot keys] -> FREEZE -> DRAIN -> FLIP -> UNFREEZE [-> RELEASE] within the
-        bounds, or abort back to Sync. PREPARE has the proxies discover the target while writes still
-        flow, so that FLIP only moves the sessions.
-
-        A key whose copy takes longer than half the write pause (a hot big key) could never be drained
-        inside it while it is being written. So first only the writes to such keys are held (other keys
-        and all reads go on) until the syncer has copied them after their last write — bounded by
-        max_key_pause — and only then is everything frozen; the drain then finds them clean."""
+        """One attempt to make the target authoritative (_switch_authority), or abort back to Sync."""
         assert self.syncer and self.target
         self.set_phase(Phase.CUTOVER)
-        budget = self.opts.max_write_pause
+        done = await self._switch_authority(_Switch(
+            to=self.target_ep, back=self.source_ep, authoritative="source", reverse_after=True,
+            budget=self.opts.max_write_pause, drain_limit=self.opts.drain_limit, last_check=True,
+            on_flipped=lambda: self.state.update(flipped=True)))
+        if not done.ok:
+            self.emit({"event": "cutover_aborted", "attempt": attempt, "reason": done.reason,
+                       "pause_ms": done.pause_ms, "held_keys": done.held_keys, "key_pause_ms": done.key_pause_ms})
+            self.set_phase(Phase.SYNC)
+            return False
+        self.state["lastCutoverPauseMs"] = done.pause_ms
+        self.state["lastCutoverKeyPauseMs"] = done.key_pause_ms
+        self.save()
+        self.emit({"event": "cutover", "pause_ms": done.pause_ms, "freeze_ms": round(done.frozen_ms, 2),
+                   "attempt": attempt, "held_keys": done.held_keys, "key_pause_ms": done.key_pause_ms})
+        return True
+
+    async def _switch_authority(self, sw: _Switch) -> _Switched:
+        """PREPARE -> [HOLD hot keys] -> FREEZE -> DRAIN -> [LAST CHECK] -> FLIP -> UNFREEZE [-> RELEASE]
+        within the bounds, or undo it all: the cutover (source -> target) and the rollback (back).
+
+        PREPARE has the proxies discover the new side while writes still flow, so that FLIP only moves
+        the sessions. A key whose copy takes longer than half the drain limit (a hot big key) could
+        never be drained inside the pause while it is being written. So first only the writes to such
+        keys are held (other keys and all reads go on) until the syncer has copied them after their last
+        write — bounded by max_key_pause — and only then is everything frozen; the drain then finds them
+        clean. ``sw.on_flipped`` records the new authority, saved before any write resumes."""
+        assert self.syncer
         held: set[DirtyKey] = set()
         k0: float | None = None     # when the hot keys' writes began to be held
         t0: float | None = None     # when everything was frozen
+        frozen_ms = 0.0
         switched = False
         try:
-            await self._prepare_flip(self.target_ep)
-            held = self.syncer.slow_keys(self.opts.drain_limit / 2)
+            await self._prepare_flip(sw.to)
+            held = self.syncer.slow_keys(sw.drain_limit / 2)
             if held:
                 k0 = time.monotonic()
                 await self._hold_keys(held, self.opts.max_key_pause)
             t0 = time.monotonic()
-            await asyncio.gather(*(p.freeze(budget) for p in self.proxies))
+            await asyncio.gather(*(p.freeze(sw.budget) for p in self.proxies))
             frozen_ms = (time.monotonic() - t0) * 1000
-            drain_for = min(max(0.0, budget - (time.monotonic() - t0)), self.opts.drain_limit)
+            drain_for = min(max(0.0, sw.budget - (time.monotonic() - t0)), sw.drain_limit)
             drained = await self.syncer.drain(drain_for)
             if not drained or self.syncer.repair_reason:
-                reason = "repair required" if self.syncer.repair_reason else \
-                    f"backlog of {self.syncer.backlog} keys not drained within {drain_for * 1000:.0f} ms"
-                raise TimeoutError(reason)
-            await self._last_check("source", budget - (time.monotonic() - t0))
-            # Both sides are equal and no write is in flight: the target becomes authoritative.
-            self.syncer.switch_pool(self._pool(reverse=True))
+                backlog = f"backlog of {self.syncer.backlog} keys not drained within {drain_for * 1000:.0f} ms"
+                raise TimeoutError("repair required" if self.syncer.repair_reason else backlog)
+            if sw.last_check:
+                await self._last_check(sw.authoritative, sw.budget - (time.monotonic() - t0))
+            # Both sides are equal and no write is in flight: the other side becomes authoritative.
+            self.syncer.switch_pool(self._pool(reverse=sw.reverse_after))
             switched = True
-            await self._flip_all(self.target_ep, back=self.source_ep)
-            self.state["flipped"] = True
+            await self._flip_all(sw.to, back=sw.back)
+            sw.on_flipped()
             self.save()
         except (TimeoutError, DurableCacheError, OSError) as exc:
-            if switched:  # FLIP failed: the source stays authoritative, copy towards the target again
-                await self._switch_back(reverse=False)
+            if switched:  # FLIP failed: the old side stays authoritative, copy towards the other again
+                await self._switch_back(reverse=not sw.reverse_after)
             pause_ms = 0.0
             if t0 is not None:
                 await asyncio.gather(*(p.unfreeze() for p in self.proxies), return_exceptions=True)
                 pause_ms = _ms_since(t0)
             await self._release_keys(held)
-            self.emit({"event": "cutover_aborted", "attempt": attempt, "reason": str(exc) or "freeze timed out",
-                       "pause_ms": pause_ms, "held_keys": len(held), "key_pause_ms": _ms_since(k0)})
-            self.set_phase(Phase.SYNC)
-            return False
+            return _Switched(False, str(exc) or "freeze timed out", pause_ms, frozen_ms, len(held), _ms_since(k0),
+                             flip_failed=switched)
         except BaseException:
             # Anything else (a syncer failure, cancellation) ends the migration: hold nothing meanwhile.
             if t0 is not None:
@@ -468,16 +486,11 @@ class Migration:
             await self._release_keys(held)
             raise
         await asyncio.gather(*(p.unfreeze() for p in self.proxies))
-        pause = _ms_since(t0)
-        await self._release_keys(held)   # held writes go on, to the target now
-        key_pause = _ms_since(k0)
-        await self.syncer.close_pools()  # the forward copy's connections, no longer needed
-        self.state["lastCutoverPauseMs"] = pause
-        self.state["lastCutoverKeyPauseMs"] = key_pause
-        self.save()
-        self.emit({"event": "cutover", "pause_ms": pause, "freeze_ms": round(frozen_ms, 2),
-                   "attempt": attempt, "held_keys": len(held), "key_pause_ms": key_pause})
-        return True
+        pause_ms = _ms_since(t0)
+        await self._release_keys(held)   # held writes go on, to the new side now
+        key_pause_ms = _ms_since(k0)
+        await self.syncer.close_pools()  # the old direction's connections, no longer needed
+        return _Switched(True, "", pause_ms, frozen_ms, len(held), key_pause_ms)
 
     async def _last_check(self, authoritative: str, left: float) -> None:
         """Inside the pause, after the drain: the same servers as at the last repair on both sides, and
@@ -578,61 +591,29 @@ class Migration:
             self.emit({"event": "rollback_restores", "reason": "the target changed after FLIP: keys only the "
                        "source holds are kept, not deleted"})
         await self._repair_retrying(keep_extra=lost)
+        # A rollback is not timed by the applications' patience but by the target's: at least a second.
         budget = max(self.opts.max_write_pause, 1.0)
         for attempt in range(1, self.opts.cutover_attempts + 1):
-            # The same key-scoped hold as the cutover's (see cutover()), in the other direction.
-            held: set[DirtyKey] = set()
-            k0: float | None = None
-            try:
-                await self._prepare_flip(self.source_ep)
-                held = self.syncer.slow_keys(budget / 2)
-                if held:
-                    k0 = time.monotonic()
-                    await self._hold_keys(held, self.opts.max_key_pause)
-            except (TimeoutError, DurableCacheError, OSError) as exc:
-                await self._release_keys(held)
-                self.emit({"event": "rollback_aborted", "attempt": attempt, "reason": str(exc),
-                           "held_keys": len(held)})
-                await asyncio.sleep(0.2 * attempt)
-                continue
-            t0 = time.monotonic()
-            try:
-                await asyncio.gather(*(p.freeze(budget) for p in self.proxies))
-                drained = await self.syncer.drain(budget) and not self.syncer.repair_reason
-                if drained and not lost:
-                    await self._last_check("target", budget - (time.monotonic() - t0))
-            except (TimeoutError, DurableCacheError) as exc:
-                drained = False      # a freeze that did not quiesce: this attempt failed, never hold on
-                self.emit({"event": "rollback_aborted", "attempt": attempt, "reason": str(exc) or "freeze timed out",
-                           "held_keys": len(held)})
-            if drained:
-                self.syncer.switch_pool(self._pool(reverse=False))
-                try:
-                    await self._flip_all(self.source_ep, back=self.target_ep)
-                except (TimeoutError, DurableCacheError, OSError) as exc:
-                    await self._switch_back(reverse=True)   # the target stays authoritative
-                    drained = False
-                    self.emit({"event": "rollback_aborted", "attempt": attempt, "reason": f"flip failed: {exc}",
-                               "held_keys": len(held)})
-            if drained:
-                self.state["flipped"] = False
-                self.state.pop("authorityChanged", None)
-                self.save()  # before any write reaches the source again
-                await asyncio.gather(*(p.unfreeze() for p in self.proxies))
-                pause_ms = _ms_since(t0)
-                await self._release_keys(held)
-                key_pause_ms = _ms_since(k0)
-                await self.syncer.close_pools()
-                self.emit({"event": "rolled_back", "pause_ms": pause_ms, "attempt": attempt,
-                           "held_keys": len(held), "key_pause_ms": key_pause_ms})
+            done = await self._switch_authority(_Switch(
+                to=self.source_ep, back=self.target_ep, authoritative="target", reverse_after=False,
+                budget=budget, drain_limit=budget, last_check=not lost, on_flipped=self._flipped_back))
+            if done.ok:
+                self.emit({"event": "rolled_back", "pause_ms": done.pause_ms, "attempt": attempt,
+                           "held_keys": done.held_keys, "key_pause_ms": done.key_pause_ms})
                 self.set_phase(Phase.ROLLED_BACK)
                 return
-            await asyncio.gather(*(p.unfreeze() for p in self.proxies))
-            await self._release_keys(held)
+            reason = f"flip failed: {done.reason}" if done.flip_failed else done.reason
+            self.emit({"event": "rollback_aborted", "attempt": attempt, "reason": reason,
+                       "held_keys": done.held_keys})
             if self.syncer.repair_reason:
                 await self._repair_retrying(keep_extra=lost)
             await asyncio.sleep(0.2 * attempt)
         raise DurableCacheError("rollback could not drain the reverse backlog; the target stays authoritative")
+
+    def _flipped_back(self) -> None:
+        """The source is authoritative again; a change the target went through no longer matters."""
+        self.state["flipped"] = False
+        self.state.pop("authorityChanged", None)
 
     async def _rollback_gate(self) -> None:
         """The RouteIn gate on the target, tried again while the target cannot be reached (it may be
@@ -674,6 +655,31 @@ class Migration:
         if self.syncer:
             await self.syncer.stop()
             await self.syncer.close_pools(current=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Switch:
+    """One switch of authority: the cutover's (to the target) or the rollback's (back to the source)."""
+
+    to: Endpoint                  # the side that becomes authoritative
+    back: Endpoint                # the side that is now
+    authoritative: str            # "source" or "target": the side that is now, for the last check
+    reverse_after: bool           # the syncer's direction afterwards: target -> source
+    budget: float                 # seconds writes may be frozen
+    drain_limit: float            # seconds the DRAIN may take inside them (also: hot keys take half)
+    last_check: bool              # compare both sides' identities and key counts before FLIP
+    on_flipped: Callable[[], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Switched:
+    ok: bool
+    reason: str                   # why an attempt aborted
+    pause_ms: float
+    frozen_ms: float
+    held_keys: int
+    key_pause_ms: float
+    flip_failed: bool = False
 
 
 def _ms_since(t: float | None) -> float:

@@ -66,14 +66,19 @@ def format_duration(seconds: float) -> str:
 
 
 class OptionError(UsageError):
-    """A setting out of range; ``field`` is the MigrationOptions field, the message names the spec
-    field and the CLI flag it comes from."""
+    """A setting out of range. ``field`` is the MigrationOptions field; ``problem`` may name other
+    settings as ``{field_name}``. The message names them as the CLI's flags; ``for_spec`` as the
+    DurableCache's fields."""
 
     def __init__(self, field: str, problem: str):
-        spec_name, flag = SETTING_NAMES.get(field, (field, field))
-        super().__init__(f"{spec_name} ({flag}) {problem}")
         self.field = field
         self.problem = problem
+        super().__init__(self.named(1))
+
+    def named(self, which: int) -> str:
+        """The message with the settings named as spec fields (0) or CLI flags (1)."""
+        names = {f: pair[which] for f, pair in SETTING_NAMES.items()}
+        return f"{names.get(self.field, self.field)} {self.problem.format(**names)}"
 
 
 @dataclasses.dataclass
@@ -123,7 +128,7 @@ class MigrationOptions:
             raise OptionError("max_write_pause", f"must be between {format_duration(MIN_WRITE_PAUSE)} and "
                               f"{format_duration(MAX_WRITE_PAUSE_LIMIT)}, not {self.max_write_pause:g}s")
         if self.drain_budget is not None and not 0 <= self.drain_budget <= self.max_write_pause:
-            raise OptionError("drain_budget", f"({self.drain_budget * 1000:g} ms) must not exceed maxWritePause "
+            raise OptionError("drain_budget", f"({self.drain_budget * 1000:g} ms) must not exceed {{max_write_pause}} "
                               f"({self.max_write_pause * 1000:g} ms): the drain happens inside the write pause")
         if self.max_key_pause < 0:
             raise OptionError("max_key_pause", f"must not be negative, not {self.max_key_pause:g}s")

@@ -358,7 +358,7 @@ class DurableCacheSpec:
                 gate_timeout=gate_timeout, repair_max_share=r.max_destructive_share,
                 accept_destructive_repair=r.accept_destructive)
         except OptionError as exc:
-            raise SpecError(SETTING_NAMES[exc.field][0], exc.problem) from None
+            raise SpecError(SETTING_NAMES[exc.field][0], exc.named(0).split(" ", 1)[1]) from None
 
     def target_spec(self, auth_token: str | None = None) -> TargetSpec:
         t, o = self.target, self.target.overrides
