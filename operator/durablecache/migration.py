@@ -5,6 +5,10 @@ RouteIn -> Copy -> Sync -> Cutover -> RouteOut -> Complete (and Failed, RollingB
 operator's Preflight and Provision come before and are not the engine's (phases.py). Its settings are
 MigrationOptions (options.py).
 
+One module over 600 lines on purpose: it is one state machine whose steps share the saved state, the
+syncer and the proxies; the parts that stand alone live beside it (options, phases, syncer, trust, gate,
+repairplan, verify).
+
 Everything that must survive a restart is in ``self.state`` and saved through a CheckpointStore
 (the CLI: a file; the operator: the resource's status). After any restart past RouteIn the proxies'
 in-memory marks may be lost, so a full verify-and-repair runs before any cutover.

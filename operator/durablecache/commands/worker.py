@@ -207,7 +207,10 @@ class Reporter:
     async def run(self) -> None:
         while True:
             await self.flush_events()
-            await self._tick()
+            try:
+                await self._tick()
+            except Exception as exc:  # noqa: BLE001 - a spec edited into something unusable, an API hiccup
+                log.warning("status not reported", error=str(exc)[:300])
             await asyncio.sleep(self.interval)
 
     async def flush_events(self) -> None:
