@@ -391,6 +391,10 @@ def test_manual_cutover_waits_for_approval_and_resumes_after_operator_and_worker
     # The resumed worker found the copy finished in the checkpoint: it did not copy everything again.
     checkpoint = cluster.status("orders")["checkpoint"]["migration"]
     assert checkpoint["flipped"] is True and checkpoint["phase"] == "Complete"
+    # The approval made a new generation; the worker, which acted on it, says so at the top of the status.
+    obj = cluster.get("orders")
+    assert obj["metadata"]["generation"] > 1
+    assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"], obj["status"]
     assert_no_rbac_denials(op)
 
 

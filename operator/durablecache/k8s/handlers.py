@@ -22,7 +22,7 @@ from .. import logs
 from ..errors import DurableCacheError, RefusedError
 from ..phases import FINAL_PHASES, OPERATOR_PHASES, Phase, phase_or_none
 from ..providers import Provider
-from . import COMPONENT, FINALIZER, GROUP, PLURAL, VERSION
+from . import COMPONENT, FINALIZER, GROUP, PLURAL, READY_TIMEOUT, RECONCILE_INTERVAL, VERSION
 from .endpoints import desired_route, restart_workloads, switch
 from .kube import Kube
 from .metrics import Metrics
@@ -31,7 +31,6 @@ from .spec import DurableCacheSpec, SpecError, credentials, endpoint_dict, store
 from .status import conditions_for, progress
 
 log = logs.get("durablecache.operator")
-RECONCILE_INTERVAL = 1.0
 ERROR_BACKOFF_MAX = 30.0
 WORKER_BACKOFF_MAX = 60.0
 # Provision looks at a target still being created this often (backing off up to the last), requeueing
@@ -47,7 +46,7 @@ class OperatorContext:
     metrics: Metrics
     peering: str | None = None
     standalone: bool = False
-    ready_timeout: float = 3600.0
+    ready_timeout: float = READY_TIMEOUT
     interval: float = RECONCILE_INTERVAL
 
 
