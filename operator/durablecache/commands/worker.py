@@ -220,8 +220,8 @@ class Reporter:
 
     async def _tick(self) -> None:
         m = self.migration
-        if m is None:
-            return
+        if m is None or not m.state:
+            return   # not started or not yet resumed: its phase would read as RouteIn
         st = m.status()
         phase = m.phase
         blocked = st.get("repairBlocked")

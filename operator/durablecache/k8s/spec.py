@@ -404,11 +404,7 @@ class DurableCacheSpec:
         return []
 
 
-# -- dict-level helpers kept for the handlers and tests -----------------------------------------
-def parse(obj: dict[str, Any]) -> DurableCacheSpec:
-    return DurableCacheSpec.parse(obj)
-
-
+# -- endpoints and credentials ------------------------------------------------------------------
 def credentials(kube: Kube, namespace: str, side: SideSpec) -> tuple[str | None, str | None]:
     """(username, password) from the side's authSecretRef, or (None, None)."""
     ref = side.auth
