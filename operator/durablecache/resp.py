@@ -97,7 +97,7 @@ async def _start_tls(loop: asyncio.AbstractEventLoop, transport: asyncio.Transpo
     """The TLS handshake on a connected socket; a one-line ConnectError when it fails."""
     try:
         tls = await asyncio.wait_for(
-            loop.start_tls(transport, wire, context, server_hostname=endpoint.host,
+            loop.start_tls(transport, wire, context, server_hostname=endpoint.tls_hostname,
                            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT),
             TLS_HANDSHAKE_TIMEOUT + 1)
     except ssl.SSLCertVerificationError as exc:

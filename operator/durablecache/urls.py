@@ -1,7 +1,9 @@
 """Endpoint URLs: ``valkey://[user:pass@]host:port[/db]`` and ``valkeys://`` for TLS.
 
 ``redis://`` and ``rediss://`` are accepted as synonyms. TLS options ride in the query string:
-``?ca=/path/ca.pem`` (CA bundle), ``&insecure=1`` (skip verification, for tests only).
+``?ca=/path/ca.pem`` (CA bundle), ``&servername=NAME`` (the name sent as SNI and verified in the server's
+certificate when it differs from the host, e.g. an IP address or a tunnel), ``&insecure=1`` (skip
+verification, for tests only).
 
 ElastiCache IAM authentication: ``valkeys://USER-ID@host:port?iam=1&cache=REPLICATION-GROUP-ID``
 (``&region=R``, ``&serverless=1`` for a Serverless cache). The user is then the user id, not a
@@ -34,6 +36,12 @@ class Endpoint:
     # Credentials minted per connection (ElastiCache IAM) instead of username/password; carried to
     # every node of the cluster by with_address.
     iam: IamAuth | None = None
+    server_name: str | None = None   # TLS: SNI and the certificate name to verify; None: the host
+
+    @property
+    def tls_hostname(self) -> str:
+        """The name TLS sends (SNI) and verifies the server's certificate against."""
+        return self.server_name or self.host
 
     @property
     def address(self) -> str:
@@ -66,6 +74,8 @@ class Endpoint:
             query.extend(self.iam.query())
         if self.ca_file:
             query.append(f"ca={quote(self.ca_file)}")
+        if self.server_name:
+            query.append(f"servername={quote(self.server_name)}")
         if self.tls_insecure:
             query.append("insecure=1")
         tail = ("?" + "&".join(query)) if query else ""
@@ -111,6 +121,7 @@ def parse_url(url: str) -> Endpoint:
         ca_file=query.get("ca", [None])[0],
         tls_insecure=query.get("insecure", ["0"])[0] in ("1", "true", "yes"),
         iam=iam,
+        server_name=query.get("servername", [None])[0],
     )
 
 

@@ -229,24 +229,32 @@ def test_a_whole_migration_authenticates_every_engine_connection_through_iam(mak
 def test_the_manifest_says_which_side_authenticates_through_iam() -> None:
     """spec.<side>.auth.iam -> the worker's endpoints (k8s/spec.py; the CRD's own rules are in
     tests/kube/test_crd.py)."""
-    from durablecache.k8s.spec import iam_auth, with_credentials
+    from durablecache.k8s.spec import DurableCacheSpec, SpecError
 
-    obj = {"metadata": {"name": "sessions", "namespace": "shop"},
-           "spec": {"source": {"replicationGroupId": "old-rg", "auth": {"iam": {"userId": "app"}}},
-                    "target": {"provider": "aws", "replicationGroupId": "new-rg",
-                               "auth": {"iam": {"userId": "migrator", "region": "eu-west-1"}}}}}
-    assert iam_auth(obj, "source") == IamAuth(user="app", cache="old-rg")
-    target = iam_auth(obj, "target")
-    assert target == IamAuth(user="migrator", cache="new-rg", region="eu-west-1")
-    ep = with_credentials({"host": "h", "port": 6379, "tls": True}, None, None, None, target)
-    assert ep.iam == target and ep.password is None
+    obj: dict[str, Any] = {
+        "metadata": {"name": "sessions", "namespace": "shop"},
+        "spec": {"source": {"replicationGroupId": "old-rg", "auth": {"iam": {"userId": "app"}}},
+                 "target": {"provider": "aws", "replicationGroupId": "new-rg", "durability": "sync",
+                            "auth": {"iam": {"userId": "migrator", "region": "eu-west-1"}}},
+                 "endpoint": {"secretName": "sessions-endpoint"}}}
+
+    def iam_auth(side: str) -> IamAuth | None:
+        return DurableCacheSpec.parse(obj).iam_auth(side)
+    assert iam_auth("source") == IamAuth(user="app", cache="old-rg")
+    assert iam_auth("target") == IamAuth(user="migrator", cache="new-rg", region="eu-west-1")
+    del obj["spec"]["target"]["replicationGroupId"]       # the aws target is named after the resource
+    assert iam_auth("target") == IamAuth(user="migrator", cache="sessions", region="eu-west-1")
+    obj["spec"]["target"] = {"provider": "static", "durability": "sync", "endpoints": [{"host": "h", "port": 1}]}
     obj["spec"]["source"] = {"endpoints": [{"host": "h", "port": 6379}], "auth": {"iam": {"userId": "app"}}}
-    with pytest.raises(UsageError, match="source.auth.iam needs cacheName"):
-        iam_auth(obj, "source")
+    with pytest.raises(SpecError, match=r"spec.source.auth.iam.cacheName.*no source.replicationGroupId"):
+        iam_auth("source")
     obj["spec"]["source"]["auth"]["iam"]["cacheName"] = "self-named"
-    assert iam_auth(obj, "source") == IamAuth(user="app", cache="self-named")
-    del obj["spec"]["source"]["auth"]
-    assert iam_auth(obj, "source") is None
+    assert iam_auth("source") == IamAuth(user="app", cache="self-named")
+    obj["spec"]["source"]["authSecretRef"] = {"name": "s"}
+    with pytest.raises(SpecError, match="at most one of authSecretRef or auth.iam"):
+        iam_auth("source")
+    del obj["spec"]["source"]["auth"], obj["spec"]["source"]["authSecretRef"]
+    assert iam_auth("source") is None
 
 
 def test_a_password_file_next_to_an_iam_url_is_refused(tmp_path: Any) -> None:

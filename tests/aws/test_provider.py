@@ -81,6 +81,19 @@ def test_create_sends_explicit_durability_and_the_durable_settings(
     assert clock.sleeps == [5.0]  # one "creating" poll, then available
 
 
+def test_ready_now_looks_once_and_never_waits(make_source: Callable[..., str],
+                                             make_provider: Callable[..., AwsProvider], clock: Any) -> None:
+    """The operator's Provision: one look per reconcile pass (it requeues in between), no sleep here."""
+    src = make_source()
+    provider = make_provider(src)
+    spec = spec_for(src)
+    provider.ensure_target(spec)
+    assert provider.ready_now(spec) is None                   # moto answers "creating" first
+    ready = provider.ready_now(spec)
+    assert ready is not None and (ready.status, ready.effective_durability) == ("available", "sync")
+    assert clock.sleeps == []
+
+
 def test_async_durability_is_sent_as_asked(make_source: Callable[..., str],
                                            make_provider: Callable[..., AwsProvider], recorder: Recorder) -> None:
     src = make_source(node_type="cache.m7g.large")

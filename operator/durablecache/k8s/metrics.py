@@ -7,8 +7,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
-PHASES = ("Preflight", "Provision", "RouteIn", "Copy", "Sync", "Cutover", "RouteOut", "Complete", "Failed",
-          "RollingBack", "RolledBack")
+from ..phases import Phase
+
+PHASES = tuple(p.value for p in Phase)
 LABELS = ("namespace", "name")
 
 

@@ -216,6 +216,12 @@ class Provider(abc.ABC):
     def wait_ready(self, spec: TargetSpec, timeout: float | None = None) -> TargetInfo:
         """Wait (bounded) until the target is available with the durability asked for."""
 
+    def ready_now(self, spec: TargetSpec) -> TargetInfo | None:
+        """One look, no waiting: the target's info once it is ready as asked, None while it is still
+        being made ready (the operator looks again later instead of holding a thread), RefusedError
+        when it never will be. Providers whose targets are ready at once need not override it."""
+        return self.wait_ready(spec)
+
     @abc.abstractmethod
     def endpoints(self, spec: TargetSpec, username: str | None = None) -> list[Endpoint]:
         """Where the engine connects to the target, with TLS and credentials filled in."""
