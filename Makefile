@@ -1,9 +1,11 @@
-# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`. `make deps` is the part
+# of `make test` that installs what is not Python: system packages (valkey/redis servers, openssl, Go)
+# and the Kubernetes test binaries built from tools/k8s; each step prints what it does.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: build demo test lint bench faults
+.PHONY: build deps demo test lint bench faults conformance
 
 # The proxy's modules run compiled (mypyc, setup.py); rebuilt in place whenever their sources change.
 COMPILED := $(VENV)/.compiled
@@ -26,9 +28,11 @@ build: $(COMPILED)
 demo: $(COMPILED)
 	$(VENV)/bin/durablecache demo
 
-test: $(COMPILED)
+deps:
 	bash scripts/system-deps.sh
 	bash scripts/build-k8s-tools.sh
+
+test: deps $(COMPILED)
 	$(VENV)/bin/ruff check operator tests bench setup.py
 	$(VENV)/bin/mypy operator/durablecache
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
@@ -36,6 +40,10 @@ test: $(COMPILED)
 # The fault-injection matrix (docs/reliability.md): every fault x phase cell, a Markdown table at the end.
 faults: $(COMPILED)
 	$(PY) tests/faults/matrix.py $(FAULTS_ARGS)
+
+# valkey-py's own test suite against Valkey 9 directly and through the proxy (tests/conformance/run.py).
+conformance: $(COMPILED)
+	$(PY) tests/conformance/run.py $(CONFORMANCE_ARGS)
 
 bench: $(COMPILED)
 	bash scripts/system-deps.sh

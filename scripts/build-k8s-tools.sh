@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the real Kubernetes parts the tests run against -- kube-apiserver, etcd,
-# kubectl and helm -- from the Go modules pinned in tests/k8s (go.mod, go.sum)
-# and tests/k8s/helm, with this machine's Go and module proxy.
+# kubectl and helm -- from the Go modules pinned in tools/k8s (go.mod, go.sum)
+# and tools/k8s/helm, with this machine's Go and module proxy.
 #
 # Cached and idempotent: binaries go to a directory OUTSIDE the repository,
 # keyed by the pinned versions and a hash of the module files, so a version bump
@@ -16,7 +16,7 @@
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-mods="$repo/tests/k8s"
+mods="$repo/tools/k8s"
 
 # Versions come from the pinned go.mod files, the one place they are written.
 mod_version() { # <go.mod> <module path>

@@ -410,9 +410,11 @@ def test_a_failover_of_the_standalone_source_holds_the_repair_until_it_leads_to_
         await run.wait(event("awaiting_approval"))
         mark = len(run.events)
 
+        # FAILOVER, as ElastiCache's own: the primary pauses writes until its replica has them all,
+        # then the two swap roles. (Two REPLICAOF calls would let the old primary acknowledge writes
+        # that its resync from the new primary then drops: a loss on the source, not DurableCache's.)
         def fail_over() -> None:
-            replica.client().execute_command("REPLICAOF", "NO", "ONE")
-            primary.client().execute_command("REPLICAOF", "127.0.0.1", replica.port)
+            primary.client().execute_command("FAILOVER")
             assert wait_for(lambda: linked(primary), 30), "the old primary did not follow"
         await in_thread(fail_over)
         changed = await run.wait(event("side_changed", side="source"), after=mark)
@@ -423,8 +425,7 @@ def test_a_failover_of_the_standalone_source_holds_the_repair_until_it_leads_to_
         assert not [e for e in run.events[mark:] if e["event"] == "cutover"]
 
         def fail_back() -> None:
-            primary.client().execute_command("REPLICAOF", "NO", "ONE")
-            replica.client().execute_command("REPLICAOF", "127.0.0.1", primary.port)
+            replica.client().execute_command("FAILOVER")
         await in_thread(fail_back)
         await run.cut_over_and_stop()
         return run

@@ -5,11 +5,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from durablecache.k8s.spec import ignored_settings
+from durablecache.k8s.spec import DurableCacheSpec
 
 
 def dcache(**spec: Any) -> dict[str, Any]:
-    return {"spec": {"source": {}, "target": {}, **spec}}
+    return {"metadata": {"namespace": "shop", "name": "sessions"},
+            "spec": {"source": {"replicationGroupId": "sessions-prod"},
+                     "target": {"replicationGroupId": "sessions-durable", "durability": "sync"},
+                     "endpoint": {"secretName": "sessions"}, **spec}}
+
+
+def ignored_settings(obj: dict[str, Any]) -> list[str]:
+    return DurableCacheSpec.parse(obj).ignored_settings()
 
 
 def test_defaults_and_acted_on_settings_raise_nothing() -> None:

@@ -86,7 +86,7 @@ def build_context(dest: Path) -> list[str]:
     for dirpath, dirnames, filenames in os.walk(ROOT):
         rel_dir = os.path.relpath(dirpath, ROOT)
         rel_dir = "" if rel_dir == "." else rel_dir
-        # Prune excluded directories nothing is re-included from (.git, .venv, tests/k8s caches ...).
+        # Prune excluded directories nothing is re-included from (.git, .venv, tools/k8s caches ...).
         keep = []
         for d in dirnames:
             rel = f"{rel_dir}/{d}" if rel_dir else d

@@ -195,7 +195,8 @@ def test_migrate_cli_reports_phases_and_pause(source, target):
     assert res.returncode == 0, res.stderr
     lines = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
     phases = [x["phase"] for x in lines if x["event"] == "phase"]
-    assert phases[0] == "Preflight" and phases[-1] == "Complete"
+    # The engine starts at RouteIn: Preflight and Provision are the operator's (durablecache.phases).
+    assert phases[0] == "RouteIn" and phases[-1] == "Complete"
     assert len(phases) == len(set(phases)), phases  # each phase announced once (`Sync` used to come twice)
     # A healthy migration's only verify-and-repair is the planned pass after the copy (a Normal
     # `Verifying` event in the operator, not a Warning `RepairRequired`).

@@ -3,7 +3,11 @@ fills for both providers (the spec's replicationGroupId is unset for static endp
 
 from __future__ import annotations
 
-from durablecache.k8s.spec import side_names
+from durablecache.k8s.spec import DurableCacheSpec
+
+
+def side_names(obj: dict) -> dict[str, str]:
+    return DurableCacheSpec.parse(obj).side_names()
 
 
 def manifest(source: dict, target: dict) -> dict:

@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .migration import Migration, Phase
+from .migration import Migration
 
 
 class ControlServer:
@@ -46,23 +46,22 @@ class ControlServer:
         return web.json_response(self.m.status())
 
     async def _approve(self, _request: web.Request) -> web.Response:
-        if self.m.phase not in (Phase.COPY, Phase.SYNC, Phase.ROUTE_IN):
-            return web.json_response({"error": f"nothing to approve in phase {self.m.phase.value}"}, status=409)
-        self.m.approved.set()
+        refused = self.m.approve()
+        if refused:
+            return web.json_response({"error": refused}, status=409)
         return web.json_response({"approved": True, "phase": self.m.phase.value})
 
     async def _rollback(self, _request: web.Request) -> web.Response:
-        if self.m.phase != Phase.ROUTE_OUT:
-            return web.json_response({"error": f"rollback is possible in RouteOut, not {self.m.phase.value}"},
-                                     status=409)
-        self.m.rollback_requested.set()
+        refused = self.m.request_rollback()
+        if refused:
+            return web.json_response({"error": refused}, status=409)
         return web.json_response({"rollback": "requested"})
 
     async def _accept_repair(self, _request: web.Request) -> web.Response:
         blocked = self.m.state.get("repairBlocked")
-        if not blocked:
-            return web.json_response({"error": "no repair is waiting for acceptance"}, status=409)
-        self.m.repair_accepted.set()
+        refused = self.m.accept_repair()
+        if refused:
+            return web.json_response({"error": refused}, status=409)
         return web.json_response({"accepted": True, "repair": blocked})
 
     async def stop(self) -> None:

@@ -57,6 +57,71 @@ end
 return out"""
 
 
+# Member-level copies (docs/protocol.md, "Member-level marks"): one script reads the named members'
+# current state on the source, atomically with the key's type and expiry; another applies it on the
+# target — only when the target's key has the same type and expiry, i.e. only the members can differ.
+# Anything else (the key created, deleted and re-created, expired on one side first, a type that has
+# no members) returns 0 and the key is copied whole. ARGV[1] = "1" when the source has hash field TTLs.
+READ_MEMBERS = """#!lua flags=no-writes
+local k = KEYS[1]
+local t = redis.call('TYPE', k)['ok']
+local out = {t, redis.call('PEXPIRETIME', k)}
+if t == 'zset' then
+  for i = 2, #ARGV do out[#out + 1] = redis.call('ZSCORE', k, ARGV[i]) end
+elseif t == 'set' then
+  for i = 2, #ARGV do out[#out + 1] = redis.call('SISMEMBER', k, ARGV[i]) end
+elseif t == 'hash' then
+  for i = 2, #ARGV do
+    out[#out + 1] = redis.call('HGET', k, ARGV[i])
+    if ARGV[1] == '1' then
+      out[#out + 1] = redis.call('HPEXPIRETIME', k, 'FIELDS', 1, ARGV[i])[1]
+    else
+      out[#out + 1] = -1
+    end
+  end
+end
+return out"""
+# ARGV: type, expiry (PEXPIRETIME), "1" when the target has hash field TTLs, then per member — zset: member, score
+# ("" = absent); set: member, "1"/"0"; hash: field, "1"/"0", value, its expiry (unix ms, or -1).
+APPLY_MEMBERS = """#!lua
+local k = KEYS[1]
+local t = ARGV[1]
+if t == 'none' then
+  redis.call('DEL', k)
+  return 1
+end
+if redis.call('TYPE', k)['ok'] ~= t or redis.call('PEXPIRETIME', k) ~= tonumber(ARGV[2]) then
+  return 0
+end
+if t == 'zset' then
+  for i = 4, #ARGV, 2 do
+    if ARGV[i + 1] == '' then redis.call('ZREM', k, ARGV[i]) else redis.call('ZADD', k, ARGV[i + 1], ARGV[i]) end
+  end
+elseif t == 'set' then
+  for i = 4, #ARGV, 2 do
+    if ARGV[i + 1] == '1' then redis.call('SADD', k, ARGV[i]) else redis.call('SREM', k, ARGV[i]) end
+  end
+elseif t == 'hash' then
+  for i = 4, #ARGV, 4 do
+    local f = ARGV[i]
+    if ARGV[i + 1] == '1' then
+      redis.call('HSET', k, f, ARGV[i + 2])
+      if tonumber(ARGV[i + 3]) > 0 then
+        redis.call('HPEXPIREAT', k, ARGV[i + 3], 'FIELDS', 1, f)
+      elseif ARGV[3] == '1' then
+        redis.call('HPERSIST', k, 'FIELDS', 1, f)
+      end
+    else
+      redis.call('HDEL', k, f)
+    end
+  end
+else
+  return 0
+end
+return 1"""
+MEMBER_TYPES = (b"zset", b"set", b"hash")
+
+
 def _read_string_template(limit: int) -> bytes:
     """GETRANGE key 0 <limit>, PEXPIRETIME key, as RESP to be completed with (len, key, len, key).
 
@@ -78,6 +143,7 @@ class MoveResult:
     expired: int = 0  # expired between SCAN and DUMP, or already past its expiry
     big: int = 0
     bytes: int = 0
+    members: int = 0  # members copied one by one (move_members)
     # (key, seconds) for big keys only: chunked copies measured, a big DUMP/RESTORE estimated as its
     # share (by payload bytes) of the whole batch's time. Few entries per batch by construction.
     timings: list[tuple[builtins.bytes, float]] = dataclasses.field(default_factory=list)  # not the field above
@@ -109,6 +175,7 @@ class KeyMover:
         self.expire_cmd = "PEXPIRETIME" if src.topology.supports_pexpiretime else "PTTL"
         # Scripts need Valkey / Redis >= 7 on both sides (shebang flags, PEXPIRETIME).
         self.use_scripts = src.topology.supports_pexpiretime and dst.topology.supports_pexpiretime
+        self.member_copies = True      # False once a member script was refused (see _no_member_copies)
         self._read_string = _read_string_template(opts.big_key_bytes)
 
     async def move(self, db: int, keys: Sequence[bytes], strings: Container[bytes] = frozenset()) -> MoveResult:
@@ -137,6 +204,71 @@ class KeyMover:
         for key in big:
             await self.copy_chunked(db, key, result)
         return result
+
+    async def move_members(self, db: int, parts: dict[bytes, list[bytes]]) -> MoveResult:
+        """Copy just the named members of each key (its current state on the source: value, score,
+        field TTL, or absence) — or the whole key where that cannot be done exactly (see APPLY_MEMBERS;
+        servers without scripts and PEXPIRETIME always)."""
+        if not (self.use_scripts and self.member_copies):
+            return await self.move(db, list(parts))
+        keys = list(parts)
+        await self.source_ops.take(sum(len(m) for m in parts.values()) + len(keys))
+        ttls = b"1" if self.src.topology.field_ttl else b"0"
+        reads = await self.src.per_key(db, keys, lambda k: [("EVAL", READ_MEMBERS, 1, k, ttls, *parts[k])], 1)
+        ttls = b"1" if self.dst.topology.field_ttl else b"0"
+        applies: dict[bytes, list[Any]] = {}
+        whole: list[bytes] = []
+        for key, (state,) in zip(keys, reads):
+            if isinstance(state, ReplyError):
+                if str(state).startswith(RETRYABLE_PREFIXES):
+                    raise ServerError(f"source: reading members failed: {state}")   # the batch is retried
+                self._no_member_copies("source", state)
+                return await self.move(db, keys)
+            argv = _apply_args(state, ttls, parts[key])
+            if argv is None:
+                whole.append(key)
+            else:
+                applies[key] = ["EVAL", APPLY_MEMBERS, 1, key, *argv]
+        result = MoveResult()
+        if applies:
+            whole += await self._apply_members(db, applies)
+            result.members += sum(len(parts[k]) for k in applies if k not in whole)
+        if whole:
+            result.add(await self.move(db, whole))
+        return result
+
+    async def _apply_members(self, db: int, applies: dict[bytes, list[Any]]) -> list[bytes]:
+        """Run the APPLY_MEMBERS calls; transient rejections are retried (as _write_retrying).
+        Returns the keys the target refused to patch (they are copied whole)."""
+        delay, deadline = 0.05, time.monotonic() + RETRY_LIMIT_SECONDS
+        todo, refused = list(applies), []
+        while todo:
+            replies = await self.dst.per_key(db, todo, lambda k: [applies[k]], 1)
+            retry = []
+            for key, (reply,) in zip(todo, replies):
+                if isinstance(reply, ReplyError):
+                    if not str(reply).startswith(RETRYABLE_PREFIXES):
+                        self._no_member_copies("target", reply)
+                        refused.append(key)
+                        continue
+                    retry.append(key)
+                elif reply != 1:
+                    refused.append(key)
+            todo = retry
+            if todo:
+                if time.monotonic() > deadline:
+                    raise ServerError(f"target kept rejecting writes for {RETRY_LIMIT_SECONDS:.0f}s")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        return refused
+
+    def _no_member_copies(self, side: str, reply: ReplyError) -> None:
+        """A member script refused (scripting not allowed to our user, a server without a command it
+        uses): copy whole keys from now on. Whatever else is wrong with the server, the whole copy
+        reports it."""
+        if self.member_copies:
+            log.warning("member copies unavailable, copying whole keys", side=side, reason=str(reply)[:200])
+        self.member_copies = False
 
     @staticmethod
     def _estimate_timings(batch: _RestoreBatch, elapsed: float, result: MoveResult) -> None:
@@ -522,6 +654,27 @@ class _RestoreBatch:
                 parts += (_SET_PXAT % (len(key), key, size), payload, _PXAT_TAIL % (len(ttl), ttl))
             if size >= TIMED_KEY_BYTES:
                 self.timed.append((key, size))
+
+
+def _apply_args(state: list[Any], ttls: bytes, members: list[bytes]) -> list[Any] | None:
+    """APPLY_MEMBERS' ARGV from a READ_MEMBERS reply; None: a type without members (copy it whole)."""
+    ktype, expiry, values = state[0], state[1], state[2:]
+    if ktype == b"none":
+        return [b"none", -2, ttls]
+    if ktype not in MEMBER_TYPES:
+        return None
+    argv: list[Any] = [ktype, expiry, ttls]
+    if ktype == b"zset":
+        for member, score in zip(members, values):
+            argv += (member, b"" if score is None else score)
+    elif ktype == b"set":
+        for member, there in zip(members, values):
+            argv += (member, b"1" if there == 1 else b"0")
+    else:
+        for i, field in enumerate(members):
+            value, at = values[2 * i], values[2 * i + 1]
+            argv += (field, b"0", b"", -1) if value is None else (field, b"1", value, at if at > 0 else -1)
+    return argv
 
 
 async def _all(coros: list[Coroutine[Any, Any, T]]) -> list[T]:

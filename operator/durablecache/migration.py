@@ -1,8 +1,13 @@
 """The migration protocol (docs/design.md, docs/protocol.md), runtime-agnostic: the CLI and the
 operator's worker run this.
 
-Preflight -> Provision -> RouteIn -> Copy -> Sync -> Cutover -> RouteOut -> Complete
-(and Failed, RollingBack, RolledBack).
+RouteIn -> Copy -> Sync -> Cutover -> RouteOut -> Complete (and Failed, RollingBack, RolledBack); the
+operator's Preflight and Provision come before and are not the engine's (phases.py). Its settings are
+MigrationOptions (options.py).
+
+One module over 600 lines on purpose: it is one state machine whose steps share the saved state, the
+syncer and the proxies; the parts that stand alone live beside it (options, phases, syncer, trust, gate,
+repairplan, verify).
 
 Everything that must survive a restart is in ``self.state`` and saved through a CheckpointStore
 (the CLI: a file; the operator: the resource's status). After any restart past RouteIn the proxies'
@@ -14,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -24,8 +28,11 @@ from .checkpoint import CheckpointStore, MemoryCheckpoint
 from .copier import BulkCopy, check_pair
 from .errors import ConnectError, DurableCacheError, RefusedError
 from .gate import wait_for_gate
-from .keymover import DEFAULT_BIG_KEY_BYTES, MoverOptions
-from .movers import DEFAULT_TARGET_BYTES_PER_PRIMARY, MoverPool
+from .keymover import MoverOptions
+from .laggovernor import LagControl
+from .movers import MoverPool
+from .options import MigrationOptions
+from .phases import APPROVABLE_PHASES, FINAL_PHASES, OPERATOR_PHASES, Phase, phase_or_none
 from .progress import JsonProgress
 from .repairplan import RepairPlan
 from .syncer import DirtyKey, Syncer
@@ -37,25 +44,7 @@ from .verify import Verifier
 log = logs.get("durablecache.migration")
 STATE_VERSION = 1
 PLANNED_REPAIR = "verify pass after the copy"
-
-
-class Phase(enum.StrEnum):
-    PREFLIGHT = "Preflight"
-    PROVISION = "Provision"
-    ROUTE_IN = "RouteIn"
-    COPY = "Copy"
-    SYNC = "Sync"
-    CUTOVER = "Cutover"
-    ROUTE_OUT = "RouteOut"
-    COMPLETE = "Complete"
-    FAILED = "Failed"
-    ROLLING_BACK = "RollingBack"
-    ROLLED_BACK = "RolledBack"
-
-
-ORDER = [Phase.PREFLIGHT, Phase.PROVISION, Phase.ROUTE_IN, Phase.COPY, Phase.SYNC, Phase.CUTOVER,
-         Phase.ROUTE_OUT, Phase.COMPLETE]
-FINAL = {Phase.COMPLETE, Phase.FAILED, Phase.ROLLED_BACK}
+__all__ = ["Migration", "MigrationOptions", "Phase", "ProxyHandle", "ProxyStarter"]
 
 
 class ProxyHandle(Protocol):
@@ -84,44 +73,6 @@ ProxyStarter = Callable[[Endpoint, MarkCallback, Callable[[str], None]], Awaitab
 Emit = Callable[[dict[str, Any]], None]
 
 
-@dataclasses.dataclass
-class MigrationOptions:
-    cutover: str = "auto"  # auto | manual
-    max_write_pause: float = 0.1  # seconds: freeze + drain + flip must fit, or the cutover aborts
-    # seconds the DRAIN step may take inside the write pause (an attempt that cannot drain quickly then
-    # aborts sooner); None: what is left of max_write_pause once FREEZE returned. Rollback ignores it.
-    drain_budget: float | None = None
-    # seconds: before the global freeze, writes to keys too slow to copy inside max_write_pause (hot
-    # big keys) are held on their own until the syncer copied them; longer, and the attempt aborts.
-    max_key_pause: float = 5.0
-    rollback_window: float = 1800.0
-    gate_settle: float = 2.0
-    gate_timeout: float = 300.0
-    allow_clients: list[str] = dataclasses.field(default_factory=list)
-    ready_backlog: int = 200  # try a cutover once the dirty backlog is below this
-    cutover_attempts: int = 20
-    exit_after_cutover: bool = False
-    copy_concurrency: int = 8
-    scan_count: int = 1000
-    big_key_bytes: int = DEFAULT_BIG_KEY_BYTES
-    max_source_ops: float | None = None
-    max_target_bytes: float | None = DEFAULT_TARGET_BYTES_PER_PRIMARY
-    sync_workers: int = 4
-    verify_in_sync: bool = True  # a full verify-and-repair pass when Sync begins
-    max_dirty: int = 2_000_000
-    watch_interval: float = 1.0  # seconds between looks at both sides' identities and the source's clients
-    # A repair that would delete or overwrite more than this share of the side it writes (and more
-    # than repair_min_keys keys) stops and asks, unless accepted (control API / accept_destructive_repair).
-    repair_max_share: float = 0.05
-    repair_min_keys: int = 100
-    accept_destructive_repair: bool = False
-
-    @property
-    def drain_limit(self) -> float:
-        """The most a cutover's DRAIN may take: the drain budget when set, else the write pause."""
-        return self.max_write_pause if self.drain_budget is None else min(self.max_write_pause, self.drain_budget)
-
-
 class Migration:
     def __init__(self, source: Endpoint, target: Endpoint, opts: MigrationOptions, start_proxies: ProxyStarter,
                  *, emit: Emit | None = None, store: CheckpointStore | None = None):
@@ -145,11 +96,15 @@ class Migration:
         self.repair_accepted = asyncio.Event()
         self._accept_next_repair = opts.accept_destructive_repair
         self._direct_writers_seen: list[str] = []
+        self.lag = LagControl(opts.target_lag, lambda e: self.emit(e), opts.lag_interval)
 
     # -- state ------------------------------------------------------------------------------------
     @property
     def phase(self) -> Phase:
-        return Phase(self.state.get("phase", Phase.PREFLIGHT.value))
+        """The phase reached; RouteIn before the engine began, since that is where it starts (a state
+        saved by an older version may name an operator phase: the engine had not begun either)."""
+        saved = phase_or_none(self.state.get("phase"))
+        return Phase.ROUTE_IN if saved is None or saved in OPERATOR_PHASES else saved
 
     def set_phase(self, phase: Phase, **extra: Any) -> None:
         self.state["phase"] = phase.value
@@ -178,10 +133,33 @@ class Migration:
             "repairBlocked": self.state.get("repairBlocked"),
             "authorityChanged": self.state.get("authorityChanged"),
             "sideChanges": self.state.get("sideChanges", 0),
+            "durabilityLag": self.lag.status(),
             "directClients": list(self.trust.direct_clients) if self.trust else [],
             "syncer": dataclasses.asdict(syncer.stats) if syncer else {},
             "message": self.state.get("message", ""),
         }
+
+    # -- requests from outside (the control API, the operator's worker) --------------------------
+    def approve(self) -> str | None:
+        """Let a manual cutover proceed; None when accepted, else why not."""
+        if self.phase not in APPROVABLE_PHASES:
+            return f"nothing to approve in phase {self.phase.value}"
+        self.approved.set()
+        return None
+
+    def request_rollback(self) -> str | None:
+        """Move back to the source (RouteOut only); None when accepted, else why not."""
+        if self.phase != Phase.ROUTE_OUT:
+            return f"rollback is possible in RouteOut, not {self.phase.value}"
+        self.rollback_requested.set()
+        return None
+
+    def accept_repair(self) -> str | None:
+        """Let a repair that stopped to ask go ahead; None when accepted, else why not."""
+        if not self.state.get("repairBlocked"):
+            return "no repair is waiting for acceptance"
+        self.repair_accepted.set()
+        return None
 
     # -- the protocol -----------------------------------------------------------------------------
     async def run(self) -> Phase:
@@ -190,7 +168,7 @@ class Migration:
             self.state = saved
         if self.phase == Phase.FAILED:
             raise DurableCacheError(f"this migration failed earlier and stays failed: {self.state.get('message')}")
-        if self.phase in FINAL:
+        if self.phase in FINAL_PHASES:
             return self.phase
         try:
             await self._run()
@@ -202,9 +180,9 @@ class Migration:
         return self.phase
 
     async def _run(self) -> None:
-        resumed_after_route_in = ORDER.index(self.phase) > ORDER.index(Phase.ROUTE_IN) if self.phase in ORDER \
-            else True
-        self.set_phase(self.phase if resumed_after_route_in else Phase.PREFLIGHT)
+        resumed_after_route_in = self.phase != Phase.ROUTE_IN
+        if resumed_after_route_in:
+            self.set_phase(self.phase)   # says where it resumes
         self.source, self.target = await discover(self.source_ep), await discover(self.target_ep)
         await check_pair(self.source, self.target, allow_nonempty=resumed_after_route_in,
                          nonempty_hint="a migration needs an empty target (a new cluster); empty it or pick another")
@@ -225,7 +203,6 @@ class Migration:
             with contextlib.suppress(ConnectError):     # a side still down: the watch reports it later
                 await self.trust.changes_since_trusted()   # says what changed while nobody watched
         if not resumed_after_route_in:
-            self.set_phase(Phase.PROVISION)  # static endpoints: the target exists already
             self.set_phase(Phase.ROUTE_IN)
         upstream = self.target_ep if flipped else self.source_ep
         self.proxies = await self.start_proxies(upstream, self.syncer.on_marks, self.syncer.require_repair)
@@ -263,10 +240,12 @@ class Migration:
     def _pool(self, reverse: bool) -> MoverPool:
         assert self.source and self.target
         src, dst = (self.target, self.source) if reverse else (self.source, self.target)
-        return MoverPool(src, dst, size=max(self.opts.copy_concurrency, self.opts.sync_workers) * len(src.primaries),
+        pool = MoverPool(src, dst, size=max(self.opts.copy_concurrency, self.opts.sync_workers) * len(src.primaries),
                          opts=MoverOptions(big_key_bytes=self.opts.big_key_bytes),
                          max_source_ops=self.opts.max_source_ops, max_target_bytes=self.opts.max_target_bytes,
                          name="durablecache-sync")
+        self.lag.follow(pool, writes_target=not reverse)
+        return pool
 
     async def _copy(self) -> None:
         assert self.source and self.target and self.syncer
@@ -442,55 +421,73 @@ class Migration:
             await asyncio.sleep(min(0.2 * attempts, 2.0))
 
     async def cutover(self, attempt: int) -> bool:
-        """PREPARE -> [HOLD hot keys] -> FREEZE -> DRAIN -> FLIP -> UNFREEZE [-> RELEASE] within the
-        bounds, or abort back to Sync. PREPARE has the proxies discover the target while writes still
-        flow, so that FLIP only moves the sessions.
-
-        A key whose copy takes longer than half the write pause (a hot big key) could never be drained
-        inside it while it is being written. So first only the writes to such keys are held (other keys
-        and all reads go on) until the syncer has copied them after their last write — bounded by
-        max_key_pause — and only then is everything frozen; the drain then finds them clean."""
+        """One attempt to make the target authoritative (_switch_authority), or abort back to Sync."""
         assert self.syncer and self.target
         self.set_phase(Phase.CUTOVER)
-        budget = self.opts.max_write_pause
+        done = await self._switch_authority(_Switch(
+            to=self.target_ep, back=self.source_ep, authoritative="source", reverse_after=True,
+            budget=self.opts.max_write_pause, drain_limit=self.opts.drain_limit, last_check=True,
+            on_flipped=lambda: self.state.update(flipped=True)))
+        if not done.ok:
+            self.emit({"event": "cutover_aborted", "attempt": attempt, "reason": done.reason,
+                       "pause_ms": done.pause_ms, "held_keys": done.held_keys, "key_pause_ms": done.key_pause_ms})
+            self.set_phase(Phase.SYNC)
+            return False
+        self.state["lastCutoverPauseMs"] = done.pause_ms
+        self.state["lastCutoverKeyPauseMs"] = done.key_pause_ms
+        self.save()
+        self.emit({"event": "cutover", "pause_ms": done.pause_ms, "freeze_ms": round(done.frozen_ms, 2),
+                   "attempt": attempt, "held_keys": done.held_keys, "key_pause_ms": done.key_pause_ms})
+        return True
+
+    async def _switch_authority(self, sw: _Switch) -> _Switched:
+        """PREPARE -> [HOLD hot keys] -> FREEZE -> DRAIN -> [LAST CHECK] -> FLIP -> UNFREEZE [-> RELEASE]
+        within the bounds, or undo it all: the cutover (source -> target) and the rollback (back).
+
+        PREPARE has the proxies discover the new side while writes still flow, so that FLIP only moves
+        the sessions. A key whose copy takes longer than half the drain limit (a hot big key) could
+        never be drained inside the pause while it is being written. So first only the writes to such
+        keys are held (other keys and all reads go on) until the syncer has copied them after their last
+        write — bounded by max_key_pause — and only then is everything frozen; the drain then finds them
+        clean. ``sw.on_flipped`` records the new authority, saved before any write resumes."""
+        assert self.syncer
         held: set[DirtyKey] = set()
         k0: float | None = None     # when the hot keys' writes began to be held
         t0: float | None = None     # when everything was frozen
+        frozen_ms = 0.0
         switched = False
         try:
-            await self._prepare_flip(self.target_ep)
-            held = self.syncer.slow_keys(self.opts.drain_limit / 2)
+            await self._prepare_flip(sw.to)
+            held = self.syncer.slow_keys(sw.drain_limit / 2)
             if held:
                 k0 = time.monotonic()
                 await self._hold_keys(held, self.opts.max_key_pause)
             t0 = time.monotonic()
-            await asyncio.gather(*(p.freeze(budget) for p in self.proxies))
+            await asyncio.gather(*(p.freeze(sw.budget) for p in self.proxies))
             frozen_ms = (time.monotonic() - t0) * 1000
-            drain_for = min(max(0.0, budget - (time.monotonic() - t0)), self.opts.drain_limit)
+            drain_for = min(max(0.0, sw.budget - (time.monotonic() - t0)), sw.drain_limit)
             drained = await self.syncer.drain(drain_for)
             if not drained or self.syncer.repair_reason:
-                reason = "repair required" if self.syncer.repair_reason else \
-                    f"backlog of {self.syncer.backlog} keys not drained within {drain_for * 1000:.0f} ms"
-                raise TimeoutError(reason)
-            await self._last_check("source", budget - (time.monotonic() - t0))
-            # Both sides are equal and no write is in flight: the target becomes authoritative.
-            self.syncer.switch_pool(self._pool(reverse=True))
+                backlog = f"backlog of {self.syncer.backlog} keys not drained within {drain_for * 1000:.0f} ms"
+                raise TimeoutError("repair required" if self.syncer.repair_reason else backlog)
+            if sw.last_check:
+                await self._last_check(sw.authoritative, sw.budget - (time.monotonic() - t0))
+            # Both sides are equal and no write is in flight: the other side becomes authoritative.
+            self.syncer.switch_pool(self._pool(reverse=sw.reverse_after))
             switched = True
-            await self._flip_all(self.target_ep, back=self.source_ep)
-            self.state["flipped"] = True
+            await self._flip_all(sw.to, back=sw.back)
+            sw.on_flipped()
             self.save()
         except (TimeoutError, DurableCacheError, OSError) as exc:
-            if switched:  # FLIP failed: the source stays authoritative, copy towards the target again
-                await self._switch_back(reverse=False)
+            if switched:  # FLIP failed: the old side stays authoritative, copy towards the other again
+                await self._switch_back(reverse=not sw.reverse_after)
             pause_ms = 0.0
             if t0 is not None:
                 await asyncio.gather(*(p.unfreeze() for p in self.proxies), return_exceptions=True)
                 pause_ms = _ms_since(t0)
             await self._release_keys(held)
-            self.emit({"event": "cutover_aborted", "attempt": attempt, "reason": str(exc) or "freeze timed out",
-                       "pause_ms": pause_ms, "held_keys": len(held), "key_pause_ms": _ms_since(k0)})
-            self.set_phase(Phase.SYNC)
-            return False
+            return _Switched(False, str(exc) or "freeze timed out", pause_ms, frozen_ms, len(held), _ms_since(k0),
+                             flip_failed=switched)
         except BaseException:
             # Anything else (a syncer failure, cancellation) ends the migration: hold nothing meanwhile.
             if t0 is not None:
@@ -498,16 +495,11 @@ class Migration:
             await self._release_keys(held)
             raise
         await asyncio.gather(*(p.unfreeze() for p in self.proxies))
-        pause = _ms_since(t0)
-        await self._release_keys(held)   # held writes go on, to the target now
-        key_pause = _ms_since(k0)
-        await self.syncer.close_pools()  # the forward copy's connections, no longer needed
-        self.state["lastCutoverPauseMs"] = pause
-        self.state["lastCutoverKeyPauseMs"] = key_pause
-        self.save()
-        self.emit({"event": "cutover", "pause_ms": pause, "freeze_ms": round(frozen_ms, 2),
-                   "attempt": attempt, "held_keys": len(held), "key_pause_ms": key_pause})
-        return True
+        pause_ms = _ms_since(t0)
+        await self._release_keys(held)   # held writes go on, to the new side now
+        key_pause_ms = _ms_since(k0)
+        await self.syncer.close_pools()  # the old direction's connections, no longer needed
+        return _Switched(True, "", pause_ms, frozen_ms, len(held), key_pause_ms)
 
     async def _last_check(self, authoritative: str, left: float) -> None:
         """Inside the pause, after the drain: the same servers as at the last repair on both sides, and
@@ -608,61 +600,29 @@ class Migration:
             self.emit({"event": "rollback_restores", "reason": "the target changed after FLIP: keys only the "
                        "source holds are kept, not deleted"})
         await self._repair_retrying(keep_extra=lost)
+        # A rollback is not timed by the applications' patience but by the target's: at least a second.
         budget = max(self.opts.max_write_pause, 1.0)
         for attempt in range(1, self.opts.cutover_attempts + 1):
-            # The same key-scoped hold as the cutover's (see cutover()), in the other direction.
-            held: set[DirtyKey] = set()
-            k0: float | None = None
-            try:
-                await self._prepare_flip(self.source_ep)
-                held = self.syncer.slow_keys(budget / 2)
-                if held:
-                    k0 = time.monotonic()
-                    await self._hold_keys(held, self.opts.max_key_pause)
-            except (TimeoutError, DurableCacheError, OSError) as exc:
-                await self._release_keys(held)
-                self.emit({"event": "rollback_aborted", "attempt": attempt, "reason": str(exc),
-                           "held_keys": len(held)})
-                await asyncio.sleep(0.2 * attempt)
-                continue
-            t0 = time.monotonic()
-            try:
-                await asyncio.gather(*(p.freeze(budget) for p in self.proxies))
-                drained = await self.syncer.drain(budget) and not self.syncer.repair_reason
-                if drained and not lost:
-                    await self._last_check("target", budget - (time.monotonic() - t0))
-            except (TimeoutError, DurableCacheError) as exc:
-                drained = False      # a freeze that did not quiesce: this attempt failed, never hold on
-                self.emit({"event": "rollback_aborted", "attempt": attempt, "reason": str(exc) or "freeze timed out",
-                           "held_keys": len(held)})
-            if drained:
-                self.syncer.switch_pool(self._pool(reverse=False))
-                try:
-                    await self._flip_all(self.source_ep, back=self.target_ep)
-                except (TimeoutError, DurableCacheError, OSError) as exc:
-                    await self._switch_back(reverse=True)   # the target stays authoritative
-                    drained = False
-                    self.emit({"event": "rollback_aborted", "attempt": attempt, "reason": f"flip failed: {exc}",
-                               "held_keys": len(held)})
-            if drained:
-                self.state["flipped"] = False
-                self.state.pop("authorityChanged", None)
-                self.save()  # before any write reaches the source again
-                await asyncio.gather(*(p.unfreeze() for p in self.proxies))
-                pause_ms = _ms_since(t0)
-                await self._release_keys(held)
-                key_pause_ms = _ms_since(k0)
-                await self.syncer.close_pools()
-                self.emit({"event": "rolled_back", "pause_ms": pause_ms, "attempt": attempt,
-                           "held_keys": len(held), "key_pause_ms": key_pause_ms})
+            done = await self._switch_authority(_Switch(
+                to=self.source_ep, back=self.target_ep, authoritative="target", reverse_after=False,
+                budget=budget, drain_limit=budget, last_check=not lost, on_flipped=self._flipped_back))
+            if done.ok:
+                self.emit({"event": "rolled_back", "pause_ms": done.pause_ms, "attempt": attempt,
+                           "held_keys": done.held_keys, "key_pause_ms": done.key_pause_ms})
                 self.set_phase(Phase.ROLLED_BACK)
                 return
-            await asyncio.gather(*(p.unfreeze() for p in self.proxies))
-            await self._release_keys(held)
+            reason = f"flip failed: {done.reason}" if done.flip_failed else done.reason
+            self.emit({"event": "rollback_aborted", "attempt": attempt, "reason": reason,
+                       "held_keys": done.held_keys})
             if self.syncer.repair_reason:
                 await self._repair_retrying(keep_extra=lost)
             await asyncio.sleep(0.2 * attempt)
         raise DurableCacheError("rollback could not drain the reverse backlog; the target stays authoritative")
+
+    def _flipped_back(self) -> None:
+        """The source is authoritative again; a change the target went through no longer matters."""
+        self.state["flipped"] = False
+        self.state.pop("authorityChanged", None)
 
     async def _rollback_gate(self) -> None:
         """The RouteIn gate on the target, tried again while the target cannot be reached (it may be
@@ -690,6 +650,7 @@ class Migration:
                 w.cancel()
 
     async def _shutdown(self) -> None:
+        await self.lag.close()
         if self._watch:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -704,6 +665,31 @@ class Migration:
         if self.syncer:
             await self.syncer.stop()
             await self.syncer.close_pools(current=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Switch:
+    """One switch of authority: the cutover's (to the target) or the rollback's (back to the source)."""
+
+    to: Endpoint                  # the side that becomes authoritative
+    back: Endpoint                # the side that is now
+    authoritative: str            # "source" or "target": the side that is now, for the last check
+    reverse_after: bool           # the syncer's direction afterwards: target -> source
+    budget: float                 # seconds writes may be frozen
+    drain_limit: float            # seconds the DRAIN may take inside them (also: hot keys take half)
+    last_check: bool              # compare both sides' identities and key counts before FLIP
+    on_flipped: Callable[[], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Switched:
+    ok: bool
+    reason: str                   # why an attempt aborted
+    pause_ms: float
+    frozen_ms: float
+    held_keys: int
+    key_pause_ms: float
+    flip_failed: bool = False
 
 
 def _ms_since(t: float | None) -> float:

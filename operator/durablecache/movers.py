@@ -24,6 +24,7 @@ class MoverPool:
         self.target = target
         ops = TokenBucket(max_source_ops)
         buckets = {i: TokenBucket(max_target_bytes) for i in range(len(target.primaries))} if max_target_bytes else {}
+        self.target_buckets = list(buckets.values())   # what laggovernor.LagGovernor turns down and up
         self._all = [KeyMover(Side(source, name), Side(target, name), opts, ops, buckets) for _ in range(size)]
         self._free: asyncio.Queue[KeyMover] = asyncio.Queue()
         for m in self._all:
@@ -34,6 +35,14 @@ class MoverPool:
         m = await self._free.get()
         try:
             return await m.move(db, keys, strings)
+        finally:
+            self._free.put_nowait(m)
+
+    async def move_members(self, db: int, parts: dict[bytes, list[bytes]]) -> MoveResult:
+        """Copy the named members of keys (KeyMover.move_members) with whichever mover is free."""
+        m = await self._free.get()
+        try:
+            return await m.move_members(db, parts)
         finally:
             self._free.put_nowait(m)
 

@@ -12,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import ssl
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -96,7 +97,7 @@ async def _start_tls(loop: asyncio.AbstractEventLoop, transport: asyncio.Transpo
     """The TLS handshake on a connected socket; a one-line ConnectError when it fails."""
     try:
         tls = await asyncio.wait_for(
-            loop.start_tls(transport, wire, context, server_hostname=endpoint.host,
+            loop.start_tls(transport, wire, context, server_hostname=endpoint.tls_hostname,
                            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT),
             TLS_HANDSHAKE_TIMEOUT + 1)
     except ssl.SSLCertVerificationError as exc:
@@ -128,6 +129,9 @@ class Connection:
         self._wire = wire
         self._parser = libvalkey.Reader()
         self.broken = False
+        # IAM: the monotonic time by which this connection authenticates again (iamauth.py); None
+        # for a password or no authentication, which never expire.
+        self._reauth_at: float | None = None
 
     @classmethod
     async def open(
@@ -154,7 +158,9 @@ class Connection:
         return conn
 
     async def _handshake(self, name: str, db: int) -> None:
-        if self.endpoint.password is not None:
+        if self.endpoint.iam is not None:
+            await self._iam_auth()
+        elif self.endpoint.password is not None:
             auth: list[Any] = ["AUTH"]
             if self.endpoint.username:
                 auth.append(self.endpoint.username)
@@ -171,6 +177,23 @@ class Connection:
                 raise ConnectError(f"{self.endpoint.address} refused the connection: {reply}")
         if db:
             await self.call("SELECT", db)
+
+    async def _iam_auth(self, fresh: bool = False) -> None:
+        """AUTH with a recent token, or a new one for ``fresh`` (signing may refresh the pod's
+        credentials, which can mean a call to STS: off the loop)."""
+        iam = self.endpoint.iam
+        assert iam is not None
+        user, token = await asyncio.to_thread(iam.login, fresh)
+        self._reauth_at = None          # the AUTH below goes through _exchange: no recursion
+        reply = (await self.pipeline([["AUTH", user, token]]))[0]
+        if isinstance(reply, ReplyError):
+            # Not used again (a re-authentication that failed must not leave it running as before);
+            # the token is never in a message: only the user id and the cache it was signed for.
+            self.broken = True
+            self._transport.close()
+            raise ConnectError(f"IAM authentication as {user!r} for {iam.cache!r} failed at "
+                               f"{self.endpoint.address}: {reply}")
+        self._reauth_at = time.monotonic() + iam.reauth_after
 
     async def pipeline(self, commands: Sequence[Command], timeout: float = REPLY_TIMEOUT) -> list[Any]:
         """Send all commands in one write and return one reply per command (errors as values)."""
@@ -201,6 +224,10 @@ class Connection:
         return not self.broken and not self._transport.is_closing()
 
     async def _exchange(self, data: bytes, want: int, timeout: float, expect_ok: bool) -> list[Any] | None:
+        if self._reauth_at is not None and time.monotonic() >= self._reauth_at:
+            # Before AWS's 12 hours are up: a fresh token, on this connection, between two exchanges
+            # (never inside one, so no reply is out of step).
+            await self._iam_auth(fresh=True)
         if self.broken:
             raise ConnectError(f"connection to {self.endpoint.address} is broken")
         if self._transport.is_closing():   # the server or the network closed it since the last use

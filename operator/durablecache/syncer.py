@@ -4,6 +4,11 @@ proxy, or a key found by the bulk copy or by a repair pass — goes through here
 Invariant kept (docs/design.md): a key stays dirty until a copy of it *started after its last mark* has
 finished. A key marked while its copy is in flight is copied again afterwards, so two copies of
 one key never race and a stale value can never land last.
+
+The same one level down (docs/protocol.md, "Member-level marks"): a mark may name members of a key
+(proxy/members.py); such a key waits with the set of its dirty members, and its copy copies just them.
+A whole-key mark supersedes the members (the whole copy copies them too); one copy per key is in
+flight at a time, whole or members, and marks that arrive meanwhile wait for the next.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from . import logs
 from .errors import DurableCacheError
 from .keymover import MoveResult
 from .movers import MoverPool
+from .proxy.members import MemberMark
 
 log = logs.get("durablecache.syncer")
 DirtyKey = tuple[int, bytes]  # (db, key)
@@ -29,6 +35,12 @@ POLL = 0.002
 FAILURE_GRACE = 30.0  # a batch failing again and again for this long fails the waiters
 BULK_BATCHES = 4      # see _take
 STALL_LIMIT = 600.0  # no batch finished for this long while keys wait: something is stuck
+# A key with more dirty members than this is copied whole instead: one script call per key copies its
+# members, and past this many the whole copy of any but a huge key is cheaper anyway.
+MEMBERS_PER_KEY = 1024
+# What waits for a key: None, the whole key; a set, just those members.
+Pending = set[bytes] | None
+_ABSENT: set[bytes] = set()   # dict.get default: "not there" (compared by identity, never filled)
 
 
 @dataclasses.dataclass
@@ -39,6 +51,7 @@ class SyncStats:
     bytes: int = 0
     batches: int = 0
     overflowed: int = 0
+    members: int = 0     # members copied one by one (member-level marks)
     slow_keys: int = 0  # keys whose last copy took at least SLOW_KEY_SECONDS (at most SLOW_KEYS_KEPT)
 
 
@@ -60,10 +73,11 @@ class Syncer:
         self.batch = batch
         self.max_dirty = max_dirty
         self.stats = SyncStats()
-        # Keys waiting for a copy, in arrival order (a dict is an ordered set).
-        self._dirty: dict[DirtyKey, None] = {}
-        self._in_flight: set[DirtyKey] = set()
-        self._again: set[DirtyKey] = set()  # marked while in flight: copy once more afterwards
+        # Keys waiting for a copy, in arrival order, with what of them: the whole key or some members.
+        self._dirty: dict[DirtyKey, Pending] = {}
+        self._in_flight: dict[DirtyKey, bool] = {}   # being copied -> a whole copy (False: members)
+        self._again: dict[DirtyKey, Pending] = {}    # marked while in flight: copy once more afterwards
+        self._members = 0    # members waiting in _dirty and _again: they count toward max_dirty
         # Keys the bulk copy's SCAN ... TYPE string listed: read with GETRANGE instead of the DUMP script
         # (a hint only: keymover copies exactly whatever the key has become).
         self._strings: set[DirtyKey] = set()
@@ -95,20 +109,50 @@ class Syncer:
         marked = 0
         for key in keys:
             marked += 1
+            if key.__class__ is not bytes and isinstance(key, MemberMark):
+                self._mark_member(db, key, limit)
+                continue
             dk = (db, key)
             if slow and dk in slow:
                 self._slow_marked[dk] = time.monotonic()
-            if dk in in_flight:
-                again.add(dk)
-            elif dk not in dirty:
-                if len(dirty) >= limit:
-                    self.stats.overflowed += 1
-                    self.require_repair(f"dirty-key backlog exceeded {self.max_dirty} keys")
+            table = again if dk in in_flight else dirty
+            waiting = table.get(dk, _ABSENT)
+            if waiting is None:
+                continue
+            if waiting is _ABSENT:
+                if table is dirty and len(dirty) + self._members >= limit:
+                    self._overflow()
                     continue
-                dirty[dk] = None
+            else:
+                self._members -= len(waiting)   # the whole copy copies these members too
+            table[dk] = None
         self.stats.marks += marked
         if self._dirty:
             self._work.set()
+
+    def _mark_member(self, db: int, mark: MemberMark, limit: int) -> None:
+        dk = (db, bytes(mark))
+        table = self._again if dk in self._in_flight else self._dirty
+        waiting = table.get(dk, _ABSENT)
+        if waiting is None or mark.member in waiting:
+            return
+        if waiting is _ABSENT:
+            if table is self._dirty and len(self._dirty) + self._members >= limit:
+                self._overflow()
+                return
+            table[dk] = {mark.member}
+            self._members += 1
+        elif len(waiting) >= MEMBERS_PER_KEY or len(self._dirty) + self._members >= limit:
+            # Copy the key whole instead: that frees its members' room, and no mark is dropped.
+            self._members -= len(waiting)
+            table[dk] = None
+        else:
+            waiting.add(mark.member)
+            self._members += 1
+
+    def _overflow(self) -> None:
+        self.stats.overflowed += 1
+        self.require_repair(f"dirty-key backlog exceeded {self.max_dirty} keys and members")
 
     def on_marks(self, db: int, keys: list[bytes]) -> None:
         """The proxies' MarkCallback: delivered once it returns (synchronous: the in-process proxy
@@ -120,7 +164,7 @@ class Syncer:
         ``strings`` (keys SCAN ... TYPE string listed) travel with the keys to the batch that copies them.
 
         Waits for room first, so the bulk copy never crowds out live marks."""
-        while len(self._dirty) + len(keys) > self.max_dirty // 2:
+        while len(self._dirty) + self._members + len(keys) > self.max_dirty // 2:
             self._raise_failure()
             await asyncio.sleep(0.01)
         if not keys:
@@ -166,16 +210,28 @@ class Syncer:
         """Is this key dirty, in flight, or to be copied again?"""
         return dk in self._dirty or dk in self._in_flight or dk in self._again
 
+    @property
+    def dirty_members(self) -> int:
+        """Members waiting to be copied one by one (they count toward max_dirty with the keys)."""
+        return self._members
+
+    def _whole_pending(self, dk: DirtyKey) -> bool:
+        """Does a whole copy of this key wait or run (not just members of it)?"""
+        return (self._dirty.get(dk, _ABSENT) is None or self._again.get(dk, _ABSENT) is None
+                or self._in_flight.get(dk, False))
+
     def expected_copy(self, dk: DirtyKey) -> float:
         """Seconds the last copy of this key took (0.0 when it was fast or never timed)."""
         return self._copy_time.get(dk, 0.0)
 
     def slow_keys(self, threshold: float, recent: float = 1.0) -> set[DirtyKey]:
-        """Keys whose copy takes longer than ``threshold`` and that a drain may have to copy: in the
-        backlog now, or marked within the last ``recent`` seconds (a hot key between two copies)."""
+        """Keys whose whole copy takes longer than ``threshold`` and that a drain may have to copy
+        whole: waiting for (or in) a whole copy now, or marked whole within the last ``recent`` seconds
+        (a hot key between two copies). A key written member by member is not among them: copying
+        its members takes no longer than copying a small key."""
         since = time.monotonic() - recent
         return {dk for dk, secs in self._copy_time.items()
-                if secs > threshold and (self.pending(dk) or self._slow_marked.get(dk, 0.0) >= since)}
+                if secs > threshold and (self._whole_pending(dk) or self._slow_marked.get(dk, 0.0) >= since)}
 
     def _record(self, db: int, timings: list[tuple[bytes, float]]) -> None:
         for key, secs in timings:
@@ -267,23 +323,25 @@ class Syncer:
         while self._retired:
             await self._retired.pop().close()
 
-    def _take(self) -> list[DirtyKey]:
+    def _take(self) -> list[tuple[DirtyKey, Pending]]:
         """Up to `batch` dirty keys of one db, oldest first; BULK_BATCHES times as many while the backlog
         is large (the bulk copy): fewer round trips per key, and no drain waits behind such a batch,
         since a cutover starts only once the backlog is small."""
         dirty = self._dirty
         first_db = next(iter(dirty))[0]
         size = self.batch * BULK_BATCHES if len(dirty) > self.batch * BULK_BATCHES * self.workers else self.batch
-        taken: list[DirtyKey] = []
-        for dk in dirty:
+        taken: list[tuple[DirtyKey, Pending]] = []
+        for dk, waiting in dirty.items():
             if dk[0] == first_db:
-                taken.append(dk)
+                taken.append((dk, waiting))
                 if len(taken) >= size:
                     break
         in_flight = self._in_flight
-        for dk in taken:
+        for dk, waiting in taken:
             del dirty[dk]
-            in_flight.add(dk)
+            in_flight[dk] = waiting is None
+            if waiting is not None:
+                self._members -= len(waiting)
         return taken
 
     async def _worker(self, n: int) -> None:
@@ -293,14 +351,13 @@ class Syncer:
                 await self._work.wait()
                 continue
             batch = self._take()
-            waiters = {dk: self._waiters.pop(dk, []) for dk in batch}
+            waiters = {dk: self._waiters.pop(dk, []) for dk, _ in batch}
             try:
                 result = await self._move(batch)
             except BaseException as exc:  # a copy that failed leaves its keys dirty, with their waiters
-                for dk in batch:
-                    self._in_flight.discard(dk)
-                    self._again.discard(dk)
-                    self._dirty[dk] = None
+                for dk, waiting in batch:
+                    self._in_flight.pop(dk, None)
+                    self._put_back(dk, waiting)
                     if waiters[dk]:
                         self._waiters.setdefault(dk, []).extend(waiters[dk])
                 if isinstance(exc, asyncio.CancelledError):
@@ -317,13 +374,14 @@ class Syncer:
             self.stats.copied += result.copied
             self.stats.deleted += result.skipped
             self.stats.bytes += result.bytes
+            self.stats.members += result.members
             if result.timings:
-                self._record(batch[0][0], result.timings)
-            for dk in batch:
-                self._in_flight.discard(dk)
-                if dk in self._again:
-                    self._again.discard(dk)
-                    self._dirty[dk] = None
+                self._record(batch[0][0][0], result.timings)
+            for dk, _ in batch:
+                del self._in_flight[dk]
+                again = self._again.pop(dk, _ABSENT)
+                if again is not _ABSENT:
+                    self._dirty[dk] = again     # its members stay counted
             for listed in waiters.values():
                 for w in listed:
                     w.left -= 1
@@ -332,10 +390,30 @@ class Syncer:
             if self._dirty:
                 self._work.set()
 
-    async def _move(self, batch: list[DirtyKey]) -> MoveResult:
-        hinted = self._strings
-        strings = frozenset([dk[1] for dk in batch if dk in hinted]) if hinted else frozenset()
-        if strings:
-            hinted.difference_update((batch[0][0], k) for k in strings)
-        return await self.pool.move(batch[0][0], [k for _, k in batch], strings)
+    def _put_back(self, dk: DirtyKey, waiting: Pending) -> None:
+        """A failed copy: what it was to copy waits again, with whatever was marked meanwhile."""
+        again = self._again.pop(dk, _ABSENT)
+        if again is not _ABSENT and again is not None:
+            self._members -= len(again)
+        if waiting is None or again is None:
+            self._dirty[dk] = None
+            return
+        merged = waiting | again
+        self._members += len(merged)
+        self._dirty[dk] = merged
+
+    async def _move(self, batch: list[tuple[DirtyKey, Pending]]) -> MoveResult:
+        db = batch[0][0][0]
+        whole = [dk[1] for dk, waiting in batch if waiting is None]
+        parts = {dk[1]: list(waiting) for dk, waiting in batch if waiting is not None}
+        result = MoveResult()
+        if whole:
+            hinted = self._strings
+            strings = frozenset([k for k in whole if (db, k) in hinted]) if hinted else frozenset()
+            if strings:
+                hinted.difference_update((db, k) for k in strings)
+            result = await self.pool.move(db, whole, strings)
+        if parts:
+            result.add(await self.pool.move_members(db, parts))
+        return result
 

@@ -9,7 +9,8 @@ REGION = "us-east-1"
 
 
 class Recorder:
-    """Every ElastiCache call a client makes: the API parameters and the serialized request body.
+    """Every ElastiCache (or, attached to one, CloudWatch) call a client makes: the API parameters and
+    the serialized request body.
 
     ``provide-client-params`` sees the parameters the provider passed; ``before-send`` sees the HTTP
     request botocore built from them, i.e. what AWS would receive.
@@ -18,14 +19,16 @@ class Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.bodies: list[tuple[str, bytes]] = []
+        self.services: dict[str, str] = {}
 
-    def attach(self, client: Any) -> Any:
-        client.meta.events.register("provide-client-params.elasticache.*", self._params)
-        client.meta.events.register("before-send.elasticache.*", self._send)
+    def attach(self, client: Any, service: str = "elasticache") -> Any:
+        client.meta.events.register(f"provide-client-params.{service}.*", self._params)
+        client.meta.events.register(f"before-send.{service}.*", self._send)
         return client
 
     def _params(self, params: dict[str, Any], model: Any, **_: Any) -> None:
         self.calls.append((model.name, dict(params)))
+        self.services[model.name] = model.service_model.service_id.hyphenize()   # the IAM prefix
 
     def _send(self, request: Any, **_: Any) -> None:
         body = request.body if isinstance(request.body, bytes) else str(request.body or "").encode()
@@ -34,6 +37,10 @@ class Recorder:
 
     def operations(self) -> set[str]:
         return {name for name, _ in self.calls}
+
+    def actions(self) -> set[str]:
+        """The IAM actions of the calls: ``service:Operation``."""
+        return {f"{self.services[name]}:{name}" for name, _ in self.calls}
 
     def params(self, operation: str) -> list[dict[str, Any]]:
         return [p for name, p in self.calls if name == operation]

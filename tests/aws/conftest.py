@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 from awstest import REGION, FakeClock, Recorder, unique
 
@@ -102,6 +103,9 @@ def make_provider(moto_url: str, recorder: Recorder, clock: FakeClock) -> Callab
         client = recorder.attach(make_client(REGION, moto_url))
         kwargs.setdefault("clock", clock)
         kwargs.setdefault("sleep", clock.sleep)
+        # Never the real CloudWatch: moto's, recorded like the ElastiCache calls.
+        kwargs.setdefault("cloudwatch", recorder.attach(
+            boto3.client("cloudwatch", region_name=REGION, endpoint_url=moto_url), "cloudwatch"))
         return AwsProvider(source_id, client=client, **kwargs)
 
     return make

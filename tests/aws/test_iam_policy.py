@@ -25,7 +25,8 @@ from durablecache.providers.base import TargetSpec
 
 POLICY_FILE = Path(__file__).parents[2] / "deploy" / "iam-policy.json"
 # Permissions AWS checks for a call we make, without us calling that operation ourselves.
-IMPLIED = {"elasticache:AddTagsToResource": "CreateReplicationGroup and CreateSnapshot pass Tags"}
+IMPLIED = {"elasticache:AddTagsToResource": "CreateReplicationGroup and CreateSnapshot pass Tags",
+           "elasticache:Connect": "the worker's AUTH with an IAM token (iamauth.py) on source and target"}
 MIGRATION = "shop/sessions"
 TOKEN = "a-valid-token-0123456789"
 
@@ -40,8 +41,9 @@ def policy_actions() -> set[str]:
     return actions
 
 
-def lifecycle(provider: AwsProvider) -> None:
-    """Every provider call the migration protocol makes, in protocol order."""
+def lifecycle(provider: AwsProvider, publish_lag: Callable[[str], None] | None = None) -> None:
+    """Every provider call the migration protocol makes, in protocol order. ``publish_lag(target)``
+    puts a DurabilityLag datapoint for the target's nodes into CloudWatch, so that the reader fetches it."""
     spec = TargetSpec(replication_group_id=unique("tgt"), migration_id=MIGRATION, durability="sync",
                       auth_token=TOKEN)
     assert provider.preflight(spec).ok
@@ -50,15 +52,29 @@ def lifecycle(provider: AwsProvider) -> None:
     provider.ensure_target(seeded)
     provider.wait_ready(seeded)
     provider.endpoints(seeded)
+    if publish_lag is not None:
+        publish_lag(seeded.replication_group_id)
+    provider.durability_lag_reader(seeded)()
     provider.set_durability(TargetSpec(**{**spec.__dict__, "durability": "async"}))
     provider.delete_target(seeded, "Delete", reached_flip=False)
     provider.delete_source("SnapshotThenDelete", MIGRATION, migration_completed=True)
 
 
 def test_policy_matches_the_calls_the_provider_makes(
-        make_source: Callable[..., str], make_provider: Callable[..., AwsProvider], recorder: Recorder) -> None:
-    lifecycle(make_provider(make_source(auth_token=TOKEN)))
-    called = {f"elasticache:{op}" for op in recorder.operations()}
+        make_source: Callable[..., str], make_provider: Callable[..., AwsProvider], recorder: Recorder,
+        moto_url: str) -> None:
+    admin = make_client(REGION, moto_url)
+    cloudwatch = boto3.client("cloudwatch", region_name=REGION, endpoint_url=moto_url)
+
+    def publish_lag(target: str) -> None:
+        (rg,) = admin.describe_replication_groups(ReplicationGroupId=target)["ReplicationGroups"]
+        cloudwatch.put_metric_data(Namespace="AWS/ElastiCache", MetricData=[
+            {"MetricName": "DurabilityLag", "Value": 120.0, "Unit": "Milliseconds",
+             "Dimensions": [{"Name": "CacheClusterId", "Value": rg["MemberClusters"][0]},
+                            {"Name": "CacheNodeId", "Value": "0001"}]}])
+
+    lifecycle(make_provider(make_source(auth_token=TOKEN)), publish_lag)
+    called = recorder.actions()
     allowed = policy_actions()
     assert called <= allowed, f"the policy lacks {sorted(called - allowed)}"
     assert allowed - called == set(IMPLIED), f"the policy allows calls never made: {sorted(allowed - called)}"
@@ -73,7 +89,9 @@ def iam_enforced(moto_url: str) -> Iterator[Callable[[set[str]], boto3.session.S
     def user_with(actions: set[str]) -> boto3.session.Session:
         doc = json.loads(POLICY_FILE.read_text())
         for statement in doc["Statement"]:
-            statement["Action"] = [a for a in statement["Action"] if a in actions]
+            # moto names CloudWatch's actions by its endpoint prefix (monitoring:), AWS by cloudwatch:.
+            statement["Action"] = [a.replace("cloudwatch:", "monitoring:") for a in statement["Action"]
+                                   if a in actions]
         doc["Statement"] = [s for s in doc["Statement"] if s["Action"]]
         name = unique("dcache")
         iam.create_user(UserName=name)
@@ -108,7 +126,8 @@ def test_the_policy_is_enough_under_iam_enforcement(
 
     def provider(session: Any, source: str) -> AwsProvider:
         return AwsProvider(source, client=make_client(REGION, moto_url, session=session), clock=clock,
-                           sleep=clock.sleep)
+                           sleep=clock.sleep,
+                           cloudwatch=session.client("cloudwatch", region_name=REGION, endpoint_url=moto_url))
 
     lifecycle(provider(allowed, src))
     with pytest.raises(AwsAccessDenied) as exc:
@@ -120,3 +139,15 @@ def test_the_policy_is_enough_under_iam_enforcement(
     assert "elasticache:CreateReplicationGroup" in message and "deploy/iam-policy.json" in message
     assert isinstance(exc.value, ConnectError) and not exc.value.retryable
     assert TOKEN not in message
+
+
+def test_connect_is_allowed_on_both_sides_and_the_user_only() -> None:
+    """ElastiCache checks elasticache:Connect against the cache and the user (docs/aws.md): the
+    statement names the source, the target and the IAM user, nothing wider."""
+    doc = json.loads(POLICY_FILE.read_text())
+    (statement,) = [s for s in doc["Statement"] if "elasticache:Connect" in s["Action"]]
+    assert statement["Action"] == ["elasticache:Connect"]
+    kinds = sorted(arn.split(":")[5] for arn in statement["Resource"])
+    assert kinds == ["replicationgroup", "replicationgroup", "user"]
+    assert not any(arn.endswith((":*", ":replicationgroup:*")) for arn in statement["Resource"])
+

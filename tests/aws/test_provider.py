@@ -81,6 +81,19 @@ def test_create_sends_explicit_durability_and_the_durable_settings(
     assert clock.sleeps == [5.0]  # one "creating" poll, then available
 
 
+def test_ready_now_looks_once_and_never_waits(make_source: Callable[..., str],
+                                             make_provider: Callable[..., AwsProvider], clock: Any) -> None:
+    """The operator's Provision: one look per reconcile pass (it requeues in between), no sleep here."""
+    src = make_source()
+    provider = make_provider(src)
+    spec = spec_for(src)
+    provider.ensure_target(spec)
+    assert provider.ready_now(spec) is None                   # moto answers "creating" first
+    ready = provider.ready_now(spec)
+    assert ready is not None and (ready.status, ready.effective_durability) == ("available", "sync")
+    assert clock.sleeps == []
+
+
 def test_async_durability_is_sent_as_asked(make_source: Callable[..., str],
                                            make_provider: Callable[..., AwsProvider], recorder: Recorder) -> None:
     src = make_source(node_type="cache.m7g.large")
@@ -204,7 +217,9 @@ def test_endpoints_go_through_the_resolver_seam_to_a_real_server(
     provider.ensure_target(spec)
     provider.wait_ready(spec)
     (endpoint,) = provider.endpoints(spec)
-    assert seen[0].host.startswith(f"clustercfg.{spec.replication_group_id}.")
+    assert seen[-1].host.startswith(f"clustercfg.{spec.replication_group_id}.")
+    # The source's endpoint (describe_source, for preflight and the worker) goes through it too.
+    assert any(ep.host.startswith(f"clustercfg.{src}.") for ep in seen[:-1])
     assert endpoint.tls and endpoint.password == TOKEN and endpoint.ca_file == tls_certs["ca"]
     assert TOKEN not in endpoint.redacted() and TOKEN not in repr(endpoint)
 
@@ -285,3 +300,20 @@ def test_no_secret_in_logs(make_source: Callable[..., str], make_provider: Calla
     events = [json.loads(line)["event"] for line in err.splitlines() if line.startswith("{")]
     assert "creating durable target" in events and "preflight warning" in events
     assert TOKEN not in err
+
+
+def test_the_environment_seam_maps_a_replication_groups_hosts() -> None:
+    """DURABLECACHE_TEST_ENDPOINT_MAP: how a test hands an operator process the resolver (tests/kube)."""
+    from durablecache.providers.aws import resolver_from_env
+
+    assert resolver_from_env("") is None
+    resolve = resolver_from_env("src-1=127.0.0.1:7001, dst-2=127.0.0.1:7002")
+    assert resolve is not None
+    ep = Endpoint("clustercfg.dst-2.ab12cd.use1.cache.amazonaws.com", 6379, tls=True, password="p")
+    assert resolve(ep) == dataclasses.replace(ep, host="127.0.0.1", port=7002)
+    assert resolve(Endpoint("master.src-1.x.use1.cache.amazonaws.com", 6379)).port == 7001
+    other = Endpoint("clustercfg.dst-22.ab12cd.use1.cache.amazonaws.com", 6379)
+    assert resolve(other) == other          # a label must equal the id, not merely start with it
+    with pytest.raises(UsageError, match="expected <replication-group-id>=<host>:<port>"):
+        resolver_from_env("src-1=nowhere")
+

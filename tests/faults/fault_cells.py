@@ -440,7 +440,7 @@ def _judge(cell: Cell, ctx: Ctx, res: Result) -> None:
     else:
         end = None if ctx.fault_cleared_at is None else ctx.fault_cleared_at - ctx.fault_at
         during = events[:end]
-        if any(e.get("event") in ("cutover", "rolled_back") for e in during):
+        if any(_went_on(e, during) for e in during):
             problems.append("went on while the fault stood")
         if not any(notable(e) for e in during):
             problems.append("said nothing")
@@ -448,6 +448,21 @@ def _judge(cell: Cell, ctx: Ctx, res: Result) -> None:
             problems.append(f"never named the {cell.must_name}")
     res.ok = not problems
     res.why = "; ".join(problems)
+
+
+def _went_on(e: dict[str, Any], during: list[dict[str, Any]]) -> bool:
+    """A cutover, or a rollback that trusted the faulted side, while the fault stood.
+
+    A rollback that first announced ``rollback_restores`` (the target changed after FLIP, so the repair
+    keeps what only the source holds instead of deleting it) did not go on blindly: that is the
+    outcome docs/protocol.md asks for, and completing it loses nothing.
+    """
+    if e.get("event") == "cutover":
+        return True
+    if e.get("event") != "rolled_back":
+        return False
+    before = during[:during.index(e)]
+    return not any(b.get("event") == "rollback_restores" for b in before)
 
 
 # -- the matrix -----------------------------------------------------------------------------------

@@ -202,6 +202,13 @@ INVALID: list[tuple[str, Body, list[str]]] = [
      ["endpoint needs secretName and/or serviceName"]),
     ("restart of an unsupported kind", _with("endpoint.restartWorkloads", [{"kind": "Pod", "name": "x"}]),
      ["spec.endpoint.restartWorkloads[0].kind", "Unsupported value"]),
+    ("iam and a secret on one side", _with("target.auth", {"iam": {"userId": "app", "cacheName": "c"}},
+                                           _with("target.authSecretRef", {"name": "s"})),
+     ["set at most one of target.authSecretRef or target.auth.iam"]),
+    ("iam on static endpoints without a cache name", _with("source.auth", {"iam": {"userId": "app"}}),
+     ["source.auth.iam needs cacheName unless source.replicationGroupId is set"]),
+    ("iam user id not an ElastiCache id", _with("source.auth", {"iam": {"userId": "App_1", "cacheName": "c"}}),
+     ["spec.source.auth.iam.userId"]),
     ("duplicate restart workload", _with("endpoint.restartWorkloads",
                                          [{"kind": "Deployment", "name": "a"}] * 2),
      ["spec.endpoint.restartWorkloads[1]", "Duplicate value"]),
@@ -227,6 +234,8 @@ def test_the_same_manifests_are_accepted_when_fixed(custom: client.CustomObjects
     aws_source = _with("source", {"replicationGroupId": "old-rg"}, _with("target", AWS_TARGET))
     create(custom, kube_namespace, _with("seeding", {"mode": "snapshot"}, aws_source), dry_run=True)
     create(custom, kube_namespace, _with("deletionPolicy.source", "SnapshotThenDelete", aws_source), dry_run=True)
+    create(custom, kube_namespace, _with("source.auth", {"iam": {"userId": "app", "cacheName": "c"}}), dry_run=True)
+    create(custom, kube_namespace, _with("target.auth", {"iam": {"userId": "app"}}, aws_source), dry_run=True)
 
 
 def _patch(custom: client.CustomObjectsApi, ns: str, name: str, spec: Body) -> Body:

@@ -391,6 +391,10 @@ def test_manual_cutover_waits_for_approval_and_resumes_after_operator_and_worker
     # The resumed worker found the copy finished in the checkpoint: it did not copy everything again.
     checkpoint = cluster.status("orders")["checkpoint"]["migration"]
     assert checkpoint["flipped"] is True and checkpoint["phase"] == "Complete"
+    # The approval made a new generation; the worker, which acted on it, says so at the top of the status.
+    obj = cluster.get("orders")
+    assert obj["metadata"]["generation"] > 1
+    assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"], obj["status"]
     assert_no_rbac_denials(op)
 
 
@@ -688,7 +692,7 @@ def test_worker_identity_can_make_exactly_the_workers_calls(
 def test_aws_example_passes_the_providers_preflight(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """docs/examples/sessions-aws.yaml, checked by the aws provider against a source that requires AUTH
     (as the example's source does): no violation. Without its target.authSecretRef it is refused."""
-    from durablecache.k8s.spec import target_spec
+    from durablecache.k8s.spec import DurableCacheSpec
     from durablecache.providers.aws import AwsProvider
     from durablecache.providers.rules import MISSING_AUTH
 
@@ -711,9 +715,9 @@ def test_aws_example_passes_the_providers_preflight(moto_server: str, monkeypatc
     assert provider.describe_source().auth_token_enabled, "the source must require AUTH for this check to mean anything"
     # The operator reads the token from target.authSecretRef's Secret; any valid token stands in here.
     assert example["spec"]["target"]["authSecretRef"]["name"]
-    result = provider.preflight(target_spec(example, "target-token-0123456789"))
+    result = provider.preflight(DurableCacheSpec.parse(example).target_spec("target-token-0123456789"))
     assert result.ok, result.message()
-    refused = provider.preflight(target_spec(example, None))
+    refused = provider.preflight(DurableCacheSpec.parse(example).target_spec(None))
     assert [v.field for v in refused.violations] == ["target.authSecretRef"]
     assert MISSING_AUTH in refused.message()
 

@@ -53,6 +53,11 @@ def side_endpoint(args: argparse.Namespace, side: str) -> Endpoint:
     ep = parse_url(url)
     path = getattr(args, f"{side}_password_file", None)
     from_env = os.environ.get(PASSWORD_ENV[side])
+    if ep.iam is not None:   # (aws helper's hunk) IAM mints its own tokens: a password would be ignored
+        if path:
+            raise UsageError(f"--{side} authenticates through IAM (iam=1); --{side}-password-file would not be "
+                             "used: give one or the other")
+        return ep
     if not path and not from_env:
         return ep
     parts = urlsplit(url)

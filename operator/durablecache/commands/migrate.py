@@ -10,13 +10,14 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from ..checkpoint import CheckpointStore, FileCheckpoint, MemoryCheckpoint
 from ..control import ControlServer
 from ..errors import UsageError
-from ..migration import Migration, MigrationOptions, Phase
+from ..migration import Emit, Migration, ProxyStarter
+from ..options import DEFAULTS, MigrationOptions, format_duration, parse_duration
+from ..phases import SUCCESSFUL_ENDS, Phase
 from ..proxyhandles import local_proxies, subprocess_proxies
 from ._common import add_password_arguments, hostport, read_token, run_async, side_endpoint
 
@@ -25,15 +26,11 @@ HELP = "migrate --source to --target live: proxy at --listen, copy, sync, cut ov
 
 
 def duration(value: str) -> float:
-    """'100ms', '2s', '30m', '1h' or plain seconds."""
-    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
-    for suffix in ("ms", "s", "m", "h"):
-        if value.endswith(suffix) and value[: -len(suffix)].replace(".", "", 1).isdigit():
-            return float(value[: -len(suffix)]) * units[suffix]
+    """An argparse type: options.parse_duration, its error as argparse's own."""
     try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a duration: {value!r} (use e.g. 100ms, 2s, 30m)") from None
+        return parse_duration(value)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def share(value: str) -> float:
@@ -54,19 +51,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", required=True, metavar="URL", help="the new (durable) keyspace, same form")
     add_password_arguments(p)
     p.add_argument("--listen", required=True, metavar="HOST:PORT", help="where applications connect (the proxy)")
-    p.add_argument("--cutover", choices=["auto", "manual"], default="auto",
+    p.add_argument("--cutover", choices=["auto", "manual"], default=DEFAULTS.cutover,
                    help="manual waits for `durablecache control approve` (or POST /approve on --control)")
-    p.add_argument("--max-write-pause", type=duration, default=0.1, metavar="DUR",
-                   help="the longest writes may be held at cutover (default 100ms)")
+    p.add_argument("--max-write-pause", type=duration, default=DEFAULTS.max_write_pause, metavar="DUR",
+                   help=f"the longest writes may be held at cutover (default {_dur(DEFAULTS.max_write_pause)})")
     p.add_argument("--drain-budget", type=duration, default=None, metavar="DUR",
                    help="the longest the cutover's DRAIN step may take inside --max-write-pause: an attempt "
                         "that cannot drain within it aborts sooner (default: whatever FREEZE left of "
                         "--max-write-pause)")
-    p.add_argument("--max-key-pause", type=duration, default=5.0, metavar="DUR",
+    p.add_argument("--max-key-pause", type=duration, default=DEFAULTS.max_key_pause, metavar="DUR",
                    help="the longest writes to a hot big key (one too slow to copy inside --max-write-pause) "
-                        "may be held before the cutover's global freeze; other keys are not held (default 5s)")
-    p.add_argument("--rollback-window", type=duration, default=1800.0, metavar="DUR",
-                   help="how long reverse sync keeps the source current after cutover (default 30m)")
+                        "may be held before the cutover's global freeze; other keys are not held "
+                        f"(default {_dur(DEFAULTS.max_key_pause)})")
+    p.add_argument("--rollback-window", type=duration, default=DEFAULTS.rollback_window, metavar="DUR",
+                   help="how long reverse sync keeps the source current after cutover "
+                        f"(default {_dur(DEFAULTS.rollback_window)})")
     p.add_argument("--exit-after-cutover", action="store_true", help="stop after cutover instead of proxying on")
     p.add_argument("--state-file", metavar="PATH", help="persist the phase and copy checkpoint; resume from it")
     p.add_argument("--proxy-mode", choices=["inprocess", "subprocess"], default="inprocess",
@@ -75,16 +74,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control-token-file", metavar="PATH", help="bearer token for --control (created if missing)")
     p.add_argument("--allow-client", action="append", default=[], metavar="NAME|HOST",
                    help="a known read-only client the RouteIn gate may ignore (repeatable)")
-    p.add_argument("--gate-settle", type=duration, default=2.0, metavar="DUR",
+    p.add_argument("--gate-settle", type=duration, default=DEFAULTS.gate_settle, metavar="DUR",
                    help="RouteIn gate: how long no client but the proxy (and --allow-client) may be seen on the "
-                        "source before the copy starts (also on the target before a rollback; default 2s)")
-    p.add_argument("--gate-timeout", type=duration, default=300.0, metavar="DUR",
+                        "source before the copy starts (also on the target before a rollback; "
+                        f"default {_dur(DEFAULTS.gate_settle)})")
+    p.add_argument("--gate-timeout", type=duration, default=DEFAULTS.gate_timeout, metavar="DUR",
                    help="RouteIn gate: stop with an error naming the clients still connected if the gate has not "
-                        "passed within this time (default 300s)")
+                        f"passed within this time (default {_dur(DEFAULTS.gate_timeout)})")
     p.add_argument("--max-ops", type=float, metavar="N", help="at most N commands/s on the source while copying")
-    p.add_argument("--repair-max-share", type=share, default=0.05, metavar="FRACTION",
+    p.add_argument("--repair-max-share", type=share, default=DEFAULTS.repair_max_share, metavar="FRACTION",
                    help="a verify-and-repair that would delete or overwrite more than this share of the side it "
-                        "writes stops and asks (default 0.05); the authoritative side may be the one that lost data")
+                        f"writes stops and asks (default {DEFAULTS.repair_max_share:g}); the authoritative side "
+                        "may be the one that lost data")
     p.add_argument("--accept-destructive-repair", action="store_true",
                    help="let such repairs go ahead without asking (or accept one with `control accept-repair`)")
     p.add_argument("--json", action="store_true", help="one JSON object per line for every event")
@@ -92,10 +93,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     phase = run_async(migrate(args))
-    return 0 if phase in (Phase.COMPLETE, Phase.ROUTE_OUT, Phase.ROLLED_BACK) else 1
+    return 0 if phase in SUCCESSFUL_ENDS else 1
 
 
-def printer(as_json: bool):  # type: ignore[no-untyped-def]
+def printer(as_json: bool) -> Emit:
     def emit(event: dict[str, Any]) -> None:
         if as_json:
             sys.stdout.write(json.dumps(event, separators=(",", ":")) + "\n")
@@ -108,30 +109,25 @@ def printer(as_json: bool):  # type: ignore[no-untyped-def]
     return emit
 
 
-async def migrate(args: argparse.Namespace, store: CheckpointStore | None = None,
-                  emit: Callable[[dict[str, Any]], None] | None = None) -> Phase:
-    """Run the protocol; `store` and `emit` let another runtime (the operator's worker) keep the state
-    elsewhere and see every event."""
-    source, target = side_endpoint(args, "source"), side_endpoint(args, "target")
-    host, port = hostport(args.listen, "--listen")
-    if args.drain_budget is not None and args.drain_budget > args.max_write_pause:
-        raise UsageError(f"--drain-budget ({args.drain_budget * 1000:g} ms) must not exceed --max-write-pause "
-                         f"({args.max_write_pause * 1000:g} ms): the drain happens inside the write pause")
-    emit = emit or printer(args.json)
-    owned: list[Any] = []
-    if args.proxy_mode == "subprocess":
-        starter, owned = subprocess_proxies(host, port, emit)
-    else:
-        starter = local_proxies(host, port)
-    opts = MigrationOptions(cutover=args.cutover, max_write_pause=args.max_write_pause,
+def options(args: argparse.Namespace) -> MigrationOptions:
+    """The flags as MigrationOptions (which check themselves: OptionError names the flag)."""
+    return MigrationOptions(cutover=args.cutover, max_write_pause=args.max_write_pause,
                             drain_budget=args.drain_budget, max_key_pause=args.max_key_pause,
                             rollback_window=args.rollback_window, exit_after_cutover=args.exit_after_cutover,
                             allow_clients=args.allow_client, gate_settle=args.gate_settle,
                             gate_timeout=args.gate_timeout, max_source_ops=args.max_ops,
                             repair_max_share=args.repair_max_share,
                             accept_destructive_repair=args.accept_destructive_repair)
-    if store is None:
-        store = FileCheckpoint(args.state_file) if args.state_file else MemoryCheckpoint()
+
+
+async def migrate(args: argparse.Namespace) -> Phase:
+    """Run the protocol from the command line's flags."""
+    opts = options(args)
+    source, target = side_endpoint(args, "source"), side_endpoint(args, "target")
+    host, port = hostport(args.listen, "--listen")
+    emit = printer(args.json)
+    starter, owned = proxy_starter(host, port, args.proxy_mode, emit)
+    store: CheckpointStore = FileCheckpoint(args.state_file) if args.state_file else MemoryCheckpoint()
     m = Migration(source, target, opts, starter, emit=emit, store=store)
     control = None
     if args.control:
@@ -139,6 +135,23 @@ async def migrate(args: argparse.Namespace, store: CheckpointStore | None = None
         control = ControlServer(m, _token(args.control_token_file), chost, cport)
         await control.start()
         emit({"event": "control", "address": f"{chost}:{control.port}"})
+    try:
+        return await drive(m, owned)
+    finally:
+        if control:
+            await control.stop()
+
+
+def proxy_starter(host: str, port: int, mode: str, emit: Emit) -> tuple[ProxyStarter, list[Any]]:
+    """How the migration starts its proxies (in this process, or supervised children) and what must be
+    stopped at the end."""
+    if mode == "subprocess":
+        return subprocess_proxies(host, port, emit)
+    return local_proxies(host, port), []
+
+
+async def drive(m: Migration, owned: list[Any]) -> Phase:
+    """Run ``m`` until it ends or SIGTERM/SIGINT asks it to stop (the CLI and the operator's worker)."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, m.stop_requested.set)
@@ -147,7 +160,7 @@ async def migrate(args: argparse.Namespace, store: CheckpointStore | None = None
     try:
         await asyncio.wait([task, stop], return_when=asyncio.FIRST_COMPLETED)
         if not task.done():
-            # SIGTERM before the end: stop cleanly; the state file lets a rerun resume.
+            # SIGTERM before the end: stop cleanly; the saved state lets a rerun resume.
             await asyncio.sleep(0)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -158,8 +171,10 @@ async def migrate(args: argparse.Namespace, store: CheckpointStore | None = None
         stop.cancel()
         for thing in owned:
             await thing.stop()
-        if control:
-            await control.stop()
+
+
+def _dur(seconds: float) -> str:
+    return format_duration(seconds)
 
 
 def _token(path: str | None) -> str:

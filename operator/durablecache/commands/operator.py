@@ -16,6 +16,8 @@ from typing import Any
 
 from .. import logs
 from ..errors import UsageError
+from ..k8s import READY_TIMEOUT, RECONCILE_INTERVAL
+from ..options import format_duration
 from ._common import run_async
 
 NAME = "operator"
@@ -50,9 +52,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a docker-registry Secret the worker pods pull their image with (repeatable); it "
                         "must exist in each DurableCache's namespace")
     p.add_argument("--local-state-dir", help="where --runner=local keeps worker pids, ports and logs")
-    p.add_argument("--ready-timeout", type=float, default=3600.0, metavar="SECONDS",
-                   help="how long Provision waits for a new target to become available (default 1h)")
-    p.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="reconcile interval (default 1s)")
+    p.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT, metavar="SECONDS",
+                   help="how long Provision waits for a new target to become available "
+                        f"(default {format_duration(READY_TIMEOUT)})")
+    p.add_argument("--interval", type=float, default=RECONCILE_INTERVAL, metavar="SECONDS",
+                   help=f"reconcile interval (default {format_duration(RECONCILE_INTERVAL)})")
 
 
 class _StructlogHandler(logging.Handler):

@@ -1,28 +1,31 @@
 """durablecache worker: the proxy and syncer of one DurableCache, run by the operator (a pod, or a local
-process in tests). It runs the same protocol as ``durablecache migrate``, with its resume state kept in
-the resource's status, and reports progress, phases and Events to the API."""
+process in tests). It runs the same Migration as ``durablecache migrate``, in-process, with settings
+from the parsed spec (k8s/spec.py), its resume state kept in the resource's status (k8s/store.py, the
+worker's one status writer), and reports progress, phases and Events to the API."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import tempfile
 import time
 from typing import Any
 
-import aiohttp
-
 from .. import logs
 from ..errors import DurableCacheError, UsageError
 from ..k8s.kube import Kube, load_client
-from ..k8s.spec import credentials, go_duration, with_credentials
-from ..k8s.status import conditions_for, progress
+from ..k8s.spec import DurableCacheSpec, credentials, stored_endpoint
+from ..k8s.status import progress
 from ..k8s.store import StatusStore
-from ..migration import Phase
+from ..migration import Migration
+from ..options import OPERATOR_GATE_TIMEOUT, format_duration
+from ..phases import SUCCESSFUL_ENDS, Phase
+from ..urls import Endpoint
 from . import migrate as migrate_cmd
-from ._common import run_async
+from ._common import hostport, run_async
 
 NAME = "worker"
 HELP = "run the proxy and syncer of one DurableCache (started by the operator; not for direct use)"
@@ -40,8 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", default="0.0.0.0:6379", metavar="HOST:PORT", help="where the proxy listens")
     p.add_argument("--proxy-mode", choices=["inprocess", "subprocess"], default="inprocess",
                    help="run the proxy in the worker's process or as a supervised child (as migrate)")
-    p.add_argument("--gate-timeout", type=migrate_cmd.duration, default=3600.0, metavar="DUR",
-                   help="how long RouteIn waits for applications to move onto the proxy (default 1h)")
+    p.add_argument("--gate-timeout", type=migrate_cmd.duration, default=OPERATOR_GATE_TIMEOUT, metavar="DUR",
+                   help="how long RouteIn waits for applications to move onto the proxy "
+                        f"(default {format_duration(OPERATOR_GATE_TIMEOUT)})")
     p.add_argument("--status-interval", type=float, default=1.0, metavar="SECONDS",
                    help="how often progress is written to the status (default 1s)")
 
@@ -51,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if not sep or not namespace or not name:
         raise UsageError(f"--resource must be NAMESPACE/NAME, not {args.resource!r}")
     phase = run_async(work(args, namespace, name))
-    return 0 if phase in (Phase.COMPLETE, Phase.ROUTE_OUT, Phase.ROLLED_BACK) or phase is None else 1
+    return 0 if phase in SUCCESSFUL_ENDS or phase is None else 1
 
 
 async def work(args: argparse.Namespace, namespace: str, name: str) -> Phase | None:
@@ -63,32 +67,21 @@ async def work(args: argparse.Namespace, namespace: str, name: str) -> Phase | N
     if not op.get("provisioned"):
         raise UsageError(f"DurableCache {namespace}/{name} is not provisioned yet (the operator starts the "
                          "worker after Provision)")
+    spec = DurableCacheSpec.parse(obj)
+    opts = dataclasses.replace(spec.migration_options(gate_timeout=args.gate_timeout),
+                               target_lag=await asyncio.to_thread(_lag_reader, spec))
+    host, port = hostport(args.listen, "--listen")
     with tempfile.TemporaryDirectory(prefix="durablecache-worker-") as tmp:
-        source, target = await asyncio.to_thread(_endpoints, kube, obj, op, tmp)
-        spec = obj["spec"]
-        cutover = spec.get("cutover") or {}
-        route_in = spec.get("routeIn") or {}
-        repair = spec.get("repair") or {}
-        margs = argparse.Namespace(
-            source=source.to_url(), target=target.to_url(), listen=args.listen,
-            cutover=cutover.get("mode", "manual"),
-            max_write_pause=go_duration(cutover.get("maxWritePause"), 0.1),
-            drain_budget=go_duration(cutover["drainBudget"], 0.0) if cutover.get("drainBudget") else None,
-            max_key_pause=go_duration(cutover.get("maxKeyPause"), 5.0),
-            rollback_window=go_duration(cutover.get("rollbackWindow"), 1800.0),
-            exit_after_cutover=False, state_file=None, proxy_mode=args.proxy_mode,
-            control="127.0.0.1:0", control_token_file=os.path.join(tmp, "control-token"),
-            allow_client=list(route_in.get("allowedClients") or []),
-            gate_settle=go_duration(route_in.get("settlePeriod"), 30.0), gate_timeout=args.gate_timeout,
-            max_ops=None, json=True,
-            repair_max_share=float(repair.get("maxDestructiveShare", 0.05)),
-            accept_destructive_repair=bool(repair.get("acceptDestructive", False)))
-        reporter = Reporter(kube, obj, args.status_interval, margs.control_token_file)
+        source, target = await asyncio.to_thread(_endpoints, kube, spec, op, tmp)
+        reporter = Reporter(kube, obj, args.status_interval)
         store = StatusStore(kube, namespace, name, on_phase=reporter.on_phase)
         reporter.store = store
+        starter, owned = migrate_cmd.proxy_starter(host, port, args.proxy_mode, reporter.emit)
+        m = Migration(source, target, opts, starter, emit=reporter.emit, store=store)
+        reporter.migration = m
         reports = asyncio.create_task(reporter.run())
         try:
-            return await migrate_cmd.migrate(margs, store=store, emit=reporter.emit)
+            return await migrate_cmd.drive(m, owned)
         except DurableCacheError as exc:
             # Migration.run recorded Failed in the status already; say it once more as an Event.
             await asyncio.to_thread(kube.event, obj, "Warning", "Failed", str(exc), WORKER_COMPONENT)
@@ -101,44 +94,47 @@ async def work(args: argparse.Namespace, namespace: str, name: str) -> Phase | N
             await reporter.flush_events()
 
 
-def _endpoints(kube: Kube, obj: dict[str, Any], op: dict[str, Any], tmp: str) -> tuple[Any, Any]:
-    """Source and target with the credentials (and CA bundles) from the spec's Secrets."""
-    ns = obj["metadata"]["namespace"]
+def _endpoints(kube: Kube, spec: DurableCacheSpec, op: dict[str, Any], tmp: str) -> tuple[Endpoint, Endpoint]:
+    """Source and target as the operator provisioned them, with the credentials (and CA bundles) from
+    the spec's Secrets."""
     out = []
-    for side in ("source", "target"):
-        spec_side = obj["spec"][side]
-        user, password = credentials(kube, ns, spec_side)
+    for side, part in (("source", spec.source), ("target", spec.target)):
+        user, password = credentials(kube, spec.namespace, part)
         ca_file = None
-        ca_ref = (spec_side.get("tls") or {}).get("caSecretRef")
-        if ca_ref:
+        if part.tls.ca:
             ca_file = os.path.join(tmp, f"{side}-ca.pem")
             with open(os.open(ca_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
-                f.write(kube.secret_value(ns, ca_ref["name"], ca_ref.get("key", "ca.crt")))
-        out.append(with_credentials(op[side], user, password, ca_file))
+                f.write(kube.secret_value(spec.namespace, part.tls.ca.name, part.tls.ca.key))
+        out.append(dataclasses.replace(stored_endpoint(op[side]), username=user, password=password,
+                                       ca_file=ca_file, iam=spec.iam_auth(side)))
     return out[0], out[1]
 
 
-class Reporter:
-    """Turns the engine's events into status fields and Events, and the spec's approval and rollback
-    fields into calls on the migration's control API."""
+def _lag_reader(spec: DurableCacheSpec) -> Any:
+    """The target's DurabilityLag for laggovernor.py: aws targets only; a sync target reports 0, so
+    the reader stays on across a sync<->async switch."""
+    if not spec.target.is_aws:
+        return None
+    return spec.make_provider(60.0).durability_lag_reader(spec.target_spec())
 
-    def __init__(self, kube: Kube, obj: dict[str, Any], interval: float, token_file: str):
+
+class Reporter:
+    """Turns the engine's events into Events and its status into the resource's status (through the
+    StatusStore, the worker's one writer), and the spec's approval, repair and rollback fields into
+    calls on the migration."""
+
+    def __init__(self, kube: Kube, obj: dict[str, Any], interval: float):
         self.kube = kube
         self.obj = obj
         self.ns, self.name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         self.interval = interval
-        self.token_file = token_file
         self.store: StatusStore | None = None
-        self.control: str | None = None
-        self.phase: str | None = None
-        self.awaiting = False
+        self.migration: Migration | None = None
         self.approved_sent = False
         self.rollback_sent = False
         self.rollback_routed_at: float | None = None
         self.last_gate_event = 0.0
         self.gate_blocked_since: float | None = None   # RouteIn: when clients were first seen on the source
-        self.last_status: dict[str, Any] = {}
-        self.blocked: dict[str, Any] | None = None     # the repair waiting for spec.repair.acceptDestructive
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue()
 
@@ -146,24 +142,18 @@ class Reporter:
     def _event(self, type_: str, reason: str, message: str) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (type_, reason, message))
 
-    def on_phase(self, phase: str, state: dict[str, Any]) -> None:
-        self.phase = phase
-        self.awaiting = False
-        if phase in ("Preflight", "Provision"):
-            return  # the operator reported these; the engine only passes through them again
-        if phase == "Failed":
+    def on_phase(self, phase: Phase, state: dict[str, Any]) -> None:
+        if phase == Phase.FAILED:
             self._event("Warning", "Failed", state.get("message") or "the migration failed")
         else:
-            self._event("Normal", phase, f"phase {phase}")
+            self._event("Normal", phase.value, f"phase {phase.value}")
 
     def emit(self, e: dict[str, Any]) -> None:
         kind = e.get("event")
         log.info("engine event", **{k: v for k, v in e.items() if k != "event"}, engine_event=kind)
-        if kind == "control":
-            self.control = e["address"]
-        elif kind == "proxies":
-            self.loop.call_soon_threadsafe(self._spawn, self._patch(
-                {"checkpoint": {"worker": {"proxiesUp": True, "proxies": e["addresses"]}}}))
+        if kind == "proxies":
+            self.loop.call_soon_threadsafe(self._spawn, self._write(
+                "report", {"checkpoint": {"worker": {"proxiesUp": True, "proxies": e["addresses"]}}}))
             self._event("Normal", "ProxyReady", f"proxy listening on {', '.join(e['addresses'])}")
         elif kind == "gate_blocked":
             now = time.monotonic()
@@ -172,10 +162,9 @@ class Reporter:
                 self._event(*self._gate_event(e, now),
                             f"clients still connected to the source, not through the proxy: {e.get('clients')}")
         elif kind == "awaiting_approval":
-            if not self.awaiting:
-                self.awaiting = True
+            if self.store and not self.store.awaiting_approval:
                 self._event("Normal", "AwaitingApproval", "in sync; set spec.cutover.approved=true to cut over")
-                self.loop.call_soon_threadsafe(self._spawn, self._conditions())
+                self.loop.call_soon_threadsafe(self._spawn, self._write("set_flags", awaiting_approval=True))
         elif kind == "copied":
             self._event("Normal", "Copied", f"copied {e.get('keys')} keys in {e.get('seconds')}s")
         elif kind == "cutover":
@@ -203,7 +192,7 @@ class Reporter:
         """(type, reason) for clients seen on the source around the proxy. In RouteIn that is normal
         while applications move onto the proxy (Normal RouteInWaiting), and a Warning (RouteInBlocked)
         once it lasts GATE_WARN_AFTER; after RouteIn it is always a Warning (DirectClients)."""
-        if e.get("phase") not in (None, "RouteIn"):
+        if e.get("phase") not in (None, Phase.ROUTE_IN):
             return "Warning", "DirectClients"
         if self.gate_blocked_since is None:
             self.gate_blocked_since = now
@@ -214,76 +203,69 @@ class Reporter:
     def _spawn(self, coro: Any) -> None:
         asyncio.ensure_future(coro)
 
-    async def _patch(self, status: dict[str, Any]) -> None:
+    async def _write(self, what: str, *args: Any, **kwargs: Any) -> None:
+        """A StatusStore call off the event loop; a failed write is retried on the next tick."""
+        if not self.store:
+            return
         try:
-            await asyncio.to_thread(self.kube.patch_status, self.ns, self.name, status)
+            await asyncio.to_thread(getattr(self.store, what), *args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - status reporting is retried on the next tick
             log.warning("status not written", error=str(exc)[:200])
 
-    async def _conditions(self) -> None:
-        phase = self.phase or (self.store.phase if self.store else None)
-        if not self.store or not phase:
-            return
-        degraded = ("RepairBlocked", self.blocked["message"]) if self.blocked else None
-        self.store.conditions = conditions_for(phase, "", self.store.generation, self.store.conditions,
-                                               awaiting_approval=self.awaiting, degraded=degraded)
-        await self._patch({"conditions": self.store.conditions})
-
     # -- periodic ---------------------------------------------------------------------------------
     async def run(self) -> None:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
-            while True:
-                await self.flush_events()
-                with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
-                    await self._tick(http)
-                await asyncio.sleep(self.interval)
+        while True:
+            await self.flush_events()
+            try:
+                await self._tick()
+            except Exception as exc:  # noqa: BLE001 - a spec edited into something unusable, an API hiccup
+                log.warning("status not reported", error=str(exc)[:300])
+            await asyncio.sleep(self.interval)
 
     async def flush_events(self) -> None:
         while not self.events.empty():
             type_, reason, message = self.events.get_nowait()
             await asyncio.to_thread(self.kube.event, self.obj, type_, reason, message, WORKER_COMPONENT)
 
-    async def _tick(self, http: aiohttp.ClientSession) -> None:
-        if not self.control:
-            return
-        headers = {"Authorization": f"Bearer {self._token()}"}
-        base = f"http://{self.control}"
-        async with http.get(f"{base}/status", headers=headers) as rsp:
-            st = await rsp.json()
-        self.phase = st["phase"]
-        report = {"progress": progress(st.get("keysCopied") or 0, st.get("keysTotal") or 0, st["phase"]),
-                  "dirtyBacklog": int(st.get("dirtyBacklog") or 0)}
+    async def _tick(self) -> None:
+        m = self.migration
+        if m is None or not m.state:
+            return   # not started or not yet resumed: its phase would read as RouteIn
+        st = m.status()
+        phase = m.phase
+        blocked = st.get("repairBlocked")
+        report: dict[str, Any] = {
+            "progress": progress(st.get("keysCopied") or 0, st.get("keysTotal") or 0, phase),
+            "dirtyBacklog": int(st.get("dirtyBacklog") or 0),
+            "repairBlocked": blocked["message"] if blocked else None,
+            "sideChanges": int(st.get("sideChanges") or 0),
+            "durabilityLag": st.get("durabilityLag")}     # laggovernor.py; None without a reader
         if st.get("lastCutoverPauseMs") is not None:
             report["lastCutoverPauseMs"] = st["lastCutoverPauseMs"]
-        blocked = st.get("repairBlocked")
-        report["repairBlocked"] = blocked["message"] if blocked else None
-        report["sideChanges"] = int(st.get("sideChanges") or 0)
-        if (blocked or None) != self.blocked:
-            self.blocked = blocked or None
-            await self._conditions()
-        if report != self.last_status:
-            await self._patch(report)
-            self.last_status = report
-        obj = await asyncio.to_thread(self.kube.get, self.ns, self.name)
+        await self._write("report", report)
+        try:
+            obj = await asyncio.to_thread(self.kube.get, self.ns, self.name)
+        except Exception as exc:  # noqa: BLE001 - read again on the next tick
+            log.warning("resource not read", error=str(exc)[:200])
+            return
         if obj is None:
             return
-        if self.store:
-            self.store.generation = obj["metadata"].get("generation")
-        cutover = obj["spec"].get("cutover") or {}
-        if cutover.get("approved") and not self.approved_sent and st["phase"] in ("RouteIn", "Copy", "Sync"):
-            async with http.post(f"{base}/approve", headers=headers) as rsp:
-                if rsp.status == 200:
-                    self.approved_sent = True
-                    self._event("Normal", "CutoverApproved", "spec.cutover.approved is true: cutting over")
-        if blocked and (obj["spec"].get("repair") or {}).get("acceptDestructive"):
-            async with http.post(f"{base}/accept-repair", headers=headers) as rsp:
-                if rsp.status == 200:
-                    self._event("Warning", "RepairAccepted", "spec.repair.acceptDestructive is true: repairing")
-        if cutover.get("rollback") and not self.rollback_sent and st["phase"] == "RouteOut":
-            await self._maybe_rollback(http, base, headers, obj)
+        await self._write("set_flags", repair_blocked=blocked["message"] if blocked else None,
+                          generation=obj["metadata"].get("generation"))
+        spec = DurableCacheSpec.parse(obj)
+        self._follow_spec(m, spec, obj, bool(blocked))
 
-    async def _maybe_rollback(self, http: aiohttp.ClientSession, base: str, headers: dict[str, str],
-                              obj: dict[str, Any]) -> None:
+    def _follow_spec(self, m: Migration, spec: DurableCacheSpec, obj: dict[str, Any], blocked: bool) -> None:
+        """spec.cutover.approved, spec.repair.acceptDestructive and spec.cutover.rollback, passed on."""
+        if spec.cutover.approved and not self.approved_sent and m.approve() is None:
+            self.approved_sent = True
+            self._event("Normal", "CutoverApproved", "spec.cutover.approved is true: cutting over")
+        if blocked and spec.repair.accept_destructive and m.accept_repair() is None:
+            self._event("Warning", "RepairAccepted", "spec.repair.acceptDestructive is true: repairing")
+        if spec.cutover.rollback and not self.rollback_sent and m.phase == Phase.ROUTE_OUT:
+            self._maybe_rollback(m, obj)
+
+    def _maybe_rollback(self, m: Migration, obj: dict[str, Any]) -> None:
         # The operator first moves the applications back onto the proxy; only then may the proxy flip
         # back, or writes made directly on the target would be missed.
         route = (((obj.get("status") or {}).get("checkpoint") or {}).get("operator") or {}).get("route")
@@ -293,12 +275,6 @@ class Reporter:
             self.rollback_routed_at = time.monotonic()
         if time.monotonic() - self.rollback_routed_at < ROLLBACK_SETTLE:
             return
-        async with http.post(f"{base}/rollback", headers=headers) as rsp:
-            if rsp.status == 200:
-                self.rollback_sent = True
-                self._event("Normal", "RollbackRequested", "spec.cutover.rollback is true: moving back to the source")
-
-    def _token(self) -> str:
-        with open(self.token_file) as f:
-            return f.read().strip()
-
+        if m.request_rollback() is None:
+            self.rollback_sent = True
+            self._event("Normal", "RollbackRequested", "spec.cutover.rollback is true: moving back to the source")

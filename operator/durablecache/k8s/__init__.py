@@ -11,3 +11,7 @@ KIND = "DurableCache"
 API_VERSION = f"{GROUP}/{VERSION}"
 FINALIZER = f"{GROUP}/cleanup"
 COMPONENT = "durablecache-operator"
+
+# The operator's own settings (commands/operator.py's flags default to these; k8s/handlers.py uses them).
+RECONCILE_INTERVAL = 1.0     # seconds between passes of one DurableCache's reconcile loop
+READY_TIMEOUT = 3600.0       # seconds Provision waits, from when it began, for a new target to be ready

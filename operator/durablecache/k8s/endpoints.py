@@ -9,23 +9,24 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..phases import PROXIED_PHASES, Phase
 from .kube import Kube
 
 # Only these keys of the endpoint Secret are ours; any other key the applications keep there stays.
 SECRET_KEYS = ("host", "port", "tls", "url")
 
 
-def desired_route(phase: str | None, state: dict[str, Any], proxy_up: bool) -> str | None:
+def desired_route(phase: Phase | None, state: dict[str, Any], proxy_up: bool) -> str | None:
     """"source", "proxy", "target", or None (leave the endpoint as it is)."""
     flipped = bool(state.get("flipped"))
-    if phase in ("RouteIn", "Copy", "Sync", "Cutover", "RollingBack"):
+    if phase in PROXIED_PHASES:
         # Only once the worker reported its proxy listening: an endpoint nobody answers breaks apps.
         return "proxy" if proxy_up else None
-    if phase in ("RouteOut", "Complete"):
+    if phase in (Phase.ROUTE_OUT, Phase.COMPLETE):
         return "target"
-    if phase == "RolledBack":
+    if phase == Phase.ROLLED_BACK:
         return "source"
-    if phase == "Failed":
+    if phase == Phase.FAILED:
         # The proxy is gone with the worker: back to whichever side holds the latest writes.
         return "target" if flipped else "source"
     return None

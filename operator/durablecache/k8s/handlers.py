@@ -19,29 +19,24 @@ from typing import Any
 import kopf
 
 from .. import logs
-from ..errors import DurableCacheError
+from ..errors import DurableCacheError, RefusedError
+from ..phases import FINAL_PHASES, OPERATOR_PHASES, Phase, phase_or_none
 from ..providers import Provider
-from . import COMPONENT, FINALIZER, GROUP, PLURAL, VERSION
+from . import COMPONENT, FINALIZER, GROUP, PLURAL, READY_TIMEOUT, RECONCILE_INTERVAL, VERSION
 from .endpoints import desired_route, restart_workloads, switch
 from .kube import Kube
 from .metrics import Metrics
 from .runner import WorkloadRunner
-from .spec import (
-    credentials,
-    endpoint_dict,
-    ignored_settings,
-    make_provider,
-    migration_id,
-    side_names,
-    static_endpoint,
-    target_spec,
-)
-from .status import FINAL_PHASES, OPERATOR_PHASES, conditions_for, progress
+from .spec import DurableCacheSpec, SpecError, credentials, endpoint_dict, stored_endpoint, with_tls
+from .status import conditions_for, progress
 
 log = logs.get("durablecache.operator")
-RECONCILE_INTERVAL = 1.0
 ERROR_BACKOFF_MAX = 30.0
 WORKER_BACKOFF_MAX = 60.0
+# Provision looks at a target still being created this often (backing off up to the last), requeueing
+# in between rather than holding a thread; the operator's --ready-timeout bounds the whole wait.
+PROVISION_FIRST_LOOK = 2.0
+PROVISION_LOOK_MAX = 30.0
 
 
 @dataclasses.dataclass
@@ -51,7 +46,7 @@ class OperatorContext:
     metrics: Metrics
     peering: str | None = None
     standalone: bool = False
-    ready_timeout: float = 3600.0
+    ready_timeout: float = READY_TIMEOUT
     interval: float = RECONCILE_INTERVAL
 
 
@@ -61,6 +56,10 @@ def _status(obj: dict[str, Any]) -> dict[str, Any]:
 
 def _checkpoint(obj: dict[str, Any], part: str) -> dict[str, Any]:
     return (_status(obj).get("checkpoint") or {}).get(part) or {}
+
+
+def _phase(obj: dict[str, Any]) -> Phase | None:
+    return phase_or_none(_status(obj).get("phase"))
 
 
 class Reconciler:
@@ -74,6 +73,8 @@ class Reconciler:
         self.route_checked = False
         self.worker_restarts = 0
         self.next_worker_start = 0.0
+        self.next_provision_look = 0.0
+        self.provision_delay = PROVISION_FIRST_LOOK
 
     async def get(self) -> dict[str, Any] | None:
         return await asyncio.to_thread(self.kube.get, self.ns, self.name)
@@ -84,7 +85,8 @@ class Reconciler:
     async def event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
         await asyncio.to_thread(self.kube.event, obj, type_, reason, message, COMPONENT)
 
-    async def set_phase(self, obj: dict[str, Any], phase: str, message: str = "", **extra: Any) -> None:
+    async def set_phase(self, obj: dict[str, Any], phase: Phase, message: str = "", **extra: Any) -> None:
+        assert phase in OPERATOR_PHASES, "the worker sets every phase from RouteIn on"
         gen = obj["metadata"].get("generation")
         conds = conditions_for(phase, message, gen, _status(obj).get("conditions") or [])
         await self.patch({"phase": phase, "conditions": conds, "observedGeneration": gen, **extra})
@@ -93,8 +95,8 @@ class Reconciler:
 
     async def fail(self, obj: dict[str, Any], reason: str, message: str) -> None:
         gen = obj["metadata"].get("generation")
-        conds = conditions_for("Failed", message, gen, _status(obj).get("conditions") or [], failure_reason=reason)
-        await self.patch({"phase": "Failed", "conditions": conds, "observedGeneration": gen})
+        conds = conditions_for(Phase.FAILED, message, gen, _status(obj).get("conditions") or [], failure_reason=reason)
+        await self.patch({"phase": Phase.FAILED.value, "conditions": conds, "observedGeneration": gen})
         await self.event(obj, "Warning", reason, message)
         log.warning("migration failed", namespace=self.ns, name=self.name, reason=reason, detail=message)
 
@@ -105,7 +107,7 @@ class Reconciler:
         if obj is None or obj["metadata"].get("deletionTimestamp"):
             return True
         self.ctx.metrics.observe(obj)
-        phase = _status(obj).get("phase")
+        phase = _phase(obj)
         op = _checkpoint(obj, "operator")
         if phase in FINAL_PHASES:
             await self.route(obj)
@@ -135,7 +137,7 @@ class Reconciler:
             message = (f"the proxy/syncer worker had stopped; started it again (restart {self.worker_restarts}); "
                        "it resumes from status.checkpoint and re-verifies before any cutover")
             await self.event(obj, "Warning", "WorkerRestarted", message)
-            phase = _status(obj).get("phase") or "RouteIn"
+            phase = _phase(obj) or Phase.ROUTE_IN
             conds = conditions_for(phase, "", obj["metadata"].get("generation"), _status(obj).get("conditions") or [],
                                    degraded=("WorkerRestarted", message))
             await self.patch({"conditions": conds})
@@ -143,89 +145,108 @@ class Reconciler:
             self.worker_restarts = 0
 
     # -- Preflight and Provision -----------------------------------------------------------------
-    async def provision(self, obj: dict[str, Any], phase: str | None) -> None:
+    async def provision(self, obj: dict[str, Any], phase: Phase | None) -> None:
+        """Preflight once, then Provision one look at a time: a target still being created is looked
+        at again on a later pass (with backoff), never waited for here."""
         try:
-            provider = await asyncio.to_thread(make_provider, obj, self.ctx.ready_timeout)
-            _user, token = await asyncio.to_thread(credentials, self.kube, self.ns, obj["spec"]["target"])
-            tspec = target_spec(obj, token)
-            if phase != "Provision":
-                await self.set_phase(obj, "Preflight", **side_names(obj))
-                result = await asyncio.to_thread(provider.preflight, tspec)
-                for warning in result.warnings:
-                    await self.event(obj, "Warning", "PreflightWarning", str(warning))
-                for ignored in ignored_settings(obj):
-                    await self.event(obj, "Warning", "SettingIgnored", ignored)
-                if not result.ok:
-                    await self.fail(obj, "PreflightFailed", result.message())
+            spec = DurableCacheSpec.parse(obj)
+            provider = await asyncio.to_thread(spec.make_provider, self.ctx.ready_timeout)
+            _user, token = await asyncio.to_thread(credentials, self.kube, self.ns, spec.target)
+            tspec = spec.target_spec(token)
+            if phase != Phase.PROVISION:
+                if not await self._preflight(obj, spec, provider, tspec):
                     return
-                await self.set_phase(obj, "Provision")
-            await self._provision(obj, provider, tspec)
+                await self.set_phase(obj, Phase.PROVISION)
+            if not _checkpoint(obj, "operator").get("provisionStarted"):
+                await self._start_provision(obj, provider, tspec)
+            if time.monotonic() >= self.next_provision_look:
+                await self._look_at_target(obj, spec, provider, tspec)
         except DurableCacheError as exc:
-            await self.fail(obj, "PreflightFailed" if phase != "Provision" else "ProvisionFailed", str(exc))
+            await self.fail(obj, "PreflightFailed" if phase != Phase.PROVISION else "ProvisionFailed", str(exc))
 
-    async def _provision(self, obj: dict[str, Any], provider: Provider, tspec: Any) -> None:
-        info = await asyncio.to_thread(provider.ensure_target, tspec)
+    async def _preflight(self, obj: dict[str, Any], spec: DurableCacheSpec, provider: Provider,
+                         tspec: Any) -> bool:
+        await self.set_phase(obj, Phase.PREFLIGHT, **spec.side_names())
+        result = await asyncio.to_thread(provider.preflight, tspec)
+        for warning in result.warnings:
+            await self.event(obj, "Warning", "PreflightWarning", str(warning))
+        for ignored in spec.ignored_settings():
+            await self.event(obj, "Warning", "SettingIgnored", ignored)
+        if not result.ok:
+            await self.fail(obj, "PreflightFailed", result.message())
+        return result.ok
+
+    async def _start_provision(self, obj: dict[str, Any], provider: Provider, tspec: Any) -> None:
+        info = await asyncio.to_thread(provider.ensure_target, tspec)   # idempotent: adopts its own target
         if info.created:
             await self.event(obj, "Normal", "TargetCreated",
                              f"creating {info.replication_group_id} with durability {tspec.durability}")
-        info = await asyncio.to_thread(provider.wait_ready, tspec)
+        # When Provision began, in the status: a restarted operator keeps the same deadline.
+        started = time.time()
+        await self.patch({"checkpoint": {"operator": {"provisionStarted": started}}})
+        obj.setdefault("status", {}).setdefault("checkpoint", {}).setdefault("operator", {})[
+            "provisionStarted"] = started
+        self.provision_delay = PROVISION_FIRST_LOOK
+
+    async def _look_at_target(self, obj: dict[str, Any], spec: DurableCacheSpec, provider: Provider,
+                              tspec: Any) -> None:
+        info = await asyncio.to_thread(provider.ready_now, tspec)
+        if info is None:
+            started = float(_checkpoint(obj, "operator").get("provisionStarted") or time.time())
+            if time.time() - started > self.ctx.ready_timeout:
+                raise RefusedError(f"target {tspec.replication_group_id!r} is still not ready after "
+                                   f"{self.ctx.ready_timeout:.0f}s")
+            self.next_provision_look = time.monotonic() + self.provision_delay
+            self.provision_delay = min(self.provision_delay * 2, PROVISION_LOOK_MAX)
+            return
         targets = await asyncio.to_thread(provider.endpoints, tspec)
         source_desc = await asyncio.to_thread(provider.describe_source)
-        spec = obj["spec"]
-        source_ep = source_desc.endpoint or static_endpoint(spec["source"])
-        source_tls = (spec["source"].get("tls") or {}).get("enabled")
-        if source_tls is not None:
-            source_ep = dataclasses.replace(source_ep, tls=bool(source_tls))
-        target_tls = (spec["target"].get("tls") or {}).get("enabled")
-        target_ep = targets[0]
-        if target_tls is not None:
-            target_ep = dataclasses.replace(target_ep, tls=bool(target_tls))
-        is_aws = spec["target"].get("provider", "aws") == "aws"
-        durability = (info.effective_durability or "unknown") if is_aws else "unknown"
-        src = endpoint_dict(source_ep, (spec["source"].get("tls") or {}).get("serverName"))
-        dst = endpoint_dict(target_ep, (spec["target"].get("tls") or {}).get("serverName"))
+        source_ep = with_tls(source_desc.endpoint or spec.source.first_endpoint(), spec.source.tls)
+        target_ep = with_tls(targets[0], spec.target.tls)
+        durability = (info.effective_durability or "unknown") if spec.target.is_aws else "unknown"
         await self.patch({
             "targetDurability": durability,
-            **side_names(obj),
-            "progress": progress(0, 0, "Provision"),
+            **spec.side_names(),
+            "progress": progress(0, 0, Phase.PROVISION),
             "endpoints": {"source": source_ep.address, "target": target_ep.address},
-            "checkpoint": {"operator": {"provisioned": True, "source": src, "target": dst,
-                                        "migrationId": migration_id(obj)}},
+            "checkpoint": {"operator": {"provisioned": True, "source": endpoint_dict(source_ep),
+                                        "target": endpoint_dict(target_ep), "migrationId": spec.migration_id}},
         })
         await self.event(obj, "Normal", "TargetReady",
                          f"target {target_ep.address} ready (durability read back: {durability})")
 
     async def follow_durability(self, obj: dict[str, Any]) -> None:
         """spec.target.durability may move between sync and async at any time (aws)."""
-        spec, status = obj["spec"]["target"], _status(obj)
-        current = status.get("targetDurability")
-        if spec.get("provider", "aws") != "aws" or current in (None, "unknown") or current == spec["durability"]:
+        spec = DurableCacheSpec.parse(obj)
+        current = _status(obj).get("targetDurability")
+        wanted = spec.target.durability
+        if not spec.target.is_aws or current in (None, "unknown") or current == wanted:
             return
-        provider = await asyncio.to_thread(make_provider, obj, self.ctx.ready_timeout)
+        provider = await asyncio.to_thread(spec.make_provider, self.ctx.ready_timeout)
         try:
-            info = await asyncio.to_thread(provider.set_durability, target_spec(obj))
+            info = await asyncio.to_thread(provider.set_durability, spec.target_spec())
         except DurableCacheError as exc:
             await self.event(obj, "Warning", "DurabilityChangeRefused", str(exc))
             return
-        await self.patch({"targetDurability": info.effective_durability or spec["durability"]})
-        await self.event(obj, "Normal", "DurabilityChanged", f"target durability is now {spec['durability']}")
+        await self.patch({"targetDurability": info.effective_durability or wanted})
+        await self.event(obj, "Normal", "DurabilityChanged", f"target durability is now {wanted}")
 
     # -- the applications' endpoint ---------------------------------------------------------------
     def address(self, obj: dict[str, Any], side: str) -> tuple[str, int, bool]:
         if side == "proxy":
             host, port = self.ctx.runner.proxy_address(obj)
             return host, port, False
-        ep = _checkpoint(obj, "operator")[side]
-        return ep["host"], int(ep["port"]), bool(ep.get("tls"))
+        ep = stored_endpoint(_checkpoint(obj, "operator")[side])
+        return ep.host, ep.port, ep.tls
 
     async def route(self, obj: dict[str, Any]) -> None:
-        phase = _status(obj).get("phase")
+        phase = _phase(obj)
         op = _checkpoint(obj, "operator")
         if not op.get("provisioned"):
             return
         proxy_up = bool(_checkpoint(obj, "worker").get("proxiesUp"))
         want = desired_route(phase, _checkpoint(obj, "migration"), proxy_up)
-        if phase == "RouteOut" and (obj["spec"].get("cutover") or {}).get("rollback"):
+        if phase == Phase.ROUTE_OUT and DurableCacheSpec.parse(obj).cutover.rollback:
             want = "proxy"  # a rollback starts by moving the applications back onto the proxy
         if want is None or (want == op.get("route") and self.route_checked):
             return
@@ -249,10 +270,15 @@ class Reconciler:
         """Put the applications on the side that holds the latest writes, stop the worker, apply the
         deletion policies. The source is deleted only after a Complete migration, and only when its
         policy says so (the provider refuses otherwise, too)."""
-        phase = _status(obj).get("phase")
+        phase = _phase(obj)
         op = _checkpoint(obj, "operator")
+        try:
+            spec: DurableCacheSpec | None = DurableCacheSpec.parse(obj)
+        except SpecError as exc:   # never provisioned anything: nothing to apply a policy to
+            log.warning("deleted with a spec that does not parse", error=str(exc))
+            spec = None
         if op.get("provisioned") and phase not in OPERATOR_PHASES:
-            side = "target" if _checkpoint(obj, "migration").get("flipped") or phase == "Complete" else "source"
+            side = "target" if _checkpoint(obj, "migration").get("flipped") or phase == Phase.COMPLETE else "source"
             if op.get("route") not in (None, side):
                 host, port, tls = self.address(obj, side)
                 if await asyncio.to_thread(switch, self.kube, obj, host, port, tls):
@@ -260,25 +286,29 @@ class Reconciler:
                 await self.event(obj, "Normal", "EndpointSwitched",
                                  f"deleted mid-migration: applications now use the {side} at {host}:{port}")
         await self.ctx.runner.remove(obj)
-        policy = (obj["spec"].get("deletionPolicy") or {}).get("target", "Retain")
-        if policy == "Delete" and op.get("provisioned") and obj["spec"]["target"].get("provider", "aws") == "aws":
+        if spec is None:
+            self.ctx.metrics.forget(self.ns, self.name)
+            return
+        policy = spec.deletion_policy.target
+        if policy == "Delete" and op.get("provisioned") and spec.target.is_aws:
             try:
-                provider = await asyncio.to_thread(make_provider, obj, self.ctx.ready_timeout)
-                outcome = await asyncio.to_thread(provider.delete_target, target_spec(obj), policy,
+                provider = await asyncio.to_thread(spec.make_provider, self.ctx.ready_timeout)
+                outcome = await asyncio.to_thread(provider.delete_target, spec.target_spec(), policy,
                                                   bool(_checkpoint(obj, "migration").get("flipped")))
                 log.info("target deletion policy", outcome=outcome.action, reason=outcome.reason)
             except DurableCacheError as exc:
                 log.warning("target kept", reason=str(exc))
-        source_policy = (obj["spec"].get("deletionPolicy") or {}).get("source", "Retain")
+        source_policy = spec.deletion_policy.source
         if source_policy != "Retain" and op.get("provisioned"):
-            await self._apply_source_policy(obj, source_policy, completed=phase == "Complete")
+            await self._apply_source_policy(obj, spec, source_policy, completed=phase == Phase.COMPLETE)
         self.ctx.metrics.forget(self.ns, self.name)
 
-    async def _apply_source_policy(self, obj: dict[str, Any], policy: str, completed: bool) -> None:
+    async def _apply_source_policy(self, obj: dict[str, Any], spec: DurableCacheSpec, policy: str,
+                                   completed: bool) -> None:
         """deletionPolicy.source SnapshotThenDelete / Delete (aws; the CRD refuses them otherwise)."""
         try:
-            provider = await asyncio.to_thread(make_provider, obj, self.ctx.ready_timeout)
-            outcome = await asyncio.to_thread(provider.delete_source, policy, migration_id(obj), completed)
+            provider = await asyncio.to_thread(spec.make_provider, self.ctx.ready_timeout)
+            outcome = await asyncio.to_thread(provider.delete_source, policy, spec.migration_id, completed)
         except DurableCacheError as exc:
             await self.event(obj, "Warning", "SourceKept", f"deletionPolicy.source {policy} failed: {exc}")
             return
@@ -335,6 +365,17 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
                 log.warning("reconcile failed; retrying", namespace=namespace, name=name, error=str(exc)[:300],
                             retry_in_s=backoff)
             await _pause(stopped, backoff)
+
+    # (aws helper's hunk) A durability change after the migration ended: the reconcile daemon has
+    # returned by then, so the change is followed here; before that, the daemon follows it.
+    @kopf.on.field(GROUP, VERSION, PLURAL, field="spec.target.durability", registry=registry)
+    async def durability_changed(name: str, namespace: str | None, old: Any, **_: Any) -> None:
+        assert namespace, "DurableCache is a namespaced resource"
+        rec = Reconciler(ctx, namespace, name)
+        obj = await rec.get()
+        if old is None or obj is None or _status(obj).get("phase") not in FINAL_PHASES:
+            return
+        await rec.follow_durability(obj)
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, retries=5, backoff=5)
     async def delete(name: str, namespace: str | None, body: Any, **_: Any) -> None:

@@ -7,8 +7,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
-PHASES = ("Preflight", "Provision", "RouteIn", "Copy", "Sync", "Cutover", "RouteOut", "Complete", "Failed",
-          "RollingBack", "RolledBack")
+from ..phases import Phase
+
+PHASES = tuple(p.value for p in Phase)
 LABELS = ("namespace", "name")
 
 
@@ -30,6 +31,10 @@ class Metrics:
                                     "or overwrite much of a side waits for acceptance", LABELS, registry=r)
         self.side_changes = Gauge("durablecache_side_changes", "times a server of either side was found restarted, "
                                   "failed over or replaced during the migration", LABELS, registry=r)
+        self.lag = Gauge("durablecache_target_durability_lag_seconds", "the async-durable target's "
+                         "DurabilityLag as last read from CloudWatch (it refuses writes near 10 s)", LABELS, registry=r)
+        self.write_rate = Gauge("durablecache_target_write_rate_bytes", "the rate per target primary the copy "
+                                "and syncer write at, as the durability lag allows", LABELS, registry=r)
         self._known: set[tuple[str, str]] = set()
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
@@ -51,6 +56,11 @@ class Metrics:
         self.side_changes.labels(*key).set(status.get("sideChanges") or 0)
         if status.get("lastCutoverPauseMs") is not None:
             self.pause.labels(*key).set(status["lastCutoverPauseMs"])
+        lag = status.get("durabilityLag") or {}
+        if lag.get("seconds") is not None:
+            self.lag.labels(*key).set(lag["seconds"])
+        if lag.get("rateBytesPerSecond") is not None:
+            self.write_rate.labels(*key).set(lag["rateBytesPerSecond"])
 
     def forget(self, namespace: str, name: str) -> None:
         key = (namespace, name)
@@ -62,5 +72,6 @@ class Metrics:
         for gauge in (self.progress, self.keys_copied, self.keys_total, self.backlog, self.repair_blocked,
                       self.side_changes):
             gauge.remove(*key)
-        with contextlib.suppress(KeyError):
-            self.pause.remove(*key)
+        for optional in (self.pause, self.lag, self.write_rate):
+            with contextlib.suppress(KeyError):
+                optional.remove(*key)

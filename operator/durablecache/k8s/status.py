@@ -7,23 +7,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..phases import Phase
 from .kube import now_iso
 
-FINAL_PHASES = {"Complete", "Failed", "RolledBack"}
-# Phases run by the operator itself, before the worker exists.
-OPERATOR_PHASES = {"Preflight", "Provision"}
-
 # phase -> (Progressing reason, message). Reasons are CamelCase, stable, and documented in docs/operator.md.
-PROGRESSING = {
-    "Preflight": ("Preflight", "checking the spec, the source and the durability rules"),
-    "Provision": ("Provisioning", "creating or adopting the durable target"),
-    "RouteIn": ("RoutingIn", "applications are being moved onto the proxy; waiting until nothing writes "
+PROGRESSING: dict[Phase, tuple[str, str]] = {
+    Phase.PREFLIGHT: ("Preflight", "checking the spec, the source and the durability rules"),
+    Phase.PROVISION: ("Provisioning", "creating or adopting the durable target"),
+    Phase.ROUTE_IN: ("RoutingIn", "applications are being moved onto the proxy; waiting until nothing writes "
                              "around it"),
-    "Copy": ("Copying", "copying every key from the source to the target"),
-    "Sync": ("Syncing", "keeping the target in sync with live writes"),
-    "Cutover": ("CuttingOver", "holding writes while the target becomes authoritative"),
-    "RouteOut": ("RoutingOut", "applications use the target; the source is kept current for the rollback window"),
-    "RollingBack": ("RollingBack", "moving applications back to the source"),
+    Phase.COPY: ("Copying", "copying every key from the source to the target"),
+    Phase.SYNC: ("Syncing", "keeping the target in sync with live writes"),
+    Phase.CUTOVER: ("CuttingOver", "holding writes while the target becomes authoritative"),
+    Phase.ROUTE_OUT: ("RoutingOut", "applications use the target; the source is kept current for the rollback window"),
+    Phase.ROLLING_BACK: ("RollingBack", "moving applications back to the source"),
 }
 
 
@@ -40,28 +37,28 @@ def condition(type_: str, status: bool, reason: str, message: str, generation: i
     return out
 
 
-def conditions_for(phase: str, message: str, generation: int | None, previous: list[dict[str, Any]], *,
+def conditions_for(phase: Phase, message: str, generation: int | None, previous: list[dict[str, Any]], *,
                    awaiting_approval: bool = False, failure_reason: str = "MigrationFailed",
                    degraded: tuple[str, str] | None = None) -> list[dict[str, Any]]:
     """Ready, Progressing and Degraded for a phase.
 
     ``degraded`` = (reason, message) marks a non-fatal problem (a worker restart, a required repair)."""
-    if phase == "Complete":
+    if phase == Phase.COMPLETE:
         ready = (True, "MigrationComplete", message or "applications use the durable target")
         progressing = (False, "MigrationComplete", "nothing left to do")
-    elif phase == "RolledBack":
+    elif phase == Phase.ROLLED_BACK:
         ready = (False, "RolledBack", message or "applications are back on the source")
         progressing = (False, "RolledBack", "nothing left to do")
-    elif phase == "Failed":
+    elif phase == Phase.FAILED:
         ready = (False, failure_reason, message)
         progressing = (False, failure_reason, message)
     else:
-        reason, text = PROGRESSING.get(phase, (phase, phase))
-        if awaiting_approval and phase == "Sync":
+        reason, text = PROGRESSING.get(phase, (phase.value, phase.value))
+        if awaiting_approval and phase == Phase.SYNC:
             reason, text = "AwaitingApproval", "in sync; set spec.cutover.approved=true to cut over"
         ready = (False, reason, text)
         progressing = (True, reason, message or text)
-    if phase == "Failed":
+    if phase == Phase.FAILED:
         bad = (True, failure_reason, message)
     elif degraded:
         bad = (True, degraded[0], degraded[1])
@@ -72,11 +69,11 @@ def conditions_for(phase: str, message: str, generation: int | None, previous: l
             condition("Degraded", *bad, generation, previous)]
 
 
-def progress(keys_copied: int, keys_total: int, phase: str) -> dict[str, Any]:
+def progress(keys_copied: int, keys_total: int, phase: Phase) -> dict[str, Any]:
     """status.progress; past Copy the bulk copy is done whatever the counters say."""
-    if phase in ("Preflight", "Provision", "RouteIn"):
+    if phase in (Phase.PREFLIGHT, Phase.PROVISION, Phase.ROUTE_IN):
         percent = 0
-    elif phase == "Copy":
+    elif phase == Phase.COPY:
         percent = min(99, keys_copied * 100 // keys_total) if keys_total else 0
     else:
         percent = 100

@@ -1,4 +1,6 @@
-"""The migration's resume state kept in the DurableCache's status.checkpoint.migration.
+"""The worker's one writer of the DurableCache's status: the engine's resume state
+(status.checkpoint.migration), the phase, the conditions and the top-level observedGeneration, progress
+and checkpoint.worker. The operator writes only what comes before the worker (k8s/handlers.py).
 
 The engine calls ``save`` from its event loop, often (every copy checkpoint). Saves that decide who is
 authoritative — a phase change, ``flipped`` — are written before ``save`` returns: the engine unfreezes
@@ -16,13 +18,15 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import logs
+from ..phases import Phase, phase_or_none
 from .kube import Kube
-from .status import OPERATOR_PHASES, conditions_for, merge_diff
+from .status import conditions_for, merge_diff
 
 log = logs.get("durablecache.k8s.store")
 CRITICAL_KEYS = ("phase", "flipped", "message")
+UNCHANGED = "\0unchanged"   # set_flags: leave repair_blocked as it is
 
-PhaseHook = Callable[[str, dict[str, Any]], None]
+PhaseHook = Callable[[Phase, dict[str, Any]], None]
 
 
 class StatusStore:
@@ -40,11 +44,14 @@ class StatusStore:
         self._thread: threading.Thread | None = None
         self.generation: int | None = None
         self.conditions: list[dict[str, Any]] = []
+        self.awaiting_approval = False
+        self.repair_blocked: str | None = None     # the message of a repair waiting for acceptance
+        self._reported: dict[str, Any] = {}
 
     @property
-    def phase(self) -> str | None:
+    def phase(self) -> Phase | None:
         """The phase last written (or loaded)."""
-        return self._written.get("phase")
+        return phase_or_none(self._written.get("phase"))
 
     # -- CheckpointStore ------------------------------------------------------------------------
     def load(self) -> dict[str, Any]:
@@ -68,6 +75,42 @@ class StatusStore:
         self._ensure_thread()
         self._wake.set()
 
+    # -- the rest of the worker's status ----------------------------------------------------------
+    def report(self, fields: dict[str, Any]) -> None:
+        """Progress, backlog and the like: written when they changed."""
+        with self._lock:
+            changed = {k: v for k, v in fields.items() if self._reported.get(k, object()) != v}
+            if not changed:
+                return
+            self.kube.patch_status(self.namespace, self.name, changed)
+            self._reported.update(changed)
+
+    def set_flags(self, *, awaiting_approval: bool | None = None, repair_blocked: str | None = UNCHANGED,
+                  generation: int | None = None) -> None:
+        """What the conditions show besides the phase (and the generation they were written for);
+        the conditions are rewritten when any of them changed."""
+        with self._lock:
+            before = (self.awaiting_approval, self.repair_blocked, self.generation)
+            if awaiting_approval is not None:
+                self.awaiting_approval = awaiting_approval
+            if repair_blocked is not UNCHANGED:
+                self.repair_blocked = repair_blocked or None
+            if generation is not None:
+                self.generation = generation
+            phase = self.phase
+            if phase is None or before == (self.awaiting_approval, self.repair_blocked, self.generation):
+                return
+            self.kube.patch_status(self.namespace, self.name, self._conditions(phase, ""))
+
+    def _conditions(self, phase: Phase, message: str) -> dict[str, Any]:
+        degraded = ("RepairBlocked", self.repair_blocked) if self.repair_blocked else None
+        self.conditions = conditions_for(phase, message, self.generation, self.conditions,
+                                         awaiting_approval=self.awaiting_approval, degraded=degraded)
+        out: dict[str, Any] = {"conditions": self.conditions}
+        if self.generation is not None:
+            out["observedGeneration"] = self.generation
+        return out
+
     # -- writing --------------------------------------------------------------------------------
     def _write(self, state: dict[str, Any]) -> None:
         with self._lock:
@@ -75,17 +118,15 @@ class StatusStore:
             diff = merge_diff(self._written, state)
             if not diff and self._written:
                 return
-            phase = state.get("phase")
-            phase_changed = phase != self._written.get("phase")
+            phase = phase_or_none(state.get("phase"))
+            phase_changed = phase is not None and phase != self.phase
             patch: dict[str, Any] = {"checkpoint": {"migration": diff if self._written else state}}
-            if phase_changed and phase and phase not in OPERATOR_PHASES:
-                # Preflight/Provision are the operator's own phases; the engine repeats them when it
-                # starts, which must not make the visible phase go backwards.
-                self.conditions = conditions_for(phase, state.get("message", ""), self.generation, self.conditions)
-                patch.update(phase=phase, conditions=self.conditions)
+            if phase_changed and phase is not None:
+                self.awaiting_approval = False
+                patch.update(phase=phase.value, **self._conditions(phase, state.get("message", "")))
             self.kube.patch_status(self.namespace, self.name, patch)
             self._written = state
-        if phase_changed and phase and self.on_phase:
+        if phase_changed and phase is not None and self.on_phase:
             self.on_phase(phase, state)
 
     def _ensure_thread(self) -> None:

@@ -6,11 +6,13 @@ tests/aws/test_iam_policy.py keeps the two in step.
 
 Test seam: ``endpoint_url`` points the client at moto in server mode, and ``endpoint_resolver``
 maps the endpoints the API reports (moto invents hostnames) to servers a test really runs. In
-production the resolver is the identity.
+production the resolver is the identity. An operator started by a test gets its resolver from
+``DURABLECACHE_TEST_ENDPOINT_MAP`` (``<replication-group-id>=<host>:<port>,...``; resolver_from_env).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -25,6 +27,7 @@ from ..errors import ConnectError, RefusedError, UsageError
 from ..urls import Endpoint
 from . import awserrors, rules
 from .awserrors import AwsError, AwsNotFound
+from .awslag import DurabilityLagReader
 from .base import (
     DURABILITIES,
     OWNER_TAG,
@@ -59,6 +62,10 @@ log = logs.get("durablecache.providers.aws")
 # Throttling is retried here, by botocore: adaptive mode adds client-side rate limiting to the
 # exponential backoff, so a burst of reconciles slows down instead of failing.
 CLIENT_CONFIG = Config(retries={"mode": "adaptive", "max_attempts": 10}, user_agent_extra="durablecache")
+# The durability-lag reading is advice, read again in 30 s: short timeouts and few retries, so that an
+# unreachable CloudWatch (a VPC without an endpoint for it) costs a warning, not a stuck worker thread.
+CLOUDWATCH_CONFIG = Config(retries={"mode": "standard", "max_attempts": 2}, connect_timeout=5, read_timeout=10,
+                           user_agent_extra="durablecache")
 
 
 def make_client(region: str | None = None, endpoint_url: str | None = None,
@@ -101,11 +108,14 @@ class AwsProvider(Provider):
         ready_timeout: float = READY_TIMEOUT,
         first_delay: float = FIRST_DELAY,
         max_delay: float = MAX_DELAY,
+        cloudwatch: Any = None,
     ):
         self.source_id = source_replication_group_id
         self.client = client if client is not None else make_client(region, endpoint_url)
+        self._cloudwatch = cloudwatch
+        self._region, self._endpoint_url = region, endpoint_url
         require_durability_api(self.client)
-        self.resolve = endpoint_resolver or (lambda ep: ep)
+        self.resolve = endpoint_resolver or resolver_from_env() or (lambda ep: ep)
         self.ca_file = ca_file
         self.clock = clock
         self.sleep = sleep
@@ -182,8 +192,12 @@ class AwsProvider(Provider):
             tags=self._tags(rg.get("ARN")),
             status=rg.get("Status"),
             arn=rg.get("ARN"),
-            endpoint=self._rg_endpoint(rg, password=None, username=None, tls=bool(rg.get("TransitEncryptionEnabled"))),
+            endpoint=self._resolved(self._rg_endpoint(rg, password=None, username=None,
+                                                      tls=bool(rg.get("TransitEncryptionEnabled")))),
         )
+
+    def _resolved(self, endpoint: Endpoint | None) -> Endpoint | None:
+        return None if endpoint is None else self.resolve(endpoint)
 
     def _member_cluster(self, rg: Mapping[str, Any]) -> dict[str, Any]:
         """Engine version, subnet group, security groups, parameter group and maintenance window are
@@ -261,6 +275,26 @@ class AwsProvider(Provider):
     def wait_ready(self, spec: TargetSpec, timeout: float | None = None) -> TargetInfo:
         return self._wait_ready(spec, timeout, tolerate_mismatch=False)
 
+    def ready_now(self, spec: TargetSpec) -> TargetInfo | None:
+        rg_id = spec.replication_group_id
+        rg, status = self._look_at_target(rg_id)
+        got = (rg.get("Durability"), rg.get("EffectiveDurability"))
+        if status != "available":
+            return None
+        if got[0] != spec.durability:
+            raise RefusedError(_durability_mismatch(rg_id, spec.durability, got))
+        return _info(rg) if got == (spec.durability, spec.durability) else None
+
+    def _look_at_target(self, rg_id: str) -> tuple[dict[str, Any], Any]:
+        """The target and its status; RefusedError when it is gone or failed."""
+        rg = self._find_rg(rg_id)
+        if rg is None:
+            raise RefusedError(f"target {rg_id!r} disappeared while waiting for it")
+        status = rg.get("Status")
+        if status in FAILED_STATES:
+            raise RefusedError(f"target {rg_id!r} is {status} instead of becoming available")
+        return rg, status
+
     def _wait_ready(self, spec: TargetSpec, timeout: float | None, tolerate_mismatch: bool) -> TargetInfo:
         """Poll with exponential backoff (bounded by ``timeout``) until available, then check that
         the cluster really is durable the way it was asked (Durability and EffectiveDurability)."""
@@ -268,12 +302,7 @@ class AwsProvider(Provider):
         deadline = self.clock() + (self.ready_timeout if timeout is None else timeout)
         delay = self.first_delay
         while True:
-            rg = self._find_rg(rg_id)
-            if rg is None:
-                raise RefusedError(f"target {rg_id!r} disappeared while waiting for it")
-            status = rg.get("Status")
-            if status in FAILED_STATES:
-                raise RefusedError(f"target {rg_id!r} is {status} instead of becoming available")
+            rg, status = self._look_at_target(rg_id)
             if status == "available":
                 asked = spec.durability
                 got = (rg.get("Durability"), rg.get("EffectiveDurability"))
@@ -336,6 +365,27 @@ class AwsProvider(Provider):
             self._call("ModifyReplicationGroup", ReplicationGroupId=rg_id, Durability=spec.durability,
                        ApplyImmediately=True)
         return self._wait_ready(spec, None, tolerate_mismatch=True)
+
+    def durability_lag_reader(self, spec: TargetSpec) -> DurabilityLagReader:
+        """A reader of the target's DurabilityLag (CloudWatch) for the engine's laggovernor; an async
+        target refuses writes as it approaches 10 s."""
+        rg_id = spec.replication_group_id
+
+        def members() -> list[str]:
+            rg = self._find_rg(rg_id)
+            return list((rg or {}).get("MemberClusters") or [])
+
+        return DurabilityLagReader(self._cloudwatch_client(), members)
+
+    def _cloudwatch_client(self) -> Any:
+        if self._cloudwatch is None:
+            try:
+                self._cloudwatch = boto3.session.Session().client(
+                    "cloudwatch", region_name=self._region or self.client.meta.region_name,
+                    endpoint_url=self._endpoint_url, config=CLOUDWATCH_CONFIG)
+            except (BotoCoreError, ValueError) as exc:
+                raise ConnectError(f"cannot set up the CloudWatch client: {exc}") from None
+        return self._cloudwatch
 
     def _require_owner(self, rg: Mapping[str, Any], migration_id: str) -> None:
         owner = self._tags(rg.get("ARN")).get(OWNER_TAG)
@@ -433,6 +483,34 @@ class AwsProvider(Provider):
             # Already gone or already being deleted: the outcome we want (idempotent on retry).
             if not isinstance(exc, AwsNotFound) and exc.code not in ALREADY_DELETING:
                 raise
+
+
+TEST_ENDPOINT_MAP = "DURABLECACHE_TEST_ENDPOINT_MAP"
+
+
+def resolver_from_env(text: str | None = None) -> EndpointResolver | None:
+    """The test seam for a whole operator (tests/kube): ``DURABLECACHE_TEST_ENDPOINT_MAP`` maps the
+    endpoints the API reports for a replication group (any host with the group's id as one of its DNS
+    labels, as ElastiCache's and moto's hostnames have) to a server the test runs. Unset in production."""
+    text = os.environ.get(TEST_ENDPOINT_MAP) if text is None else text
+    if not text:
+        return None
+    mapping: dict[str, tuple[str, int]] = {}
+    for item in text.split(","):
+        rg_id, _, address = item.strip().partition("=")
+        host, _, port = address.rpartition(":")
+        if not rg_id or not host or not port.isdigit():
+            raise UsageError(f"{TEST_ENDPOINT_MAP}: expected <replication-group-id>=<host>:<port>, not {item!r}")
+        mapping[rg_id] = (host, int(port))
+    log.warning("endpoints mapped by the test seam", variable=TEST_ENDPOINT_MAP, groups=sorted(mapping))
+
+    def resolve(endpoint: Endpoint) -> Endpoint:
+        for label in endpoint.host.split("."):
+            if label in mapping:
+                return endpoint.with_address(*mapping[label])
+        return endpoint
+
+    return resolve
 
 
 def create_params(plan: PlannedTarget) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 from ..urls import Endpoint
@@ -216,6 +216,12 @@ class Provider(abc.ABC):
     def wait_ready(self, spec: TargetSpec, timeout: float | None = None) -> TargetInfo:
         """Wait (bounded) until the target is available with the durability asked for."""
 
+    def ready_now(self, spec: TargetSpec) -> TargetInfo | None:
+        """One look, no waiting: the target's info once it is ready as asked, None while it is still
+        being made ready (the operator looks again later instead of holding a thread), RefusedError
+        when it never will be. Providers whose targets are ready at once need not override it."""
+        return self.wait_ready(spec)
+
     @abc.abstractmethod
     def endpoints(self, spec: TargetSpec, username: str | None = None) -> list[Endpoint]:
         """Where the engine connects to the target, with TLS and credentials filled in."""
@@ -233,6 +239,11 @@ class Provider(abc.ABC):
 
     @abc.abstractmethod
     def delete_source(self, policy: str, migration_id: str, migration_completed: bool) -> DeletionOutcome: ...
+
+    def durability_lag_reader(self, spec: TargetSpec) -> Callable[[], float | None] | None:
+        """A reader of the target's durability lag in seconds (laggovernor.py), where the provider can
+        see it; None where it cannot (static targets)."""
+        return None
 
     @abc.abstractmethod
     def delete_target(self, spec: TargetSpec, policy: str, reached_flip: bool) -> DeletionOutcome: ...

@@ -165,7 +165,20 @@ static char *put_bulk_header(char *p, Py_ssize_t size, Py_ssize_t digits)
 
 PyDoc_STRVAR(mark_frame_doc,
 "mark_frame(db, keys) -> bytes\n\n"
-"MARK <db> <key>... in RESP (marks.encode_marks is the reference); keys: a list of bytes.");
+"MARK <db> <mark>... in RESP (marks.encode_marks is the reference); keys: a list of bytes, where an\n"
+"instance of a bytes subclass (members.MemberMark) goes as the array [key, its .member].");
+
+/* The member of a MemberMark (a new reference, checked to be bytes); NULL with an exception set. */
+static PyObject *member_of(PyObject *mark)
+{
+    PyObject *member = PyObject_GetAttrString(mark, "member");
+    if (member != NULL && !PyBytes_Check(member)) {
+        Py_DECREF(member);
+        PyErr_SetString(PyExc_TypeError, "mark_frame: a member must be bytes");
+        return NULL;
+    }
+    return member;
+}
 
 static PyObject *mark_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -181,7 +194,8 @@ static PyObject *mark_frame(PyObject *self, PyObject *const *args, Py_ssize_t na
     char dbs[24], head[96];
     int dblen = snprintf(dbs, sizeof(dbs), "%lld", db);
     int headlen = snprintf(head, sizeof(head), "*%zd\r\n$4\r\nMARK\r\n$%d\r\n%s\r\n", count + 2, dblen, dbs);
-    /* The size first (a "$<n>\r\n" header, the key and CRLF per key), then one buffer filled in place. */
+    /* The size first (a "$<n>\r\n" header, the key and CRLF per key; "*2\r\n" and the member's bulk
+     * string more for a member mark), then one buffer filled in place. */
     Py_ssize_t size = headlen;
     for (i = 0; i < count; i++) {
         PyObject *key = PyList_GET_ITEM(keys, i);
@@ -190,9 +204,19 @@ static PyObject *mark_frame(PyObject *self, PyObject *const *args, Py_ssize_t na
             return NULL;
         }
         Py_ssize_t n = PyBytes_GET_SIZE(key);
-        if (n > PY_SSIZE_T_MAX - size - 32)     /* "$", up to 20 digits, CRLF, the key, CRLF */
+        if (n > PY_SSIZE_T_MAX / 2 - size - 32)     /* "$", up to 20 digits, CRLF, the key, CRLF */
             return PyErr_NoMemory();
         size += 1 + digits_of(n) + 2 + n + 2;
+        if (!PyBytes_CheckExact(key)) {
+            PyObject *member = member_of(key);
+            if (member == NULL)
+                return NULL;
+            Py_ssize_t m = PyBytes_GET_SIZE(member);
+            Py_DECREF(member);      /* the mark holds it: its size stays what it is here */
+            if (m > PY_SSIZE_T_MAX / 2 - size - 32)
+                return PyErr_NoMemory();
+            size += 4 + 1 + digits_of(m) + 2 + m + 2;
+        }
     }
     PyObject *frame = PyBytes_FromStringAndSize(NULL, size);
     if (frame == NULL)
@@ -202,12 +226,38 @@ static PyObject *mark_frame(PyObject *self, PyObject *const *args, Py_ssize_t na
     p += headlen;
     for (i = 0; i < count; i++) {
         PyObject *key = PyList_GET_ITEM(keys, i);
+        PyObject *member = NULL;
+        if (!PyBytes_CheckExact(key)) {
+            member = member_of(key);
+            if (member == NULL) {
+                Py_DECREF(frame);
+                return NULL;
+            }
+            memcpy(p, "*2\r\n", 4);
+            p += 4;
+        }
         Py_ssize_t n = PyBytes_GET_SIZE(key);
         p = put_bulk_header(p, n, digits_of(n));
         memcpy(p, PyBytes_AS_STRING(key), (size_t)n);
         p += n;
         *p++ = '\r';
         *p++ = '\n';
+        if (member != NULL) {
+            Py_ssize_t m = PyBytes_GET_SIZE(member);
+            if (PyBytes_AS_STRING(frame) + size - p < 1 + digits_of(m) + 2 + m + 2) {
+                /* the member was replaced since the frame was sized */
+                Py_DECREF(member);
+                Py_DECREF(frame);
+                PyErr_SetString(PyExc_RuntimeError, "mark_frame: a member changed while framing");
+                return NULL;
+            }
+            p = put_bulk_header(p, m, digits_of(m));
+            memcpy(p, PyBytes_AS_STRING(member), (size_t)m);
+            p += m;
+            *p++ = '\r';
+            *p++ = '\n';
+            Py_DECREF(member);
+        }
     }
     return frame;
 }

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..resp import reply_text_map, text
+from .members import MEMBER_KEY_INDEXES, MEMBER_PATH
 
 Args = Sequence[bytes]
 KeyFn = Callable[[Args], list[bytes]]
@@ -121,6 +122,17 @@ def _compile_spec(spec: dict[str, Any]) -> KeyFn | None:
     return None
 
 
+def _single_key_index(ks: dict[str, Any]) -> int:
+    """The argument index of a key spec that finds exactly one key at a fixed position; -1 otherwise."""
+    bs = reply_text_map(ks.get("begin_search") or [])
+    fk = reply_text_map(ks.get("find_keys") or [])
+    if text(bs.get("type", "")) != "index" or text(fk.get("type", "")) != "range":
+        return -1
+    if int(reply_text_map(fk.get("spec") or []).get("lastkey", -1)) != 0:
+        return -1
+    return int(reply_text_map(bs.get("spec") or []).get("index", -1))
+
+
 def _concat(fns: list[KeyFn]) -> KeyFn:
     if not fns:
         return _no_keys
@@ -154,9 +166,11 @@ def _build(entry: Sequence[Any], has_key_specs: bool) -> CommandSpec:
     unresolved_write = False
     any_write_spec = False
     key_specs = entry[8] if len(entry) > 8 else []
+    single_key_at: list[int] = []      # begin_search index of each spec that finds exactly one key
     if has_key_specs:
         for raw in key_specs or []:
             ks = reply_text_map(raw)
+            single_key_at.append(_single_key_index(ks))
             kflags = {text(f) for f in ks.get("flags") or []}
             writes = bool(kflags & WRITE_KEY_FLAGS)
             any_write_spec |= writes
@@ -181,6 +195,13 @@ def _build(entry: Sequence[Any], has_key_specs: bool) -> CommandSpec:
     spec.keys_all_written = "write" in flags and not any_write_spec
     spec.write_keys = _concat(write_fns)
     spec.key_index = getattr(spec.write_keys, "key_index", -1)
+    members = MEMBER_PATH.get(spec.name) if "|" not in name else None
+    if members is not None and spec.hold and not unresolved_write \
+            and tuple(single_key_at) == MEMBER_KEY_INDEXES[spec.name]:
+        # Member-level marks (members.py): only where the server's key specs are the ones the
+        # member table was written for; the fast path then calls write_keys (no fixed key index).
+        spec.write_keys = members
+        spec.key_index = -1
     spec.route_keys = _concat(all_fns)
     spec.needs_getkeys = unresolved_write
     if unresolved_write and has_key_specs:

@@ -1,8 +1,12 @@
 """Marks from proxy processes to the syncer's process, over a small RESP protocol.
 
     proxy -> syncer   HELLO-MARKS <token> <proxy-name>    <- +OK   (or -ERR and the connection closes)
-                      MARK <db> <key> [<key> ...]         <- +OK   (after the syncer's callback returned)
+                      MARK <db> <mark> [<mark> ...]       <- +OK   (after the syncer's callback returned)
                       BYE                                 <- +OK   (a clean goodbye)
+
+A <mark> is a key (a bulk string: the whole key), or a member of a key (an array of two bulk
+strings, [key, member]: members.py). A frame with key marks only is the plain RESP command it
+always was.
 
 A MARK is acknowledged after the syncer's callback took its keys, so an acknowledged frame means the
 syncer has them. A connection that ends without BYE makes the server call ``on_lost(peer)``: marks
@@ -23,6 +27,7 @@ import libvalkey
 
 from .. import logs
 from ..errors import ConnectError
+from .members import MemberMark
 
 log = logs.get("durablecache.marks")
 # Takes the keys of completed writes. Either synchronous (returns None once it has them: the
@@ -101,7 +106,7 @@ class MarkServer:
                         await writer.drain()
                         return
                     if verb == b"MARK" and len(cmd) >= 2:
-                        taken = self.on_marks(int(cmd[1]), cmd[2:])
+                        taken = self.on_marks(int(cmd[1]), _marks_of(cmd))
                         if taken is not None:
                             await taken
                         self.batches += 1
@@ -375,18 +380,34 @@ _BULK_HEADERS: Final = [b"\r\n$%d\r\n" % n for n in range(256)]
 
 
 def encode_marks(db: int, keys: list[bytes]) -> bytes:
-    """``MARK <db> <key>...`` in RESP: the reference for ``mark_frame`` (_resp.c), which sizes the
+    """``MARK <db> <mark>...`` in RESP: the reference for ``mark_frame`` (_resp.c), which sizes the
     frame first and fills it in place (5 ns per key, against 27 here). libvalkey's pack_command grows
-    its buffer key by key (a realloc and a printf each), which costs more still."""
+    its buffer key by key (a realloc and a printf each), which costs more still. A MemberMark (a bytes
+    subclass) goes as the array [key, member]."""
     dbs = b"%d" % db
     parts = [b"*%d\r\n$4\r\nMARK\r\n$%d\r\n%s" % (len(keys) + 2, len(dbs), dbs)]
     headers = _BULK_HEADERS
     for k in keys:
+        if k.__class__ is not bytes:
+            member: bytes = getattr(k, "member")   # noqa: B009 - only MemberMark has it; mypyc-safe
+            parts.append(b"\r\n*2\r\n$%d\r\n" % len(k))
+            parts.append(bytes(k))
+            parts.append(b"\r\n$%d\r\n" % len(member))
+            parts.append(member)
+            continue
         n = len(k)
         parts.append(headers[n] if n < 256 else b"\r\n$%d\r\n" % n)
         parts.append(k)
     parts.append(b"\r\n")
     return b"".join(parts)
+
+
+def _marks_of(cmd: list[Any]) -> list[bytes]:
+    """A received MARK frame's marks: keys as they are, [key, member] arrays as MemberMarks."""
+    marks: list[Any] = cmd[2:]     # not list[bytes]: compiled code would check each item's type
+    if any(m.__class__ is list for m in marks):
+        return [MemberMark.of(m[0], m[1]) if m.__class__ is list else m for m in marks]
+    return marks
 
 
 try:

@@ -87,7 +87,7 @@ class Routing(Outbox):
             await asyncio.wait_for(
                 loop.create_connection(lambda: conn, endpoint.host, endpoint.port,
                                        ssl=self.proxy.upstream_ssl(endpoint),
-                                       server_hostname=endpoint.host if endpoint.tls else None),
+                                       server_hostname=endpoint.tls_hostname if endpoint.tls else None),
                 self.proxy.connect_timeout)
         except (TimeoutError, OSError) as exc:
             log.warning("proxy.upstream_unreachable", session=self.id, upstream=endpoint.address,

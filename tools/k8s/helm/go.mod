@@ -1,7 +1,7 @@
 // Build-only module: pins helm for the chart tests (tests/kube/test_chart.py).
 // Separate from ../go.mod so helm's dependency graph cannot move the versions
 // kube-apiserver and etcd are built with.
-module durablecache.dev/tests/k8s/helm
+module durablecache.dev/tools/k8s/helm
 
 go 1.25.0
 

@@ -1,7 +1,7 @@
 // Build-only module: pins the Kubernetes test binaries (kube-apiserver, kubectl,
 // etcd) that scripts/build-k8s-tools.sh compiles for tests/kube. Nothing here is
 // imported by DurableCache itself.
-module durablecache.dev/tests/k8s
+module durablecache.dev/tools/k8s
 
 go 1.25.0
 
