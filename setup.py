@@ -12,9 +12,12 @@ from setuptools import Extension, setup
 # The proxy's request and reply paths run for every command a client sends during a migration.
 COMPILED = [
     "operator/durablecache/proxy/classify.py",
+    "operator/durablecache/proxy/clients.py",
     "operator/durablecache/proxy/cluster.py",
+    "operator/durablecache/proxy/clusterwide.py",
     "operator/durablecache/proxy/commandtable.py",
     "operator/durablecache/proxy/delivery.py",
+    "operator/durablecache/proxy/fanout.py",
     "operator/durablecache/proxy/framing.py",
     "operator/durablecache/proxy/guards.py",
     "operator/durablecache/proxy/handlers.py",

@@ -27,9 +27,9 @@ def test_sessions_show_their_own_names_and_durablecache_is_hidden():
 
 
 def test_type_normal_skipme_never_reaches_durablecache_nor_the_caller():
-    victims, old = clients.kill_victims([b"TYPE", b"normal", b"SKIPME", b"yes"], seen(), me=b"3")
+    victims, old = clients.kill_victims([b"TYPE", b"normal", b"SKIPME", b"yes"], seen(), me={b"3"})
     assert victims == [b"5"] and not old
-    victims, _ = clients.kill_victims([b"TYPE", b"normal", b"SKIPME", b"no"], seen(), me=b"3")
+    victims, _ = clients.kill_victims([b"TYPE", b"normal", b"SKIPME", b"no"], seen(), me={b"3"})
     assert victims == [b"3", b"5"]
 
 
@@ -39,14 +39,14 @@ def test_type_normal_skipme_never_reaches_durablecache_nor_the_caller():
     ([b"LADDR", b"127.0.0.1:6379", b"TYPE", b"normal"], [b"5"]),
 ])
 def test_filters(args, victims):
-    assert clients.kill_victims(args, seen(), me=b"3")[0] == victims
+    assert clients.kill_victims(args, seen(), me={b"3"})[0] == victims
 
 
 def test_old_form_and_refusals():
-    assert clients.kill_victims([b"127.0.0.1:50003"], seen(), None) == ([b"5"], True)
+    assert clients.kill_victims([b"127.0.0.1:50003"], seen(), set()) == ([b"5"], True)
     with pytest.raises(clients.KillError, match="No such client"):
-        clients.kill_victims([b"127.0.0.1:50002"], seen(), None)      # DurableCache's own: not there
+        clients.kill_victims([b"127.0.0.1:50002"], seen(), set())      # DurableCache's own: not there
     with pytest.raises(clients.KillError, match="NAME is not supported"):
-        clients.kill_victims([b"NAME", b"x"], seen(), None)
+        clients.kill_victims([b"NAME", b"x"], seen(), set())
     with pytest.raises(clients.KillError, match="Unknown client type"):
-        clients.kill_victims([b"TYPE", b"nobody"], seen(), None)
+        clients.kill_victims([b"TYPE", b"nobody"], seen(), set())

@@ -32,8 +32,9 @@ class FastMap:
     """The fast-path class of each command name as clients spell it, learned on first use from one
     command table (a FLIP makes a new map: sessions notice by identity and drop their cached class)."""
 
-    def __init__(self, table: CommandTable, handled: Collection[bytes], migrating: bool):
+    def __init__(self, table: CommandTable, handled: Collection[bytes], migrating: bool, cluster: bool = False):
         self.table = table
+        self.cluster = cluster          # commands sent to every primary take the general path
         self.handled = handled          # answered or watched by the proxy itself (handlers.SPECIAL)
         self.migrating = migrating
         self.codes: dict[bytes, Any] = {}
@@ -47,7 +48,7 @@ class FastMap:
         if code is None:
             low = name.lower()
             spec = self.table.specs.get(low)
-            if (spec is None or spec.subcommands or spec.pubsub
+            if (spec is None or spec.subcommands or spec.pubsub or (self.cluster and spec.fanout is not None)
                     or (low in self.handled and (self.migrating or low not in SCRIPTING))):
                 code = FAST_NO
             elif spec.blocking and not spec.hold:

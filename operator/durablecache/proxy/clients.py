@@ -11,7 +11,7 @@ connection DurableCache needs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 OWN_PREFIX = b"durablecache-"
 Fields = list[tuple[bytes, bytes]]
@@ -38,11 +38,14 @@ def field(fields: Fields, key: bytes) -> bytes:
     return next((v for k, v in fields if k == key), b"")
 
 
-def view(text: bytes, client_name: Callable[[bytes], bytes | None | bool]) -> list[Fields]:
+def view(text: bytes, client_name: Callable[[bytes], bytes | None | bool],
+         sessions_seen: set[bytes] | None = None) -> list[Fields]:
     """The clients a client of the proxy sees in ``text`` (an upstream's CLIENT LIST).
 
     ``client_name(upstream name)`` says what a DurableCache connection is: the name its client set
     (bytes, or None when it set none) for a session's connection, False for DurableCache's own.
+    ``sessions_seen``: across the lists of several nodes, a session (one client connection, one
+    upstream connection per node) is shown once, at its first node.
     """
     seen: list[Fields] = []
     for line in text.splitlines():
@@ -54,6 +57,10 @@ def view(text: bytes, client_name: Callable[[bytes], bytes | None | bool]) -> li
             shown = client_name(name)
             if shown is False:
                 continue
+            if sessions_seen is not None:
+                if name in sessions_seen:
+                    continue
+                sessions_seen.add(name)
             fields = [(k, (shown or b"") if k == b"name" else v) for k, v in fields]   # type: ignore[misc]
         seen.append(fields)
     return seen
@@ -74,10 +81,10 @@ def _client_type(fields: Fields) -> bytes:
     return b"normal"
 
 
-def kill_victims(args: Sequence[bytes], clients: Sequence[Fields], me: bytes | None) -> tuple[list[bytes], bool]:
+def kill_victims(args: Sequence[bytes], clients: Sequence[Fields], me: Collection[bytes]) -> tuple[list[bytes], bool]:
     """The IDs a CLIENT KILL (``args`` after KILL) selects among ``clients``; and whether it is the
-    old form (``CLIENT KILL addr``: +OK or "No such client" rather than a count). ``me``: the ID of
-    the calling session's own connection, skipped unless SKIPME no."""
+    old form (``CLIENT KILL addr``: +OK or "No such client" rather than a count). ``me``: the IDs of
+    the calling session's own connections, skipped unless SKIPME no."""
     if len(args) == 1:
         victims = [field(c, b"id") for c in clients if field(c, b"addr") == args[0]]
         if not victims:
@@ -99,7 +106,7 @@ def kill_victims(args: Sequence[bytes], clients: Sequence[Fields], me: bytes | N
         else:
             tests.append(_filter(key, value))
     victims = [field(c, b"id") for c in clients
-               if all(t(c) for t in tests) and not (skipme and me is not None and field(c, b"id") == me)]
+               if all(t(c) for t in tests) and not (skipme and field(c, b"id") in me)]
     return victims, False
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..resp import reply_text_map, text
+from .fanout import Policy, policy_from_tips
 from .members import MEMBER_KEY_INDEXES, MEMBER_PATH
 
 Args = Sequence[bytes]
@@ -26,13 +27,16 @@ WRITE_KEY_FLAGS = frozenset({"RW", "OW", "RM", "insert", "delete", "update"})
 # introduced by a keyword (COMMAND DOCS: SORT's destination is the argument after STORE). Without the
 # keyword it writes nothing, so it needs no GETKEYS (and a plain SORT stays allowed inside MULTI).
 GETKEYS_ONLY_WITH = {b"sort": b"STORE"}
+# Tipped all_shards/all_nodes, yet sent to one node: PING checks the connection a client holds (a
+# cluster client pings the node it talks to), CLIENT SETNAME/SETINFO are the proxy's own (handlers.py).
+NOT_FANNED_OUT = frozenset({"ping", "client|setname", "client|setinfo"})
 SUBSCRIBE_FAMILY = {b"subscribe": 0, b"psubscribe": 1, b"ssubscribe": 2,
                     b"unsubscribe": 0, b"punsubscribe": 1, b"sunsubscribe": 2}
 
 
 class CommandSpec:
     __slots__ = ("name", "flags", "hold", "blocking", "write_keys", "route_keys", "needs_getkeys",
-                 "subcommands", "pubsub", "keys_all_written", "key_index", "getkeys_keyword")
+                 "subcommands", "pubsub", "keys_all_written", "key_index", "getkeys_keyword", "fanout")
 
     def __init__(self, name: bytes, flags: frozenset[str]):
         self.name = name
@@ -47,6 +51,7 @@ class CommandSpec:
         self.keys_all_written = False         # flagged write, no key spec says which key: all of them
         self.key_index = -1                   # >0: the one write key is always args[key_index] (SET, INCR…)
         self.getkeys_keyword: bytes | None = None   # needs_getkeys only when this keyword is present
+        self.fanout: Policy | None = None     # cluster mode: sent to every primary (fanout.py)
 
     def unresolved(self, args: Args) -> bool:
         """Are this request's write keys known only to the server (COMMAND GETKEYSANDFLAGS)?"""
@@ -203,6 +208,8 @@ def _build(entry: Sequence[Any], has_key_specs: bool) -> CommandSpec:
         spec.write_keys = members
         spec.key_index = -1
     spec.route_keys = _concat(all_fns)
+    if name not in NOT_FANNED_OUT:
+        spec.fanout = policy_from_tips(entry[7] if len(entry) > 7 else ())
     spec.needs_getkeys = unresolved_write
     if unresolved_write and has_key_specs:
         spec.getkeys_keyword = GETKEYS_ONLY_WITH.get(spec.name)

@@ -235,6 +235,30 @@ def _keyspace_lines(dbs: dict[bytes, dict[bytes, int]]) -> list[bytes]:
     return out
 
 
+# SLOWLOG GET n / COMMANDLOG GET n type: n entries per node, concatenated: the client asked for n.
+_LOGS = {b"slowlog": 2, b"commandlog": 2}
+
+
+def entry_limit(args: Sequence[bytes]) -> int:
+    """How many entries a log query asked for (SLOWLOG GET 1); -1 when it did not say."""
+    at = _LOGS.get(args[0].lower())
+    if at is None or len(args) <= at or args[1].lower() != b"get":
+        return -1
+    try:
+        return int(args[at])
+    except ValueError:
+        return -1
+
+
+def first_entries(frame: bytes, limit: int) -> bytes:
+    if limit < 0 or frame[:1] not in (b"*", b"~"):
+        return frame
+    items = elements(frame)
+    if len(items) <= limit:
+        return frame
+    return frame[:1] + b"%d\r\n" % limit + b"".join(items[:limit])
+
+
 # ---- SCAN across shards ------------------------------------------------------------------------
 def scan_cursor(shard: int, cursor: int, side: int) -> int:
     """The cursor the client sees: the shard's own cursor, the shard's index and the side it walks.

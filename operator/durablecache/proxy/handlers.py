@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Final
 
-from . import framing
+from . import clusterwide, framing
 from .cluster import local_cluster_reply
 from .commandtable import SUBSCRIBE_FAMILY, CommandSpec
 from .framing import frame_end
@@ -204,6 +204,12 @@ def _client(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> No
         return
     if sub == b"getname" and len(args) == 2:
         s.local_fn(lambda: framing.NOAUTH if not s.authed else framing.bulk(s.name, s.resp3))
+        return
+    if sub == b"list" and not s.in_multi:
+        clusterwide.client_list(s, args)
+        return
+    if sub == b"kill" and len(args) > 2 and not s.in_multi:
+        clusterwide.client_kill(s, args)
         return
     if sub == b"reply" and len(args) == 3 and args[2].lower() != b"on":
         s.local(framing.error("ERR durablecache: CLIENT REPLY OFF/SKIP is not supported through the proxy"))
@@ -530,7 +536,7 @@ SPECIAL: Final[dict[bytes, Handler[Session]]] = {
     b"auth": _auth, b"hello": _hello, b"client": _client, b"select": _select,
     b"multi": _multi, b"exec": _exec, b"discard": _discard, b"watch": _watch, b"unwatch": _unwatch,
     b"reset": _reset, b"quit": _quit, b"monitor": _monitor, b"cluster": _cluster,
-    b"readonly": _readonly, b"readwrite": _readonly,
+    b"readonly": _readonly, b"readwrite": _readonly, b"scan": clusterwide.scan,
     **{name: _subscribe for name in SUBSCRIBE_FAMILY},
     **GUARDS,
 }

@@ -19,6 +19,7 @@ from ..errors import ConnectError, ServerError
 from ..resp import Connection, reply_map
 from ..topology import discover
 from ..urls import Endpoint
+from .clusterwide import fan_out
 from .commandtable import CommandTable
 from .handlers import SPECIAL
 from .marks import MarkCallback
@@ -43,6 +44,7 @@ class Proxy(ProxyState[Session]):
                  name_prefix: str = "durablecache-proxy"):
         super().__init__(upstream, on_marks=on_marks, special=SPECIAL, require_auth=require_auth,
                          migrating=migrating, name_prefix=name_prefix)
+        self.fan_out = fan_out
         self.listen_host = listen_host
         self.listen_port = listen_port
         self.client_tls = client_tls

@@ -409,6 +409,11 @@ class Session(Routing):
         if self.multi_abort is not None:
             self.local(framing.QUEUED)
             return
+        if spec is not None and spec.fanout is not None and self.router.cluster and not self.in_multi:
+            fan_out = self.proxy.fan_out
+            if fan_out is not None:
+                fan_out(self, args, spec, cb)
+                return
         conn = self.conn_for(args, spec)
         if conn is None:
             return
