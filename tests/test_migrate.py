@@ -277,6 +277,9 @@ class FlipFailsOnce:
     async def prepare_flip(self, upstream: Endpoint) -> None:
         await self.inner.prepare_flip(upstream)
 
+    async def unprepare(self) -> None:
+        await self.inner.unprepare()
+
     async def freeze(self, timeout: float) -> None:
         await self.inner.freeze(timeout)
 

@@ -54,6 +54,8 @@ class ProxyHandle(Protocol):
 
     async def prepare_flip(self, upstream: Endpoint) -> None: ...
 
+    async def unprepare(self) -> None: ...
+
     async def freeze(self, timeout: float) -> None: ...
 
     async def flip(self, upstream: Endpoint) -> None: ...
@@ -481,10 +483,13 @@ class Migration:
         except (TimeoutError, DurableCacheError, OSError) as exc:
             if switched:  # FLIP failed: the old side stays authoritative, copy towards the other again
                 await self._switch_back(reverse=not sw.reverse_after)
+            if "connection budget:" in str(exc):   # a proxy refused the attempt (its own process or ours)
+                self.emit({"event": "connection_budget", "reason": str(exc)})
             pause_ms = 0.0
             if t0 is not None:
                 await asyncio.gather(*(p.unfreeze() for p in self.proxies), return_exceptions=True)
                 pause_ms = _ms_since(t0)
+            await self._unprepare_all()
             await self._release_keys(held)
             return _Switched(False, str(exc) or "freeze timed out", pause_ms, frozen_ms, len(held), _ms_since(k0),
                              flip_failed=switched)
@@ -492,6 +497,7 @@ class Migration:
             # Anything else (a syncer failure, cancellation) ends the migration: hold nothing meanwhile.
             if t0 is not None:
                 await asyncio.gather(*(p.unfreeze() for p in self.proxies), return_exceptions=True)
+            await self._unprepare_all()
             await self._release_keys(held)
             raise
         await asyncio.gather(*(p.unfreeze() for p in self.proxies))
@@ -524,6 +530,11 @@ class Migration:
         for r in results:
             if isinstance(r, BaseException):
                 raise r
+
+    async def _unprepare_all(self) -> None:
+        """An aborted attempt: the connections its PREPARE opened are closed (a proxy that cannot be
+        reached is left: its next PREPARE or FLIP closes them)."""
+        await asyncio.gather(*(p.unprepare() for p in self.proxies), return_exceptions=True)
 
     async def _flip_all(self, upstream: Endpoint, back: Endpoint) -> None:
         """FLIP every (frozen) proxy to ``upstream``. If any flip fails, every proxy is flipped ``back``

@@ -41,6 +41,9 @@ class LocalProxy:
     async def prepare_flip(self, upstream: Endpoint) -> None:
         await self.proxy.prepare_flip(upstream)
 
+    async def unprepare(self) -> None:
+        self.proxy.unprepare()
+
     async def flip(self, upstream: Endpoint) -> None:
         await self.proxy.flip(upstream)
 
@@ -180,6 +183,9 @@ class SubprocessProxy:
     async def prepare_flip(self, upstream: Endpoint) -> None:
         # A child restarted before the flip has lost this; its flip then discovers for itself.
         await self._admin("POST", "/prepare", json={"upstream": upstream.to_url()})
+
+    async def unprepare(self) -> None:
+        await self._admin("POST", "/unprepare")
 
     async def flip(self, upstream: Endpoint) -> None:
         self.upstream = upstream  # a restarted child starts on the side that is authoritative now

@@ -3,9 +3,11 @@
     GET  /healthz                    -> {"ok": true}
     GET  /stats                      -> Proxy.stats()
     POST /freeze?timeout=S           -> 200 {"frozen": true, "ms": ...}, 504 if not quiesced in time (still frozen)
-    POST /prepare {"upstream": URL}  -> 200 {"upstream": redacted URL, "ms": ...}: discover it now, so
-                                        that the next /flip to it need not while writes are frozen
-                                        (502 if it cannot be reached)
+    POST /prepare {"upstream": URL}  -> 200 {"upstream": redacted URL, "ms": ...}: discover it now and
+                                        open every session's connection to it, so that the next /flip
+                                        to it need not while writes are frozen (502 if it cannot be
+                                        reached or the connection budget would be exceeded)
+    POST /unprepare                  -> 200 {"prepared": false}: an aborted attempt closes what /prepare opened
     POST /flip   {"upstream": URL}   -> 200 {"upstream": redacted URL}   (only while frozen; 409 otherwise)
     POST /unfreeze                   -> 200 {"frozen": false}
     POST /hold?timeout=S {"keys": [...], "db": 0, "encoding": "latin-1" | "base64"}
@@ -49,6 +51,7 @@ class AdminServer:
         app.router.add_get("/stats", self._stats)
         app.router.add_post("/freeze", self._freeze)
         app.router.add_post("/prepare", self._prepare)
+        app.router.add_post("/unprepare", self._unprepare)
         app.router.add_post("/flip", self._flip)
         app.router.add_post("/unfreeze", self._unfreeze)
         app.router.add_post("/hold", self._hold)
@@ -107,6 +110,10 @@ class AdminServer:
             return web.json_response({"error": str(exc)}, status=502)
         return web.json_response({"upstream": endpoint.redacted(),
                                   "ms": round((time.monotonic() - started) * 1000, 2)})
+
+    async def _unprepare(self, request: web.Request) -> web.Response:
+        self.proxy.unprepare()
+        return web.json_response({"prepared": False})
 
     async def _flip(self, request: web.Request) -> web.Response:
         endpoint = await upstream_of(request)

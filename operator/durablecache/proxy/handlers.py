@@ -42,6 +42,7 @@ def _auth(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None
         if (e.reply or b"").startswith(b"+"):
             s.authed = True
             conn.drop_idle = False
+            s.sync_next()           # connections prepared for the next side authenticate too
         else:
             s.auth_args = previous
             s.auth_failed(conn)
@@ -164,6 +165,7 @@ def _hello(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> Non
             conn.client_id = hello_id(r)
         if name is not None:
             s.name = name or None
+        s.sync_next()               # connections prepared for the next side follow
     if auth is not None:
         # Named by the same HELLO (a SETNAME of our own, the client's is kept by the proxy): no
         # CLIENT SETNAME/ID that an ACL user may be refused.
@@ -233,6 +235,7 @@ def _select(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> No
     def done(e: Entry) -> None:
         if (e.reply or b"").startswith(b"+"):
             s.db = db
+            s.sync_next()           # connections prepared for the next side follow
         else:
             s.req_db = s.db
     s.forward(args, spec, done)
@@ -412,6 +415,8 @@ def _reset(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> Non
         s.resp3 = False
         s.name = None
         s.authed = not s.proxy.require_auth
+        s.drop_next()               # prepared as the user before RESET: not usable
+        s.sync_next()
     s.req_db = 0
     s.req_proto = 2
     s.auth_args = None

@@ -12,7 +12,9 @@ from typing import Any
 from .. import logs
 from .commandtable import CommandSpec
 from .outbox import Outbox
+from .prepare import Prepared, State
 from .replies import READ, Entry, hello_id
+from .router import Router
 from .state import ProxyState
 from .upstream import Upstream
 
@@ -37,6 +39,9 @@ class Routing(Outbox):
         self.multi_error = False
         self.tx_conn: Upstream | None = None      # cluster: the node a transaction is bound to
         self.multi_sent = False                   # cluster: MULTI was sent on tx_conn
+        # Between PREPARE and the switch to the next side: its connections, by node of proxy.next_router
+        self.next: dict[int, Prepared] = {}
+        self.side = proxy.side              # the FLIP its connections belong to (catch_up: the switch)
 
     def conn_for(self, args: tuple[bytes, ...], spec: CommandSpec | None) -> Upstream | None:
         router = self.router
@@ -112,6 +117,10 @@ class Routing(Outbox):
             conn.internal((b"SELECT", str(self.req_db).encode()))
         if auth_args is None and (self.authed or self.auth_sent):
             self._name(conn)
+        self._replay_subs(conn)
+
+    def _replay_subs(self, conn: Upstream) -> None:
+        """Subscriptions cannot be prepared: a new connection (opened or prepared) is given them."""
         for kind, verb in ((0, b"SUBSCRIBE"), (1, b"PSUBSCRIBE")):
             if self.subs[kind] and conn.node == 0:
                 conn.internal((verb, *sorted(self.subs[kind])), remaining=len(self.subs[kind]))
@@ -119,6 +128,79 @@ class Routing(Outbox):
             for ch in sorted(self.subs[2]):
                 if self.router.owner_of(ch) == conn.node:
                     conn.internal((b"SSUBSCRIBE", ch), remaining=1)
+
+    # ---- the next side's connections, prepared before FLIP (prepare.py) -------------------------
+    def next_state(self) -> State:
+        return (self.auth_args, self.req_proto, self.req_db if not self.router.cluster else 0)
+
+    def prepare_next(self, router: Router) -> int:
+        """PREPARE: open this session's connections to the next side now (standalone: its server;
+        cluster: every primary, so that no key's first command after FLIP waits for a connect) —
+        for an authenticated session; one that authenticates later is prepared then (sync_next).
+        Returns how many were opened."""
+        if not self.authed or self.auth_pending or self.next or self.client_gone:
+            return 0
+        want = self.next_state()
+        nodes = range(len(router.nodes)) if router.cluster else range(1)
+        loop = asyncio.get_running_loop()
+        for node in nodes:
+            p = Prepared(node, self.name_on_upstream)
+            p.sync(want)
+            self.next[node] = p
+            loop.create_task(self._open_prepared(p, router))
+        return len(self.next)
+
+    async def _open_prepared(self, p: Prepared, router: Router) -> None:
+        endpoint = router.nodes[p.node]
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: p, endpoint.host, endpoint.port,
+                                       ssl=self.proxy.upstream_ssl(endpoint),
+                                       server_hostname=endpoint.tls_hostname if endpoint.tls else None),
+                self.proxy.connect_timeout)
+        except (TimeoutError, OSError) as exc:
+            log.info("proxy.prepare_unreachable", session=self.id, upstream=endpoint.address,
+                     reason=str(exc) or type(exc).__name__)
+            p.failed = True
+
+    def sync_next(self) -> None:
+        """The client's AUTH / HELLO / SELECT / RESET took effect: the prepared connections follow
+        (or, for a session authenticated only now, are opened)."""
+        router = self.proxy.next_router
+        if router is None or self.side != self.proxy.side:
+            return
+        if not self.next:
+            self.prepare_next(router)
+            return
+        want = self.next_state()
+        for p in self.next.values():
+            p.sync(want)
+
+    def drop_next(self) -> None:
+        """An aborted attempt, or a FLIP elsewhere: what was prepared is closed."""
+        for p in self.next.values():
+            p.close()
+        self.next.clear()
+
+    def adopt_next(self) -> None:
+        """At the switch: each prepared connection ready for exactly this session's state becomes its
+        Upstream (the transport handed over: no connect, no handshake); the others are closed, and
+        the session opens those when it needs them, the ordinary way (conn)."""
+        want = self.next_state()
+        for node, p in self.next.items():
+            if not p.ready_for(want):
+                p.close()
+                continue
+            up = Upstream(self, node)
+            up.named = p.named
+            up.client_id = p.client_id
+            self.conns[node] = up
+            self._replay_subs(up)
+            transport = p.hand_over()
+            transport.set_protocol(up)
+            up.connection_made(transport)
+        self.next.clear()
 
     def hello_auth(self, auth: tuple[bytes, ...]) -> tuple[bytes, ...]:
         """``AUTH [user] pass`` as the HELLO that authenticates, keeps the protocol and names."""

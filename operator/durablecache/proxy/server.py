@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from .. import logs
-from ..errors import ConnectError, ServerError
+from ..errors import ConnectError, RefusedError, ServerError
 from ..resp import Connection, reply_map
 from ..topology import discover
 from ..urls import Endpoint
@@ -33,6 +33,11 @@ log = logs.get("durablecache.proxy")
 
 UNBLOCK_EVERY: Final = 0.1      # re-send CLIENT UNBLOCK while a blocking write is still in flight
 FLIP_QUIESCE: Final = 10.0      # bound on waiting for in-flight reads before moving a session
+PREPARE_WAIT: Final = 5.0       # bound on waiting at PREPARE for the sessions' connections to be set up
+SWITCH_BATCH: Final = 256       # sessions switched per turn of the event loop after a FLIP
+# A server's maxclients when CONFIG GET is not allowed (ElastiCache): ElastiCache's fixed limit.
+DEFAULT_MAXCLIENTS: Final = 65000
+CONNECTION_SHARE: Final = 0.9   # the share of maxclients an attempt may fill, unless a budget is set
 PREPARED_FOR: Final = 60.0      # seconds a prepare_flip() discovery may be used by flip() (a topology
                                 # change meanwhile is followed by MOVED and the refresh, as at any time)
 
@@ -41,7 +46,7 @@ class Proxy(ProxyState[Session]):
     def __init__(self, upstream: Endpoint, *, listen_host: str = "127.0.0.1", listen_port: int = 0,
                  on_marks: MarkCallback, client_tls: ssl.SSLContext | None = None,
                  require_auth: bool | None = None, migrating: bool = True,
-                 name_prefix: str = "durablecache-proxy"):
+                 name_prefix: str = "durablecache-proxy", connection_budget: int = 0):
         super().__init__(upstream, on_marks=on_marks, special=SPECIAL, require_auth=require_auth,
                          migrating=migrating, name_prefix=name_prefix)
         self.fan_out = fan_out
@@ -55,6 +60,11 @@ class Proxy(ProxyState[Session]):
         self._admin_locks: dict[str, asyncio.Lock] = {}
         self._prepared: tuple[Endpoint, Router, CommandTable, float] | None = None
         self._started = 0.0
+        # Connections a cutover attempt may have open on any one server of the side it flips to
+        # (its clients', ours and the sessions' prepared ones); 0: CONNECTION_SHARE of its maxclients.
+        self.connection_budget = connection_budget
+        self._thawed = asyncio.Event()
+        self._finishing: asyncio.Task[None] | None = None
 
     @property
     def on_marks(self) -> MarkCallback:
@@ -132,6 +142,9 @@ class Proxy(ProxyState[Session]):
             if s.transport is not None:
                 s.transport.close()
             s._close_conns()
+            s.drop_next()
+        if self._finishing is not None:
+            self._finishing.cancel()
         if self._server is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
@@ -169,6 +182,7 @@ class Proxy(ProxyState[Session]):
     async def freeze(self, timeout: float) -> None:
         """Hold new writes; return when every write already sent is answered and its marks delivered."""
         self.frozen = True
+        self._thawed.clear()
         started = time.monotonic()
         n = await self._quiesce(self._inflight, timeout, lambda: self._unblock(writes_only=True), flush_marks=True)
         if n:
@@ -234,18 +248,81 @@ class Proxy(ProxyState[Session]):
                 return None
 
     async def prepare_flip(self, new_upstream: Endpoint) -> None:
-        """Discover ``new_upstream`` (topology, COMMAND) before the freeze, for the next flip() to it:
-        that discovery was most of a flip's time, which is all write-paused time."""
+        """PREPARE, while writes still flow: discover ``new_upstream`` (topology, COMMAND), check the
+        connection budget there, and give every session its connections to it, set up as the
+        session's own (prepare.py), so that FLIP itself only switches sides. Sessions opened from now
+        on get theirs as they open. Waits (bounded) until they are set up; one that is not by FLIP
+        connects the ordinary way after it."""
+        self.unprepare()
         router, table = await self._discover(new_upstream)
+        await self._check_budget(router, len(self.sessions))
         self._prepared = (new_upstream, router, table, time.monotonic())
+        self.next_router = router
+        opened = 0
+        for s in list(self.sessions.values()):
+            if s.side == self.side:
+                opened += s.prepare_next(router)
+        deadline = time.monotonic() + PREPARE_WAIT
+        while time.monotonic() < deadline and self._unprepared():
+            await asyncio.sleep(0.01)
+        log.info("proxy.prepared", upstream=new_upstream.redacted(), connections=opened,
+                 pending=self._unprepared())
+
+    def _unprepared(self) -> int:
+        n = 0
+        for s in self.sessions.values():
+            for p in s.next.values():
+                if not p.failed and (p.transport is None or p.checks):
+                    n += 1
+        return n
+
+    def unprepare(self) -> None:
+        """An aborted attempt (or a new PREPARE): the prepared connections are closed."""
+        self._prepared = None
+        if self.next_router is None:
+            return
+        self.next_router = None
+        for s in self.sessions.values():
+            s.drop_next()
+
+    async def _check_budget(self, router: Router, sessions: int) -> None:
+        """During an attempt each session holds a connection to both sides. Refuse (RefusedError) an
+        attempt that would take a server of the new side past the connection budget: the clients it
+        has now, plus one prepared connection per session of ours."""
+        for endpoint in router.nodes:
+            conn = await Connection.open(endpoint, name=f"{self.name_prefix}-admin", select_db=0)
+            try:   # not try/finally: see MarkServer._serve (no await in a finally block, compiled)
+                try:
+                    reply = await conn.call("CONFIG", "GET", "maxclients")
+                    maxclients = int(reply_map(reply).get(b"maxclients") or DEFAULT_MAXCLIENTS)
+                except ServerError:      # CONFIG not allowed (ElastiCache)
+                    maxclients = DEFAULT_MAXCLIENTS
+                info = await conn.call("INFO", "clients")
+            except BaseException:
+                await conn.close()
+                raise
+            await conn.close()
+            connected = _info_int(info, b"connected_clients")
+            budget = self.connection_budget or int(maxclients * CONNECTION_SHARE)
+            if connected + sessions > budget:
+                log.warning("proxy.connection_budget", upstream=endpoint.address, connected=connected,
+                            sessions=sessions, budget=budget, maxclients=maxclients)
+                raise RefusedError(
+                    f"connection budget: {endpoint.address} has {connected} clients and the cutover would "
+                    f"add {sessions} (one per client session of this proxy), more than its budget of "
+                    f"{budget} (maxclients {maxclients}); raise maxclients or the budget, or reduce clients")
 
     async def flip(self, new_upstream: Endpoint) -> None:
-        """While frozen: move every session to ``new_upstream`` with its state (see docs/proxy.md)."""
+        """While frozen: the proxy's side becomes ``new_upstream``. Sessions switch to it themselves
+        (Session.catch_up) at their next command or, idle ones, right after the pause
+        (_finish_flip); that is what keeps the pause from growing with the number of clients."""
         if not self.frozen:
             raise RuntimeError("flip() needs the proxy frozen first")
         started = time.monotonic()
         prepared, self._prepared = self._prepared, None
-        if prepared is not None and prepared[0] == new_upstream and started - prepared[3] < PREPARED_FOR:
+        use_prepared = (prepared is not None and prepared[0] == new_upstream
+                        and started - prepared[3] < PREPARED_FOR)
+        if prepared is not None and use_prepared:
             router, table = prepared[1], prepared[2]
         else:
             router, table = await self._discover(new_upstream)
@@ -253,38 +330,75 @@ class Proxy(ProxyState[Session]):
             raise RuntimeError("flip() aborted: the proxy was unfrozen meanwhile")
         self.flipping = True
         try:
-            for s in self.sessions.values():
-                s.paused = True
             # Departed sessions (client gone, writes in flight) leave ``departed`` once their writes
             # are answered and marked; until then they could still write to the old side.
-            busy = await self._quiesce(self._busy_sessions, FLIP_QUIESCE, lambda: self._unblock(writes_only=False),
-                                       flush_marks=False)
+            busy = await self._quiesce(lambda: len(self.departed), FLIP_QUIESCE,
+                                       lambda: self._unblock(writes_only=False), flush_marks=False)
             if busy:
-                raise TimeoutError(f"{busy} sessions still have replies in flight")
+                raise TimeoutError(f"{busy} departed sessions still have replies in flight")
             if not self.frozen:
                 raise RuntimeError("flip() aborted: the proxy was unfrozen meanwhile")
             await self._close_admin()
             self.upstream = new_upstream
             self.router = router
             self.use_table(table)
-            for s in list(self.sessions.values()):
-                s.reattach(router)
+            self.side += 1
+            self.prepared_side = self.side if use_prepared else -1
+            self.next_router = None
         finally:
             self.flipping = False
-            for s in list(self.sessions.values()):
-                s.paused = False
-                s.release()
+        if self._finishing is not None:
+            self._finishing.cancel()
+        self._finishing = asyncio.get_running_loop().create_task(self._finish_flip(self.side))
         log.info("proxy.flipped", upstream=new_upstream.redacted(), sessions=len(self.sessions),
-                 ms=round((time.monotonic() - started) * 1000, 2))
+                 prepared=use_prepared, ms=round((time.monotonic() - started) * 1000, 2))
 
-    def _busy_sessions(self) -> int:
-        """Sessions with anything in flight (flip waits for none), departed ones included."""
-        return sum(1 for s in self.sessions.values() if not s.quiet()) + len(self.departed)
+    async def _finish_flip(self, side: int) -> None:
+        """After the pause: switch every session that has not switched on its own, a batch per turn
+        of the event loop; one with a command in flight on the old side is switched once it has its
+        reply (a blocking one is unblocked, as at FREEZE), within FLIP_QUIESCE, or its client is
+        disconnected (it reconnects to the new side)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._thawed.wait(), FLIP_QUIESCE)
+        deadline = time.monotonic() + FLIP_QUIESCE
+        waiting = list(self.sessions.values())
+        last_unblock = 0.0
+        switched = 0
+        while waiting and self.side == side:
+            rest = []
+            for i, s in enumerate(waiting):
+                if s.side == side or s.transport is None:
+                    continue
+                if s.catch_up():
+                    switched += 1
+                    if s.held:
+                        s.release()
+                else:
+                    rest.append(s)
+                if i % SWITCH_BATCH == SWITCH_BATCH - 1:
+                    await asyncio.sleep(0)
+            waiting = rest
+            if not waiting or self.side != side:
+                break
+            now = time.monotonic()
+            if now >= deadline:
+                for s in waiting:
+                    if s.side != side:
+                        s.abort("could not switch to the new side after FLIP")
+                log.warning("proxy.switch_timeout", sessions=len(waiting))
+                break
+            if now - last_unblock >= UNBLOCK_EVERY:
+                last_unblock = now
+                await self._unblock(writes_only=False)
+            await asyncio.sleep(0.001)
+        log.info("proxy.switched", sessions=switched)
 
     def unfreeze(self) -> None:
         self.frozen = False
+        self._thawed.set()
         for s in list(self.sessions.values()):
-            s.release()       # writes to held keys (hold_keys) are held again at once
+            if s.held:
+                s.release()   # writes to held keys (hold_keys) are held again at once
         log.info("proxy.unfrozen")
 
     # ---- key-scoped hold ------------------------------------------------------------------------
@@ -356,6 +470,16 @@ class Proxy(ProxyState[Session]):
             "mode": "cluster" if self.router.cluster else "standalone",
             "uptime": round(time.monotonic() - self._started, 3) if self._started else 0.0,
         }
+
+
+def _info_int(info: Any, field: bytes) -> int:
+    """A number from an INFO reply (bytes: ``field:value`` lines)."""
+    text = bytes(info or b"")
+    for line in text.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name == field:
+            return int(value)
+    return 0
 
 
 def _touches(marks: Any, keys: set[bytes]) -> bool:

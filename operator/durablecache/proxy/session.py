@@ -37,7 +37,6 @@ from .commandtable import CommandSpec, keys_from_getkeys
 from .framing import command_head, command_tail, name_sig
 from .outbox import CLIENT_GONE_GRACE
 from .replies import Entry, Marks, parse_frame
-from .router import Router
 from .routing import Routing
 from .state import ProxyState
 from .upstream import Upstream
@@ -87,8 +86,9 @@ class Session(Routing):
         if sock:
             self.sockname = (sock[0], sock[1])
         self.proxy.sessions[self.id] = self
-        if self.proxy.flipping:
-            self.paused = True
+        # Opened between PREPARE and FLIP: prepared now (authenticated, or no password needed).
+        if self.proxy.next_router is not None:
+            self.prepare_next(self.proxy.next_router)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -103,6 +103,7 @@ class Session(Routing):
             self._maybe_finish()
         else:
             self._close_conns()
+        self.drop_next()
 
     def pause_writing(self) -> None:
         for c in self.conns.values():
@@ -125,12 +126,15 @@ class Session(Routing):
         # ``has_data()`` alone cannot tell: it is False after a bare array header and also when exactly
         # one unread byte ('*', '$') is buffered, and treating the rest of such a command as inline
         # lines would execute bytes of a value as commands.
+        if self.side != proxy.side:
+            self.catch_up()
         if self.boundary and data[0] != STAR and data[0] != DOLLAR and not reader.has_data():
             data = self._inline(data)
             if not data:
                 self._push_all()
                 return
         if (not self.router.cluster and not proxy.frozen and not self.held and not self.paused
+                and self.side == proxy.side
                 and not proxy.key_hold and not self.in_multi and self.authed and self.multi_abort is None):
             self.boundary = self._fast(data)      # feeds the reader what it does not scan itself
         else:
@@ -343,7 +347,7 @@ class Session(Routing):
         """One request, in order: hold it (FREEZE/FLIP) or dispatch it now."""
         proxy = self.proxy
         proxy.commands += 1
-        if self.held or self.paused:
+        if self.held or self.paused or (self.side != proxy.side and not self.catch_up()):
             self.held.append(args)
             return
         spec = proxy.table.lookup(args)
@@ -464,12 +468,20 @@ class Session(Routing):
         e.fn = fn
         self.pending.append(e)
 
-    def reattach(self, router: Router) -> None:
-        """Move to the new upstream: new connections get this client's state replayed lazily."""
+    def catch_up(self) -> bool:
+        """Switch to the side the proxy flipped to, if nothing of this session is in flight (replies
+        are matched to its queue in order, so an old connection's must all be in); False if not yet
+        (its commands are held meanwhile, and server.Proxy._finish_flip switches it once quiet).
+        Prepared connections are taken over as they are (adopt_next); what cannot be prepared is
+        done here: subscriptions renewed, an open MULTI aborted, an open WATCH broken."""
+        proxy = self.proxy
+        if not self.quiet():
+            return False
+        self.side = proxy.side
         for c in self.conns.values():
             c.close()
         self.conns.clear()
-        self.router = router
+        self.router = proxy.router
         self.tx_conn = None
         self.multi_sent = False
         self.req_db = self.db
@@ -477,7 +489,12 @@ class Session(Routing):
             self.multi_abort = framing.null_array(self.resp3)
         if self.watching:
             self.watch_broken = True
+        if self.next and proxy.next_router is None and proxy.prepared_side == self.side:
+            self.adopt_next()
+        else:
+            self.drop_next()
         if any(self.subs):
             self.conn(0)    # re-subscribe now, not on the next command
             for ch in self.subs[2]:
                 self.conn(self.router.owner_of(ch))
+        return True

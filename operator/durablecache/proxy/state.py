@@ -57,6 +57,12 @@ class ProxyState(Generic[S]):
         # here because clusterwide.py builds on session.py.
         self.fan_out: Callable[..., None] | None = None
         self.flipping = False
+        # FLIPs so far: a session whose ``side`` is older switches to ``router`` at its next quiet
+        # moment (session.Session.catch_up), not all of them inside the write pause.
+        self.side = 0
+        # PREPARE: the next side's routing, for which sessions hold prepared connections (prepare.py)
+        self.next_router: Router | None = None
+        self.prepared_side = -1             # the FLIP (side) the prepared connections were made for
         # Key-scoped hold (hold_keys): db -> keys whose writes are held; empty when none is.
         self.key_hold: dict[int, set[bytes]] = {}
         self.delivery = MarkDelivery(on_marks)
