@@ -85,11 +85,8 @@ def kill_victims(args: Sequence[bytes], clients: Sequence[Fields], me: Collectio
     """The IDs a CLIENT KILL (``args`` after KILL) selects among ``clients``; and whether it is the
     old form (``CLIENT KILL addr``: +OK or "No such client" rather than a count). ``me``: the IDs of
     the calling session's own connections, skipped unless SKIPME no."""
-    if len(args) == 1:
-        victims = [field(c, b"id") for c in clients if field(c, b"addr") == args[0]]
-        if not victims:
-            raise KillError("ERR No such client")
-        return victims, True
+    if len(args) == 1:      # no match: "No such client", once no node of the proxy's has it
+        return [field(c, b"id") for c in clients if field(c, b"addr") == args[0]], True
     if len(args) % 2:
         raise KillError("ERR syntax error")
     tests: list[Callable[[Fields], bool]] = []

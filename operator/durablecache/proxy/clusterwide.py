@@ -74,7 +74,7 @@ def scan(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
         s.local_error(INVALID_CURSOR)
         return
     nodes = shard_nodes(s)
-    side = s.proxy.generation & 1
+    side = s.side & 1     # the FLIP this session's routing belongs to
     shard, cursor, cursor_side = fanout.parse_scan_cursor(value)
     if value and cursor_side != side:
         shard, cursor = 0, 0            # issued before a FLIP: walk the new side from the start
@@ -195,4 +195,6 @@ def _kill(s: Session, filters: tuple[bytes, ...], nodes: list[int], lists: dict[
         return
     for n, victim in plan:
         s.conn(n).internal((b"CLIENT", b"KILL", b"ID", victim), done)
+    for n in {n for n, _victim in plan}:
+        s.conn(n).push_out()    # in a reply callback: nothing else writes the session's queue now
 

@@ -9,6 +9,7 @@ from typing import Final
 from . import framing, scripts
 from .classify import UNSAFE
 from .commandtable import CommandSpec
+from .replies import Entry
 from .session import Session
 from .state import Handler
 
@@ -104,6 +105,13 @@ def _script(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> No
         shas = [a.lower() in s.proxy.script_shas for a in args[2:]]
         s.local_fn(lambda: framing.NOAUTH if not s.authed else
                    b"*%d\r\n" % len(shas) + b"".join(b":1\r\n" if ok else b":0\r\n" for ok in shas))
+        return
+    elif sub == b"flush":
+        # The server forgets every script: so does the proxy (SCRIPT EXISTS above answers from it).
+        def flushed(e: Entry) -> None:
+            if (e.reply or b"").startswith(b"+"):
+                s.proxy.script_shas.clear()
+        s.forward(args, spec, flushed)
         return
     s.forward(args, spec)
 

@@ -52,7 +52,6 @@ class ProxyState(Generic[S]):
         # Sessions whose client left while writes were in flight: still awaiting replies/marks.
         self.departed: set[S] = set()
         self.frozen = False
-        self.generation = 0
         # Cluster-wide commands (clusterwide.fan_out), set by the server: sessions reach it through
         # here because clusterwide.py builds on session.py.
         self.fan_out: Callable[..., None] | None = None
@@ -89,7 +88,6 @@ class ProxyState(Generic[S]):
         """Commands are classified anew from ``table`` (at start, and for the new side at FLIP)."""
         self.table = table
         self.fastmap = FastMap(table, frozenset(self.special), self.migrating, self.router.cluster)
-        self.generation += 1      # a new side (FLIP): SCAN cursors of the old one start again
 
     def holds(self, db: int, keys: list[bytes]) -> bool:
         """Does a write of ``keys`` in ``db`` touch a held key?"""
