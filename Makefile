@@ -36,6 +36,7 @@ test: deps $(COMPILED)
 	$(VENV)/bin/ruff check operator tests bench setup.py
 	$(VENV)/bin/mypy operator/durablecache
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(PY) tests/conformance/run.py
 
 # The fault-injection matrix (docs/reliability.md): every fault x phase cell, a Markdown table at the end.
 faults: $(COMPILED)

