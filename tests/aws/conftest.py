@@ -21,7 +21,7 @@ import boto3
 import pytest
 from awstest import REGION, FakeClock, Recorder, unique
 
-from durablecache.localvalkey import free_port
+from durablecache.localvalkey import free_port, stop_process
 from durablecache.providers.aws import AwsProvider, make_client
 
 MOTO_SERVER = Path(__file__).with_name("motoserver.py")
@@ -72,12 +72,7 @@ def moto_url(aws_env: None, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                 time.sleep(0.1)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc)
         log.close()
 
 

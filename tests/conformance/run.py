@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
-from durablecache.localvalkey import LocalCluster, LocalServer, free_port
+from durablecache.localvalkey import LocalCluster, LocalServer, free_port, stop_process
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/: the fault suite's migration driver
 from faults.fault_runner import MigrationRun, is_phase, verify  # noqa: E402
@@ -167,12 +167,7 @@ def proxy_in_front(upstream: str) -> Iterator[str]:
         wait_listening(port, proc)
         yield f"valkey://127.0.0.1:{port}/0"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc)
 
 
 @contextlib.contextmanager

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ from typing import Any
 import valkey
 
 import durablecache
-from durablecache.localvalkey import START_TIMEOUT, LocalServer, free_port
+from durablecache.localvalkey import START_TIMEOUT, LocalServer, free_port, stop_process
 
 CLI = [sys.executable, "-m", "durablecache.cli"]
 # Children run the same durablecache as this process (this checkout's, not an editable install's).
@@ -98,13 +97,7 @@ class MigrationRun:
 
     def stop(self) -> None:
         for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(10)
+            stop_process(p, 20)
 
     def stderr_tail(self, chars: int = 300) -> str:
         out = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import valkey
+from waiting import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -62,8 +63,36 @@ def test_client_list_and_kill_never_show_or_reach_durablecache(make_cluster, mak
     assert sorted(n for n in names if n) == ["web-1", "web-2"], names     # each session once
     assert not [n for n in names if n.startswith("durablecache")]
     assert me.client_kill_filter(_type="normal", skipme=True) == len(seen) - 1   # all but me
-    with pytest.raises(valkey.ConnectionError):
-        other.execute_command("PING")
+    # web-2's session ends with its upstream connection (not asked again: the client would reconnect)
+    assert wait_for(lambda: [c["name"] for c in me.client_list() if c["name"]] == ["web-1"], 10)
     assert me.ping()
     for node in cluster.primaries:     # my session's upstream connections, on every node, untouched
         assert [c for c in node.client().client_list() if c["name"].startswith("durablecache-proxy-")]
+
+
+def test_functions_users_and_pauses_reach_every_shard(make_cluster, make_proxy):
+    """FUNCTION LOAD then FCALL on keys of every shard; a user made through the proxy exists on every
+    shard (AUTH as it, then a write on each shard runs as it, not as default); CLIENT PAUSE WRITE
+    pauses every primary."""
+    cluster = make_cluster(primaries=3, engine="valkey9")
+    keys = keys_on_every_shard(cluster)
+    p = make_proxy(cluster.endpoint(), migrating=False)
+    c = valkey.Valkey(port=p.port, socket_timeout=10)
+    c.function_load("#!lua name=lib\nserver.register_function('get1', function(k) return server.call('GET', k[1]) end)")
+    assert all(c.fcall("get1", 1, k) == k.encode() for k in keys)
+    assert c.acl_setuser("app", enabled=True, passwords=["+s3cret"], keys=["k:*"], commands=["+@all"])
+    for node in cluster.primaries:
+        assert node.client().acl_getuser("app") is not None
+    app = valkey.Valkey(port=p.port, socket_timeout=10, username="app", password="s3cret")
+    for k in keys:
+        app.set(k, "by-app")
+    with pytest.raises(valkey.exceptions.NoPermissionError):
+        app.set("other", "x")          # the user's key pattern holds on whichever shard owns it
+    assert c.client_pause(60_000, all=False)
+    try:
+        for node in cluster.primaries:
+            assert "write" in node.client().info("clients").get("paused_actions", ""), node.port
+    finally:
+        assert c.client_unpause()
+    for node in cluster.primaries:
+        assert node.client().info("clients").get("paused_actions", "none") == "none"

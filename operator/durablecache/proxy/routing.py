@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import logs
+from ..urls import Endpoint
 from .commandtable import CommandSpec
 from .outbox import Outbox
 from .prepare import Prepared, State
@@ -85,18 +86,24 @@ class Routing(Outbox):
             asyncio.get_running_loop().create_task(self._open(conn))
         return conn
 
-    async def _open(self, conn: Upstream) -> None:
-        endpoint = self.router.nodes[conn.node]
+    async def _connect(self, protocol: asyncio.Protocol, endpoint: Endpoint) -> str | None:
+        """Connect ``protocol`` to ``endpoint`` (TLS as configured); None, or why it could not."""
         loop = asyncio.get_running_loop()
         try:
             await asyncio.wait_for(
-                loop.create_connection(lambda: conn, endpoint.host, endpoint.port,
+                loop.create_connection(lambda: protocol, endpoint.host, endpoint.port,
                                        ssl=self.proxy.upstream_ssl(endpoint),
                                        server_hostname=endpoint.tls_hostname if endpoint.tls else None),
                 self.proxy.connect_timeout)
         except (TimeoutError, OSError) as exc:
-            log.warning("proxy.upstream_unreachable", session=self.id, upstream=endpoint.address,
-                        reason=str(exc) or type(exc).__name__)
+            return str(exc) or type(exc).__name__
+        return None
+
+    async def _open(self, conn: Upstream) -> None:
+        endpoint = self.router.nodes[conn.node]
+        reason = await self._connect(conn, endpoint)
+        if reason is not None:
+            log.warning("proxy.upstream_unreachable", session=self.id, upstream=endpoint.address, reason=reason)
             conn.failed = True
             self.upstream_lost(conn)
 
@@ -152,16 +159,9 @@ class Routing(Outbox):
 
     async def _open_prepared(self, p: Prepared, router: Router) -> None:
         endpoint = router.nodes[p.node]
-        loop = asyncio.get_running_loop()
-        try:
-            await asyncio.wait_for(
-                loop.create_connection(lambda: p, endpoint.host, endpoint.port,
-                                       ssl=self.proxy.upstream_ssl(endpoint),
-                                       server_hostname=endpoint.tls_hostname if endpoint.tls else None),
-                self.proxy.connect_timeout)
-        except (TimeoutError, OSError) as exc:
-            log.info("proxy.prepare_unreachable", session=self.id, upstream=endpoint.address,
-                     reason=str(exc) or type(exc).__name__)
+        reason = await self._connect(p, endpoint)
+        if reason is not None:
+            log.info("proxy.prepare_unreachable", session=self.id, upstream=endpoint.address, reason=reason)
             p.failed = True
 
     def sync_next(self) -> None:
