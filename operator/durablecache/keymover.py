@@ -256,10 +256,7 @@ class KeyMover:
                     refused.append(key)
             todo = retry
             if todo:
-                if time.monotonic() > deadline:
-                    raise ServerError(f"target kept rejecting writes for {RETRY_LIMIT_SECONDS:.0f}s")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = await _back_off(deadline, delay)
         return refused
 
     def _no_member_copies(self, side: str, reply: ReplyError) -> None:
@@ -396,10 +393,7 @@ class KeyMover:
                     raise ServerError(f"target: {build(key)[0][0]} failed: {error}")
             todo = retry
             if todo:
-                if time.monotonic() > deadline:
-                    raise ServerError(f"target kept rejecting writes for {RETRY_LIMIT_SECONDS:.0f}s")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = await _back_off(deadline, delay)
 
     async def _dst(self, db: int, key: bytes, *commands: Any, size: int = 0) -> None:
         bucket = self.target_bytes.get(self.dst.topology.primary_for(key))
@@ -696,3 +690,11 @@ def _absolute_expiry(cmd: str, reply: Any, sent_ms: int) -> int:
         return 0
     return value if cmd == "PEXPIRETIME" else sent_ms + value
 
+
+async def _back_off(deadline: float, delay: float) -> float:
+    """Wait ``delay`` before writes the target rejected for now are tried again; the next delay.
+    Past ``deadline`` the target is given up on."""
+    if time.monotonic() > deadline:
+        raise ServerError(f"target kept rejecting writes for {RETRY_LIMIT_SECONDS:.0f}s")
+    await asyncio.sleep(delay)
+    return min(delay * 2, 5.0)
