@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -93,7 +92,12 @@ def test_aws_migration_runs_to_complete_then_switches_durability(
         wait_for("Complete", phase_seen(cluster, "sessions", {"Complete"}), MIGRATION_TIMEOUT)
         secret = wait_for("the endpoint Secret to point at the target",
                           lambda: (s := cluster.secret("app-cache"))["port"] == str(target.port) and s, 20)
-        time.sleep(0.5)  # the load writes to the target directly for a moment
+        # The load writes to the target directly for a while: it follows the Secret, then 50 more
+        # acknowledged writes (not a sleep: a busy machine may need longer).
+        direct = f"127.0.0.1:{target.port}"
+        wait_for("the application on the target", lambda: app.addresses[-1:] == [direct], 20)
+        after_switch = app.load.acked
+        wait_for("writes acknowledged by the target", lambda: app.load.acked >= after_switch + 50, 20)
     finally:
         app.stop()
     assert secret["host"] == "127.0.0.1"
