@@ -260,6 +260,15 @@ def assert_no_rbac_denials(op: Operator) -> None:
     assert "Forbidden" not in text and '"status": 403' not in text and "(403)" not in text, text[-3000:]
 
 
+def assert_target_has_every_acked_write(app: App, target: LocalServer, min_keys: int) -> None:
+    """Every write the application had acknowledged is on the target, which holds the keyspace."""
+    with contextlib.closing(target.client()) as c:
+        lost = app.load.lost(c)
+        assert c.dbsize() >= min_keys
+    assert lost == [], lost[:10]
+    assert app.load.acked > 100
+
+
 def start_app(cluster: Cluster, source: LocalServer) -> App:
     cluster.make_secret("app-cache", {"host": "127.0.0.1", "port": str(source.port), "tls": "false",
                                       "url": f"valkey://127.0.0.1:{source.port}"})
@@ -299,11 +308,7 @@ def test_static_migration_under_load_survives_an_operator_kill(
                       "url": f"valkey://127.0.0.1:{target.port}"}
     # The applications went source -> proxy -> target, as the Secret said.
     assert app.addresses == [f"127.0.0.1:{source.port}", proxy, f"127.0.0.1:{target.port}"], app.addresses
-    with contextlib.closing(target.client()) as c:
-        lost = app.load.lost(c)
-        assert c.dbsize() >= 3000
-    assert lost == [], lost[:10]
-    assert app.load.acked > 100
+    assert_target_has_every_acked_write(app, target, min_keys=3000)
 
     status = cluster.status("sessions")
     assert status["progress"]["display"] == "100%"
