@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from . import logs
 from .checkpoint import CheckpointStore, MemoryCheckpoint
 from .copier import BulkCopy, check_pair
-from .errors import ConnectError, DurableCacheError, RefusedError
+from .errors import ConnectError, DurableCacheError
 from .gate import wait_for_gate
 from .gcpause import GcHold
 from .keymover import MoverOptions
@@ -191,13 +191,6 @@ class Migration:
         self.source, self.target = await discover(self.source_ep), await discover(self.target_ep)
         await check_pair(self.source, self.target, allow_nonempty=resumed_after_route_in,
                          nonempty_hint="a migration needs an empty target (a new cluster); empty it or pick another")
-        numbered = sorted(db for db, n in self.source.db_keys.items() if n and db) if self.target.cluster else []
-        if numbered and not self.source.cluster:
-            # The copy and the syncer handle them (Valkey 9 cluster-databases), but the proxy does not
-            # yet keep a session's SELECT on every shard of a cluster upstream after FLIP.
-            raise RefusedError(f"the source uses database(s) {numbered}: a live migration into a cluster keeps "
-                               "only database 0 through the proxy for now (durablecache copy can copy them into "
-                               "a Valkey 9 cluster with cluster-databases); see docs/limits.md")
         flipped = bool(self.state.get("flipped"))
         self.syncer = Syncer(self._pool(reverse=flipped), workers=self.opts.sync_workers, max_dirty=self.opts.max_dirty)
         self.syncer.start()

@@ -225,12 +225,23 @@ def _select(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> No
     except ValueError:
         db = -1
     if s.in_multi:
+        if s.router.cluster:   # it would change one node's db: the session's others would not follow
+            s.multi_error = True
+            s.local_error(framing.error("ERR durablecache: SELECT inside MULTI is not supported in cluster mode "
+                                        "through the proxy; SELECT before MULTI"))
+            return
         if db >= 0 and s.multi_abort is None:
             s.multi_marks.append((db, []))
         s.forward(args, spec)
         return
     if db >= 0:
         s.req_db = db
+        if s.router.cluster:
+            # A cluster with numbered databases (Valkey 9 cluster-databases): every node the session
+            # talks to changes db, before anything later is sent on it; connections opened later get
+            # the session's db when they open (Routing._replay). A refused SELECT is refused by each.
+            for conn in list(s.conns.values()):
+                conn.internal((b"SELECT", args[1]))
 
     def done(e: Entry) -> None:
         if (e.reply or b"").startswith(b"+"):
