@@ -32,7 +32,6 @@ from .test_operator import (  # noqa: F401 - operator_factory is a fixture
     phase_seen,
     start_app,
     wait_for,
-    worker_kubeconfig,
 )
 
 

@@ -125,23 +125,9 @@ class Operator:
         return "\n".join(p.read_text(errors="replace")[-4000:] for p in sorted(self.state.glob("*.log")))
 
 
-LOCAL_WORKER = "local-worker"
 # Short coordinator-lease timings for the workers the tests start (production: 15 s / 10 s / 2 s).
 TEST_LEASE = {"DURABLECACHE_LEASE_DURATION": "5", "DURABLECACHE_LEASE_RENEW_DEADLINE": "3",
               "DURABLECACHE_LEASE_RETRY_PERIOD": "0.5"}
-
-
-@pytest.fixture
-def worker_kubeconfig(kube_env: KubeEnv, operator_release: OperatorRelease, kube_namespace: str,
-                      sa_kubeconfig: ServiceAccountKubeconfig) -> Path:
-    """A token of a ServiceAccount holding the chart's worker ClusterRole in this test's namespace only
-    (a RoleBinding, as the operator makes for each worker pod): the local workers run as it, so they
-    have exactly a worker pod's rights."""
-    path = sa_kubeconfig(kube_namespace, LOCAL_WORKER)
-    kube_env.kubectl("-n", kube_namespace, "create", "rolebinding", LOCAL_WORKER,
-                     f"--clusterrole={operator_release.cluster_role}-worker",
-                     f"--serviceaccount={kube_namespace}:{LOCAL_WORKER}")
-    return path
 
 
 @pytest.fixture
