@@ -654,14 +654,17 @@ def test_worker_identity_can_make_exactly_the_workers_calls(
         return out == "yes"
 
     dc = "durablecaches.durablecache.dev"
+    lease = "leases.coordination.k8s.io"
     allowed = [("get", f"{dc}/carts", None), ("patch", f"{dc}/carts", "status"), ("get", "secrets/carts-auth", None),
-               ("create", "events", None)]
+               ("create", "events", None), ("get", f"{lease}/carts-coordinator", None), ("create", lease, None),
+               ("update", f"{lease}/carts-coordinator", None)]
     denied = [("list", "secrets", None), ("watch", "secrets", None), ("create", "secrets", None),
               ("patch", "secrets", None), ("delete", "secrets", None), ("list", dc, None), ("watch", dc, None),
               ("patch", dc, None), ("update", dc, None), ("delete", dc, None), ("create", dc, None),
               ("update", dc, "status"), ("create", "pods", None), ("create", "deployments.apps", None),
               ("create", "serviceaccounts/token", None), ("create", "rolebindings.rbac.authorization.k8s.io", None),
-              ("patch", "services", None)]
+              ("patch", "services", None), ("list", lease, None), ("watch", lease, None), ("patch", lease, None),
+              ("delete", lease, None)]
     assert [a for a in allowed if not can_i(a[0], a[1], kube_namespace, a[2])] == []
     assert [d for d in denied if can_i(d[0], d[1], kube_namespace, d[2])] == []
     # Nothing at all in another namespace.
