@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from durablecache.k8s.endpoints import desired_route, restart_workloads, secret_data, switch
-from durablecache.k8s.lease import LeaseLost
+from durablecache.k8s.lease import LeaseLost, LeaseTimings
 from durablecache.k8s.status import condition, conditions_for, merge_diff, progress
 from durablecache.k8s.store import StatusStore
 from durablecache.phases import PROXIED_PHASES, Phase
@@ -216,3 +216,13 @@ def test_a_fenced_store_writes_nothing_once_the_lease_is_gone() -> None:
     store.close()
     assert len(api.patches) == written
     assert "flipped" not in api.status["checkpoint"]["migration"]
+
+
+def test_lease_timings_keep_the_holder_stopping_before_a_takeover() -> None:
+    assert LeaseTimings().margin == 5.0     # the documented default margin (docs/operator.md)
+    LeaseTimings(duration=5, renew_deadline=3.0, retry_period=0.5).check()
+    for bad in (LeaseTimings(duration=5, renew_deadline=5.0, retry_period=1.0),     # no margin
+                LeaseTimings(duration=5, renew_deadline=3.0, retry_period=3.0),     # no second renewal
+                LeaseTimings(duration=5, renew_deadline=3.0, retry_period=0.0)):
+        with pytest.raises(ValueError):
+            bad.check()

@@ -52,6 +52,8 @@ GATE_WARN_AFTER = 120.0     # RouteIn: applications still on the source this lon
 ROLLBACK_SETTLE = 2.0
 # A coordinator that lost its lease waits at most this long for the migration and its proxies to stop.
 STOP_AFTER_LOSS_TIMEOUT = 30.0
+LEASE_ENV = {"duration": "DURABLECACHE_LEASE_DURATION", "renew_deadline": "DURABLECACHE_LEASE_RENEW_DEADLINE",
+             "retry_period": "DURABLECACHE_LEASE_RETRY_PERIOD"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,18 +66,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default {format_duration(OPERATOR_GATE_TIMEOUT)})")
     p.add_argument("--status-interval", type=float, default=1.0, metavar="SECONDS",
                    help="how often progress is written to the status (default 1s)")
-    # Defaults from the environment too: the operator starts workers with fixed arguments.
+    # Defaults from the environment too (read when the worker starts): the operator starts workers with
+    # fixed arguments, and tests shorten the timings through its environment.
     p.add_argument("--lease-duration", type=int, metavar="SECONDS",
-                   default=int(os.environ.get("DURABLECACHE_LEASE_DURATION", DEFAULT_DURATION)),
                    help="the coordinator Lease's duration: a standby takes over after seeing it unrenewed this "
-                        f"long (default {DEFAULT_DURATION}s)")
+                        f"long (default ${LEASE_ENV['duration']} or {DEFAULT_DURATION}s)")
     p.add_argument("--lease-renew-deadline", type=float, metavar="SECONDS",
-                   default=float(os.environ.get("DURABLECACHE_LEASE_RENEW_DEADLINE", DEFAULT_RENEW_DEADLINE)),
                    help="stop acting when the lease was not renewed for this long; less than the duration "
-                        f"(default {DEFAULT_RENEW_DEADLINE:g}s)")
+                        f"(default ${LEASE_ENV['renew_deadline']} or {DEFAULT_RENEW_DEADLINE:g}s)")
     p.add_argument("--lease-retry-period", type=float, metavar="SECONDS",
-                   default=float(os.environ.get("DURABLECACHE_LEASE_RETRY_PERIOD", DEFAULT_RETRY_PERIOD)),
-                   help=f"between renewals and a standby's looks (default {DEFAULT_RETRY_PERIOD:g}s)")
+                   help="between renewals and a standby's looks "
+                        f"(default ${LEASE_ENV['retry_period']} or {DEFAULT_RETRY_PERIOD:g}s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,11 +95,21 @@ async def _get(kube: Kube, namespace: str, name: str) -> dict[str, Any]:
 
 
 def _timings(args: argparse.Namespace) -> LeaseTimings:
-    timings = LeaseTimings(args.lease_duration, args.lease_renew_deadline, args.lease_retry_period)
+    """The lease timings: the flags, else the environment, else the defaults."""
+    given = {"duration": args.lease_duration, "renew_deadline": args.lease_renew_deadline,
+             "retry_period": args.lease_retry_period}
+    values: dict[str, Any] = {}
     try:
+        for field, value in given.items():
+            env = os.environ.get(LEASE_ENV[field])
+            if value is None and env:
+                value = int(env) if field == "duration" else float(env)
+            if value is not None:
+                values[field] = value
+        timings = LeaseTimings(**values)
         timings.check()
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(f"coordinator lease timings: {exc}") from None
     return timings
 
 
