@@ -167,6 +167,13 @@ async def _coordinate(args: argparse.Namespace, kube: Kube, lease: CoordinatorLe
             await reporter.flush_events()
 
 
+async def _watch_deadline(lease: CoordinatorLease) -> None:
+    """Returns once the lease is no longer valid (its renew deadline passed, or it was taken)."""
+    while lease.valid():
+        await asyncio.sleep(max(0.01, min(lease.remaining(), lease.timings.retry_period)))
+    lease.declare_lost(lease.deadline_reason)
+
+
 async def _drive_while_held(m: Migration, owned: list[Any], lease: CoordinatorLease) -> Phase:
     """``drive`` the migration; when the lease is lost, stop it (the syncer, the proxies' instructions,
     the proxies themselves) and raise LeaseLost. The status writer is fenced by the lease already, so
@@ -180,20 +187,24 @@ async def _drive_while_held(m: Migration, owned: list[Any], lease: CoordinatorLe
     lease.start_renewing(on_lost)
     driving = asyncio.create_task(migrate_cmd.drive(m, owned))
     losing = asyncio.create_task(lost.wait())
+    # The deadline on this loop's clock too: a renewal request hanging in the renewing thread must not
+    # delay the stop.
+    watching = asyncio.create_task(_watch_deadline(lease))
     try:
-        await asyncio.wait([driving, losing], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([driving, losing, watching], return_when=asyncio.FIRST_COMPLETED)
     finally:
         losing.cancel()
+        watching.cancel()
     if driving.done() and lease.valid():
         return driving.result()
     # Lost (or an engine step refused by the fenced status writer, which comes to the same).
+    lease.declare_lost(lease.deadline_reason)   # (a no-op when the loss was noticed already)
     m.stop_requested.set()
     with contextlib.suppress(Exception, asyncio.CancelledError):
         await asyncio.wait_for(asyncio.shield(driving), STOP_AFTER_LOSS_TIMEOUT)
     log.error("coordinator stopped acting", holder=lease.holder, epoch=lease.epoch, at=time.time(),
-              reason=lease.lost_reason or "not renewed in time", stopped=driving.done())
-    raise LeaseLost(f"the coordinator lease was lost ({lease.lost_reason or 'not renewed in time'}); "
-                    "stopped, restart to contend again")
+              reason=lease.lost_reason, stopped=driving.done())
+    raise LeaseLost(f"the coordinator lease was lost ({lease.lost_reason}); stopped, restart to contend again")
 
 
 def _endpoints(kube: Kube, spec: DurableCacheSpec, op: dict[str, Any], tmp: str) -> tuple[Endpoint, Endpoint]:

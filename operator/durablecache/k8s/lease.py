@@ -113,6 +113,7 @@ class CoordinatorLease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost_reason: str | None = None
+        self._lost_lock = threading.Lock()
 
     # -- reading and writing the Lease ---------------------------------------------------------------
     def _read(self, timeout: float) -> Record | None:
@@ -199,6 +200,10 @@ class CoordinatorLease:
         """True while this process may act: acquired, and renewed within the renew deadline."""
         return self.lost_reason is None and self.clock() < self._held_until
 
+    @property
+    def deadline_reason(self) -> str:
+        return f"not renewed within the renew deadline ({self.timings.renew_deadline:g}s)"
+
     def remaining(self) -> float:
         return self._held_until - self.clock()
 
@@ -212,16 +217,26 @@ class CoordinatorLease:
 
     def _renew_loop(self, on_lost: Callable[[str], None]) -> None:
         t = self.timings
-        while not self._stop.wait(t.retry_period):
+        # Wake at the deadline at the latest, so a loss is reported when it happens, not a period later.
+        while not self._stop.wait(max(0.0, min(t.retry_period, self.remaining()))):
             reason = self._renew_once()
             if reason is None and self.clock() >= self._held_until:
-                reason = f"not renewed within the renew deadline ({t.renew_deadline:g}s)"
+                reason = self.deadline_reason
             if reason:
-                self.lost_reason = reason
-                log.error("coordinator lease lost", lease=self.name, holder=self.holder, epoch=self.epoch,
-                          reason=reason, at=time.time())
-                on_lost(reason)
+                if self.declare_lost(reason):
+                    on_lost(reason)
                 return
+
+    def declare_lost(self, reason: str) -> bool:
+        """Record the loss (once, whoever notices first: this thread or the worker's own deadline
+        watch); True the first time."""
+        with self._lost_lock:
+            if self.lost_reason is not None:
+                return False
+            self.lost_reason = reason
+        log.error("coordinator lease lost", lease=self.name, holder=self.holder, epoch=self.epoch,
+                  reason=reason, at=time.time())
+        return True
 
     def _renew_once(self) -> str | None:
         """One renewal; a reason when the lease is definitely someone else's, else None (renewed, or
