@@ -184,7 +184,7 @@ class CoordinatorLease:
                     log.info("coordinator lease acquired", lease=self.name, holder=self.holder, epoch=self.epoch,
                              previous=current.holder if current else None, at=self.acquired_at)
                     return self.epoch
-                if current is not None and current.holder != waiting_logged:
+                if current is not None and current.holder is not None and current.holder != waiting_logged:
                     waiting_logged = current.holder
                     log.info("coordinator lease held by another worker: waiting", lease=self.name,
                              holder=current.holder, epoch=current.transitions, me=self.holder)
