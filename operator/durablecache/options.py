@@ -121,6 +121,7 @@ class MigrationOptions:
     # before the target refuses them. None: no governor.
     target_lag: LagReader | None = None
     lag_interval: float = READ_INTERVAL
+    epoch: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
