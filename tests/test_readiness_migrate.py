@@ -116,3 +116,17 @@ def _pings(c: valkey.Valkey) -> bool:
         return bool(c.ping())
     except valkey.ConnectionError:
         return False
+
+
+def test_after_cutover_target_stops_the_proxy_and_exits_once_complete(source, target):
+    with contextlib.closing(source.client()) as client:
+        seed(client, 200)
+    listen = free_port()
+    res = subprocess.run([*CLI, "migrate", "--source", source.url(), "--target", target.url(), "--listen",
+                          f"127.0.0.1:{listen}", "--gate-settle", "0.2", "--rollback-window", "0.5s",
+                          "--after-cutover", "target", "--json"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    lines = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+    assert [x["phase"] for x in lines if x["event"] == "phase"][-1] == "Complete"
+    assert not [x for x in lines if x["event"] == "serving"]
+    assert target.client().dbsize() == 200
