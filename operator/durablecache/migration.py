@@ -35,6 +35,7 @@ from .movers import MoverPool
 from .options import MigrationOptions
 from .phases import APPROVABLE_PHASES, FINAL_PHASES, OPERATOR_PHASES, Phase, phase_or_none
 from .progress import JsonProgress
+from .readiness import ReadinessWatch
 from .repairplan import RepairPlan
 from .syncer import DirtyKey, Syncer
 from .topology import Topology, discover
@@ -102,6 +103,7 @@ class Migration:
         self._accept_next_repair = opts.accept_destructive_repair
         self._direct_writers_seen: list[str] = []
         self.lag = LagControl(opts.target_lag, lambda e: self.emit(e), opts.lag_interval)
+        self.readiness = ReadinessWatch(lambda e: self.emit(e), opts.watch_interval)
 
     # -- state ------------------------------------------------------------------------------------
     @property
@@ -140,6 +142,7 @@ class Migration:
             "sideChanges": self.state.get("sideChanges", 0),
             "durabilityLag": self.lag.status(),
             "directClients": list(self.trust.direct_clients) if self.trust else [],
+            "clients": self.readiness.summary,
             "syncer": dataclasses.asdict(syncer.stats) if syncer else {},
             "message": self.state.get("message", ""),
         }
@@ -174,6 +177,11 @@ class Migration:
         if self.phase == Phase.FAILED:
             raise DurableCacheError(f"this migration failed earlier and stays failed: {self.state.get('message')}")
         if self.phase in FINAL_PHASES:
+            if self.phase != Phase.FAILED and self._serves_after_end():
+                try:
+                    await self._serve_after_end()
+                finally:
+                    await self._shutdown()
             return self.phase
         try:
             await self._run()
@@ -205,6 +213,7 @@ class Migration:
         upstream = self.target_ep if flipped else self.source_ep
         self.proxies = await self.start_proxies(upstream, self.syncer.on_marks, self.syncer.require_repair)
         self.emit({"event": "proxies", "addresses": [p.address for p in self.proxies]})
+        self.readiness.start(self.proxies, self.target.cluster)
         if self.phase == Phase.ROUTE_IN:
             await wait_for_gate(self.source, self.opts.allow_clients, self.opts.gate_settle, self.opts.gate_timeout,
                                 on_blocked=lambda c: self.emit({"event": "gate_blocked", "clients": c}))
@@ -229,11 +238,42 @@ class Migration:
             await self._route_out()
         if self.phase == Phase.ROLLING_BACK:
             await self._rollback()
-        if self.phase in (Phase.COMPLETE, Phase.ROLLED_BACK) and not self.opts.exit_after_cutover:
-            # Applications may still point at the proxy: keep serving until told to stop.
-            self.emit({"event": "serving", "upstream": (self.target_ep if self.state.get("flipped")
-                                                          else self.source_ep).redacted()})
+        if self.phase in (Phase.COMPLETE, Phase.ROLLED_BACK) and self._serves_after_end():
+            # Applications may still point at the proxy: keep serving until told to stop, with
+            # nothing left to copy (afterCutover proxy).
+            await self._end_sync()
+            self._serving()
             await self.stop_requested.wait()
+
+    def _serves_after_end(self) -> bool:
+        return self.opts.after_cutover == "proxy" and not self.opts.exit_after_cutover
+
+    def _serving(self) -> None:
+        self.emit({"event": "serving", "upstream": (self.target_ep if self.state.get("flipped")
+                                                      else self.source_ep).redacted()})
+
+    async def _end_sync(self) -> None:
+        """The migration is over: the proxies stop marking (and refusing what only a migration
+        must refuse), the syncer stops and its connections close."""
+        await self.readiness.stop()
+        for p in self.proxies:
+            end = getattr(p, "end_migration", None)
+            if end is not None:
+                await end()
+        syncer, self.syncer = self.syncer, None
+        if syncer is not None:
+            await syncer.stop()
+            await syncer.close_pools(current=True)
+
+    async def _serve_after_end(self) -> None:
+        """Resumed after the end with afterCutover proxy: the proxies alone, in front of the side
+        that holds the data now, until told to stop."""
+        upstream = self.target_ep if self.state.get("flipped") else self.source_ep
+        self.proxies = await self.start_proxies(upstream, _no_marks, lambda _why: None)
+        await self._end_sync()
+        self.emit({"event": "proxies", "addresses": [p.address for p in self.proxies]})
+        self._serving()
+        await self.stop_requested.wait()
 
     def _pool(self, reverse: bool) -> MoverPool:
         assert self.source and self.target
@@ -668,6 +708,7 @@ class Migration:
                 w.cancel()
 
     async def _shutdown(self) -> None:
+        await self.readiness.stop()
         await self.lag.close()
         if self._watch:
             self._watch.cancel()
@@ -708,6 +749,10 @@ class _Switched:
     held_keys: int
     key_pause_ms: float
     flip_failed: bool = False
+
+
+def _no_marks(db: int, keys: list[bytes]) -> None:
+    """The proxies' marks once the migration is over: nobody copies them."""
 
 
 def _ms_since(t: float | None) -> float:

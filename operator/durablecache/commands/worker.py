@@ -304,6 +304,12 @@ class Reporter:
             self._event("Warning", "RepairBlocked", str(e.get("message")))
         elif kind == "rolled_back":
             self._event("Normal", "RollbackDone", f"writes paused {e.get('pause_ms')} ms")
+        elif kind == "readiness":     # (ready helper's hunk) the client readiness report, readiness.py
+            for problem in e.get("problems") or []:
+                self._event("Warning", "ClientReadiness", str(problem))
+            if not e.get("problems"):
+                self._event("Normal", "ClientsReady", f"the {e.get('connections')} client connections through "
+                            "the proxy can use the target after cutover")
 
     def _gate_event(self, e: dict[str, Any], now: float) -> tuple[str, str]:
         """(type, reason) for clients seen on the source around the proxy. In RouteIn that is normal
@@ -359,6 +365,8 @@ class Reporter:
             "durabilityLag": st.get("durabilityLag")}     # laggovernor.py; None without a reader
         if st.get("lastCutoverPauseMs") is not None:
             report["lastCutoverPauseMs"] = st["lastCutoverPauseMs"]
+        if st.get("clients") is not None:
+            report["clients"] = st["clients"]     # the readiness report (status.clients)
         await self._write("report", report)
         try:
             obj = await asyncio.to_thread(self.kube.get, self.ns, self.name)
