@@ -15,9 +15,8 @@ from typing import Any
 
 import pytest
 import valkey
-from valkey.cluster import ValkeyCluster
-
 from rawclient import Raw
+from valkey.cluster import ValkeyCluster
 
 pytestmark = pytest.mark.timeout(120)
 HOST = "localhost"
