@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import valkey
 
-from durablecache.commands.worker import proxy_starter
+from durablecache.commands.worker import proxy_clients, proxy_starter
 from durablecache.k8s.spec import ProxySpec
 from durablecache.localvalkey import free_port
 from durablecache.proxyhandles import LocalProxy, SubprocessProxy
@@ -52,6 +52,8 @@ def test_one_proxy_in_the_worker_serves_tls_with_its_client_limit(source, tls_ce
                 await asyncio.to_thread(lambda: tls_client(port, tls_certs).ping())
             with pytest.raises(valkey.ConnectionError):      # plain TCP to the TLS listener
                 await asyncio.to_thread(valkey.Valkey(port=port, socket_timeout=5).ping)
+            # What the worker reports in status.proxyClients (and the operator exports as metrics).
+            assert await proxy_clients([handle]) == {"clients": 1, "connectionsTotal": 3, "refused": 1}
             first.close()
         finally:
             await handle.stop()
@@ -78,9 +80,26 @@ def test_several_processes_get_every_setting(source, tls_certs) -> None:
                 assert "--reuse-port" in args
             c = await asyncio.to_thread(tls_client, port, tls_certs)
             assert await asyncio.to_thread(c.set, "k", "v")
+            counts = await proxy_clients(handles)
+            assert counts is not None and (counts["clients"], counts["refused"]) == (1, 0)
             c.close()
         finally:
             for thing in owned:
                 await thing.stop()
     asyncio.run(main())
     assert source.client().get("k") == b"v"
+
+
+def test_the_operator_exports_the_proxies_client_counts() -> None:
+    from durablecache.k8s.metrics import Metrics
+    m = Metrics()
+    obj = {"metadata": {"namespace": "shop", "name": "sessions"},
+           "status": {"phase": "Sync", "proxyClients": {"clients": 12, "connectionsTotal": 40, "refused": 3}}}
+    m.observe(obj)
+
+    def value(name: str) -> float | None:
+        return m.registry.get_sample_value(name, {"namespace": "shop", "name": "sessions"})
+    assert (value("durablecache_proxy_clients"), value("durablecache_proxy_connections_accepted"),
+            value("durablecache_proxy_clients_refused")) == (12, 40, 3)
+    m.forget("shop", "sessions")
+    assert value("durablecache_proxy_clients") is None

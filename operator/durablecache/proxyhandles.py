@@ -59,6 +59,9 @@ class LocalProxy:
     async def stop(self) -> None:
         await self.proxy.stop()
 
+    async def stats(self) -> dict[str, Any]:
+        return self.proxy.stats()
+
 
 def local_proxies(host: str, port: int, client_tls: ssl.SSLContext | None = None, **settings: Any) -> ProxyStarter:
     """``settings``: more of Proxy's keyword arguments (max_clients, announce_host ...)."""
@@ -208,6 +211,9 @@ class SubprocessProxy:
 
     async def release_keys(self) -> None:
         await self._admin("POST", "/release")
+
+    async def stats(self) -> dict[str, Any]:
+        return await self._admin("GET", "/stats", timeout=5.0)  # type: ignore[no-any-return]
 
     async def stop(self) -> None:
         self._stopping = True

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from .. import logs
-from ..errors import DurableCacheError, UsageError
+from ..errors import ConnectError, DurableCacheError, UsageError
 from ..k8s.kube import Kube, load_client
 from ..k8s.spec import TLS_CERT_KEY, TLS_KEY_KEY, DurableCacheSpec, ProxySpec, credentials, stored_endpoint
 from ..k8s.status import progress
@@ -156,6 +156,27 @@ def proxy_starter(proxy: ProxySpec, args: argparse.Namespace, host: str, port: i
                          announce_host=announce_host, announce_port=announce_port), []
 
 
+async def proxy_clients(proxies: list[Any]) -> dict[str, int] | None:
+    """status.proxyClients: the client connections of all the migration's proxy processes (open now,
+    accepted since they started, refused over spec.proxy.maxClients); None before any proxy runs. A
+    proxy that does not answer (restarting) is left out of this round."""
+    out = {"clients": 0, "connectionsTotal": 0, "refused": 0}
+    seen = False
+    for handle in proxies:
+        stats = getattr(handle, "stats", None)
+        if stats is None:
+            continue
+        try:
+            s = await stats()
+        except (ConnectError, TimeoutError, OSError):
+            continue
+        seen = True
+        out["clients"] += int(s.get("clients") or 0)
+        out["connectionsTotal"] += int(s.get("connections_total") or 0)
+        out["refused"] += int(s.get("clients_refused") or 0)
+    return out if seen else None
+
+
 def _lag_reader(spec: DurableCacheSpec) -> Any:
     """The target's DurabilityLag for laggovernor.py: aws targets only; a sync target reports 0, so
     the reader stays on across a sync<->async switch."""
@@ -288,6 +309,9 @@ class Reporter:
             "durabilityLag": st.get("durabilityLag")}     # laggovernor.py; None without a reader
         if st.get("lastCutoverPauseMs") is not None:
             report["lastCutoverPauseMs"] = st["lastCutoverPauseMs"]
+        clients = await proxy_clients(m.proxies)
+        if clients is not None:
+            report["proxyClients"] = clients
         await self._write("report", report)
         try:
             obj = await asyncio.to_thread(self.kube.get, self.ns, self.name)
