@@ -61,3 +61,21 @@ def test_resources_reach_the_container() -> None:
     assert container["resources"] == wanted
     _, plain = rendered(resource())
     assert "resources" not in plain
+
+
+def test_the_endpoint_keeps_its_transport_from_source_through_proxy_to_target() -> None:
+    """What the operator writes into the applications' endpoint Secret at each route (handlers.address,
+    endpoints.secret_data): valkeys:// from start to end when the source uses TLS and the proxy serves it."""
+    from durablecache.k8s.endpoints import secret_data
+    from durablecache.k8s.handlers import OperatorContext, Reconciler
+    from durablecache.k8s.metrics import Metrics
+
+    runner = KubernetesRunner(None, "durablecache:test")  # type: ignore[arg-type]
+    rec = Reconciler(OperatorContext(kube=None, runner=runner, metrics=Metrics()), "shop", "sessions")  # type: ignore[arg-type]
+    obj = resource(tls={"secretName": "sessions-proxy-tls"})
+    obj["status"] = {"checkpoint": {"operator": {"source": {"host": "10.0.0.1", "port": 6379, "tls": True},
+                                                 "target": {"host": "10.0.0.2", "port": 6379, "tls": True}}}}
+    urls = [secret_data(*rec.address(obj, side))["url"] for side in ("source", "proxy", "target")]
+    assert urls == ["valkeys://10.0.0.1:6379", "valkeys://sessions-proxy.shop.svc:6379", "valkeys://10.0.0.2:6379"]
+    plain = resource()
+    assert rec.address(plain, "proxy") == ("sessions-proxy.shop.svc", 6379, False)
