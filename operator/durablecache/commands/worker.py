@@ -85,7 +85,7 @@ async def work(args: argparse.Namespace, namespace: str, name: str) -> Phase | N
         reporter = Reporter(kube, obj, args.status_interval)
         store = StatusStore(kube, namespace, name, on_phase=reporter.on_phase)
         reporter.store = store
-        cert, key = await asyncio.to_thread(_proxy_tls_files, kube, spec, args, tmp)
+        cert, key = await asyncio.to_thread(proxy_tls_files, kube, spec, args, tmp)
         starter, owned = proxy_starter(spec.proxy, args, host, port, cert, key, reporter.emit)
         m = Migration(source, target, opts, starter, emit=reporter.emit, store=store)
         reporter.migration = m
@@ -120,7 +120,7 @@ def _endpoints(kube: Kube, spec: DurableCacheSpec, op: dict[str, Any], tmp: str)
     return out[0], out[1]
 
 
-def _proxy_tls_files(kube: Kube, spec: DurableCacheSpec, args: argparse.Namespace,
+def proxy_tls_files(kube: Kube, spec: DurableCacheSpec, args: argparse.Namespace,
                      tmp: str) -> tuple[str | None, str | None]:
     """The proxies' certificate and key: the mounted Secret's files (--tls-cert/--tls-key, the pod), or
     spec.proxy.tls.secretName read from the API into ``tmp`` (a worker run as a local process), or
