@@ -28,6 +28,7 @@ from .checkpoint import CheckpointStore, MemoryCheckpoint
 from .copier import BulkCopy, check_pair
 from .errors import ConnectError, DurableCacheError, RefusedError
 from .gate import wait_for_gate
+from .gcpause import GcHold
 from .keymover import MoverOptions
 from .laggovernor import LagControl
 from .movers import MoverPool
@@ -44,6 +45,7 @@ from .verify import Verifier
 log = logs.get("durablecache.migration")
 STATE_VERSION = 1
 PLANNED_REPAIR = "verify pass after the copy"
+GC_HOLD_LIMIT = 30.0   # seconds the collector may stay off for one switch of authority (gcpause.py)
 __all__ = ["Migration", "MigrationOptions", "Phase", "ProxyHandle", "ProxyStarter"]
 
 
@@ -86,6 +88,7 @@ class Migration:
         self.store = store or MemoryCheckpoint()
         self.state: dict[str, Any] = {}
         self.proxies: list[ProxyHandle] = []
+        self._gc_hold = GcHold()
         self.syncer: Syncer | None = None
         self.source: Topology | None = None
         self.target: Topology | None = None
@@ -451,7 +454,14 @@ class Migration:
         never be drained inside the pause while it is being written. So first only the writes to such
         keys are held (other keys and all reads go on) until the syncer has copied them after their last
         write — bounded by max_key_pause — and only then is everything frozen; the drain then finds them
-        clean. ``sw.on_flipped`` records the new authority, saved before any write resumes."""
+        clean. The watch lists no clients meanwhile (Trust.no_looks). ``sw.on_flipped`` records the new
+        authority, saved before any write resumes."""
+        assert self.trust
+        async with self.trust.no_looks():
+            return await self._switch(sw)
+
+    async def _switch(self, sw: _Switch) -> _Switched:
+        """_switch_authority's steps."""
         assert self.syncer
         held: set[DirtyKey] = set()
         k0: float | None = None     # when the hot keys' writes began to be held
@@ -464,6 +474,7 @@ class Migration:
             if held:
                 k0 = time.monotonic()
                 await self._hold_keys(held, self.opts.max_key_pause)
+            self._gc_hold.start(GC_HOLD_LIMIT)
             t0 = time.monotonic()
             await asyncio.gather(*(p.freeze(sw.budget) for p in self.proxies))
             frozen_ms = (time.monotonic() - t0) * 1000
@@ -489,6 +500,7 @@ class Migration:
             if t0 is not None:
                 await asyncio.gather(*(p.unfreeze() for p in self.proxies), return_exceptions=True)
                 pause_ms = _ms_since(t0)
+            self._gc_hold.end()
             await self._unprepare_all()
             await self._release_keys(held)
             return _Switched(False, str(exc) or "freeze timed out", pause_ms, frozen_ms, len(held), _ms_since(k0),
@@ -497,11 +509,13 @@ class Migration:
             # Anything else (a syncer failure, cancellation) ends the migration: hold nothing meanwhile.
             if t0 is not None:
                 await asyncio.gather(*(p.unfreeze() for p in self.proxies), return_exceptions=True)
+            self._gc_hold.end()
             await self._unprepare_all()
             await self._release_keys(held)
             raise
         await asyncio.gather(*(p.unfreeze() for p in self.proxies))
         pause_ms = _ms_since(t0)
+        self._gc_hold.end()
         await self._release_keys(held)   # held writes go on, to the new side now
         key_pause_ms = _ms_since(k0)
         await self.syncer.close_pools()  # the old direction's connections, no longer needed

@@ -17,6 +17,7 @@ from typing import Any, Final
 
 from .. import logs
 from ..errors import ConnectError, RefusedError, ServerError
+from ..gcpause import GcHold
 from ..resp import Connection, reply_map
 from ..topology import discover
 from ..urls import Endpoint
@@ -39,6 +40,7 @@ SWITCH_BATCH: Final = 256       # sessions switched per turn of the event loop a
 # A server's maxclients when CONFIG GET is not allowed (ElastiCache): ElastiCache's fixed limit.
 DEFAULT_MAXCLIENTS: Final = 65000
 CONNECTION_SHARE: Final = 0.9   # the share of maxclients an attempt may fill, unless a budget is set
+GC_HOLD_LIMIT: Final = 10.0   # seconds the collector may stay off for one freeze (see gcpause.py)
 PREPARED_FOR: Final = 60.0      # seconds a prepare_flip() discovery may be used by flip() (a topology
                                 # change meanwhile is followed by MOVED and the refresh, as at any time)
 
@@ -74,6 +76,8 @@ class Proxy(ProxyState[Session]):
         # (its clients', ours and the sessions' prepared ones); 0: CONNECTION_SHARE of its maxclients.
         self.connection_budget = connection_budget
         self._thawed = asyncio.Event()
+        self._gc_hold = GcHold()
+        self._busy: list[Session] = []        # freeze: the sessions last seen with writes in flight
         self._finishing: asyncio.Task[None] | None = None
 
     @property
@@ -178,11 +182,22 @@ class Proxy(ProxyState[Session]):
     def _inflight(self) -> int:
         """Writes sent and not answered, batches of marks in delivery, and remote marks not
         acknowledged by the syncer yet."""
-        n = sum(s.inflight + (1 if s.marking else 0) for s in self._all_sessions())
+        return _writes_in_flight(self._all_sessions()) + self._remote_pending()
+
+    def _remote_pending(self) -> int:
         remote = self.delivery.remote
-        if remote is not None:
-            n += remote.pending
-        return n
+        return remote.pending if remote is not None else 0
+
+    def _frozen_inflight(self) -> int:
+        """_inflight() while frozen, without a pass over every session each round: no new write is
+        sent then, so only the sessions busy at the last full pass are looked at again; a full pass
+        confirms before 0 is reported (a few sessions instead of thousands per round: the freeze
+        then takes as long with 5,000 idle clients as with 10)."""
+        busy = [s for s in self._busy if s.inflight or s.marking]
+        if not busy:
+            busy = [s for s in self._all_sessions() if s.inflight or s.marking]
+        self._busy = busy
+        return _writes_in_flight(busy) + self._remote_pending()
 
     def _send_marks_now(self) -> None:
         """Freeze and hold_keys wait for remote marks' acks: send them now, not on RemoteMarks' timer."""
@@ -194,8 +209,12 @@ class Proxy(ProxyState[Session]):
         """Hold new writes; return when every write already sent is answered and its marks delivered."""
         self.frozen = True
         self._thawed.clear()
+        self._gc_hold.start(GC_HOLD_LIMIT)
         started = time.monotonic()
-        n = await self._quiesce(self._inflight, timeout, lambda: self._unblock(writes_only=True), flush_marks=True)
+        self._busy = self._all_sessions()
+        n = await self._quiesce(self._frozen_inflight, timeout, lambda: self._unblock(writes_only=True),
+                                flush_marks=True)
+        self._busy = []
         if n:
             log.warning("proxy.freeze_timeout", inflight=n, timeout=timeout)
             raise TimeoutError(f"{n} writes still in flight after {timeout:.3f}s")
@@ -407,8 +426,10 @@ class Proxy(ProxyState[Session]):
     def unfreeze(self) -> None:
         self.frozen = False
         self._thawed.set()
-        for s in list(self.sessions.values()):
-            if s.held:
+        self._gc_hold.end()
+        held, self.held_by_freeze = self.held_by_freeze, []
+        for s in held:
+            if s.held and self.sessions.get(s.id) is s:
                 s.release()   # writes to held keys (hold_keys) are held again at once
         log.info("proxy.unfrozen")
 
@@ -515,3 +536,7 @@ def _must_unblock(queue: Any, writes_only: bool) -> bool:
                 not writes_only and (e is READ or (e.conn is not None and not e.internal))):
             return True
     return False
+
+
+def _writes_in_flight(sessions: list[Session]) -> int:
+    return sum(s.inflight + (1 if s.marking else 0) for s in sessions)

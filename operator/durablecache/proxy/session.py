@@ -359,6 +359,7 @@ class Session(Routing):
         spec = proxy.table.lookup(args)
         if proxy.frozen and self._is_write(args, spec):
             proxy.held_total += 1
+            proxy.held_by_freeze.append(self)   # UNFREEZE releases these, not every session
             self.held.append(args)
             return
         if proxy.key_hold and self._writes_held_key(args, spec):

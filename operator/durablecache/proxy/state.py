@@ -56,6 +56,7 @@ class ProxyState(Generic[S]):
         # Sessions whose client left while writes were in flight: still awaiting replies/marks.
         self.departed: set[S] = set()
         self.frozen = False
+        self.held_by_freeze: list[S] = []   # sessions holding a write because of FREEZE (UNFREEZE releases)
         # Cluster-wide commands (clusterwide.fan_out), set by the server: sessions reach it through
         # here because clusterwide.py builds on session.py.
         self.fan_out: Callable[..., None] | None = None
