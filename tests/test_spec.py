@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from durablecache.commands import migrate as migrate_cmd
-from durablecache.k8s.spec import DurableCacheSpec, SpecError
+from durablecache.k8s.spec import AUTO_PROCESSES, DurableCacheSpec, SpecError
 from durablecache.options import (
     DEFAULTS,
     GO_DURATION_PATTERN,
@@ -50,6 +50,8 @@ PARSED: dict[str, Callable[[DurableCacheSpec], Any]] = {
     "target.tls.caSecretRef.key": lambda s: s.target.tls.ca.key if s.target.tls.ca else None,
     "source.authSecretRef.key": lambda s: s.source.auth.key if s.source.auth else None,
     "target.authSecretRef.key": lambda s: s.target.auth.key if s.target.auth else None,
+    "proxy.replicas": lambda s: s.proxy.replicas,
+    "proxy.processes": lambda s: s.proxy.processes,
 }
 DURATION_FIELDS = {"routeIn.settlePeriod", "cutover.maxWritePause", "cutover.maxKeyPause", "cutover.rollbackWindow",
                    "cutover.drainBudget"}
@@ -144,6 +146,19 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("an unknown afterCutover", {"endpoint": {"afterCutover": "both"}}, "spec.endpoint.afterCutover"),
     ("a secret reference without a name", {"target": {"authSecretRef": {"key": "k"}}},
      "spec.target.authSecretRef.name"),
+    ("more than one proxy pod (not yet)", {"proxy": {"replicas": 2}}, "spec.proxy.replicas"),
+    ("no proxy pod", {"proxy": {"replicas": 0}}, "spec.proxy.replicas"),
+    ("no proxy process", {"proxy": {"processes": 0}}, "spec.proxy.processes"),
+    ("proxy processes as a word", {"proxy": {"processes": "many"}}, "spec.proxy.processes"),
+    ("proxy processes over the bound", {"proxy": {"processes": 65}}, "spec.proxy.processes"),
+    ("a client limit of 0", {"proxy": {"maxClients": 0}}, "spec.proxy.maxClients"),
+    ("a client limit that is a string", {"proxy": {"maxClients": "100"}}, "spec.proxy.maxClients"),
+    ("an announced host that is a number", {"proxy": {"announceHost": 7}}, "spec.proxy.announceHost"),
+    ("a TLS secret that is not a name", {"proxy": {"tls": {"secretName": ["a"]}}}, "spec.proxy.tls.secretName"),
+    ("a resource setting that is not one", {"proxy": {"resources": {"wants": {"cpu": 1}}}},
+     "spec.proxy.resources.wants"),
+    ("a quantity that is a boolean", {"proxy": {"resources": {"limits": {"cpu": True}}}},
+     "spec.proxy.resources.limits.cpu"),
 ]
 
 
@@ -178,3 +193,23 @@ def test_server_name_reaches_the_endpoint() -> None:
     ep = spec.target.first_endpoint()
     assert (ep.host, ep.port, ep.tls, ep.server_name, ep.tls_hostname) == \
         ("10.0.0.7", 6380, True, "cache.internal", "cache.internal")
+
+
+def test_spec_proxy_is_parsed_typed() -> None:
+    spec = DurableCacheSpec.parse(minimal(proxy={
+        "processes": "auto", "maxClients": 5000, "announceHost": "cache.shop.svc",
+        "tls": {"secretName": "sessions-proxy-tls"},
+        "resources": {"requests": {"cpu": "2", "memory": "512Mi"}, "limits": {"cpu": 2}}}))
+    p = spec.proxy
+    assert (p.replicas, p.processes, p.max_clients, p.announce_host, p.tls_secret_name) == \
+        (1, AUTO_PROCESSES, 5000, "cache.shop.svc", "sessions-proxy-tls")
+    assert p.resources == {"requests": {"cpu": "2", "memory": "512Mi"}, "limits": {"cpu": 2}}
+    plain = DurableCacheSpec.parse(minimal()).proxy
+    assert (plain.processes, plain.max_clients, plain.announce_host, plain.tls_secret_name, plain.resources) == \
+        (1, None, None, None, {})
+
+
+def test_more_than_one_proxy_pod_is_refused_with_the_way_forward() -> None:
+    with pytest.raises(SpecError) as err:
+        DurableCacheSpec.parse(minimal(proxy={"replicas": 3}))
+    assert "not supported yet" in str(err.value) and "spec.proxy.processes" in str(err.value)

@@ -65,10 +65,15 @@ class LocalProxy:
     async def stop(self) -> None:
         await self.proxy.stop()
 
+    async def stats(self) -> dict[str, Any]:
+        return self.proxy.stats()
 
-def local_proxies(host: str, port: int, client_tls: ssl.SSLContext | None = None) -> ProxyStarter:
+
+def local_proxies(host: str, port: int, client_tls: ssl.SSLContext | None = None, **settings: Any) -> ProxyStarter:
+    """``settings``: more of Proxy's keyword arguments (max_clients, announce_host ...)."""
     async def start(upstream: Endpoint, on_marks: MarkCallback, _on_lost: Callable[[str], None]) -> list[ProxyHandle]:
-        proxy = Proxy(upstream, listen_host=host, listen_port=port, on_marks=on_marks, client_tls=client_tls)
+        proxy = Proxy(upstream, listen_host=host, listen_port=port, on_marks=on_marks, client_tls=client_tls,
+                      **settings)
         await proxy.start()
         return [LocalProxy(proxy)]
 
@@ -82,8 +87,10 @@ class SubprocessProxy:
     and the syncer demands a full verify-and-repair before any cutover."""
 
     def __init__(self, host: str, port: int, upstream: Endpoint, marks: MarkServer, workdir: str,
-                 max_restarts: int = 20):
+                 max_restarts: int = 20, extra_args: list[str] | None = None):
         self.host, self.port = host, port
+        # More `durablecache proxy` flags: --reuse-port for one of several processes on one port, TLS ...
+        self.extra_args = list(extra_args or [])
         self.address = f"{host}:{port}"
         self.upstream = upstream
         self.marks = marks
@@ -98,6 +105,7 @@ class SubprocessProxy:
         self._session: aiohttp.ClientSession | None = None
         self.on_restart: Callable[[dict[str, Any]], None] = lambda _e: None
         self.migration_ended = False    # a child (re)started after that serves without marks
+        self.log_name = "proxy.log"
 
     def _write_secret(self, name: str, value: str) -> str:
         path = os.path.join(self.workdir, name)
@@ -115,7 +123,7 @@ class SubprocessProxy:
         self.admin_port = free_port()
         args = [sys.executable, "-m", "durablecache.cli", "--log-json", "proxy", "--listen", self.address,
                 "--admin", f"127.0.0.1:{self.admin_port}",
-                "--admin-token-file", self._write_secret("admin.token", self.token)]
+                "--admin-token-file", self._write_secret("admin.token", self.token), *self.extra_args]
         if self.migration_ended:
             args.append("--not-migrating")
         else:
@@ -124,7 +132,7 @@ class SubprocessProxy:
         # The upstream URL carries the password: hand it over in the environment, not on the command
         # line, where any local user could read it.
         env = {**os.environ, "DURABLECACHE_UPSTREAM": self.upstream.to_url()}
-        with open(os.path.join(self.workdir, "proxy.log"), "ab") as log_file:  # the child keeps its own fd
+        with open(os.path.join(self.workdir, self.log_name), "ab") as log_file:  # the child keeps its own fd
             self.proc = await asyncio.create_subprocess_exec(*args, stdout=subprocess.DEVNULL, stderr=log_file,
                                                              env=env)
         try:
@@ -134,7 +142,8 @@ class SubprocessProxy:
                     if await self._admin("GET", "/healthz", timeout=1.0):
                         return
                 await asyncio.sleep(0.1)
-            raise ConnectError(f"proxy subprocess on {self.address} did not start (see {self.workdir}/proxy.log)")
+            raise ConnectError(f"proxy subprocess on {self.address} did not start "
+                               f"(see {self.workdir}/{self.log_name})")
         except BaseException:
             await self._kill_child()  # never leave a half-started proxy listening on the apps' port
             raise
@@ -220,6 +229,8 @@ class SubprocessProxy:
     async def end_migration(self) -> None:
         self.migration_ended = True
         await self._admin("POST", "/end-migration")
+    async def stats(self) -> dict[str, Any]:
+        return await self._admin("GET", "/stats", timeout=5.0)  # type: ignore[no-any-return]
 
     async def stop(self) -> None:
         self._stopping = True
@@ -230,9 +241,13 @@ class SubprocessProxy:
             await self._session.close()
 
 
-def subprocess_proxies(host: str, port: int, emit: Callable[[dict[str, Any]], None]) -> tuple[ProxyStarter, list]:
-    """A starter for one supervised proxy subprocess; the second value collects what must be closed."""
+def subprocess_proxies(host: str, port: int, emit: Callable[[dict[str, Any]], None], processes: int = 1,
+                       proxy_args: list[str] | None = None) -> tuple[ProxyStarter, list]:
+    """A starter for ``processes`` supervised proxy subprocesses on one port (more than one: they share
+    it with SO_REUSEPORT), each with its own admin API and mark stream; ``proxy_args``: more flags for
+    each (TLS, --announce, --max-clients). The second value collects what must be closed."""
     owned: list[Any] = []
+    extra = list(proxy_args or []) + (["--reuse-port"] if processes > 1 else [])
 
     async def start(upstream: Endpoint, on_marks: MarkCallback, on_lost: Callable[[str], None]) -> list[ProxyHandle]:
         workdir = tempfile.mkdtemp(prefix="durablecache-proxy-")
@@ -240,12 +255,16 @@ def subprocess_proxies(host: str, port: int, emit: Callable[[dict[str, Any]], No
         marks = MarkServer(on_marks, marks_token, on_lost=lambda peer: on_lost(f"proxy {peer} lost its mark stream"))
         await marks.start()
         owned.append(marks)
-        child = SubprocessProxy(host, port, upstream, marks, workdir)
-        owned.append(child)  # stopped by the caller even if it never finished starting
-        child._write_secret("marks.token", marks_token)
-        child.on_restart = emit
-        await child.start()
-        emit({"event": "proxy_process", "address": child.address, "pid": child.pid})
-        return [child]
+        handles: list[ProxyHandle] = []
+        for i in range(processes):
+            child = SubprocessProxy(host, port, upstream, marks, workdir, extra_args=extra)
+            child.log_name = f"proxy-{i}.log" if processes > 1 else "proxy.log"
+            owned.append(child)  # stopped by the caller even if it never finished starting
+            child._write_secret("marks.token", marks_token)
+            child.on_restart = emit
+            await child.start()
+            emit({"event": "proxy_process", "address": child.address, "pid": child.pid})
+            handles.append(child)
+        return handles
 
     return start, owned

@@ -41,6 +41,7 @@ def _manifest(source_id: str, target_id: str) -> dict[str, Any]:
     # The local servers speak plain TCP; ElastiCache (and moto) report TLS endpoints.
     spec["source"]["tls"] = {"enabled": False}
     spec["target"]["tls"] = {"enabled": False}
+    spec.pop("proxy")      # a plain-TCP source: the proxy serves plain TCP too (the app speaks no TLS)
     spec["routeIn"] = {"settlePeriod": "1s"}
     spec["cutover"] = {"mode": "auto", "maxWritePause": "1s", "drainBudget": "800ms", "rollbackWindow": "2s"}
     return body

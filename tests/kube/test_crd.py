@@ -148,6 +148,7 @@ def test_defaults(custom: client.CustomObjectsApi, kube_namespace: str) -> None:
     assert spec["seeding"] == {"mode": "none"}
     assert spec["deletionPolicy"] == {"source": "Retain", "target": "Retain"}
     assert spec["routeIn"] == {"settlePeriod": "30s"}
+    assert spec["proxy"] == {"replicas": 1, "processes": 1}
     assert (spec["target"]["shards"], spec["target"]["replicasPerShard"]) == (1, 1)
 
 
@@ -212,6 +213,13 @@ INVALID: list[tuple[str, Body, list[str]]] = [
     ("duplicate restart workload", _with("endpoint.restartWorkloads",
                                          [{"kind": "Deployment", "name": "a"}] * 2),
      ["spec.endpoint.restartWorkloads[1]", "Duplicate value"]),
+    ("proxy processes as another word", _with("proxy.processes", "many"), ["proxy.processes must be 1 to 64 or auto"]),
+    ("no proxy process", _with("proxy.processes", 0), ["proxy.processes must be 1 to 64 or auto"]),
+    ("no proxy pod", _with("proxy.replicas", 0), ["spec.proxy.replicas"]),
+    ("a client limit of 0", _with("proxy.maxClients", 0), ["spec.proxy.maxClients"]),
+    ("a quantity that is none", _with("proxy.resources", {"limits": {"cpu": "lots"}}),
+     ["spec.proxy.resources.limits.cpu"]),
+    ("a TLS secret that is no name", _with("proxy.tls.secretName", "Not_A_Name"), ["spec.proxy.tls.secretName"]),
 ]
 
 
@@ -236,6 +244,10 @@ def test_the_same_manifests_are_accepted_when_fixed(custom: client.CustomObjects
     create(custom, kube_namespace, _with("deletionPolicy.source", "SnapshotThenDelete", aws_source), dry_run=True)
     create(custom, kube_namespace, _with("source.auth", {"iam": {"userId": "app", "cacheName": "c"}}), dry_run=True)
     create(custom, kube_namespace, _with("target.auth", {"iam": {"userId": "app"}}, aws_source), dry_run=True)
+    create(custom, kube_namespace, _with("proxy", {
+        "processes": "auto", "maxClients": 1, "announceHost": "cache.shop.svc", "tls": {"secretName": "p-tls"},
+        "resources": {"limits": {"cpu": "1500m", "memory": "1Gi"}, "requests": {"cpu": 1}}}), dry_run=True)
+    create(custom, kube_namespace, _with("proxy.processes", 64), dry_run=True)
 
 
 def _patch(custom: client.CustomObjectsApi, ns: str, name: str, spec: Body) -> Body:

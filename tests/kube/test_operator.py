@@ -432,6 +432,11 @@ def _moto_source(moto: str) -> str:
     return rg_id
 
 
+def tls_secret_data(certs: dict[str, str]) -> dict[str, str]:
+    """A kubernetes.io/tls Secret's data (tls.crt, tls.key) from the test CA's server certificate."""
+    return {"tls.crt": Path(certs["cert"]).read_text(), "tls.key": Path(certs["key"]).read_text()}
+
+
 def _elasticache(moto: str) -> Any:
     return boto3.client("elasticache", endpoint_url=moto, region_name="us-east-1",
                         aws_access_key_id="testing", aws_secret_access_key="testing")
@@ -444,18 +449,22 @@ def _aws_durablecache(source_id: str, target_id: str, source_policy: str) -> dic
                  "target": {"provider": "aws", "replicationGroupId": target_id, "durability": "sync",
                             "nodeType": "cache.r7g.large", "shards": 1, "replicasPerShard": 1},
                  "endpoint": {"secretName": "app-cache"},
+                 # The moto source has TLS in transit: Preflight requires the proxy to serve TLS too.
+                 "proxy": {"tls": {"secretName": "sessions-proxy-tls"}},
                  "deletionPolicy": {"source": source_policy}},
     }
 
 
 def _start_aws_migration(
         kube_env: KubeEnv, kube_api: k8s_client.ApiClient, namespace: str, moto: str,
-        operator_factory: Callable[..., Operator], source_policy: str) -> tuple[str, str, Cluster, Operator]:
+        operator_factory: Callable[..., Operator], source_policy: str,
+        proxy_tls: dict[str, str]) -> tuple[str, str, Cluster, Operator]:
     """A moto source, an operator talking to moto, and DurableCache "sessions" applied:
     (source id, target id, cluster, operator)."""
     source_id = _moto_source(moto)
     target_id = f"dst-{uuid.uuid4().hex[:8]}"
     cluster = Cluster(kube_api, kube_env, namespace)
+    cluster.make_secret("sessions-proxy-tls", proxy_tls)
     op = operator_factory(**AWS_TEST_ENV, AWS_ENDPOINT_URL_ELASTICACHE=moto)
     op.start()
     cluster.apply(_aws_durablecache(source_id, target_id, source_policy))
@@ -470,9 +479,10 @@ def _delete_and_wait(kube_env: KubeEnv, namespace: str, name: str) -> None:
 
 def test_aws_provider_creates_the_target_with_the_requested_durability(
         kube_env: KubeEnv, kube_api: k8s_client.ApiClient, kube_namespace: str, moto_server: str,
-        operator_factory: Callable[..., Operator]) -> None:
+        operator_factory: Callable[..., Operator], tls_certs: dict[str, str]) -> None:
     source_id, target_id, cluster, op = _start_aws_migration(
-        kube_env, kube_api, kube_namespace, moto_server, operator_factory, source_policy="Delete")
+        kube_env, kube_api, kube_namespace, moto_server, operator_factory, source_policy="Delete",
+        proxy_tls=tls_secret_data(tls_certs))
     wait_for("targetDurability", lambda: cluster.status("sessions").get("targetDurability"), 60)
     status = cluster.status("sessions")
     assert status["targetDurability"] == "sync"
@@ -496,13 +506,14 @@ def test_aws_provider_creates_the_target_with_the_requested_durability(
 
 def test_deleting_a_completed_aws_migration_snapshots_then_deletes_the_source(
         kube_env: KubeEnv, kube_api: k8s_client.ApiClient, kube_namespace: str, moto_server: str,
-        operator_factory: Callable[..., Operator]) -> None:
+        operator_factory: Callable[..., Operator], tls_certs: dict[str, str]) -> None:
     """deletionPolicy.source SnapshotThenDelete. No migration can complete against moto (its endpoints
     serve no data), so the target is provisioned for real, then, with the operator and its worker
     stopped, the test records phase Complete in the status as a finished worker would; the operator
     is started again and the DurableCache deleted."""
     source_id, target_id, cluster, op = _start_aws_migration(
-        kube_env, kube_api, kube_namespace, moto_server, operator_factory, source_policy="SnapshotThenDelete")
+        kube_env, kube_api, kube_namespace, moto_server, operator_factory, source_policy="SnapshotThenDelete",
+        proxy_tls=tls_secret_data(tls_certs))
     wait_for("the target to be provisioned",
              lambda: (cluster.status("sessions").get("checkpoint") or {}).get("operator", {}).get("provisioned"), 60)
     op.kill(signal.SIGTERM)
@@ -556,18 +567,24 @@ def _kube_as(kubeconfig: Path) -> Any:
 
 def test_kubernetes_runner_creates_the_owned_worker_deployment_service_pdb_and_identity(
         kube_env: KubeEnv, kube_api: k8s_client.ApiClient, kube_namespace: str, operator_release: OperatorRelease,
-        make_server: Callable[..., LocalServer], operator_factory: Callable[..., Operator]) -> None:
+        make_server: Callable[..., LocalServer], operator_factory: Callable[..., Operator],
+        tls_certs: dict[str, str]) -> None:
     """The production runner with the chart's flags, under the chart's RBAC (the pods never run here: no
-    kubelet): the worker Deployment, Service, PDB, and the worker's ServiceAccount and RoleBinding."""
+    kubelet): the worker Deployment, Service, PDB, and the worker's ServiceAccount and RoleBinding; the
+    proxy's TLS Secret mounted, its announced host and resources, as the API server stored them."""
     source, target = make_server(), make_server()
     cluster = Cluster(kube_api, kube_env, kube_namespace)
+    cluster.make_secret("carts-proxy-tls", tls_secret_data(tls_certs))
     worker_args = chart_worker_args(kube_env, operator_release)
     flags = dict(a.split("=", 1) for a in worker_args)
     assert set(flags) == {"--worker-image", "--worker-cluster-role"}, worker_args
     worker_args.append("--worker-image-pull-secret=regcred")    # as the chart passes worker.imagePullSecrets
     op = operator_factory()
     op.start(runner="kubernetes", extra_args=tuple(worker_args))
-    cluster.apply(durablecache("carts", source, target, mode="manual"))
+    carts = durablecache("carts", source, target, mode="manual")
+    carts["spec"]["proxy"] = {"tls": {"secretName": "carts-proxy-tls"},
+                              "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}}}
+    cluster.apply(carts)
     apps, core, policy, rbac = (k8s_client.AppsV1Api(kube_api), k8s_client.CoreV1Api(kube_api),
                                 k8s_client.PolicyV1Api(kube_api), k8s_client.RbacAuthorizationV1Api(kube_api))
     identity = "carts-durablecache-worker"
@@ -594,7 +611,16 @@ def test_kubernetes_runner_creates_the_owned_worker_deployment_service_pdb_and_i
     assert [s.name for s in pod.image_pull_secrets] == ["regcred"]
     container = pod.containers[0]
     assert container.image == flags["--worker-image"]
-    assert container.args[-4:] == ["--resource", f"{kube_namespace}/carts", "--listen", "0.0.0.0:6379"]
+    args = container.args
+    assert args[args.index("--resource"):][:4] == ["--resource", f"{kube_namespace}/carts", "--listen", "0.0.0.0:6379"]
+    assert args[args.index("--announce") + 1] == f"carts-proxy.{kube_namespace}.svc"
+    assert args[args.index("--tls-cert") + 1] == "/etc/durablecache/proxy-tls/tls.crt"
+    assert args[args.index("--tls-key") + 1] == "/etc/durablecache/proxy-tls/tls.key"
+    (volume,) = [v for v in pod.volumes if v.name == "proxy-tls"]
+    assert (volume.secret.secret_name, volume.secret.default_mode) == ("carts-proxy-tls", 0o440)
+    assert [(m.mount_path, m.read_only) for m in container.volume_mounts if m.name == "proxy-tls"] == \
+        [("/etc/durablecache/proxy-tls", True)]
+    assert container.resources.requests == {"cpu": "500m", "memory": "256Mi"}
     assert pdb.spec.max_unavailable == 0
     assert (binding.role_ref.kind, binding.role_ref.name) == ("ClusterRole", flags["--worker-cluster-role"])
     assert [(s.kind, s.name, s.namespace) for s in binding.subjects] == [("ServiceAccount", identity, kube_namespace)]
@@ -617,6 +643,35 @@ def test_kubernetes_runner_creates_the_owned_worker_deployment_service_pdb_and_i
     kube_env.kubectl("delete", "dcache", "carts", "-n", kube_namespace, "--wait=false")
     wait_for("the worker objects and the DurableCache to be gone",
              lambda: all(_gone(r) for r in [*readers, lambda: cluster.get("carts")]), 30)
+    assert_no_rbac_denials(op)
+
+
+def test_a_tls_source_without_a_proxy_certificate_is_refused_at_preflight(
+        kube_env: KubeEnv, kube_api: k8s_client.ApiClient, kube_namespace: str,
+        make_server: Callable[..., LocalServer], operator_factory: Callable[..., Operator]) -> None:
+    """Applications that reach the source over TLS must not be moved onto a plain-TCP proxy: without
+    spec.proxy.tls.secretName the migration fails at Preflight, before anything is created, naming
+    the field."""
+    source, target = make_server(), make_server()
+    cluster = Cluster(kube_api, kube_env, kube_namespace)
+    op = operator_factory()
+    op.start()
+    tls_source = durablecache("tlssrc", source, target, mode="manual")
+    tls_source["spec"]["source"]["tls"] = {"enabled": True}
+    cluster.apply(tls_source)
+    wait_for("Preflight to fail", lambda: cluster.phase("tlssrc") == "Failed", 60)
+    failed = [m for kind, reason, m in cluster.events("tlssrc") if reason == "PreflightFailed"]
+    assert failed and failed[0].startswith("spec.proxy.tls.secretName: the source uses TLS"), cluster.events("tlssrc")
+    assert not (cluster.status("tlssrc").get("checkpoint") or {}).get("operator", {}).get("provisioned")
+    assert op.worker_pids() == []
+    # Named, but the Secret is not there: refused as well, naming the field and the Secret.
+    missing = durablecache("tlssrc2", source, target, mode="manual")
+    missing["spec"]["source"]["tls"] = {"enabled": True}
+    missing["spec"]["proxy"] = {"tls": {"secretName": "nope"}}
+    cluster.apply(missing)
+    wait_for("Preflight to fail", lambda: cluster.phase("tlssrc2") == "Failed", 60)
+    failed = [m for kind, reason, m in cluster.events("tlssrc2") if reason == "PreflightFailed"]
+    assert failed and "spec.proxy.tls.secretName" in failed[0] and "nope" in failed[0], cluster.events("tlssrc2")
     assert_no_rbac_denials(op)
 
 

@@ -10,6 +10,7 @@ import ssl
 
 from .. import logs
 from ..errors import UsageError
+from ..proxyprocesses import Child, cpu_count, supervise
 from ..urls import parse_url
 from ._common import hostport, read_token, run_async, tune_gc
 
@@ -28,13 +29,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--marks-token-file", help="file holding the mark server's token")
     p.add_argument("--tls-cert", help="serve clients over TLS with this certificate (PEM)")
     p.add_argument("--tls-key", help="private key of --tls-cert (PEM)")
+    p.add_argument("--announce", metavar="HOST[:PORT]",
+                   help="cluster mode: the host name (and port) CLUSTER SLOTS/SHARDS/NODES name, so that clients "
+                        "connect to and verify it (default: the address each client connected to)")
+    p.add_argument("--max-clients", type=_positive, default=0, metavar="N",
+                   help="accept at most N client connections (per process); more get "
+                        "'ERR max number of clients reached', as from a server (default: no limit)")
+    p.add_argument("--processes", type=_processes, default=1, metavar="N|auto",
+                   help="run N proxy processes sharing the listen port (SO_REUSEPORT), each with its own "
+                        "admin port (--admin PORT, PORT+1, ...) and mark stream; auto: one per CPU (default 1)")
+    p.add_argument("--reuse-port", action="store_true",
+                   help="listen with SO_REUSEPORT, sharing the port with other proxy processes (--processes "
+                        "sets it for its children)")
     p.add_argument("--not-migrating", action="store_true",
                    help="forward FLUSHALL/FLUSHDB/SWAPDB/MOVE instead of refusing them")
     p.add_argument("--name", default="durablecache-proxy", help="prefix of the proxy's upstream client names")
     p.add_argument("--json", action="store_true", help="log JSON lines")
+    p.set_defaults(proxy_parser=p)   # --processes rebuilds its children's command lines from it
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"not a positive number: {value!r}")
+    return int(value)
+
+
+def _processes(value: str) -> int:
+    """N, or "auto": one per CPU this process may use."""
+    if value == "auto":
+        return cpu_count()
+    return _positive(value)
+
+
+def announce_address(value: str, what: str = "--announce") -> tuple[str, int]:
+    """HOST or HOST:PORT (port 0: the port the client connected to)."""
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        return value, 0
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"{what} must be HOST or HOST:PORT, not {value!r}")
+    return host, int(port)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.processes > 1:
+        return run_async(_parent(args))
     if args.json:
         logs.configure(json=True, level=getattr(args, "log_level", "info") or "info")
     if os.environ.get("DURABLECACHE_UVLOOP") == "0":  # the stdlib loop, for comparison (bench/proxy.py)
@@ -55,12 +94,8 @@ async def _main(args: argparse.Namespace) -> int:
     host, port = hostport(args.listen, "--listen")
     admin_addr = hostport(args.admin, "--admin") if args.admin else None
     admin_token = read_token(args.admin_token_file, "--admin") if args.admin else ""
-    client_tls = None
-    if args.tls_cert or args.tls_key:
-        if not (args.tls_cert and args.tls_key):
-            raise UsageError("--tls-cert and --tls-key go together")
-        client_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        client_tls.load_cert_chain(args.tls_cert, args.tls_key)
+    client_tls = server_tls(args.tls_cert, args.tls_key)
+    announce_host, announce_port = announce_address(args.announce) if args.announce else (None, 0)
     remote: RemoteMarks | None = None
     counted = {"keys": 0}
 
@@ -74,7 +109,8 @@ async def _main(args: argparse.Namespace) -> int:
         await remote.connect()
         on_marks = remote
     proxy = Proxy(upstream, listen_host=host, listen_port=port, on_marks=on_marks, client_tls=client_tls,
-                  migrating=not args.not_migrating, name_prefix=args.name)
+                  migrating=not args.not_migrating, name_prefix=args.name, max_clients=args.max_clients,
+                  announce_host=announce_host, announce_port=announce_port, reuse_port=args.reuse_port)
     await proxy.start()
     admin = None
     if admin_addr is not None:
@@ -84,7 +120,8 @@ async def _main(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"durablecache proxy: listening on {host}:{proxy.port} -> {upstream.redacted()}", flush=True)
+    shown = f" (admin {admin_addr[0]}:{admin.port})" if admin is not None and admin_addr is not None else ""
+    print(f"durablecache proxy: listening on {host}:{proxy.port} -> {upstream.redacted()}{shown}", flush=True)
     await stop.wait()
     log.info("proxy.stopping", **{k: v for k, v in proxy.stats().items() if k in ("clients", "commands", "writes")})
     if admin is not None:
@@ -93,3 +130,67 @@ async def _main(args: argparse.Namespace) -> int:
     if remote is not None:
         await remote.close()
     return 0
+
+
+def server_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """The TLS context clients are served with (--tls-cert/--tls-key), or None for plain TCP."""
+    if not (cert or key):
+        return None
+    if not (cert and key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot load --tls-cert {cert} / --tls-key {key}: {exc}") from None
+    return ctx
+
+
+async def _parent(args: argparse.Namespace) -> int:
+    """--processes N: N children on one port, supervised (proxyprocesses.py); SIGTERM/SIGINT stop them."""
+    if not args.upstream:
+        raise UsageError("--upstream (or DURABLECACHE_UPSTREAM) is required")
+    host, port = hostport(args.listen, "--listen")
+    if port == 0:
+        raise UsageError("--processes needs a --listen port other than 0: the processes share it")
+    server_tls(args.tls_cert, args.tls_key)            # a bad certificate fails here, once
+    if args.announce:
+        announce_address(args.announce)
+    # The upstream URL may carry a password: the children get it in the environment, never in argv.
+    env = {**os.environ, "DURABLECACHE_UPSTREAM": args.upstream}
+    children = [Child(i, child_argv(args, i), env) for i in range(args.processes)]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return await supervise(children, stop)
+
+
+def child_argv(args: argparse.Namespace, index: int) -> list[str]:
+    """The command line of child ``index``: the parent's flags as parsed (rebuilt from the parser, so
+    every flag of this command is passed on), one process each, a port shared with SO_REUSEPORT, the
+    admin API on the parent's admin port + ``index``."""
+    out = ["--log-json"] if getattr(args, "log_json", False) else []
+    if getattr(args, "log_level", None):
+        out += ["--log-level", args.log_level]
+    out.append(NAME)
+    skip = {"help", "upstream", "processes", "reuse_port", "admin", "proxy_parser"}
+    for action in args.proxy_parser._actions:
+        if not action.option_strings or action.dest in skip:
+            continue
+        value = getattr(args, action.dest, None)
+        if value is None or value == action.default:
+            continue
+        flag = action.option_strings[-1]
+        if action.nargs == 0:           # store_true and the like
+            out.append(flag)
+        elif isinstance(value, list):
+            for item in value:
+                out += [flag, str(item)]
+        else:
+            out += [flag, str(value)]
+    out += ["--processes", "1", "--reuse-port"]
+    if args.admin:
+        ahost, aport = hostport(args.admin, "--admin")
+        out += ["--admin", f"{ahost}:{aport + index if aport else 0}"]
+    return out

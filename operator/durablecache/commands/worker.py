@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from .. import logs
-from ..errors import DurableCacheError, UsageError
+from ..errors import ConnectError, DurableCacheError, UsageError
 from ..k8s.kube import Kube, load_client
 from ..k8s.lease import (
     DEFAULT_DURATION,
@@ -31,15 +31,18 @@ from ..k8s.lease import (
     LeaseTimings,
     holder_identity,
 )
-from ..k8s.spec import DurableCacheSpec, credentials, stored_endpoint
+from ..k8s.spec import TLS_CERT_KEY, TLS_KEY_KEY, DurableCacheSpec, ProxySpec, credentials, stored_endpoint
 from ..k8s.status import progress
 from ..k8s.store import StatusStore
-from ..migration import Migration
+from ..migration import Emit, Migration, ProxyStarter
 from ..options import OPERATOR_GATE_TIMEOUT, format_duration
 from ..phases import SUCCESSFUL_ENDS, Phase
+from ..proxyhandles import local_proxies, subprocess_proxies
+from ..proxyprocesses import cpu_count
 from ..urls import Endpoint
 from . import migrate as migrate_cmd
 from ._common import hostport, run_async
+from .proxy import announce_address, server_tls
 
 NAME = "worker"
 HELP = "run the proxy and syncer of one DurableCache (started by the operator; not for direct use)"
@@ -77,6 +80,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lease-retry-period", type=float, metavar="SECONDS",
                    help="between renewals and a standby's looks "
                         f"(default ${LEASE_ENV['retry_period']} or {DEFAULT_RETRY_PERIOD:g}s)")
+    p.add_argument("--announce", metavar="HOST[:PORT]",
+                   help="the host the proxies name in CLUSTER SLOTS/SHARDS/NODES (the runner passes the proxy "
+                        "Service's DNS name unless spec.proxy.announceHost is set)")
+    p.add_argument("--tls-cert", help="the proxies serve TLS with this certificate (the mounted "
+                                      "spec.proxy.tls Secret); default: read that Secret from the API")
+    p.add_argument("--tls-key", help="private key of --tls-cert")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -146,7 +155,8 @@ async def _coordinate(args: argparse.Namespace, kube: Kube, lease: CoordinatorLe
         reporter.store = store
         await asyncio.to_thread(store.set_coordinator, lease.holder, epoch)
         reporter.post("Normal", "CoordinatorElected", f"{lease.holder} holds the coordinator lease, epoch {epoch}")
-        starter, owned = migrate_cmd.proxy_starter(host, port, args.proxy_mode, reporter.emit)
+        cert, key = await asyncio.to_thread(proxy_tls_files, kube, spec, args, tmp)
+        starter, owned = proxy_starter(spec.proxy, args, host, port, cert, key, reporter.emit)
         m = Migration(source, target, opts, starter, emit=reporter.emit, store=store)
         reporter.migration = m
         reports = asyncio.create_task(reporter.run())
@@ -221,6 +231,63 @@ def _endpoints(kube: Kube, spec: DurableCacheSpec, op: dict[str, Any], tmp: str)
         out.append(dataclasses.replace(stored_endpoint(op[side]), username=user, password=password,
                                        ca_file=ca_file, iam=spec.iam_auth(side)))
     return out[0], out[1]
+
+
+def proxy_tls_files(kube: Kube, spec: DurableCacheSpec, args: argparse.Namespace,
+                     tmp: str) -> tuple[str | None, str | None]:
+    """The proxies' certificate and key: the mounted Secret's files (--tls-cert/--tls-key, the pod), or
+    spec.proxy.tls.secretName read from the API into ``tmp`` (a worker run as a local process), or
+    none (plain TCP)."""
+    if args.tls_cert or args.tls_key:
+        return args.tls_cert, args.tls_key
+    secret = spec.proxy.tls_secret_name
+    if secret is None:
+        return None, None
+    out = []
+    for name in (TLS_CERT_KEY, TLS_KEY_KEY):
+        path = os.path.join(tmp, f"proxy-{name}")
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+            f.write(kube.secret_value(spec.namespace, secret, name))
+        out.append(path)
+    return out[0], out[1]
+
+
+def proxy_starter(proxy: ProxySpec, args: argparse.Namespace, host: str, port: int, cert: str | None,
+                  key: str | None, emit: Emit) -> tuple[ProxyStarter, list[Any]]:
+    """The migration's proxies as spec.proxy says: one in this process, or (processes > 1, or
+    --proxy-mode subprocess) that many supervised children sharing the port."""
+    processes = proxy.processes or cpu_count()
+    if processes > 1 or args.proxy_mode == "subprocess":
+        flags = ["--tls-cert", cert, "--tls-key", key] if cert and key else []
+        if args.announce:
+            flags += ["--announce", args.announce]
+        if proxy.max_clients:
+            flags += ["--max-clients", str(proxy.max_clients)]
+        return subprocess_proxies(host, port, emit, processes=processes, proxy_args=flags)
+    announce_host, announce_port = announce_address(args.announce) if args.announce else (None, 0)
+    return local_proxies(host, port, server_tls(cert, key), max_clients=proxy.max_clients or 0,
+                         announce_host=announce_host, announce_port=announce_port), []
+
+
+async def proxy_clients(proxies: list[Any]) -> dict[str, int] | None:
+    """status.proxyClients: the client connections of all the migration's proxy processes (open now,
+    accepted since they started, refused over spec.proxy.maxClients); None before any proxy runs. A
+    proxy that does not answer (restarting) is left out of this round."""
+    out = {"clients": 0, "connectionsTotal": 0, "refused": 0}
+    seen = False
+    for handle in proxies:
+        stats = getattr(handle, "stats", None)
+        if stats is None:
+            continue
+        try:
+            s = await stats()
+        except (ConnectError, TimeoutError, OSError):
+            continue
+        seen = True
+        out["clients"] += int(s.get("clients") or 0)
+        out["connectionsTotal"] += int(s.get("connections_total") or 0)
+        out["refused"] += int(s.get("clients_refused") or 0)
+    return out if seen else None
 
 
 def _lag_reader(spec: DurableCacheSpec) -> Any:
@@ -367,6 +434,9 @@ class Reporter:
             report["lastCutoverPauseMs"] = st["lastCutoverPauseMs"]
         if st.get("clients") is not None:
             report["clients"] = st["clients"]     # the readiness report (status.clients)
+        counts = await proxy_clients(m.proxies)
+        if counts is not None:
+            report["proxyClients"] = counts
         await self._write("report", report)
         try:
             obj = await asyncio.to_thread(self.kube.get, self.ns, self.name)

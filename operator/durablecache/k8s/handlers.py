@@ -19,7 +19,7 @@ from typing import Any
 import kopf
 
 from .. import logs
-from ..errors import DurableCacheError, RefusedError
+from ..errors import DurableCacheError, RefusedError, UsageError
 from ..phases import FINAL_PHASES, OPERATOR_PHASES, Phase, phase_or_none
 from ..providers import Provider
 from ..readiness import source_warning
@@ -29,7 +29,16 @@ from .endpoints import desired_route, restart_workloads, switch
 from .kube import Kube
 from .metrics import Metrics
 from .runner import WorkloadRunner
-from .spec import DurableCacheSpec, SpecError, credentials, endpoint_dict, stored_endpoint, with_tls
+from .spec import (
+    TLS_CERT_KEY,
+    TLS_KEY_KEY,
+    DurableCacheSpec,
+    SpecError,
+    credentials,
+    endpoint_dict,
+    stored_endpoint,
+    with_tls,
+)
 from .status import conditions_for, progress
 
 log = logs.get("durablecache.operator")
@@ -184,7 +193,31 @@ class Reconciler:
             await self.event(obj, "Warning", "ClientReadiness", clients)
         if not result.ok:
             await self.fail(obj, "PreflightFailed", result.message())
-        return result.ok
+            return False
+        await asyncio.to_thread(self._check_proxy_tls, spec, provider)
+        return True
+
+    def _check_proxy_tls(self, spec: DurableCacheSpec, provider: Provider) -> None:
+        """A TLS source needs a proxy serving TLS (spec.proxy.tls.secretName): the applications'
+        endpoint must not fall back to plain TCP in the middle of a migration. The Secret must hold a
+        certificate and its key. SpecError (-> PreflightFailed) otherwise."""
+        secret = spec.proxy.tls_secret_name
+        if secret is None:
+            enabled = spec.source.tls.enabled
+            if enabled is None:
+                enabled = bool(provider.describe_source().transit_encryption)
+            if enabled:
+                raise SpecError("spec.proxy.tls.secretName", "the source uses TLS, so the proxy must serve TLS too "
+                                "(the applications' endpoint keeps valkeys:// throughout): name a kubernetes.io/tls "
+                                "Secret (tls.crt, tls.key; a cert-manager Certificate makes one) whose certificate "
+                                "names the proxy's address")
+            return
+        for key in (TLS_CERT_KEY, TLS_KEY_KEY):
+            try:
+                self.kube.secret_value(spec.namespace, secret, key)
+            except UsageError as exc:   # not found, or no such key
+                raise SpecError("spec.proxy.tls.secretName", f"{exc} (a kubernetes.io/tls Secret has "
+                                f"{TLS_CERT_KEY} and {TLS_KEY_KEY})") from None
 
     async def _source_clients(self, spec: DurableCacheSpec, provider: Provider) -> str | None:
         """Preflight's early word on the applications (readiness.source_warning): standalone-mode
@@ -272,7 +305,9 @@ class Reconciler:
     def address(self, obj: dict[str, Any], side: str) -> tuple[str, int, bool]:
         if side == "proxy":
             host, port = self.ctx.runner.proxy_address(obj)
-            return host, port, False
+            # The proxy serves TLS exactly when spec.proxy.tls names its Secret (Preflight requires it
+            # for a TLS source), so the endpoint keeps valkeys:// from the source through the proxy.
+            return host, port, DurableCacheSpec.parse(obj).proxy.tls_secret_name is not None
         ep = stored_endpoint(_checkpoint(obj, "operator")[side])
         return ep.host, ep.port, ep.tls
 

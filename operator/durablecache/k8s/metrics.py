@@ -35,6 +35,13 @@ class Metrics:
                          "DurabilityLag as last read from CloudWatch (it refuses writes near 10 s)", LABELS, registry=r)
         self.write_rate = Gauge("durablecache_target_write_rate_bytes", "the rate per target primary the copy "
                                 "and syncer write at, as the durability lag allows", LABELS, registry=r)
+        self.proxy_clients = Gauge("durablecache_proxy_clients", "client connections open on the migration's "
+                                   "proxy processes", LABELS, registry=r)
+        self.proxy_connections = Gauge("durablecache_proxy_connections_accepted", "client connections the proxy "
+                                       "processes accepted since they started (refused ones included)", LABELS,
+                                       registry=r)
+        self.proxy_refused = Gauge("durablecache_proxy_clients_refused", "client connections refused over "
+                                   "spec.proxy.maxClients since the proxy processes started", LABELS, registry=r)
         self._known: set[tuple[str, str]] = set()
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
@@ -56,6 +63,11 @@ class Metrics:
         self.side_changes.labels(*key).set(status.get("sideChanges") or 0)
         if status.get("lastCutoverPauseMs") is not None:
             self.pause.labels(*key).set(status["lastCutoverPauseMs"])
+        clients = status.get("proxyClients")
+        if clients:
+            self.proxy_clients.labels(*key).set(clients.get("clients") or 0)
+            self.proxy_connections.labels(*key).set(clients.get("connectionsTotal") or 0)
+            self.proxy_refused.labels(*key).set(clients.get("refused") or 0)
         lag = status.get("durabilityLag") or {}
         if lag.get("seconds") is not None:
             self.lag.labels(*key).set(lag["seconds"])
@@ -72,6 +84,7 @@ class Metrics:
         for gauge in (self.progress, self.keys_copied, self.keys_total, self.backlog, self.repair_blocked,
                       self.side_changes):
             gauge.remove(*key)
-        for optional in (self.pause, self.lag, self.write_rate):
+        for optional in (self.pause, self.lag, self.write_rate, self.proxy_clients, self.proxy_connections,
+                         self.proxy_refused):
             with contextlib.suppress(KeyError):
                 optional.remove(*key)

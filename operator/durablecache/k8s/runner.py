@@ -27,10 +27,13 @@ from typing import Any, Protocol
 from .. import logs
 from . import GROUP
 from .kube import Kube, owner_reference
+from .spec import TLS_CERT_KEY, TLS_KEY_KEY, DurableCacheSpec
 
 log = logs.get("durablecache.k8s.runner")
 PROXY_PORT = 6379
 STOP_TIMEOUT = 10.0
+PROXY_TLS_DIR = "/etc/durablecache/proxy-tls"   # spec.proxy.tls.secretName, mounted in the worker pod
+POD_GROUP = 10001                               # the image's group (Dockerfile): may read the TLS key
 
 
 class WorkloadRunner(Protocol):
@@ -49,10 +52,17 @@ def _labels(obj: dict[str, Any]) -> dict[str, str]:
             f"{GROUP}/name": obj["metadata"]["name"]}
 
 
-def worker_args(obj: dict[str, Any], listen: str) -> list[str]:
+def worker_args(obj: dict[str, Any], listen: str, announce: str | None = None, tls_dir: str | None = None) -> list[str]:
+    """The worker's command line; ``announce``: the host its proxies name in cluster mode; ``tls_dir``:
+    where the proxy's certificate and key (a kubernetes.io/tls Secret) are mounted."""
     meta = obj["metadata"]
-    return ["--log-json", "--log-level=info", "worker", "--resource", f"{meta['namespace']}/{meta['name']}",
-            "--listen", listen]
+    out = ["--log-json", "--log-level=info", "worker", "--resource", f"{meta['namespace']}/{meta['name']}",
+           "--listen", listen]
+    if announce:
+        out += ["--announce", announce]
+    if tls_dir:
+        out += ["--tls-cert", f"{tls_dir}/{TLS_CERT_KEY}", "--tls-key", f"{tls_dir}/{TLS_KEY_KEY}"]
+    return out
 
 
 def worker_identity_name(obj: dict[str, Any]) -> str:
@@ -112,10 +122,14 @@ class KubernetesRunner:
         names = self.names(obj)
         labels = _labels(obj)
         meta = self._meta(obj)
+        proxy = DurableCacheSpec.parse(obj).proxy
+        # Clients reconnect to, and verify, the host CLUSTER SLOTS names: the Service's, not the pod's.
+        announce = proxy.announce_host or self.proxy_address(obj)[0]
+        tls_dir = PROXY_TLS_DIR if proxy.tls_secret_name else None
         pod: dict[str, Any] = {
             "containers": [{
                 "name": "worker", "image": self.image, "command": ["durablecache"],
-                "args": worker_args(obj, f"0.0.0.0:{PROXY_PORT}"),
+                "args": worker_args(obj, f"0.0.0.0:{PROXY_PORT}", announce, tls_dir),
                 "ports": [{"name": "valkey", "containerPort": PROXY_PORT}],
                 "readinessProbe": {"tcpSocket": {"port": "valkey"}, "periodSeconds": 5},
                 "env": [{"name": "HOME", "value": "/tmp"}],
@@ -127,6 +141,16 @@ class KubernetesRunner:
             # Long enough for a cutover in flight to finish or abort (maxWritePause <= 30s).
             "terminationGracePeriodSeconds": 60,
         }
+        container = pod["containers"][0]
+        if proxy.resources:
+            container["resources"] = {kind: dict(values) for kind, values in proxy.resources.items()}
+        if proxy.tls_secret_name:
+            # Only the certificate and key, readable by the pod's group (not world-readable).
+            pod["volumes"].append({"name": "proxy-tls", "secret": {
+                "secretName": proxy.tls_secret_name, "defaultMode": 0o440,
+                "items": [{"key": TLS_CERT_KEY, "path": TLS_CERT_KEY}, {"key": TLS_KEY_KEY, "path": TLS_KEY_KEY}]}})
+            container["volumeMounts"].append({"name": "proxy-tls", "mountPath": PROXY_TLS_DIR, "readOnly": True})
+            pod["securityContext"] = {"fsGroup": POD_GROUP}
         account = self.pod_service_account(obj)
         if account:
             pod["serviceAccountName"] = account

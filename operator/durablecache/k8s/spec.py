@@ -344,6 +344,67 @@ class SeedingSpec:
                    snapshot_name=_get(d, "snapshotName", p, str))
 
 
+AUTO_PROCESSES = 0          # ProxySpec.processes for "auto": one per CPU the pod may run on
+MAX_PROCESSES = 64
+RESOURCE_KINDS = ("requests", "limits")
+TLS_CERT_KEY, TLS_KEY_KEY = "tls.crt", "tls.key"    # a kubernetes.io/tls Secret's keys (cert-manager's too)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxySpec:
+    """spec.proxy: how the applications reach the proxy, and how much of it runs."""
+
+    replicas: int = 1
+    processes: int = 1                  # AUTO_PROCESSES: one per CPU
+    max_clients: int | None = None      # per proxy process; None: no limit of the proxy's own
+    announce_host: str | None = None    # None: the proxy Service's DNS name (the runner's)
+    tls_secret_name: str | None = None
+    resources: dict[str, dict[str, str | int]] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, d: dict[str, Any]) -> ProxySpec:
+        p = "spec.proxy"
+        replicas = _get(d, "replicas", p, int, 1)
+        if replicas < 1:
+            raise SpecError(f"{p}.replicas", f"must be at least 1, not {replicas}")
+        if replicas > 1:
+            # Accepted by the CRD so that specs can be written for it; the data path is one pod today.
+            raise SpecError(f"{p}.replicas", f"{replicas} proxy pods are not supported yet: a migration's "
+                            "proxies run in its one worker pod until the coordinator and the proxies are split "
+                            "(issue #17); set it to 1 and use spec.proxy.processes for more cores")
+        max_clients = _get(d, "maxClients", p, int)
+        if max_clients is not None and max_clients < 1:
+            raise SpecError(f"{p}.maxClients", f"must be at least 1, not {max_clients}")
+        tls = _obj(d, "tls", p)
+        return cls(replicas=replicas, processes=_processes(d, p), max_clients=max_clients,
+                   announce_host=_get(d, "announceHost", p, str) or None,
+                   tls_secret_name=_get(tls, "secretName", f"{p}.tls", str) or None,
+                   resources=_resources(_obj(d, "resources", p), f"{p}.resources"))
+
+
+def _processes(d: dict[str, Any], path: str) -> int:
+    value = _get(d, "processes", path, (int, str), 1)
+    if value == "auto":
+        return AUTO_PROCESSES
+    if isinstance(value, str) or not 1 <= value <= MAX_PROCESSES:
+        raise SpecError(f"{path}.processes", f"must be 1 to {MAX_PROCESSES} or auto, not {value!r}")
+    return int(value)
+
+
+def _resources(d: dict[str, Any], path: str) -> dict[str, dict[str, str | int]]:
+    """A container's requests and limits: quantities as the API server takes them (it checks their form)."""
+    out: dict[str, dict[str, str | int]] = {}
+    for kind in d:
+        if kind not in RESOURCE_KINDS:
+            raise SpecError(f"{path}.{kind}", f"is not a resource setting ({' or '.join(RESOURCE_KINDS)})")
+        values = _get(d, kind, path, dict, {})
+        for name, q in values.items():
+            if isinstance(q, bool) or not isinstance(q, (str, int)):
+                raise SpecError(f"{path}.{kind}.{name}", f"must be a quantity (e.g. 500m, 1Gi), not {q!r}")
+        out[kind] = {str(n): q for n, q in values.items()}
+    return out
+
+
 # -- the whole ------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class DurableCacheSpec:
@@ -358,6 +419,7 @@ class DurableCacheSpec:
     repair: RepairSpec = RepairSpec()
     deletion_policy: DeletionPolicy = DeletionPolicy()
     seeding: SeedingSpec = SeedingSpec()
+    proxy: ProxySpec = ProxySpec()
 
     @classmethod
     def parse(cls, obj: dict[str, Any]) -> DurableCacheSpec:
@@ -377,7 +439,8 @@ class DurableCacheSpec:
                   route_in=RouteInSpec.parse(_obj(spec, "routeIn", "spec")),
                   repair=RepairSpec.parse(_obj(spec, "repair", "spec")),
                   deletion_policy=DeletionPolicy.parse(_obj(spec, "deletionPolicy", "spec")),
-                  seeding=SeedingSpec.parse(_obj(spec, "seeding", "spec")))
+                  seeding=SeedingSpec.parse(_obj(spec, "seeding", "spec")),
+                  proxy=ProxySpec.parse(_obj(spec, "proxy", "spec")))
         out.migration_options()   # the engine's own checks, named after the spec's fields
         return out
 

@@ -3,6 +3,12 @@
 Cluster clients (valkey-py ValkeyCluster, GLIDE) learn the topology from CLUSTER SLOTS/SHARDS/NODES;
 answering those locally with the proxy's own address keeps every client connection on the proxy,
 which routes each command to the real primary of its slot and follows MOVED/ASK itself.
+
+Which address: by default the one the client connected to. With an announced host name (``--announce``,
+``spec.proxy.announceHost``) the proxy answers as a node with ``cluster-announce-hostname`` set and
+``cluster-preferred-endpoint-type hostname`` does: SLOTS names the host (the IP goes into the entry's
+metadata), SHARDS has ``endpoint`` and ``hostname`` set to it (``ip`` stays the address), NODES appends
+``,host`` to the address. Clients then connect to, and verify the certificate against, that name.
 """
 
 from __future__ import annotations
@@ -19,20 +25,31 @@ def local_cluster_reply(proxy: ProxyState[Any], sub: bytes, addr: tuple[str, int
     """The reply to ``CLUSTER <sub>`` answered by the proxy, or None to forward it upstream."""
     if sub not in LOCAL_SUBCOMMANDS:
         return None
-    host, port = addr
+    ip, port = addr
+    if proxy.announce_port:
+        port = proxy.announce_port
+    hostname = proxy.announce_host
     node_id = proxy.node_id
     if sub == b"myid":
         return framing.bulk(node_id)
     if sub == b"myshardid":
         return framing.bulk(proxy.shard_id)
     if sub == b"slots":
-        return framing.encode([[0, 16383, [host, port, node_id]]], resp3)
+        entry: list[Any] = [ip, port, node_id]
+        if hostname:
+            entry = [hostname, port, node_id, {"ip": ip}]
+        return framing.encode([[0, 16383, entry]], resp3)
     if sub == b"shards":
-        node = {"id": node_id, "port": port, "ip": host, "endpoint": host, "role": "master",
-                "replication-offset": 0, "health": "online"}
+        # A server reports "tls-port" to TLS clients of a TLS-only node, "port" otherwise.
+        node: dict[str, Any] = {"id": node_id, "tls-port" if proxy.serves_tls else "port": port, "ip": ip,
+                                "endpoint": hostname or ip}
+        if hostname:
+            node["hostname"] = hostname
+        node.update({"role": "master", "replication-offset": 0, "health": "online"})
         return framing.encode([{"slots": [0, 16383], "nodes": [node]}], resp3)
     if sub == b"nodes":
-        line = f"{node_id} {host}:{port}@0 myself,master - 0 0 1 connected 0-16383\n"
+        address = f"{ip}:{port}@0" + (f",{hostname}" if hostname else "")
+        line = f"{node_id} {address} myself,master - 0 0 1 connected 0-16383\n"
         return framing.bulk(line)
     info = ("cluster_enabled:1\r\ncluster_state:ok\r\ncluster_slots_assigned:16384\r\n"
             "cluster_slots_ok:16384\r\ncluster_slots_pfail:0\r\ncluster_slots_fail:0\r\n"

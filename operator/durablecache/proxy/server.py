@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -48,13 +49,22 @@ class Proxy(ProxyState[Session]):
     def __init__(self, upstream: Endpoint, *, listen_host: str = "127.0.0.1", listen_port: int = 0,
                  on_marks: MarkCallback, client_tls: ssl.SSLContext | None = None,
                  require_auth: bool | None = None, migrating: bool = True,
-                 name_prefix: str = "durablecache-proxy", connection_budget: int = 0):
+                 name_prefix: str = "durablecache-proxy", connection_budget: int = 0,
+                 max_clients: int = 0, announce_host: str | None = None, announce_port: int = 0,
+                 reuse_port: bool = False):
         super().__init__(upstream, on_marks=on_marks, special=SPECIAL, require_auth=require_auth,
                          migrating=migrating, name_prefix=name_prefix)
         self.fan_out = fan_out
         self.listen_host = listen_host
         self.listen_port = listen_port
         self.client_tls = client_tls
+        self.serves_tls = client_tls is not None
+        self.max_clients = max_clients
+        self.announce_host = announce_host or None
+        self.announce_port = announce_port
+        # Several proxy processes on one port (durablecache proxy --processes N): the kernel spreads
+        # the connections over their listening sockets.
+        self.reuse_port = reuse_port
         self.port = 0
         self._ids = itertools.count(1)
         self._server: asyncio.base_events.Server | None = None
@@ -86,7 +96,8 @@ class Proxy(ProxyState[Session]):
             await self._check_functions(self.router)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._new_session, self.listen_host, self.listen_port,
-                                                ssl=self.client_tls, reuse_address=True)
+                                                ssl=self.client_tls, reuse_address=True,
+                                                reuse_port=self.reuse_port or None)
         # Any: uvloop's server keeps its sockets in a list, the standard loop's (as typed) in a tuple,
         # and the compiled module would check the declared type.
         server: Any = self._server
@@ -471,6 +482,8 @@ class Proxy(ProxyState[Session]):
         return {
             "clients": len(self.sessions),
             "connections_total": self.connections_total,
+            "max_clients": self.max_clients,
+            "clients_refused": self.clients_refused,
             "commands": self.commands,
             "writes": self.writes,
             "marks": delivery.marks,
@@ -492,6 +505,7 @@ class Proxy(ProxyState[Session]):
             "upstream": self.upstream.redacted(),
             "mode": "cluster" if self.router.cluster else "standalone",
             "uptime": round(time.monotonic() - self._started, 3) if self._started else 0.0,
+            "pid": os.getpid(),
         }
 
 

@@ -83,6 +83,12 @@ class Session(Routing):
 
     # ---- client side: asyncio.Protocol -------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        limit = self.proxy.max_clients
+        if limit and len(self.proxy.sessions) >= limit:
+            # Here, not when the socket is accepted: a TLS client counts once its handshake is done,
+            # and gets the refusal over TLS, as from a server.
+            self.proxy.refuse_client(transport)
+            return
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("sockname")
         if sock:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import secrets
 import ssl
+import time
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 from .. import logs
 from ..errors import ConnectError, ServerError
@@ -31,6 +32,9 @@ from .router import Router
 log = logs.get("durablecache.proxy")
 
 S = TypeVar("S")
+# What a server answers a client over its maxclients, before closing it (Valkey's exact words).
+MAX_CLIENTS_ERROR: Final = b"-ERR max number of clients reached\r\n"
+REFUSAL_LOG_EVERY: Final = 10.0     # seconds between log lines about refused clients
 # A command the proxy handles itself (or watches on its way): handlers.SPECIAL.
 Handler = Callable[[S, tuple[bytes, ...], CommandSpec | None], None]
 
@@ -87,6 +91,28 @@ class ProxyState(Generic[S]):
         self.reply_chunks = 0
         self.reply_chunks_counted = 0   # taken whole by the counted reply path (Upstream._count)
         self.connections_total = 0
+        # Admission (session.Session.connection_made): at most ``max_clients`` sessions (0: no limit).
+        self.max_clients = 0
+        self.clients_refused = 0
+        self._refusal_logged = 0.0
+        # Cluster mode (cluster.py): the host (and port; 0: the one connected to) CLUSTER SLOTS/SHARDS/
+        # NODES name, instead of the address the client connected to; and whether clients speak TLS.
+        self.announce_host: str | None = None
+        self.announce_port = 0
+        self.serves_tls = False
+
+    def refuse_client(self, transport: Any) -> None:
+        """A client over ``max_clients``: the server's own error, then closed. The transport gets a
+        bare protocol, so nothing the client sent meanwhile is read as a command. (Any: uvloop's
+        transports are not the standard library's classes, and compiled code checks declared types.)"""
+        self.clients_refused += 1
+        transport.set_protocol(asyncio.Protocol())
+        transport.write(MAX_CLIENTS_ERROR)
+        transport.close()
+        now = time.monotonic()
+        if now - self._refusal_logged >= REFUSAL_LOG_EVERY:
+            self._refusal_logged = now
+            log.warning("proxy.max_clients_reached", max_clients=self.max_clients, refused=self.clients_refused)
 
     def use_table(self, table: CommandTable) -> None:
         """Commands are classified anew from ``table`` (at start, and for the new side at FLIP)."""
