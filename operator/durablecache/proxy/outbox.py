@@ -125,6 +125,7 @@ class Outbox(SessionBase):
                 self.proxy.delivery.submit_marks(self.marks_done, batch, writes, out)
                 return
             self.inflight -= writes
+            self._settled()
             if not settled:
                 self.abort("marks could not be delivered")
                 return
@@ -143,6 +144,7 @@ class Outbox(SessionBase):
         self.inflight -= writes
         self.marking = False
         self.delivering = None
+        self._settled()
         if not ok:
             self.abort("marks could not be delivered")
             return
@@ -152,6 +154,12 @@ class Outbox(SessionBase):
             self.proxy.bytes_out += len(data)
         self.collect()
         self.kick()
+
+    def _settled(self) -> None:
+        """Writes settled (answered, marks delivered): a FREEZE waiting for them looks again now."""
+        settled = self.proxy.settled
+        if settled is not None:
+            settled.set()
 
     # ---- endings --------------------------------------------------------------------------------
     def upstream_lost(self, conn: Upstream) -> None:

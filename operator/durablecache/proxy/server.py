@@ -212,27 +212,33 @@ class Proxy(ProxyState[Session]):
         self._gc_hold.start(GC_HOLD_LIMIT)
         started = time.monotonic()
         self._busy = self._all_sessions()
+        self.settled = asyncio.Event()
         # A blocking write in flight counts as in flight: it is among the busy sessions.
         n = await self._quiesce(self._frozen_inflight, timeout, lambda: self._unblock(True, sessions=self._busy),
-                                flush_marks=True)
+                                flush_marks=True, wake=self.settled)
         self._busy = []
+        self.settled = None
         if n:
             log.warning("proxy.freeze_timeout", inflight=n, timeout=timeout)
             raise TimeoutError(f"{n} writes still in flight after {timeout:.3f}s")
         log.info("proxy.frozen", ms=round((time.monotonic() - started) * 1000, 2))
 
     async def _quiesce(self, busy: Callable[[], int], timeout: float, unblock: Callable[[], Awaitable[None]],
-                       flush_marks: bool) -> int:
+                       flush_marks: bool, wake: asyncio.Event | None = None) -> int:
         """Wait until ``busy()`` is 0: freeze, hold_keys and flip wait so for what is in flight. Every
         UNBLOCK_EVERY meanwhile ``unblock()`` (CLIENT UNBLOCK): a blocking command in flight would
         otherwise keep the wait going until its own timeout. With ``flush_marks`` remote marks are sent
         at once each round, not on RemoteMarks' timer: their acks are part of what is awaited.
+        With ``wake`` the wait between rounds ends as soon as a write settles (Outbox sets it), not
+        only after a tick: streamed marks' acks have no such signal, so the tick stays.
         Returns 0, or how much was still busy when ``timeout`` passed."""
         deadline = time.monotonic() + timeout
         last_unblock = 0.0
         if flush_marks:
             self._send_marks_now()
         while True:
+            if wake is not None:
+                wake.clear()        # before busy(): a write settling after it sets it again
             n = busy()
             if not n:
                 return 0
@@ -242,7 +248,11 @@ class Proxy(ProxyState[Session]):
             if now - last_unblock >= UNBLOCK_EVERY:
                 last_unblock = now
                 await unblock()
-            await asyncio.sleep(0.001)
+            if wake is None:
+                await asyncio.sleep(0.001)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), 0.001)
             if flush_marks:
                 self._send_marks_now()
 

@@ -58,6 +58,7 @@ class ProxyState(Generic[S]):
         self.departed: set[S] = set()
         self.frozen = False
         self.held_by_freeze: list[S] = []   # sessions holding a write because of FREEZE (UNFREEZE releases)
+        self.settled: asyncio.Event | None = None   # while FREEZE waits: set when a write settles
         # Cluster-wide commands (clusterwide.fan_out), set by the server: sessions reach it through
         # here because clusterwide.py builds on session.py.
         self.fan_out: Callable[..., None] | None = None
