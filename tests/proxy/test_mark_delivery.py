@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from typing import Any
 
 import libvalkey
@@ -142,11 +143,17 @@ def test_past_the_stream_limit_writes_wait_for_the_syncers_ack(source, make_prox
         assert f"r{i}".encode() in got, i            # the syncer had it before we got the OK
     assert p.proxy.delivery.marks_throttled >= 20
 
-    p.run(server.stop())                            # the syncer goes away for longer than retry_for
-    with pytest.raises(valkey.ConnectionError):
+    p.run(server.stop())                            # the syncer goes away
+    deadline = time.monotonic() + 10
+    while not p.call(lambda: p.proxy.delivery.down):   # the proxy sees its stream end
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    # Fail closed (docs/ha.md): refused before it is sent, so nothing is written without its marks.
+    with pytest.raises(valkey.ResponseError, match="TRYAGAIN .*lost its coordinator"):
         c.set("after", 1)
-    assert p.proxy.delivery.marks_failed == 1
+    assert source.client().get("after") is None
     assert b"after" not in got
+    assert p.call(lambda: p.proxy.stats()["writes_refused"]) == 1
     p.run(remote.close())
 
 

@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import os
 import signal
+import socket
 import ssl
+from typing import Any
 
 from .. import logs
 from ..errors import UsageError
@@ -26,6 +28,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admin-token-file", help="file holding the admin API's bearer token")
     p.add_argument("--marks-to", help="HOST:PORT of the syncer's mark server (needs --marks-token-file)")
     p.add_argument("--marks-token-file", help="file holding the mark server's token")
+    p.add_argument("--join", metavar="HOST:PORT",
+                   help="join the coordinator (`durablecache migrate --coordinator-listen`) at HOST:PORT: take the "
+                        "upstream and the cutover state from it, send it the marks (needs --join-token-file and "
+                        "--admin; docs/ha.md)")
+    p.add_argument("--join-token-file", help="file holding the fleet's token (also this proxy's admin API token)")
+    p.add_argument("--proxy-id", help="this proxy's name in the fleet (default: host name and process id)")
     p.add_argument("--tls-cert", help="serve clients over TLS with this certificate (PEM)")
     p.add_argument("--tls-key", help="private key of --tls-cert (PEM)")
     p.add_argument("--not-migrating", action="store_true",
@@ -49,18 +57,15 @@ async def _main(args: argparse.Namespace) -> int:
     from ..proxy.marks import RemoteMarks
 
     log = logs.get("durablecache.proxy")
+    if args.join:
+        return await _joined(args)
     if not args.upstream:
         raise UsageError("--upstream (or DURABLECACHE_UPSTREAM) is required")
     upstream = parse_url(args.upstream)
     host, port = hostport(args.listen, "--listen")
     admin_addr = hostport(args.admin, "--admin") if args.admin else None
     admin_token = read_token(args.admin_token_file, "--admin") if args.admin else ""
-    client_tls = None
-    if args.tls_cert or args.tls_key:
-        if not (args.tls_cert and args.tls_key):
-            raise UsageError("--tls-cert and --tls-key go together")
-        client_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        client_tls.load_cert_chain(args.tls_cert, args.tls_key)
+    client_tls = _client_tls(args)
     remote: RemoteMarks | None = None
     counted = {"keys": 0}
 
@@ -93,3 +98,40 @@ async def _main(args: argparse.Namespace) -> int:
     if remote is not None:
         await remote.close()
     return 0
+
+
+def _client_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if not (args.tls_cert or args.tls_key):
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    client_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    client_tls.load_cert_chain(args.tls_cert, args.tls_key)
+    return client_tls
+
+
+async def _joined(args: argparse.Namespace) -> int:
+    """--join: a fleet member (docs/ha.md). Exits 3 if it must not go on serving (a newer coordinator
+    exists elsewhere, or the authority moved while it was away)."""
+    from ..proxyjoin import EXIT_STALE, Joiner
+
+    if not args.admin:
+        raise UsageError("--join needs --admin HOST:PORT: the coordinator drives the proxy through it")
+    joiner = Joiner(hostport(args.join, "--join"), read_token(args.join_token_file, "--join"),
+                    args.proxy_id or f"{socket.gethostname()}-{os.getpid()}", listen=hostport(args.listen, "--listen"),
+                    admin=hostport(args.admin, "--admin"), client_tls=_client_tls(args),
+                    migrating=not args.not_migrating, name_prefix=args.name)
+    stop = asyncio.Event()     # before joining: a SIGTERM right after READY must still leave cleanly
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await joiner.start()
+    assert joiner.proxy is not None
+    print(f"durablecache proxy: listening on {joiner.listen[0]}:{joiner.proxy.port}, joined "
+          f"{args.join}", flush=True)
+    stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+    failed: asyncio.Future[Any] = joiner.failed
+    await asyncio.wait([stopping, failed], return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    await joiner.stop()
+    return EXIT_STALE if joiner.failed.done() else 0

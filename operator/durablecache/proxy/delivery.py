@@ -71,6 +71,7 @@ class MarkDelivery:
         self.mark_batches = 0
         self.marks_failed = 0
         self.marks_throttled = 0        # batches whose replies waited for the syncer's ack (backlog full)
+        self.down = False               # the remote stream is down: sessions refuse writes (fail closed)
 
     @property
     def on_marks(self) -> MarkCallback:
@@ -82,6 +83,17 @@ class MarkDelivery:
         self._marks_sync = not is_async(on_marks)
         # RemoteMarks takes each batch through submit(): streamed, or calling back on its ack.
         self.remote = on_marks if isinstance(on_marks, RemoteMarks) else None
+        if self.remote is not None:
+            self.remote.on_state = self._remote_state
+            self.down = not self.remote.connected
+        else:
+            self.down = False
+
+    def _remote_state(self, up: bool) -> None:
+        if self.down != (not up):
+            log.warning("proxy.coordinator_reachable" if up else "proxy.coordinator_lost",
+                        refusing_writes=not up)
+        self.down = not up
 
     # ---- life cycle -------------------------------------------------------------------------------
 
@@ -96,7 +108,9 @@ class MarkDelivery:
         if self._marks_sync:
             return self._deliver_now(batch, writes)
         remote = self.remote
-        if remote is not None and remote.backlog_bytes < self.mark_stream_bytes:
+        # Streamed only while connected: a write answered now whose marks then wait on a dead stream
+        # could be lost with the proxy (fail closed, docs/ha.md). Otherwise the reply waits for the ack.
+        if remote is not None and remote.backlog_bytes < self.mark_stream_bytes and remote.connected:
             for keys in batch.values():
                 self.marks += len(keys)
             self.mark_batches += 1
