@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import time
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Final
 
@@ -108,9 +109,11 @@ class MarkDelivery:
         if self._marks_sync:
             return self._deliver_now(batch, writes)
         remote = self.remote
-        # Streamed only while connected: a write answered now whose marks then wait on a dead stream
-        # could be lost with the proxy (fail closed, docs/ha.md). Otherwise the reply waits for the ack.
-        if remote is not None and remote.backlog_bytes < self.mark_stream_bytes and remote.connected:
+        # Streamed only while connected and acknowledged lately: a write answered now whose marks then
+        # wait on a dead stream could be lost with the proxy (fail closed, docs/ha.md). Otherwise the
+        # reply waits for the ack.
+        if (remote is not None and remote.backlog_bytes < self.mark_stream_bytes
+                and remote.streaming(time.monotonic())):
             for keys in batch.values():
                 self.marks += len(keys)
             self.mark_batches += 1

@@ -22,6 +22,8 @@ import asyncio
 import contextlib
 import hmac
 import inspect
+import socket
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -47,6 +49,17 @@ READ_CHUNK = 1 << 16
 # keys, where per-iteration frames cost the proxy and the syncer a syscall and a wake-up each.
 FLUSH_DELAY: Final = 0.005
 RETRY_PAUSE: Final = 1.0     # after a failed reconnect, while streamed marks are still undelivered
+# Fail closed across hosts (docs/ha.md): a proxy streams marks (answers before the ack) only while its
+# oldest unacknowledged frame is younger than STALE_AFTER. The syncer's side drops a silent peer only
+# after TCP keepalive / user timeout (PEER_DEAD_AFTER at the soonest), so by the time it counts a proxy
+# as gone, that proxy has stopped answering writes whose marks did not arrive.
+STALE_AFTER: Final = 2.0
+KEEPALIVE_IDLE: Final = 5
+KEEPALIVE_INTERVAL: Final = 2
+KEEPALIVE_COUNT: Final = 3
+PEER_DEAD_AFTER: Final = KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT   # 11 s
+SERVER_USER_TIMEOUT_MS: Final = 15000     # unacknowledged acks to a vanished peer: give up after this
+PROXY_USER_TIMEOUT_MS: Final = 5000       # unacknowledged marks to a vanished syncer: reconnect sooner
 
 
 class MarkServer:
@@ -90,6 +103,7 @@ class MarkServer:
         self._tasks.add(task)
         addr = writer.get_extra_info("peername")
         peer = f"{addr[0]}:{addr[1]}" if addr else "?"
+        keep_alive(writer, SERVER_USER_TIMEOUT_MS)
         parser = libvalkey.Reader()
         authed = False
         clean = False
@@ -228,6 +242,14 @@ class RemoteMarks:
         if self.on_state is not None:
             self.on_state(up)
 
+    def streaming(self, now: float) -> bool:
+        """May replies go out before their marks' ack? Only while connected and nothing waits for an
+        ack longer than STALE_AFTER (a silent syncer: a partition, a vanished host)."""
+        if self._writer is None:
+            return False
+        unacked = self._unacked
+        return not unacked or now - unacked[0].sent_at < STALE_AFTER
+
     @property
     def pending(self) -> int:
         """Frames not acknowledged yet, plus a batch not framed yet: 0 once the syncer has everything."""
@@ -259,6 +281,7 @@ class RemoteMarks:
                     raise ConnectError(f"cannot reach the syncer at {self.host}:{self.port}: {exc}") from None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+        keep_alive(writer, PROXY_USER_TIMEOUT_MS)
         parser = libvalkey.Reader()
         if self.greet is not None:
             try:
@@ -414,6 +437,20 @@ class RemoteMarks:
         self._writer = None
 
 
+def keep_alive(writer: asyncio.StreamWriter, user_timeout_ms: int) -> None:
+    """TCP keepalive (and a bound on unacknowledged data) on a mark connection, so that a peer whose
+    host vanished is noticed in seconds, not when TCP gives up on its own (minutes)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):   # not Linux: the system's defaults
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_timeout_ms)
+
+
 async def read_reply(reader: asyncio.StreamReader, parser: Any, who: str, timeout: float = 5.0) -> Any:
     """The next reply on a mark connection (ConnectError if it closes first)."""
     while (reply := parser.gets()) is False:
@@ -427,9 +464,10 @@ async def read_reply(reader: asyncio.StreamReader, parser: Any, who: str, timeou
 class _Frame:
     """A MARK frame sent (or to re-send) and not acknowledged yet."""
 
-    __slots__ = ("frame", "keys", "acked", "streamed")
+    __slots__ = ("frame", "keys", "acked", "streamed", "sent_at")
 
     def __init__(self, frame: bytes, keys: list[bytes], acked: list[Acked] | None, streamed: bool):
+        self.sent_at = time.monotonic()      # framed (sent, or queued to be) at
         self.frame = frame
         self.keys = keys
         self.acked = acked        # callbacks waiting for this frame's ack (the batch it ends); None: nobody
