@@ -73,7 +73,7 @@ class Run:
         self.events: list[dict[str, Any]] = []
         self._changed = asyncio.Event()
         self.hooks: list[Callable[[dict[str, Any]], None]] = []
-        self.fleet = Fleet(TOKEN, port=0, emit=self.emit)
+        self.fleet = Fleet(TOKEN, port=0, emit=self.emit, epoch=opts.get("epoch", 0))
         self.extra = extra or []
         starter, _ = proxy_starter("127.0.0.1", 0, "inprocess", self.emit, fleet=self.fleet, spawn=False)
 
@@ -341,6 +341,30 @@ def test_an_older_coordinators_freeze_and_flip_are_refused(source, target, tmp_p
             await fleet.stop()
             await p.stop()
     asyncio.run(main())
+
+
+def test_a_coordinator_fenced_by_a_newer_epoch_stops_without_recording_a_phase(source, target, tmp_path):
+    """A migration of epoch 3 whose proxy has since seen epoch 5 (a newer coordinator spoke to it): its
+    cutover's first instruction is refused, the proxy stays on the source and unfrozen, and the old
+    coordinator stops with FencedError instead of failing the migration or trying again."""
+    async def body(r: Run) -> None:
+        await r.start(proxies=1)
+        await r.sync_reached()
+        member = next(iter(r.fleet.members.values()))
+        newer = Member("newer", "p1", member.address, member.admin_base[len("http://"):], TOKEN, epoch=5)
+        await newer.unprepare()                     # harmless, and the proxy has now seen epoch 5
+        await newer.close_admin()
+        assert r.m.approve() is None
+        with pytest.raises(FencedError, match="epoch 3.*seen epoch 5"):
+            await asyncio.wait_for(r.task, 60)
+        assert r.m.phase == Phase.CUTOVER            # where it stopped; not Failed, not retried
+        assert not [e for e in r.events if e["event"] == "cutover_aborted"]
+        c = valkey.Valkey(port=r.proxies["p1"].port, socket_timeout=10)
+        c.get("any")                                # the proxy still serves (reads; writes refused:
+        c.close()                                   # its coordinator is gone)
+        await r.loads[0].finish()
+        assert r.loads[0].lost(source.client()) == []   # every acknowledged write is on the source
+    run_fleet(source, target, tmp_path, body, epoch=3)
 
 
 async def _joined(fleet: Fleet, n: int, timeout: float = 30.0) -> None:

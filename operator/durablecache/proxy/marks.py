@@ -126,18 +126,28 @@ class MarkServer:
                             acks.append(b"+OK\r\n")
                             log.info("marks.peer_connected", peer=peer)
                             continue
-                        if (verb == b"HELLO-FLEET" and self.fleet is not None and len(cmd) >= 4
+                        if (verb == b"HELLO-FLEET" and self.fleet is not None and len(cmd) >= 4 and not member
                                 and hmac.compare_digest(cmd[1], self._token)):
                             peer = f"{cmd[2].decode(errors='replace')}@{peer}"
-                            member = authed = True
-                            self.peers[peer] = 0
                             try:
                                 state: bytes = await self.fleet.join(peer, cmd)
                             except DurableCacheError as exc:
                                 writer.write(b"-ERR durablecache fleet: %s\r\n" % str(exc).encode())
                                 await writer.drain()
                                 return
+                            member = True
                             acks.append(b"$%d\r\n%s\r\n" % (len(state), state))
+                            continue
+                        if verb == b"READY" and member and len(cmd) >= 3:
+                            # Only now can marks flow: before READY is accepted the proxy refuses
+                            # writes, so a connection that ends earlier lost nothing (no on_lost).
+                            if not self.fleet.ready(peer, cmd, addr[0] if addr else "127.0.0.1"):
+                                writer.write(b"".join(acks) + b"-ERR durablecache fleet: join expired\r\n")
+                                await writer.drain()
+                                return
+                            authed = True
+                            self.peers[peer] = 0
+                            acks.append(b"+OK\r\n")
                             continue
                         writer.write(b"-ERR durablecache marks: bad token\r\n")
                         await writer.drain()
@@ -157,12 +167,7 @@ class MarkServer:
                         return
                     elif verb == b"PING":
                         acks.append(b"+PONG\r\n")
-                    elif verb == b"READY" and member and len(cmd) >= 3:
-                        if not self.fleet.ready(peer, cmd, addr[0] if addr else "127.0.0.1"):
-                            writer.write(b"".join(acks) + b"-ERR durablecache fleet: join expired\r\n")
-                            await writer.drain()
-                            return
-                        acks.append(b"+OK\r\n")
+
                     else:
                         acks.append(b"-ERR durablecache marks: unknown command\r\n")
                 if acks:
