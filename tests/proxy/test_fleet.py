@@ -431,3 +431,72 @@ def test_a_proxy_that_lost_its_coordinator_fails_closed(source, tmp_path):
             await fleet.stop()
             await p.stop()
     asyncio.run(main())
+
+
+def test_migrate_cli_with_only_joined_proxies(source, target, tmp_path):
+    """`durablecache migrate --proxies 0 --coordinator-listen` serves clients only through proxies
+    that join it: a `durablecache proxy --join` process takes writes, the migration completes, and
+    every key written through the proxy is on the target."""
+    import json
+    import subprocess
+
+    with contextlib.closing(source.client()) as client:   # left open, it would hold the gate
+        client.mset({f"seed:{i}": i for i in range(500)})
+    token = tmp_path / "join.token"
+    token.write_text(TOKEN)
+    token.chmod(0o600)
+    coordinator = free_port()
+    cli = [sys.executable, "-m", "durablecache.cli"]
+    migrate = subprocess.Popen(
+        [*cli, "migrate", "--source", source.url(), "--target", target.url(), "--listen", "127.0.0.1:1",
+         "--proxies", "0", "--coordinator-listen", f"127.0.0.1:{coordinator}", "--join-token-file", str(token),
+         "--gate-settle", "0.3", "--cutover", "manual", "--control", f"127.0.0.1:{free_port()}",
+         "--control-token-file", str(tmp_path / "control.token"), "--exit-after-cutover", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    listen = free_port()
+    proxy = subprocess.Popen(
+        [*cli, "proxy", "--join", f"127.0.0.1:{coordinator}", "--join-token-file", str(token), "--admin",
+         "127.0.0.1:0", "--listen", f"127.0.0.1:{listen}", "--proxy-id", "only"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        events: list[dict[str, Any]] = []
+        assert migrate.stdout is not None
+
+        def until(pred: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+            for line in migrate.stdout:        # bounded by the test's timeout and by the process's end
+                if line.startswith("{"):
+                    events.append(json.loads(line))
+                    if pred(events[-1]):
+                        return events[-1]
+            err = migrate.stderr.read() if migrate.stderr else ""
+            raise AssertionError(f"migrate ended first: {events[-5:]} {err}")
+
+        control = until(lambda e: e["event"] == "control")
+        until(lambda e: e["event"] == "proxy_joined" and e["proxy"] == "only")
+        c = valkey.Valkey(port=listen, socket_timeout=10)
+        for i in range(200):
+            assert c.set(f"via-proxy:{i}", i)
+        until(lambda e: e["event"] == "awaiting_approval")
+        res = subprocess.run([*cli, "control", "approve", "--control", control["address"], "--control-token-file",
+                              str(tmp_path / "control.token")], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        until(lambda e: e["event"] == "phase" and e["phase"] == "Complete")
+        assert migrate.wait(60) == 0
+        c.close()
+        with contextlib.closing(target.client()) as t:
+            assert t.dbsize() == 700
+            assert t.get("via-proxy:199") == b"199"
+    finally:
+        for p in (proxy, migrate):
+            if p.poll() is None:
+                p.terminate()
+                p.wait(10)
+
+
+def test_migrate_refuses_no_proxies_without_a_coordinator_address(source, target):
+    import subprocess
+    res = subprocess.run([sys.executable, "-m", "durablecache.cli", "migrate", "--source", source.url(), "--target",
+                          target.url(), "--listen", "127.0.0.1:1", "--proxies", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert "--proxies 0 needs --coordinator-listen" in res.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import libvalkey
@@ -107,6 +108,7 @@ def test_remote_marks_are_streamed_and_freeze_waits_for_the_syncers_ack(source, 
     p.call(p.proxy.unfreeze)
     assert b"warm" in got
 
+    p.call(lambda: setattr(remote, "stale_after", 60.0))   # a silent syncer here is the point, not a fault
     p.call(syncer_busy.clear)                     # the syncer takes marks but does not ack them
     for i in range(20):
         assert c.set(f"r{i}", i)                  # answered all the same
@@ -126,6 +128,40 @@ def test_remote_marks_are_streamed_and_freeze_waits_for_the_syncers_ack(source, 
     assert p.call(lambda: p.proxy.stats()["marks_unacknowledged_bytes"]) == 0
     assert p.proxy.delivery.marks_failed == 0
     p.call(p.proxy.unfreeze)
+    c.close()
+    p.run(remote.close())
+    p.run(server.stop())
+
+
+def test_a_silent_syncer_stops_the_streaming(source, make_proxy):
+    """Fail closed across hosts (docs/ha.md): once a frame has waited for its ack longer than
+    stale_after, a write is applied upstream but not answered until its marks are acknowledged."""
+    got: list[bytes] = []
+    syncer_busy = asyncio.Event()
+    syncer_busy.set()
+
+    async def on_marks(_db: int, keys: list[bytes]) -> None:
+        await syncer_busy.wait()
+        got.extend(keys)
+    p, server, remote = remote_proxy(make_proxy, source, on_marks)
+    p.call(lambda: setattr(remote, "stale_after", 0.2))
+    c = valkey.Valkey(port=p.port, socket_timeout=10, retry_on_timeout=False)
+    p.call(syncer_busy.clear)                      # the syncer goes silent
+    assert c.set("streamed", 1)                    # answered at once: nothing waits yet
+    deadline = time.monotonic() + 10
+    while p.call(lambda: remote.streaming(time.monotonic())):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    direct = source.client()
+    with ThreadPoolExecutor(1) as pool:
+        reply = pool.submit(c.set, "waits", 1)
+        while direct.get("waits") is None:             # applied upstream...
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not reply.done()                         # ... but not answered
+        p.call(syncer_busy.set)
+        assert reply.result(10) is True                 # answered once the syncer acknowledged
+    assert b"waits" in got and b"streamed" in got
     c.close()
     p.run(remote.close())
     p.run(server.stop())

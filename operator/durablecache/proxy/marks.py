@@ -234,6 +234,7 @@ class RemoteMarks:
         self._closing = False
         self._reconnecting: asyncio.Task[None] | None = None
         self.greet = greet
+        self.stale_after = STALE_AFTER
         # Told True once connected (greeted) and False when the connection ends: the proxy refuses
         # writes meanwhile (fail closed, docs/ha.md). Set by MarkDelivery.
         self.on_state: Callable[[bool], None] | None = None
@@ -253,7 +254,7 @@ class RemoteMarks:
         if self._writer is None:
             return False
         unacked = self._unacked
-        return not unacked or now - unacked[0].sent_at < STALE_AFTER
+        return not unacked or now - unacked[0].sent_at < self.stale_after
 
     @property
     def pending(self) -> int:
