@@ -24,6 +24,7 @@ COMPILED = [
     "operator/durablecache/proxy/marks.py",
     "operator/durablecache/proxy/outbox.py",
     "operator/durablecache/proxy/prepare.py",
+    "operator/durablecache/proxy/readiness.py",
     "operator/durablecache/proxy/replies.py",
     "operator/durablecache/proxy/router.py",
     "operator/durablecache/proxy/routing.py",

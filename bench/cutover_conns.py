@@ -33,6 +33,7 @@ from typing import Any  # noqa: E402
 
 import valkey  # noqa: E402
 
+from durablecache.commands._common import run_async  # noqa: E402
 from durablecache.localvalkey import LocalServer  # noqa: E402
 from durablecache.migration import Migration, MigrationOptions  # noqa: E402
 from durablecache.proxyhandles import local_proxies  # noqa: E402
@@ -118,7 +119,7 @@ async def one_run(conns: int, writers: int, rate: float, keys: int) -> dict[str,
             if e["event"] in ("cutover", "failed"):
                 cut.set()
 
-        opts = MigrationOptions(cutover="manual", gate_settle=0.3, rollback_window=600)
+        opts = MigrationOptions(cutover="manual", gate_settle=0.3, rollback_window=600, watch_interval=1.0)
         m = Migration(source.endpoint(), target.endpoint(), opts, local_proxies("127.0.0.1", 0), emit=emit)
         task = asyncio.create_task(m.run())
         await asyncio.wait_for(in_sync.wait(), 120)
@@ -178,7 +179,8 @@ def main() -> None:
     ap.add_argument("--one", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(asyncio.run(one_run(args.one, args.writers, args.rate, args.keys))), flush=True)
+        # as `durablecache migrate` runs: uvloop where installed, the collector tuned (commands/_common.py)
+        print(json.dumps(run_async(one_run(args.one, args.writers, args.rate, args.keys))), flush=True)
         return
     this = os.path.join(os.path.dirname(HERE), "operator")
     trees = {"this": this, **({"compare": os.path.abspath(args.compare)} if args.compare else {})}

@@ -9,7 +9,10 @@ import copy
 import threading
 from typing import Any
 
+import pytest
+
 from durablecache.k8s.endpoints import desired_route, restart_workloads, secret_data, switch
+from durablecache.k8s.lease import LeaseLost, LeaseTimings
 from durablecache.k8s.status import condition, conditions_for, merge_diff, progress
 from durablecache.k8s.store import StatusStore
 from durablecache.phases import PROXIED_PHASES, Phase
@@ -192,3 +195,34 @@ def test_report_writes_only_what_changed_and_flags_rewrite_the_conditions() -> N
     store.save({"phase": "Cutover"})        # a new phase: no longer awaiting approval
     assert by_type(api.status["conditions"])["Ready"] == ("False", "CuttingOver")
     store.close()
+
+
+def test_a_fenced_store_writes_nothing_once_the_lease_is_gone() -> None:
+    """The coordinator lease's ``valid`` is asked before every write: a critical save raises LeaseLost
+    (the engine must not go on as if it were persisted), a coalesced one is dropped, nothing is patched."""
+    api, held = StatusObject(), [True]
+    store = StatusStore(api, "shop", "sessions", interval=0.05, fence=lambda: held[0])  # type: ignore[arg-type]
+    store.load()
+    store.set_coordinator("pod-a-1234", 3)
+    store.save({"phase": "Sync", "version": 1})
+    assert api.status["coordinator"] == {"holder": "pod-a-1234", "epoch": 3} and api.status["phase"] == "Sync"
+    written = len(api.patches)
+    held[0] = False
+    with pytest.raises(LeaseLost):
+        store.save({"phase": "Sync", "version": 1, "flipped": True})
+    with pytest.raises(LeaseLost):
+        store.report({"dirtyBacklog": 5})
+    store.save({"phase": "Sync", "version": 1, "copy": {"cursor": 9}})
+    store.close()
+    assert len(api.patches) == written
+    assert "flipped" not in api.status["checkpoint"]["migration"]
+
+
+def test_lease_timings_keep_the_holder_stopping_before_a_takeover() -> None:
+    assert LeaseTimings().margin == 5.0     # the documented default margin (docs/operator.md)
+    LeaseTimings(duration=5, renew_deadline=3.0, retry_period=0.5).check()
+    for bad in (LeaseTimings(duration=5, renew_deadline=5.0, retry_period=1.0),     # no margin
+                LeaseTimings(duration=5, renew_deadline=3.0, retry_period=3.0),     # no second renewal
+                LeaseTimings(duration=5, renew_deadline=3.0, retry_period=0.0)):
+        with pytest.raises(ValueError):
+            bad.check()

@@ -17,6 +17,7 @@ from durablecache.k8s.spec import DurableCacheSpec, SpecError
 from durablecache.options import (
     DEFAULTS,
     GO_DURATION_PATTERN,
+    OPERATOR_AFTER_CUTOVER,
     OPERATOR_CUTOVER,
     MigrationOptions,
     OptionError,
@@ -42,6 +43,7 @@ PARSED: dict[str, Callable[[DurableCacheSpec], Any]] = {
     "cutover.maxKeyPause": lambda s: s.cutover.max_key_pause,
     "cutover.rollbackWindow": lambda s: s.cutover.rollback_window,
     "cutover.rollback": lambda s: s.cutover.rollback,
+    "endpoint.afterCutover": lambda s: s.endpoint.after_cutover,
     "deletionPolicy.source": lambda s: s.deletion_policy.source,
     "deletionPolicy.target": lambda s: s.deletion_policy.target,
     "source.tls.caSecretRef.key": lambda s: s.source.tls.ca.key if s.source.tls.ca else None,
@@ -113,14 +115,15 @@ def test_the_engine_gets_the_spec_s_settings() -> None:
 
 
 def test_the_cli_and_the_spec_share_the_engine_s_defaults() -> None:
-    """Only the cutover mode differs on purpose: the operator waits for approval (OPERATOR_CUTOVER)."""
+    """Only the cutover mode and what follows the end differ on purpose: the operator waits for approval
+    (OPERATOR_CUTOVER) and moves the applications to the target (OPERATOR_AFTER_CUTOVER)."""
     parser = migrate_cmd.argparse.ArgumentParser()
     migrate_cmd.add_arguments(parser)
     args = parser.parse_args(["--source", "valkey://a:1", "--target", "valkey://b:2", "--listen", "127.0.0.1:0"])
     cli = migrate_cmd.options(args)
     spec = DurableCacheSpec.parse(minimal()).migration_options(gate_timeout=DEFAULTS.gate_timeout)
     assert cli == MigrationOptions()
-    assert spec == MigrationOptions(cutover=OPERATOR_CUTOVER)
+    assert spec == MigrationOptions(cutover=OPERATOR_CUTOVER, after_cutover=OPERATOR_AFTER_CUTOVER)
 
 
 BAD: list[tuple[str, dict[str, Any], str]] = [
@@ -138,6 +141,7 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("a static target without endpoints", {"target": {"provider": "static"}}, "spec.target.endpoints"),
     ("no durability", {"target": {"durability": None}}, "spec.target.durability"),
     ("an endpoint with nothing to write", {"endpoint": {"secretName": None}}, "spec.endpoint"),
+    ("an unknown afterCutover", {"endpoint": {"afterCutover": "both"}}, "spec.endpoint.afterCutover"),
     ("a secret reference without a name", {"target": {"authSecretRef": {"key": "k"}}},
      "spec.target.authSecretRef.name"),
 ]

@@ -180,3 +180,67 @@ def test_numbered_databases_copy_into_a_valkey9_cluster_with_enough_databases(ma
     checked = run_cli("verify", "--source", source.url(), "--target", many.url())
     assert checked.returncode == 0 and "equal" in checked.stdout, checked
     assert [sum(n.client(db=db).dbsize() for n in many.primaries) for db in (0, 3, 7)] == [300, 300, 300]
+
+
+def test_numbered_databases_migrate_live_into_a_valkey9_cluster(make_server, make_cluster):
+    """A live migration of a source using dbs 0, 3 and 7 into a Valkey 9 cluster with cluster-databases:
+    clients that SELECTed a db before the cutover keep writing to it after FLIP, on every shard (each
+    of the session's node connections follows its SELECT), and so does a client that connects after."""
+    source = make_server()
+    for db in (0, 3, 7):
+        client = source.client(db=db)
+        seed(client, 200, prefix=f"db{db}")
+        client.close()
+    target = make_cluster(primaries=3, engine="valkey9", extra=["--cluster-databases", "16"])
+    keys = [f"live:{i}" for i in range(60)]           # spread over the 3 shards of the target
+
+    async def scenario() -> None:
+        from durablecache.migration import Migration, MigrationOptions
+        from durablecache.proxyhandles import local_proxies
+
+        events: list[dict[str, Any]] = []
+        ready, cut = asyncio.Event(), asyncio.Event()
+
+        def emit(e: dict[str, Any]) -> None:
+            events.append(e)
+            if e["event"] == "awaiting_approval":
+                ready.set()
+            if e["event"] in ("cutover", "failed"):
+                cut.set()
+
+        opts = MigrationOptions(cutover="manual", gate_settle=0.3, gate_timeout=30, rollback_window=600)
+        m = Migration(source.endpoint(), target.endpoint(), opts, local_proxies("127.0.0.1", 0), emit=emit)
+        task = asyncio.create_task(m.run())
+        await asyncio.wait_for(ready.wait(), 60)
+        port = int(next(e for e in events if e["event"] == "proxies")["addresses"][0].rsplit(":", 1)[1])
+        apps = {db: await asyncio.to_thread(LocalServer.client, source, port=port, db=db) for db in (3, 7)}
+        for db, app in apps.items():
+            for k in keys:
+                await asyncio.to_thread(app.set, k, f"before-{db}")
+        m.approved.set()
+        await asyncio.wait_for(cut.wait(), 60)
+        assert any(e["event"] == "cutover" for e in events), [e for e in events if e["event"] == "failed"]
+        for db, app in apps.items():
+            for k in keys:
+                await asyncio.to_thread(app.append, k, "+after")
+                assert await asyncio.to_thread(app.get, k) == f"before-{db}+after".encode()
+        late = await asyncio.to_thread(LocalServer.client, source, port=port, db=7)
+        assert await asyncio.to_thread(late.get, keys[-1]) == b"before-7+after"
+        for app in (*apps.values(), late):
+            await asyncio.to_thread(app.close)
+        m.stop_requested.set()
+        await asyncio.wait_for(task, 30)
+
+    asyncio.run(scenario())
+    direct = target.cluster_client()
+    assert all(direct.get(k) is None for k in keys), "writes of dbs 3 and 7 must not land in db 0"
+    direct.close()
+    for db in (3, 7):
+        found = {}
+        for node in target.primaries:
+            c = node.client(db=db)
+            found.update({k.decode(): c.get(k) for k in c.keys("live:*")})   # each node's own keys
+            c.close()
+        assert found == {k: f"before-{db}+after".encode() for k in keys}, db
+    assert [sum(n.client(db=db).dbsize() for n in target.primaries) for db in (0, 3, 7)] == [200, 260, 260]
+

@@ -30,6 +30,7 @@ from .errors import FencedError, RefusedError
 from .migration import MarkCallback
 from .proxy.marks import MarkServer
 from .proxyhandles import AdminDriven
+from .readiness import merge
 from .urls import Endpoint
 
 log = logs.get("durablecache.fleet")
@@ -72,6 +73,7 @@ class Fleet:
         self.frozen = False
         self.prepared: Endpoint | None = None
         self.held: set[tuple[int, bytes]] = set()
+        self.ended = False       # the migration is over: members serve as plain front ends (end_migration)
 
 
     async def start(self, upstream: Endpoint, on_marks: MarkCallback, on_lost: Callable[[str], Any]) -> None:
@@ -97,7 +99,8 @@ class Fleet:
         assert self.upstream is not None
         state = {"epoch": self.epoch, "upstream": self.upstream.to_url(), "frozen": self.frozen,
                  "prepared": self.prepared.to_url() if self.prepared else None,
-                 "held": [[db, base64.b64encode(k).decode()] for db, k in sorted(self.held)]}
+                 "held": [[db, base64.b64encode(k).decode()] for db, k in sorted(self.held)],
+                 "ended": self.ended}
         return json.dumps(state).encode()
 
     def ready(self, peer: str, cmd: list[bytes], host: str) -> bool:
@@ -195,6 +198,17 @@ class Fleet:
         async with self._lock:
             self.held = set()
             await self._each("release", lambda m: m.release_keys())
+
+    async def clients(self) -> dict[str, Any]:
+        """The members' client readiness reports as one (a member that cannot answer now is left out)."""
+        members = list(self.members.values())
+        reports = await asyncio.gather(*(m.clients() for m in members), return_exceptions=True)
+        return merge([r for r in reports if isinstance(r, dict)])
+
+    async def end_migration(self) -> None:
+        async with self._lock:
+            self.ended = True
+            await self._each("end-migration", lambda m: m.end_migration())
 
     async def stop(self) -> None:
         """The coordinator ends: members lose their mark stream and refuse writes until a coordinator

@@ -26,14 +26,16 @@ from typing import Any, Protocol
 from . import logs
 from .checkpoint import CheckpointStore, MemoryCheckpoint
 from .copier import BulkCopy, check_pair
-from .errors import ConnectError, DurableCacheError, RefusedError
+from .errors import ConnectError, DurableCacheError
 from .gate import wait_for_gate
+from .gcpause import GcHold
 from .keymover import MoverOptions
 from .laggovernor import LagControl
 from .movers import MoverPool
 from .options import MigrationOptions
 from .phases import APPROVABLE_PHASES, FINAL_PHASES, OPERATOR_PHASES, Phase, phase_or_none
 from .progress import JsonProgress
+from .readiness import ReadinessWatch
 from .repairplan import RepairPlan
 from .syncer import DirtyKey, Syncer
 from .topology import Topology, discover
@@ -44,6 +46,7 @@ from .verify import Verifier
 log = logs.get("durablecache.migration")
 STATE_VERSION = 1
 PLANNED_REPAIR = "verify pass after the copy"
+GC_HOLD_LIMIT = 30.0   # seconds the collector may stay off for one switch of authority (gcpause.py)
 __all__ = ["Migration", "MigrationOptions", "Phase", "ProxyHandle", "ProxyStarter"]
 
 
@@ -86,6 +89,7 @@ class Migration:
         self.store = store or MemoryCheckpoint()
         self.state: dict[str, Any] = {}
         self.proxies: list[ProxyHandle] = []
+        self._gc_hold = GcHold()
         self.syncer: Syncer | None = None
         self.source: Topology | None = None
         self.target: Topology | None = None
@@ -99,6 +103,7 @@ class Migration:
         self._accept_next_repair = opts.accept_destructive_repair
         self._direct_writers_seen: list[str] = []
         self.lag = LagControl(opts.target_lag, lambda e: self.emit(e), opts.lag_interval)
+        self.readiness = ReadinessWatch(lambda e: self.emit(e), opts.watch_interval)
 
     # -- state ------------------------------------------------------------------------------------
     @property
@@ -137,6 +142,7 @@ class Migration:
             "sideChanges": self.state.get("sideChanges", 0),
             "durabilityLag": self.lag.status(),
             "directClients": list(self.trust.direct_clients) if self.trust else [],
+            "clients": self.readiness.summary,
             "syncer": dataclasses.asdict(syncer.stats) if syncer else {},
             "message": self.state.get("message", ""),
         }
@@ -171,6 +177,11 @@ class Migration:
         if self.phase == Phase.FAILED:
             raise DurableCacheError(f"this migration failed earlier and stays failed: {self.state.get('message')}")
         if self.phase in FINAL_PHASES:
+            if self.phase != Phase.FAILED and self._serves_after_end():
+                try:
+                    await self._serve_after_end()
+                finally:
+                    await self._shutdown()
             return self.phase
         try:
             await self._run()
@@ -188,13 +199,6 @@ class Migration:
         self.source, self.target = await discover(self.source_ep), await discover(self.target_ep)
         await check_pair(self.source, self.target, allow_nonempty=resumed_after_route_in,
                          nonempty_hint="a migration needs an empty target (a new cluster); empty it or pick another")
-        numbered = sorted(db for db, n in self.source.db_keys.items() if n and db) if self.target.cluster else []
-        if numbered and not self.source.cluster:
-            # The copy and the syncer handle them (Valkey 9 cluster-databases), but the proxy does not
-            # yet keep a session's SELECT on every shard of a cluster upstream after FLIP.
-            raise RefusedError(f"the source uses database(s) {numbered}: a live migration into a cluster keeps "
-                               "only database 0 through the proxy for now (durablecache copy can copy them into "
-                               "a Valkey 9 cluster with cluster-databases); see docs/limits.md")
         flipped = bool(self.state.get("flipped"))
         self.syncer = Syncer(self._pool(reverse=flipped), workers=self.opts.sync_workers, max_dirty=self.opts.max_dirty)
         self.syncer.start()
@@ -209,6 +213,7 @@ class Migration:
         upstream = self.target_ep if flipped else self.source_ep
         self.proxies = await self.start_proxies(upstream, self.syncer.on_marks, self.syncer.require_repair)
         self.emit({"event": "proxies", "addresses": [p.address for p in self.proxies]})
+        self.readiness.start(self.proxies, self.target.cluster)
         if self.phase == Phase.ROUTE_IN:
             await wait_for_gate(self.source, self.opts.allow_clients, self.opts.gate_settle, self.opts.gate_timeout,
                                 on_blocked=lambda c: self.emit({"event": "gate_blocked", "clients": c}))
@@ -233,11 +238,42 @@ class Migration:
             await self._route_out()
         if self.phase == Phase.ROLLING_BACK:
             await self._rollback()
-        if self.phase in (Phase.COMPLETE, Phase.ROLLED_BACK) and not self.opts.exit_after_cutover:
-            # Applications may still point at the proxy: keep serving until told to stop.
-            self.emit({"event": "serving", "upstream": (self.target_ep if self.state.get("flipped")
-                                                          else self.source_ep).redacted()})
+        if self.phase in (Phase.COMPLETE, Phase.ROLLED_BACK) and self._serves_after_end():
+            # Applications may still point at the proxy: keep serving until told to stop, with
+            # nothing left to copy (afterCutover proxy).
+            await self._end_sync()
+            self._serving()
             await self.stop_requested.wait()
+
+    def _serves_after_end(self) -> bool:
+        return self.opts.after_cutover == "proxy" and not self.opts.exit_after_cutover
+
+    def _serving(self) -> None:
+        self.emit({"event": "serving", "upstream": (self.target_ep if self.state.get("flipped")
+                                                      else self.source_ep).redacted()})
+
+    async def _end_sync(self) -> None:
+        """The migration is over: the proxies stop marking (and refusing what only a migration
+        must refuse), the syncer stops and its connections close."""
+        await self.readiness.stop()
+        for p in self.proxies:
+            end = getattr(p, "end_migration", None)
+            if end is not None:
+                await end()
+        syncer, self.syncer = self.syncer, None
+        if syncer is not None:
+            await syncer.stop()
+            await syncer.close_pools(current=True)
+
+    async def _serve_after_end(self) -> None:
+        """Resumed after the end with afterCutover proxy: the proxies alone, in front of the side
+        that holds the data now, until told to stop."""
+        upstream = self.target_ep if self.state.get("flipped") else self.source_ep
+        self.proxies = await self.start_proxies(upstream, _no_marks, lambda _why: None)
+        await self._end_sync()
+        self.emit({"event": "proxies", "addresses": [p.address for p in self.proxies]})
+        self._serving()
+        await self.stop_requested.wait()
 
     def _pool(self, reverse: bool) -> MoverPool:
         assert self.source and self.target
@@ -451,7 +487,14 @@ class Migration:
         never be drained inside the pause while it is being written. So first only the writes to such
         keys are held (other keys and all reads go on) until the syncer has copied them after their last
         write — bounded by max_key_pause — and only then is everything frozen; the drain then finds them
-        clean. ``sw.on_flipped`` records the new authority, saved before any write resumes."""
+        clean. The watch lists no clients meanwhile (Trust.no_looks). ``sw.on_flipped`` records the new
+        authority, saved before any write resumes."""
+        assert self.trust
+        async with self.trust.no_looks():
+            return await self._switch(sw)
+
+    async def _switch(self, sw: _Switch) -> _Switched:
+        """_switch_authority's steps."""
         assert self.syncer
         held: set[DirtyKey] = set()
         k0: float | None = None     # when the hot keys' writes began to be held
@@ -464,6 +507,7 @@ class Migration:
             if held:
                 k0 = time.monotonic()
                 await self._hold_keys(held, self.opts.max_key_pause)
+            self._gc_hold.start(GC_HOLD_LIMIT)
             t0 = time.monotonic()
             await asyncio.gather(*(p.freeze(sw.budget) for p in self.proxies))
             frozen_ms = (time.monotonic() - t0) * 1000
@@ -489,6 +533,7 @@ class Migration:
             if t0 is not None:
                 await asyncio.gather(*(p.unfreeze() for p in self.proxies), return_exceptions=True)
                 pause_ms = _ms_since(t0)
+            self._gc_hold.end()
             await self._unprepare_all()
             await self._release_keys(held)
             return _Switched(False, str(exc) or "freeze timed out", pause_ms, frozen_ms, len(held), _ms_since(k0),
@@ -497,11 +542,13 @@ class Migration:
             # Anything else (a syncer failure, cancellation) ends the migration: hold nothing meanwhile.
             if t0 is not None:
                 await asyncio.gather(*(p.unfreeze() for p in self.proxies), return_exceptions=True)
+            self._gc_hold.end()
             await self._unprepare_all()
             await self._release_keys(held)
             raise
         await asyncio.gather(*(p.unfreeze() for p in self.proxies))
         pause_ms = _ms_since(t0)
+        self._gc_hold.end()
         await self._release_keys(held)   # held writes go on, to the new side now
         key_pause_ms = _ms_since(k0)
         await self.syncer.close_pools()  # the old direction's connections, no longer needed
@@ -661,6 +708,7 @@ class Migration:
                 w.cancel()
 
     async def _shutdown(self) -> None:
+        await self.readiness.stop()
         await self.lag.close()
         if self._watch:
             self._watch.cancel()
@@ -701,6 +749,10 @@ class _Switched:
     held_keys: int
     key_pause_ms: float
     flip_failed: bool = False
+
+
+def _no_marks(db: int, keys: list[bytes]) -> None:
+    """The proxies' marks once the migration is over: nobody copies them."""
 
 
 def _ms_since(t: float | None) -> float:

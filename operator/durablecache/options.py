@@ -32,10 +32,14 @@ OPERATOR_GATE_TIMEOUT = 3600.0
 # The operator cuts over only when approved unless the spec says auto (the CRD's default); the CLI,
 # run by someone watching it, cuts over when in sync unless --cutover manual.
 OPERATOR_CUTOVER = "manual"
+# After the end the CLI keeps proxying (as it always did); the operator moves the applications to the
+# target unless spec.endpoint.afterCutover says proxy.
+OPERATOR_AFTER_CUTOVER = "target"
 
 # Where each checked setting comes from, for error messages: (spec field, CLI flag).
 SETTING_NAMES = {
     "cutover": ("spec.cutover.mode", "--cutover"),
+    "after_cutover": ("spec.endpoint.afterCutover", "--after-cutover"),
     "max_write_pause": ("spec.cutover.maxWritePause", "--max-write-pause"),
     "drain_budget": ("spec.cutover.drainBudget", "--drain-budget"),
     "max_key_pause": ("spec.cutover.maxKeyPause", "--max-key-pause"),
@@ -104,6 +108,11 @@ class MigrationOptions:
     ready_backlog: int = 200  # try a cutover once the dirty backlog is below this
     cutover_attempts: int = 20
     exit_after_cutover: bool = False
+    # What the applications use once the migration ends (Complete, RolledBack): "proxy" keeps the
+    # proxies serving as plain front ends (no marks, no syncer), also after a restart; "target" stops
+    # them (the applications were moved to the side itself). The CLI keeps proxying, the operator's
+    # spec.endpoint.afterCutover defaults to target.
+    after_cutover: str = "proxy"
     copy_concurrency: int = 8
     scan_count: int = 1000
     big_key_bytes: int = DEFAULT_BIG_KEY_BYTES
@@ -131,6 +140,8 @@ class MigrationOptions:
 
     def validate(self) -> None:
         """Every range check, whoever built the options (the CRD checks the same for the operator)."""
+        if self.after_cutover not in ("proxy", "target"):
+            raise OptionError("after_cutover", f"must be proxy or target, not {self.after_cutover!r}")
         if self.cutover not in ("auto", "manual"):
             raise OptionError("cutover", f"must be auto or manual, not {self.cutover!r}")
         if not MIN_WRITE_PAUSE <= self.max_write_pause <= MAX_WRITE_PAUSE_LIMIT:

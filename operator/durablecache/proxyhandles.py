@@ -57,6 +57,12 @@ class LocalProxy:
     async def release_keys(self) -> None:
         self.proxy.release_keys()
 
+    async def clients(self) -> dict[str, Any]:
+        return self.proxy.readiness.report()
+
+    async def end_migration(self) -> None:
+        self.proxy.end_migration()
+
     async def stop(self) -> None:
         await self.proxy.stop()
 
@@ -126,6 +132,13 @@ class AdminDriven:
     async def release_keys(self) -> None:
         await self._admin("POST", "/release")
 
+    async def clients(self) -> dict[str, Any]:
+        body: dict[str, Any] = await self._admin("GET", "/clients", timeout=5.0)
+        return body
+
+    async def end_migration(self) -> None:
+        await self._admin("POST", "/end-migration")
+
     async def close_admin(self) -> None:
         if self._session:
             await self._session.close()
@@ -152,6 +165,7 @@ class SubprocessProxy(AdminDriven):
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
         self.on_restart: Callable[[dict[str, Any]], None] = lambda _e: None
+        self.migration_ended = False    # a child (re)started after that serves without marks
 
     def _write_secret(self, name: str, value: str) -> str:
         path = os.path.join(self.workdir, name)
@@ -170,9 +184,12 @@ class SubprocessProxy(AdminDriven):
         self.admin_base = f"http://127.0.0.1:{self.admin_port}"
         args = [sys.executable, "-m", "durablecache.cli", "--log-json", "proxy", "--listen", self.address,
                 "--admin", f"127.0.0.1:{self.admin_port}",
-                "--admin-token-file", self._write_secret("admin.token", self.token),
-                "--marks-to", f"{self.marks.host}:{self.marks.port}",
-                "--marks-token-file", os.path.join(self.workdir, "marks.token")]
+                "--admin-token-file", self._write_secret("admin.token", self.token)]
+        if self.migration_ended:
+            args.append("--not-migrating")
+        else:
+            args += ["--marks-to", f"{self.marks.host}:{self.marks.port}",
+                     "--marks-token-file", os.path.join(self.workdir, "marks.token")]
         # The upstream URL carries the password: hand it over in the environment, not on the command
         # line, where any local user could read it.
         env = {**os.environ, "DURABLECACHE_UPSTREAM": self.upstream.to_url()}
@@ -230,6 +247,14 @@ class SubprocessProxy(AdminDriven):
 
     # A child restarted before the flip has lost its PREPARE (its flip then discovers for itself) and
     # its hold (its lost mark stream forces a repair, so the cutover aborts rather than trusting it).
+
+    async def clients(self) -> dict[str, Any]:
+        body: dict[str, Any] = await self._admin("GET", "/clients", timeout=5.0)
+        return body
+
+    async def end_migration(self) -> None:
+        self.migration_ended = True
+        await self._admin("POST", "/end-migration")
 
     async def stop(self) -> None:
         self._stopping = True

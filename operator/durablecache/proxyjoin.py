@@ -142,6 +142,8 @@ class Joiner:
             await proxy.prepare_flip(parse_url(state["prepared"]))
         self.admin = AdminServer(proxy, self.token, self.admin_addr[0], self.admin_addr[1], fence=self.fence)
         await self.admin.start()
+        if state.get("ended"):
+            proxy.end_migration()      # joined after the end: a plain front end
 
     async def _again(self, proxy: Proxy, state: dict[str, Any]) -> None:
         """Rejoining after the stream ended: take the fleet's state as it is now."""
@@ -161,6 +163,8 @@ class Joiner:
             await proxy.prepare_flip(parse_url(state["prepared"]))
         else:
             proxy.unprepare()
+        if state.get("ended") and proxy.migrating:
+            proxy.end_migration()
 
 
 def _keys(items: list[list[Any]]) -> set[tuple[int, bytes]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from . import logs
@@ -121,6 +121,14 @@ class Trust:
             if source_authoritative():
                 await self.look_for_direct_clients()
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+    @contextlib.asynccontextmanager
+    async def no_looks(self) -> AsyncIterator[None]:
+        """No CLIENT LIST while inside: a cutover's write pause must not wait for one (with 5,000
+        clients its reply takes tens of milliseconds to read and parse, on the coordinator's only
+        thread). An attempt checks for direct clients itself just before it begins."""
+        async with self._looking:
+            yield
 
     async def look_for_direct_clients(self) -> bool:
         """CLIENT LIST on every source primary: clients other than ours, replicas and allow-listed ones.

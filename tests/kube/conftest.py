@@ -454,6 +454,22 @@ def operator_release(kube_env: KubeEnv, crd_installed: str,
                            kubeconfig=path)
 
 
+LOCAL_WORKER = "local-worker"
+
+
+@pytest.fixture
+def worker_kubeconfig(kube_env: KubeEnv, operator_release: OperatorRelease, kube_namespace: str,
+                      sa_kubeconfig: ServiceAccountKubeconfig) -> Path:
+    """A token of a ServiceAccount holding the chart's worker ClusterRole in this test's namespace only
+    (a RoleBinding, as the operator makes for each worker pod): the local workers run as it, so they
+    have exactly a worker pod's rights."""
+    path = sa_kubeconfig(kube_namespace, LOCAL_WORKER)
+    kube_env.kubectl("-n", kube_namespace, "create", "rolebinding", LOCAL_WORKER,
+                     f"--clusterrole={operator_release.cluster_role}-worker",
+                     f"--serviceaccount={kube_namespace}:{LOCAL_WORKER}")
+    return path
+
+
 # -- the operator's end-to-end tests: moto in server mode for the aws provider --------------------
 
 MOTO_SERVER = REPO / "tests" / "aws" / "motoserver.py"

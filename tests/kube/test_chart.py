@@ -55,12 +55,14 @@ def arg_value(args: list[str], flag: str) -> str:
     return value
 
 
-# Exactly the calls `durablecache worker` makes (k8s/kube.py: get, patch_status, secret_value, event).
+# Exactly the calls `durablecache worker` makes (k8s/kube.py: get, patch_status, secret_value, event;
+# k8s/lease.py: read, create and replace its coordinator Lease).
 WORKER_RULES = [
     {"apiGroups": ["durablecache.dev"], "resources": ["durablecaches"], "verbs": ["get"]},
     {"apiGroups": ["durablecache.dev"], "resources": ["durablecaches/status"], "verbs": ["patch"]},
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]},
 ]
 
 
@@ -125,6 +127,19 @@ def test_rendered_defaults(kube_env: KubeEnv) -> None:
     assert binding["roleRef"]["name"] == docs["ClusterRole"]["metadata"]["name"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": pod["serviceAccountName"],
                                     "namespace": "durablecache-system"}]
+
+
+def test_worker_role_holds_the_coordinator_lease_with_least_privilege(kube_env: KubeEnv) -> None:
+    """Leases: get, create, update (renewals and takeovers are replaces with a resourceVersion
+    precondition) and nothing else; no other role of the chart touches Leases (the operator does not)."""
+    docs = by_kind(render(kube_env))
+    lease_rules = [r for r in docs["WorkerClusterRole"]["rules"] if "coordination.k8s.io" in r["apiGroups"]]
+    assert lease_rules == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                            "verbs": ["get", "create", "update"]}]
+    assert not [r for r in docs["ClusterRole"]["rules"]
+                if "coordination.k8s.io" in r["apiGroups"] or "*" in r["apiGroups"] or "*" in r["verbs"]]
+    # The worker role is bound per namespace (RoleBinding, k8s/runner.py), never cluster-wide.
+    assert docs["ClusterRoleBinding"]["roleRef"]["name"] == docs["ClusterRole"]["metadata"]["name"]
 
 
 def test_rendered_options(kube_env: KubeEnv) -> None:

@@ -125,14 +125,22 @@ class Operator:
         return "\n".join(p.read_text(errors="replace")[-4000:] for p in sorted(self.state.glob("*.log")))
 
 
+# Short coordinator-lease timings for the workers the tests start (production: 15 s / 10 s / 2 s); the
+# renew deadline leaves a loaded 2-core machine's API server 4 s to answer one of 8 renewals.
+TEST_LEASE = {"DURABLECACHE_LEASE_DURATION": "6", "DURABLECACHE_LEASE_RENEW_DEADLINE": "4",
+              "DURABLECACHE_LEASE_RETRY_PERIOD": "0.5"}
+
+
 @pytest.fixture
 def operator_factory(kube_env: KubeEnv, operator_release: OperatorRelease, kube_namespace: str,
-                     tmp_path: Path) -> Iterator[Callable[..., Operator]]:
+                     tmp_path: Path, worker_kubeconfig: Path) -> Iterator[Callable[..., Operator]]:
     """Operators watching only this test's namespace: other tests leave DurableCaches behind (namespaces
-    never finish deleting here), and an operator must not act on those."""
+    never finish deleting here), and an operator must not act on those. Their local workers run as the
+    worker identity (``worker_kubeconfig``) with short lease timings."""
     made: list[Operator] = []
 
     def make(**extra_env: str) -> Operator:
+        extra_env = {"DURABLECACHE_LOCAL_WORKER_KUBECONFIG": str(worker_kubeconfig), **TEST_LEASE, **extra_env}
         op = Operator(kube_env, operator_release, tmp_path / f"op{len(made)}", kube_namespace, extra_env)
         op.workdir.mkdir(parents=True)
         made.append(op)
@@ -647,14 +655,17 @@ def test_worker_identity_can_make_exactly_the_workers_calls(
         return out == "yes"
 
     dc = "durablecaches.durablecache.dev"
+    lease = "leases.coordination.k8s.io"
     allowed = [("get", f"{dc}/carts", None), ("patch", f"{dc}/carts", "status"), ("get", "secrets/carts-auth", None),
-               ("create", "events", None)]
+               ("create", "events", None), ("get", f"{lease}/carts-coordinator", None), ("create", lease, None),
+               ("update", f"{lease}/carts-coordinator", None)]
     denied = [("list", "secrets", None), ("watch", "secrets", None), ("create", "secrets", None),
               ("patch", "secrets", None), ("delete", "secrets", None), ("list", dc, None), ("watch", dc, None),
               ("patch", dc, None), ("update", dc, None), ("delete", dc, None), ("create", dc, None),
               ("update", dc, "status"), ("create", "pods", None), ("create", "deployments.apps", None),
               ("create", "serviceaccounts/token", None), ("create", "rolebindings.rbac.authorization.k8s.io", None),
-              ("patch", "services", None)]
+              ("patch", "services", None), ("list", lease, None), ("watch", lease, None), ("patch", lease, None),
+              ("delete", lease, None)]
     assert [a for a in allowed if not can_i(a[0], a[1], kube_namespace, a[2])] == []
     assert [d for d in denied if can_i(d[0], d[1], kube_namespace, d[2])] == []
     # Nothing at all in another namespace.

@@ -87,3 +87,19 @@ def test_functions_and_users_reach_every_shard(make_cluster, make_proxy):
         app.set(k, "by-app")
     with pytest.raises(valkey.exceptions.NoPermissionError):
         app.set("other", "x")          # the user's key pattern holds on whichever shard owns it
+
+
+def test_client_pause_pauses_every_primary(make_cluster, make_proxy):
+    """CLIENT PAUSE has no tips, yet a pause that left the other shards taking writes would not be the
+    pause the client asked for: it reaches every primary, and so does CLIENT UNPAUSE."""
+    cluster = make_cluster(primaries=3, engine="valkey9")
+    p = make_proxy(cluster.endpoint(), migrating=False)
+    c = valkey.Valkey(port=p.port, socket_timeout=10)
+    assert c.client_pause(60_000, all=False)
+    try:
+        for node in cluster.primaries:
+            assert "write" in node.client().info("clients").get("paused_actions", ""), node.port
+    finally:
+        assert c.client_unpause()
+    for node in cluster.primaries:
+        assert node.client().info("clients").get("paused_actions", "none") == "none"

@@ -70,6 +70,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how long reverse sync keeps the source current after cutover "
                         f"(default {_dur(DEFAULTS.rollback_window)})")
     p.add_argument("--exit-after-cutover", action="store_true", help="stop after cutover instead of proxying on")
+    p.add_argument("--after-cutover", choices=["proxy", "target"], default=DEFAULTS.after_cutover,
+                   help="once the migration is Complete (or RolledBack): proxy keeps the proxy serving as a plain "
+                        "front end, no marks, no syncer, also when rerun with --state-file (standalone-mode "
+                        "applications keep working against a cluster-mode target); target stops it and exits "
+                        f"(default {DEFAULTS.after_cutover})")
     p.add_argument("--state-file", metavar="PATH", help="persist the phase and copy checkpoint; resume from it")
     p.add_argument("--proxy-mode", choices=["inprocess", "subprocess"], default="inprocess",
                    help="run the proxy in this process or as a supervised child process")
@@ -128,6 +133,7 @@ def options(args: argparse.Namespace) -> MigrationOptions:
     return MigrationOptions(cutover=args.cutover, max_write_pause=args.max_write_pause,
                             drain_budget=args.drain_budget, max_key_pause=args.max_key_pause,
                             rollback_window=args.rollback_window, exit_after_cutover=args.exit_after_cutover,
+                            after_cutover=args.after_cutover,
                             allow_clients=args.allow_client, gate_settle=args.gate_settle,
                             gate_timeout=args.gate_timeout, max_source_ops=args.max_ops,
                             repair_max_share=args.repair_max_share,

@@ -47,11 +47,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker-service-account", default=os.environ.get("DURABLECACHE_WORKER_SERVICE_ACCOUNT"),
                    metavar="SA",
                    help="run every worker as this existing service account instead (it needs get on "
-                        "durablecaches and the spec's Secrets, patch on durablecaches/status, create on events)")
+                        "durablecaches and the spec's Secrets, patch on durablecaches/status, create on events, "
+                        "get/create/update on leases)")
     p.add_argument("--worker-image-pull-secret", action="append", default=[], metavar="SECRET",
                    help="a docker-registry Secret the worker pods pull their image with (repeatable); it "
                         "must exist in each DurableCache's namespace")
     p.add_argument("--local-state-dir", help="where --runner=local keeps worker pids, ports and logs")
+    p.add_argument("--local-worker-kubeconfig", default=os.environ.get("DURABLECACHE_LOCAL_WORKER_KUBECONFIG"),
+                   metavar="PATH",
+                   help="--runner=local: the kubeconfig the workers use (e.g. a token of a ServiceAccount with "
+                        "the worker's ClusterRole, as a pod would have); default: the operator's own")
     p.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT, metavar="SECONDS",
                    help="how long Provision waits for a new target to become available "
                         f"(default {format_duration(READY_TIMEOUT)})")
@@ -99,7 +104,10 @@ def run(args: argparse.Namespace) -> int:
     runner: WorkloadRunner
     if args.runner == "local":
         state = args.local_state_dir or tempfile.mkdtemp(prefix="durablecache-workers-")
-        runner = LocalProcessRunner(state)
+        env = None
+        if args.local_worker_kubeconfig:    # the worker's identity, not the operator's, as in a pod
+            env = {**os.environ, "KUBECONFIG": args.local_worker_kubeconfig}
+        runner = LocalProcessRunner(state, env)
     else:
         runner = KubernetesRunner(kube, args.worker_image, args.worker_service_account, args.worker_cluster_role,
                                   args.worker_image_pull_secret)

@@ -1,7 +1,12 @@
 """durablecache worker: the proxy and syncer of one DurableCache, run by the operator (a pod, or a local
 process in tests). It runs the same Migration as ``durablecache migrate``, in-process, with settings
 from the parsed spec (k8s/spec.py), its resume state kept in the resource's status (k8s/store.py, the
-worker's one status writer), and reports progress, phases and Events to the API."""
+worker's one status writer), and reports progress, phases and Events to the API.
+
+It is the migration's coordinator, a singleton: before it does anything it takes the DurableCache's
+coordinator Lease (k8s/lease.py) and runs with that lease's epoch; a second worker waits as a standby.
+A worker that cannot renew the lease stops the migration before the lease can expire and exits
+non-zero, so Kubernetes restarts it as a contender."""
 
 from __future__ import annotations
 
@@ -17,6 +22,15 @@ from typing import Any
 from .. import logs
 from ..errors import DurableCacheError, UsageError
 from ..k8s.kube import Kube, load_client
+from ..k8s.lease import (
+    DEFAULT_DURATION,
+    DEFAULT_RENEW_DEADLINE,
+    DEFAULT_RETRY_PERIOD,
+    CoordinatorLease,
+    LeaseLost,
+    LeaseTimings,
+    holder_identity,
+)
 from ..k8s.spec import DurableCacheSpec, credentials, stored_endpoint
 from ..k8s.status import progress
 from ..k8s.store import StatusStore
@@ -36,6 +50,10 @@ GATE_WARN_AFTER = 120.0     # RouteIn: applications still on the source this lon
 # After the operator moved the applications back onto the proxy for a rollback, wait this long for
 # their old connections to the target to drain before the proxies flip back to the source.
 ROLLBACK_SETTLE = 2.0
+# A coordinator that lost its lease waits at most this long for the migration and its proxies to stop.
+STOP_AFTER_LOSS_TIMEOUT = 30.0
+LEASE_ENV = {"duration": "DURABLECACHE_LEASE_DURATION", "renew_deadline": "DURABLECACHE_LEASE_RENEW_DEADLINE",
+             "retry_period": "DURABLECACHE_LEASE_RETRY_PERIOD"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,6 +66,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default {format_duration(OPERATOR_GATE_TIMEOUT)})")
     p.add_argument("--status-interval", type=float, default=1.0, metavar="SECONDS",
                    help="how often progress is written to the status (default 1s)")
+    # Defaults from the environment too (read when the worker starts): the operator starts workers with
+    # fixed arguments, and tests shorten the timings through its environment.
+    p.add_argument("--lease-duration", type=int, metavar="SECONDS",
+                   help="the coordinator Lease's duration: a standby takes over after seeing it unrenewed this "
+                        f"long (default ${LEASE_ENV['duration']} or {DEFAULT_DURATION}s)")
+    p.add_argument("--lease-renew-deadline", type=float, metavar="SECONDS",
+                   help="stop acting when the lease was not renewed for this long; less than the duration "
+                        f"(default ${LEASE_ENV['renew_deadline']} or {DEFAULT_RENEW_DEADLINE:g}s)")
+    p.add_argument("--lease-retry-period", type=float, metavar="SECONDS",
+                   help="between renewals and a standby's looks "
+                        f"(default ${LEASE_ENV['retry_period']} or {DEFAULT_RETRY_PERIOD:g}s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,30 +87,74 @@ def run(args: argparse.Namespace) -> int:
     return 0 if phase in SUCCESSFUL_ENDS or phase is None else 1
 
 
-async def work(args: argparse.Namespace, namespace: str, name: str) -> Phase | None:
-    kube = Kube(load_client())
+async def _get(kube: Kube, namespace: str, name: str) -> dict[str, Any]:
     obj = await asyncio.to_thread(kube.get, namespace, name)
     if obj is None:
         raise UsageError(f"DurableCache {namespace}/{name} not found")
-    op = ((obj.get("status") or {}).get("checkpoint") or {}).get("operator") or {}
-    if not op.get("provisioned"):
+    return obj
+
+
+def _timings(args: argparse.Namespace) -> LeaseTimings:
+    """The lease timings: the flags, else the environment, else the defaults."""
+    given = {"duration": args.lease_duration, "renew_deadline": args.lease_renew_deadline,
+             "retry_period": args.lease_retry_period}
+    values: dict[str, Any] = {}
+    try:
+        for field, value in given.items():
+            env = os.environ.get(LEASE_ENV[field])
+            if value is None and env:
+                value = int(env) if field == "duration" else float(env)
+            if value is not None:
+                values[field] = value
+        timings = LeaseTimings(**values)
+        timings.check()
+    except ValueError as exc:
+        raise UsageError(f"coordinator lease timings: {exc}") from None
+    return timings
+
+
+async def work(args: argparse.Namespace, namespace: str, name: str) -> Phase | None:
+    kube = Kube(load_client())
+    obj = await _get(kube, namespace, name)
+    if not ((obj.get("status") or {}).get("checkpoint") or {}).get("operator", {}).get("provisioned"):
         raise UsageError(f"DurableCache {namespace}/{name} is not provisioned yet (the operator starts the "
                          "worker after Provision)")
+    # Its own API client: renewals never wait behind the status writer's requests.
+    lease = CoordinatorLease(load_client(), obj, holder_identity(), _timings(args))
+    floor = int(((obj.get("status") or {}).get("coordinator") or {}).get("epoch") or 0)
+    epoch = await asyncio.to_thread(lease.acquire, floor)
+    try:
+        return await _coordinate(args, kube, lease, await _get(kube, namespace, name), epoch)
+    finally:
+        await asyncio.to_thread(lease.release)
+
+
+async def _coordinate(args: argparse.Namespace, kube: Kube, lease: CoordinatorLease, obj: dict[str, Any],
+                      epoch: int) -> Phase | None:
+    """The migration, run while this worker holds the lease; read fresh once the lease was taken (the
+    previous coordinator may have moved on while this one waited)."""
+    namespace, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+    op = ((obj.get("status") or {}).get("checkpoint") or {}).get("operator") or {}
     spec = DurableCacheSpec.parse(obj)
     opts = dataclasses.replace(spec.migration_options(gate_timeout=args.gate_timeout),
-                               target_lag=await asyncio.to_thread(_lag_reader, spec))
+                               target_lag=await asyncio.to_thread(_lag_reader, spec), epoch=epoch)
     host, port = hostport(args.listen, "--listen")
     with tempfile.TemporaryDirectory(prefix="durablecache-worker-") as tmp:
         source, target = await asyncio.to_thread(_endpoints, kube, spec, op, tmp)
         reporter = Reporter(kube, obj, args.status_interval)
-        store = StatusStore(kube, namespace, name, on_phase=reporter.on_phase)
+        store = StatusStore(kube, namespace, name, on_phase=reporter.on_phase, fence=lease.valid)
         reporter.store = store
+        await asyncio.to_thread(store.set_coordinator, lease.holder, epoch)
+        reporter.post("Normal", "CoordinatorElected", f"{lease.holder} holds the coordinator lease, epoch {epoch}")
         starter, owned = migrate_cmd.proxy_starter(host, port, args.proxy_mode, reporter.emit)
         m = Migration(source, target, opts, starter, emit=reporter.emit, store=store)
         reporter.migration = m
         reports = asyncio.create_task(reporter.run())
         try:
-            return await migrate_cmd.drive(m, owned)
+            return await _drive_while_held(m, owned, lease)
+        except LeaseLost as exc:
+            reporter.post("Warning", "CoordinatorLeaseLost", f"{lease.holder} (epoch {epoch}) stopped: {exc}")
+            raise
         except DurableCacheError as exc:
             # Migration.run recorded Failed in the status already; say it once more as an Event.
             await asyncio.to_thread(kube.event, obj, "Warning", "Failed", str(exc), WORKER_COMPONENT)
@@ -92,6 +165,46 @@ async def work(args: argparse.Namespace, namespace: str, name: str) -> Phase | N
                 await reports
             await asyncio.to_thread(store.close)
             await reporter.flush_events()
+
+
+async def _watch_deadline(lease: CoordinatorLease) -> None:
+    """Returns once the lease is no longer valid (its renew deadline passed, or it was taken)."""
+    while lease.valid():
+        await asyncio.sleep(max(0.01, min(lease.remaining(), lease.timings.retry_period)))
+    lease.declare_lost(lease.deadline_reason)
+
+
+async def _drive_while_held(m: Migration, owned: list[Any], lease: CoordinatorLease) -> Phase:
+    """``drive`` the migration; when the lease is lost, stop it (the syncer, the proxies' instructions,
+    the proxies themselves) and raise LeaseLost. The status writer is fenced by the lease already, so
+    nothing is written between the renew deadline and the end of the stop."""
+    loop = asyncio.get_running_loop()
+    lost = asyncio.Event()
+
+    def on_lost(reason: str) -> None:   # the renewing thread
+        loop.call_soon_threadsafe(lost.set)
+
+    lease.start_renewing(on_lost)
+    driving = asyncio.create_task(migrate_cmd.drive(m, owned))
+    losing = asyncio.create_task(lost.wait())
+    # The deadline on this loop's clock too: a renewal request hanging in the renewing thread must not
+    # delay the stop.
+    watching = asyncio.create_task(_watch_deadline(lease))
+    try:
+        await asyncio.wait([driving, losing, watching], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        losing.cancel()
+        watching.cancel()
+    if driving.done() and lease.valid():
+        return driving.result()
+    # Lost (or an engine step refused by the fenced status writer, which comes to the same).
+    lease.declare_lost(lease.deadline_reason)   # (a no-op when the loss was noticed already)
+    m.stop_requested.set()
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        await asyncio.wait_for(asyncio.shield(driving), STOP_AFTER_LOSS_TIMEOUT)
+    log.error("coordinator stopped acting", holder=lease.holder, epoch=lease.epoch, at=time.time(),
+              reason=lease.lost_reason, stopped=driving.done())
+    raise LeaseLost(f"the coordinator lease was lost ({lease.lost_reason}); stopped, restart to contend again")
 
 
 def _endpoints(kube: Kube, spec: DurableCacheSpec, op: dict[str, Any], tmp: str) -> tuple[Endpoint, Endpoint]:
@@ -139,6 +252,10 @@ class Reporter:
         self.events: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue()
 
     # -- from the engine (its event loop, or the status flusher thread) ---------------------------
+    def post(self, type_: str, reason: str, message: str) -> None:
+        """An Event, posted by the periodic flush (best effort, off the engine's way)."""
+        self._event(type_, reason, message)
+
     def _event(self, type_: str, reason: str, message: str) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (type_, reason, message))
 
@@ -187,6 +304,12 @@ class Reporter:
             self._event("Warning", "RepairBlocked", str(e.get("message")))
         elif kind == "rolled_back":
             self._event("Normal", "RollbackDone", f"writes paused {e.get('pause_ms')} ms")
+        elif kind == "readiness":     # (ready helper's hunk) the client readiness report, readiness.py
+            for problem in e.get("problems") or []:
+                self._event("Warning", "ClientReadiness", str(problem))
+            if not e.get("problems"):
+                self._event("Normal", "ClientsReady", f"the {e.get('connections')} client connections through "
+                            "the proxy can use the target after cutover")
 
     def _gate_event(self, e: dict[str, Any], now: float) -> tuple[str, str]:
         """(type, reason) for clients seen on the source around the proxy. In RouteIn that is normal
@@ -242,6 +365,8 @@ class Reporter:
             "durabilityLag": st.get("durabilityLag")}     # laggovernor.py; None without a reader
         if st.get("lastCutoverPauseMs") is not None:
             report["lastCutoverPauseMs"] = st["lastCutoverPauseMs"]
+        if st.get("clients") is not None:
+            report["clients"] = st["clients"]     # the readiness report (status.clients)
         await self._write("report", report)
         try:
             obj = await asyncio.to_thread(self.kube.get, self.ns, self.name)

@@ -1,5 +1,6 @@
 """The applications' endpoint: a Secret (host, port, tls, url) and/or an ExternalName Service that point
-at the source, then the proxy (RouteIn), then the target (RouteOut).
+at the source, then the proxy (RouteIn), then the target (RouteOut) — or, with spec.endpoint.afterCutover
+proxy, the proxy for good.
 
 Which side the applications must use follows from the migration's phase alone, so the switch is
 idempotent: a restarted operator recomputes it and rewrites the same values.
@@ -16,10 +17,13 @@ from .kube import Kube
 SECRET_KEYS = ("host", "port", "tls", "url")
 
 
-def desired_route(phase: Phase | None, state: dict[str, Any], proxy_up: bool) -> str | None:
-    """"source", "proxy", "target", or None (leave the endpoint as it is)."""
+def desired_route(phase: Phase | None, state: dict[str, Any], proxy_up: bool,
+                  after_cutover: str = "target") -> str | None:
+    """"source", "proxy", "target", or None (leave the endpoint as it is). ``after_cutover``
+    (spec.endpoint.afterCutover) "proxy": the applications stay on the proxy through RouteOut and
+    after Complete, where it serves as a plain front end of the target."""
     flipped = bool(state.get("flipped"))
-    if phase in PROXIED_PHASES:
+    if phase in PROXIED_PHASES or (after_cutover == "proxy" and phase in (Phase.ROUTE_OUT, Phase.COMPLETE)):
         # Only once the worker reported its proxy listening: an endpoint nobody answers breaks apps.
         return "proxy" if proxy_up else None
     if phase in (Phase.ROUTE_OUT, Phase.COMPLETE):

@@ -22,6 +22,8 @@ from .. import logs
 from ..errors import DurableCacheError, RefusedError
 from ..phases import FINAL_PHASES, OPERATOR_PHASES, Phase, phase_or_none
 from ..providers import Provider
+from ..readiness import source_warning
+from ..topology import discover
 from . import COMPONENT, FINALIZER, GROUP, PLURAL, READY_TIMEOUT, RECONCILE_INTERVAL, VERSION
 from .endpoints import desired_route, restart_workloads, switch
 from .kube import Kube
@@ -109,6 +111,11 @@ class Reconciler:
         self.ctx.metrics.observe(obj)
         phase = _phase(obj)
         op = _checkpoint(obj, "operator")
+        if phase == Phase.COMPLETE and _keeps_proxy(obj):
+            # afterCutover proxy: the worker's proxy is the applications' endpoint for good.
+            await self.ensure_worker(obj)
+            await self.route(obj)
+            return False
         if phase in FINAL_PHASES:
             await self.route(obj)
             if not op.get("workerRemoved"):
@@ -172,9 +179,39 @@ class Reconciler:
             await self.event(obj, "Warning", "PreflightWarning", str(warning))
         for ignored in spec.ignored_settings():
             await self.event(obj, "Warning", "SettingIgnored", ignored)
+        clients = await self._source_clients(spec, provider)
+        if clients:
+            await self.event(obj, "Warning", "ClientReadiness", clients)
         if not result.ok:
             await self.fail(obj, "PreflightFailed", result.message())
         return result.ok
+
+    async def _source_clients(self, spec: DurableCacheSpec, provider: Provider) -> str | None:
+        """Preflight's early word on the applications (readiness.source_warning): standalone-mode
+        clients on a cluster-mode-disabled source that moves to a cluster-mode target. Advice only:
+        a source it cannot ask (a CA bundle in a Secret, not reachable) is not looked at here; the
+        proxy's own report follows in Sync."""
+        if spec.source.tls.ca is not None:
+            return None
+        try:
+            described = await asyncio.to_thread(provider.describe_source)
+            user, password = await asyncio.to_thread(credentials, self.kube, self.ns, spec.source)
+            source = dataclasses.replace(with_tls(described.endpoint or spec.source.first_endpoint(), spec.source.tls),
+                                         username=user, password=password, iam=spec.iam_auth("source"))
+            source_cluster = (await discover(source)).cluster
+            target_cluster = spec.target.is_aws or await self._static_target_is_cluster(spec)
+            return await source_warning(source, source_cluster=source_cluster, target_cluster=target_cluster)
+        except (DurableCacheError, OSError, TimeoutError) as exc:
+            log.info("source clients not read at preflight", namespace=self.ns, name=self.name, reason=str(exc)[:200])
+            return None
+
+    async def _static_target_is_cluster(self, spec: DurableCacheSpec) -> bool:
+        if spec.target.tls.ca is not None or not spec.target.endpoints:
+            return False
+        user, password = await asyncio.to_thread(credentials, self.kube, self.ns, spec.target)
+        target = dataclasses.replace(spec.target.first_endpoint(), username=user, password=password,
+                                     iam=spec.iam_auth("target"))
+        return (await discover(target)).cluster
 
     async def _start_provision(self, obj: dict[str, Any], provider: Provider, tspec: Any) -> None:
         info = await asyncio.to_thread(provider.ensure_target, tspec)   # idempotent: adopts its own target
@@ -245,7 +282,8 @@ class Reconciler:
         if not op.get("provisioned"):
             return
         proxy_up = bool(_checkpoint(obj, "worker").get("proxiesUp"))
-        want = desired_route(phase, _checkpoint(obj, "migration"), proxy_up)
+        after = "proxy" if _keeps_proxy(obj) else "target"
+        want = desired_route(phase, _checkpoint(obj, "migration"), proxy_up, after)
         if phase == Phase.ROUTE_OUT and DurableCacheSpec.parse(obj).cutover.rollback:
             want = "proxy"  # a rollback starts by moving the applications back onto the proxy
         if want is None or (want == op.get("route") and self.route_checked):
@@ -385,6 +423,12 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
         await rec.cleanup(obj)
 
     return registry
+
+
+def _keeps_proxy(obj: dict[str, Any]) -> bool:
+    """spec.endpoint.afterCutover is proxy (read from the raw spec: a spec edited into something that
+    does not parse must not make the applications' endpoint move)."""
+    return ((obj.get("spec") or {}).get("endpoint") or {}).get("afterCutover") == "proxy"
 
 
 def _plain(value: Any) -> Any:

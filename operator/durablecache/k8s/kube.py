@@ -13,6 +13,7 @@ from typing import Any
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
+from urllib3.exceptions import HTTPError
 
 from .. import logs
 from ..errors import ConnectError, UsageError
@@ -51,7 +52,7 @@ def retrying(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
             if exc.status not in (409, 429, 500, 502, 503, 504) or attempt == ATTEMPTS:
                 raise
             log.debug("kubernetes call retried", call=what, status=exc.status, attempt=attempt)
-        except OSError as exc:  # urllib3 connection errors are OSErrors underneath
+        except (OSError, HTTPError) as exc:  # urllib3's MaxRetryError (refused, reset, TLS EOF) is no OSError
             if attempt == ATTEMPTS:
                 raise ConnectError(f"Kubernetes API unreachable during {what}: {exc}") from None
         time.sleep(delay)

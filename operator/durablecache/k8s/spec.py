@@ -11,7 +11,15 @@ from typing import Any, TypeVar
 
 from ..errors import UsageError
 from ..iamauth import IamAuth
-from ..options import DEFAULTS, OPERATOR_CUTOVER, SETTING_NAMES, MigrationOptions, OptionError, parse_duration
+from ..options import (
+    DEFAULTS,
+    OPERATOR_AFTER_CUTOVER,
+    OPERATOR_CUTOVER,
+    SETTING_NAMES,
+    MigrationOptions,
+    OptionError,
+    parse_duration,
+)
 from ..providers import Provider, StaticProvider, TargetSpec
 from ..urls import Endpoint
 from .kube import Kube
@@ -290,6 +298,9 @@ class EndpointSpec:
     secret_name: str | None = None
     service_name: str | None = None
     restart_workloads: tuple[Workload, ...] = ()
+    # What the applications use after cutover: the target itself, or the proxy kept as a long-lived
+    # front end (standalone-mode clients of a cluster-mode target; MigrationOptions.after_cutover).
+    after_cutover: str = OPERATOR_AFTER_CUTOVER
 
     @classmethod
     def parse(cls, d: dict[str, Any]) -> EndpointSpec:
@@ -302,7 +313,8 @@ class EndpointSpec:
             workloads.append(Workload(kind=_choice(item, "kind", where, ("Deployment", "StatefulSet", "DaemonSet"),
                                                    "Deployment"), name=_get(item, "name", where, str, "")))
         out = cls(secret_name=_get(d, "secretName", p, str), service_name=_get(d, "serviceName", p, str),
-                  restart_workloads=tuple(workloads))
+                  restart_workloads=tuple(workloads),
+                  after_cutover=_choice(d, "afterCutover", p, ("target", "proxy"), OPERATOR_AFTER_CUTOVER))
         if not out.secret_name and not out.service_name:
             raise SpecError(p, "needs secretName and/or serviceName")
         return out
@@ -383,7 +395,7 @@ class DurableCacheSpec:
                 max_key_pause=c.max_key_pause, rollback_window=c.rollback_window,
                 allow_clients=list(self.route_in.allowed_clients), gate_settle=self.route_in.settle_period,
                 gate_timeout=gate_timeout, repair_max_share=r.max_destructive_share,
-                accept_destructive_repair=r.accept_destructive)
+                accept_destructive_repair=r.accept_destructive, after_cutover=self.endpoint.after_cutover)
         except OptionError as exc:
             raise SpecError(SETTING_NAMES[exc.field][0], exc.named(0).split(" ", 1)[1]) from None
 

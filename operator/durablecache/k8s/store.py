@@ -8,6 +8,10 @@ writes right after it persists ``flipped``, so a worker killed a moment later mu
 status, or a restart would treat the old side as authoritative and lose the writes made since. Every
 other save (copy cursors, counters) is coalesced and written by a background thread at most every
 ``interval`` seconds: a restart that resumes from a slightly older cursor only re-copies some keys.
+
+``fence`` (the coordinator lease's ``valid``, k8s/lease.py) is asked before every write: a worker whose
+lease ran out raises ``LeaseLost`` instead of writing, so a deposed coordinator never overwrites what
+its successor wrote, and an engine step that needs its save persisted (the flip) does not go on.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 from .. import logs
 from ..phases import Phase, phase_or_none
 from .kube import Kube
+from .lease import LeaseLost
 from .status import conditions_for, merge_diff
 
 log = logs.get("durablecache.k8s.store")
@@ -27,12 +32,14 @@ CRITICAL_KEYS = ("phase", "flipped", "message")
 UNCHANGED = "\0unchanged"   # set_flags: leave repair_blocked as it is
 
 PhaseHook = Callable[[Phase, dict[str, Any]], None]
+Fence = Callable[[], bool]
 
 
 class StatusStore:
     def __init__(self, kube: Kube, namespace: str, name: str, *, interval: float = 1.0,
-                 on_phase: PhaseHook | None = None):
+                 on_phase: PhaseHook | None = None, fence: Fence | None = None):
         self.kube = kube
+        self.fence = fence
         self.namespace, self.name = namespace, name
         self.interval = interval
         self.on_phase = on_phase
@@ -76,13 +83,18 @@ class StatusStore:
         self._wake.set()
 
     # -- the rest of the worker's status ----------------------------------------------------------
+    def set_coordinator(self, holder: str, epoch: int) -> None:
+        """status.coordinator: who holds the coordinator lease, with which fencing epoch."""
+        with self._lock:
+            self._patch({"coordinator": {"holder": holder, "epoch": epoch}})
+
     def report(self, fields: dict[str, Any]) -> None:
         """Progress, backlog and the like: written when they changed."""
         with self._lock:
             changed = {k: v for k, v in fields.items() if self._reported.get(k, object()) != v}
             if not changed:
                 return
-            self.kube.patch_status(self.namespace, self.name, changed)
+            self._patch(changed)
             self._reported.update(changed)
 
     def set_flags(self, *, awaiting_approval: bool | None = None, repair_blocked: str | None = UNCHANGED,
@@ -100,7 +112,7 @@ class StatusStore:
             phase = self.phase
             if phase is None or before == (self.awaiting_approval, self.repair_blocked, self.generation):
                 return
-            self.kube.patch_status(self.namespace, self.name, self._conditions(phase, ""))
+            self._patch(self._conditions(phase, ""))
 
     def _conditions(self, phase: Phase, message: str) -> dict[str, Any]:
         degraded = ("RepairBlocked", self.repair_blocked) if self.repair_blocked else None
@@ -124,10 +136,16 @@ class StatusStore:
             if phase_changed and phase is not None:
                 self.awaiting_approval = False
                 patch.update(phase=phase.value, **self._conditions(phase, state.get("message", "")))
-            self.kube.patch_status(self.namespace, self.name, patch)
+            self._patch(patch)
             self._written = state
         if phase_changed and phase is not None and self.on_phase:
             self.on_phase(phase, state)
+
+    def _patch(self, status: dict[str, Any]) -> None:
+        """Every status write goes through here, behind the fence."""
+        if self.fence is not None and not self.fence():
+            raise LeaseLost("the coordinator lease is no longer held: status not written")
+        self.kube.patch_status(self.namespace, self.name, status)
 
     def _ensure_thread(self) -> None:
         if self._thread is None:

@@ -2,6 +2,9 @@
 
     GET  /healthz                    -> {"ok": true}
     GET  /stats                      -> Proxy.stats()
+    GET  /clients                    -> the client readiness report (proxy/readiness.py)
+    POST /end-migration              -> 200 {"migrating": false}: the migration is over, the proxy stays
+                                        a plain front end (no marks, nothing refused for its sake)
     POST /freeze?timeout=S           -> 200 {"frozen": true, "ms": ...}, 504 if not quiesced in time (still frozen)
     POST /prepare {"upstream": URL}  -> 200 {"upstream": redacted URL, "ms": ...}: discover it now and
                                         open every session's connection to it, so that the next /flip
@@ -71,6 +74,8 @@ class AdminServer:
         app = web.Application(middlewares=[self._auth])
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/stats", self._stats)
+        app.router.add_get("/clients", self._clients)
+        app.router.add_post("/end-migration", self._end_migration)
         app.router.add_post("/freeze", self._freeze)
         app.router.add_post("/prepare", self._prepare)
         app.router.add_post("/unprepare", self._unprepare)
@@ -116,6 +121,13 @@ class AdminServer:
 
     async def _stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.proxy.stats())
+
+    async def _clients(self, request: web.Request) -> web.Response:
+        return web.json_response(self.proxy.readiness.report())
+
+    async def _end_migration(self, request: web.Request) -> web.Response:
+        self.proxy.end_migration()
+        return web.json_response({"migrating": False})
 
     async def _freeze(self, request: web.Request) -> web.Response:
         try:

@@ -30,6 +30,10 @@ GETKEYS_ONLY_WITH = {b"sort": b"STORE"}
 # Tipped all_shards/all_nodes, yet sent to one node: PING checks the connection a client holds (a
 # cluster client pings the node it talks to), CLIENT SETNAME/SETINFO are the proxy's own (handlers.py).
 NOT_FANNED_OUT = frozenset({"ping", "client|setname", "client|setinfo"})
+# Untipped, yet about the whole keyspace: a pause that left the other shards taking writes would not
+# be the pause the client asked for.
+EXTRA_FANOUT = {"client|pause": Policy("all_nodes", "all_succeeded"),
+                "client|unpause": Policy("all_nodes", "all_succeeded")}
 SUBSCRIBE_FAMILY = {b"subscribe": 0, b"psubscribe": 1, b"ssubscribe": 2,
                     b"unsubscribe": 0, b"punsubscribe": 1, b"sunsubscribe": 2}
 
@@ -209,7 +213,7 @@ def _build(entry: Sequence[Any], has_key_specs: bool) -> CommandSpec:
         spec.key_index = -1
     spec.route_keys = _concat(all_fns)
     if name not in NOT_FANNED_OUT:
-        spec.fanout = policy_from_tips(entry[7] if len(entry) > 7 else ())
+        spec.fanout = EXTRA_FANOUT.get(name) or policy_from_tips(entry[7] if len(entry) > 7 else ())
     spec.needs_getkeys = unresolved_write
     if unresolved_write and has_key_specs:
         spec.getkeys_keyword = GETKEYS_ONLY_WITH.get(spec.name)

@@ -62,7 +62,9 @@ class MarkDelivery:
     """Delivers the marks of every session of a proxy to its ``on_marks``, and counts them."""
 
     def __init__(self, on_marks: MarkCallback):
-        self.on_marks = on_marks
+        self.down = False               # the remote stream is down: sessions refuse writes (fail closed)
+        self.remote: RemoteMarks | None = None
+        self.on_marks = on_marks        # sets remote and down
         self.mark_stream_bytes = MARK_STREAM_BYTES
         self._mark_queue: list[tuple[MarksDone, dict[int, list[bytes]], int, list[bytes]]] = []
         self._delivering = False
@@ -72,7 +74,6 @@ class MarkDelivery:
         self.mark_batches = 0
         self.marks_failed = 0
         self.marks_throttled = 0        # batches whose replies waited for the syncer's ack (backlog full)
-        self.down = False               # the remote stream is down: sessions refuse writes (fail closed)
 
     @property
     def on_marks(self) -> MarkCallback:
@@ -83,6 +84,8 @@ class MarkDelivery:
         self._on_marks = on_marks
         self._marks_sync = not is_async(on_marks)
         # RemoteMarks takes each batch through submit(): streamed, or calling back on its ack.
+        if self.remote is not None and self.remote is not on_marks:
+            self.remote.on_state = None     # its stream no longer decides anything here (end_migration)
         self.remote = on_marks if isinstance(on_marks, RemoteMarks) else None
         if self.remote is not None:
             self.remote.on_state = self._remote_state

@@ -1,6 +1,7 @@
 """The stateful commands the proxy handles itself, or watches on their way: AUTH, HELLO, CLIENT
 SETNAME/GETNAME, SELECT, MULTI/EXEC/DISCARD/WATCH/UNWATCH, RESET, the SUBSCRIBE family, CLUSTER and
-READONLY (cluster mode), MONITOR, QUIT — and the handler table (``SPECIAL``) that sends every such
+READONLY/ASKING (cluster mode), MONITOR, QUIT, the commands ElastiCache refuses (noted for the
+readiness report, readiness.py) — and the handler table (``SPECIAL``) that sends every such
 command, and those of guards.py, to its handler (Session.dispatch, through the proxy's state). Its
 names are also what classify.FastMap keeps off the fast path.
 """
@@ -16,6 +17,7 @@ from .cluster import local_cluster_reply
 from .commandtable import SUBSCRIBE_FAMILY, CommandSpec
 from .framing import frame_end
 from .guards import GUARDS
+from .readiness import RESTRICTED
 from .replies import Entry, hello_id
 from .session import Session
 from .state import Handler
@@ -158,6 +160,7 @@ def _hello(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> Non
             return
         if proto in (2, 3):
             s.resp3 = proto == 3
+            s.facts.resp = proto
         if auth is not None:
             s.authed = True
             conn.drop_idle = False
@@ -213,6 +216,8 @@ def _client(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> No
     if sub == b"kill" and len(args) > 2 and not s.in_multi:
         clusterwide.client_kill(s, args)
         return
+    if sub == b"setinfo" and len(args) == 4:
+        s.facts.setinfo(args[2], args[3])      # the readiness report's library and version
     if sub == b"reply" and len(args) == 3 and args[2].lower() != b"on":
         s.local(framing.error("ERR durablecache: CLIENT REPLY OFF/SKIP is not supported through the proxy"))
         return
@@ -225,16 +230,28 @@ def _select(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> No
     except ValueError:
         db = -1
     if s.in_multi:
+        if s.router.cluster:   # it would change one node's db: the session's others would not follow
+            s.multi_error = True
+            s.local_error(framing.error("ERR durablecache: SELECT inside MULTI is not supported in cluster mode "
+                                        "through the proxy; SELECT before MULTI"))
+            return
         if db >= 0 and s.multi_abort is None:
             s.multi_marks.append((db, []))
         s.forward(args, spec)
         return
     if db >= 0:
         s.req_db = db
+        if s.router.cluster:
+            # A cluster with numbered databases (Valkey 9 cluster-databases): every node the session
+            # talks to changes db, before anything later is sent on it; connections opened later get
+            # the session's db when they open (Routing._replay). A refused SELECT is refused by each.
+            for conn in list(s.conns.values()):
+                conn.internal((b"SELECT", args[1]))
 
     def done(e: Entry) -> None:
         if (e.reply or b"").startswith(b"+"):
             s.db = db
+            s.facts.selected(db)
             s.sync_next()           # connections prepared for the next side follow
         else:
             s.req_db = s.db
@@ -498,6 +515,7 @@ def _monitor(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> N
 
 
 def _cluster(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    s.facts.cluster = True          # a cluster-aware client (the readiness report)
     if not s.router.cluster:
         s.forward(args, spec)
         return
@@ -515,10 +533,23 @@ def _cluster(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> N
 
 
 def _readonly(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    s.facts.cluster = True
     if not s.router.cluster:
         s.forward(args, spec)
         return
     s.local_fn(lambda: framing.OK if s.authed else framing.NOAUTH)
+
+
+def _asking(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    s.facts.cluster = True
+    s.forward(args, spec)
+
+
+def _restricted(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
+    """A command ElastiCache refuses (readiness.RESTRICTED): noted for the readiness report, then
+    forwarded as any other."""
+    s.facts.used(args[0])
+    s.forward(args, spec)
 
 
 def _quit(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
@@ -541,7 +572,8 @@ SPECIAL: Final[dict[bytes, Handler[Session]]] = {
     b"auth": _auth, b"hello": _hello, b"client": _client, b"select": _select,
     b"multi": _multi, b"exec": _exec, b"discard": _discard, b"watch": _watch, b"unwatch": _unwatch,
     b"reset": _reset, b"quit": _quit, b"monitor": _monitor, b"cluster": _cluster,
-    b"readonly": _readonly, b"readwrite": _readonly, b"scan": clusterwide.scan,
+    b"readonly": _readonly, b"readwrite": _readonly, b"asking": _asking, b"scan": clusterwide.scan,
+    **{name: _restricted for name in RESTRICTED},
     **{name: _subscribe for name in SUBSCRIBE_FAMILY},
     **GUARDS,
 }

@@ -120,7 +120,7 @@ class Routing(Outbox):
             conn.gate(self.hello_auth(auth_args), self.hello_done(conn))
         elif self.req_proto == 3:
             conn.internal((b"HELLO", b"3"))
-        if self.req_db and not self.router.cluster:
+        if self.req_db:            # cluster too: Valkey 9's cluster-databases
             conn.internal((b"SELECT", str(self.req_db).encode()))
         if auth_args is None and (self.authed or self.auth_sent):
             self._name(conn)

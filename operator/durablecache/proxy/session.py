@@ -36,6 +36,7 @@ from .classify import FAST_NO, FAST_READ, FastMap
 from .commandtable import CommandSpec, keys_from_getkeys
 from .framing import command_head, command_tail, name_sig
 from .outbox import CLIENT_GONE_GRACE
+from .readiness import ClientFacts
 from .replies import Entry, Marks, parse_frame
 from .routing import Routing
 from .state import ProxyState
@@ -78,6 +79,7 @@ class Session(Routing):
         self.multi_count = 0
         self.multi_local: list[tuple[int, Callable[[], bytes]]] = []
         self.sockname: tuple[str, int] = ("127.0.0.1", 0)
+        self.facts = ClientFacts("")        # replaced by the registered one when the client connects
 
     # ---- client side: asyncio.Protocol -------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -85,6 +87,8 @@ class Session(Routing):
         sock = transport.get_extra_info("sockname")
         if sock:
             self.sockname = (sock[0], sock[1])
+        peer = transport.get_extra_info("peername")
+        self.facts = self.proxy.readiness.opened(self.id, str(peer[0]) if peer else "")
         self.proxy.sessions[self.id] = self
         # Opened between PREPARE and FLIP: prepared now (authenticated, or no password needed).
         if self.proxy.next_router is not None:
@@ -94,6 +98,7 @@ class Session(Routing):
         self.transport = None
         self.client_gone = True
         self.proxy.sessions.pop(self.id, None)
+        self.proxy.readiness.ended(self.id)
         if self.inflight or self.marking:
             # Replies to writes already sent must be seen (and marked) before the upstream goes. Until
             # then the session stays known to the proxy: freeze() waits for it, unblocks it, and flip()
@@ -357,6 +362,7 @@ class Session(Routing):
             return
         if proxy.frozen and self._is_write(args, spec):
             proxy.held_total += 1
+            proxy.held_by_freeze.append(self)   # UNFREEZE releases these, not every session
             self.held.append(args)
             return
         if proxy.key_hold and self._writes_held_key(args, spec):

@@ -25,6 +25,7 @@ from .classify import FastMap
 from .commandtable import CommandSpec, CommandTable
 from .delivery import MarkDelivery
 from .marks import MarkCallback
+from .readiness import Readiness
 from .router import Router
 
 log = logs.get("durablecache.proxy")
@@ -52,6 +53,7 @@ class ProxyState(Generic[S]):
         # Sessions whose client left while writes were in flight: still awaiting replies/marks.
         self.departed: set[S] = set()
         self.frozen = False
+        self.held_by_freeze: list[S] = []   # sessions holding a write because of FREEZE (UNFREEZE releases)
         # Cluster-wide commands (clusterwide.fan_out), set by the server: sessions reach it through
         # here because clusterwide.py builds on session.py.
         self.fan_out: Callable[..., None] | None = None
@@ -70,6 +72,8 @@ class ProxyState(Generic[S]):
         # (FCALL of any other is refused). Shared by every session.
         self.script_shas: set[bytes] = set()
         self.functions: set[bytes] = set()
+        # What each client connection announced and asked (the readiness report, readiness.py).
+        self.readiness = Readiness()
         self._ssl: dict[Endpoint, ssl.SSLContext | None] = {}
         self._refresh: asyncio.Task[None] | None = None
         # stats
@@ -89,6 +93,13 @@ class ProxyState(Generic[S]):
         """Commands are classified anew from ``table`` (at start, and for the new side at FLIP)."""
         self.table = table
         self.fastmap = FastMap(table, frozenset(self.special), self.migrating, self.router.cluster)
+
+    def end_migration(self) -> None:
+        """The migration ended and this proxy stays as the applications' front end (afterCutover:
+        proxy): no more marks for a syncer, and nothing refused for the migration's sake any more."""
+        self.migrating = False
+        self.delivery.on_marks = _no_marks
+        self.use_table(self.table)          # the fast path's classes depend on ``migrating``
 
     def holds(self, db: int, keys: list[bytes]) -> bool:
         """Does a write of ``keys`` in ``db`` touch a held key?"""
@@ -126,3 +137,7 @@ class ProxyState(Generic[S]):
             node = topo.primaries[idx]
             owner[slot] = self.node_index(node.host, node.port)
         router.owner[:] = owner
+
+
+def _no_marks(db: int, keys: list[bytes]) -> None:
+    """on_marks once the migration is over: nobody copies the keys any more."""
