@@ -146,7 +146,7 @@ async def _coordinate(args: argparse.Namespace, kube: Kube, lease: CoordinatorLe
         reporter.store = store
         await asyncio.to_thread(store.set_coordinator, lease.holder, epoch)
         reporter.post("Normal", "CoordinatorElected", f"{lease.holder} holds the coordinator lease, epoch {epoch}")
-        starter, owned = migrate_cmd.proxy_starter(host, port, args.proxy_mode, reporter.emit)
+        starter, owned = migrate_cmd.proxy_starter(host, port, args.proxy_mode, reporter.emit, epoch=epoch)
         m = Migration(source, target, opts, starter, emit=reporter.emit, store=store)
         reporter.migration = m
         reports = asyncio.create_task(reporter.run())
