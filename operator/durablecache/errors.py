@@ -23,3 +23,10 @@ class RefusedError(DurableCacheError):
 
 class ServerError(DurableCacheError):
     """A server answered a command with an error we cannot work around."""
+
+
+class FencedError(RuntimeError):
+    """A proxy refused an instruction because it has seen a newer coordinator epoch (docs/ha.md).
+
+    Not a DurableCacheError on purpose: an attempt that meets it must not be retried, and the
+    migration must not record a phase (the newer coordinator owns the state): it stops acting."""

@@ -48,6 +48,7 @@ SETTING_NAMES = {
     "gate_timeout": ("the gate timeout", "--gate-timeout"),
     "repair_max_share": ("spec.repair.maxDestructiveShare", "--repair-max-share"),
     "max_source_ops": ("the source's rate limit", "--max-ops"),
+    "epoch": ("the coordinator's lease epoch", "--epoch"),
 }
 
 
@@ -130,6 +131,8 @@ class MigrationOptions:
     # before the target refuses them. None: no governor.
     target_lag: LagReader | None = None
     lag_interval: float = READ_INTERVAL
+    # The coordinator's fencing epoch (docs/ha.md): every instruction to a proxy carries it, and a proxy
+    # that has seen a newer one refuses it. The operator's worker sets it from its Lease; the CLI: --epoch.
     epoch: int = 0
 
     def __post_init__(self) -> None:
@@ -158,6 +161,8 @@ class MigrationOptions:
             raise OptionError("gate_timeout", f"must be more than 0, not {self.gate_timeout:g}s")
         if not 0 <= self.repair_max_share <= 1:
             raise OptionError("repair_max_share", f"must be between 0 and 1, not {self.repair_max_share:g}")
+        if self.epoch < 0:
+            raise OptionError("epoch", f"must not be negative, not {self.epoch}")
         if self.max_source_ops is not None and self.max_source_ops <= 0:
             raise OptionError("max_source_ops", f"must be more than 0, not {self.max_source_ops:g}")
 

@@ -19,10 +19,11 @@ from typing import Any
 import aiohttp
 
 from . import logs
-from .errors import ConnectError
+from .errors import ConnectError, FencedError
 from .localvalkey import free_port
 from .migration import MarkCallback, ProxyHandle, ProxyStarter
 from .proxy import MarkServer, Proxy
+from .proxy.admin import EPOCH_HEADER
 from .urls import Endpoint
 
 log = logs.get("durablecache.proxies")
@@ -80,14 +81,83 @@ def local_proxies(host: str, port: int, client_tls: ssl.SSLContext | None = None
     return start
 
 
-class SubprocessProxy:
+class AdminDriven:
+    """A proxy in another process, driven through its admin API (proxy/admin.py). Every instruction
+    carries the coordinator's ``epoch`` (docs/ha.md, fencing): a proxy that has seen a newer one
+    answers 409, which is raised as FencedError."""
+
+    address: str
+
+    def __init__(self, token: str, epoch: int = 0):
+        self.token = token
+        self.epoch = epoch
+        self.admin_base = ""          # http://host:port of the admin API
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open_session(self) -> None:
+        self._session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.token}",
+                                                       EPOCH_HEADER: str(self.epoch)})
+
+    async def _admin(self, method: str, path: str, json: Any = None, timeout: float = ADMIN_TIMEOUT) -> Any:
+        assert self._session
+        url = f"{self.admin_base}{path}"
+        try:
+            async with self._session.request(method, url, json=json,
+                                             timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                body = await r.json()
+        except aiohttp.ClientError as exc:   # the child died or answered garbage: an aborted step
+            raise ConnectError(f"proxy {self.address}: {method} {path} failed: {exc}") from exc
+        if r.status == 504:
+            raise TimeoutError(body.get("error", "timed out"))
+        if r.status == 409 and "epoch" in body:
+            raise FencedError(f"proxy {self.address}: {method} {path} refused: {body.get('error')}")
+        if r.status >= 400:
+            raise ConnectError(f"proxy {self.address}: {method} {path} failed: {body.get('error')}")
+        return body
+
+    async def freeze(self, timeout: float) -> None:
+        await self._admin("POST", f"/freeze?timeout={timeout}", timeout=timeout + 5)
+
+    async def prepare_flip(self, upstream: Endpoint) -> None:
+        await self._admin("POST", "/prepare", json={"upstream": upstream.to_url()})
+
+    async def unprepare(self) -> None:
+        await self._admin("POST", "/unprepare")
+
+    async def flip(self, upstream: Endpoint) -> None:
+        await self._admin("POST", "/flip", json={"upstream": upstream.to_url()})
+
+    async def unfreeze(self) -> None:
+        await self._admin("POST", "/unfreeze")
+
+    async def hold_keys(self, keys: set[tuple[int, bytes]], timeout: float) -> None:
+        body = {"encoding": "base64", "keys": [[db, base64.b64encode(k).decode()] for db, k in sorted(keys)]}
+        await self._admin("POST", f"/hold?timeout={timeout}", json=body, timeout=timeout + 5)
+
+    async def release_keys(self) -> None:
+        await self._admin("POST", "/release")
+
+    async def clients(self) -> dict[str, Any]:
+        body: dict[str, Any] = await self._admin("GET", "/clients", timeout=5.0)
+        return body
+
+    async def end_migration(self) -> None:
+        await self._admin("POST", "/end-migration")
+
+    async def close_admin(self) -> None:
+        if self._session:
+            await self._session.close()
+
+
+class SubprocessProxy(AdminDriven):
     """A `durablecache proxy` child process, driven through its admin API and restarted if it dies.
 
     Its marks travel over the MarkServer; when it dies, the MarkServer reports the lost connection
     and the syncer demands a full verify-and-repair before any cutover."""
 
     def __init__(self, host: str, port: int, upstream: Endpoint, marks: MarkServer, workdir: str,
-                 max_restarts: int = 20, extra_args: list[str] | None = None):
+                 max_restarts: int = 20, extra_args: list[str] | None = None, epoch: int = 0):
+        super().__init__(secrets.token_hex(16), epoch)
         self.host, self.port = host, port
         # More `durablecache proxy` flags: --reuse-port for one of several processes on one port, TLS ...
         self.extra_args = list(extra_args or [])
@@ -97,12 +167,10 @@ class SubprocessProxy:
         self.workdir = workdir
         self.max_restarts = max_restarts
         self.admin_port = 0
-        self.token = secrets.token_hex(16)
         self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
-        self._session: aiohttp.ClientSession | None = None
         self.on_restart: Callable[[dict[str, Any]], None] = lambda _e: None
         self.migration_ended = False    # a child (re)started after that serves without marks
         self.log_name = "proxy.log"
@@ -115,12 +183,13 @@ class SubprocessProxy:
         return path
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.token}"})
+        self._open_session()
         await self._spawn()
         self._supervisor = asyncio.create_task(self._supervise())
 
     async def _spawn(self) -> None:
         self.admin_port = free_port()
+        self.admin_base = f"http://127.0.0.1:{self.admin_port}"
         args = [sys.executable, "-m", "durablecache.cli", "--log-json", "proxy", "--listen", self.address,
                 "--admin", f"127.0.0.1:{self.admin_port}",
                 "--admin-token-file", self._write_secret("admin.token", self.token), *self.extra_args]
@@ -181,46 +250,12 @@ class SubprocessProxy:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
-    async def _admin(self, method: str, path: str, json: Any = None, timeout: float = ADMIN_TIMEOUT) -> Any:
-        assert self._session
-        url = f"http://127.0.0.1:{self.admin_port}{path}"
-        try:
-            async with self._session.request(method, url, json=json,
-                                             timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-                body = await r.json()
-        except aiohttp.ClientError as exc:   # the child died or answered garbage: an aborted step
-            raise ConnectError(f"proxy {self.address}: {method} {path} failed: {exc}") from exc
-        if r.status == 504:
-            raise TimeoutError(body.get("error", "timed out"))
-        if r.status >= 400:
-            raise ConnectError(f"proxy {self.address}: {method} {path} failed: {body.get('error')}")
-        return body
-
-    async def freeze(self, timeout: float) -> None:
-        await self._admin("POST", f"/freeze?timeout={timeout}", timeout=timeout + 5)
-
-    async def prepare_flip(self, upstream: Endpoint) -> None:
-        # A child restarted before the flip has lost this; its flip then discovers for itself.
-        await self._admin("POST", "/prepare", json={"upstream": upstream.to_url()})
-
-    async def unprepare(self) -> None:
-        await self._admin("POST", "/unprepare")
-
     async def flip(self, upstream: Endpoint) -> None:
         self.upstream = upstream  # a restarted child starts on the side that is authoritative now
-        await self._admin("POST", "/flip", json={"upstream": upstream.to_url()})
+        await super().flip(upstream)
 
-    async def unfreeze(self) -> None:
-        await self._admin("POST", "/unfreeze")
-
-    async def hold_keys(self, keys: set[tuple[int, bytes]], timeout: float) -> None:
-        # A child restarted meanwhile has no hold; its lost mark stream forces a repair, so the
-        # cutover aborts rather than trusting it.
-        body = {"encoding": "base64", "keys": [[db, base64.b64encode(k).decode()] for db, k in sorted(keys)]}
-        await self._admin("POST", f"/hold?timeout={timeout}", json=body, timeout=timeout + 5)
-
-    async def release_keys(self) -> None:
-        await self._admin("POST", "/release")
+    # A child restarted before the flip has lost its PREPARE (its flip then discovers for itself) and
+    # its hold (its lost mark stream forces a repair, so the cutover aborts rather than trusting it).
 
     async def clients(self) -> dict[str, Any]:
         body: dict[str, Any] = await self._admin("GET", "/clients", timeout=5.0)
@@ -237,15 +272,15 @@ class SubprocessProxy:
         if self._supervisor:
             self._supervisor.cancel()
         await self._kill_child()
-        if self._session:
-            await self._session.close()
+        await self.close_admin()
 
 
 def subprocess_proxies(host: str, port: int, emit: Callable[[dict[str, Any]], None], processes: int = 1,
-                       proxy_args: list[str] | None = None) -> tuple[ProxyStarter, list]:
+                       proxy_args: list[str] | None = None, *, epoch: int = 0) -> tuple[ProxyStarter, list]:
     """A starter for ``processes`` supervised proxy subprocesses on one port (more than one: they share
     it with SO_REUSEPORT), each with its own admin API and mark stream; ``proxy_args``: more flags for
-    each (TLS, --announce, --max-clients). The second value collects what must be closed."""
+    each (TLS, --announce, --max-clients); ``epoch``: the fencing epoch every instruction carries. The
+    second value collects what must be closed."""
     owned: list[Any] = []
     extra = list(proxy_args or []) + (["--reuse-port"] if processes > 1 else [])
 
@@ -257,7 +292,7 @@ def subprocess_proxies(host: str, port: int, emit: Callable[[dict[str, Any]], No
         owned.append(marks)
         handles: list[ProxyHandle] = []
         for i in range(processes):
-            child = SubprocessProxy(host, port, upstream, marks, workdir, extra_args=extra)
+            child = SubprocessProxy(host, port, upstream, marks, workdir, extra_args=extra, epoch=epoch)
             child.log_name = f"proxy-{i}.log" if processes > 1 else "proxy.log"
             owned.append(child)  # stopped by the caller even if it never finished starting
             child._write_secret("marks.token", marks_token)

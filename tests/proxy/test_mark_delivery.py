@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import libvalkey
@@ -106,6 +108,7 @@ def test_remote_marks_are_streamed_and_freeze_waits_for_the_syncers_ack(source, 
     p.call(p.proxy.unfreeze)
     assert b"warm" in got
 
+    p.call(lambda: setattr(remote, "stale_after", 60.0))   # a silent syncer here is the point, not a fault
     p.call(syncer_busy.clear)                     # the syncer takes marks but does not ack them
     for i in range(20):
         assert c.set(f"r{i}", i)                  # answered all the same
@@ -130,6 +133,40 @@ def test_remote_marks_are_streamed_and_freeze_waits_for_the_syncers_ack(source, 
     p.run(server.stop())
 
 
+def test_a_silent_syncer_stops_the_streaming(source, make_proxy):
+    """Fail closed across hosts (docs/ha.md): once a frame has waited for its ack longer than
+    stale_after, a write is applied upstream but not answered until its marks are acknowledged."""
+    got: list[bytes] = []
+    syncer_busy = asyncio.Event()
+    syncer_busy.set()
+
+    async def on_marks(_db: int, keys: list[bytes]) -> None:
+        await syncer_busy.wait()
+        got.extend(keys)
+    p, server, remote = remote_proxy(make_proxy, source, on_marks)
+    p.call(lambda: setattr(remote, "stale_after", 0.2))
+    c = valkey.Valkey(port=p.port, socket_timeout=10, retry_on_timeout=False)
+    p.call(syncer_busy.clear)                      # the syncer goes silent
+    assert c.set("streamed", 1)                    # answered at once: nothing waits yet
+    deadline = time.monotonic() + 10
+    while p.call(lambda: remote.streaming(time.monotonic())):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    direct = source.client()
+    with ThreadPoolExecutor(1) as pool:
+        reply = pool.submit(c.set, "waits", 1)
+        while direct.get("waits") is None:             # applied upstream...
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not reply.done()                         # ... but not answered
+        p.call(syncer_busy.set)
+        assert reply.result(10) is True                 # answered once the syncer acknowledged
+    assert b"waits" in got and b"streamed" in got
+    c.close()
+    p.run(remote.close())
+    p.run(server.stop())
+
+
 def test_past_the_stream_limit_writes_wait_for_the_syncers_ack(source, make_proxy):
     """With its backlog full (here: a limit of 0 bytes), the proxy answers a write only once the syncer
     acknowledged its marks, and never once the syncer is gone."""
@@ -142,11 +179,17 @@ def test_past_the_stream_limit_writes_wait_for_the_syncers_ack(source, make_prox
         assert f"r{i}".encode() in got, i            # the syncer had it before we got the OK
     assert p.proxy.delivery.marks_throttled >= 20
 
-    p.run(server.stop())                            # the syncer goes away for longer than retry_for
-    with pytest.raises(valkey.ConnectionError):
+    p.run(server.stop())                            # the syncer goes away
+    deadline = time.monotonic() + 10
+    while not p.call(lambda: p.proxy.delivery.down):   # the proxy sees its stream end
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    # Fail closed (docs/ha.md): refused before it is sent, so nothing is written without its marks.
+    with pytest.raises(valkey.ResponseError, match="TRYAGAIN .*lost its coordinator"):
         c.set("after", 1)
-    assert p.proxy.delivery.marks_failed == 1
+    assert source.client().get("after") is None
     assert b"after" not in got
+    assert p.call(lambda: p.proxy.stats()["writes_refused"]) == 1
     p.run(remote.close())
 
 

@@ -10,15 +10,18 @@ import os
 import secrets
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from ..checkpoint import CheckpointStore, FileCheckpoint, MemoryCheckpoint
 from ..control import ControlServer
 from ..errors import UsageError
-from ..migration import Emit, Migration, ProxyStarter
+from ..fleet import Fleet
+from ..migration import Emit, MarkCallback, Migration, ProxyHandle, ProxyStarter
 from ..options import DEFAULTS, MigrationOptions, format_duration, parse_duration
 from ..phases import SUCCESSFUL_ENDS, Phase
 from ..proxyhandles import local_proxies, subprocess_proxies
+from ..urls import Endpoint
 from ._common import add_password_arguments, hostport, read_token, run_async, side_endpoint
 
 NAME = "migrate"
@@ -75,6 +78,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-file", metavar="PATH", help="persist the phase and copy checkpoint; resume from it")
     p.add_argument("--proxy-mode", choices=["inprocess", "subprocess"], default="inprocess",
                    help="run the proxy in this process or as a supervised child process")
+    p.add_argument("--proxies", type=int, choices=[0, 1], default=1,
+                   help="proxies this command starts itself at --listen (default 1); 0: only proxies that join "
+                        "--coordinator-listen (docs/ha.md)")
+    p.add_argument("--coordinator-listen", metavar="HOST:PORT",
+                   help="accept proxies started elsewhere (`durablecache proxy --join`) on this address, and "
+                        "drive them with the ones started here (needs --join-token-file; docs/ha.md)")
+    p.add_argument("--join-token-file", metavar="PATH",
+                   help="the fleet's shared token: joining proxies present it, and it is their admin API's token")
+    p.add_argument("--epoch", type=int, default=DEFAULTS.epoch, metavar="N",
+                   help="this coordinator's fencing epoch: proxies that have seen a newer one refuse its "
+                        "instructions (default 0; the operator sets it from its Lease)")
     p.add_argument("--control", metavar="HOST:PORT", help="serve the control API (status/approve/rollback)")
     p.add_argument("--control-token-file", metavar="PATH", help="bearer token for --control (created if missing)")
     p.add_argument("--allow-client", action="append", default=[], metavar="NAME|HOST",
@@ -123,7 +137,7 @@ def options(args: argparse.Namespace) -> MigrationOptions:
                             allow_clients=args.allow_client, gate_settle=args.gate_settle,
                             gate_timeout=args.gate_timeout, max_source_ops=args.max_ops,
                             repair_max_share=args.repair_max_share,
-                            accept_destructive_repair=args.accept_destructive_repair)
+                            accept_destructive_repair=args.accept_destructive_repair, epoch=args.epoch)
 
 
 async def migrate(args: argparse.Namespace) -> Phase:
@@ -132,7 +146,15 @@ async def migrate(args: argparse.Namespace) -> Phase:
     source, target = side_endpoint(args, "source"), side_endpoint(args, "target")
     host, port = hostport(args.listen, "--listen")
     emit = printer(args.json)
-    starter, owned = proxy_starter(host, port, args.proxy_mode, emit)
+    fleet = None
+    if args.coordinator_listen:
+        fhost, fport = hostport(args.coordinator_listen, "--coordinator-listen")
+        fleet = Fleet(read_token(args.join_token_file, "--coordinator-listen"), epoch=opts.epoch, host=fhost,
+                      port=fport, emit=emit)
+    elif args.proxies == 0:
+        raise UsageError("--proxies 0 needs --coordinator-listen: without either, nothing would serve clients")
+    starter, owned = proxy_starter(host, port, args.proxy_mode, emit, epoch=opts.epoch, fleet=fleet,
+                                   spawn=args.proxies > 0)
     store: CheckpointStore = FileCheckpoint(args.state_file) if args.state_file else MemoryCheckpoint()
     m = Migration(source, target, opts, starter, emit=emit, store=store)
     control = None
@@ -148,12 +170,26 @@ async def migrate(args: argparse.Namespace) -> Phase:
             await control.stop()
 
 
-def proxy_starter(host: str, port: int, mode: str, emit: Emit) -> tuple[ProxyStarter, list[Any]]:
-    """How the migration starts its proxies (in this process, or supervised children) and what must be
-    stopped at the end."""
-    if mode == "subprocess":
-        return subprocess_proxies(host, port, emit)
-    return local_proxies(host, port), []
+def proxy_starter(host: str, port: int, mode: str, emit: Emit, *, epoch: int = 0, fleet: Fleet | None = None,
+                  spawn: bool = True) -> tuple[ProxyStarter, list[Any]]:
+    """How the migration starts its proxies (in this process, or supervised children; and/or a fleet
+    of proxies that join) and what must be stopped at the end."""
+    owned: list[Any] = []
+    own: ProxyStarter | None = None
+    if spawn and mode == "subprocess":
+        own, owned = subprocess_proxies(host, port, emit, epoch=epoch)
+    elif spawn:
+        own = local_proxies(host, port)
+    if fleet is None:
+        assert own is not None
+        return own, owned
+
+    async def start(upstream: Endpoint, on_marks: MarkCallback, on_lost: Callable[[str], None]) -> list[ProxyHandle]:
+        handles = await own(upstream, on_marks, on_lost) if own is not None else []
+        await fleet.start(upstream, on_marks, on_lost)
+        return [*handles, fleet]
+
+    return start, owned
 
 
 async def drive(m: Migration, owned: list[Any]) -> Phase:

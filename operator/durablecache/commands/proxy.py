@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import os
 import signal
+import socket
 import ssl
+from typing import Any
 
 from .. import logs
 from ..errors import UsageError
@@ -27,6 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admin-token-file", help="file holding the admin API's bearer token")
     p.add_argument("--marks-to", help="HOST:PORT of the syncer's mark server (needs --marks-token-file)")
     p.add_argument("--marks-token-file", help="file holding the mark server's token")
+    p.add_argument("--join", metavar="HOST:PORT",
+                   help="join the coordinator (`durablecache migrate --coordinator-listen`) at HOST:PORT: take the "
+                        "upstream and the cutover state from it, send it the marks (needs --join-token-file and "
+                        "--admin; docs/ha.md)")
+    p.add_argument("--join-token-file", help="file holding the fleet's token (also this proxy's admin API token)")
+    p.add_argument("--proxy-id", help="this proxy's name in the fleet (default: host name and process id)")
     p.add_argument("--tls-cert", help="serve clients over TLS with this certificate (PEM)")
     p.add_argument("--tls-key", help="private key of --tls-cert (PEM)")
     p.add_argument("--announce", metavar="HOST[:PORT]",
@@ -88,6 +96,8 @@ async def _main(args: argparse.Namespace) -> int:
     from ..proxy.marks import RemoteMarks
 
     log = logs.get("durablecache.proxy")
+    if args.join:
+        return await _joined(args)
     if not args.upstream:
         raise UsageError("--upstream (or DURABLECACHE_UPSTREAM) is required")
     upstream = parse_url(args.upstream)
@@ -148,7 +158,7 @@ def server_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
 
 async def _parent(args: argparse.Namespace) -> int:
     """--processes N: N children on one port, supervised (proxyprocesses.py); SIGTERM/SIGINT stop them."""
-    if not args.upstream:
+    if not args.upstream and not args.join:
         raise UsageError("--upstream (or DURABLECACHE_UPSTREAM) is required")
     host, port = hostport(args.listen, "--listen")
     if port == 0:
@@ -157,7 +167,7 @@ async def _parent(args: argparse.Namespace) -> int:
     if args.announce:
         announce_address(args.announce)
     # The upstream URL may carry a password: the children get it in the environment, never in argv.
-    env = {**os.environ, "DURABLECACHE_UPSTREAM": args.upstream}
+    env = {**os.environ, "DURABLECACHE_UPSTREAM": args.upstream or ""}
     children = [Child(i, child_argv(args, i), env) for i in range(args.processes)]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -174,7 +184,7 @@ def child_argv(args: argparse.Namespace, index: int) -> list[str]:
     if getattr(args, "log_level", None):
         out += ["--log-level", args.log_level]
     out.append(NAME)
-    skip = {"help", "upstream", "processes", "reuse_port", "admin", "proxy_parser"}
+    skip = {"help", "upstream", "processes", "reuse_port", "admin", "proxy_parser", "proxy_id"}
     for action in args.proxy_parser._actions:
         if not action.option_strings or action.dest in skip:
             continue
@@ -190,7 +200,38 @@ def child_argv(args: argparse.Namespace, index: int) -> list[str]:
         else:
             out += [flag, str(value)]
     out += ["--processes", "1", "--reuse-port"]
+    if getattr(args, "proxy_id", None):    # each joins the coordinator as a member of its own
+        out += ["--proxy-id", f"{args.proxy_id}-{index}"]
     if args.admin:
         ahost, aport = hostport(args.admin, "--admin")
         out += ["--admin", f"{ahost}:{aport + index if aport else 0}"]
     return out
+
+
+async def _joined(args: argparse.Namespace) -> int:
+    """--join: a fleet member (docs/ha.md). Exits 3 if it must not go on serving (a newer coordinator
+    exists elsewhere, or the authority moved while it was away)."""
+    from ..proxyjoin import EXIT_STALE, Joiner
+
+    if not args.admin:
+        raise UsageError("--join needs --admin HOST:PORT: the coordinator drives the proxy through it")
+    announce_host, announce_port = announce_address(args.announce) if args.announce else (None, 0)
+    joiner = Joiner(hostport(args.join, "--join"), read_token(args.join_token_file, "--join"),
+                    args.proxy_id or f"{socket.gethostname()}-{os.getpid()}", listen=hostport(args.listen, "--listen"),
+                    admin=hostport(args.admin, "--admin"), client_tls=server_tls(args.tls_cert, args.tls_key),
+                    migrating=not args.not_migrating, name_prefix=args.name, max_clients=args.max_clients,
+                    announce_host=announce_host, announce_port=announce_port, reuse_port=args.reuse_port)
+    stop = asyncio.Event()     # before joining: a SIGTERM right after READY must still leave cleanly
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await joiner.start()
+    assert joiner.proxy is not None
+    print(f"durablecache proxy: listening on {joiner.listen[0]}:{joiner.proxy.port}, joined "
+          f"{args.join}", flush=True)
+    stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+    failed: asyncio.Future[Any] = joiner.failed
+    await asyncio.wait([stopping, failed], return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    await joiner.stop()
+    return EXIT_STALE if joiner.failed.done() else 0

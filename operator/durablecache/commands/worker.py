@@ -156,7 +156,7 @@ async def _coordinate(args: argparse.Namespace, kube: Kube, lease: CoordinatorLe
         await asyncio.to_thread(store.set_coordinator, lease.holder, epoch)
         reporter.post("Normal", "CoordinatorElected", f"{lease.holder} holds the coordinator lease, epoch {epoch}")
         cert, key = await asyncio.to_thread(proxy_tls_files, kube, spec, args, tmp)
-        starter, owned = proxy_starter(spec.proxy, args, host, port, cert, key, reporter.emit)
+        starter, owned = proxy_starter(spec.proxy, args, host, port, cert, key, reporter.emit, epoch=epoch)
         m = Migration(source, target, opts, starter, emit=reporter.emit, store=store)
         reporter.migration = m
         reports = asyncio.create_task(reporter.run())
@@ -253,7 +253,7 @@ def proxy_tls_files(kube: Kube, spec: DurableCacheSpec, args: argparse.Namespace
 
 
 def proxy_starter(proxy: ProxySpec, args: argparse.Namespace, host: str, port: int, cert: str | None,
-                  key: str | None, emit: Emit) -> tuple[ProxyStarter, list[Any]]:
+                  key: str | None, emit: Emit, epoch: int = 0) -> tuple[ProxyStarter, list[Any]]:
     """The migration's proxies as spec.proxy says: one in this process, or (processes > 1, or
     --proxy-mode subprocess) that many supervised children sharing the port."""
     processes = proxy.processes or cpu_count()
@@ -263,7 +263,7 @@ def proxy_starter(proxy: ProxySpec, args: argparse.Namespace, host: str, port: i
             flags += ["--announce", args.announce]
         if proxy.max_clients:
             flags += ["--max-clients", str(proxy.max_clients)]
-        return subprocess_proxies(host, port, emit, processes=processes, proxy_args=flags)
+        return subprocess_proxies(host, port, emit, processes=processes, proxy_args=flags, epoch=epoch)
     announce_host, announce_port = announce_address(args.announce) if args.announce else (None, 0)
     return local_proxies(host, port, server_tls(cert, key), max_clients=proxy.max_clients or 0,
                          announce_host=announce_host, announce_port=announce_port), []

@@ -18,6 +18,10 @@
                                         flight (the keys stay held), 400 on a malformed body.
                                         An item of "keys" is a string (in "db"), or a [db, string] pair.
     POST /release                    -> 200 {"held": 0}
+
+Fencing (docs/ha.md): a POST may carry ``X-DurableCache-Epoch: N``, the sending coordinator's epoch.
+The proxy remembers the highest epoch it has seen (here or in its fleet state) and refuses an
+instruction from an older one with 409 {"error": "fenced: ...", "epoch": highest}, before doing anything.
 """
 
 from __future__ import annotations
@@ -36,13 +40,31 @@ from ..urls import Endpoint, parse_url
 from .server import Proxy
 
 log = logs.get("durablecache.proxy.admin")
+EPOCH_HEADER = "X-DurableCache-Epoch"
+
+
+class Fence:
+    """The highest coordinator epoch a proxy has seen; older instructions are refused."""
+
+    def __init__(self, epoch: int = 0):
+        self.epoch = epoch
+
+    def admit(self, epoch: int) -> str | None:
+        """None if an instruction of ``epoch`` may be carried out (and remember it), else why not."""
+        if epoch < self.epoch:
+            return (f"fenced: an instruction from coordinator epoch {epoch}, but this proxy has seen "
+                    f"epoch {self.epoch}; a newer coordinator holds the lease")
+        self.epoch = epoch
+        return None
 
 
 class AdminServer:
-    def __init__(self, proxy: Proxy, token: str, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, proxy: Proxy, token: str, host: str = "127.0.0.1", port: int = 0,
+                 fence: Fence | None = None):
         if not token:
             raise ValueError("the admin API needs a token")
         self.proxy = proxy
+        self.fence = fence or Fence()
         self.host = host
         self.port = port
         self._token = token
@@ -69,6 +91,15 @@ class AdminServer:
         given = header[7:] if header.startswith("Bearer ") else ""
         if not hmac.compare_digest(given.encode(), self._token.encode()):
             return web.json_response({"error": "unauthorized"}, status=401)
+        if request.method == "POST" and EPOCH_HEADER in request.headers:
+            try:
+                epoch = int(request.headers[EPOCH_HEADER])
+            except ValueError:
+                return web.json_response({"error": f"{EPOCH_HEADER} must be an integer"}, status=400)
+            refused = self.fence.admit(epoch)
+            if refused is not None:
+                log.warning("proxy.fenced", path=request.path, epoch=epoch, seen=self.fence.epoch)
+                return web.json_response({"error": refused, "epoch": self.fence.epoch}, status=409)
         return await handler(request)
 
     async def start(self) -> None:
@@ -86,7 +117,7 @@ class AdminServer:
             await self._runner.cleanup()
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "frozen": self.proxy.frozen})
+        return web.json_response({"ok": True, "frozen": self.proxy.frozen, "epoch": self.fence.epoch})
 
     async def _stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.proxy.stats())

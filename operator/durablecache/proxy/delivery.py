@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import time
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Final
 
@@ -61,7 +62,9 @@ class MarkDelivery:
     """Delivers the marks of every session of a proxy to its ``on_marks``, and counts them."""
 
     def __init__(self, on_marks: MarkCallback):
-        self.on_marks = on_marks
+        self.down = False               # the remote stream is down: sessions refuse writes (fail closed)
+        self.remote: RemoteMarks | None = None
+        self.on_marks = on_marks        # sets remote and down
         self.mark_stream_bytes = MARK_STREAM_BYTES
         self._mark_queue: list[tuple[MarksDone, dict[int, list[bytes]], int, list[bytes]]] = []
         self._delivering = False
@@ -81,7 +84,20 @@ class MarkDelivery:
         self._on_marks = on_marks
         self._marks_sync = not is_async(on_marks)
         # RemoteMarks takes each batch through submit(): streamed, or calling back on its ack.
+        if self.remote is not None and self.remote is not on_marks:
+            self.remote.on_state = None     # its stream no longer decides anything here (end_migration)
         self.remote = on_marks if isinstance(on_marks, RemoteMarks) else None
+        if self.remote is not None:
+            self.remote.on_state = self._remote_state
+            self.down = not self.remote.connected
+        else:
+            self.down = False
+
+    def _remote_state(self, up: bool) -> None:
+        if self.down != (not up):
+            log.warning("proxy.coordinator_reachable" if up else "proxy.coordinator_lost",
+                        refusing_writes=not up)
+        self.down = not up
 
     # ---- life cycle -------------------------------------------------------------------------------
 
@@ -96,7 +112,11 @@ class MarkDelivery:
         if self._marks_sync:
             return self._deliver_now(batch, writes)
         remote = self.remote
-        if remote is not None and remote.backlog_bytes < self.mark_stream_bytes:
+        # Streamed only while connected and acknowledged lately: a write answered now whose marks then
+        # wait on a dead stream could be lost with the proxy (fail closed, docs/ha.md). Otherwise the
+        # reply waits for the ack.
+        if (remote is not None and remote.backlog_bytes < self.mark_stream_bytes
+                and remote.streaming(time.monotonic())):
             for keys in batch.values():
                 self.marks += len(keys)
             self.mark_batches += 1

@@ -1,6 +1,9 @@
 """Marks from proxy processes to the syncer's process, over a small RESP protocol.
 
     proxy -> syncer   HELLO-MARKS <token> <proxy-name>    <- +OK   (or -ERR and the connection closes)
+                      HELLO-FLEET <token> <proxy-id> <epoch>  <- $<JSON state>  (a proxy joining a fleet,
+                                                            docs/ha.md; or -ERR and the connection closes)
+                      READY <client-address> <admin-address>  <- +OK  (it applied the state; now a member)
                       MARK <db> <mark> [<mark> ...]       <- +OK   (after the syncer's callback returned)
                       BYE                                 <- +OK   (a clean goodbye)
 
@@ -19,6 +22,8 @@ import asyncio
 import contextlib
 import hmac
 import inspect
+import socket
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -26,7 +31,7 @@ from typing import Any, Final
 import libvalkey
 
 from .. import logs
-from ..errors import ConnectError
+from ..errors import ConnectError, DurableCacheError
 from .members import MemberMark
 
 log = logs.get("durablecache.marks")
@@ -36,20 +41,37 @@ log = logs.get("durablecache.marks")
 MarkCallback = Callable[[int, list[bytes]], Awaitable[None] | None]
 Acked = Callable[[BaseException | None], None]   # RemoteMarks.submit: None once acknowledged, or why not
 LostCallback = Callable[[str], Any]
+# A proxy side's greeting in place of HELLO-MARKS (proxy/join.py): it gets the fresh connection's
+# reader, writer and parser and returns once the server accepted it (ConnectError if not).
+Greet = Callable[[asyncio.StreamReader, asyncio.StreamWriter, Any], Awaitable[None]]
 READ_CHUNK = 1 << 16
 # Streamed marks wait this long for company: at a high write rate one frame then carries hundreds of
 # keys, where per-iteration frames cost the proxy and the syncer a syscall and a wake-up each.
 FLUSH_DELAY: Final = 0.005
 RETRY_PAUSE: Final = 1.0     # after a failed reconnect, while streamed marks are still undelivered
+# Fail closed across hosts (docs/ha.md): a proxy streams marks (answers before the ack) only while its
+# oldest unacknowledged frame is younger than STALE_AFTER. The syncer's side drops a silent peer only
+# after TCP keepalive / user timeout (PEER_DEAD_AFTER at the soonest), so by the time it counts a proxy
+# as gone, that proxy has stopped answering writes whose marks did not arrive.
+STALE_AFTER: Final = 2.0
+KEEPALIVE_IDLE: Final = 5
+KEEPALIVE_INTERVAL: Final = 2
+KEEPALIVE_COUNT: Final = 3
+PEER_DEAD_AFTER: Final = KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT   # 11 s
+SERVER_USER_TIMEOUT_MS: Final = 15000     # unacknowledged acks to a vanished peer: give up after this
+PROXY_USER_TIMEOUT_MS: Final = 5000       # unacknowledged marks to a vanished syncer: reconnect sooner
 
 
 class MarkServer:
     """Syncer side: accepts proxies, calls ``on_marks`` per batch in arrival order, acks each."""
 
     def __init__(self, on_marks: MarkCallback, token: str, *, host: str = "127.0.0.1", port: int = 0,
-                 on_lost: LostCallback | None = None):
+                 on_lost: LostCallback | None = None, fleet: Any = None):
         self.on_marks = on_marks
         self.on_lost = on_lost
+        # Takes HELLO-FLEET and READY (fleet.Fleet: join(peer, args) -> state bytes, ready(peer, args,
+        # host), left(peer)); None: only HELLO-MARKS is accepted.
+        self.fleet = fleet
         self.host = host
         self.port = port
         self._token = token.encode()
@@ -81,9 +103,11 @@ class MarkServer:
         self._tasks.add(task)
         addr = writer.get_extra_info("peername")
         peer = f"{addr[0]}:{addr[1]}" if addr else "?"
+        keep_alive(writer, SERVER_USER_TIMEOUT_MS)
         parser = libvalkey.Reader()
         authed = False
         clean = False
+        member = False      # joined through HELLO-FLEET: the fleet hears when it ends
         try:
             while True:
                 data = await reader.read(READ_CHUNK)
@@ -101,6 +125,29 @@ class MarkServer:
                             self.peers[peer] = 0
                             acks.append(b"+OK\r\n")
                             log.info("marks.peer_connected", peer=peer)
+                            continue
+                        if (verb == b"HELLO-FLEET" and self.fleet is not None and len(cmd) >= 4 and not member
+                                and hmac.compare_digest(cmd[1], self._token)):
+                            peer = f"{cmd[2].decode(errors='replace')}@{peer}"
+                            try:
+                                state: bytes = await self.fleet.join(peer, cmd)
+                            except DurableCacheError as exc:
+                                writer.write(b"-ERR durablecache fleet: %s\r\n" % str(exc).encode())
+                                await writer.drain()
+                                return
+                            member = True
+                            acks.append(b"$%d\r\n%s\r\n" % (len(state), state))
+                            continue
+                        if verb == b"READY" and member and len(cmd) >= 3:
+                            # Only now can marks flow: before READY is accepted the proxy refuses
+                            # writes, so a connection that ends earlier lost nothing (no on_lost).
+                            if not self.fleet.ready(peer, cmd, addr[0] if addr else "127.0.0.1"):
+                                writer.write(b"".join(acks) + b"-ERR durablecache fleet: join expired\r\n")
+                                await writer.drain()
+                                return
+                            authed = True
+                            self.peers[peer] = 0
+                            acks.append(b"+OK\r\n")
                             continue
                         writer.write(b"-ERR durablecache marks: bad token\r\n")
                         await writer.drain()
@@ -120,6 +167,7 @@ class MarkServer:
                         return
                     elif verb == b"PING":
                         acks.append(b"+PONG\r\n")
+
                     else:
                         acks.append(b"-ERR durablecache marks: unknown command\r\n")
                 if acks:
@@ -133,6 +181,8 @@ class MarkServer:
             self._tasks.discard(task)
             self.peers.pop(peer, None)
             writer.close()
+            if member:
+                self.fleet.left(peer)
             if authed and not clean:
                 log.warning("marks.peer_lost", peer=peer)
                 self._report_lost(peer)
@@ -164,7 +214,7 @@ class RemoteMarks:
     """
 
     def __init__(self, host: str, port: int, token: str, *, name: str = "durablecache-proxy",
-                 retry_for: float = 10.0):
+                 retry_for: float = 10.0, greet: Greet | None = None):
         self.host = host
         self.port = port
         self._token = token
@@ -183,6 +233,28 @@ class RemoteMarks:
         self._lock = asyncio.Lock()
         self._closing = False
         self._reconnecting: asyncio.Task[None] | None = None
+        self.greet = greet
+        self.stale_after = STALE_AFTER
+        # Told True once connected (greeted) and False when the connection ends: the proxy refuses
+        # writes meanwhile (fail closed, docs/ha.md). Set by MarkDelivery.
+        self.on_state: Callable[[bool], None] | None = None
+
+    @property
+    def connected(self) -> bool:
+        """Is the stream to the syncer up (greeted)? Marks are streamed only then."""
+        return self._writer is not None
+
+    def _tell(self, up: bool) -> None:
+        if self.on_state is not None:
+            self.on_state(up)
+
+    def streaming(self, now: float) -> bool:
+        """May replies go out before their marks' ack? Only while connected and nothing waits for an
+        ack longer than STALE_AFTER (a silent syncer: a partition, a vanished host)."""
+        if self._writer is None:
+            return False
+        unacked = self._unacked
+        return not unacked or now - unacked[0].sent_at < self.stale_after
 
     @property
     def pending(self) -> int:
@@ -215,20 +287,25 @@ class RemoteMarks:
                     raise ConnectError(f"cannot reach the syncer at {self.host}:{self.port}: {exc}") from None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
-        writer.write(libvalkey.pack_command((b"HELLO-MARKS", self._token.encode(), self.name.encode())))
+        keep_alive(writer, PROXY_USER_TIMEOUT_MS)
         parser = libvalkey.Reader()
-        while (reply := parser.gets()) is False:
-            data = await asyncio.wait_for(reader.read(READ_CHUNK), 5.0)
-            if not data:
-                raise ConnectError(f"the syncer at {self.host}:{self.port} closed the connection")
-            parser.feed(data)
-        if isinstance(reply, libvalkey.ReplyError):
-            writer.close()
-            raise ConnectError(f"the syncer at {self.host}:{self.port} refused us: {reply}")
+        if self.greet is not None:
+            try:
+                await self.greet(reader, writer, parser)
+            except BaseException:
+                writer.close()
+                raise
+        else:
+            writer.write(libvalkey.pack_command((b"HELLO-MARKS", self._token.encode(), self.name.encode())))
+            reply = await read_reply(reader, parser, f"the syncer at {self.host}:{self.port}")
+            if isinstance(reply, libvalkey.ReplyError):
+                writer.close()
+                raise ConnectError(f"the syncer at {self.host}:{self.port} refused us: {reply}")
         self._writer = writer
         for f in self._unacked:       # re-send what the old connection did not ack
             writer.write(f.frame)
         self._reader_task = loop.create_task(self._read_acks(reader, parser))
+        self._tell(True)
 
     async def _read_acks(self, reader: asyncio.StreamReader, parser: Any) -> None:
         try:
@@ -252,7 +329,10 @@ class RemoteMarks:
         if self._writer is not None:
             self._writer.close()
         self._writer = None
-        if self._unacked and not self._closing:
+        if not self._closing:
+            self._tell(False)
+            # Always, not only with frames to re-send: while the stream is down the proxy refuses
+            # writes, so no new frame would ask for the reconnect.
             self._reconnect_later()
 
     def _reconnect_later(self) -> None:
@@ -268,7 +348,7 @@ class RemoteMarks:
                 return
             except ConnectError as exc:
                 self._give_up_waiting(exc)
-            if not self._unacked or self._closing:
+            if self._closing:
                 return
             log.warning("marks.syncer_unreachable", frames=len(self._unacked), retry_in=RETRY_PAUSE)
             await asyncio.sleep(RETRY_PAUSE)
@@ -363,12 +443,37 @@ class RemoteMarks:
         self._writer = None
 
 
+def keep_alive(writer: asyncio.StreamWriter, user_timeout_ms: int) -> None:
+    """TCP keepalive (and a bound on unacknowledged data) on a mark connection, so that a peer whose
+    host vanished is noticed in seconds, not when TCP gives up on its own (minutes)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):   # not Linux: the system's defaults
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_timeout_ms)
+
+
+async def read_reply(reader: asyncio.StreamReader, parser: Any, who: str, timeout: float = 5.0) -> Any:
+    """The next reply on a mark connection (ConnectError if it closes first)."""
+    while (reply := parser.gets()) is False:
+        data = await asyncio.wait_for(reader.read(READ_CHUNK), timeout)
+        if not data:
+            raise ConnectError(f"{who} closed the connection")
+        parser.feed(data)
+    return reply
+
+
 class _Frame:
     """A MARK frame sent (or to re-send) and not acknowledged yet."""
 
-    __slots__ = ("frame", "keys", "acked", "streamed")
+    __slots__ = ("frame", "keys", "acked", "streamed", "sent_at")
 
     def __init__(self, frame: bytes, keys: list[bytes], acked: list[Acked] | None, streamed: bool):
+        self.sent_at = time.monotonic()      # framed (sent, or queued to be) at
         self.frame = frame
         self.keys = keys
         self.acked = acked        # callbacks waiting for this frame's ack (the batch it ends); None: nobody

@@ -501,6 +501,7 @@ class Proxy(ProxyState[Session]):
             "marks_failed": delivery.marks_failed,
             "marks_throttled": delivery.marks_throttled,
             "marks_unacknowledged_bytes": delivery.remote.backlog_bytes if delivery.remote is not None else 0,
+            "coordinator_lost": delivery.down, "writes_refused": self.writes_refused,   # fail closed (docs/ha.md)
             "held": sum(len(s.held) for s in self.sessions.values()),
             "held_total": self.held_total,
             "held_keys": sum(len(k) for k in self.key_hold.values()),

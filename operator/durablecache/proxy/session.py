@@ -145,6 +145,7 @@ class Session(Routing):
                 self._push_all()
                 return
         if (not self.router.cluster and not proxy.frozen and not self.held and not self.paused
+                and not proxy.delivery.down
                 and self.side == proxy.side
                 and not proxy.key_hold and not self.in_multi and self.authed and self.multi_abort is None):
             self.boundary = self._fast(data)      # feeds the reader what it does not scan itself
@@ -362,6 +363,9 @@ class Session(Routing):
             self.held.append(args)
             return
         spec = proxy.table.lookup(args)
+        if proxy.delivery.down and self._is_write(args, spec):
+            self._refuse_orphan()
+            return
         if proxy.frozen and self._is_write(args, spec):
             proxy.held_total += 1
             proxy.held_by_freeze.append(self)   # UNFREEZE releases these, not every session
@@ -372,6 +376,18 @@ class Session(Routing):
             self.held.append(args)
             return
         self.dispatch(args, spec)
+
+    def _refuse_orphan(self) -> None:
+        """Fail closed (docs/ha.md): the stream to the coordinator is down, so the marks of a write
+        could not be delivered; refuse it before anything is sent. Inside MULTI the transaction's
+        state upstream is unknown to the client after a refused command: the connection is closed."""
+        self.proxy.writes_refused += 1
+        if self.in_multi:
+            if self.transport is not None:
+                self.transport.write(ORPHAN_ERROR)
+                self.transport.close()
+            return
+        self.local_fn(_orphan_error)
 
     def _writes_held_key(self, args: tuple[bytes, ...], spec: CommandSpec | None) -> bool:
         """Key-scoped hold (Proxy.hold_keys): does this request write a held key?"""
@@ -510,3 +526,11 @@ class Session(Routing):
             for ch in self.subs[2]:
                 self.conn(self.router.owner_of(ch))
         return True
+
+
+ORPHAN_ERROR: Final = (b"-TRYAGAIN durablecache: this proxy lost its coordinator and refuses writes until it "
+                       b"is back (nothing was written)\r\n")
+
+
+def _orphan_error() -> bytes:
+    return ORPHAN_ERROR

@@ -85,6 +85,7 @@ class ProxyState(Generic[S]):
         self.commands = 0
         self.writes = 0
         self.held_total = 0
+        self.writes_refused = 0     # refused while the coordinator was unreachable (fail closed)
         self.key_held_total = 0
         self.bytes_in = 0
         self.bytes_out = 0
