@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -58,6 +59,40 @@ def verify(source: LocalServer, target: LocalServer, **kwargs: Any) -> Any:
         return await Verifier(await discover(source.endpoint()), await discover(target.endpoint()), **kwargs).run()
 
     return asyncio.run(scenario())
+
+
+def migrate_by_hand(source: Any, target: Any, before: Callable[[int], None],
+                    after: Callable[[int], None] = lambda _port: None) -> None:
+    """A migration with an in-process proxy and a manual cutover: ``before(proxy port)`` runs in Sync,
+    the cutover is approved, ``after(proxy port)`` runs once it is done, then the migration stops."""
+    from durablecache.migration import Migration, MigrationOptions
+    from durablecache.proxyhandles import local_proxies
+
+    async def scenario() -> None:
+        events: list[dict[str, Any]] = []
+        ready, cut = asyncio.Event(), asyncio.Event()
+
+        def emit(e: dict[str, Any]) -> None:
+            events.append(e)
+            if e["event"] == "awaiting_approval":
+                ready.set()
+            if e["event"] in ("cutover", "failed"):
+                cut.set()
+
+        opts = MigrationOptions(cutover="manual", gate_settle=0.3, gate_timeout=30, rollback_window=600)
+        m = Migration(source.endpoint(), target.endpoint(), opts, local_proxies("127.0.0.1", 0), emit=emit)
+        task = asyncio.create_task(m.run())
+        await asyncio.wait_for(ready.wait(), 60)
+        port = int(next(e for e in events if e["event"] == "proxies")["addresses"][0].rsplit(":", 1)[1])
+        await asyncio.to_thread(before, port)
+        m.approved.set()
+        await asyncio.wait_for(cut.wait(), 60)
+        assert any(e["event"] == "cutover" for e in events), [e for e in events if e["event"] == "failed"]
+        await asyncio.to_thread(after, port)
+        m.stop_requested.set()
+        await asyncio.wait_for(task, 30)
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.parametrize("big_key_bytes", [64 << 20, 10_000], ids=["dump-restore", "chunked"])
@@ -122,39 +157,17 @@ def test_field_expiry_writes_through_the_proxy_are_marked_and_synced(make_server
     seed(c, 500)
     c.close()
 
-    async def scenario() -> None:
-        from durablecache.migration import Migration, MigrationOptions
-        from durablecache.proxyhandles import local_proxies
+    def before(port: int) -> None:
+        app = LocalServer.client(source, port=port)
+        app.execute_command("HSETEX", "h", "PX", FIELD_TTL_MS, "FIELDS", 1, "a", "1")
+        app.hset("h", "b", "2")
+        app.execute_command("HPEXPIRE", "h", FIELD_TTL_MS * 2, "FIELDS", 1, "b")
+        app.hset("p", mapping={"x": "1"})
+        app.execute_command("HPEXPIRE", "p", FIELD_TTL_MS, "FIELDS", 1, "x")
+        app.execute_command("HPERSIST", "p", "FIELDS", 1, "x")
+        app.close()
 
-        events: list[dict[str, Any]] = []
-        ready, cut = asyncio.Event(), asyncio.Event()
-
-        def emit(e: dict[str, Any]) -> None:
-            events.append(e)
-            if e["event"] == "awaiting_approval":
-                ready.set()
-            if e["event"] == "cutover":
-                cut.set()
-
-        opts = MigrationOptions(cutover="manual", gate_settle=0.3, gate_timeout=30, rollback_window=600)
-        m = Migration(source.endpoint(), target.endpoint(), opts, local_proxies("127.0.0.1", 0), emit=emit)
-        task = asyncio.create_task(m.run())
-        await asyncio.wait_for(ready.wait(), 60)
-        port = int(next(e for e in events if e["event"] == "proxies")["addresses"][0].rsplit(":", 1)[1])
-        app = await asyncio.to_thread(LocalServer.client, source, port=port)
-        await asyncio.to_thread(app.execute_command, "HSETEX", "h", "PX", FIELD_TTL_MS, "FIELDS", 1, "a", "1")
-        await asyncio.to_thread(app.hset, "h", "b", "2")
-        await asyncio.to_thread(app.execute_command, "HPEXPIRE", "h", FIELD_TTL_MS * 2, "FIELDS", 1, "b")
-        await asyncio.to_thread(app.hset, "p", mapping={"x": "1"})
-        await asyncio.to_thread(app.execute_command, "HPEXPIRE", "p", FIELD_TTL_MS, "FIELDS", 1, "x")
-        await asyncio.to_thread(app.execute_command, "HPERSIST", "p", "FIELDS", 1, "x")
-        m.approved.set()
-        await asyncio.wait_for(cut.wait(), 60)
-        await asyncio.to_thread(app.close)
-        m.stop_requested.set()
-        await asyncio.wait_for(task, 30)
-
-    asyncio.run(scenario())
+    migrate_by_hand(source, target, before)
     s, t = source.client(), target.client()
     assert field_expiries(t, "h", ["a", "b"]) == field_expiries(s, "h", ["a", "b"])
     assert field_expiries(t, "p", ["x"]) == [-1]
@@ -194,44 +207,25 @@ def test_numbered_databases_migrate_live_into_a_valkey9_cluster(make_server, mak
     target = make_cluster(primaries=3, engine="valkey9", extra=["--cluster-databases", "16"])
     keys = [f"live:{i}" for i in range(60)]           # spread over the 3 shards of the target
 
-    async def scenario() -> None:
-        from durablecache.migration import Migration, MigrationOptions
-        from durablecache.proxyhandles import local_proxies
+    apps: dict[int, Any] = {}
 
-        events: list[dict[str, Any]] = []
-        ready, cut = asyncio.Event(), asyncio.Event()
+    def before(port: int) -> None:
+        for db in (3, 7):
+            apps[db] = LocalServer.client(source, port=port, db=db)
+            for k in keys:
+                apps[db].set(k, f"before-{db}")
 
-        def emit(e: dict[str, Any]) -> None:
-            events.append(e)
-            if e["event"] == "awaiting_approval":
-                ready.set()
-            if e["event"] in ("cutover", "failed"):
-                cut.set()
-
-        opts = MigrationOptions(cutover="manual", gate_settle=0.3, gate_timeout=30, rollback_window=600)
-        m = Migration(source.endpoint(), target.endpoint(), opts, local_proxies("127.0.0.1", 0), emit=emit)
-        task = asyncio.create_task(m.run())
-        await asyncio.wait_for(ready.wait(), 60)
-        port = int(next(e for e in events if e["event"] == "proxies")["addresses"][0].rsplit(":", 1)[1])
-        apps = {db: await asyncio.to_thread(LocalServer.client, source, port=port, db=db) for db in (3, 7)}
+    def after(port: int) -> None:
         for db, app in apps.items():
             for k in keys:
-                await asyncio.to_thread(app.set, k, f"before-{db}")
-        m.approved.set()
-        await asyncio.wait_for(cut.wait(), 60)
-        assert any(e["event"] == "cutover" for e in events), [e for e in events if e["event"] == "failed"]
-        for db, app in apps.items():
-            for k in keys:
-                await asyncio.to_thread(app.append, k, "+after")
-                assert await asyncio.to_thread(app.get, k) == f"before-{db}+after".encode()
-        late = await asyncio.to_thread(LocalServer.client, source, port=port, db=7)
-        assert await asyncio.to_thread(late.get, keys[-1]) == b"before-7+after"
-        for app in (*apps.values(), late):
-            await asyncio.to_thread(app.close)
-        m.stop_requested.set()
-        await asyncio.wait_for(task, 30)
+                app.append(k, "+after")
+                assert app.get(k) == f"before-{db}+after".encode()
+            app.close()
+        late = LocalServer.client(source, port=port, db=7)
+        assert late.get(keys[-1]) == b"before-7+after"
+        late.close()
 
-    asyncio.run(scenario())
+    migrate_by_hand(source, target, before, after)
     direct = target.cluster_client()
     assert all(direct.get(k) is None for k in keys), "writes of dbs 3 and 7 must not land in db 0"
     direct.close()

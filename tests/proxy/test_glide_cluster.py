@@ -159,3 +159,32 @@ def test_glide_standalone_batch_with_client_getname(source, make_proxy, protocol
             await client.close()
     asyncio.run(asyncio.wait_for(main(), 60))
     assert valkey.Valkey(port=source.port).get("std:a") == b"1"
+
+
+def test_glide_chained_watch_transactions_in_cluster_mode(make_cluster, make_proxy):
+    """Transactions chained on one GLIDE client (WATCH, atomic batch, again on another slot, then one
+    that a concurrent write must abort): each EXEC is applied or aborted exactly as the server decides
+    (the transactions issue saw one EXEC return null in GLIDE's chained test through the proxy)."""
+    cluster = make_cluster(primaries=3, engine="valkey9")
+    p = make_proxy(cluster.endpoint())
+    direct = cluster.cluster_client()
+
+    async def body(client: Any) -> None:
+        for round_ in range(20):
+            key = f"chain:{round_}"                   # a new slot, often a new shard, each round
+            assert await client.watch([key]) == "OK"
+            batch = glide.ClusterBatch(is_atomic=True)
+            batch.incr(key)
+            batch.get(key)
+            assert await client.exec(batch, raise_on_error=True) == [1, b"1"], round_
+        assert await client.watch(["chain:0"]) == "OK"
+        direct.set("chain:0", "moved")               # another client writes the watched key
+        batch = glide.ClusterBatch(is_atomic=True)
+        batch.set("chain:0", "mine")
+        assert await client.exec(batch, raise_on_error=True) is None
+        batch = glide.ClusterBatch(is_atomic=True)    # the next one, unwatched, applies
+        batch.set("chain:1", "after")
+        assert await client.exec(batch, raise_on_error=True) == ["OK"]
+    through_glide(p.port, body)
+    assert direct.get("chain:0") == b"moved" and direct.get("chain:1") == b"after"
+    direct.close()

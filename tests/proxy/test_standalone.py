@@ -153,3 +153,19 @@ def test_inline_commands(source, make_proxy):
             buf += s.recv(1024)
     assert buf == b"+PONG\r\n+OK\r\n$3\r\na b\r\n"
     assert p.keys(0) == {b"inl"}
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_client_side_caching_is_refused_clearly(source, make_proxy, protocol):
+    """CLIENT TRACKING ON is refused (its invalidations would not survive a switch of server), OFF
+    and the questions about it still work; nothing else on the connection is affected."""
+    p = make_proxy(source.endpoint())
+    c = client(p.port, protocol=protocol)
+    with pytest.raises(valkey.ResponseError, match="CLIENT TRACKING .*not supported through the proxy"):
+        c.client_tracking_on()
+    with pytest.raises(valkey.ResponseError, match="client-side caching off"):
+        c.execute_command("CLIENT", "TRACKING", "on", "BCAST")
+    assert c.client_tracking_off()
+    assert c.client_getredir() == -1
+    assert c.set("after-tracking", "1") and c.get("after-tracking") == b"1"
+    c.close()

@@ -218,10 +218,20 @@ def _client(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> No
         return
     if sub == b"setinfo" and len(args) == 4:
         s.facts.setinfo(args[2], args[3])      # the readiness report's library and version
+    if sub == b"tracking" and len(args) > 2 and args[2].lower() == b"on":
+        s.local(framing.error(TRACKING_REFUSED))
+        return
     if sub == b"reply" and len(args) == 3 and args[2].lower() != b"on":
         s.local(framing.error("ERR durablecache: CLIENT REPLY OFF/SKIP is not supported through the proxy"))
         return
     s.forward(args, spec)
+
+
+# Client-side caching through the proxy could serve stale data: the invalidations of what a client
+# cached come from the connection that tracked it, and FLIP (or a reconnect) gives the session another.
+TRACKING_REFUSED: Final = ("ERR durablecache: CLIENT TRACKING (client-side caching) is not supported through "
+                           "the proxy: invalidations would not survive its switch to another server; turn "
+                           "client-side caching off while the application runs through the proxy")
 
 
 def _select(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None:
