@@ -433,10 +433,12 @@ def test_a_proxy_that_lost_its_coordinator_fails_closed(source, tmp_path):
     asyncio.run(main())
 
 
-def test_migrate_cli_with_only_joined_proxies(source, target, tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_migrate_cli_with_only_joined_proxies(source, target, tmp_path, processes):
     """`durablecache migrate --proxies 0 --coordinator-listen` serves clients only through proxies
     that join it: a `durablecache proxy --join` process takes writes, the migration completes, and
-    every key written through the proxy is on the target."""
+    every key written through the proxy is on the target. With `--processes 2` each process on the
+    shared port joins as a member of its own."""
     import json
     import subprocess
 
@@ -456,7 +458,7 @@ def test_migrate_cli_with_only_joined_proxies(source, target, tmp_path):
     listen = free_port()
     proxy = subprocess.Popen(
         [*cli, "proxy", "--join", f"127.0.0.1:{coordinator}", "--join-token-file", str(token), "--admin",
-         "127.0.0.1:0", "--listen", f"127.0.0.1:{listen}", "--proxy-id", "only"],
+         "127.0.0.1:0", "--listen", f"127.0.0.1:{listen}", "--proxy-id", "only", "--processes", str(processes)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         events: list[dict[str, Any]] = []
@@ -472,11 +474,15 @@ def test_migrate_cli_with_only_joined_proxies(source, target, tmp_path):
             raise AssertionError(f"migrate ended first: {events[-5:]} {err}")
 
         control = until(lambda e: e["event"] == "control")
-        until(lambda e: e["event"] == "proxy_joined" and e["proxy"] == "only")
+        members = {"only"} if processes == 1 else {f"only-{i}" for i in range(processes)}
+        joined: set[str] = set()
+        while joined != members:
+            joined.add(until(lambda e: e["event"] == "proxy_joined")["proxy"])
         c = valkey.Valkey(port=listen, socket_timeout=10)
         for i in range(200):
             assert c.set(f"via-proxy:{i}", i)
-        until(lambda e: e["event"] == "awaiting_approval")
+        if not any(e["event"] == "awaiting_approval" for e in events):   # it may come between two joins
+            until(lambda e: e["event"] == "awaiting_approval")
         res = subprocess.run([*cli, "control", "approve", "--control", control["address"], "--control-token-file",
                               str(tmp_path / "control.token")], capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, res.stderr
