@@ -660,7 +660,9 @@ def test_a_tls_source_without_a_proxy_certificate_is_refused_at_preflight(
     tls_source["spec"]["source"]["tls"] = {"enabled": True}
     cluster.apply(tls_source)
     wait_for("Preflight to fail", lambda: cluster.phase("tlssrc") == "Failed", 60)
-    failed = [m for kind, reason, m in cluster.events("tlssrc") if reason == "PreflightFailed"]
+    # The phase is written before the Event is posted: wait for the Event itself.
+    failed = wait_for("the PreflightFailed Event", lambda: [
+        m for kind, reason, m in cluster.events("tlssrc") if reason == "PreflightFailed"], 30)
     assert failed and failed[0].startswith("spec.proxy.tls.secretName: the source uses TLS"), cluster.events("tlssrc")
     assert not (cluster.status("tlssrc").get("checkpoint") or {}).get("operator", {}).get("provisioned")
     assert op.worker_pids() == []
@@ -670,7 +672,9 @@ def test_a_tls_source_without_a_proxy_certificate_is_refused_at_preflight(
     missing["spec"]["proxy"] = {"tls": {"secretName": "nope"}}
     cluster.apply(missing)
     wait_for("Preflight to fail", lambda: cluster.phase("tlssrc2") == "Failed", 60)
-    failed = [m for kind, reason, m in cluster.events("tlssrc2") if reason == "PreflightFailed"]
+    # The phase is written before the Event is posted: wait for the Event itself.
+    failed = wait_for("the PreflightFailed Event", lambda: [
+        m for kind, reason, m in cluster.events("tlssrc2") if reason == "PreflightFailed"], 30)
     assert failed and "spec.proxy.tls.secretName" in failed[0] and "nope" in failed[0], cluster.events("tlssrc2")
     assert_no_rbac_denials(op)
 
