@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import valkey
+from certs import certs_for
 from rawclient import Raw
 from valkey.cluster import ValkeyCluster
 
@@ -25,18 +25,7 @@ HOST = "localhost"
 @pytest.fixture(scope="module")
 def localhost_certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A CA and a server certificate for the DNS name localhost only."""
-    d = tmp_path_factory.mktemp("tls-localhost")
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-        "-subj", "/CN=durablecache-test-ca")
-    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", f"/CN={HOST}")
-    Path(d, "ext.cnf").write_text(f"subjectAltName=DNS:{HOST}\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "server.crt", "-days", "2", "-extfile", "ext.cnf")
-    return {"ca": str(d / "ca.crt"), "cert": str(d / "server.crt"), "key": str(d / "server.key")}
+    return certs_for(tmp_path_factory.mktemp("tls-localhost"), HOST)
 
 
 def server_context(certs: dict[str, str]) -> ssl.SSLContext:

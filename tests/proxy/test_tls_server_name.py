@@ -7,11 +7,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import valkey
+from certs import certs_for
 
 from durablecache.errors import ConnectError
 from durablecache.localvalkey import LocalServer
@@ -24,18 +23,7 @@ NAME = "cache.internal"
 @pytest.fixture(scope="module")
 def named_certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A CA and a server certificate for cache.internal only (no IP address in it)."""
-    d = tmp_path_factory.mktemp("tls-named")
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-        "-subj", "/CN=durablecache-test-ca")
-    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", f"/CN={NAME}")
-    Path(d, "ext.cnf").write_text(f"subjectAltName=DNS:{NAME}\n")
-    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "server.crt", "-days", "2", "-extfile", "ext.cnf")
-    return {"ca": str(d / "ca.crt"), "cert": str(d / "server.crt"), "key": str(d / "server.key")}
+    return certs_for(tmp_path_factory.mktemp("tls-named"), NAME)
 
 
 @pytest.fixture
