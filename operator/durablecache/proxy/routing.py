@@ -159,7 +159,10 @@ class Routing(Outbox):
 
     async def _open_prepared(self, p: Prepared, router: Router) -> None:
         endpoint = router.nodes[p.node]
-        reason = await self._connect(p, endpoint)
+        async with self.proxy.prepare_gate:
+            if p.closed:     # dropped (an aborted attempt, FLIP without it) while it waited
+                return
+            reason = await self._connect(p, endpoint)
         if reason is not None:
             log.info("proxy.prepare_unreachable", session=self.id, upstream=endpoint.address, reason=reason)
             p.failed = True
