@@ -12,6 +12,7 @@ from typing import Any
 from .. import logs
 from ..urls import Endpoint
 from .commandtable import CommandSpec
+from .iamsessions import LOGINS, iam_user
 from .outbox import Outbox
 from .prepare import Prepared, State
 from .replies import READ, Entry, hello_id
@@ -35,6 +36,10 @@ class Routing(Outbox):
         self.auth_sent = False
         self.auth_pending = 0               # AUTH / HELLO AUTH sent, reply not seen yet
         self.auth_args: tuple[bytes, ...] | None = None
+        # The ElastiCache IAM user this session proved to be (a server accepted its AUTH with an IAM
+        # token): replays on the other side, or after the token expired, are signed by the proxy
+        # (iamsessions.py). None: no such proof, the AUTH is replayed as the client sent it.
+        self.iam_proven: bytes | None = None
         self.subs: tuple[set[bytes], set[bytes], set[bytes]] = (set(), set(), set())
         self.in_multi = False
         self.multi_error = False
@@ -117,7 +122,8 @@ class Routing(Outbox):
         is its gate) the previous AUTH is not replayed."""
         auth_args = self.auth_args if replay_auth else None
         if auth_args is not None:
-            conn.gate(self.hello_auth(auth_args), self.hello_done(conn))
+            login = self.login_for(auth_args, self.router.nodes[conn.node])
+            conn.gate(self.hello_auth(login), self.hello_done(conn))
         elif self.req_proto == 3:
             conn.internal((b"HELLO", b"3"))
         if self.req_db:            # cluster too: Valkey 9's cluster-databases
@@ -151,7 +157,7 @@ class Routing(Outbox):
         nodes = range(len(router.nodes)) if router.cluster else range(1)
         loop = asyncio.get_running_loop()
         for node in nodes:
-            p = Prepared(node, self.name_on_upstream)
+            p = Prepared(node, self.name_on_upstream, self._login_to(router.nodes[node]))
             p.sync(want)
             self.next[node] = p
             loop.create_task(self._open_prepared(p, router))
@@ -201,6 +207,19 @@ class Routing(Outbox):
             transport.set_protocol(up)
             up.connection_made(transport)
         self.next.clear()
+
+    def auth_proven(self, auth: tuple[bytes, ...]) -> None:
+        """A server accepted the client's ``auth``: whether it proved an IAM user (iamsessions.py)."""
+        self.iam_proven = iam_user(auth)
+
+    def login_for(self, auth: tuple[bytes, ...], endpoint: Endpoint) -> tuple[bytes, ...]:
+        """The AUTH to replay for the client on a new connection to ``endpoint``."""
+        return LOGINS.auth_for(auth, endpoint, self.iam_proven)
+
+    def _login_to(self, endpoint: Endpoint) -> Callable[[tuple[bytes, ...]], tuple[bytes, ...]]:
+        def login(auth: tuple[bytes, ...]) -> tuple[bytes, ...]:
+            return self.login_for(auth, endpoint)
+        return login
 
     def hello_auth(self, auth: tuple[bytes, ...]) -> tuple[bytes, ...]:
         """``AUTH [user] pass`` as the HELLO that authenticates, keeps the protocol and names."""
