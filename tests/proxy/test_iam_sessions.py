@@ -11,6 +11,7 @@ signs for "dst-rg" itself. A session that never proved to be "app" is never sign
 from __future__ import annotations
 
 import datetime
+import time
 from typing import Any
 
 import pytest
@@ -46,19 +47,20 @@ class IamSide:
         admin.execute_command("ACL", "SETUSER", "default", "off")
         admin.close()
 
-    def endpoint(self) -> Endpoint:
-        iam = IamAuth(user="migrator", cache=self.cache, region=REGION, credentials=CREDS, clock=lambda: T1)
+    def endpoint(self, clock: Any = lambda: T1, reauth_after: float | None = None) -> Endpoint:
+        extra = {} if reauth_after is None else {"reauth_after": reauth_after}
+        iam = IamAuth(user="migrator", cache=self.cache, region=REGION, credentials=CREDS, clock=clock, **extra)
         return Endpoint("127.0.0.1", self.server.port, iam=iam)
 
     def admin(self) -> Any:
         return self.server.client(username="admin", password="admin-pw")
 
     def auth_calls(self, user: str) -> list[str]:
-        """The users of this server's current connections named by the proxy for client sessions."""
+        """This server's connections that the proxy opened for client sessions and that are ``user``'s."""
         with self.admin() as c:
-            return sorted(e["user"] for e in c.client_list()
-                          if e.get("name", "").startswith("durablecache-proxy-") and e["name"].rsplit("-", 1)[1].isdigit()
-                          and e["user"] == user)
+            names = [(e.get("name", ""), e["user"]) for e in c.client_list()]
+        return sorted(u for name, u in names if u == user and name.startswith("durablecache-proxy-")
+                      and name.rsplit("-", 1)[1].isdigit())
 
 
 def test_iam_tokens_are_recognised_by_their_shape() -> None:
@@ -96,6 +98,62 @@ def test_a_client_authenticated_with_a_source_token_keeps_working_after_flip(mak
     assert target.auth_calls("app"), "the session's target connection is not the app user's"
 
 
+class Clock:
+    def __init__(self, at: datetime.datetime) -> None:
+        self.at = at
+
+    def __call__(self) -> datetime.datetime:
+        return self.at
+
+
+def test_a_moved_session_authenticates_again_with_a_fresh_token(make_server, make_proxy) -> None:
+    """The target connection the proxy authenticated with its own token authenticates again, with a
+    newly signed one, when its interval is up (here 0.3 s instead of 11 h), between the client's
+    commands; once the server accepts no token the proxy can sign, the client's commands there fail
+    with the server's error instead of running on."""
+    source = IamSide(make_server(engine="valkey8"), "src-rg")
+    target = IamSide(make_server(engine="valkey9"), "dst-rg")
+    t2, t3 = T1 + datetime.timedelta(minutes=20), T1 + datetime.timedelta(minutes=40)
+    admin = target.admin()
+    for at in (t2, t3):     # DurableCache's own identity keeps working throughout
+        admin.execute_command("ACL", "SETUSER", "migrator", f">{token('migrator', 'dst-rg', at)}")
+    clock = Clock(T1)
+    p = make_proxy(source.endpoint())
+    c = Raw(p.port)
+    assert c("AUTH", "app", token("app", "src-rg")) == b"OK"
+    p.run(p.proxy.prepare_flip(target.endpoint(clock, reauth_after=0.3)))
+    p.run(p.proxy.freeze(5))
+    p.run(p.proxy.flip(target.endpoint(clock, reauth_after=0.3)))
+    p.call(p.proxy.unfreeze)
+    assert c("SET", "k", "0") == b"OK"
+
+    def auth_calls() -> int:
+        return int(admin.info("commandstats").get("cmdstat_auth", {}).get("calls", 0))
+    before = auth_calls()
+    # The server now accepts only the token for t2 (the one for T1 is gone), and the clock moves to t2.
+    admin.execute_command("ACL", "SETUSER", "app", "resetpass", f">{token('app', 'dst-rg', t2)}")
+    clock.at = t2
+    deadline = time.monotonic() + 10
+    n = 0
+    while auth_calls() <= before:
+        assert time.monotonic() < deadline, "no re-authentication within 10 s"
+        n += 1
+        assert c("INCR", "n") == n
+        time.sleep(0.05)
+    assert c("INCR", "n") == n + 1 and c("ACL", "WHOAMI") == b"app"
+    # A rotation the proxy's signing cannot follow: the next renewal is refused, and loudly so.
+    admin.execute_command("ACL", "SETUSER", "app", "resetpass", ">something-else")
+    clock.at = t3
+    deadline = time.monotonic() + 10
+    while True:
+        reply = c("INCR", "n")
+        if refused(reply, "WRONGPASS"):
+            break
+        assert time.monotonic() < deadline, f"still running after the renewal failed: {reply!r}"
+        time.sleep(0.05)
+    admin.close()
+
+
 def test_a_session_that_did_not_prove_the_user_is_not_signed_for(make_server, make_proxy) -> None:
     """A token of the right shape that the source refused (here: signed at another instant) proves
     nothing: after FLIP the session is still unauthenticated, never "app" on the target."""
@@ -130,3 +188,61 @@ def test_a_plain_target_gets_the_clients_own_token(make_server, make_proxy) -> N
     p.run(p.proxy.flip(plain))
     p.call(p.proxy.unfreeze)
     assert refused(c("SET", "k", "v"), "WRONGPASS")
+
+
+def test_a_whole_migration_whose_application_authenticates_with_iam_tokens(make_server) -> None:
+    """The engine end to end (RouteIn, copy, sync, PREPARE, FLIP, reverse sync) with IAM on both sides:
+    DurableCache as "migrator", the application's writers as "app" with the source's token, through the
+    proxy from RouteIn on. Their sessions keep writing after FLIP without one refusal, as "app" on the
+    target, and no acknowledged write is lost."""
+    import asyncio
+
+    from durablecache.migration import Migration, MigrationOptions
+    from durablecache.proxyhandles import local_proxies
+    from durablecache.workload import Workload, seed
+
+    source = IamSide(make_server(engine="valkey8"), "src-rg")
+    target = IamSide(make_server(engine="valkey9"), "dst-rg")
+    with source.admin() as c:
+        seed(c, 1000)
+
+    async def run() -> dict[str, Any]:
+        load = Workload("127.0.0.1", source.server.port, writers=3, rate=200, username="app",
+                        password=token("app", "src-rg"))
+        load.start()
+        cut = asyncio.Event()
+        at_cut: dict[str, int] = {}
+
+        def emit(e: dict[str, Any]) -> None:
+            if e["event"] == "proxies":
+                host, port = e["addresses"][0].rsplit(":", 1)
+                load.point_at(host, int(port))
+            if e["event"] == "cutover":
+                at_cut.update(acked=load.acked, refused=sum(x.refused for x in load.ledgers))
+                cut.set()
+
+        opts = MigrationOptions(gate_settle=0.5, gate_timeout=30, rollback_window=600, copy_concurrency=4)
+        m = Migration(source.endpoint(), target.endpoint(), opts, local_proxies("127.0.0.1", 0), emit=emit)
+        task = asyncio.create_task(m.run())
+        await asyncio.wait([task, asyncio.create_task(cut.wait())], timeout=120,
+                           return_when=asyncio.FIRST_COMPLETED)
+        assert cut.is_set(), task.exception() if task.done() else "no cutover in 120 s"
+        deadline = asyncio.get_running_loop().time() + 20
+        while load.acked < at_cut["acked"] + 300:      # writes go on after FLIP, through the proxy
+            assert asyncio.get_running_loop().time() < deadline, "writes stopped after FLIP"
+            await asyncio.sleep(0.05)
+        users = target.auth_calls("app")
+        await load.finish()
+        with target.admin() as t:
+            lost = load.lost(t)
+        m.stop_requested.set()
+        await asyncio.wait_for(task, 30)
+        return {"lost": lost, "users": users, "at_cut": at_cut, "load": load}
+
+    r = asyncio.run(run())
+    assert r["lost"] == []
+    refused = sum(x.refused for x in r["load"].ledgers)
+    uncertain = sum(x.uncertain for x in r["load"].ledgers)
+    assert refused == r["at_cut"]["refused"] == 0, (refused, r["at_cut"])
+    assert uncertain == 0
+    assert len(r["users"]) >= 3, r["users"]       # each writer's session, as "app", on the target

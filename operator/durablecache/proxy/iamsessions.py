@@ -10,6 +10,9 @@ elasticache:Connect on the side and on the user: deploy/iam-policy.json). It nev
 session has not proved to be, and never for a side whose endpoint is not an IAM one (``Endpoint.iam``,
 which names the cache and region to sign for).
 
+A connection authenticated with a token of ours authenticates again, with a newly signed one, every
+``reauth_after`` (11 hours by default, AWS closes it at 12): ``Routing._renew_later``.
+
 Tokens are recognised by their shape: ``<cache>/?Action=connect&User=<user>&...&X-Amz-Signature=...``
 with ``User`` equal to the AUTH user. Nothing here logs or keeps a client's token.
 """
@@ -72,22 +75,25 @@ class SessionLogins:
     def __init__(self) -> None:
         self._minters: dict[tuple[IamAuth, bytes], IamAuth] = {}
 
-    def auth_for(self, auth: AuthArgs, endpoint: Endpoint, proven: bytes | None) -> AuthArgs:
+    def auth_for(self, auth: AuthArgs, endpoint: Endpoint, proven: bytes | None, renew: bool = False) -> AuthArgs:
         """What to replay on a new connection to ``endpoint`` for a session whose AUTH is ``auth``
         and which proved to be IAM user ``proven``: its own AUTH while that is a fresh token for this
-        side's cache, else ``AUTH <user> <token signed for this side>``; any other AUTH as it is."""
+        side's cache, else ``AUTH <user> <token signed for this side>``; any other AUTH as it is.
+        ``renew``: for a connection that authenticated with our token and must do so again (a token
+        signed now)."""
         side = endpoint.iam
         if side is None or proven is None or iam_user(auth) != proven:
             return auth
         found = token_fields(auth[2])
-        if found is not None and found[0] == side.cache and _fresh(found[1], (side.clock or _utc_now)()):
+        if not renew and found is not None and found[0] == side.cache and \
+                _fresh(found[1], (side.clock or _utc_now)()):
             return auth
         minter = self._minters.get((side, proven))
         if minter is None:
             minter = IamAuth(user=proven.decode(), cache=side.cache, region=side.region, serverless=side.serverless,
-                             credentials=side.credentials, clock=side.clock)
+                             reauth_after=side.reauth_after, credentials=side.credentials, clock=side.clock)
             self._minters[(side, proven)] = minter
-        _user, token = minter.login()
+        _user, token = minter.login(fresh=renew)
         return (b"AUTH", proven, token.encode())
 
 
