@@ -108,7 +108,8 @@ def test_the_proxy_pods_join_the_coordinator_with_every_setting() -> None:
     assert (flag(args, "--processes"), flag(args, "--max-clients"), flag(args, "--connection-budget")) == \
         ("auto", "500", "40000")
     assert flag(args, "--announce") == "sessions-proxy.shop.svc"
-    assert (flag(args, "--tls-cert"), flag(args, "--tls-key")) == (f"{PROXY_TLS_DIR}/tls.crt", f"{PROXY_TLS_DIR}/tls.key")
+    assert (flag(args, "--tls-cert"), flag(args, "--tls-key")) == \
+        (f"{PROXY_TLS_DIR}/tls.crt", f"{PROXY_TLS_DIR}/tls.key")
     (volume,) = [v for v in pod["volumes"] if v["name"] == "proxy-tls"]
     assert (volume["secret"]["secretName"], volume["secret"]["defaultMode"]) == ("sessions-proxy-tls", 0o440)
     assert [i["key"] for i in volume["secret"]["items"]] == ["tls.crt", "tls.key"]

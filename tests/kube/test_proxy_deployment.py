@@ -19,19 +19,20 @@ from kubernetes import client as k8s_client
 from durablecache.localvalkey import LocalServer
 from durablecache.workload import seed
 
+from . import test_operator
 from .conftest import KubeEnv
-from .test_operator import (  # noqa: F401 - operator_factory is a fixture
+from .test_operator import (
     MIGRATION_TIMEOUT,
     Cluster,
     Operator,
     assert_target_has_every_acked_write,
     durablecache,
-    operator_factory,
     phase_seen,
     start_app,
     wait_for,
 )
 
+operator_factory = test_operator.operator_factory     # the fixture: operators watching this test's namespace
 TWO_OF_TWO = {"ready": 2, "total": 2, "processes": 2, "display": "2/2"}
 
 
