@@ -1,5 +1,7 @@
-"""durablecache worker: the proxy and syncer of one DurableCache, run by the operator (a pod, or a local
-process in tests). It runs the same Migration as ``durablecache migrate``, in-process, with settings
+"""durablecache worker: the coordinator (syncer, phases, cutover) of one DurableCache, run by the operator
+(a pod, or a local process in tests). Under the operator it runs no proxy of its own (``--proxies 0``):
+the proxy pods join it at ``--coordinator-listen`` (fleet.py, docs/ha.md#in-kubernetes), and it reports
+them in status.proxies. It runs the same Migration as ``durablecache migrate``, in-process, with settings
 from the parsed spec (k8s/spec.py), its resume state kept in the resource's status (k8s/store.py, the
 worker's one status writer), and reports progress, phases and Events to the API.
 
@@ -47,7 +49,7 @@ from ._common import hostport, read_token, run_async
 from .proxy import announce_address, server_tls
 
 NAME = "worker"
-HELP = "run the proxy and syncer of one DurableCache (started by the operator; not for direct use)"
+HELP = "run the coordinator of one DurableCache (started by the operator; not for direct use)"
 log = logs.get("durablecache.worker")
 WORKER_COMPONENT = "durablecache-worker"
 GATE_EVENT_INTERVAL = 30.0
