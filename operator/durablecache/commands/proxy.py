@@ -12,6 +12,7 @@ from typing import Any
 
 from .. import logs
 from ..errors import UsageError
+from ..options import DEFAULTS
 from ..proxyprocesses import Child, cpu_count, supervise
 from ..urls import parse_url
 from ._common import hostport, read_token, run_async, tune_gc
@@ -43,6 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-clients", type=_positive, default=0, metavar="N",
                    help="accept at most N client connections (per process); more get "
                         "'ERR max number of clients reached', as from a server (default: no limit)")
+    p.add_argument("--connection-budget", type=_budget, default=DEFAULTS.connection_budget, metavar="N",
+                   help="a cutover attempt is refused when it would take a server of the side it flips to past N "
+                        "client connections (its clients now plus one per client session of this process; "
+                        "docs/limits.md); 0 (the default): 90%% of that server's maxclients")
     p.add_argument("--processes", type=_processes, default=1, metavar="N|auto",
                    help="run N proxy processes sharing the listen port (SO_REUSEPORT), each with its own "
                         "admin port (--admin PORT, PORT+1, ...) and mark stream; auto: one per CPU (default 1)")
@@ -59,6 +64,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _positive(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"not a positive number: {value!r}")
+    return int(value)
+
+
+def _budget(value: str) -> int:
+    """--connection-budget: a number of connections, 0 for the default share of maxclients."""
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"not a number of connections: {value!r}")
     return int(value)
 
 
@@ -120,7 +132,8 @@ async def _main(args: argparse.Namespace) -> int:
         on_marks = remote
     proxy = Proxy(upstream, listen_host=host, listen_port=port, on_marks=on_marks, client_tls=client_tls,
                   migrating=not args.not_migrating, name_prefix=args.name, max_clients=args.max_clients,
-                  announce_host=announce_host, announce_port=announce_port, reuse_port=args.reuse_port)
+                  announce_host=announce_host, announce_port=announce_port, reuse_port=args.reuse_port,
+                  connection_budget=args.connection_budget)
     await proxy.start()
     admin = None
     if admin_addr is not None:
@@ -220,7 +233,8 @@ async def _joined(args: argparse.Namespace) -> int:
                     args.proxy_id or f"{socket.gethostname()}-{os.getpid()}", listen=hostport(args.listen, "--listen"),
                     admin=hostport(args.admin, "--admin"), client_tls=server_tls(args.tls_cert, args.tls_key),
                     migrating=not args.not_migrating, name_prefix=args.name, max_clients=args.max_clients,
-                    announce_host=announce_host, announce_port=announce_port, reuse_port=args.reuse_port)
+                    announce_host=announce_host, announce_port=announce_port, reuse_port=args.reuse_port,
+                    connection_budget=args.connection_budget)
     stop = asyncio.Event()     # before joining: a SIGTERM right after READY must still leave cleanly
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
