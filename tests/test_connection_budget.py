@@ -1,7 +1,7 @@
 """The connection budget as an option (`durablecache migrate --connection-budget`, `durablecache proxy
 --connection-budget`, spec.proxy.connectionBudget): a cutover attempt that would take the target past it
-is refused before anything is held, with an error that says why, and the migration goes on in Sync;
-once the clients fit, the next attempt cuts over."""
+is refused before anything is held, with an error that says why, and the migration goes on in Sync
+(a refusal is not counted as a failed attempt); once the clients fit, the next attempt cuts over."""
 
 from __future__ import annotations
 
@@ -64,6 +64,11 @@ def test_an_attempt_over_the_budget_is_refused_and_the_migration_goes_on(source,
         assert writer.set("after-refusal", "1")
         status = control(control_port, token_file.read_text().strip(), "/status", method="GET")
         assert status["phase"] in ("Sync", "Cutover"), status
+        # It tries again, and a refusal is not a failed attempt: the attempt number stays where it was
+        # (otherwise the 20th refusal would fail the migration).
+        again = events.wait(lambda e: e["event"] == "cutover_aborted", 30)
+        assert "connection budget" in again["reason"]
+        assert again["attempt"] == aborted["attempt"] == 1
         for c in idle:
             c.close()
         idle.clear()

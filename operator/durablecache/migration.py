@@ -47,6 +47,7 @@ log = logs.get("durablecache.migration")
 STATE_VERSION = 1
 PLANNED_REPAIR = "verify pass after the copy"
 GC_HOLD_LIMIT = 30.0   # seconds the collector may stay off for one switch of authority (gcpause.py)
+BUDGET_RETRY = 5.0     # seconds between attempts a connection budget refused (no attempt counted)
 CATCH_UP_LIMIT = 1.0   # seconds an attempt lets the syncer make up, after PREPARE, for what it held up
 __all__ = ["Migration", "MigrationOptions", "Phase", "ProxyHandle", "ProxyStarter"]
 
@@ -448,9 +449,20 @@ class Migration:
                 continue
             attempts += 1
             self._check_watch()
-            if await self.cutover(attempts):
+            done = await self.cutover(attempts)
+            if done.ok:
                 self.set_phase(Phase.ROUTE_OUT)
                 return
+            if done.over_budget:
+                # Not a failed drain: the servers cannot take a second connection per client now.
+                # Waiting (in Sync, writes flowing) until clients leave or the budget is raised is
+                # all that can be done, so it does not count towards cutover_attempts.
+                attempts -= 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop_requested.wait(), BUDGET_RETRY)
+                if self.stop_requested.is_set():
+                    return
+                continue
             if attempts >= self.opts.cutover_attempts:
                 knob = "maxWritePause" if self.opts.drain_limit == self.opts.max_write_pause else "drainBudget"
                 raise DurableCacheError(
@@ -459,7 +471,7 @@ class Migration:
                     f"raise {knob} / maxKeyPause or lower the write load")
             await asyncio.sleep(min(0.2 * attempts, 2.0))
 
-    async def cutover(self, attempt: int) -> bool:
+    async def cutover(self, attempt: int) -> _Switched:
         """One attempt to make the target authoritative (_switch_authority), or abort back to Sync."""
         assert self.syncer and self.target
         self.set_phase(Phase.CUTOVER)
@@ -471,14 +483,14 @@ class Migration:
             self.emit({"event": "cutover_aborted", "attempt": attempt, "reason": done.reason,
                        "pause_ms": done.pause_ms, "held_keys": done.held_keys, "key_pause_ms": done.key_pause_ms})
             self.set_phase(Phase.SYNC)
-            return False
+            return done
         self.state["lastCutoverPauseMs"] = done.pause_ms
         self.state["lastCutoverKeyPauseMs"] = done.key_pause_ms
         self.save()
         self.emit({"event": "cutover", "pause_ms": done.pause_ms, "freeze_ms": round(done.frozen_ms, 2),
                    "steps_ms": done.steps_ms, "attempt": attempt, "held_keys": done.held_keys,
                    "key_pause_ms": done.key_pause_ms})
-        return True
+        return done
 
     async def _switch_authority(self, sw: _Switch) -> _Switched:
         """PREPARE -> [HOLD hot keys] -> FREEZE -> DRAIN -> [LAST CHECK] -> FLIP -> UNFREEZE [-> RELEASE]
@@ -537,7 +549,8 @@ class Migration:
         except (TimeoutError, DurableCacheError, OSError) as exc:
             if switched:  # FLIP failed: the old side stays authoritative, copy towards the other again
                 await self._switch_back(reverse=not sw.reverse_after)
-            if "connection budget:" in str(exc):   # a proxy refused the attempt (its own process or ours)
+            over_budget = "connection budget:" in str(exc)   # a proxy refused it (its own process or ours)
+            if over_budget:
                 self.emit({"event": "connection_budget", "reason": str(exc)})
             pause_ms = 0.0
             if t0 is not None:
@@ -547,7 +560,7 @@ class Migration:
             await self._unprepare_all()
             await self._release_keys(held)
             return _Switched(False, str(exc) or "freeze timed out", pause_ms, frozen_ms, len(held), _ms_since(k0),
-                             flip_failed=switched)
+                             flip_failed=switched, over_budget=over_budget)
         except BaseException:
             # Anything else (a syncer failure, cancellation) ends the migration: hold nothing meanwhile.
             if t0 is not None:
@@ -769,6 +782,7 @@ class _Switched:
     held_keys: int
     key_pause_ms: float
     flip_failed: bool = False
+    over_budget: bool = False     # a proxy refused the attempt: the connection budget (PREPARE)
     steps_ms: dict[str, float] = dataclasses.field(default_factory=dict)   # freeze, drain, check, flip, unfreeze
 
 
