@@ -90,7 +90,7 @@ def test_the_coordinator_runs_no_proxy_and_listens_for_joins_behind_its_service(
 
 
 def test_the_proxy_pods_join_the_coordinator_with_every_setting() -> None:
-    obj = resource(replicas=3, processes="auto", maxClients=500, connectionBudget=40000,
+    obj = resource(replicas=3, processes="auto", maxClients=500, maxClientsTotal=1000, connectionBudget=40000,
                    tls={"secretName": "sessions-proxy-tls"})
     objs = rendered(obj)
     deployment = objs[("Deployment", "sessions-proxy")]
@@ -107,6 +107,7 @@ def test_the_proxy_pods_join_the_coordinator_with_every_setting() -> None:
     assert env == {"POD_NAME": "metadata.name", "POD_IP": "status.podIP"}
     assert (flag(args, "--processes"), flag(args, "--max-clients"), flag(args, "--connection-budget")) == \
         ("auto", "500", "40000")
+    assert flag(args, "--max-clients-total") == "333"     # this pod's share of the total, rounded down
     assert flag(args, "--announce") == "sessions-proxy.shop.svc"
     assert (flag(args, "--tls-cert"), flag(args, "--tls-key")) == \
         (f"{PROXY_TLS_DIR}/tls.crt", f"{PROXY_TLS_DIR}/tls.key")

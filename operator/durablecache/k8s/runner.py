@@ -95,6 +95,8 @@ def proxy_args(proxy: ProxySpec, join: str, token_file: str, *, listen: str, adm
         out += ["--tls-cert", f"{tls_dir}/{TLS_CERT_KEY}", "--tls-key", f"{tls_dir}/{TLS_KEY_KEY}"]
     if proxy.max_clients:
         out += ["--max-clients", str(proxy.max_clients)]
+    if proxy.max_clients_total:     # this pod's share; the proxy command splits it between its processes
+        out += ["--max-clients-total", str(proxy.max_clients_total // proxy.replicas)]
     if proxy.connection_budget:
         out += ["--connection-budget", str(proxy.connection_budget)]
     return out
