@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from durablecache.k8s.runner import ADMIN_PORT, COORDINATOR_PORT, PROXY_TLS_DIR, TOKEN_DIR, KubernetesRunner
+from durablecache.k8s.runner import (
+    ADMIN_PORT,
+    COORDINATOR_PORT,
+    PROXY_TLS_DIR,
+    TEMPLATE_HASH,
+    TOKEN_DIR,
+    KubernetesRunner,
+)
 
 
 def resource(**proxy: Any) -> dict[str, Any]:
@@ -187,3 +194,19 @@ def test_the_endpoint_keeps_its_transport_from_source_through_proxy_to_target() 
     assert urls == ["valkeys://10.0.0.1:6379", "valkeys://sessions-proxy.shop.svc:6379", "valkeys://10.0.0.2:6379"]
     plain = resource()
     assert rec.address(plain, "proxy") == ("sessions-proxy.shop.svc", 6379, False)
+
+
+def test_each_deployment_carries_the_hash_of_what_was_asked_for() -> None:
+    """The operator patches the proxy Deployment when spec.proxy changes, and only then: the hash of the
+    replicas and pod template it asked for stays the same for the same spec, whatever the API server
+    adds to the stored object, and changes with the spec."""
+    def hashes(**proxy: Any) -> dict[str, str]:
+        objs = rendered(resource(**proxy))
+        return {name: objs[("Deployment", name)]["metadata"]["annotations"][TEMPLATE_HASH]
+                for name in ("sessions-proxy", "sessions-worker")}
+
+    same, again = hashes(replicas=2), hashes(replicas=2)
+    assert same == again
+    scaled, other = hashes(replicas=3), hashes(replicas=2, processes=2)
+    assert scaled["sessions-proxy"] != same["sessions-proxy"] != other["sessions-proxy"]
+    assert scaled["sessions-worker"] == same["sessions-worker"] == other["sessions-worker"]

@@ -667,6 +667,21 @@ def test_kubernetes_runner_creates_the_owned_worker_deployment_service_pdb_and_i
 
     # A restarted operator generates no new token: the Secret is created once.
     assert core.read_namespaced_secret("carts-fleet-token", kube_namespace).data == token.data
+    # A changed spec.proxy reaches the proxies' Deployment (a rolling update there); the coordinator's
+    # Deployment is left alone (replacing it would be a lease takeover).
+    cluster.patch_spec("carts", {"proxy": {"replicas": 4, "processes": 2}})
+
+    def proxies_follow() -> Any:
+        d = apps.read_namespaced_deployment("carts-proxy", kube_namespace)
+        a = d.spec.template.spec.containers[0].args
+        return d if d.spec.replicas == 4 and a[a.index("--processes") + 1] == "2" else None
+
+    followed = wait_for("the proxy Deployment to follow spec.proxy", proxies_follow, 30).spec.template.spec
+    new_args = followed.containers[0].args
+    assert new_args[new_args.index("--join") + 1] == f"carts-coordinator.{kube_namespace}.svc:7000"
+    assert [v.name for v in followed.volumes if v.name == "proxy-tls"] == ["proxy-tls"]   # the rest as before
+    assert apps.read_namespaced_deployment("carts-worker", kube_namespace).metadata.generation == \
+        deployment.metadata.generation
     # Deleting the DurableCache removes them (the finalizer; no garbage collector runs here). The
     # join-token Secret stays for the garbage collector (its owner reference, checked above): the
     # operator holds no delete on Secrets.
