@@ -33,7 +33,6 @@ from .test_operator import (
 )
 
 operator_factory = test_operator.operator_factory     # the fixture: operators watching this test's namespace
-TWO_OF_TWO = {"ready": 2, "total": 2, "processes": 2, "display": "2/2"}
 
 
 def proxy_pid(op: Operator, namespace: str, name: str, pod: int) -> int | None:
@@ -52,15 +51,21 @@ def reasons(cluster: Cluster, name: str) -> list[str]:
     return [reason for _, reason, _ in cluster.events(name)]
 
 
+def pods(ready: int, processes: int = 1) -> dict[str, object]:
+    """status.proxies with ``ready`` of ``ready`` pods joined, ``processes`` each."""
+    return {"ready": ready, "total": ready, "processes": ready * processes, "display": f"{ready}/{ready}"}
+
+
 def start_two_proxy_migration(cluster: Cluster, source: LocalServer, target: LocalServer,
-                              op: Operator, name: str) -> None:
-    """A manual-cutover migration with two proxy pods of one process each, up to Sync with both joined."""
+                              op: Operator, name: str, processes: int = 1) -> None:
+    """A manual-cutover migration with two proxy pods of ``processes`` processes each, up to Sync with
+    both joined."""
     body = durablecache(name, source, target, mode="manual")
-    body["spec"]["proxy"] = {"replicas": 2, "processes": 1}
+    body["spec"]["proxy"] = {"replicas": 2, "processes": processes}
     cluster.apply(body)
     wait_for("Sync awaiting approval",
              lambda: cluster.condition(name, "Progressing").get("reason") == "AwaitingApproval", 90)
-    wait_for("both proxy pods joined", lambda: cluster.status(name).get("proxies") == TWO_OF_TWO, 30)
+    wait_for("both proxy pods joined", lambda: cluster.status(name).get("proxies") == pods(2, processes), 30)
     assert all(proxy_pid(op, cluster.ns, name, i) for i in (0, 1))
 
 
@@ -125,7 +130,7 @@ def test_a_proxy_pod_killed_in_sync_is_started_again_and_nothing_is_lost(
         # Its streamed marks may be lost: the coordinator repairs before any cutover.
         wait_for("the repair the loss demands",
                  lambda: "RepairRequired" in (r := reasons(cluster, "orders")) and r.count("Repaired") > repaired, 90)
-        wait_for("both proxy pods joined again", lambda: cluster.status("orders").get("proxies") == TWO_OF_TWO, 30)
+        wait_for("both proxy pods joined again", lambda: cluster.status("orders").get("proxies") == pods(2), 30)
         assert cluster.phase("orders") == "Sync"
         finish(cluster, "orders", target)
     finally:
@@ -135,3 +140,60 @@ def test_a_proxy_pod_killed_in_sync_is_started_again_and_nothing_is_lost(
     assert "ProxyLeft" in events and events.count("ProxyJoined") >= 3, events
     # The coordinator was not restarted: a proxy pod's loss is routine.
     assert "WorkerRestarted" not in events, events
+
+
+def test_a_proxy_pod_added_in_sync_joins_and_nothing_is_lost(
+        kube_env: KubeEnv, kube_api: k8s_client.ApiClient, kube_namespace: str,
+        make_server: Callable[..., LocalServer], operator_factory: Callable[..., Operator]) -> None:
+    """Two pods of two processes each; a third pod added (spec.proxy.replicas 2 -> 3) while the
+    applications write: its processes join, the migration completes, nothing acknowledged is lost."""
+    source, target = make_server(), make_server()
+    with contextlib.closing(source.client()) as c:
+        seed(c, 3000)
+    cluster = Cluster(kube_api, kube_env, kube_namespace)
+    app = start_app(cluster, source)
+    op = operator_factory()
+    try:
+        op.start()
+        start_two_proxy_migration(cluster, source, target, op, "carts", processes=2)
+        proxy = cluster.status("carts")["endpoints"]["proxy"]
+        wait_for("the load on the proxies", lambda: app.addresses[-1:] == [proxy], 20)
+        cluster.patch_spec("carts", {"proxy": {"replicas": 3}})
+        wait_for("the third pod joined", lambda: cluster.status("carts").get("proxies") == pods(3, 2), 60)
+        assert proxy_pid(op, kube_namespace, "carts", 2)
+        assert cluster.phase("carts") == "Sync"
+        finish(cluster, "carts", target)
+    finally:
+        app.stop()
+    assert_target_has_every_acked_write(app, target, min_keys=3000)
+    assert reasons(cluster, "carts").count("ProxyJoined") == 6
+
+
+def test_a_proxy_pod_killed_as_the_cutover_starts_loses_nothing(
+        kube_env: KubeEnv, kube_api: k8s_client.ApiClient, kube_namespace: str,
+        make_server: Callable[..., LocalServer], operator_factory: Callable[..., Operator]) -> None:
+    """Two pods of two processes each; one pod SIGKILLed the moment the cutover is approved (its
+    attempt runs or begins then): the attempt aborts or completes, the runner starts the pod again,
+    the migration completes, nothing acknowledged is lost."""
+    source, target = make_server(), make_server()
+    with contextlib.closing(source.client()) as c:
+        seed(c, 3000)
+    cluster = Cluster(kube_api, kube_env, kube_namespace)
+    app = start_app(cluster, source)
+    op = operator_factory()
+    try:
+        op.start()
+        start_two_proxy_migration(cluster, source, target, op, "wishlist", processes=2)
+        proxy = cluster.status("wishlist")["endpoints"]["proxy"]
+        wait_for("the load on the proxies", lambda: app.addresses[-1:] == [proxy], 20)
+        killed = proxy_pid(op, kube_namespace, "wishlist", 1)
+        assert killed is not None
+        cluster.patch_spec("wishlist", {"cutover": {"approved": True}})
+        os.killpg(killed, signal.SIGKILL)
+        wait_for("Complete", phase_seen(cluster, "wishlist", {"Complete"}), MIGRATION_TIMEOUT)
+        wait_for("the endpoint Secret to point at the target",
+                 lambda: cluster.secret("app-cache")["port"] == str(target.port), 20)
+    finally:
+        app.stop()
+    assert_target_has_every_acked_write(app, target, min_keys=3000)
+    assert "ProxyLeft" in reasons(cluster, "wishlist")
