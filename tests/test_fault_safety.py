@@ -13,14 +13,14 @@ from typing import Any
 
 import pytest
 
-from durablecache.localvalkey import LocalServer
 from durablecache.migration import Migration, MigrationOptions, Phase
 from durablecache.proxyhandles import local_proxies
 from durablecache.repairplan import RepairPlan
+from durablecache.testing.localvalkey import LocalServer
+from durablecache.testing.workload import Workload, seed
 from durablecache.topology import discover
 from durablecache.verify import Verifier
 from durablecache.witness import NodeIdentity, SideReading, count_mismatch, identity_changes
-from durablecache.workload import Workload, seed
 from proxy.waiting import wait_for
 
 SEED_KEYS = 3000

@@ -16,9 +16,9 @@ from durablecache.migration import Migration, MigrationOptions
 from durablecache.proxy import Proxy
 from durablecache.proxy.admin import AdminServer
 from durablecache.proxyhandles import local_proxies
+from durablecache.testing.workload import Workload
 from durablecache.topology import discover
 from durablecache.verify import Verifier
-from durablecache.workload import Workload
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -15,12 +15,12 @@ import pytest
 import valkey.asyncio as avalkey
 
 from durablecache.keymover import MoverOptions
-from durablecache.localvalkey import free_port
 from durablecache.migration import Migration, MigrationOptions
 from durablecache.movers import MoverPool
 from durablecache.proxy.members import MemberMark
 from durablecache.proxyhandles import local_proxies, subprocess_proxies
 from durablecache.syncer import MEMBERS_PER_KEY, Syncer
+from durablecache.testing.localvalkey import free_port
 from durablecache.topology import discover
 from durablecache.verify import Verifier
 

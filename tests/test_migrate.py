@@ -19,14 +19,14 @@ from typing import Any
 import pytest
 
 from durablecache.errors import ConnectError
-from durablecache.localvalkey import free_port
 from durablecache.migration import Migration, MigrationOptions, Phase
 from durablecache.proxy import Proxy
 from durablecache.proxyhandles import LocalProxy, local_proxies
+from durablecache.testing.localvalkey import free_port
+from durablecache.testing.workload import Workload, seed
 from durablecache.topology import discover
 from durablecache.urls import Endpoint
 from durablecache.verify import Verifier
-from durablecache.workload import Workload, seed
 from keyspace import CLI, run_cli
 
 

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 import valkey
 
-from durablecache.localvalkey import free_port
 from durablecache.migration import Migration, MigrationOptions
 from durablecache.proxyhandles import SubprocessProxy, subprocess_proxies
-from durablecache.workload import Workload, seed
+from durablecache.testing.localvalkey import free_port
+from durablecache.testing.workload import Workload, seed
 from keyspace import CLI
 
 pytestmark = pytest.mark.timeout(180)

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import valkey
 
-from durablecache.localvalkey import free_port
-from durablecache.workload import seed
+from durablecache.testing.localvalkey import free_port
+from durablecache.testing.workload import seed
 from keyspace import CLI, run_cli
 from test_migrate import Events
 

@@ -20,10 +20,10 @@ import aiohttp
 
 from . import logs
 from .errors import ConnectError, FencedError
-from .localvalkey import free_port
 from .migration import MarkCallback, ProxyHandle, ProxyStarter
 from .proxy import MarkServer, Proxy
 from .proxy.admin import EPOCH_HEADER
+from .testing.localvalkey import free_port
 from .urls import Endpoint
 
 log = logs.get("durablecache.proxies")

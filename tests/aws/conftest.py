@@ -21,8 +21,8 @@ import boto3
 import pytest
 from awstest import REGION, FakeClock, Recorder, unique
 
-from durablecache.localvalkey import free_port, stop_process
 from durablecache.providers.aws import AwsProvider, make_client
+from durablecache.testing.localvalkey import free_port, stop_process
 
 MOTO_SERVER = Path(__file__).with_name("motoserver.py")
 START_TIMEOUT = 30.0

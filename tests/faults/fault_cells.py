@@ -42,8 +42,8 @@ from fault_runner import (
 )
 from faultproxy import FaultProxy
 
-from durablecache.localvalkey import LocalServer
-from durablecache.workload import seed
+from durablecache.testing.localvalkey import LocalServer
+from durablecache.testing.workload import seed
 
 # A write the authoritative server acknowledged this shortly before it crashed and came back empty can
 # be gone from both sides without DurableCache at fault (reverse sync copies within milliseconds; a

@@ -26,8 +26,8 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
 from durablecache.k8s.lease import CoordinatorLease, LeaseLost, LeaseTimings, lease_name
-from durablecache.localvalkey import LocalServer
-from durablecache.workload import seed
+from durablecache.testing.localvalkey import LocalServer
+from durablecache.testing.workload import seed
 from faults.faultproxy import FaultProxy  # tests/ is on sys.path (rootdir insertion)
 
 from .conftest import KubeEnv, free_port

@@ -30,8 +30,8 @@ import pytest
 import yaml
 from kubernetes import client as k8s_client
 
-from durablecache.localvalkey import LocalServer
-from durablecache.workload import Workload, seed
+from durablecache.testing.localvalkey import LocalServer
+from durablecache.testing.workload import Workload, seed
 
 from .conftest import AWS_TEST_ENV, KubeEnv, OperatorRelease, ServiceAccountKubeconfig, free_port
 

@@ -20,12 +20,12 @@ import valkey.asyncio as avalkey
 from durablecache.commands.migrate import proxy_starter
 from durablecache.errors import FencedError
 from durablecache.fleet import Fleet, Member
-from durablecache.localvalkey import LocalServer, free_port
 from durablecache.migration import Migration, ProxyHandle
 from durablecache.options import MigrationOptions
 from durablecache.phases import Phase
+from durablecache.testing.localvalkey import LocalServer, free_port
+from durablecache.testing.workload import Workload, seed
 from durablecache.urls import Endpoint
-from durablecache.workload import Workload, seed
 
 pytestmark = pytest.mark.timeout(180)
 TOKEN = "fleet-secret"

@@ -19,7 +19,7 @@ from typing import Any
 
 import valkey
 
-from .urls import Endpoint
+from ..urls import Endpoint
 
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT = 15.0
