@@ -17,10 +17,10 @@ import valkey.asyncio as avalkey
 from durablecache.keymover import MoverOptions
 from durablecache.migration import Migration, MigrationOptions
 from durablecache.movers import MoverPool
+from durablecache.ports import free_port
 from durablecache.proxy.members import MemberMark
 from durablecache.proxyhandles import local_proxies, subprocess_proxies
 from durablecache.syncer import MEMBERS_PER_KEY, Syncer
-from durablecache.testing.localvalkey import free_port
 from durablecache.topology import discover
 from durablecache.verify import Verifier
 

@@ -20,9 +20,9 @@ import pytest
 
 from durablecache.errors import ConnectError
 from durablecache.migration import Migration, MigrationOptions, Phase
+from durablecache.ports import free_port
 from durablecache.proxy import Proxy
 from durablecache.proxyhandles import LocalProxy, local_proxies
-from durablecache.testing.localvalkey import free_port
 from durablecache.testing.workload import Workload, seed
 from durablecache.topology import discover
 from durablecache.urls import Endpoint

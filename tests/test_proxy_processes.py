@@ -18,8 +18,8 @@ import pytest
 import valkey
 
 from durablecache.migration import Migration, MigrationOptions
+from durablecache.ports import free_port
 from durablecache.proxyhandles import SubprocessProxy, subprocess_proxies
-from durablecache.testing.localvalkey import free_port
 from durablecache.testing.workload import Workload, seed
 from keyspace import CLI
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import valkey
 
-from durablecache.testing.localvalkey import free_port
+from durablecache.ports import free_port
 from durablecache.testing.workload import seed
 from keyspace import CLI, run_cli
 from test_migrate import Events

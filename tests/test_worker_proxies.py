@@ -13,8 +13,8 @@ import valkey
 
 from durablecache.commands.worker import proxy_clients, proxy_starter
 from durablecache.k8s.spec import ProxySpec
+from durablecache.ports import free_port
 from durablecache.proxyhandles import LocalProxy, SubprocessProxy
-from durablecache.testing.localvalkey import free_port
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -21,9 +21,9 @@ import aiohttp
 from . import logs
 from .errors import ConnectError, FencedError
 from .migration import MarkCallback, ProxyHandle, ProxyStarter
+from .ports import free_port
 from .proxy import MarkServer, Proxy
 from .proxy.admin import EPOCH_HEADER
-from .testing.localvalkey import free_port
 from .urls import Endpoint
 
 log = logs.get("durablecache.proxies")

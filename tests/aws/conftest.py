@@ -21,8 +21,9 @@ import boto3
 import pytest
 from awstest import REGION, FakeClock, Recorder, unique
 
+from durablecache.ports import free_port
 from durablecache.providers.aws import AwsProvider, make_client
-from durablecache.testing.localvalkey import free_port, stop_process
+from durablecache.testing.localvalkey import stop_process
 
 MOTO_SERVER = Path(__file__).with_name("motoserver.py")
 START_TIMEOUT = 30.0

@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
-from durablecache.testing.localvalkey import LocalCluster, LocalServer, free_port, stop_process
+from durablecache.ports import free_port
+from durablecache.testing.localvalkey import LocalCluster, LocalServer, stop_process
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/: the fault suite's migration driver
 from faults.fault_runner import MigrationRun, is_phase, verify  # noqa: E402

@@ -18,7 +18,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -33,6 +32,8 @@ import pytest
 import yaml
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
+
+from durablecache.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "scripts" / "build-k8s-tools.sh"
@@ -66,12 +67,6 @@ def tool_path(name: str) -> Path:
         pytest.fail(f"{name} is not built ({path} missing); build the Kubernetes test tools with: "
                     f"{BUILD_HINT}", pytrace=False)
     return path
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _openssl(cwd: Path, *args: str) -> None:

@@ -26,11 +26,12 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
 from durablecache.k8s.lease import CoordinatorLease, LeaseLost, LeaseTimings, lease_name
+from durablecache.ports import free_port
 from durablecache.testing.localvalkey import LocalServer
 from durablecache.testing.workload import seed
 from faults.faultproxy import FaultProxy  # tests/ is on sys.path (rootdir insertion)
 
-from .conftest import KubeEnv, free_port
+from .conftest import KubeEnv
 from .test_operator import (  # noqa: F401 - operator_factory is a fixture
     MIGRATION_TIMEOUT,
     TEST_LEASE,

@@ -30,10 +30,11 @@ import pytest
 import yaml
 from kubernetes import client as k8s_client
 
+from durablecache.ports import free_port
 from durablecache.testing.localvalkey import LocalServer
 from durablecache.testing.workload import Workload, seed
 
-from .conftest import AWS_TEST_ENV, KubeEnv, OperatorRelease, ServiceAccountKubeconfig, free_port
+from .conftest import AWS_TEST_ENV, KubeEnv, OperatorRelease, ServiceAccountKubeconfig
 
 GROUP, VERSION, PLURAL = "durablecache.dev", "v1alpha1", "durablecaches"
 OPERATOR_START_TIMEOUT = 30.0

@@ -202,6 +202,6 @@ def test_tls_to_upstream_and_for_clients(tls_server, tls_certs, make_proxy):
 
 def test_upstream_endpoint_without_tls_fails_clearly(make_proxy):
     from durablecache.errors import ConnectError
-    from durablecache.testing.localvalkey import free_port
+    from durablecache.ports import free_port
     with pytest.raises(ConnectError):
         make_proxy(Endpoint("127.0.0.1", free_port()))

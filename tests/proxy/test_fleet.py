@@ -23,7 +23,8 @@ from durablecache.fleet import Fleet, Member
 from durablecache.migration import Migration, ProxyHandle
 from durablecache.options import MigrationOptions
 from durablecache.phases import Phase
-from durablecache.testing.localvalkey import LocalServer, free_port
+from durablecache.ports import free_port
+from durablecache.testing.localvalkey import LocalServer
 from durablecache.testing.workload import Workload, seed
 from durablecache.urls import Endpoint
 

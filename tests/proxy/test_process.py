@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import valkey
 
+from durablecache.ports import free_port
 from durablecache.proxy.marks import MarkServer, RemoteMarks
-from durablecache.testing.localvalkey import free_port
 
 pytestmark = pytest.mark.timeout(90)
 DURABLECACHE = [sys.executable, "-m", "durablecache.cli"]

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .. import logs
+from ..ports import free_port
 from . import GROUP
 from .kube import Kube, owner_reference
 from .spec import TLS_CERT_KEY, TLS_KEY_KEY, DurableCacheSpec
@@ -198,12 +198,6 @@ class KubernetesRunner:
             await asyncio.to_thread(self.kube.delete_quietly, kind, ns, name)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class LocalProcessRunner:
     """The worker as a local process (tests: there is no kubelet to run the worker pod).
 
@@ -224,7 +218,7 @@ class LocalProcessRunner:
         path = self._file(obj, "port")
         if path.exists():
             return int(path.read_text())
-        port = _free_port()
+        port = free_port()
         path.write_text(str(port))
         return port
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -19,9 +18,9 @@ from typing import Any
 
 import valkey
 
+from ..ports import LOOPBACK, free_port
 from ..urls import Endpoint
 
-LOOPBACK = "127.0.0.1"
 START_TIMEOUT = 15.0
 
 
@@ -66,12 +65,6 @@ def stop_process(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(grace)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
 
 
 class LocalServer:
