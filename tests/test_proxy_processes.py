@@ -20,6 +20,7 @@ import valkey
 from durablecache.migration import Migration, MigrationOptions
 from durablecache.ports import free_port
 from durablecache.proxyhandles import SubprocessProxy, subprocess_proxies
+from durablecache.testing.waiting import wait_for
 from durablecache.testing.workload import Workload, seed
 from keyspace import CLI
 
@@ -46,19 +47,6 @@ def two_free_ports() -> int:
                     continue
             return port
     raise AssertionError("no two consecutive free ports")
-
-
-def wait_for(what: str, cond, timeout: float = 30.0) -> Any:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = cond()
-        except OSError:
-            value = None
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def gone(pid: int) -> bool:
@@ -97,14 +85,14 @@ def test_two_processes_answer_on_one_port_and_stop_together(source, tmp_path) ->
         # One dies: the parent starts it again on the same port and admin port.
         os.kill(stats[1]["pid"], signal.SIGKILL)
         again = wait_for("the killed process to be restarted",
-                         lambda: admin_stats(admin + 1, token)["pid"] != stats[1]["pid"])
+                         lambda: admin_stats(admin + 1, token)["pid"] != stats[1]["pid"], 30, ignore=(OSError,))
         assert again
         assert valkey.Valkey(port=listen, socket_timeout=10).get("p:0") == b"0"
         pids = [admin_stats(admin + i, token)["pid"] for i in range(2)]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         for pid in pids:            # no child left behind
-            wait_for(f"process {pid} to be gone", lambda pid=pid: gone(pid))
+            wait_for(f"process {pid} to be gone", lambda pid=pid: gone(pid), 30)
     finally:
         if proc.poll() is None:
             proc.kill()

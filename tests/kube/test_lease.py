@@ -28,6 +28,7 @@ from kubernetes import config as k8s_config
 from durablecache.k8s.lease import CoordinatorLease, LeaseLost, LeaseTimings, lease_name
 from durablecache.ports import free_port
 from durablecache.testing.localvalkey import LocalServer
+from durablecache.testing.waiting import wait_for
 from durablecache.testing.workload import seed
 from faults.faultproxy import FaultProxy  # tests/ is on sys.path (rootdir insertion)
 
@@ -42,7 +43,6 @@ from .test_operator import (  # noqa: F401 - operator_factory is a fixture
     operator_factory,
     phase_seen,
     start_app,
-    wait_for,
 )
 
 DURATION = int(TEST_LEASE["DURABLECACHE_LEASE_DURATION"])

@@ -25,6 +25,7 @@ from durablecache.options import MigrationOptions
 from durablecache.phases import Phase
 from durablecache.ports import free_port
 from durablecache.testing.localvalkey import LocalServer
+from durablecache.testing.waiting import wait_for_async
 from durablecache.testing.workload import Workload, seed
 from durablecache.urls import Endpoint
 
@@ -263,10 +264,11 @@ class JoinOnFreeze:
         member = next(m for m in self.run.fleet.members.values() if m.proxy_id == "p3")
         client = avalkey.Valkey(port=self.joined.port, socket_timeout=30)
         self.write = asyncio.create_task(client.set("written-while-frozen", "1"))
-        deadline = time.monotonic() + 10
-        while (await member._admin("GET", "/stats"))["held"] < 1:
-            assert time.monotonic() < deadline, "the write through the frozen proxy was not held"
-            await asyncio.sleep(0.01)
+
+        async def held() -> bool:
+            return bool((await member._admin("GET", "/stats"))["held"] >= 1)
+
+        await wait_for_async("the write through the frozen proxy to be held", held, 10)
 
     async def prepare_flip(self, upstream: Endpoint) -> None: ...
 
@@ -314,7 +316,7 @@ def test_an_older_coordinators_freeze_and_flip_are_refused(source, target, tmp_p
         p = await ProxyProc.join(fleet.port, token_file, "p1")
         old: Member | None = None
         try:
-            await _joined(fleet, 1)
+            await wait_for_async("the proxy to join", lambda: fleet.members, 30)
             member = next(iter(fleet.members.values()))
             old = Member("old", "p1", member.address, member.admin_base[len("http://"):], TOKEN, epoch=3)
             with pytest.raises(FencedError, match="epoch 3.*seen epoch 5"):
@@ -368,13 +370,6 @@ def test_a_coordinator_fenced_by_a_newer_epoch_stops_without_recording_a_phase(s
     run_fleet(source, target, tmp_path, body, epoch=3)
 
 
-async def _joined(fleet: Fleet, n: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while len(fleet.members) < n:
-        assert time.monotonic() < deadline, "the proxy did not join"
-        await asyncio.sleep(0.05)
-
-
 def test_a_proxy_that_lost_its_coordinator_fails_closed(source, tmp_path):
     """With its mark stream down the proxy refuses writes (nothing is written upstream) and serves
     reads; once a coordinator is back on that address it rejoins and takes writes again."""
@@ -389,21 +384,22 @@ def test_a_proxy_that_lost_its_coordinator_fails_closed(source, tmp_path):
         p = await ProxyProc.join(port, token_file, "p1")
         again: Fleet | None = None
         try:
-            await _joined(fleet, 1)
+            await wait_for_async("the proxy to join", lambda: fleet.members, 30)
             c = valkey.Valkey(port=p.port, socket_timeout=10)
             assert c.set("before", "1")
             await fleet.stop()                          # the coordinator is gone
-            deadline = time.monotonic() + 10
-            while True:                                 # the proxy notices the stream's end
+
+            def refused() -> bool:                      # once the proxy notices the stream's end
                 try:
                     c.set("probe", "1")
                 except valkey.ConnectionError:          # sent as the stream ended: never acknowledged
-                    continue
+                    return False
                 except valkey.ResponseError as exc:
                     assert "lost its coordinator" in str(exc) and "nothing was written" in str(exc)
-                    break
-                assert time.monotonic() < deadline, "writes were never refused"
-                await asyncio.sleep(0.02)
+                    return True
+                return False
+
+            await wait_for_async("writes to be refused", refused, 10)
             with pytest.raises(valkey.ResponseError, match="TRYAGAIN"):
                 c.set("refused", "1")
             with pytest.raises(valkey.ResponseError, match="TRYAGAIN"):
@@ -413,15 +409,10 @@ def test_a_proxy_that_lost_its_coordinator_fails_closed(source, tmp_path):
 
             again = Fleet(TOKEN, port=port)
             await again.start(source.endpoint(), lambda _db, keys: got.extend(keys), lambda _why: None)
-            await _joined(again, 1)
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    assert c.set("after", "1")
-                    break
-                except valkey.ResponseError:            # READY accepted; the proxy learns it a moment later
-                    assert time.monotonic() < deadline
-                    await asyncio.sleep(0.02)
+            await wait_for_async("the proxy to rejoin", lambda: again.members, 30)
+            # READY accepted; the proxy learns it a moment later and takes writes again.
+            await wait_for_async("a write after the rejoin", lambda: c.set("after", "1"), 10,
+                                 ignore=(valkey.ResponseError,))
             await again.freeze(5.0)                     # the barrier: every mark acknowledged
             assert b"after" in got
             await again.unfreeze()

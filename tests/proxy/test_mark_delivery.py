@@ -17,6 +17,7 @@ import valkey
 from durablecache.errors import ConnectError
 from durablecache.proxy import MarkServer, RemoteMarks
 from durablecache.proxy.marks import FLUSH_DELAY, mark_frame
+from durablecache.testing.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -148,16 +149,11 @@ def test_a_silent_syncer_stops_the_streaming(source, make_proxy):
     c = valkey.Valkey(port=p.port, socket_timeout=10, retry_on_timeout=False)
     p.call(syncer_busy.clear)                      # the syncer goes silent
     assert c.set("streamed", 1)                    # answered at once: nothing waits yet
-    deadline = time.monotonic() + 10
-    while p.call(lambda: remote.streaming(time.monotonic())):
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_for("the silent syncer to count as stale", lambda: not p.call(lambda: remote.streaming(time.monotonic())), 10)
     direct = source.client()
     with ThreadPoolExecutor(1) as pool:
         reply = pool.submit(c.set, "waits", 1)
-        while direct.get("waits") is None:             # applied upstream...
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_for("the write applied upstream", lambda: direct.get("waits") is not None, 10)   # applied upstream...
         assert not reply.done()                         # ... but not answered
         p.call(syncer_busy.set)
         assert reply.result(10) is True                 # answered once the syncer acknowledged
@@ -180,10 +176,7 @@ def test_past_the_stream_limit_writes_wait_for_the_syncers_ack(source, make_prox
     assert p.proxy.delivery.marks_throttled >= 20
 
     p.run(server.stop())                            # the syncer goes away
-    deadline = time.monotonic() + 10
-    while not p.call(lambda: p.proxy.delivery.down):   # the proxy sees its stream end
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_for("the proxy to see its stream end", lambda: p.call(lambda: p.proxy.delivery.down), 10)
     # Fail closed (docs/ha.md): refused before it is sent, so nothing is written without its marks.
     with pytest.raises(valkey.ResponseError, match="TRYAGAIN .*lost its coordinator"):
         c.set("after", 1)
