@@ -88,10 +88,7 @@ class Run:
 
     async def writes_go_on(self, more: int = 30, timeout: float = WAIT) -> None:
         """Wait until the writers had ``more`` further writes acknowledged."""
-        goal = self.load.acked + more
-        async with asyncio.timeout(timeout):
-            while self.load.acked < goal:
-                await asyncio.sleep(0.01)
+        await self.load.writes_go_on(more, timeout)
 
     async def cut_over_and_stop(self) -> None:
         """Approve, wait for the cutover, end the load, let reverse sync catch up, stop."""

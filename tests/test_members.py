@@ -177,11 +177,7 @@ def test_a_whole_key_mark_supersedes_members_and_marks_during_a_copy_wait_for_th
         syncer.mark(0, [m("big", "p3")])              # absorbed by the whole copy to come
         assert syncer.dirty_members == 0
         syncer.start()
-        for _ in range(5000):
-            if syncer._in_flight.get((0, b"big")):
-                break
-            await asyncio.sleep(0.001)
-        assert syncer._in_flight.get((0, b"big")), "the whole copy should be in flight"
+        await wait_for_async("the whole copy in flight", lambda: syncer._in_flight.get((0, b"big")), 5)
         c.zincrby("big", 100, "p19999")                  # written while the copy runs ...
         syncer.mark(0, [m("big", "p19999")])             # ... its mark waits for the next copy
         assert syncer._again[(0, b"big")] == {b"p19999"} and (0, b"big") not in syncer._dirty

@@ -43,6 +43,7 @@ from .test_operator import (  # noqa: F401 - operator_factory is a fixture
     operator_factory,
     phase_seen,
     start_app,
+    writes_on_target,
 )
 
 DURATION = int(TEST_LEASE["DURABLECACHE_LEASE_DURATION"])
@@ -239,7 +240,7 @@ def test_a_standby_waits_then_takes_over_a_killed_coordinator_and_the_migration_
         wait_for("Complete", phase_seen(cluster, "orders", {"Complete"}), MIGRATION_TIMEOUT)
         wait_for("the endpoint Secret to point at the target",
                  lambda: cluster.secret("app-cache")["port"] == str(target.port), 20)
-        time.sleep(0.5)  # the load writes to the target directly for a moment
+        writes_on_target(app, target)   # the load writes to the target directly for a moment
     finally:
         app.stop()
     with contextlib.closing(target.client()) as c:
