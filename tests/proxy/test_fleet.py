@@ -144,19 +144,13 @@ class Run:
         await self.wait(lambda e: e["event"] == "cutover", 90)
         await self.wait(lambda e: e["event"] == "phase" and e["phase"] == Phase.COMPLETE.value, 30)
         for load in self.loads:
-            acked = load.acked
-            await asyncio.wait_for(self._more_acked(load, acked + 20), 30)   # writes flow after the cutover
+            await load.writes_go_on(20, 30)   # writes flow after the cutover
             await load.finish()
         client = self.target.client()
         for load in self.loads:
             assert load.acked > 100
             assert load.lost(client) == [], load.prefix
         client.close()
-
-    @staticmethod
-    async def _more_acked(load: Workload, n: int) -> None:
-        while load.acked < n:
-            await asyncio.sleep(0.02)
 
     async def close(self) -> None:
         for load in self.loads:
@@ -222,7 +216,7 @@ def test_a_proxy_added_in_sync(source, target, tmp_path):
         await r.sync_reached()
         p3 = await r.add_proxy("p3")
         load = r.load_through(p3, "load3")
-        await asyncio.wait_for(Run._more_acked(load, 50), 30)
+        await load.writes_go_on(50, 30)
         await r.finish()
         assert len(r.fleet.members) == 3
     run_fleet(source, target, tmp_path, body)

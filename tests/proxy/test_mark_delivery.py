@@ -17,7 +17,7 @@ import valkey
 from durablecache.errors import ConnectError
 from durablecache.proxy import MarkServer, RemoteMarks
 from durablecache.proxy.marks import FLUSH_DELAY, mark_frame
-from durablecache.testing.waiting import wait_for
+from durablecache.testing.waiting import wait_for, wait_for_async
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -198,7 +198,7 @@ def test_streamed_marks_outlive_a_syncer_outage():
         remote = RemoteMarks("127.0.0.1", port, "tok", retry_for=0.2)
         await remote.connect()
         await server.stop()
-        await asyncio.sleep(0.1)                 # the proxy side sees its stream end
+        await wait_for_async("the proxy side to see its stream end", lambda: not remote.connected, 5)
 
         tasks_before = len(asyncio.all_tasks())
         for _ in range(30):                      # streamed: their writes were answered
@@ -207,19 +207,13 @@ def test_streamed_marks_outlive_a_syncer_outage():
         assert len(asyncio.all_tasks()) <= tasks_before + 1   # one reconnect under way, not one per frame
         outcome: list[BaseException | None] = []
         remote.submit({0: [b"waiting"]}, outcome.append)
-        for _ in range(100):
-            if outcome:
-                break
-            await asyncio.sleep(0.05)
+        await wait_for_async("the waited-for batch to fail", lambda: outcome, 5)
         assert len(outcome) == 1 and isinstance(outcome[0], ConnectError)
         assert remote.pending == 30              # the streamed frames are kept, the failed one dropped
 
         restarted = MarkServer(lambda _db, keys: second.extend(keys), "tok", port=port)
         await restarted.start()
-        for _ in range(100):                     # retried every RETRY_PAUSE
-            if not remote.pending:
-                break
-            await asyncio.sleep(0.05)
+        await wait_for_async("the kept frames re-sent (retried every RETRY_PAUSE)", lambda: not remote.pending, 5)
         assert second == [b"answered"] * 30
         assert remote.backlog_bytes == 0
         assert len(lost) == 1
@@ -246,17 +240,14 @@ def test_remote_marks_reconnect_and_resend_what_was_not_acknowledged():
         # A compiled coroutine cancelled through a finally block must not leave its CancelledError
         # behind as the thread's handled exception (see MarkServer._serve).
         assert sys.exc_info() == (None, None, None)
-        await asyncio.sleep(0.1)                 # the proxy side sees its stream end
+        await wait_for_async("the proxy side to see its stream end", lambda: not remote.connected, 5)
         outcome: list[BaseException | None] = []
         remote.submit({0: [b"during"], 2: [b"other-db"]}, outcome.append)
         await asyncio.sleep(0.3)                 # reconnect attempts fail: nothing listens
         assert outcome == []
         restarted = MarkServer(lambda db, keys: second.extend((db, k) for k in keys), "tok", port=port)
         await restarted.start()
-        for _ in range(100):
-            if outcome:
-                break
-            await asyncio.sleep(0.05)
+        await wait_for_async("the resent batch acknowledged", lambda: outcome, 5)
         assert outcome == [None]
         assert second == [(0, b"during"), (2, b"other-db")]
         assert len(lost) == 1                    # the first server saw the stream end without BYE

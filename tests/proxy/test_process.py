@@ -40,7 +40,7 @@ def test_remote_marks_round_trip_and_bad_token():
         await asyncio.gather(remote(0, [b"a", b"b"]), remote(3, [b"c"]))
         assert sorted(got) == [(0, b"a"), (0, b"b"), (3, b"c")]
         await remote.close()
-        await asyncio.sleep(0.1)
+        await wait_for_async("the server to see the proxy leave", lambda: not server.peers, 5)
         assert lost == []                       # a clean goodbye is not a loss
         from durablecache.errors import ConnectError
         with pytest.raises(ConnectError, match="refused"):

@@ -108,7 +108,7 @@ def test_freeze_waits_for_a_departed_clients_blocking_write(source, make_proxy):
     d = source.client()
     wait_for("the BLPOP upstream", lambda: any(x["cmd"] == "blpop" for x in d.client_list()), 3)
     c.close()
-    time.sleep(0.1)
+    wait_for("the session to depart, its BLPOP in flight", lambda: p.call(lambda: len(p.proxy.departed)) == 1, 3)
     p.run(p.proxy.freeze(5.0))
     # Unblocked (the departed session's BLPOP got its timeout reply) and its key marked.
     assert (0, b"L") in p.marks
@@ -123,9 +123,9 @@ def test_freeze_waits_for_a_departed_clients_slow_script(source, make_proxy, mak
     slow = "for i = 1, 300000000 do end; redis.call('SET', KEYS[1], 'late'); return 1"
     c = Raw(p.port)
     c.send(("EVAL", slow, "1", "k"))
-    time.sleep(0.05)
+    wait_for("the script sent upstream", lambda: p.call(p.proxy.stats)["inflight_writes"], 3)
     c.close()                                    # gone, its write still running on the source
-    time.sleep(0.05)
+    wait_for("the session to depart, its script in flight", lambda: p.call(lambda: len(p.proxy.departed)) == 1, 3)
     p.run(p.proxy.freeze(10.0))
     assert (0, b"k") in p.marks                  # answered and marked before freeze returned
     assert source.client().get("k") == b"late"
