@@ -167,7 +167,16 @@ def test_writes_rejected_for_a_while_are_retried_not_dropped(source, make_server
     populate(source.client(), n=50)
     proc = subprocess.Popen([*CLI, "copy", "--source", source.url(), "--target", target.url(), "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)
+
+    def refused() -> int:
+        """Writes the target refused so far (NOREPLICAS)."""
+        return int(target.client().info("errorstats").get("errorstat_NOREPLICAS", {}).get("count", 0))
+
+    try:
+        wait_for("the target to refuse the copy's writes, and a retry refused too", lambda: refused() >= 2, 30)
+    except AssertionError:
+        proc.kill()
+        raise
     assert proc.poll() is None, "the copy must wait while the target refuses writes"
     assert target.client().dbsize() == 0
     target.client().config_set("min-replicas-to-write", 0)  # the target accepts writes again

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import socket
+import ssl
 import subprocess
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -70,6 +72,21 @@ def wait_listening(port: int, proc: subprocess.Popen[Any], timeout: float, *, ho
             return True
 
     wait_for(f"something to listen on {host}:{port}", accepting, timeout, ignore=(OSError,))
+
+
+def wait_answering(url: str, proc: subprocess.Popen[Any], timeout: float, *, context: ssl.SSLContext | None = None,
+                   describe: Callable[[], object] | None = None) -> None:
+    """Until an HTTP GET of ``url`` answers 200; AssertionError at once if ``proc`` exits first, or after
+    ``timeout`` (both say what ``describe()`` says then: a log's tail)."""
+
+    def answering() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"the process serving {url} exited with {proc.returncode}: "
+                                 f"{describe() if describe else ''}")
+        with urllib.request.urlopen(url, timeout=5, context=context) as rsp:
+            return bool(rsp.status == 200)
+
+    wait_for(f"{url} to answer", answering, timeout, ignore=(OSError,), describe=describe)
 
 
 class _Polls:
