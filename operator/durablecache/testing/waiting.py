@@ -67,7 +67,8 @@ def wait_listening(port: int, proc: subprocess.Popen[Any], timeout: float, *, ho
     first (its exit code named), or after ``timeout``."""
 
     def accepting() -> bool:
-        assert proc.poll() is None, f"the process for port {port} exited with {proc.returncode} before listening"
+        if proc.poll() is not None:
+            raise AssertionError(f"the process for port {port} exited with {proc.returncode} before listening")
         with socket.create_connection((host, port), 0.2):
             return True
 
