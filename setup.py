@@ -21,6 +21,7 @@ COMPILED = [
     "operator/durablecache/proxy/framing.py",
     "operator/durablecache/proxy/guards.py",
     "operator/durablecache/proxy/handlers.py",
+    "operator/durablecache/proxy/iamsessions.py",
     "operator/durablecache/proxy/marks.py",
     "operator/durablecache/proxy/outbox.py",
     "operator/durablecache/proxy/prepare.py",

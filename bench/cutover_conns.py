@@ -141,7 +141,8 @@ async def one_run(conns: int, writers: int, rate: float, keys: int) -> dict[str,
         await asyncio.wait_for(task, 60)
         aborted = events.get("cutover_aborted")
         return {"conns": conns, "pause_ms": events["cutover"]["pause_ms"],
-                "freeze_ms": events["cutover"]["freeze_ms"], "attempt": events["cutover"]["attempt"],
+                "freeze_ms": events["cutover"]["freeze_ms"], "steps_ms": events["cutover"].get("steps_ms", {}),
+                "attempt": events["cutover"]["attempt"],
                 "first_abort": aborted["reason"] if aborted else None,
                 "acked": result["acked"], "lost": result["lost"]}
     finally:
@@ -193,7 +194,7 @@ def main() -> None:
                 r = run_in(tree, n, args)
                 results.setdefault((label, n), []).append(r)
                 print(f"round {rnd + 1} {label:8} {n:>6} conns: pause {r['pause_ms']:.2f} ms "
-                      f"(freeze {r['freeze_ms']:.2f}), attempt {r['attempt']}, lost {r['lost']}", flush=True)
+                      f"(steps {r.get('steps_ms')}), attempt {r['attempt']}, lost {r['lost']}", flush=True)
     print(f"\nwrite pause (ms), median of {args.rounds} rounds [min-max]; {args.writers} writers at "
           f"{args.rate:,.0f} writes/s")
     print(f"{'idle conns':>10} " + " ".join(f"{label + ' (' + tree + ')':>40}" for label, tree in trees.items()))

@@ -98,6 +98,47 @@ def test_two_processes_answer_on_one_port_and_stop_together(source, tmp_path) ->
             proc.wait(10)
 
 
+def test_a_total_client_limit_is_shared_between_the_processes(source, tmp_path) -> None:
+    """--max-clients-total 5 over 2 processes: 2 each (rounded down, never past the total), so of 8
+    clients at most 4 are served and the others get the server's own error."""
+    token = "admin-secret"
+    (tmp_path / "admin.token").write_text(token + "\n")
+    listen, admin = free_port(), two_free_ports()
+    proc = subprocess.Popen(
+        [*CLI, "proxy", "--processes", "2", "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}",
+         "--admin-token-file", str(tmp_path / "admin.token"), "--max-clients-total", "5"],
+        env={**os.environ, "DURABLECACHE_UPSTREAM": source.url()}, stdout=subprocess.PIPE, text=True)
+    clients: list[valkey.Valkey] = []
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(2)]
+        assert all("listening on" in line for line in lines), lines
+        assert [admin_stats(admin + i, token)["max_clients"] for i in range(2)] == [2, 2]
+        served, refused = 0, []
+        for _ in range(8):
+            try:   # a single-connection client connects (and is refused) as it is made
+                c = valkey.Valkey(port=listen, socket_timeout=10, single_connection_client=True)
+                clients.append(c)
+                served += bool(c.ping())
+            except (valkey.ConnectionError, valkey.ResponseError) as exc:
+                refused.append(str(exc))
+        assert served <= 4 and len(refused) >= 4, (served, refused)
+        assert all("max number of clients reached" in r for r in refused), refused
+    finally:
+        for c in clients:
+            c.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def test_a_total_client_limit_smaller_than_the_processes_is_refused(source) -> None:
+    out = subprocess.run([*CLI, "proxy", "--processes", "3", "--listen", f"127.0.0.1:{free_port()}",
+                          "--max-clients-total", "2"], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "DURABLECACHE_UPSTREAM": source.url()})
+    assert out.returncode != 0 and "cannot be shared by 3 processes" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_processes_need_a_fixed_port(source) -> None:
     out = subprocess.run([*CLI, "proxy", "--processes", "2", "--listen", "127.0.0.1:0"], capture_output=True,
                          text=True, timeout=60, env={**os.environ, "DURABLECACHE_UPSTREAM": source.url()})

@@ -146,12 +146,16 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("an unknown afterCutover", {"endpoint": {"afterCutover": "both"}}, "spec.endpoint.afterCutover"),
     ("a secret reference without a name", {"target": {"authSecretRef": {"key": "k"}}},
      "spec.target.authSecretRef.name"),
-    ("more than one proxy pod (not yet)", {"proxy": {"replicas": 2}}, "spec.proxy.replicas"),
+    ("more proxy pods than the bound", {"proxy": {"replicas": 65}}, "spec.proxy.replicas"),
     ("no proxy pod", {"proxy": {"replicas": 0}}, "spec.proxy.replicas"),
     ("no proxy process", {"proxy": {"processes": 0}}, "spec.proxy.processes"),
     ("proxy processes as a word", {"proxy": {"processes": "many"}}, "spec.proxy.processes"),
     ("proxy processes over the bound", {"proxy": {"processes": 65}}, "spec.proxy.processes"),
     ("a client limit of 0", {"proxy": {"maxClients": 0}}, "spec.proxy.maxClients"),
+    ("a total client limit under one per process", {"proxy": {"replicas": 2, "processes": 2, "maxClientsTotal": 3}},
+     "spec.proxy.maxClientsTotal"),
+    ("a negative connection budget", {"proxy": {"connectionBudget": -1}}, "spec.proxy.connectionBudget"),
+    ("a connection budget that is a string", {"proxy": {"connectionBudget": "10"}}, "spec.proxy.connectionBudget"),
     ("a client limit that is a string", {"proxy": {"maxClients": "100"}}, "spec.proxy.maxClients"),
     ("an announced host that is a number", {"proxy": {"announceHost": 7}}, "spec.proxy.announceHost"),
     ("a TLS secret that is not a name", {"proxy": {"tls": {"secretName": ["a"]}}}, "spec.proxy.tls.secretName"),
@@ -202,14 +206,16 @@ def test_spec_proxy_is_parsed_typed() -> None:
         "resources": {"requests": {"cpu": "2", "memory": "512Mi"}, "limits": {"cpu": 2}}}))
     p = spec.proxy
     assert (p.replicas, p.processes, p.max_clients, p.announce_host, p.tls_secret_name) == \
-        (1, AUTO_PROCESSES, 5000, "cache.shop.svc", "sessions-proxy-tls")
+        (2, AUTO_PROCESSES, 5000, "cache.shop.svc", "sessions-proxy-tls")
     assert p.resources == {"requests": {"cpu": "2", "memory": "512Mi"}, "limits": {"cpu": 2}}
     plain = DurableCacheSpec.parse(minimal()).proxy
     assert (plain.processes, plain.max_clients, plain.announce_host, plain.tls_secret_name, plain.resources) == \
         (1, None, None, None, {})
 
 
-def test_more_than_one_proxy_pod_is_refused_with_the_way_forward() -> None:
-    with pytest.raises(SpecError) as err:
-        DurableCacheSpec.parse(minimal(proxy={"replicas": 3}))
-    assert "not supported yet" in str(err.value) and "spec.proxy.processes" in str(err.value)
+def test_several_proxy_pods_and_a_connection_budget_reach_the_engine() -> None:
+    spec = DurableCacheSpec.parse(minimal(proxy={"replicas": 3, "connectionBudget": 5000}))
+    assert (spec.proxy.replicas, spec.proxy.connection_budget) == (3, 5000)
+    assert spec.migration_options().connection_budget == 5000
+    # Unset: 0, the proxies' own default (90% of each server's maxclients), as for the CLI.
+    assert DurableCacheSpec.parse(minimal()).proxy.connection_budget == DEFAULTS.connection_budget == 0

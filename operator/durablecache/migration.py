@@ -47,6 +47,8 @@ log = logs.get("durablecache.migration")
 STATE_VERSION = 1
 PLANNED_REPAIR = "verify pass after the copy"
 GC_HOLD_LIMIT = 30.0   # seconds the collector may stay off for one switch of authority (gcpause.py)
+BUDGET_RETRY = 5.0     # seconds between attempts a connection budget refused (no attempt counted)
+CATCH_UP_LIMIT = 1.0   # seconds an attempt lets the syncer make up, after PREPARE, for what it held up
 __all__ = ["Migration", "MigrationOptions", "Phase", "ProxyHandle", "ProxyStarter"]
 
 
@@ -447,9 +449,20 @@ class Migration:
                 continue
             attempts += 1
             self._check_watch()
-            if await self.cutover(attempts):
+            done = await self.cutover(attempts)
+            if done.ok:
                 self.set_phase(Phase.ROUTE_OUT)
                 return
+            if done.over_budget:
+                # Not a failed drain: the servers cannot take a second connection per client now.
+                # Waiting (in Sync, writes flowing) until clients leave or the budget is raised is
+                # all that can be done, so it does not count towards cutover_attempts.
+                attempts -= 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop_requested.wait(), BUDGET_RETRY)
+                if self.stop_requested.is_set():
+                    return
+                continue
             if attempts >= self.opts.cutover_attempts:
                 knob = "maxWritePause" if self.opts.drain_limit == self.opts.max_write_pause else "drainBudget"
                 raise DurableCacheError(
@@ -458,7 +471,7 @@ class Migration:
                     f"raise {knob} / maxKeyPause or lower the write load")
             await asyncio.sleep(min(0.2 * attempts, 2.0))
 
-    async def cutover(self, attempt: int) -> bool:
+    async def cutover(self, attempt: int) -> _Switched:
         """One attempt to make the target authoritative (_switch_authority), or abort back to Sync."""
         assert self.syncer and self.target
         self.set_phase(Phase.CUTOVER)
@@ -470,13 +483,14 @@ class Migration:
             self.emit({"event": "cutover_aborted", "attempt": attempt, "reason": done.reason,
                        "pause_ms": done.pause_ms, "held_keys": done.held_keys, "key_pause_ms": done.key_pause_ms})
             self.set_phase(Phase.SYNC)
-            return False
+            return done
         self.state["lastCutoverPauseMs"] = done.pause_ms
         self.state["lastCutoverKeyPauseMs"] = done.key_pause_ms
         self.save()
         self.emit({"event": "cutover", "pause_ms": done.pause_ms, "freeze_ms": round(done.frozen_ms, 2),
-                   "attempt": attempt, "held_keys": done.held_keys, "key_pause_ms": done.key_pause_ms})
-        return True
+                   "steps_ms": done.steps_ms, "attempt": attempt, "held_keys": done.held_keys,
+                   "key_pause_ms": done.key_pause_ms})
+        return done
 
     async def _switch_authority(self, sw: _Switch) -> _Switched:
         """PREPARE -> [HOLD hot keys] -> FREEZE -> DRAIN -> [LAST CHECK] -> FLIP -> UNFREEZE [-> RELEASE]
@@ -487,10 +501,10 @@ class Migration:
         never be drained inside the pause while it is being written. So first only the writes to such
         keys are held (other keys and all reads go on) until the syncer has copied them after their last
         write — bounded by max_key_pause — and only then is everything frozen; the drain then finds them
-        clean. The watch lists no clients meanwhile (Trust.no_looks). ``sw.on_flipped`` records the new
-        authority, saved before any write resumes."""
+        clean. Nobody lists clients meanwhile (Trust.no_looks, ReadinessWatch.quiet).
+        ``sw.on_flipped`` records the new authority, saved before any write resumes."""
         assert self.trust
-        async with self.trust.no_looks():
+        async with self.trust.no_looks(), self.readiness.quiet():
             return await self._switch(sw)
 
     async def _switch(self, sw: _Switch) -> _Switched:
@@ -500,34 +514,43 @@ class Migration:
         k0: float | None = None     # when the hot keys' writes began to be held
         t0: float | None = None     # when everything was frozen
         frozen_ms = 0.0
+        steps: dict[str, float] = {}    # each step of the pause, for the event: what a long pause spent
         switched = False
         try:
+            before = self.syncer.backlog
             await self._prepare_flip(sw.to)
+            # PREPARE's connects kept the syncer from some of its work: let it make that up while
+            # writes still flow, not inside the pause (bounded: a failed catch-up only costs pause).
+            await self.syncer.shrink_to(before, CATCH_UP_LIMIT)
             held = self.syncer.slow_keys(sw.drain_limit / 2)
             if held:
                 k0 = time.monotonic()
                 await self._hold_keys(held, self.opts.max_key_pause)
             self._gc_hold.start(GC_HOLD_LIMIT)
             t0 = time.monotonic()
-            await asyncio.gather(*(p.freeze(sw.budget) for p in self.proxies))
+            await self._on_every_proxy(lambda p: p.freeze(sw.budget))
             frozen_ms = (time.monotonic() - t0) * 1000
             drain_for = min(max(0.0, sw.budget - (time.monotonic() - t0)), sw.drain_limit)
             drained = await self.syncer.drain(drain_for)
+            steps["drain"] = _ms_since(t0) - frozen_ms
             if not drained or self.syncer.repair_reason:
                 backlog = f"backlog of {self.syncer.backlog} keys not drained within {drain_for * 1000:.0f} ms"
                 raise TimeoutError("repair required" if self.syncer.repair_reason else backlog)
             if sw.last_check:
                 await self._last_check(sw.authoritative, sw.budget - (time.monotonic() - t0))
+            steps["check"] = _ms_since(t0) - frozen_ms - steps["drain"]
             # Both sides are equal and no write is in flight: the other side becomes authoritative.
             self.syncer.switch_pool(self._pool(reverse=sw.reverse_after))
             switched = True
             await self._flip_all(sw.to, back=sw.back)
             sw.on_flipped()
             self.save()
+            steps["flip"] = _ms_since(t0) - frozen_ms - steps["drain"] - steps["check"]
         except (TimeoutError, DurableCacheError, OSError) as exc:
             if switched:  # FLIP failed: the old side stays authoritative, copy towards the other again
                 await self._switch_back(reverse=not sw.reverse_after)
-            if "connection budget:" in str(exc):   # a proxy refused the attempt (its own process or ours)
+            over_budget = "connection budget:" in str(exc)   # a proxy refused it (its own process or ours)
+            if over_budget:
                 self.emit({"event": "connection_budget", "reason": str(exc)})
             pause_ms = 0.0
             if t0 is not None:
@@ -537,7 +560,7 @@ class Migration:
             await self._unprepare_all()
             await self._release_keys(held)
             return _Switched(False, str(exc) or "freeze timed out", pause_ms, frozen_ms, len(held), _ms_since(k0),
-                             flip_failed=switched)
+                             flip_failed=switched, over_budget=over_budget)
         except BaseException:
             # Anything else (a syncer failure, cancellation) ends the migration: hold nothing meanwhile.
             if t0 is not None:
@@ -546,13 +569,23 @@ class Migration:
             await self._unprepare_all()
             await self._release_keys(held)
             raise
-        await asyncio.gather(*(p.unfreeze() for p in self.proxies))
+        await self._on_every_proxy(lambda p: p.unfreeze())
         pause_ms = _ms_since(t0)
         self._gc_hold.end()
         await self._release_keys(held)   # held writes go on, to the new side now
         key_pause_ms = _ms_since(k0)
         await self.syncer.close_pools()  # the old direction's connections, no longer needed
-        return _Switched(True, "", pause_ms, frozen_ms, len(held), key_pause_ms)
+        steps["unfreeze"] = pause_ms - frozen_ms - sum(steps.values())
+        return _Switched(True, "", pause_ms, frozen_ms, len(held), key_pause_ms,
+                         steps_ms={"freeze": round(frozen_ms, 2), **{k: round(v, 2) for k, v in steps.items()}})
+
+    async def _on_every_proxy(self, call: Callable[[ProxyHandle], Awaitable[None]]) -> None:
+        """``call`` on every proxy at once. With one proxy, awaited directly: a task would only start
+        on the event loop's next turn, after whatever else is ready — time that counts in the pause."""
+        if len(self.proxies) == 1:
+            await call(self.proxies[0])
+            return
+        await asyncio.gather(*(call(p) for p in self.proxies))
 
     async def _last_check(self, authoritative: str, left: float) -> None:
         """Inside the pause, after the drain: the same servers as at the last repair on both sides, and
@@ -749,6 +782,8 @@ class _Switched:
     held_keys: int
     key_pause_ms: float
     flip_failed: bool = False
+    over_budget: bool = False     # a proxy refused the attempt: the connection budget (PREPARE)
+    steps_ms: dict[str, float] = dataclasses.field(default_factory=dict)   # freeze, drain, check, flip, unfreeze
 
 
 def _no_marks(db: int, keys: list[bytes]) -> None:

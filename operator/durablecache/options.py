@@ -49,6 +49,7 @@ SETTING_NAMES = {
     "repair_max_share": ("spec.repair.maxDestructiveShare", "--repair-max-share"),
     "max_source_ops": ("the source's rate limit", "--max-ops"),
     "epoch": ("the coordinator's lease epoch", "--epoch"),
+    "connection_budget": ("spec.proxy.connectionBudget", "--connection-budget"),
 }
 
 
@@ -134,6 +135,9 @@ class MigrationOptions:
     # The coordinator's fencing epoch (docs/ha.md): every instruction to a proxy carries it, and a proxy
     # that has seen a newer one refuses it. The operator's worker sets it from its Lease; the CLI: --epoch.
     epoch: int = 0
+    # The connections a cutover attempt may have open on any one server of the side it flips to, for
+    # each proxy's PREPARE check (proxy/server.py _check_budget); 0: 90% of that server's maxclients.
+    connection_budget: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -163,6 +167,8 @@ class MigrationOptions:
             raise OptionError("repair_max_share", f"must be between 0 and 1, not {self.repair_max_share:g}")
         if self.epoch < 0:
             raise OptionError("epoch", f"must not be negative, not {self.epoch}")
+        if self.connection_budget < 0:
+            raise OptionError("connection_budget", f"must not be negative, not {self.connection_budget}")
         if self.max_source_ops is not None and self.max_source_ops <= 0:
             raise OptionError("max_source_ops", f"must be more than 0, not {self.max_source_ops:g}")
 

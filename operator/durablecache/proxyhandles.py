@@ -144,6 +144,10 @@ class AdminDriven:
     async def end_migration(self) -> None:
         await self._admin("POST", "/end-migration")
 
+    async def stats(self) -> dict[str, Any]:
+        """The proxy's GET /stats (client counts; the worker sums them into status.proxyClients)."""
+        return await self._admin("GET", "/stats", timeout=5.0)  # type: ignore[no-any-return]
+
     async def close_admin(self) -> None:
         if self._session:
             await self._session.close()
@@ -264,8 +268,6 @@ class SubprocessProxy(AdminDriven):
     async def end_migration(self) -> None:
         self.migration_ended = True
         await self._admin("POST", "/end-migration")
-    async def stats(self) -> dict[str, Any]:
-        return await self._admin("GET", "/stats", timeout=5.0)  # type: ignore[no-any-return]
 
     async def stop(self) -> None:
         self._stopping = True

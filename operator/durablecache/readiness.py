@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from . import logs
@@ -104,20 +104,29 @@ class ReadinessWatch:
         self.summary: dict[str, Any] | None = None
         self._task: asyncio.Task[None] | None = None
         self._said: list[str] = []
+        self._looking = asyncio.Lock()   # a refresh, or a switch that wants none (quiet())
 
     def start(self, proxies: Sequence[Any], target_cluster: bool) -> None:
         self.stop_now()
         self._task = asyncio.create_task(self._run(list(proxies), target_cluster))
 
+    @contextlib.asynccontextmanager
+    async def quiet(self) -> AsyncIterator[None]:
+        """No look while inside (a cutover's pause): a proxy's report is a pass over every one of its
+        client connections, milliseconds with thousands of them, on the thread that serves them."""
+        async with self._looking:
+            yield
+
     async def refresh(self, proxies: Sequence[Any], target_cluster: bool) -> None:
         """One look at every proxy that can report (a proxy that cannot answer now is skipped)."""
         reports = []
-        for p in proxies:
-            fetch = getattr(p, "clients", None)
-            if fetch is None:
-                continue
-            with contextlib.suppress(DurableCacheError, OSError, TimeoutError):
-                reports.append(await fetch())
+        async with self._looking:
+            for p in proxies:
+                fetch = getattr(p, "clients", None)
+                if fetch is None:
+                    continue
+                with contextlib.suppress(DurableCacheError, OSError, TimeoutError):
+                    reports.append(await fetch())
         if not reports:
             return
         self.summary = assess(merge(reports), target_cluster=target_cluster)

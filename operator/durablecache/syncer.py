@@ -87,6 +87,7 @@ class Syncer:
         self._copy_time: dict[DirtyKey, float] = {}
         self._slow_marked: dict[DirtyKey, float] = {}
         self._work = asyncio.Event()
+        self._batch_done = asyncio.Event()   # drain() looks again when a batch ends, not on a tick
         self._tasks: list[asyncio.Task[None]] = []
         self.failure: BaseException | None = None
         self._failing_since = 0.0
@@ -277,13 +278,21 @@ class Syncer:
 
     async def drain(self, timeout: float) -> bool:
         """Wait until nothing is dirty or in flight; False if that took longer than timeout."""
-        try:
-            async with asyncio.timeout(timeout):
-                while not self.empty():
-                    self._raise_failure()
-                    await asyncio.sleep(POLL)
-        except TimeoutError:
-            return False
+        return await self.shrink_to(0, timeout)
+
+    async def shrink_to(self, backlog: int, timeout: float) -> bool:
+        """Wait until at most ``backlog`` keys wait (dirty or in flight); False after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while self.backlog > backlog:
+            self._raise_failure()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._batch_done.clear()
+            # Woken as a batch ends (inside a cutover's pause every tick counts); the tick stays as a
+            # bound: a failing batch retries on its own timer.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._batch_done.wait(), min(POLL, left))
         return True
 
     def _raise_failure(self) -> None:
@@ -389,6 +398,7 @@ class Syncer:
                         w.future.set_result(None)
             if self._dirty:
                 self._work.set()
+            self._batch_done.set()
 
     def _put_back(self, dk: DirtyKey, waiting: Pending) -> None:
         """A failed copy: what it was to copy waits again, with whatever was marked meanwhile."""

@@ -59,6 +59,10 @@ PHASES = ["Copy", "Sync", "Cutover", "RouteOut", "Rollback"]
 # Environment DURABLECACHE_FAULTS_SOURCE / _TARGET (valkey8 | valkey9 | redis7) pick others.
 SOURCE_ENGINE = os.environ.get("DURABLECACHE_FAULTS_SOURCE", "valkey8")
 TARGET_ENGINE = os.environ.get("DURABLECACHE_FAULTS_TARGET", "valkey9")
+# Both servers refuse what ElastiCache refuses (docs/aws.md), so that no cell passes thanks to a command
+# a real cluster would not run; the harness's own CONFIG SET and SAVE use the harness-only names
+# (LocalServer.admin). DURABLECACHE_FAULTS_RESTRICTED=0 runs plain servers.
+RESTRICTED = os.environ.get("DURABLECACHE_FAULTS_RESTRICTED", "1") != "0"
 
 
 def notable(e: Event) -> bool:
@@ -174,13 +178,11 @@ def net_drop_mid_reply(ctx: Ctx) -> None:
 
 
 def target_refuses_writes(ctx: Ctx) -> None:
-    c = client(ctx.target)
-    c.config_set("min-replicas-to-write", 1)   # a primary without replicas: every write gets NOREPLICAS
+    ctx.target.admin("CONFIG", "SET", "min-replicas-to-write", 1)   # no replicas: every write gets NOREPLICAS
     try:
         ctx.writers.wait_acked(400, 3)
     finally:
-        c.config_set("min-replicas-to-write", 0)
-        c.close()
+        ctx.target.admin("CONFIG", "SET", "min-replicas-to-write", 0)
 
 
 def kill_migration_after_flip(ctx: Ctx) -> None:
@@ -335,8 +337,9 @@ def run_cell(cell: Cell, keep_logs: Path | None = None) -> Result:
     res = Result(cell.fault, cell.phase, cell.expect)
     t0 = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="durablecache-fault-"))
-    source = LocalServer(engine=SOURCE_ENGINE)
-    target = aof_server(TARGET_ENGINE) if cell.target_aof else LocalServer(engine=TARGET_ENGINE)
+    source = LocalServer(engine=SOURCE_ENGINE, elasticache=RESTRICTED)
+    target = aof_server(TARGET_ENGINE, RESTRICTED) if cell.target_aof else \
+        LocalServer(engine=TARGET_ENGINE, elasticache=RESTRICTED)
     proxy: FaultProxy | None = None
     run: MigrationRun | None = None
     writers: LedgerWorkload | None = None
@@ -344,6 +347,8 @@ def run_cell(cell: Cell, keep_logs: Path | None = None) -> Result:
     try:
         source.start()
         target.start()
+        if RESTRICTED:
+            assert_restricted(source, target)
         c = client(source)
         seed(c, cell.seed_keys)
         c.close()
@@ -387,6 +392,23 @@ def run_cell(cell: Cell, keep_logs: Path | None = None) -> Result:
         shutil.rmtree(workdir, ignore_errors=True)
     res.seconds = round(time.monotonic() - t0, 1)
     return res
+
+
+def assert_restricted(*servers: LocalServer) -> None:
+    """The cell's servers really refuse what ElastiCache refuses (a harness that silently ran plain
+    servers would prove nothing)."""
+    for server in servers:
+        c = client(server)
+        try:
+            for command in (("CONFIG", "GET", "maxmemory"), ("SAVE",), ("DEBUG", "SLEEP", "0"), ("SYNC",)):
+                try:
+                    c.execute_command(*command)
+                except valkey.ResponseError as exc:
+                    if "unknown command" in str(exc):
+                        continue
+                raise RuntimeError(f"server on port {server.port} runs {command[0]}: not ElastiCache-restricted")
+        finally:
+            c.close()
 
 
 def _names(e: Event, what: str, ctx: Ctx) -> bool:

@@ -161,9 +161,9 @@ class MigrationRun:
 
 
 # -- servers --------------------------------------------------------------------------------------
-def aof_server(engine: str) -> LocalServer:
+def aof_server(engine: str, elasticache: bool = False) -> LocalServer:
     """A server that keeps its data across a restart: AOF, fsync always (later arguments win)."""
-    return LocalServer(engine=engine, extra=["--appendonly", "yes", "--appendfsync", "always"])
+    return LocalServer(engine=engine, elasticache=elasticache, extra=["--appendonly", "yes", "--appendfsync", "always"])
 
 
 def kill_server(server: LocalServer) -> float:

@@ -20,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1] / "operator"))
 
-from fault_cells import Result, all_cells, run_cell  # noqa: E402
+from fault_cells import RESTRICTED, Result, all_cells, run_cell  # noqa: E402
 
 HEADER = ("| fault | phase | acked | lost | verify | tool said | verdict |\n"
           "| --- | --- | --- | --- | --- | --- | --- |")
@@ -52,7 +52,7 @@ def main() -> int:
         print(f"    {r.seconds:.0f}s {'ok' if r.ok else 'FAIL: ' + r.why}", file=sys.stderr, flush=True)
     total = time.monotonic() - started
     print(f"Fault matrix, {datetime.date.today().isoformat()}, {len(results)} cells in {total:.0f} s "
-          f"(pid {os.getpid()}):\n")
+          f"(pid {os.getpid()}), servers {'ElastiCache-restricted' if RESTRICTED else 'unrestricted'}:\n")
     print(HEADER)
     for r in results:
         print(r.row())

@@ -1,5 +1,6 @@
 """The fast subset of the fault matrix, run by plain pytest (and so by `make test`): five cells, each a
-real `durablecache migrate` child process under ledger write load, each under 30 s.
+real `durablecache migrate` child process under ledger write load, each under 30 s, on servers that
+refuse what ElastiCache refuses (fault_cells.RESTRICTED, checked at the start of every cell).
 
 A cell that depends on a fault-safety feature not yet on this branch is xfail(strict=True) with the
 feature named, so that it flips (and fails as XPASS) the day the feature lands and the mark must go."""

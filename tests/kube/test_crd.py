@@ -148,7 +148,7 @@ def test_defaults(custom: client.CustomObjectsApi, kube_namespace: str) -> None:
     assert spec["seeding"] == {"mode": "none"}
     assert spec["deletionPolicy"] == {"source": "Retain", "target": "Retain"}
     assert spec["routeIn"] == {"settlePeriod": "30s"}
-    assert spec["proxy"] == {"replicas": 1, "processes": 1}
+    assert spec["proxy"] == {"replicas": 2, "processes": 1}
     assert (spec["target"]["shards"], spec["target"]["replicasPerShard"]) == (1, 1)
 
 
@@ -217,6 +217,7 @@ INVALID: list[tuple[str, Body, list[str]]] = [
     ("no proxy process", _with("proxy.processes", 0), ["proxy.processes must be 1 to 64 or auto"]),
     ("no proxy pod", _with("proxy.replicas", 0), ["spec.proxy.replicas"]),
     ("a client limit of 0", _with("proxy.maxClients", 0), ["spec.proxy.maxClients"]),
+    ("a total client limit of 0", _with("proxy.maxClientsTotal", 0), ["spec.proxy.maxClientsTotal"]),
     ("a quantity that is none", _with("proxy.resources", {"limits": {"cpu": "lots"}}),
      ["spec.proxy.resources.limits.cpu"]),
     ("a TLS secret that is no name", _with("proxy.tls.secretName", "Not_A_Name"), ["spec.proxy.tls.secretName"]),
@@ -292,6 +293,7 @@ STATUS = {
     "sourceName": "sessions-prod",
     "targetName": "sessions-durable",
     "lastCutoverPauseMs": 12.5,
+    "proxies": {"ready": 2, "total": 3, "processes": 4, "display": "2/3"},
     "endpoints": {"source": "127.0.0.1:7000", "target": "127.0.0.1:7001", "active": "proxy"},
     "conditions": [{"type": "Progressing", "status": "True", "reason": "Syncing",
                     "message": "dirty backlog 3 keys", "observedGeneration": 1,
@@ -330,8 +332,8 @@ def test_kubectl_get_prints_the_columns(custom: client.CustomObjectsApi, kube_en
     custom.patch_namespaced_custom_object_status(GROUP, VERSION, kube_namespace, PLURAL, "sessions",
                                                  {"status": STATUS})
     out = kube_env.kubectl("-n", kube_namespace, "get", "dcache").stdout.splitlines()
-    assert out[0].split() == ["NAME", "PHASE", "PROGRESS", "DURABILITY", "SOURCE", "TARGET", "AGE"]
-    assert out[1].split()[:6] == ["sessions", "Sync", "100%", "sync", "sessions-prod", "sessions-durable"]
+    assert out[0].split() == ["NAME", "PHASE", "PROGRESS", "DURABILITY", "SOURCE", "TARGET", "PROXIES", "AGE"]
+    assert out[1].split()[:7] == ["sessions", "Sync", "100%", "sync", "sessions-prod", "sessions-durable", "2/3"]
     # The long and singular names work too; `all` does not include it (kubectl delete all --all must
     # not cancel a migration).
     long_name = kube_env.kubectl("-n", kube_namespace, "get", "durablecaches.durablecache.dev").stdout

@@ -145,12 +145,15 @@ def test_simultaneous_contenders_for_a_free_lease_make_exactly_one_holder(
 class Worker:
     """``durablecache worker`` started by the test (a second pod of the same worker, in effect)."""
 
-    def __init__(self, workdir: Path, label: str, namespace: str, name: str, kubeconfig: Path, port: int):
+    def __init__(self, workdir: Path, label: str, namespace: str, name: str, kubeconfig: Path, port: int,
+                 coordinator: list[str] | None = None):
         self.log_path = workdir / f"worker-{label}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
         env.update(KUBECONFIG=str(kubeconfig), HOSTNAME=f"pod-{label}", **TEST_LEASE)
         args = [sys.executable, "-m", "durablecache.cli", "--log-json", "--log-level=info", "worker",
                 "--resource", f"{namespace}/{name}", "--listen", f"127.0.0.1:{port}"]
+        # ``coordinator``: instead of a proxy of its own, the flags that make it a coordinator proxies join.
+        args += coordinator or []
         with self.log_path.open("wb") as out:
             self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
@@ -207,9 +210,12 @@ def test_a_standby_waits_then_takes_over_a_killed_coordinator_and_the_migration_
         first = coordinator(cluster, "orders")
         assert first["epoch"] >= 1 and first["holder"], first
         (first_pid,) = op.worker_pids()
-        # A second worker of the same resource, on the proxy's port (a second pod behind the Service).
-        port = int(next(op.state.glob("*.port")).read_text())
-        standby = workers("standby", kube_namespace, "orders", worker_kubeconfig, port)
+        # A second coordinator of the same resource, as the runner starts one: no proxy of its own, the
+        # same join port and token (a second pod behind the coordinator Service).
+        fleet_port = (op.state / f"{kube_namespace}.orders.fleet-port").read_text()
+        token = op.state / "proxies" / f"{kube_namespace}.orders.token"
+        standby = workers("standby", kube_namespace, "orders", worker_kubeconfig, 0, [
+            "--proxies", "0", "--coordinator-listen", f"127.0.0.1:{fleet_port}", "--join-token-file", str(token)])
         wait_for("the standby to wait for the lease",
                  lambda: standby.lines("coordinator lease held by another worker: waiting"), 30)
         coordination = k8s_client.CoordinationV1Api(kube_api)

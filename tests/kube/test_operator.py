@@ -587,8 +587,9 @@ def test_kubernetes_runner_creates_the_owned_worker_deployment_service_pdb_and_i
         make_server: Callable[..., LocalServer], operator_factory: Callable[..., Operator],
         tls_certs: dict[str, str]) -> None:
     """The production runner with the chart's flags, under the chart's RBAC (the pods never run here: no
-    kubelet): the worker Deployment, Service, PDB, and the worker's ServiceAccount and RoleBinding; the
-    proxy's TLS Secret mounted, its announced host and resources, as the API server stored them."""
+    kubelet): the join-token Secret, the coordinator and proxy Deployments, their Services and PDBs, and
+    the coordinator's ServiceAccount and RoleBinding; the proxies' TLS Secret mounted, their announced
+    host and resources, as the API server stored them."""
     source, target = make_server(), make_server()
     cluster = Cluster(kube_api, kube_env, kube_namespace)
     cluster.make_secret("carts-proxy-tls", tls_secret_data(tls_certs))
@@ -599,29 +600,36 @@ def test_kubernetes_runner_creates_the_owned_worker_deployment_service_pdb_and_i
     op = operator_factory()
     op.start(runner="kubernetes", extra_args=tuple(worker_args))
     carts = durablecache("carts", source, target, mode="manual")
-    carts["spec"]["proxy"] = {"tls": {"secretName": "carts-proxy-tls"},
+    carts["spec"]["proxy"] = {"tls": {"secretName": "carts-proxy-tls"}, "replicas": 3, "connectionBudget": 30000,
                               "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}}}
     cluster.apply(carts)
     apps, core, policy, rbac = (k8s_client.AppsV1Api(kube_api), k8s_client.CoreV1Api(kube_api),
                                 k8s_client.PolicyV1Api(kube_api), k8s_client.RbacAuthorizationV1Api(kube_api))
     identity = "carts-durablecache-worker"
     readers = [lambda: apps.read_namespaced_deployment("carts-worker", kube_namespace),
+               lambda: apps.read_namespaced_deployment("carts-proxy", kube_namespace),
                lambda: core.read_namespaced_service("carts-proxy", kube_namespace),
+               lambda: core.read_namespaced_service("carts-coordinator", kube_namespace),
                lambda: policy.read_namespaced_pod_disruption_budget("carts-worker", kube_namespace),
+               lambda: policy.read_namespaced_pod_disruption_budget("carts-proxy", kube_namespace),
                lambda: core.read_namespaced_service_account(identity, kube_namespace),
                lambda: rbac.read_namespaced_role_binding(identity, kube_namespace)]
+    read_token = [lambda: core.read_namespaced_secret("carts-fleet-token", kube_namespace)]
 
     def created() -> Any:
         try:
-            return [read() for read in readers]
+            return [read() for read in [*readers, *read_token]]
         except k8s_client.ApiException:
             return None
 
-    deployment, service, pdb, account, binding = wait_for("the worker's objects", created, 30)
+    found = wait_for("the worker's objects", created, 30)
+    deployment, proxies, service, coordinator, pdb, proxy_pdb, account, binding, token = found
     uid = cluster.get("carts")["metadata"]["uid"]
-    for obj in (deployment, service, pdb, account, binding):
+    for obj in found:
         (ref,) = obj.metadata.owner_references
         assert (ref.kind, ref.name, ref.uid, ref.controller) == ("DurableCache", "carts", uid, True)
+    assert len(base64.b64decode(token.data["token"])) == 64
+    # The coordinator: one replica, no proxy of its own, listening for joins behind its Service.
     assert deployment.spec.replicas == 1 and deployment.spec.strategy.type == "Recreate"
     pod = deployment.spec.template.spec
     assert pod.service_account_name == identity
@@ -629,7 +637,22 @@ def test_kubernetes_runner_creates_the_owned_worker_deployment_service_pdb_and_i
     container = pod.containers[0]
     assert container.image == flags["--worker-image"]
     args = container.args
-    assert args[args.index("--resource"):][:4] == ["--resource", f"{kube_namespace}/carts", "--listen", "0.0.0.0:6379"]
+    assert args[args.index("--resource"):][:6] == ["--resource", f"{kube_namespace}/carts", "--proxies", "0",
+                                                   "--coordinator-listen", "0.0.0.0:7000"]
+    assert [(p.name, p.port) for p in coordinator.spec.ports] == [("fleet", 7000)]
+    assert coordinator.spec.selector == deployment.spec.selector.match_labels
+    assert pdb.spec.max_unavailable == 0
+    # The proxies: spec.proxy.replicas pods joining the coordinator Service, TLS and the rest.
+    assert proxies.spec.replicas == 3 and proxies.spec.strategy.rolling_update.max_unavailable == 0
+    pod = proxies.spec.template.spec
+    assert pod.automount_service_account_token is False and pod.service_account_name is None
+    assert [s.name for s in pod.image_pull_secrets] == ["regcred"]
+    assert sorted((c.topology_key, c.when_unsatisfiable) for c in pod.topology_spread_constraints) == [
+        ("kubernetes.io/hostname", "ScheduleAnyway"), ("topology.kubernetes.io/zone", "ScheduleAnyway")]
+    container = pod.containers[0]
+    args = container.args
+    assert args[args.index("--join") + 1] == f"carts-coordinator.{kube_namespace}.svc:7000"
+    assert args[args.index("--connection-budget") + 1] == "30000"
     assert args[args.index("--announce") + 1] == f"carts-proxy.{kube_namespace}.svc"
     assert args[args.index("--tls-cert") + 1] == "/etc/durablecache/proxy-tls/tls.crt"
     assert args[args.index("--tls-key") + 1] == "/etc/durablecache/proxy-tls/tls.key"
@@ -637,8 +660,11 @@ def test_kubernetes_runner_creates_the_owned_worker_deployment_service_pdb_and_i
     assert (volume.secret.secret_name, volume.secret.default_mode) == ("carts-proxy-tls", 0o440)
     assert [(m.mount_path, m.read_only) for m in container.volume_mounts if m.name == "proxy-tls"] == \
         [("/etc/durablecache/proxy-tls", True)]
+    (volume,) = [v for v in pod.volumes if v.name == "fleet-token"]
+    assert volume.secret.secret_name == "carts-fleet-token"
     assert container.resources.requests == {"cpu": "500m", "memory": "256Mi"}
-    assert pdb.spec.max_unavailable == 0
+    assert service.spec.selector == proxies.spec.selector.match_labels
+    assert proxy_pdb.spec.max_unavailable == 1
     assert (binding.role_ref.kind, binding.role_ref.name) == ("ClusterRole", flags["--worker-cluster-role"])
     assert [(s.kind, s.name, s.namespace) for s in binding.subjects] == [("ServiceAccount", identity, kube_namespace)]
 
@@ -660,10 +686,16 @@ def test_kubernetes_runner_creates_the_owned_worker_deployment_service_pdb_and_i
     wait_for("the RoleBinding's subject to be restored", lambda: [
         s.name for s in rbac.read_namespaced_role_binding(identity, kube_namespace).subjects] == [identity], 15)
 
-    # Deleting the DurableCache removes them (the finalizer; no garbage collector runs here).
+    # A restarted operator generates no new token: the Secret is created once.
+    assert core.read_namespaced_secret("carts-fleet-token", kube_namespace).data == token.data
+    # Deleting the DurableCache removes them (the finalizer; no garbage collector runs here). The
+    # join-token Secret stays for the garbage collector (its owner reference, checked above): the
+    # operator holds no delete on Secrets.
     kube_env.kubectl("delete", "dcache", "carts", "-n", kube_namespace, "--wait=false")
     wait_for("the worker objects and the DurableCache to be gone",
              lambda: all(_gone(r) for r in [*readers, lambda: cluster.get("carts")]), 30)
+    assert token.metadata.uid == read_token[0]().metadata.uid
+    assert base64.b64decode(token.data["token"]).decode() not in op.logs()   # never logged
     assert_no_rbac_denials(op)
 
 

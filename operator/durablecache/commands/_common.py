@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import gc
 import os
@@ -140,8 +139,9 @@ def tune_gc() -> None:
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
     tune_gc()
-    with contextlib.suppress(ImportError):
+    try:
         import uvloop  # optional: faster event loop where installed
-
-        return uvloop.run(coro)  # type: ignore[no-any-return]
-    return asyncio.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+    # Not inside the try: an ImportError raised by the program itself must not start it a second time.
+    return uvloop.run(coro)  # type: ignore[no-any-return]

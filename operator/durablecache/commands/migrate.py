@@ -22,6 +22,7 @@ from ..options import DEFAULTS, MigrationOptions, format_duration, parse_duratio
 from ..phases import SUCCESSFUL_ENDS, Phase
 from ..proxyhandles import local_proxies, subprocess_proxies
 from ..urls import Endpoint
+from . import proxy as proxy_cmd
 from ._common import add_password_arguments, hostport, read_token, run_async, side_endpoint
 
 NAME = "migrate"
@@ -89,6 +90,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epoch", type=int, default=DEFAULTS.epoch, metavar="N",
                    help="this coordinator's fencing epoch: proxies that have seen a newer one refuse its "
                         "instructions (default 0; the operator sets it from its Lease)")
+    p.add_argument("--connection-budget", type=proxy_cmd._budget, default=DEFAULTS.connection_budget, metavar="N",
+                   help="the proxies started here refuse a cutover attempt that would take a server of the side "
+                        "it flips to past N client connections (docs/limits.md; joined proxies take their own "
+                        "--connection-budget); 0 (the default): 90%% of that server's maxclients")
     p.add_argument("--control", metavar="HOST:PORT", help="serve the control API (status/approve/rollback)")
     p.add_argument("--control-token-file", metavar="PATH", help="bearer token for --control (created if missing)")
     p.add_argument("--allow-client", action="append", default=[], metavar="NAME|HOST",
@@ -137,7 +142,8 @@ def options(args: argparse.Namespace) -> MigrationOptions:
                             allow_clients=args.allow_client, gate_settle=args.gate_settle,
                             gate_timeout=args.gate_timeout, max_source_ops=args.max_ops,
                             repair_max_share=args.repair_max_share,
-                            accept_destructive_repair=args.accept_destructive_repair, epoch=args.epoch)
+                            accept_destructive_repair=args.accept_destructive_repair, epoch=args.epoch,
+                            connection_budget=args.connection_budget)
 
 
 async def migrate(args: argparse.Namespace) -> Phase:
@@ -154,7 +160,7 @@ async def migrate(args: argparse.Namespace) -> Phase:
     elif args.proxies == 0:
         raise UsageError("--proxies 0 needs --coordinator-listen: without either, nothing would serve clients")
     starter, owned = proxy_starter(host, port, args.proxy_mode, emit, epoch=opts.epoch, fleet=fleet,
-                                   spawn=args.proxies > 0)
+                                   spawn=args.proxies > 0, connection_budget=opts.connection_budget)
     store: CheckpointStore = FileCheckpoint(args.state_file) if args.state_file else MemoryCheckpoint()
     m = Migration(source, target, opts, starter, emit=emit, store=store)
     control = None
@@ -171,25 +177,32 @@ async def migrate(args: argparse.Namespace) -> Phase:
 
 
 def proxy_starter(host: str, port: int, mode: str, emit: Emit, *, epoch: int = 0, fleet: Fleet | None = None,
-                  spawn: bool = True) -> tuple[ProxyStarter, list[Any]]:
+                  spawn: bool = True, connection_budget: int = 0) -> tuple[ProxyStarter, list[Any]]:
     """How the migration starts its proxies (in this process, or supervised children; and/or a fleet
-    of proxies that join) and what must be stopped at the end."""
+    of proxies that join) and what must be stopped at the end. ``connection_budget`` reaches the
+    proxies started here (a joined proxy has its own flag)."""
     owned: list[Any] = []
     own: ProxyStarter | None = None
     if spawn and mode == "subprocess":
-        own, owned = subprocess_proxies(host, port, emit, epoch=epoch)
+        budget = ["--connection-budget", str(connection_budget)] if connection_budget else []
+        own, owned = subprocess_proxies(host, port, emit, proxy_args=budget, epoch=epoch)
     elif spawn:
-        own = local_proxies(host, port)
+        own = local_proxies(host, port, connection_budget=connection_budget)
+    return with_fleet(own, fleet), owned
+
+
+def with_fleet(own: ProxyStarter | None, fleet: Fleet | None) -> ProxyStarter:
+    """The proxies started here (``own``) and/or the ``fleet`` of proxies that join, as one starter."""
     if fleet is None:
-        assert own is not None
-        return own, owned
+        assert own is not None, "no proxy started here and no fleet to join"
+        return own
 
     async def start(upstream: Endpoint, on_marks: MarkCallback, on_lost: Callable[[str], None]) -> list[ProxyHandle]:
         handles = await own(upstream, on_marks, on_lost) if own is not None else []
         await fleet.start(upstream, on_marks, on_lost)
         return [*handles, fleet]
 
-    return start, owned
+    return start
 
 
 async def drive(m: Migration, owned: list[Any]) -> Phase:

@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         env = None
         if args.local_worker_kubeconfig:    # the worker's identity, not the operator's, as in a pod
             env = {**os.environ, "KUBECONFIG": args.local_worker_kubeconfig}
-        runner = LocalProcessRunner(state, env)
+        runner = LocalProcessRunner(state, env, kube)
     else:
         runner = KubernetesRunner(kube, args.worker_image, args.worker_service_account, args.worker_cluster_role,
                                   args.worker_image_pull_secret)

@@ -1,5 +1,7 @@
-"""durablecache worker: the proxy and syncer of one DurableCache, run by the operator (a pod, or a local
-process in tests). It runs the same Migration as ``durablecache migrate``, in-process, with settings
+"""durablecache worker: the coordinator (syncer, phases, cutover) of one DurableCache, run by the operator
+(a pod, or a local process in tests). Under the operator it runs no proxy of its own (``--proxies 0``):
+the proxy pods join it at ``--coordinator-listen`` (fleet.py, docs/ha.md#in-kubernetes), and it reports
+them in status.proxies. It runs the same Migration as ``durablecache migrate``, in-process, with settings
 from the parsed spec (k8s/spec.py), its resume state kept in the resource's status (k8s/store.py, the
 worker's one status writer), and reports progress, phases and Events to the API.
 
@@ -18,9 +20,11 @@ import os
 import tempfile
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from .. import logs
 from ..errors import ConnectError, DurableCacheError, UsageError
+from ..fleet import Fleet
 from ..k8s.kube import Kube, load_client
 from ..k8s.lease import (
     DEFAULT_DURATION,
@@ -41,11 +45,11 @@ from ..proxyhandles import local_proxies, subprocess_proxies
 from ..proxyprocesses import cpu_count
 from ..urls import Endpoint
 from . import migrate as migrate_cmd
-from ._common import hostport, run_async
+from ._common import hostport, read_token, run_async
 from .proxy import announce_address, server_tls
 
 NAME = "worker"
-HELP = "run the proxy and syncer of one DurableCache (started by the operator; not for direct use)"
+HELP = "run the coordinator of one DurableCache (started by the operator; not for direct use)"
 log = logs.get("durablecache.worker")
 WORKER_COMPONENT = "durablecache-worker"
 GATE_EVENT_INTERVAL = 30.0
@@ -64,6 +68,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", default="0.0.0.0:6379", metavar="HOST:PORT", help="where the proxy listens")
     p.add_argument("--proxy-mode", choices=["inprocess", "subprocess"], default="inprocess",
                    help="run the proxy in the worker's process or as a supervised child (as migrate)")
+    p.add_argument("--proxies", type=int, choices=[0, 1], default=1,
+                   help="1 (default): the worker runs the proxies spec.proxy asks for itself, at --listen; 0: only "
+                        "proxies that join --coordinator-listen (the operator's proxy Deployment; docs/ha.md)")
+    p.add_argument("--coordinator-listen", metavar="HOST:PORT",
+                   help="accept proxies started elsewhere (`durablecache proxy --join`) on this address (needs "
+                        "--join-token-file)")
+    p.add_argument("--join-token-file", metavar="PATH",
+                   help="the fleet's shared token (the mounted join-token Secret): joining proxies present it, and "
+                        "it is their admin API's token")
     p.add_argument("--gate-timeout", type=migrate_cmd.duration, default=OPERATOR_GATE_TIMEOUT, metavar="DUR",
                    help="how long RouteIn waits for applications to move onto the proxy "
                         f"(default {format_duration(OPERATOR_GATE_TIMEOUT)})")
@@ -155,9 +168,15 @@ async def _coordinate(args: argparse.Namespace, kube: Kube, lease: CoordinatorLe
         reporter.store = store
         await asyncio.to_thread(store.set_coordinator, lease.holder, epoch)
         reporter.post("Normal", "CoordinatorElected", f"{lease.holder} holds the coordinator lease, epoch {epoch}")
-        cert, key = await asyncio.to_thread(proxy_tls_files, kube, spec, args, tmp)
-        starter, owned = proxy_starter(spec.proxy, args, host, port, cert, key, reporter.emit, epoch=epoch)
-        m = Migration(source, target, opts, starter, emit=reporter.emit, store=store)
+        fleet = coordinator_fleet(args, epoch, reporter.emit)
+        reporter.fleet = fleet
+        reporter.fleet_only = not args.proxies
+        own: ProxyStarter | None = None
+        owned: list[Any] = []
+        if args.proxies:
+            cert, key = await asyncio.to_thread(proxy_tls_files, kube, spec, args, tmp)
+            own, owned = proxy_starter(spec.proxy, args, host, port, cert, key, reporter.emit, epoch=epoch)
+        m = Migration(source, target, opts, migrate_cmd.with_fleet(own, fleet), emit=reporter.emit, store=store)
         reporter.migration = m
         reports = asyncio.create_task(reporter.run())
         try:
@@ -252,6 +271,24 @@ def proxy_tls_files(kube: Kube, spec: DurableCacheSpec, args: argparse.Namespace
     return out[0], out[1]
 
 
+def coordinator_fleet(args: argparse.Namespace, epoch: int, emit: Emit) -> Fleet | None:
+    """The fleet proxies join (--coordinator-listen), driven with this coordinator's lease epoch."""
+    if not args.coordinator_listen:
+        if not args.proxies:
+            raise UsageError("--proxies 0 needs --coordinator-listen: without either, nothing would serve clients")
+        return None
+    host, port = hostport(args.coordinator_listen, "--coordinator-listen")
+    return Fleet(read_token(args.join_token_file, "--coordinator-listen"), epoch=epoch, host=host, port=port,
+                 emit=emit)
+
+
+def fleet_view(fleet: Fleet, wanted: int) -> dict[str, Any]:
+    """status.proxies: the proxy pods joined to this coordinator now against the pods wanted. A pod is
+    the host of its members' admin addresses (its pod IP, which every process of the pod announces)."""
+    pods = {urlsplit(m.admin_base).hostname for m in list(fleet.members.values())}
+    return {"ready": len(pods), "total": wanted, "processes": len(fleet.members), "display": f"{len(pods)}/{wanted}"}
+
+
 def proxy_starter(proxy: ProxySpec, args: argparse.Namespace, host: str, port: int, cert: str | None,
                   key: str | None, emit: Emit, epoch: int = 0) -> tuple[ProxyStarter, list[Any]]:
     """The migration's proxies as spec.proxy says: one in this process, or (processes > 1, or
@@ -263,10 +300,13 @@ def proxy_starter(proxy: ProxySpec, args: argparse.Namespace, host: str, port: i
             flags += ["--announce", args.announce]
         if proxy.max_clients:
             flags += ["--max-clients", str(proxy.max_clients)]
+        if proxy.connection_budget:
+            flags += ["--connection-budget", str(proxy.connection_budget)]
         return subprocess_proxies(host, port, emit, processes=processes, proxy_args=flags, epoch=epoch)
     announce_host, announce_port = announce_address(args.announce) if args.announce else (None, 0)
     return local_proxies(host, port, server_tls(cert, key), max_clients=proxy.max_clients or 0,
-                         announce_host=announce_host, announce_port=announce_port), []
+                         announce_host=announce_host, announce_port=announce_port,
+                         connection_budget=proxy.connection_budget), []
 
 
 async def proxy_clients(proxies: list[Any]) -> dict[str, int] | None:
@@ -275,7 +315,7 @@ async def proxy_clients(proxies: list[Any]) -> dict[str, int] | None:
     proxy that does not answer (restarting) is left out of this round."""
     out = {"clients": 0, "connectionsTotal": 0, "refused": 0}
     seen = False
-    for handle in proxies:
+    for handle in _processes(proxies):
         stats = getattr(handle, "stats", None)
         if stats is None:
             continue
@@ -288,6 +328,14 @@ async def proxy_clients(proxies: list[Any]) -> dict[str, int] | None:
         out["connectionsTotal"] += int(s.get("connections_total") or 0)
         out["refused"] += int(s.get("clients_refused") or 0)
     return out if seen else None
+
+
+def _processes(proxies: list[Any]) -> list[Any]:
+    """Every proxy process behind the migration's handles: a fleet stands for its members."""
+    out: list[Any] = []
+    for handle in proxies:
+        out.extend(handle.members.values() if isinstance(handle, Fleet) else [handle])
+    return out
 
 
 def _lag_reader(spec: DurableCacheSpec) -> Any:
@@ -317,6 +365,11 @@ class Reporter:
         self.gate_blocked_since: float | None = None   # RouteIn: when clients were first seen on the source
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue()
+        self.fleet: Fleet | None = None
+        # No proxy of the worker's own: the applications are routed to the proxy Service only once a
+        # proxy has joined (status.checkpoint.worker.proxiesUp), not when the join port opens.
+        self.fleet_only = False
+        self.proxies_up = False
 
     # -- from the engine (its event loop, or the status flusher thread) ---------------------------
     def post(self, type_: str, reason: str, message: str) -> None:
@@ -336,9 +389,20 @@ class Reporter:
         kind = e.get("event")
         log.info("engine event", **{k: v for k, v in e.items() if k != "event"}, engine_event=kind)
         if kind == "proxies":
-            self.loop.call_soon_threadsafe(self._spawn, self._write(
-                "report", {"checkpoint": {"worker": {"proxiesUp": True, "proxies": e["addresses"]}}}))
-            self._event("Normal", "ProxyReady", f"proxy listening on {', '.join(e['addresses'])}")
+            if self.fleet_only:
+                self._report_worker({"proxies": e["addresses"]})
+                self._event("Normal", "CoordinatorListening", f"proxies join on {', '.join(e['addresses'])}")
+            else:
+                self._proxies_ready(e["addresses"])
+                self._event("Normal", "ProxyReady", f"proxy listening on {', '.join(e['addresses'])}")
+        elif kind == "proxy_joined":
+            if self.fleet_only and not self.proxies_up:
+                self._proxies_ready([f"fleet@{self.fleet.host}:{self.fleet.port}"] if self.fleet else [])
+            self._event("Normal", "ProxyJoined", f"proxy {e.get('proxy')} ({e.get('address')}) joined; "
+                        f"{e.get('members')} proxy processes")
+        elif kind == "proxy_left":
+            self._event("Normal", "ProxyLeft", f"proxy {e.get('proxy')} ({e.get('address')}) left; "
+                        f"{e.get('members')} proxy processes")
         elif kind == "gate_blocked":
             now = time.monotonic()
             if now - self.last_gate_event >= GATE_EVENT_INTERVAL:
@@ -377,6 +441,14 @@ class Reporter:
             if not e.get("problems"):
                 self._event("Normal", "ClientsReady", f"the {e.get('connections')} client connections through "
                             "the proxy can use the target after cutover")
+
+    def _report_worker(self, fields: dict[str, Any]) -> None:
+        self.loop.call_soon_threadsafe(self._spawn, self._write("report", {"checkpoint": {"worker": fields}}))
+
+    def _proxies_ready(self, addresses: list[str]) -> None:
+        """status.checkpoint.worker.proxiesUp: the operator may route the applications to the proxies."""
+        self.proxies_up = True
+        self._report_worker({"proxiesUp": True, "proxies": addresses})
 
     def _gate_event(self, e: dict[str, Any], now: float) -> tuple[str, str]:
         """(type, reason) for clients seen on the source around the proxy. In RouteIn that is normal
@@ -437,6 +509,8 @@ class Reporter:
         counts = await proxy_clients(m.proxies)
         if counts is not None:
             report["proxyClients"] = counts
+        if self.fleet is not None:
+            report["proxies"] = fleet_view(self.fleet, DurableCacheSpec.parse(self.obj).proxy.replicas)
         await self._write("report", report)
         try:
             obj = await asyncio.to_thread(self.kube.get, self.ns, self.name)

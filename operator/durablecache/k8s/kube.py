@@ -165,6 +165,8 @@ class Kube:
             "Service": (self.core.read_namespaced_service, self.core.create_namespaced_service),
             "PodDisruptionBudget": (self.policy.read_namespaced_pod_disruption_budget,
                                     self.policy.create_namespaced_pod_disruption_budget),
+            # The fleet's join token: created once, never read back or logged here.
+            "Secret": (self.core.read_namespaced_secret, self.core.create_namespaced_secret),
         }[kind]
         try:
             retrying(f"get {kind}", read, body["metadata"]["name"], namespace)

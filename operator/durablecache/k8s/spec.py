@@ -346,17 +346,23 @@ class SeedingSpec:
 
 AUTO_PROCESSES = 0          # ProxySpec.processes for "auto": one per CPU the pod may run on
 MAX_PROCESSES = 64
+# Two proxy pods by default: one drained or lost node leaves the applications a proxy to reconnect to.
+DEFAULT_PROXY_REPLICAS = 2
+MAX_PROXY_REPLICAS = 64
 RESOURCE_KINDS = ("requests", "limits")
 TLS_CERT_KEY, TLS_KEY_KEY = "tls.crt", "tls.key"    # a kubernetes.io/tls Secret's keys (cert-manager's too)
 
 
 @dataclasses.dataclass(frozen=True)
 class ProxySpec:
-    """spec.proxy: how the applications reach the proxy, and how much of it runs."""
+    """spec.proxy: how the applications reach the proxies, and how many of them run."""
 
-    replicas: int = 1
-    processes: int = 1                  # AUTO_PROCESSES: one per CPU
+    replicas: int = DEFAULT_PROXY_REPLICAS  # proxy pods, each joined to the coordinator (docs/ha.md)
+    processes: int = 1                  # per pod; AUTO_PROCESSES: one per CPU
     max_clients: int | None = None      # per proxy process; None: no limit of the proxy's own
+    max_clients_total: int | None = None    # all proxy pods together, an equal share each; None: no limit
+    # Per proxy process, checked at each cutover attempt's PREPARE (docs/limits.md); 0: 90% of maxclients.
+    connection_budget: int = DEFAULTS.connection_budget
     announce_host: str | None = None    # None: the proxy Service's DNS name (the runner's)
     tls_secret_name: str | None = None
     resources: dict[str, dict[str, str | int]] = dataclasses.field(default_factory=dict)
@@ -364,20 +370,22 @@ class ProxySpec:
     @classmethod
     def parse(cls, d: dict[str, Any]) -> ProxySpec:
         p = "spec.proxy"
-        replicas = _get(d, "replicas", p, int, 1)
-        if replicas < 1:
-            raise SpecError(f"{p}.replicas", f"must be at least 1, not {replicas}")
-        if replicas > 1:
-            # Accepted by the CRD so that specs can be written for it; the data path is one pod today.
-            raise SpecError(f"{p}.replicas", f"{replicas} proxy pods are not supported yet: a migration's "
-                            "proxies run in its one worker pod until the coordinator and the proxies are split "
-                            "(issue #17); set it to 1 and use spec.proxy.processes for more cores")
+        replicas = _get(d, "replicas", p, int, DEFAULT_PROXY_REPLICAS)
+        if not 1 <= replicas <= MAX_PROXY_REPLICAS:
+            raise SpecError(f"{p}.replicas", f"must be 1 to {MAX_PROXY_REPLICAS}, not {replicas}")
         max_clients = _get(d, "maxClients", p, int)
         if max_clients is not None and max_clients < 1:
             raise SpecError(f"{p}.maxClients", f"must be at least 1, not {max_clients}")
+        total = _get(d, "maxClientsTotal", p, int)
+        processes = _processes(d, p)
+        least = replicas * (processes if processes != AUTO_PROCESSES else 1)
+        if total is not None and total < least:
+            raise SpecError(f"{p}.maxClientsTotal", f"must give each of the {least} proxy processes at least one "
+                                                     f"client, not {total}")
+        budget = _get(d, "connectionBudget", p, int, DEFAULTS.connection_budget)
         tls = _obj(d, "tls", p)
-        return cls(replicas=replicas, processes=_processes(d, p), max_clients=max_clients,
-                   announce_host=_get(d, "announceHost", p, str) or None,
+        return cls(replicas=replicas, processes=processes, max_clients=max_clients, max_clients_total=total,
+                   connection_budget=budget, announce_host=_get(d, "announceHost", p, str) or None,
                    tls_secret_name=_get(tls, "secretName", f"{p}.tls", str) or None,
                    resources=_resources(_obj(d, "resources", p), f"{p}.resources"))
 
@@ -458,7 +466,8 @@ class DurableCacheSpec:
                 max_key_pause=c.max_key_pause, rollback_window=c.rollback_window,
                 allow_clients=list(self.route_in.allowed_clients), gate_settle=self.route_in.settle_period,
                 gate_timeout=gate_timeout, repair_max_share=r.max_destructive_share,
-                accept_destructive_repair=r.accept_destructive, after_cutover=self.endpoint.after_cutover)
+                accept_destructive_repair=r.accept_destructive, after_cutover=self.endpoint.after_cutover,
+                connection_budget=self.proxy.connection_budget)
         except OptionError as exc:
             raise SpecError(SETTING_NAMES[exc.field][0], exc.named(0).split(" ", 1)[1]) from None
 

@@ -43,6 +43,7 @@ def _auth(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None
         s.auth_pending -= 1
         if (e.reply or b"").startswith(b"+"):
             s.authed = True
+            s.auth_proven(args)
             conn.drop_idle = False
             s.sync_next()           # connections prepared for the next side authenticate too
         else:
@@ -163,6 +164,7 @@ def _hello(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> Non
             s.facts.resp = proto
         if auth is not None:
             s.authed = True
+            s.auth_proven(auth)
             conn.drop_idle = False
             conn.named = True
             conn.client_id = hello_id(r)
@@ -447,6 +449,7 @@ def _reset(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> Non
     s.req_db = 0
     s.req_proto = 2
     s.auth_args = None
+    s.iam_proven = None
     s.auth_sent = False
     _end_multi(s)
     s.tx_conn = None

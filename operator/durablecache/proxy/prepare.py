@@ -33,9 +33,14 @@ State = tuple[tuple[bytes, ...] | None, int, int]
 class Prepared(asyncio.Protocol):
     """One prepared connection to one node of the next side."""
 
-    def __init__(self, node: int, name: bytes):
+    def __init__(self, node: int, name: bytes,
+                 login: Callable[[tuple[bytes, ...]], tuple[bytes, ...]] | None = None):
         self.node = node
         self.name = name
+        # The session's AUTH as this side is sent it (routing.Routing.login_for: an IAM session's
+        # token signed for this side); the state compared (``has``/``sent``) stays the client's own.
+        self.login = login
+        self.signed = False       # authenticated with a token the proxy signed (renewed: routing.py)
         self.transport: asyncio.Transport | None = None
         self.reader = libvalkey.Reader()
         self.obuf: list[bytes] = []
@@ -61,7 +66,9 @@ class Prepared(asyncio.Protocol):
             return
         first = not self.checks and not self.named and self.client_id is None
         if auth is not None and auth != sent_auth:
-            user, password = (b"default", auth[1]) if len(auth) == 2 else (auth[1], auth[2])
+            login = self.login(auth) if self.login is not None else auth
+            self.signed = login is not auth
+            user, password = (b"default", login[1]) if len(login) == 2 else (login[1], login[2])
             self._send((b"HELLO", str(proto).encode(), b"AUTH", user, password, b"SETNAME", self.name),
                        self._took(want_auth=auth, want_proto=proto))
             first = False

@@ -117,13 +117,20 @@ class Readiness:
 
     def report(self) -> dict[str, Any]:
         """JSON for the admin API's /clients: one item per group, open connections included."""
-        groups = dict(self.closed)
+        # Open connections are added into one group per key first, then merged once with the closed
+        # ones: a merge per connection (two new groups and their sets each) took tens of milliseconds
+        # with thousands open, on the thread that serves them.
+        live: dict[tuple[str, str, str], _Group] = {}
         for facts in self.live.values():
-            now = _Group()
-            now.add(facts, True)
             key = facts.key()
+            group = live.get(key)
+            if group is None:
+                group = live[key] = _Group()
+            group.add(facts, True)
+        groups = dict(self.closed)
+        for key, group in live.items():
             old = groups.get(key)
-            groups[key] = now if old is None else old.merged(now)
+            groups[key] = group if old is None else old.merged(group)
         items = [group_json(key, g) for key, g in sorted(groups.items())]
         return {"groups": items, "otherConnections": self.other_connections,
                 "connections": sum(g.connections for g in groups.values()) + self.other_connections,

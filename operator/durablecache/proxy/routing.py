@@ -12,6 +12,7 @@ from typing import Any
 from .. import logs
 from ..urls import Endpoint
 from .commandtable import CommandSpec
+from .iamsessions import LOGINS, iam_user
 from .outbox import Outbox
 from .prepare import Prepared, State
 from .replies import READ, Entry, hello_id
@@ -35,6 +36,10 @@ class Routing(Outbox):
         self.auth_sent = False
         self.auth_pending = 0               # AUTH / HELLO AUTH sent, reply not seen yet
         self.auth_args: tuple[bytes, ...] | None = None
+        # The ElastiCache IAM user this session proved to be (a server accepted its AUTH with an IAM
+        # token): replays on the other side, or after the token expired, are signed by the proxy
+        # (iamsessions.py). None: no such proof, the AUTH is replayed as the client sent it.
+        self.iam_proven: bytes | None = None
         self.subs: tuple[set[bytes], set[bytes], set[bytes]] = (set(), set(), set())
         self.in_multi = False
         self.multi_error = False
@@ -117,7 +122,11 @@ class Routing(Outbox):
         is its gate) the previous AUTH is not replayed."""
         auth_args = self.auth_args if replay_auth else None
         if auth_args is not None:
-            conn.gate(self.hello_auth(auth_args), self.hello_done(conn))
+            endpoint = self.router.nodes[conn.node]
+            login = self.login_for(auth_args, endpoint)
+            conn.gate(self.hello_auth(login), self.hello_done(conn))
+            if login is not auth_args:      # signed by the proxy: it renews it too
+                self._renew_later(conn, endpoint)
         elif self.req_proto == 3:
             conn.internal((b"HELLO", b"3"))
         if self.req_db:            # cluster too: Valkey 9's cluster-databases
@@ -151,7 +160,7 @@ class Routing(Outbox):
         nodes = range(len(router.nodes)) if router.cluster else range(1)
         loop = asyncio.get_running_loop()
         for node in nodes:
-            p = Prepared(node, self.name_on_upstream)
+            p = Prepared(node, self.name_on_upstream, self._login_to(router.nodes[node]))
             p.sync(want)
             self.next[node] = p
             loop.create_task(self._open_prepared(p, router))
@@ -159,7 +168,10 @@ class Routing(Outbox):
 
     async def _open_prepared(self, p: Prepared, router: Router) -> None:
         endpoint = router.nodes[p.node]
-        reason = await self._connect(p, endpoint)
+        async with self.proxy.prepare_gate:
+            if p.closed:     # dropped (an aborted attempt, FLIP without it) while it waited
+                return
+            reason = await self._connect(p, endpoint)
         if reason is not None:
             log.info("proxy.prepare_unreachable", session=self.id, upstream=endpoint.address, reason=reason)
             p.failed = True
@@ -200,7 +212,47 @@ class Routing(Outbox):
             transport = p.hand_over()
             transport.set_protocol(up)
             up.connection_made(transport)
+            if p.signed:
+                self._renew_later(up, self.router.nodes[node])
         self.next.clear()
+
+    def auth_proven(self, auth: tuple[bytes, ...]) -> None:
+        """A server accepted the client's ``auth``: whether it proved an IAM user (iamsessions.py)."""
+        self.iam_proven = iam_user(auth)
+
+    def login_for(self, auth: tuple[bytes, ...], endpoint: Endpoint) -> tuple[bytes, ...]:
+        """The AUTH to replay for the client on a new connection to ``endpoint``."""
+        return LOGINS.auth_for(auth, endpoint, self.iam_proven)
+
+    def _renew_later(self, conn: Upstream, endpoint: Endpoint) -> None:
+        """AWS closes a connection not authenticated again within 12 hours: one that authenticated with
+        a token of ours sends ``AUTH <user> <new token>`` every ``reauth_after``, between two of the
+        client's commands (behind an AUTH gate: refused, the client's commands there get the server's
+        error). Not inside MULTI (it would be queued), nor on a RESP2 subscribed connection (which
+        takes no AUTH): then a second later."""
+        iam = endpoint.iam
+        if iam is None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def renew() -> None:
+            auth = self.auth_args
+            if conn.failed or self.conns.get(conn.node) is not conn or self.client_gone or auth is None:
+                return
+            if self.in_multi or (conn.subscribed and self.req_proto != 3):
+                loop.call_later(1.0, renew)
+                return
+            login = LOGINS.auth_for(auth, endpoint, self.iam_proven, renew=True)
+            if login is auth:        # the session is no longer one we sign for
+                return
+            conn.gate((b"AUTH", login[1], login[2]))
+            loop.call_later(iam.reauth_after, renew)
+        loop.call_later(iam.reauth_after, renew)
+
+    def _login_to(self, endpoint: Endpoint) -> Callable[[tuple[bytes, ...]], tuple[bytes, ...]]:
+        def login(auth: tuple[bytes, ...]) -> tuple[bytes, ...]:
+            return self.login_for(auth, endpoint)
+        return login
 
     def hello_auth(self, auth: tuple[bytes, ...]) -> tuple[bytes, ...]:
         """``AUTH [user] pass`` as the HELLO that authenticates, keeps the protocol and names."""

@@ -301,22 +301,26 @@ class Proxy(ProxyState[Session]):
         self._prepared = (new_upstream, router, table, time.monotonic())
         self.next_router = router
         opened = 0
-        for s in list(self.sessions.values()):
-            if s.side == self.side:
-                opened += s.prepare_next(router)
+        waiting: list[Session] = []
+        # A batch per turn of the event loop: thousands of sessions in one go held every client's
+        # commands (and the syncer) for hundreds of milliseconds.
+        for i, s in enumerate(list(self.sessions.values())):
+            if s.side == self.side and self.next_router is router:
+                n = s.prepare_next(router)
+                if n:
+                    opened += n
+                    waiting.append(s)
+            if i % SWITCH_BATCH == SWITCH_BATCH - 1:
+                await asyncio.sleep(0)
+        # Only the sessions not seen ready yet are looked at again: a pass over every session each
+        # round took milliseconds with thousands of them.
         deadline = time.monotonic() + PREPARE_WAIT
-        while time.monotonic() < deadline and self._unprepared():
-            await asyncio.sleep(0.01)
+        while waiting and time.monotonic() < deadline:
+            waiting = [s for s in waiting if _unprepared(s)]
+            if waiting:
+                await asyncio.sleep(0.01)
         log.info("proxy.prepared", upstream=new_upstream.redacted(), connections=opened,
-                 pending=self._unprepared())
-
-    def _unprepared(self) -> int:
-        n = 0
-        for s in self.sessions.values():
-            for p in s.next.values():
-                if not p.failed and (p.transport is None or p.checks):
-                    n += 1
-        return n
+                 sessions_pending=len(waiting))
 
     def unprepare(self) -> None:
         """An aborted attempt (or a new PREPARE): the prepared connections are closed."""
@@ -549,6 +553,11 @@ def _must_unblock(queue: Any, writes_only: bool) -> bool:
                 not writes_only and (e is READ or (e.conn is not None and not e.internal))):
             return True
     return False
+
+
+def _unprepared(s: Session) -> bool:
+    """Has ``s`` a prepared connection still being connected or set up?"""
+    return any(not p.failed and not p.closed and (p.transport is None or p.checks) for p in s.next.values())
 
 
 def _writes_in_flight(sessions: list[Session]) -> int:

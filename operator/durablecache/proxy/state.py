@@ -34,6 +34,7 @@ log = logs.get("durablecache.proxy")
 S = TypeVar("S")
 # What a server answers a client over its maxclients, before closing it (Valkey's exact words).
 MAX_CLIENTS_ERROR: Final = b"-ERR max number of clients reached\r\n"
+PREPARE_AT_ONCE: Final = 64     # PREPARE's connections being opened at one time (prepare_gate)
 REFUSAL_LOG_EVERY: Final = 10.0     # seconds between log lines about refused clients
 # A command the proxy handles itself (or watches on its way): handlers.SPECIAL.
 Handler = Callable[[S, tuple[bytes, ...], CommandSpec | None], None]
@@ -69,6 +70,9 @@ class ProxyState(Generic[S]):
         # PREPARE: the next side's routing, for which sessions hold prepared connections (prepare.py)
         self.next_router: Router | None = None
         self.prepared_side = -1             # the FLIP (side) the prepared connections were made for
+        # PREPARE's connections open this many at a time: thousands of connects and handshakes at once
+        # would hold every client's commands (and the syncer) for hundreds of milliseconds.
+        self.prepare_gate = asyncio.Semaphore(PREPARE_AT_ONCE)
         # Key-scoped hold (hold_keys): db -> keys whose writes are held; empty when none is.
         self.key_hold: dict[int, set[bytes]] = {}
         self.delivery = MarkDelivery(on_marks)

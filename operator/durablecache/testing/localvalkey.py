@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -35,6 +36,16 @@ ELASTICACHE_RENAMED = ("BGREWRITEAOF", "BGSAVE", "CONFIG", "DEBUG", "MIGRATE", "
                        "SHUTDOWN", "SYNC", "PSYNC")
 ELASTICACHE_CLUSTER_DENIED = ("addslots", "addslotsrange", "delslots", "delslotsrange", "failover", "forget",
                               "meet", "replicate", "reset", "setslot", "saveconfig", "flushslots", "bumpepoch")
+# The test harness itself still needs a few of them (CONFIG SET to inject a fault, SAVE before a restart
+# that keeps the data): on a restricted server they are renamed, not removed, to a name made up per test
+# process that only the harness knows (LocalServer.admin). A client of the server, DurableCache
+# included, sees "unknown command" for CONFIG and SAVE as for the others.
+_HARNESS_SUFFIX = secrets.token_hex(6)
+ELASTICACHE_HARNESS = {"CONFIG": f"CONFIG-harness-{_HARNESS_SUFFIX}", "SAVE": f"SAVE-harness-{_HARNESS_SUFFIX}"}
+# A restricted server that replicates cannot lose SYNC/PSYNC (its replicas send them): they are denied
+# to the default user by ACL instead, and the replicas authenticate as this user, allowed only those.
+REPLICATION_USER = "harness-replication"
+_REPLICATION_SECRET = secrets.token_hex(16)
 
 
 def valkey_server_binary(engine: str = "valkey8") -> str:
@@ -81,10 +92,12 @@ class LocalServer:
         tls: dict[str, str] | None = None,
         extra: Sequence[str] = (),
         elasticache: bool = False,
+        replicated: bool = False,
     ):
         self.binary = binary or valkey_server_binary(engine)
         self.engine = engine
         self.elasticache = elasticache
+        self.replicated = replicated
         self.password = password
         self.acl_user = acl_user
         self.cluster = cluster
@@ -113,8 +126,29 @@ class LocalServer:
                   "--cluster-port", str(self.bus_port), "--cluster-node-timeout", "5000"]
         if self.elasticache:
             for name in ELASTICACHE_RENAMED:
-                a += ["--rename-command", name, ""]
+                if not (self.replicated and name in ("SYNC", "PSYNC")):
+                    a += ["--rename-command", name, ELASTICACHE_HARNESS.get(name, "")]
+            if self.replicated:
+                a += ["--masteruser", REPLICATION_USER, "--masterauth", _REPLICATION_SECRET]
         return a + self.extra
+
+    def admin(self, *args: object) -> Any:
+        """A command as the harness runs it: CONFIG or SAVE under their harness-only names on a
+        restricted server, as given elsewhere."""
+        name = str(args[0]).upper()
+        command = ELASTICACHE_HARNESS.get(name, name) if self.elasticache else name
+        with contextlib.closing(self.client()) as c:
+            return c.execute_command(command, *args[1:])
+
+    def _restrict_replication(self) -> None:
+        """SYNC/PSYNC kept for the replicas' user only (see REPLICATION_USER)."""
+        c = self.client()
+        try:
+            c.execute_command("ACL", "SETUSER", REPLICATION_USER, "on", f">{_REPLICATION_SECRET}",
+                              "+psync", "+sync", "+replconf", "+ping")
+            c.execute_command("ACL", "SETUSER", "default", "-psync", "-sync")
+        finally:
+            c.close()
 
     def restrict_cluster_admin(self) -> None:
         """Deny the default user CLUSTER's administrative subcommands, as ElastiCache does."""
@@ -135,6 +169,8 @@ class LocalServer:
         """Start the process on self.port; True once it answers (its ACL user made), else killed."""
         self.proc = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if self._wait_ready():
+            if self.elasticache and self.replicated:
+                self._restrict_replication()
             if self.acl_user:
                 user, pw = self.acl_user
                 self.client().execute_command("ACL", "SETUSER", user, "on", f">{pw}", "~*", "&*", "+@all")
@@ -147,7 +183,7 @@ class LocalServer:
         comes back, or with ``keep_data`` holding what it had at the moment of the crash (saved to its
         dump file just before, as a server restarting from a snapshot would)."""
         if keep_data:
-            self.client().save()
+            self.admin("SAVE")
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
@@ -231,7 +267,8 @@ class LocalCluster:
         try:
             total = self.n_primaries * (1 + self.n_replicas)
             self.nodes = [LocalServer(password=self.password, cluster=True, engine=self.engine,
-                                      elasticache=self.elasticache, extra=self.extra).start() for _ in range(total)]
+                                      elasticache=self.elasticache, replicated=self.n_replicas > 0,
+                                      extra=self.extra).start() for _ in range(total)]
             self._form()
             if self.elasticache:
                 for node in self.nodes:

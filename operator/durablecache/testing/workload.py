@@ -35,12 +35,13 @@ class Ledger:
 
 class Workload:
     def __init__(self, host: str, port: int, *, writers: int = 4, rate: float = 500.0, cluster: bool = False,
-                 password: str | None = None, prefix: str = "load"):
+                 password: str | None = None, prefix: str = "load", username: str | None = None):
         self.address = (host, port)
         self.writers = writers
         self.rate = rate
         self.cluster = cluster
         self.password = password
+        self.username = username
         self.prefix = prefix
         self.ledgers = [Ledger() for _ in range(writers)]
         self.stop = asyncio.Event()
@@ -73,7 +74,8 @@ class Workload:
 
     def _client(self) -> Any:
         host, port = self.address
-        opts: dict[str, Any] = {"host": host, "port": port, "password": self.password, "socket_timeout": 10,
+        opts: dict[str, Any] = {"host": host, "port": port, "username": self.username, "password": self.password,
+                                "socket_timeout": 10,
                                 "socket_connect_timeout": 5}
         if self.cluster:
             return avalkey.ValkeyCluster(**opts)
