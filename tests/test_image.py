@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import valkey
 
-from durablecache.localvalkey import LocalServer
+from durablecache.testing.localvalkey import LocalServer
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"

@@ -10,17 +10,17 @@ import json
 import os
 import signal
 import subprocess
-import time
 import urllib.request
 from typing import Any
 
 import pytest
 import valkey
 
-from durablecache.localvalkey import free_port
 from durablecache.migration import Migration, MigrationOptions
+from durablecache.ports import free_port
 from durablecache.proxyhandles import SubprocessProxy, subprocess_proxies
-from durablecache.workload import Workload, seed
+from durablecache.testing.waiting import wait_for
+from durablecache.testing.workload import Workload, seed
 from keyspace import CLI
 
 pytestmark = pytest.mark.timeout(180)
@@ -46,19 +46,6 @@ def two_free_ports() -> int:
                     continue
             return port
     raise AssertionError("no two consecutive free ports")
-
-
-def wait_for(what: str, cond, timeout: float = 30.0) -> Any:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = cond()
-        except OSError:
-            value = None
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def gone(pid: int) -> bool:
@@ -97,14 +84,14 @@ def test_two_processes_answer_on_one_port_and_stop_together(source, tmp_path) ->
         # One dies: the parent starts it again on the same port and admin port.
         os.kill(stats[1]["pid"], signal.SIGKILL)
         again = wait_for("the killed process to be restarted",
-                         lambda: admin_stats(admin + 1, token)["pid"] != stats[1]["pid"])
+                         lambda: admin_stats(admin + 1, token)["pid"] != stats[1]["pid"], 30, ignore=(OSError,))
         assert again
         assert valkey.Valkey(port=listen, socket_timeout=10).get("p:0") == b"0"
         pids = [admin_stats(admin + i, token)["pid"] for i in range(2)]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         for pid in pids:            # no child left behind
-            wait_for(f"process {pid} to be gone", lambda pid=pid: gone(pid))
+            wait_for(f"process {pid} to be gone", lambda pid=pid: gone(pid), 30)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -195,11 +182,7 @@ def test_a_cutover_through_two_processes_on_one_port_loses_nothing(source, targe
             for c in probes:
                 c.close()
             # Writes go on after the cutover, now landing on the target: 50 more acknowledged.
-            after = load.acked + 50
-            deadline = time.monotonic() + 30
-            while load.acked < after:
-                assert time.monotonic() < deadline, "the writers stopped after the cutover"
-                await asyncio.sleep(0.02)
+            await load.writes_go_on(50, 30)
             await load.finish()
             lost = load.lost(target.client())
             return load, lost, events

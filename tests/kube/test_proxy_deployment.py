@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 from kubernetes import client as k8s_client
 
-from durablecache.localvalkey import LocalServer
-from durablecache.workload import seed
+from durablecache.testing.localvalkey import LocalServer
+from durablecache.testing.waiting import wait_for
+from durablecache.testing.workload import seed
 
 from . import test_operator
 from .conftest import KubeEnv
@@ -31,7 +32,6 @@ from .test_operator import (
     durablecache,
     phase_seen,
     start_app,
-    wait_for,
 )
 
 operator_factory = test_operator.operator_factory     # the fixture: operators watching this test's namespace

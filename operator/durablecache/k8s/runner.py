@@ -30,7 +30,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .. import logs
+from ..ports import free_port
 from . import GROUP
 from .kube import Kube, owner_reference
 from .spec import AUTO_PROCESSES, TLS_CERT_KEY, TLS_KEY_KEY, DurableCacheSpec, ProxySpec
@@ -328,12 +328,6 @@ class KubernetesRunner:
             await asyncio.to_thread(self.kube.delete_quietly, kind, ns, name)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class LocalProcessRunner:
     """The coordinator and its proxy pods as local processes (tests: there is no kubelet to run pods).
 
@@ -364,7 +358,7 @@ class LocalProcessRunner:
         path = self._file(obj, suffix)
         if path.exists():
             return int(path.read_text())
-        port = _free_port()
+        port = free_port()
         path.write_text(str(port))
         return port
 
