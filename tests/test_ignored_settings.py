@@ -34,7 +34,8 @@ def test_snapshot_seeding_is_acted_on_not_ignored() -> None:
 
 
 @pytest.mark.parametrize(("spec", "why"), [
-    ({"target": {"provider": "static", "endpoints": [{"host": "t", "port": 6379}]}}, "spec.target.provider aws"),
+    ({"target": {"provider": "static", "durability": "sync", "endpoints": [{"host": "t", "port": 6379}]}},
+     "spec.target.provider aws"),
     ({"source": {"endpoints": [{"host": "s", "port": 6379}]}}, "spec.source.replicationGroupId"),
 ])
 def test_snapshot_seeding_without_elasticache_is_refused_naming_the_field(spec: dict[str, Any], why: str) -> None:
