@@ -17,12 +17,15 @@ import dataclasses
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 import valkey
 
 from durablecache.localvalkey import LocalServer
 from durablecache.migration import Migration, MigrationOptions, SeededTarget
 from durablecache.proxyhandles import local_proxies
+from durablecache.syncer import Syncer
 from durablecache.topology import discover
+from durablecache.urls import Endpoint
 from durablecache.verify import Verifier
 from durablecache.workload import Workload, seed
 from seedstandin import restore, snapshot  # tests/ is on sys.path (rootdir insertion)
@@ -148,3 +151,22 @@ def test_a_dirty_set_that_overflows_during_the_restore_gets_the_full_verify_and_
     assert all(r["on_target"][k] == v.encode() for k, v in w.added.items())
     assert [k for k in w.deleted if r["on_target"][k] is not None] == []
     assert r["lost"] == [] and r["equal"]
+
+
+def test_a_syncer_without_a_target_collects_marks_and_refuses_to_copy() -> None:
+    async def run() -> None:
+        syncer = Syncer(None, max_dirty=3)
+        syncer.mark(0, [b"a", b"b", b"a"])
+        assert syncer.backlog == 2 and syncer.repair_reason is None
+        syncer.mark(0, [b"c", b"d"])                 # past max_dirty: the full verify-and-repair
+        assert syncer.stats.overflowed == 1 and "exceeded 3" in (syncer.repair_reason or "")
+        with pytest.raises(RuntimeError, match="before it has a target"):
+            syncer.start()
+        await syncer.stop()
+        await syncer.close_pools(current=True)       # nothing to close, nothing fails
+    asyncio.run(run())
+
+
+def test_a_migration_needs_a_target_or_a_way_to_seed_one() -> None:
+    with pytest.raises(ValueError, match="seed_target"):
+        Migration(Endpoint("127.0.0.1", 1), None, MigrationOptions(), local_proxies("127.0.0.1", 0))
