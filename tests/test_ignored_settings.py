@@ -30,7 +30,8 @@ def test_defaults_and_acted_on_settings_raise_nothing() -> None:
 def test_snapshot_seeding_is_acted_on_not_ignored() -> None:
     assert ignored_settings(dcache(seeding={"mode": "snapshot"}, deletionPolicy={"source": "SnapshotThenDelete"},
                                    cutover={"drainBudget": "50ms", "maxWritePause": "100ms"})) == []
-    assert DurableCacheSpec.parse(dcache(seeding={"mode": "snapshot", "snapshotName": "s1"})).seeding.snapshot_name == "s1"
+    named = DurableCacheSpec.parse(dcache(seeding={"mode": "snapshot", "snapshotName": "s1"}))
+    assert named.seeding.snapshot_name == "s1"
 
 
 @pytest.mark.parametrize(("spec", "why"), [
