@@ -13,6 +13,7 @@ writes keys through the proxy: they reach the target only through the syncer's m
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -46,9 +47,9 @@ WINDOW_KEYS = 200
 HOLD_TAG = "dc-moto/hold-file"
 
 
-def _seeded_manifest(source_id: str, target_id: str, hold_file: Path) -> dict[str, Any]:
+def _seeded_manifest(source_id: str, target_id: str, hold_file: Path, snapshot_name: str | None) -> dict[str, Any]:
     body = _manifest(source_id, target_id)
-    body["spec"]["seeding"] = {"mode": "snapshot"}
+    body["spec"]["seeding"] = {"mode": "snapshot", **({"snapshotName": snapshot_name} if snapshot_name else {})}
     body["spec"]["target"]["overrides"] = {"tags": {HOLD_TAG: str(hold_file)}}
     return body
 
@@ -76,11 +77,57 @@ def test_aws_migration_seeded_from_a_snapshot_runs_to_complete(
         kube_env: KubeEnv, kube_api: k8s_client.ApiClient, kube_namespace: str, moto_server: str,
         make_server: Callable[..., LocalServer], operator_factory: Callable[..., Operator],  # noqa: F811
         tmp_path: Path) -> None:
+    r = _seeded_to_complete(kube_env, kube_api, kube_namespace, moto_server, make_server, operator_factory,
+                            tmp_path, user_snapshot=False)
+    assert r.status["checkpoint"]["operator"]["seedSnapshot"] == f"{r.target_id}-seed"
+    # Nothing but the marks was needed: the only verify pass is the planned one that begins Sync.
+    assert [e.get("planned") for e in _engine_events(r.op, "repair")] == [True]
+
+
+def test_aws_migration_seeded_from_a_named_older_snapshot_is_fully_repaired(
+        kube_env: KubeEnv, kube_api: k8s_client.ApiClient, kube_namespace: str, moto_server: str,
+        make_server: Callable[..., LocalServer], operator_factory: Callable[..., Operator],  # noqa: F811
+        tmp_path: Path) -> None:
+    """spec.seeding.snapshotName: a snapshot taken before RouteIn; writes made between it and RouteIn
+    were never marked, and reach the target through the full verify-and-repair the worker demands."""
+    r = _seeded_to_complete(kube_env, kube_api, kube_namespace, moto_server, make_server, operator_factory,
+                            tmp_path, user_snapshot=True)
+    with contextlib.closing(r.target.client()) as c:
+        assert {k: c.get(k) for k in r.before_route_in} == {k: v.encode() for k, v in r.before_route_in.items()}
+    repairs = _engine_events(r.op, "repair")
+    assert any("spec.seeding.snapshotName" in str(e.get("reason")) for e in repairs), repairs
+
+
+@dataclasses.dataclass
+class Seeded:
+    op: Operator
+    target: LocalServer
+    target_id: str
+    status: dict[str, Any]
+    before_route_in: dict[str, str]
+
+
+def _seeded_to_complete(kube_env: KubeEnv, kube_api: k8s_client.ApiClient, kube_namespace: str, moto_server: str,
+                        make_server: Callable[..., LocalServer], operator_factory: Callable[..., Operator],  # noqa: F811
+                        tmp_path: Path, *, user_snapshot: bool) -> Seeded:
     source, target = make_server(engine="valkey8"), make_server(engine="valkey9")
     with contextlib.closing(source.client()) as c:
         seed(c, SEEDED_KEYS)
     source_id, target_id = _moto_source(moto_server), f"dst-{uuid.uuid4().hex[:8]}"
     hold = tmp_path / "restored"
+    named: str | None = None
+    rdb = b""
+    before_route_in: dict[str, str] = {}
+    if user_snapshot:
+        # The user's snapshot, taken before the migration (moto's record, and the stand-in's data) ...
+        named = f"{source_id}-nightly"
+        _elasticache(moto_server).create_snapshot(ReplicationGroupId=source_id, SnapshotName=named)
+        rdb = snapshot(source)
+        # ... then writes straight to the source, before any proxy: nobody marks them.
+        with contextlib.closing(source.client()) as c:
+            for i in range(WINDOW_KEYS):
+                before_route_in[f"before-route-in:{i}"] = f"unmarked-{i}"
+                assert c.set(f"before-route-in:{i}", f"unmarked-{i}")
     cluster = Cluster(kube_api, kube_env, kube_namespace)
     app = start_app(cluster, source)
     op = operator_factory(
@@ -88,13 +135,14 @@ def test_aws_migration_seeded_from_a_snapshot_runs_to_complete(
         DURABLECACHE_TEST_ENDPOINT_MAP=f"{source_id}=127.0.0.1:{source.port},{target_id}=127.0.0.1:{target.port}")
     try:
         op.start()
-        cluster.apply(_seeded_manifest(source_id, target_id, hold))
+        cluster.apply(_seeded_manifest(source_id, target_id, hold, named))
         # RouteIn passed (the app is on the proxy), the operator took its snapshot and asked for the target.
         wait_for("the operator's snapshot of the source", _event_seen(cluster, "SnapshotTaken"), MIGRATION_TIMEOUT)
         wait_for("the target requested from the snapshot", _event_seen(cluster, "TargetCreated"), 30)
         proxy = cluster.secret("app-cache")
         assert proxy["port"] not in (str(source.port), str(target.port)), proxy
-        rdb = snapshot(source)                  # stand-in: the snapshot's point in time
+        if not user_snapshot:
+            rdb = snapshot(source)              # stand-in: the snapshot's point in time
         window = _write_window(proxy)
         restore(rdb, target)                    # stand-in: ElastiCache restores the new cluster
         with contextlib.closing(target.client()) as c:
@@ -117,7 +165,6 @@ def test_aws_migration_seeded_from_a_snapshot_runs_to_complete(
     assert (rg["Durability"], rg["EffectiveDurability"]) == ("sync", "sync")   # the override, read back
     status = cluster.status("sessions")
     assert status["targetDurability"] == "sync"
-    assert status["checkpoint"]["operator"]["seedSnapshot"] == f"{target_id}-seed"
     seeded = _engine_events(op, "seeded")
     assert seeded and seeded[0]["backlog"] >= WINDOW_KEYS, seeded    # the window's marks, waiting for the target
     assert not _engine_events(op, "copied")                          # no bulk copy
@@ -128,3 +175,4 @@ def test_aws_migration_seeded_from_a_snapshot_runs_to_complete(
         assert phase in reasons, (phase, reasons)
     assert reasons.index("RouteIn") < reasons.index("SnapshotTaken") < reasons.index("TargetReady")
     assert_no_rbac_denials(op)
+    return Seeded(op, target, target_id, status, before_route_in)
