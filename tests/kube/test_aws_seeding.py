@@ -171,7 +171,7 @@ def _seeded_to_complete(kube_env: KubeEnv, kube_api: k8s_client.ApiClient, kube_
     reasons = [reason for _, reason, _ in cluster.events("sessions")]
     assert "SettingIgnored" not in reasons
     for phase in ("Preflight", "Provision", "SeedingDeferred", "RouteIn", "Copy", "SnapshotTaken", "TargetCreated",
-                  "TargetReady", "Sync", "Cutover", "RouteOut", "Complete"):
+                  "TargetReady", "Seeded", "Sync", "Cutover", "RouteOut", "Complete"):
         assert phase in reasons, (phase, reasons)
     assert reasons.index("RouteIn") < reasons.index("SnapshotTaken") < reasons.index("TargetReady")
     assert_no_rbac_denials(op)

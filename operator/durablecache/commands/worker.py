@@ -449,6 +449,10 @@ class Reporter:
             if self.store and not self.store.awaiting_approval:
                 self._event("Normal", "AwaitingApproval", "in sync; set spec.cutover.approved=true to cut over")
                 self.loop.call_soon_threadsafe(self._spawn, self._write("set_flags", awaiting_approval=True))
+        elif kind == "seeded":
+            overflow = " (the dirty set overflowed: full verify-and-repair)" if e.get("overflowed") else ""
+            self._event("Normal", "Seeded", f"target restored from the snapshot; {e.get('backlog')} keys written "
+                        f"since RouteIn to catch up{overflow}")
         elif kind == "copied":
             self._event("Normal", "Copied", f"copied {e.get('keys')} keys in {e.get('seconds')}s")
         elif kind == "cutover":
