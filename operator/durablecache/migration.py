@@ -49,7 +49,7 @@ PLANNED_REPAIR = "verify pass after the copy"
 GC_HOLD_LIMIT = 30.0   # seconds the collector may stay off for one switch of authority (gcpause.py)
 BUDGET_RETRY = 5.0     # seconds between attempts a connection budget refused (no attempt counted)
 CATCH_UP_LIMIT = 1.0   # seconds an attempt lets the syncer make up, after PREPARE, for what it held up
-__all__ = ["Migration", "MigrationOptions", "Phase", "ProxyHandle", "ProxyStarter"]
+__all__ = ["Migration", "MigrationOptions", "Phase", "ProxyHandle", "ProxyStarter", "SeedTarget", "SeededTarget"]
 
 
 class ProxyHandle(Protocol):
@@ -80,11 +80,33 @@ ProxyStarter = Callable[[Endpoint, MarkCallback, Callable[[str], None]], Awaitab
 Emit = Callable[[dict[str, Any]], None]
 
 
+@dataclasses.dataclass(frozen=True)
+class SeededTarget:
+    """A target restored from a snapshot of the source (snapshot seeding, docs/aws.md)."""
+
+    endpoint: Endpoint
+    # Set when the snapshot may predate RouteIn (one the user named): writes between it and RouteIn
+    # were never marked, so everything is verified and repaired before any cutover.
+    repair_reason: str | None = None
+
+
+# Called once RouteIn has passed: takes the snapshot, restores the target from it and returns it when
+# it is ready (the operator's worker waits for the operator to do that). Idempotent: a restarted
+# migration calls it again and gets the same target.
+SeedTarget = Callable[[], Awaitable[SeededTarget]]
+
+
 class Migration:
-    def __init__(self, source: Endpoint, target: Endpoint, opts: MigrationOptions, start_proxies: ProxyStarter,
-                 *, emit: Emit | None = None, store: CheckpointStore | None = None):
+    def __init__(self, source: Endpoint, target: Endpoint | None, opts: MigrationOptions, start_proxies: ProxyStarter,
+                 *, emit: Emit | None = None, store: CheckpointStore | None = None,
+                 seed_target: SeedTarget | None = None):
+        """``seed_target``: snapshot seeding. The target (``target`` may be None until then) comes from
+        it once RouteIn has passed, already holding the data, and replaces the bulk copy."""
+        if target is None and seed_target is None:
+            raise ValueError("a migration needs a target, or seed_target to obtain one")
         self.source_ep = source
-        self.target_ep = target
+        self._target_ep = target
+        self.seed_target = seed_target
         self.opts = opts
         self.start_proxies = start_proxies
         self.emit = emit or (lambda _e: None)
@@ -108,6 +130,12 @@ class Migration:
         self.readiness = ReadinessWatch(lambda e: self.emit(e), opts.watch_interval)
 
     # -- state ------------------------------------------------------------------------------------
+    @property
+    def target_ep(self) -> Endpoint:
+        if self._target_ep is None:
+            raise DurableCacheError("the target is not known yet: it is being restored from a snapshot")
+        return self._target_ep
+
     @property
     def phase(self) -> Phase:
         """The phase reached; RouteIn before the engine began, since that is where it starts (a state
@@ -198,32 +226,40 @@ class Migration:
         resumed_after_route_in = self.phase != Phase.ROUTE_IN
         if resumed_after_route_in:
             self.set_phase(self.phase)   # says where it resumes
-        self.source, self.target = await discover(self.source_ep), await discover(self.target_ep)
-        await check_pair(self.source, self.target, allow_nonempty=resumed_after_route_in,
-                         nonempty_hint="a migration needs an empty target (a new cluster); empty it or pick another")
         flipped = bool(self.state.get("flipped"))
-        self.syncer = Syncer(self._pool(reverse=flipped), workers=self.opts.sync_workers, max_dirty=self.opts.max_dirty)
-        self.syncer.start()
-        self.trust = Trust(self.source, self.target, self.state, on_change=self._side_changed,
-                           on_clients=self._direct_clients, allow_clients=self.opts.allow_clients)
+        seeding = self.seed_target is not None and self.phase in (Phase.ROUTE_IN, Phase.COPY)
+        if seeding:
+            self.source = await discover(self.source_ep)
+            # Marks are collected from RouteIn on, before any target exists (_seed attaches it).
+            self.syncer = Syncer(None, workers=self.opts.sync_workers, max_dirty=self.opts.max_dirty)
+        else:
+            await self._open_pair(resumed_after_route_in, flipped)
+        assert self.syncer and self.source
         if resumed_after_route_in:
             self.syncer.require_repair("resumed after a restart: marks in flight may have been lost")
-            with contextlib.suppress(ConnectError):     # a side still down: the watch reports it later
-                await self.trust.changes_since_trusted()   # says what changed while nobody watched
+            if self.trust:
+                with contextlib.suppress(ConnectError):     # a side still down: the watch reports it later
+                    await self.trust.changes_since_trusted()   # says what changed while nobody watched
         if not resumed_after_route_in:
             self.set_phase(Phase.ROUTE_IN)
         upstream = self.target_ep if flipped else self.source_ep
         self.proxies = await self.start_proxies(upstream, self.syncer.on_marks, self.syncer.require_repair)
         self.emit({"event": "proxies", "addresses": [p.address for p in self.proxies]})
-        self.readiness.start(self.proxies, self.target.cluster)
+        if self.target:
+            self.readiness.start(self.proxies, self.target.cluster)
         if self.phase == Phase.ROUTE_IN:
             await wait_for_gate(self.source, self.opts.allow_clients, self.opts.gate_settle, self.opts.gate_timeout,
                                 on_blocked=lambda c: self.emit({"event": "gate_blocked", "clients": c}))
-            await self.trust.establish()   # what the copy makes equal
+            if self.trust:
+                await self.trust.establish()   # what the copy makes equal
             self.set_phase(Phase.COPY)
+        if seeding:
+            await self._seed()
+        assert self.trust
         self._watch = asyncio.create_task(self.trust.watch(self.opts.watch_interval, self._source_writable))
         if self.phase == Phase.COPY:
-            await self._copy()
+            if not seeding:
+                await self._copy()
             self.set_phase(Phase.SYNC)
         if self.phase == Phase.CUTOVER:
             # Resumed inside a cutover attempt. ``flipped`` is saved once every proxy has flipped: then
@@ -246,6 +282,44 @@ class Migration:
             await self._end_sync()
             self._serving()
             await self.stop_requested.wait()
+
+    async def _open_pair(self, allow_nonempty: bool, flipped: bool) -> None:
+        """Both sides discovered and checked, the syncer copying towards the side that is not
+        authoritative, the trust record of both."""
+        self.source, self.target = await discover(self.source_ep), await discover(self.target_ep)
+        await check_pair(self.source, self.target, allow_nonempty=allow_nonempty,
+                         nonempty_hint="a migration needs an empty target (a new cluster); empty it or pick another")
+        self.syncer = Syncer(self._pool(reverse=flipped), workers=self.opts.sync_workers, max_dirty=self.opts.max_dirty)
+        self.syncer.start()
+        self._trust()
+
+    def _trust(self) -> None:
+        assert self.source and self.target
+        self.trust = Trust(self.source, self.target, self.state, on_change=self._side_changed,
+                           on_clients=self._direct_clients, allow_clients=self.opts.allow_clients)
+
+    async def _seed(self) -> None:
+        """Snapshot seeding, in place of the bulk copy: RouteIn has passed, so every write from now on
+        is marked; the target is restored from a snapshot taken after this point (seed_target), and the
+        syncer then copies every key marked since RouteIn. A dirty set that overflowed while the
+        restore ran has already demanded the full verify-and-repair, which Sync runs first."""
+        assert self.seed_target and self.syncer and self.source
+        self.emit({"event": "seeding", "backlog": self.syncer.backlog})
+        seeded = await self.seed_target()
+        self._target_ep = seeded.endpoint
+        self.target = await discover(self.target_ep)
+        # The restored target holds the snapshot's keys: not empty, by design.
+        await check_pair(self.source, self.target, allow_nonempty=True, nonempty_hint="")
+        self.syncer.attach(self._pool(reverse=False))
+        self.syncer.start()
+        self._trust()
+        assert self.trust
+        await self.trust.establish()   # the servers the catch-up and the verify make equal
+        if seeded.repair_reason:
+            self.syncer.require_repair(seeded.repair_reason)
+        self.readiness.start(self.proxies, self.target.cluster)
+        self.emit({"event": "seeded", "target": self.target_ep.redacted(), "backlog": self.syncer.backlog,
+                   "overflowed": self.syncer.stats.overflowed})
 
     def _serves_after_end(self) -> bool:
         return self.opts.after_cutover == "proxy" and not self.opts.exit_after_cutover

@@ -66,7 +66,9 @@ class _Waiter:
 
 
 class Syncer:
-    def __init__(self, pool: MoverPool, *, workers: int = 4, batch: int = 500, max_dirty: int = 2_000_000):
+    def __init__(self, pool: MoverPool | None, *, workers: int = 4, batch: int = 500, max_dirty: int = 2_000_000):
+        # None: no target yet (snapshot seeding, docs/aws.md): marks are recorded, bounded by max_dirty,
+        # and copied once attach() gives the pool and start() the workers.
         self.pool = pool
         self._retired: list[MoverPool] = []   # replaced by switch_pool(), not closed yet
         self.workers = workers
@@ -306,7 +308,16 @@ class Syncer:
                                     f"(backlog {self.backlog} keys)")
 
     # -- workers ---------------------------------------------------------------------------------
+    def attach(self, pool: MoverPool) -> None:
+        """The pool of a target that did not exist when the syncer began to collect marks."""
+        if self.pool is not None:
+            raise RuntimeError("the syncer has its pool already")
+        self.pool = pool
+
     def start(self) -> None:
+        if self.pool is None:
+            raise RuntimeError("the syncer cannot copy before it has a target (attach)")
+        self._last_progress = time.monotonic()   # marks may have waited for the target: not a stall
         self._tasks = [asyncio.create_task(self._worker(i)) for i in range(self.workers)]
 
     async def stop(self) -> None:
@@ -322,12 +333,13 @@ class Syncer:
         mark that still arrives then (a write whose client vanished before its reply) must be copied
         from the side that is about to become authoritative, never onto it. The old pool's connections
         are closed by close_pools(), once writes flow again: closing them need not hold writes."""
-        self._retired.append(self.pool)
+        if self.pool is not None:
+            self._retired.append(self.pool)
         self.pool = pool
 
     async def close_pools(self, *, current: bool = False) -> None:
         """Close the pools switch_pool() replaced (and, with ``current``, the one in use)."""
-        if current:
+        if current and self.pool is not None:
             self._retired.append(self.pool)
         while self._retired:
             await self._retired.pop().close()
@@ -416,14 +428,16 @@ class Syncer:
         db = batch[0][0][0]
         whole = [dk[1] for dk, waiting in batch if waiting is None]
         parts = {dk[1]: list(waiting) for dk, waiting in batch if waiting is not None}
+        pool = self.pool
+        assert pool is not None, "start() refuses to run without a pool"
         result = MoveResult()
         if whole:
             hinted = self._strings
             strings = frozenset([k for k in whole if (db, k) in hinted]) if hinted else frozenset()
             if strings:
                 hinted.difference_update((db, k) for k in strings)
-            result = await self.pool.move(db, whole, strings)
+            result = await pool.move(db, whole, strings)
         if parts:
-            result.add(await self.pool.move_members(db, parts))
+            result.add(await pool.move_members(db, parts))
         return result
 

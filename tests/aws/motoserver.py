@@ -14,7 +14,10 @@ server answer the way ElastiCache documents it, so the provider's read-back and 
    as many DescribeSnapshots; a deleted group is ``deleting`` for one describe, then gone.
    (moto makes everything ``available`` at once and never removes a deleted group.)
 3. Seeding. CreateReplicationGroup with a ``SnapshotName`` that does not exist fails with
-   SnapshotNotFoundFault (moto accepts any name).
+   SnapshotNotFoundFault (moto accepts any name). A group tagged ``dc-moto/hold-file`` stays
+   ``creating`` until that file exists: moto holds no data, so a test restores the snapshot's data into
+   the local server the group maps to itself (the stand-in for ElastiCache's restore, tests/kube/
+   test_aws_seeding.py) and only then lets the group become ``available``.
 4. Quota. A group of more than ``DC_MOTO_NODE_QUOTA`` nodes fails with NodeQuotaForClusterExceeded,
    so the quota error path is exercised end to end (moto has no quotas).
 5. Cache clusters report the ``CacheParameterGroup`` and ``SecurityGroups`` they were created with
@@ -40,6 +43,7 @@ from moto.server import main
 POLLS = int(os.environ.get("DC_MOTO_POLLS", "1"))
 # A test can make one group stay "creating" longer by tagging it (to exercise timeouts).
 POLLS_TAG = "dc-moto/polls"
+HOLD_TAG = "dc-moto/hold-file"    # see 3. in the docstring
 NODE_QUOTA = int(os.environ.get("DC_MOTO_NODE_QUOTA", "90"))
 
 
@@ -74,6 +78,7 @@ def create_replication_group(self: ElastiCacheResponse) -> Any:
     rg.status = "creating"
     tags = {t.get("Key"): t.get("Value") for t in self._get_param("Tags", [])}
     rg.dc_polls = int(tags.get(POLLS_TAG) or POLLS)
+    rg.dc_hold_file = tags.get(HOLD_TAG)
     return result
 
 
@@ -88,6 +93,9 @@ def describe_replication_groups(self: ElastiCacheResponse) -> Any:
         if rg is None:
             continue
         polls = getattr(rg, "dc_polls", 0)
+        hold = getattr(rg, "dc_hold_file", None)
+        if rg.status == "creating" and hold and not os.path.exists(hold):
+            continue
         if rg.status in ("creating", "modifying", "deleting") and polls > 0:
             rg.dc_polls = polls - 1
         elif rg.status == "deleting":

@@ -38,7 +38,7 @@ from ..k8s.lease import (
 from ..k8s.spec import TLS_CERT_KEY, TLS_KEY_KEY, DurableCacheSpec, ProxySpec, credentials, stored_endpoint
 from ..k8s.status import progress
 from ..k8s.store import StatusStore
-from ..migration import Emit, Migration, ProxyStarter
+from ..migration import Emit, Migration, ProxyStarter, SeededTarget, SeedTarget
 from ..options import OPERATOR_GATE_TIMEOUT, format_duration
 from ..phases import SUCCESSFUL_ENDS, Phase
 from ..proxyhandles import local_proxies, subprocess_proxies
@@ -59,6 +59,11 @@ GATE_WARN_AFTER = 120.0     # RouteIn: applications still on the source this lon
 ROLLBACK_SETTLE = 2.0
 # A coordinator that lost its lease waits at most this long for the migration and its proxies to stop.
 STOP_AFTER_LOSS_TIMEOUT = 30.0
+# Seeding: how often the worker reads the resource while the operator snapshots the source and restores
+# the target, and for how long at most (the operator's own bounds are the snapshot's and the target's
+# readiness timeouts, an hour each; a failure it reports ends the wait at once).
+SEED_POLL = 1.0
+SEED_WAIT_LIMIT = 2 * 3600.0 + 600.0
 LEASE_ENV = {"duration": "DURABLECACHE_LEASE_DURATION", "renew_deadline": "DURABLECACHE_LEASE_RENEW_DEADLINE",
              "retry_period": "DURABLECACHE_LEASE_RETRY_PERIOD"}
 
@@ -163,6 +168,7 @@ async def _coordinate(args: argparse.Namespace, kube: Kube, lease: CoordinatorLe
     host, port = hostport(args.listen, "--listen")
     with tempfile.TemporaryDirectory(prefix="durablecache-worker-") as tmp:
         source, target = await asyncio.to_thread(_endpoints, kube, spec, op, tmp)
+        seed_target = _seed_target(kube, spec, namespace, name, tmp) if op.get("seeding") else None
         reporter = Reporter(kube, obj, args.status_interval)
         store = StatusStore(kube, namespace, name, on_phase=reporter.on_phase, fence=lease.valid)
         reporter.store = store
@@ -176,7 +182,8 @@ async def _coordinate(args: argparse.Namespace, kube: Kube, lease: CoordinatorLe
         if args.proxies:
             cert, key = await asyncio.to_thread(proxy_tls_files, kube, spec, args, tmp)
             own, owned = proxy_starter(spec.proxy, args, host, port, cert, key, reporter.emit, epoch=epoch)
-        m = Migration(source, target, opts, migrate_cmd.with_fleet(own, fleet), emit=reporter.emit, store=store)
+        m = Migration(source, target, opts, migrate_cmd.with_fleet(own, fleet), emit=reporter.emit, store=store,
+                      seed_target=seed_target)
         reporter.migration = m
         reports = asyncio.create_task(reporter.run())
         try:
@@ -236,20 +243,49 @@ async def _drive_while_held(m: Migration, owned: list[Any], lease: CoordinatorLe
     raise LeaseLost(f"the coordinator lease was lost ({lease.lost_reason}); stopped, restart to contend again")
 
 
-def _endpoints(kube: Kube, spec: DurableCacheSpec, op: dict[str, Any], tmp: str) -> tuple[Endpoint, Endpoint]:
+def _seed_target(kube: Kube, spec: DurableCacheSpec, namespace: str, name: str, tmp: str) -> SeedTarget:
+    """Snapshot seeding: the engine calls this once RouteIn has passed (its phase Copy in the status is
+    the operator's signal to snapshot and restore); it returns the target once the operator wrote its
+    endpoint into checkpoint.operator, or fails with the operator's reason."""
+    # A snapshot the user named may predate RouteIn: the writes between it and RouteIn were never marked.
+    given = spec.seeding.snapshot_name
+    reason = (f"the target was restored from snapshot {given!r} (spec.seeding.snapshotName), which may predate "
+              "RouteIn") if given else None
+
+    async def wait() -> SeededTarget:
+        deadline = time.monotonic() + SEED_WAIT_LIMIT
+        while time.monotonic() < deadline:
+            obj = await _get(kube, namespace, name)
+            op = ((obj.get("status") or {}).get("checkpoint") or {}).get("operator") or {}
+            if op.get("seedFailed"):
+                raise DurableCacheError(f"snapshot seeding failed: {op['seedFailed']}")
+            if op.get("target"):
+                target = await asyncio.to_thread(_side_endpoint, kube, spec, op, "target", tmp)
+                return SeededTarget(target, repair_reason=reason)
+            await asyncio.sleep(SEED_POLL)
+        raise DurableCacheError(f"the target restored from a snapshot was not ready within {SEED_WAIT_LIMIT:.0f}s")
+
+    return wait
+
+
+def _endpoints(kube: Kube, spec: DurableCacheSpec, op: dict[str, Any], tmp: str) -> tuple[Endpoint, Endpoint | None]:
     """Source and target as the operator provisioned them, with the credentials (and CA bundles) from
-    the spec's Secrets."""
-    out = []
-    for side, part in (("source", spec.source), ("target", spec.target)):
-        user, password = credentials(kube, spec.namespace, part)
-        ca_file = None
-        if part.tls.ca:
-            ca_file = os.path.join(tmp, f"{side}-ca.pem")
-            with open(os.open(ca_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
-                f.write(kube.secret_value(spec.namespace, part.tls.ca.name, part.tls.ca.key))
-        out.append(dataclasses.replace(stored_endpoint(op[side]), username=user, password=password,
-                                       ca_file=ca_file, iam=spec.iam_auth(side)))
-    return out[0], out[1]
+    the spec's Secrets; the target None while it is being restored from a snapshot (seeding)."""
+    target = _side_endpoint(kube, spec, op, "target", tmp) if op.get("target") else None
+    return _side_endpoint(kube, spec, op, "source", tmp), target
+
+
+def _side_endpoint(kube: Kube, spec: DurableCacheSpec, op: dict[str, Any], side: str, tmp: str) -> Endpoint:
+    """One side as the operator provisioned it, with its credentials (and CA bundle) from the spec."""
+    part = spec.source if side == "source" else spec.target
+    user, password = credentials(kube, spec.namespace, part)
+    ca_file = None
+    if part.tls.ca:
+        ca_file = os.path.join(tmp, f"{side}-ca.pem")
+        with open(os.open(ca_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+            f.write(kube.secret_value(spec.namespace, part.tls.ca.name, part.tls.ca.key))
+    return dataclasses.replace(stored_endpoint(op[side]), username=user, password=password, ca_file=ca_file,
+                               iam=spec.iam_auth(side))
 
 
 def proxy_tls_files(kube: Kube, spec: DurableCacheSpec, args: argparse.Namespace,
@@ -413,6 +449,10 @@ class Reporter:
             if self.store and not self.store.awaiting_approval:
                 self._event("Normal", "AwaitingApproval", "in sync; set spec.cutover.approved=true to cut over")
                 self.loop.call_soon_threadsafe(self._spawn, self._write("set_flags", awaiting_approval=True))
+        elif kind == "seeded":
+            overflow = " (the dirty set overflowed: full verify-and-repair)" if e.get("overflowed") else ""
+            self._event("Normal", "Seeded", f"target restored from the snapshot; {e.get('backlog')} keys written "
+                        f"since RouteIn to catch up{overflow}")
         elif kind == "copied":
             self._event("Normal", "Copied", f"copied {e.get('keys')} keys in {e.get('seconds')}s")
         elif kind == "cutover":

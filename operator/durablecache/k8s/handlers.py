@@ -137,6 +137,8 @@ class Reconciler:
             return False
         await self.ensure_worker(obj)
         await self.route(obj)
+        if op.get("seeding") and not op.get("target"):
+            await self.seed(obj, phase)
         await self.follow_durability(obj)
         return False
 
@@ -173,6 +175,9 @@ class Reconciler:
                 if not await self._preflight(obj, spec, provider, tspec):
                     return
                 await self.set_phase(obj, Phase.PROVISION)
+            if spec.seeding.mode == "snapshot":
+                await self._defer_target(obj, spec, provider)
+                return
             if not _checkpoint(obj, "operator").get("provisionStarted"):
                 await self._start_provision(obj, provider, tspec)
             if time.monotonic() >= self.next_provision_look:
@@ -246,6 +251,57 @@ class Reconciler:
                                      iam=spec.iam_auth("target"))
         return (await discover(target)).cluster
 
+    # -- snapshot seeding (docs/aws.md) --------------------------------------------------------------
+    async def _defer_target(self, obj: dict[str, Any], spec: DurableCacheSpec, provider: Provider) -> None:
+        """Seeding: the worker starts with the source alone, and the target is created only once RouteIn
+        has passed (seed): a snapshot taken earlier would miss the writes nobody marked."""
+        source_desc = await asyncio.to_thread(provider.describe_source)
+        source_ep = with_tls(source_desc.endpoint or spec.source.first_endpoint(), spec.source.tls)
+        await self.patch({
+            **spec.side_names(),
+            "endpoints": {"source": source_ep.address},
+            "checkpoint": {"operator": {"provisioned": True, "seeding": True, "source": endpoint_dict(source_ep),
+                                        "migrationId": spec.migration_id}},
+        })
+        await self.event(obj, "Normal", "SeedingDeferred", "the target is restored from a snapshot of the source "
+                         "once RouteIn has passed (spec.seeding.mode snapshot)")
+
+    async def seed(self, obj: dict[str, Any], phase: Phase | None) -> None:
+        """Once the worker is past RouteIn (phase Copy: every write is marked from then on): snapshot the
+        source, create the target from it with the durability override, and look at it one look at a
+        time, as Provision does; its endpoint in checkpoint.operator.target is what the worker waits for.
+        The phases are the worker's now, so a failure is reported to it (checkpoint.operator.seedFailed),
+        which fails the migration."""
+        if phase != Phase.COPY or _checkpoint(obj, "operator").get("seedFailed"):
+            return
+        try:
+            spec = DurableCacheSpec.parse(obj)
+            provider = await asyncio.to_thread(spec.make_provider, self.ctx.ready_timeout)
+            _user, token = await asyncio.to_thread(credentials, self.kube, self.ns, spec.target)
+            snapshot = await self._seed_snapshot(obj, spec, provider)
+            tspec = dataclasses.replace(spec.target_spec(token), seed_snapshot=snapshot)
+            if not _checkpoint(obj, "operator").get("provisionStarted"):
+                await self._start_provision(obj, provider, tspec)
+            if time.monotonic() >= self.next_provision_look:
+                await self._look_at_target(obj, spec, provider, tspec, seeded=True)
+        except DurableCacheError as exc:
+            await self.patch({"checkpoint": {"operator": {"seedFailed": str(exc)}}})
+            await self.event(obj, "Warning", "SeedingFailed", str(exc))
+
+    async def _seed_snapshot(self, obj: dict[str, Any], spec: DurableCacheSpec, provider: Provider) -> str:
+        """The snapshot the target is restored from: spec.seeding.snapshotName, else one taken now (a
+        restart reuses it). Waits until it is available (bounded by the provider's snapshot timeout)."""
+        taken = _checkpoint(obj, "operator").get("seedSnapshot")
+        if taken:
+            return str(taken)
+        name = spec.seeding.snapshot_name or f"{spec.target_name()}-seed"
+        await asyncio.to_thread(provider.snapshot_source, name, spec.migration_id, route_in_active=True)
+        await self.patch({"checkpoint": {"operator": {"seedSnapshot": name}}})
+        obj.setdefault("status", {}).setdefault("checkpoint", {}).setdefault("operator", {})["seedSnapshot"] = name
+        await self.event(obj, "Normal", "SnapshotTaken", f"snapshot {name} of the source is available; restoring "
+                         f"the target from it")
+        return name
+
     async def _start_provision(self, obj: dict[str, Any], provider: Provider, tspec: Any) -> None:
         info = await asyncio.to_thread(provider.ensure_target, tspec)   # idempotent: adopts its own target
         if info.created:
@@ -259,7 +315,7 @@ class Reconciler:
         self.provision_delay = PROVISION_FIRST_LOOK
 
     async def _look_at_target(self, obj: dict[str, Any], spec: DurableCacheSpec, provider: Provider,
-                              tspec: Any) -> None:
+                              tspec: Any, *, seeded: bool = False) -> None:
         info = await asyncio.to_thread(provider.ready_now, tspec)
         if info is None:
             started = float(_checkpoint(obj, "operator").get("provisionStarted") or time.time())
@@ -277,7 +333,8 @@ class Reconciler:
         await self.patch({
             "targetDurability": durability,
             **spec.side_names(),
-            "progress": progress(0, 0, Phase.PROVISION),
+            # Seeded, the worker runs already and owns status.progress.
+            **({} if seeded else {"progress": progress(0, 0, Phase.PROVISION)}),
             "endpoints": {"source": source_ep.address, "target": target_ep.address},
             "checkpoint": {"operator": {"provisioned": True, "source": endpoint_dict(source_ep),
                                         "target": endpoint_dict(target_ep), "migrationId": spec.migration_id}},

@@ -450,7 +450,20 @@ class DurableCacheSpec:
                   seeding=SeedingSpec.parse(_obj(spec, "seeding", "spec")),
                   proxy=ProxySpec.parse(_obj(spec, "proxy", "spec")))
         out.migration_options()   # the engine's own checks, named after the spec's fields
+        out._check_seeding()
         return out
+
+    def _check_seeding(self) -> None:
+        """Snapshot seeding restores an ElastiCache target from an ElastiCache snapshot of the source (the
+        CRD says the same; this also guards a spec that reached the operator without it)."""
+        if self.seeding.mode != "snapshot":
+            return
+        if not self.target.is_aws:
+            raise SpecError("spec.seeding.mode", "snapshot needs spec.target.provider aws (the static provider "
+                            "creates nothing to restore into); use mode none")
+        if not self.source.replication_group_id:
+            raise SpecError("spec.seeding.mode", "snapshot needs an ElastiCache source "
+                            "(spec.source.replicationGroupId) to take the snapshot of")
 
     @property
     def migration_id(self) -> str:
@@ -523,10 +536,7 @@ class DurableCacheSpec:
     def ignored_settings(self) -> list[str]:
         """Settings the CRD accepts that the operator does not act on yet (docs/limits.md), each as the
         message of the Warning event that says so: the user learns it at Preflight, not at the end."""
-        if self.seeding.mode != "none":
-            return ["spec.seeding.mode snapshot is not acted on yet: the target is filled by copying every "
-                    "key (docs/limits.md)"]
-        return []
+        return []   # none at present (spec.seeding was, until snapshot seeding was wired: docs/aws.md)
 
 
 # -- endpoints and credentials ------------------------------------------------------------------
