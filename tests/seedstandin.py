@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from durablecache.localvalkey import LocalServer, stop_process
+from durablecache.testing.localvalkey import LocalServer, stop_process
 
 RESTART_ATTEMPTS = 50
 

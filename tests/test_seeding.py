@@ -20,14 +20,14 @@ from typing import Any
 import pytest
 import valkey
 
-from durablecache.localvalkey import LocalServer
 from durablecache.migration import Migration, MigrationOptions, SeededTarget
 from durablecache.proxyhandles import local_proxies
 from durablecache.syncer import Syncer
+from durablecache.testing.localvalkey import LocalServer
+from durablecache.testing.workload import Workload, seed
 from durablecache.topology import discover
 from durablecache.urls import Endpoint
 from durablecache.verify import Verifier
-from durablecache.workload import Workload, seed
 from seedstandin import restore, snapshot  # tests/ is on sys.path (rootdir insertion)
 
 SEEDED_KEYS = 2000

@@ -22,8 +22,8 @@ from typing import Any
 import valkey
 from kubernetes import client as k8s_client
 
-from durablecache.localvalkey import LocalServer
-from durablecache.workload import seed
+from durablecache.testing.localvalkey import LocalServer
+from durablecache.testing.workload import seed
 from seedstandin import restore, snapshot  # tests/ is on sys.path (rootdir insertion)
 
 from .conftest import AWS_TEST_ENV, KubeEnv
