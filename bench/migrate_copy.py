@@ -7,7 +7,10 @@ its default settings: `durablecache copy --json` (its summary's keys/s), and `du
 `copied` event, whose keys/s is measured the same way (BulkCopy.run's time), then stopped. The target is
 emptied before each. The ratio is the median of the rounds' ratios.
 Usage: python bench/migrate_copy.py [--keys 200000] [--rounds 5] [--proxy-mode inprocess|subprocess]
+                                   [--compare OTHER_TREE/operator] [--json]
 Prints one line per round and a summary line; `--json` prints the summary as one JSON object instead.
+`--compare` also runs, in every round, the `migrate` of another tree (its operator/ folder on
+PYTHONPATH; e.g. the code before a change), against the same round's `copy`.
 """
 
 from __future__ import annotations
@@ -72,14 +75,16 @@ def run_copy(source: LocalServer, target: LocalServer, keys: int) -> float:
     return float(summary["keys"]) / float(summary["seconds"])
 
 
-def run_migrate(source: LocalServer, target: LocalServer, keys: int, proxy_mode: str) -> float:
+def run_migrate(source: LocalServer, target: LocalServer, keys: int, proxy_mode: str,
+                pythonpath: str | None = None) -> float:
     """`durablecache migrate` with its defaults (a short gate: nothing else uses the source) until
     its Copy phase ends: keys/s from its `copied` event."""
     target.client().flushall()
     cmd = [*cli(), "migrate", "--source", url(source), "--target", url(target), "--json",
            "--listen", f"127.0.0.1:{free_port()}", "--cutover", "manual", "--gate-settle", "0.3s",
            "--proxy-mode", proxy_mode]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    env = dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     deadline = time.monotonic() + COMMAND_TIMEOUT
     try:
         assert proc.stdout is not None
@@ -101,30 +106,38 @@ def run_migrate(source: LocalServer, target: LocalServer, keys: int, proxy_mode:
             proc.wait(10)
 
 
-def measure(keys: int, rounds: int, proxy_mode: str, quiet: bool = False) -> dict[str, Any]:
-    """Both commands, alternating which goes first, ``rounds`` times; rates and the ratio per round."""
+def measure(keys: int, rounds: int, proxy_mode: str, quiet: bool = False,
+            compare: str | None = None) -> dict[str, Any]:
+    """Both commands (and the other tree's migrate), the order rotating, ``rounds`` times; rates and
+    the ratios per round."""
     source, target = LocalServer().start(), LocalServer(engine="valkey9").start()
-    copies: list[float] = []
-    migrates: list[float] = []
+    rates: dict[str, list[float]] = {"copy": [], "migrate": [], **({"compare": []} if compare else {})}
+    runs = {"copy": lambda: run_copy(source, target, keys),
+            "migrate": lambda: run_migrate(source, target, keys, proxy_mode),
+            "compare": lambda: run_migrate(source, target, keys, proxy_mode, compare)}
     try:
         load(source, keys)
         run_copy(source, target, keys)          # warm-up: the target's first touch of fresh memory
+        names = list(rates)
         for r in range(rounds):
-            if r % 2:
-                migrated, copied = run_migrate(source, target, keys, proxy_mode), run_copy(source, target, keys)
-            else:
-                copied, migrated = run_copy(source, target, keys), run_migrate(source, target, keys, proxy_mode)
-            copies.append(copied)
-            migrates.append(migrated)
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                rates[name].append(runs[name]())
             if not quiet:
-                print(f"round {r + 1}: durablecache copy {copied:>9,.0f} keys/s; migrate's Copy phase "
-                      f"{migrated:>9,.0f} keys/s = {migrated / copied:.0%}", flush=True)
+                copied = rates["copy"][-1]
+                print(f"round {r + 1}: durablecache copy {copied:>9,.0f} keys/s; " + "; ".join(
+                    f"{'other tree' if n == 'compare' else 'this tree'}'s migrate Copy phase "
+                    f"{rates[n][-1]:>9,.0f} keys/s = {rates[n][-1] / copied:.0%}" for n in names[1:]), flush=True)
     finally:
         source.stop()
         target.stop()
-    ratios = [m / c for m, c in zip(migrates, copies)]
-    return {"keys": keys, "rounds": rounds, "proxy_mode": proxy_mode, "copy_keys_per_s": copies,
-            "migrate_keys_per_s": migrates, "ratios": ratios, "ratio_median": statistics.median(ratios)}
+    ratios = [m / c for m, c in zip(rates["migrate"], rates["copy"])]
+    out = {"keys": keys, "rounds": rounds, "proxy_mode": proxy_mode, "copy_keys_per_s": rates["copy"],
+           "migrate_keys_per_s": rates["migrate"], "ratios": ratios, "ratio_median": statistics.median(ratios)}
+    if compare:
+        other = [m / c for m, c in zip(rates["compare"], rates["copy"])]
+        out.update(compare=compare, compare_keys_per_s=rates["compare"], compare_ratios=other,
+                   compare_ratio_median=statistics.median(other))
+    return out
 
 
 def main() -> None:
@@ -132,9 +145,10 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=200_000)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--proxy-mode", choices=["inprocess", "subprocess"], default="inprocess")
+    ap.add_argument("--compare", metavar="OTHER_TREE/operator", help="also run this tree's migrate")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    res = measure(args.keys, args.rounds, args.proxy_mode, quiet=args.json)
+    res = measure(args.keys, args.rounds, args.proxy_mode, quiet=args.json, compare=args.compare)
     if args.json:
         print(json.dumps(res))
         return
@@ -143,6 +157,9 @@ def main() -> None:
           f"migrate's Copy phase: median {statistics.median(m):,.0f} keys/s ({min(m):,.0f}–{max(m):,.0f})")
     print(f"ratio migrate Copy / copy: {res['ratio_median']:.0%} (median of {args.rounds} rounds: "
           f"{', '.join(f'{x:.0%}' for x in res['ratios'])}; target >= 80%)")
+    if args.compare:
+        print(f"the other tree's migrate Copy / copy: {res['compare_ratio_median']:.0%} (per round: "
+              f"{', '.join(f'{x:.0%}' for x in res['compare_ratios'])})")
 
 
 if __name__ == "__main__":
