@@ -175,22 +175,22 @@ class Syncer:
         claimed, busy = self._claim(db, keys)
         result = MoveResult()
         if claimed:
-            copied = await self._copy_claimed(db, claimed, strings)
+            copied = await self._copy_claimed(claimed, strings)
             if copied is None:       # failed: its keys wait in _dirty now, retried by the workers
-                busy += claimed
+                busy += [key for _, key in claimed]
             else:
                 result = copied
         if busy:
             result.add(await self._mark_and_wait(db, busy, strings))
         return result
 
-    def _claim(self, db: int, keys: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    def _claim(self, db: int, keys: list[bytes]) -> tuple[list[DirtyKey], list[bytes]]:
         """Split keys into those now claimed as in flight (nobody copies or waits to copy them) and
         the rest. A key listed twice is claimed once; its second listing waits for a copy after it."""
         if not self.backlog:
             self._last_progress = time.monotonic()  # the stall clock starts when work arrives
         in_flight, dirty = self._in_flight, self._dirty   # (_again's keys are all in flight)
-        claimed: list[bytes] = []
+        claimed: list[DirtyKey] = []
         busy: list[bytes] = []
         for key in keys:
             dk = (db, key)
@@ -198,17 +198,16 @@ class Syncer:
                 busy.append(key)
             else:
                 in_flight[dk] = True
-                claimed.append(key)
+                claimed.append(dk)
         self.stats.marks += len(claimed)
         return claimed, busy
 
-    async def _copy_claimed(self, db: int, keys: list[bytes], strings: frozenset[bytes]) -> MoveResult | None:
-        """Copy keys _claim() put in flight; None when the copy failed (they are dirty again)."""
+    async def _copy_claimed(self, claimed: list[DirtyKey], strings: frozenset[bytes]) -> MoveResult | None:
+        """Copy the keys _claim() put in flight (one db); None when the copy failed (they are dirty again)."""
         try:
-            result = await self.pool.move(db, keys, strings)
+            result = await self.pool.move(claimed[0][0], [key for _, key in claimed], strings)
         except BaseException as exc:   # as a worker's batch: the keys wait again, for the workers' retry
-            for key in keys:
-                dk = (db, key)
+            for dk in claimed:
                 del self._in_flight[dk]
                 self._put_back(dk, None)
             self._work.set()
@@ -216,8 +215,8 @@ class Syncer:
                 raise
             log.error("bulk batch failed; the syncer retries it", error=str(exc))
             return None
-        self._finished(db, keys, result)
-        return MoveResult(copied=len(keys), bytes=result.bytes)
+        self._finished(claimed, result)
+        return MoveResult(copied=len(claimed), bytes=result.bytes)
 
     async def _mark_and_wait(self, db: int, keys: list[bytes], strings: frozenset[bytes]) -> MoveResult:
         """Mark keys and wait until each was copied by a worker's copy started after now. Waits for
@@ -432,14 +431,14 @@ class Syncer:
                 log.error("sync batch failed; retrying", error=str(exc))
                 await asyncio.sleep(1.0)
                 continue
-            self._finished(batch[0][0][0], [dk[1] for dk, _ in batch], result)
+            self._finished([dk for dk, _ in batch], result)
             for listed in waiters.values():
                 for w in listed:
                     w.left -= 1
                     if w.left <= 0 and not w.future.done():
                         w.future.set_result(None)
 
-    def _finished(self, db: int, keys: list[bytes], result: MoveResult) -> None:
+    def _finished(self, batch: list[DirtyKey], result: MoveResult) -> None:
         """A batch of in-flight keys was copied: they are clean unless marked meanwhile (then dirty)."""
         self.failure = None
         self._last_progress = time.monotonic()
@@ -449,10 +448,9 @@ class Syncer:
         self.stats.bytes += result.bytes
         self.stats.members += result.members
         if result.timings:
-            self._record(db, result.timings)
+            self._record(batch[0][0], result.timings)
         in_flight, again, dirty = self._in_flight, self._again, self._dirty
-        for key in keys:
-            dk = (db, key)
+        for dk in batch:
             del in_flight[dk]
             if again:
                 marked = again.pop(dk, _ABSENT)
