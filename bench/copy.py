@@ -31,9 +31,9 @@ import time  # noqa: E402
 from durablecache.commands._common import run_async  # noqa: E402
 from durablecache.copier import BulkCopy  # noqa: E402
 from durablecache.keymover import MoverOptions  # noqa: E402
-from durablecache.localvalkey import LocalServer  # noqa: E402
 from durablecache.movers import MoverPool  # noqa: E402
 from durablecache.resp import Connection, pack  # noqa: E402
+from durablecache.testing.localvalkey import LocalServer  # noqa: E402
 from durablecache.topology import discover  # noqa: E402
 
 

@@ -32,12 +32,12 @@ from typing import Any  # noqa: E402
 import valkey  # noqa: E402
 import valkey.asyncio as avalkey  # noqa: E402
 
-from durablecache.localvalkey import LocalServer  # noqa: E402
 from durablecache.migration import Migration, MigrationOptions  # noqa: E402
 from durablecache.proxyhandles import local_proxies  # noqa: E402
+from durablecache.testing.localvalkey import LocalServer  # noqa: E402
+from durablecache.testing.workload import Workload, seed  # noqa: E402
 from durablecache.topology import discover  # noqa: E402
 from durablecache.verify import Verifier  # noqa: E402
-from durablecache.workload import Workload, seed  # noqa: E402
 
 
 def load_process(port_q: Any, stop: Any, result_q: Any, writers: int, rate: float, prefix: str) -> None:

@@ -1,7 +1,7 @@
 """The cutover's write pause against the number of idle client connections (not a test).
 
 For each run: two fresh local valkey-servers (``--maxclients`` raised), a seeded keyspace, writers in a
-process of their own (durablecache.workload.Workload, which also counts lost acknowledged writes), N idle
+process of their own (durablecache.testing.workload.Workload, which also counts lost acknowledged writes), N idle
 client connections in another process (each connected through the proxy and sent one PING, then left
 open), a migration with an in-process proxy approved by hand; the run reports the `cutover` event's
 pause_ms (FREEZE to UNFREEZE) and freeze_ms.
@@ -34,10 +34,10 @@ from typing import Any  # noqa: E402
 import valkey  # noqa: E402
 
 from durablecache.commands._common import run_async  # noqa: E402
-from durablecache.localvalkey import LocalServer  # noqa: E402
 from durablecache.migration import Migration, MigrationOptions  # noqa: E402
 from durablecache.proxyhandles import local_proxies  # noqa: E402
-from durablecache.workload import Workload, seed  # noqa: E402
+from durablecache.testing.localvalkey import LocalServer  # noqa: E402
+from durablecache.testing.workload import Workload, seed  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAXCLIENTS = "20000"

@@ -40,12 +40,13 @@ import valkey  # noqa: E402
 
 from durablecache.commands.migrate import proxy_starter  # noqa: E402
 from durablecache.fleet import Fleet  # noqa: E402
-from durablecache.localvalkey import LocalServer, free_port  # noqa: E402
 from durablecache.migration import Migration  # noqa: E402
 from durablecache.options import MigrationOptions  # noqa: E402
+from durablecache.ports import free_port  # noqa: E402
 from durablecache.proxy import Proxy  # noqa: E402
 from durablecache.proxy.marks import MarkServer, RemoteMarks  # noqa: E402
-from durablecache.workload import Workload  # noqa: E402
+from durablecache.testing.localvalkey import LocalServer  # noqa: E402
+from durablecache.testing.workload import Workload  # noqa: E402
 
 TOKEN = "bench-fleet"
 

@@ -25,13 +25,13 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
-import socket  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
-from durablecache.localvalkey import LocalServer  # noqa: E402
+from durablecache.ports import free_port  # noqa: E402
+from durablecache.testing.localvalkey import LocalServer  # noqa: E402
 
 COMMAND_TIMEOUT = 300.0   # one command's copy of the keyspace, at most
 
@@ -41,12 +41,6 @@ def cli() -> list[str]:
     found = shutil.which("durablecache", path=os.path.dirname(sys.executable))
     return [sys.executable, found] if found else [sys.executable, "-c",
                                                   "import sys; from durablecache.cli import main; sys.exit(main())"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def load(server: LocalServer, n: int) -> None:

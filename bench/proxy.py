@@ -60,8 +60,9 @@ from typing import Any  # noqa: E402
 import uvloop  # noqa: E402
 
 from durablecache import logs  # noqa: E402
-from durablecache.localvalkey import LOOPBACK, LocalServer, free_port  # noqa: E402
+from durablecache.ports import LOOPBACK, free_port  # noqa: E402
 from durablecache.proxy.marks import MarkServer  # noqa: E402
+from durablecache.testing.localvalkey import LocalServer  # noqa: E402
 
 # What the relay and mark-floor share, none of it on the per-chunk path: the upstream connection made
 # per client (what arrives before it is buffered), the closes, the server. Each script's two

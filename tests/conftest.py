@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from durablecache.localvalkey import LocalCluster, LocalServer
+from durablecache.testing.localvalkey import LocalCluster, LocalServer
 
 ROOT = Path(__file__).resolve().parents[1]
 # The modules setup.py compiles with mypyc, and its C modules (repository-relative paths).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from durablecache.localvalkey import free_port
+from durablecache.ports import free_port
 from keyspace import run_cli
 
 

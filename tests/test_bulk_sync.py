@@ -4,13 +4,13 @@ as in flight and copied by the caller as one batch; the syncer's invariant still
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 
 from durablecache.errors import ConnectError
 from durablecache.keymover import MoverOptions
 from durablecache.movers import MoverPool
 from durablecache.syncer import Syncer
+from durablecache.testing.waiting import wait_for_async
 from durablecache.topology import discover
 
 
@@ -23,11 +23,8 @@ async def idle_syncer(source, target, **kwargs) -> Syncer:  # type: ignore[no-un
 
 
 async def until(what: str, probe: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not probe():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.001)
+    """Polled every millisecond: some of these states last only as long as one batch's copy."""
+    await wait_for_async(what, probe, timeout, interval=0.001)
 
 
 async def close(syncer: Syncer) -> None:

@@ -11,8 +11,8 @@ import subprocess
 import pytest
 import valkey
 
-from durablecache.localvalkey import free_port
-from durablecache.workload import seed
+from durablecache.ports import free_port
+from durablecache.testing.workload import seed
 from keyspace import CLI
 from test_migrate import Events, control
 

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from durablecache.testing.waiting import wait_for
 from keyspace import CLI, dump_all, populate, run_cli
 
 
@@ -114,17 +115,18 @@ def test_killed_copy_resumes_to_an_exact_result(source, target, tmp_path):
     args = ["copy", "--source", source.url(), "--target", target.url(), "--state-file", str(state),
             "--scan-count", "100", "--concurrency", "2", "--max-ops", "3000", "--json"]
     proc = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    progressed = 0
-    while time.monotonic() < deadline:  # wait until a checkpoint recorded real progress
-        if state.exists():
-            units = json.loads(state.read_text())["units"]
-            progressed = sum(u["keys"] for u in units.values())
-            if progressed > 1000:
-                break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=10)
+
+    def checkpointed() -> int:
+        """Keys the state file says were copied (0 before it exists)."""
+        units = json.loads(state.read_text())["units"] if state.exists() else {}
+        return sum(u["keys"] for u in units.values())
+
+    try:
+        progressed = wait_for("a checkpoint with over 1000 keys copied",
+                              lambda: (keys := checkpointed()) > 1000 and keys, 30, ignore=(json.JSONDecodeError,))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=10)
     total = source.client().dbsize()
     assert 1000 < progressed < total, "the copy must be killed mid-way"
     assert 0 < target.client().dbsize() < total
@@ -165,7 +167,16 @@ def test_writes_rejected_for_a_while_are_retried_not_dropped(source, make_server
     populate(source.client(), n=50)
     proc = subprocess.Popen([*CLI, "copy", "--source", source.url(), "--target", target.url(), "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)
+
+    def refused() -> int:
+        """Writes the target refused so far (NOREPLICAS)."""
+        return int(target.client().info("errorstats").get("errorstat_NOREPLICAS", {}).get("count", 0))
+
+    try:
+        wait_for("the target to refuse the copy's writes, and a retry refused too", lambda: refused() >= 2, 30)
+    except AssertionError:
+        proc.kill()
+        raise
     assert proc.poll() is None, "the copy must wait while the target refuses writes"
     assert target.client().dbsize() == 0
     target.client().config_set("min-replicas-to-write", 0)  # the target accepts writes again

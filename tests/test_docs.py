@@ -4,7 +4,7 @@
   whose fields exist in the CRD's schema (tests/kube applies the examples to a real API server; this
   catches a typo'd field, which an API server would only prune or warn about);
 - every relative link in docs/*.md and README.md points to an existing file, and to an existing heading
-  when it names one;
+  when it names one; every repository path they quote as inline code (`tests/...`, `bench/...`) exists;
 - every `durablecache <subcommand>` the docs show exists in the CLI, and every `--flag` they quote for a
   subcommand exists in that subcommand's --help.
 """
@@ -185,6 +185,32 @@ def test_link_checker_sees_links() -> None:
     assert "protocol.md#cutover-freeze-drain-flip-unfreeze" in relative_links(DOCS / "runbook.md")
     assert "cutover-freeze-drain-flip-unfreeze" in anchors(DOCS / "protocol.md")
     assert "no-such-heading" not in anchors(DOCS / "protocol.md")
+
+
+# A path into the repository quoted as inline code: a top-level folder of it, then a file or folder name.
+REPO_PATH = re.compile(r"^(?:\.\./)?((?:tests|operator|bench|docs|scripts|crds|charts|tools|deploy|\.ci)/[\w./-]+)")
+
+
+def quoted_paths(md: Path) -> list[str]:
+    """Repository paths in ``md``'s inline code, without a test id (::name) or an anchor."""
+    found = []
+    for _, code in INLINE.findall(FENCE.sub("", md.read_text())):
+        if m := REPO_PATH.match(code.strip()):
+            found.append(m.group(1).split("::")[0].split("#")[0].rstrip(".,:;"))
+    return found
+
+
+@pytest.mark.parametrize("md", doc_files(), ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_quoted_repository_paths_exist(md: Path) -> None:
+    missing = [path for path in quoted_paths(md) if not (ROOT / path).exists()]
+    assert not missing, f"{md.name} quotes paths that do not exist: {missing}"
+
+
+def test_path_checker_sees_paths() -> None:
+    """Not vacuous: the architecture page quotes the layer test and the CRD."""
+    paths = quoted_paths(DOCS / "architecture.md")
+    assert "tests/test_layers.py" in paths
+    assert REPO_PATH.match("`bench/no-such.py`".strip("`")) and not (ROOT / "bench/no-such.py").exists()
 
 
 # -- the CLI the docs show -------------------------------------------------------------------------------

@@ -13,15 +13,15 @@ from typing import Any
 
 import pytest
 
-from durablecache.localvalkey import LocalServer
 from durablecache.migration import Migration, MigrationOptions, Phase
 from durablecache.proxyhandles import local_proxies
 from durablecache.repairplan import RepairPlan
+from durablecache.testing.localvalkey import LocalServer
+from durablecache.testing.waiting import wait_for
+from durablecache.testing.workload import Workload, seed
 from durablecache.topology import discover
 from durablecache.verify import Verifier
 from durablecache.witness import NodeIdentity, SideReading, count_mismatch, identity_changes
-from durablecache.workload import Workload, seed
-from proxy.waiting import wait_for
 
 SEED_KEYS = 3000
 WAIT = 60.0
@@ -88,10 +88,7 @@ class Run:
 
     async def writes_go_on(self, more: int = 30, timeout: float = WAIT) -> None:
         """Wait until the writers had ``more`` further writes acknowledged."""
-        goal = self.load.acked + more
-        async with asyncio.timeout(timeout):
-            while self.load.acked < goal:
-                await asyncio.sleep(0.01)
+        await self.load.writes_go_on(more, timeout)
 
     async def cut_over_and_stop(self) -> None:
         """Approve, wait for the cutover, end the load, let reverse sync catch up, stop."""
@@ -402,7 +399,7 @@ def test_a_failover_of_the_standalone_source_holds_the_repair_until_it_leads_to_
     def linked(node: LocalServer) -> bool:
         return node.client().info("replication").get("master_link_status") == "up"
 
-    assert wait_for(lambda: linked(replica), 30), "the replica did not sync"
+    wait_for("the replica to sync", lambda: linked(replica), 30)
 
     async def scenario() -> Run:
         run = Run(primary, target)
@@ -415,7 +412,7 @@ def test_a_failover_of_the_standalone_source_holds_the_repair_until_it_leads_to_
         # that its resync from the new primary then drops: a loss on the source, not DurableCache's.)
         def fail_over() -> None:
             primary.client().execute_command("FAILOVER")
-            assert wait_for(lambda: linked(primary), 30), "the old primary did not follow"
+            wait_for("the old primary to follow", lambda: linked(primary), 30)
         await in_thread(fail_over)
         changed = await run.wait(event("side_changed", side="source"), after=mark)
         assert changed["authoritative"] and any("failover" in c for c in changed["changes"]), changed

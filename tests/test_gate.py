@@ -4,7 +4,7 @@ nothing else is — a real server's CLIENT LIST, with a client whose *library* n
 from __future__ import annotations
 
 from durablecache.gate import is_foreign, others_in_client_list
-from durablecache.localvalkey import LocalServer
+from durablecache.testing.localvalkey import LocalServer
 
 
 def test_own_connections_are_left_out_and_every_other_client_is_kept() -> None:

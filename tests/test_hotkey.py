@@ -16,9 +16,10 @@ from durablecache.migration import Migration, MigrationOptions
 from durablecache.proxy import Proxy
 from durablecache.proxy.admin import AdminServer
 from durablecache.proxyhandles import local_proxies
+from durablecache.testing.waiting import wait_for_async
+from durablecache.testing.workload import Workload
 from durablecache.topology import discover
 from durablecache.verify import Verifier
-from durablecache.workload import Workload
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -40,12 +41,6 @@ def app(port: int) -> avalkey.Valkey:
     return avalkey.Valkey(host="127.0.0.1", port=port, socket_timeout=10)
 
 
-async def pending_for(task: asyncio.Future[Any], seconds: float) -> bool:
-    """True if ``task`` is still not done after ``seconds``."""
-    done, _ = await asyncio.wait([task], timeout=seconds)
-    return not done
-
-
 def test_hold_keys_holds_only_writes_to_those_keys_in_order(source, target):
     async def scenario() -> None:
         marks = Marks()
@@ -62,7 +57,8 @@ def test_hold_keys_holds_only_writes_to_those_keys_in_order(source, target):
             # Client B: other keys are not held, and reads of the held key go on.
             assert await asyncio.wait_for(b.set("other", "1"), 2) is True
             assert await asyncio.wait_for(b.get("hot"), 2) == b"0"
-            assert await pending_for(held, 0.3)
+            await wait_for_async("the write to the held key to be held", lambda: proxy.stats()["held"] >= 1, 2)
+            assert not held.done()
             assert direct.get("hot") == b"0" and direct.get("after") is None   # order kept: "after" waits too
             assert proxy.stats()["held_keys"] == 1 and proxy.stats()["key_held_total"] >= 1
             # A write to the held key in another db is not held.
@@ -77,10 +73,7 @@ def test_hold_keys_holds_only_writes_to_those_keys_in_order(source, target):
             marks.delay = 0.3
             marked = marks.got.count((0, b"hot"))
             write = asyncio.ensure_future(a.set("hot", "2"))
-            for _ in range(500):
-                if proxy.stats()["inflight_writes"]:
-                    break
-                await asyncio.sleep(0.002)
+            await wait_for_async("the write in flight", lambda: proxy.stats()["inflight_writes"], 1)
             t0 = time.monotonic()
             await proxy.hold_keys({(0, b"hot")}, 2.0)
             assert time.monotonic() - t0 >= 0.15 and marks.got.count((0, b"hot")) == marked + 1
@@ -89,7 +82,7 @@ def test_hold_keys_holds_only_writes_to_those_keys_in_order(source, target):
             # ... and says so when they do not finish in time (the keys stay held until released).
             marks.delay = 1.0
             slow = asyncio.ensure_future(a.set("hot", "3"))
-            await asyncio.sleep(0.05)
+            await wait_for_async("the slow write in flight", lambda: proxy.stats()["inflight_writes"], 1)
             with pytest.raises(TimeoutError):
                 await proxy.hold_keys({(0, b"hot")}, 0.2)
             proxy.release_keys()
@@ -100,7 +93,8 @@ def test_hold_keys_holds_only_writes_to_those_keys_in_order(source, target):
             # with its timeout reply (CLIENT UNBLOCK ... TIMEOUT), as at FREEZE.
             c = app(proxy.port)
             blocked = asyncio.ensure_future(c.blmove("empty-list", "hot-list", 20, "RIGHT", "LEFT"))
-            await asyncio.sleep(0.2)
+            await wait_for_async("the BLMOVE blocked upstream",
+                                 lambda: any(x["cmd"] == "blmove" for x in direct.client_list()), 5)
             t0 = time.monotonic()
             await proxy.hold_keys({(0, b"hot-list")}, 3.0)
             assert time.monotonic() - t0 < 2.0
@@ -111,12 +105,13 @@ def test_hold_keys_holds_only_writes_to_those_keys_in_order(source, target):
             # Held through a global FREEZE -> FLIP -> UNFREEZE: the held write goes to the new upstream.
             await proxy.hold_keys({(0, b"hot")}, 1.0)
             moved = asyncio.ensure_future(a.set("hot", "4"))
-            assert await pending_for(moved, 0.2)
+            await wait_for_async("the write to the held key to be held", lambda: proxy.stats()["held"] >= 1, 2)
+            assert not moved.done()
             await proxy.freeze(1.0)
             await proxy.flip(target.endpoint())
             proxy.unfreeze()
-            assert await pending_for(moved, 0.2)                  # unfreeze does not end the key hold
-            assert await asyncio.wait_for(b.set("free", "1"), 2) is True
+            assert await asyncio.wait_for(b.set("free", "1"), 2) is True     # writes flow again ...
+            assert not moved.done() and proxy.stats()["held"] >= 1    # ... but unfreeze does not end the key hold
             proxy.release_keys()
             assert await asyncio.wait_for(moved, 5) is True
             assert target.client().get("hot") == b"4" and direct.get("hot") == b"3"
@@ -216,8 +211,11 @@ def test_cutover_while_a_hot_big_key_is_written(source, target):
             await asyncio.wait([task, asyncio.create_task(ready.wait())], timeout=60,
                                return_when=asyncio.FIRST_COMPLETED)
             assert ready.is_set(), task.exception() if task.done() else "Sync not reached in 60 s"
-            await asyncio.sleep(1.0)
-            # Latencies from here on: the cutover, not the copy (which shares this test's event loop).
+            # Latencies from here on: the cutover, not the copy (which shares this test's event loop):
+            # once every writer has had a write acknowledged in Sync, none is still waiting behind it.
+            in_sync = [led.acked for led in load.ledgers]
+            await wait_for_async("a write by every writer in Sync",
+                                 lambda: all(led.acked > n for led, n in zip(load.ledgers, in_sync)), 10)
             for led in load.ledgers:
                 led.max_latency = 0.0
             hot_stats["max_latency"] = 0.0
@@ -228,7 +226,8 @@ def test_cutover_while_a_hot_big_key_is_written(source, target):
                                   [e for e in events if e["event"].startswith("cutover")][-3:])
             assert hot is not None and not hot.done(), "the hot writer must still be writing at cutover"
             writes_at_cut = sum(acked.values())
-            await asyncio.sleep(0.5)            # writes go on after the cutover, now on the target
+            await wait_for_async("hot writes after the cutover", lambda: sum(acked.values()) > writes_at_cut + 20, 10)
+            await load.writes_go_on(50, 30)     # writes go on after the cutover, now on the target
             stop_hot.set()
             await asyncio.wait_for(hot, 10)
             await load.finish()

@@ -102,3 +102,70 @@ def test_the_iam_signer_imports_botocore_only_when_it_signs() -> None:
     top = {a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names}
     top |= {n.module or "" for n in tree.body if isinstance(n, ast.ImportFrom)}
     assert not {m for m in top if m.split(".")[0] in ("botocore", "boto3")}, top
+
+
+def test_only_the_command_line_imports_the_test_kit() -> None:
+    """durablecache/testing/ (local servers, the ledger workload, bounded waits) ships for the demo,
+    the tests and the benchmarks; the engine, the operator and the providers run without it."""
+    users = {module for module in GRAPH if layer(module) not in ("testing", "commands")
+             and any(layer(d) == "testing" for d in GRAPH[module] if d.startswith("durablecache."))}
+    assert not users, sorted(users)
+    assert "durablecache.testing.localvalkey" in reachable("durablecache.commands.demo")
+
+
+def own_module(name: str) -> str | None:
+    """The package's Python module ``name`` is or names a member of; None for a compiled C module
+    (proxy/_resp: it imports nothing of ours)."""
+    if name in GRAPH:
+        return name
+    if (PACKAGE.parent / name.replace(".", "/")).with_suffix(".pyi").exists():
+        return None
+    return name.rpartition(".")[0]
+
+
+def package_edges() -> dict[str, set[str]]:
+    """Module -> the package's own modules it imports (``from . import x`` resolved to the module x).
+    A module's own enclosing packages are left out: ``from . import x`` names its package only to
+    reach x, and Python runs that ``__init__`` first in any case."""
+    edges: dict[str, set[str]] = {}
+    for module, deps in GRAPH.items():
+        own = {own_module(d) for d in deps if d.startswith("durablecache.")}
+        edges[module] = {d for d in own if d is not None and d != module and not module.startswith(f"{d}.")}
+    return edges
+
+
+def import_loop(edges: dict[str, set[str]]) -> list[str]:
+    """One loop in ``edges`` (its modules, the first repeated at the end), or [] when there is none."""
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> list[str]:
+        if module in path:
+            return [*path[path.index(module):], module]
+        if module in done:
+            return []
+        for imported in sorted(edges.get(module, ())):
+            if loop := visit(imported, [*path, module]):
+                return loop
+        done.add(module)
+        return []
+
+    return next((loop for module in sorted(edges) if (loop := visit(module, []))), [])
+
+
+def test_the_package_has_no_import_loop() -> None:
+    """Function-level and type-only imports count: a loop is one to a reader as to a structure tool."""
+    assert not (loop := import_loop(package_edges())), " -> ".join(loop)
+
+
+def test_the_loop_checker_sees_a_loop() -> None:
+    assert import_loop({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert import_loop({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
+    # The graph resolves ``from . import x`` to the module x, and leaves out the package itself.
+    edges = package_edges()["durablecache.proxy.clusterwide"]
+    assert "durablecache.proxy.clients" in edges and "durablecache.proxy" not in edges
+
+
+def test_long_modules_say_why_at_their_top() -> None:
+    long = [str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
+            if len(path.read_text().splitlines()) > 600 and "over 600 lines" not in path.read_text()[:2000].lower()]
+    assert not long, long

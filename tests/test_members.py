@@ -15,12 +15,13 @@ import pytest
 import valkey.asyncio as avalkey
 
 from durablecache.keymover import MoverOptions
-from durablecache.localvalkey import free_port
 from durablecache.migration import Migration, MigrationOptions
 from durablecache.movers import MoverPool
+from durablecache.ports import free_port
 from durablecache.proxy.members import MemberMark
 from durablecache.proxyhandles import local_proxies, subprocess_proxies
 from durablecache.syncer import MEMBERS_PER_KEY, Syncer
+from durablecache.testing.waiting import wait_for_async
 from durablecache.topology import discover
 from durablecache.verify import Verifier
 
@@ -176,11 +177,7 @@ def test_a_whole_key_mark_supersedes_members_and_marks_during_a_copy_wait_for_th
         syncer.mark(0, [m("big", "p3")])              # absorbed by the whole copy to come
         assert syncer.dirty_members == 0
         syncer.start()
-        for _ in range(5000):
-            if syncer._in_flight.get((0, b"big")):
-                break
-            await asyncio.sleep(0.001)
-        assert syncer._in_flight.get((0, b"big")), "the whole copy should be in flight"
+        await wait_for_async("the whole copy in flight", lambda: syncer._in_flight.get((0, b"big")), 5)
         c.zincrby("big", 100, "p19999")                  # written while the copy runs ...
         syncer.mark(0, [m("big", "p19999")])             # ... its mark waits for the next copy
         assert syncer._again[(0, b"big")] == {b"p19999"} and (0, b"big") not in syncer._dirty
@@ -330,15 +327,16 @@ def test_no_acknowledged_member_write_is_lost_across_a_cutover_with_mixed_whole_
                                return_when=asyncio.FIRST_COMPLETED)
             assert ready.is_set(), task.exception() if task.done() else "Sync not reached in 60 s"
             assert mig.syncer is not None
-            await wait_until(lambda: mig.syncer.stats.members > 100, 30,
-                             lambda: (mig.syncer.stats, [w.exception() for w in writers if w.done()], ledger.writes))
+            await wait_for_async("over 100 member marks", lambda: mig.syncer.stats.members > 100, 30,
+                                 describe=lambda: (mig.syncer.stats, [w.exception() for w in writers if w.done()],
+                                                   ledger.writes))
             mig.approved.set()
             await asyncio.wait([task, asyncio.create_task(cut.wait())], timeout=60,
                                return_when=asyncio.FIRST_COMPLETED)
             assert cut.is_set(), [e for e in events if e["event"].startswith("cutover")][-3:]
             assert all(not w.done() for w in writers), "the writers must still be writing at cutover"
             at_cut = ledger.writes
-            await wait_until(lambda: ledger.writes > at_cut + 400, 30)       # writes go on, on the target
+            await wait_for_async("400 more writes, on the target", lambda: ledger.writes > at_cut + 400, 30)
             stop.set()
             await asyncio.gather(*writers)
             check_ledger(target, ledger)                     # the target is authoritative now
@@ -395,11 +393,11 @@ def test_a_hot_big_sorted_set_under_zincrby_cuts_over_with_the_default_write_pau
             await asyncio.wait([task, asyncio.create_task(ready.wait())], timeout=60,
                                return_when=asyncio.FIRST_COMPLETED)
             assert ready.is_set() and mig.syncer is not None
-            await wait_until(lambda: mig.syncer.stats.members > 100, 30)
+            await wait_for_async("over 100 member marks", lambda: mig.syncer.stats.members > 100, 30)
             # Once the copy's whole-key marks are a second old, member marks alone keep it dirty: it is
             # no longer a key whose copy does not fit the write pause.
-            await wait_until(lambda: not mig.syncer.slow_keys(opts.max_write_pause / 2), 10,
-                             lambda: (mig.syncer._copy_time, mig.syncer._slow_marked, time.monotonic()))
+            await wait_for_async("no slow key left", lambda: not mig.syncer.slow_keys(opts.max_write_pause / 2), 10,
+                                 describe=lambda: (mig.syncer._copy_time, mig.syncer._slow_marked, time.monotonic()))
             mig.approved.set()
             await asyncio.wait([task, asyncio.create_task(cut.wait())], timeout=60,
                                return_when=asyncio.FIRST_COMPLETED)
@@ -418,10 +416,3 @@ def test_a_hot_big_sorted_set_under_zincrby_cuts_over_with_the_default_write_pau
             await asyncio.wait_for(asyncio.gather(task, *writers, return_exceptions=True), 30)
 
     asyncio.run(scenario())
-
-
-async def wait_until(condition: Any, timeout: float, detail: Any = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"condition not met in time: {detail() if detail else ''}"
-        await asyncio.sleep(0.01)

@@ -19,14 +19,15 @@ from typing import Any
 import pytest
 
 from durablecache.errors import ConnectError
-from durablecache.localvalkey import free_port
 from durablecache.migration import Migration, MigrationOptions, Phase
+from durablecache.ports import free_port
 from durablecache.proxy import Proxy
 from durablecache.proxyhandles import LocalProxy, local_proxies
+from durablecache.testing.waiting import wait_for_async
+from durablecache.testing.workload import Workload, seed
 from durablecache.topology import discover
 from durablecache.urls import Endpoint
 from durablecache.verify import Verifier
-from durablecache.workload import Workload, seed
 from keyspace import CLI, run_cli
 
 
@@ -58,7 +59,7 @@ async def migrate_under_load(source, target, cluster: bool, keys: int = 5000) ->
     task = asyncio.create_task(m.run())
     await asyncio.wait([task, asyncio.create_task(cut.wait())], timeout=120, return_when=asyncio.FIRST_COMPLETED)
     assert cut.is_set(), (task.exception() if task.done() else "no cutover in 120 s", events[-5:])
-    await asyncio.sleep(0.5)  # writes go on after cutover, now landing on the target
+    await load.writes_go_on(50, 30)  # writes go on after cutover, now landing on the target
     await load.finish()
     target_client = target.cluster_client() if cluster else target.client()
     lost = load.lost(target_client)
@@ -146,14 +147,14 @@ def test_proxy_killed_during_sync_forces_repair_and_loses_nothing(source, target
         assert token_file.stat().st_mode & 0o777 == 0o600
         load.point_at("127.0.0.1", listen)
         await asyncio.to_thread(events.wait, lambda e: e.get("event") == "awaiting_approval", 90)
-        await asyncio.sleep(0.5)
+        await load.writes_go_on(50, 30)        # writes (and their marks) flow through the proxy process
         os.kill(child["pid"], signal.SIGKILL)  # marks in flight die with it
         # What such a lost mark leaves behind: a write applied on the source that no mark announces.
         stray = source.client()
         stray.set("seed:0", "applied-but-never-marked")
         stray.close()
         await asyncio.to_thread(events.wait, lambda e: e["event"] == "proxy_process" and e["pid"] != child["pid"])
-        await asyncio.sleep(1.0)  # writers reconnect to the restarted proxy
+        await load.writes_go_on(50, 30)  # writers reconnect to the restarted proxy
         # The lost mark stream demands a repair, which runs at once (a migration awaiting approval
         # repairs a fault when it happens, not at approval).
         def repair_for_lost_marks(e: dict[str, Any]) -> bool:
@@ -168,7 +169,7 @@ def test_proxy_killed_during_sync_forces_repair_and_loses_nothing(source, target
         res = await asyncio.to_thread(run_cli, "control", "approve", *ctl)
         assert res.returncode == 0 and '"approved": true' in res.stdout, res
         await asyncio.to_thread(events.wait, lambda e: e["event"] == "cutover", 90)
-        await asyncio.sleep(0.5)
+        await load.writes_go_on(50, 30)
         await load.finish()
         return load.lost(target.client())
 
@@ -247,11 +248,7 @@ def test_rollback_returns_authority_to_the_source(source, target):
         direct.set("direct-on-target", "untracked")
         direct.close()  # ... and is moved back to the proxy before the rollback
         m.rollback_requested.set()
-        for _ in range(200):
-            if m.phase == Phase.ROLLED_BACK:
-                break
-            await asyncio.sleep(0.05)
-        assert m.phase == Phase.ROLLED_BACK
+        await wait_for_async("RolledBack", lambda: m.phase == Phase.ROLLED_BACK, 10)
         assert source.client().get("after-cutover") == b"on-target"
         # The rollback's repair found the write made around the proxy.
         assert source.client().get("direct-on-target") == b"untracked", events[-8:]
@@ -408,10 +405,7 @@ def test_the_drain_gets_the_drain_budget_or_what_freeze_left_of_the_write_pause(
         opts = MigrationOptions(gate_settle=0.2, max_write_pause=2.0, drain_budget=drain_budget)
         m = Migration(source.endpoint(), target.endpoint(), opts, local_proxies("127.0.0.1", 0), emit=emit)
         task = asyncio.create_task(m.run())
-        for _ in range(3000):
-            if m.syncer is not None:
-                break
-            await asyncio.sleep(0.01)
+        await wait_for_async("the migration's syncer", lambda: m.syncer, 30)
         assert m.syncer is not None
         real_drain = m.syncer.drain
 
@@ -474,7 +468,7 @@ def test_migrate_killed_in_a_phase_resumes_from_its_state_file_without_loss(sour
             await asyncio.to_thread(events.wait, lambda e: e["event"] == "awaiting_approval", 60)
             control(control_port, token_file.read_text().strip(), "/approve")
         await asyncio.to_thread(events.wait, is_phase(phase), 60)
-        await asyncio.sleep(0.3)
+        await load.writes_go_on(30, 30)
         procs[-1].kill()  # the process, its proxy and its in-memory marks are gone at once
         procs[-1].wait(10)
         assert json.loads(state.read_text())["phase"] == phase
@@ -486,7 +480,7 @@ def test_migrate_killed_in_a_phase_resumes_from_its_state_file_without_loss(sour
             await asyncio.to_thread(events.wait, lambda e: e["event"] == "awaiting_approval", 90)
             control(control_port, token_file.read_text().strip(), "/approve")
             await asyncio.to_thread(events.wait, lambda e: e["event"] == "cutover", 60)
-        await asyncio.sleep(0.5)
+        await load.writes_go_on(50, 30)
         await load.finish()
         return load.lost(target.client())
 

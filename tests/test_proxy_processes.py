@@ -10,17 +10,17 @@ import json
 import os
 import signal
 import subprocess
-import time
 import urllib.request
 from typing import Any
 
 import pytest
 import valkey
 
-from durablecache.localvalkey import free_port
 from durablecache.migration import Migration, MigrationOptions
+from durablecache.ports import free_port
 from durablecache.proxyhandles import SubprocessProxy, subprocess_proxies
-from durablecache.workload import Workload, seed
+from durablecache.testing.waiting import wait_for
+from durablecache.testing.workload import Workload, seed
 from keyspace import CLI
 
 pytestmark = pytest.mark.timeout(180)
@@ -46,19 +46,6 @@ def two_free_ports() -> int:
                     continue
             return port
     raise AssertionError("no two consecutive free ports")
-
-
-def wait_for(what: str, cond, timeout: float = 30.0) -> Any:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = cond()
-        except OSError:
-            value = None
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def gone(pid: int) -> bool:
@@ -97,18 +84,59 @@ def test_two_processes_answer_on_one_port_and_stop_together(source, tmp_path) ->
         # One dies: the parent starts it again on the same port and admin port.
         os.kill(stats[1]["pid"], signal.SIGKILL)
         again = wait_for("the killed process to be restarted",
-                         lambda: admin_stats(admin + 1, token)["pid"] != stats[1]["pid"])
+                         lambda: admin_stats(admin + 1, token)["pid"] != stats[1]["pid"], 30, ignore=(OSError,))
         assert again
         assert valkey.Valkey(port=listen, socket_timeout=10).get("p:0") == b"0"
         pids = [admin_stats(admin + i, token)["pid"] for i in range(2)]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         for pid in pids:            # no child left behind
-            wait_for(f"process {pid} to be gone", lambda pid=pid: gone(pid))
+            wait_for(f"process {pid} to be gone", lambda pid=pid: gone(pid), 30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_a_total_client_limit_is_shared_between_the_processes(source, tmp_path) -> None:
+    """--max-clients-total 5 over 2 processes: 2 each (rounded down, never past the total), so of 8
+    clients at most 4 are served and the others get the server's own error."""
+    token = "admin-secret"
+    (tmp_path / "admin.token").write_text(token + "\n")
+    listen, admin = free_port(), two_free_ports()
+    proc = subprocess.Popen(
+        [*CLI, "proxy", "--processes", "2", "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}",
+         "--admin-token-file", str(tmp_path / "admin.token"), "--max-clients-total", "5"],
+        env={**os.environ, "DURABLECACHE_UPSTREAM": source.url()}, stdout=subprocess.PIPE, text=True)
+    clients: list[valkey.Valkey] = []
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(2)]
+        assert all("listening on" in line for line in lines), lines
+        assert [admin_stats(admin + i, token)["max_clients"] for i in range(2)] == [2, 2]
+        served, refused = 0, []
+        for _ in range(8):
+            try:   # a single-connection client connects (and is refused) as it is made
+                c = valkey.Valkey(port=listen, socket_timeout=10, single_connection_client=True)
+                clients.append(c)
+                served += bool(c.ping())
+            except (valkey.ConnectionError, valkey.ResponseError) as exc:
+                refused.append(str(exc))
+        assert served <= 4 and len(refused) >= 4, (served, refused)
+        assert all("max number of clients reached" in r for r in refused), refused
+    finally:
+        for c in clients:
+            c.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def test_a_total_client_limit_smaller_than_the_processes_is_refused(source) -> None:
+    out = subprocess.run([*CLI, "proxy", "--processes", "3", "--listen", f"127.0.0.1:{free_port()}",
+                          "--max-clients-total", "2"], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "DURABLECACHE_UPSTREAM": source.url()})
+    assert out.returncode != 0 and "cannot be shared by 3 processes" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_processes_need_a_fixed_port(source) -> None:
@@ -154,11 +182,7 @@ def test_a_cutover_through_two_processes_on_one_port_loses_nothing(source, targe
             for c in probes:
                 c.close()
             # Writes go on after the cutover, now landing on the target: 50 more acknowledged.
-            after = load.acked + 50
-            deadline = time.monotonic() + 30
-            while load.acked < after:
-                assert time.monotonic() < deadline, "the writers stopped after the cutover"
-                await asyncio.sleep(0.02)
+            await load.writes_go_on(50, 30)
             await load.finish()
             lost = load.lost(target.client())
             return load, lost, events

@@ -10,14 +10,14 @@ import contextlib
 import json
 import signal
 import subprocess
-import time
 from typing import Any
 
 import pytest
 import valkey
 
-from durablecache.localvalkey import free_port
-from durablecache.workload import seed
+from durablecache.ports import free_port
+from durablecache.testing.waiting import wait_for
+from durablecache.testing.workload import seed
 from keyspace import CLI, run_cli
 from test_migrate import Events
 
@@ -29,17 +29,6 @@ def status(control_port: int, token_file: str) -> dict[str, Any]:
     assert res.returncode == 0, res
     out: dict[str, Any] = json.loads(res.stdout)
     return out
-
-
-def wait_until(what: str, probe: Any, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: not within {timeout}s (last: {last!r})")
 
 
 def test_control_status_names_standalone_clients_and_the_proxy_serves_them_after_complete(
@@ -66,7 +55,7 @@ def test_control_status_names_standalone_clients_and_the_proxy_serves_them_after
         def named() -> dict[str, Any] | None:
             clients = status(control_port, token_file).get("clients") or {}
             return clients if any("shop-cart 1.4.2" in p for p in clients.get("problems", [])) else None
-        clients = wait_until("the readiness report in control status", named)
+        clients = wait_for("the readiness report in control status", named, 60)
         assert clients["ready"] is False and clients["standaloneConnections"] >= 1
         [problem] = [p for p in clients["problems"] if "shop-cart" in p]
         assert "standalone-mode clients" in problem and "cluster-mode endpoint" in problem
@@ -79,7 +68,7 @@ def test_control_status_names_standalone_clients_and_the_proxy_serves_them_after
         events.wait(lambda e: e["event"] == "cutover", 90)
         # RouteOut: reverse sync still runs, a write through the proxy reaches the source too.
         app.set("cart:routeout", "pears")
-        wait_until("reverse sync in RouteOut", lambda: source.client().get("cart:routeout") == b"pears", 30)
+        wait_for("reverse sync in RouteOut", lambda: source.client().get("cart:routeout") == b"pears", 30)
         events.wait(lambda e: e["event"] == "phase" and e["phase"] == "Complete", 60)
         events.wait(lambda e: e["event"] == "serving", 30)
         # Complete, afterCutover proxy: the unchanged standalone client keeps working, on the target.
@@ -100,7 +89,7 @@ def test_control_status_names_standalone_clients_and_the_proxy_serves_them_after
             argv = f.read().split(b"\0")
         assert b"--not-migrating" in argv and b"--marks-to" not in argv
         again = valkey.Valkey(port=listen, socket_timeout=10, lib_name="shop-cart", lib_version="1.4.2")
-        wait_until("the restarted proxy answers", lambda: _pings(again), 30)
+        wait_for("the restarted proxy answers", lambda: _pings(again), 30)
         again.set("cart:restarted", "figs")
         assert direct.get("cart:restarted") == b"figs"
     finally:

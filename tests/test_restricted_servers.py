@@ -11,7 +11,7 @@ import asyncio
 import pytest
 import valkey
 
-from durablecache.localvalkey import ELASTICACHE_HARNESS, ELASTICACHE_RENAMED
+from durablecache.testing.localvalkey import ELASTICACHE_HARNESS, ELASTICACHE_RENAMED
 from test_migrate import migrate_under_load
 
 

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from durablecache.k8s.runner import ADMIN_PORT, COORDINATOR_PORT, PROXY_TLS_DIR, TOKEN_DIR, KubernetesRunner
+from durablecache.k8s.runner import (
+    ADMIN_PORT,
+    COORDINATOR_PORT,
+    PROXY_TLS_DIR,
+    TEMPLATE_HASH,
+    TOKEN_DIR,
+    KubernetesRunner,
+)
 
 
 def resource(**proxy: Any) -> dict[str, Any]:
@@ -90,7 +97,7 @@ def test_the_coordinator_runs_no_proxy_and_listens_for_joins_behind_its_service(
 
 
 def test_the_proxy_pods_join_the_coordinator_with_every_setting() -> None:
-    obj = resource(replicas=3, processes="auto", maxClients=500, connectionBudget=40000,
+    obj = resource(replicas=3, processes="auto", maxClients=500, maxClientsTotal=1000, connectionBudget=40000,
                    tls={"secretName": "sessions-proxy-tls"})
     objs = rendered(obj)
     deployment = objs[("Deployment", "sessions-proxy")]
@@ -107,6 +114,7 @@ def test_the_proxy_pods_join_the_coordinator_with_every_setting() -> None:
     assert env == {"POD_NAME": "metadata.name", "POD_IP": "status.podIP"}
     assert (flag(args, "--processes"), flag(args, "--max-clients"), flag(args, "--connection-budget")) == \
         ("auto", "500", "40000")
+    assert flag(args, "--max-clients-total") == "333"     # this pod's share of the total, rounded down
     assert flag(args, "--announce") == "sessions-proxy.shop.svc"
     assert (flag(args, "--tls-cert"), flag(args, "--tls-key")) == \
         (f"{PROXY_TLS_DIR}/tls.crt", f"{PROXY_TLS_DIR}/tls.key")
@@ -186,3 +194,19 @@ def test_the_endpoint_keeps_its_transport_from_source_through_proxy_to_target() 
     assert urls == ["valkeys://10.0.0.1:6379", "valkeys://sessions-proxy.shop.svc:6379", "valkeys://10.0.0.2:6379"]
     plain = resource()
     assert rec.address(plain, "proxy") == ("sessions-proxy.shop.svc", 6379, False)
+
+
+def test_each_deployment_carries_the_hash_of_what_was_asked_for() -> None:
+    """The operator patches the proxy Deployment when spec.proxy changes, and only then: the hash of the
+    replicas and pod template it asked for stays the same for the same spec, whatever the API server
+    adds to the stored object, and changes with the spec."""
+    def hashes(**proxy: Any) -> dict[str, str]:
+        objs = rendered(resource(**proxy))
+        return {name: objs[("Deployment", name)]["metadata"]["annotations"][TEMPLATE_HASH]
+                for name in ("sessions-proxy", "sessions-worker")}
+
+    same, again = hashes(replicas=2), hashes(replicas=2)
+    assert same == again
+    scaled, other = hashes(replicas=3), hashes(replicas=2, processes=2)
+    assert scaled["sessions-proxy"] != same["sessions-proxy"] != other["sessions-proxy"]
+    assert scaled["sessions-worker"] == same["sessions-worker"] == other["sessions-worker"]

@@ -152,6 +152,8 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     ("proxy processes as a word", {"proxy": {"processes": "many"}}, "spec.proxy.processes"),
     ("proxy processes over the bound", {"proxy": {"processes": 65}}, "spec.proxy.processes"),
     ("a client limit of 0", {"proxy": {"maxClients": 0}}, "spec.proxy.maxClients"),
+    ("a total client limit under one per process", {"proxy": {"replicas": 2, "processes": 2, "maxClientsTotal": 3}},
+     "spec.proxy.maxClientsTotal"),
     ("a negative connection budget", {"proxy": {"connectionBudget": -1}}, "spec.proxy.connectionBudget"),
     ("a connection budget that is a string", {"proxy": {"connectionBudget": "10"}}, "spec.proxy.connectionBudget"),
     ("a client limit that is a string", {"proxy": {"maxClients": "100"}}, "spec.proxy.maxClients"),

@@ -13,11 +13,11 @@ import pytest
 
 from durablecache.errors import RefusedError
 from durablecache.keymover import MoverOptions
-from durablecache.localvalkey import LocalServer
 from durablecache.movers import MoverPool
+from durablecache.testing.localvalkey import LocalServer
+from durablecache.testing.workload import seed
 from durablecache.topology import discover
 from durablecache.verify import Verifier
-from durablecache.workload import seed
 from test_migrate import migrate_under_load
 
 FIELD_TTL_MS = 3_600_000

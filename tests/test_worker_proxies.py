@@ -13,7 +13,7 @@ import valkey
 
 from durablecache.commands.worker import proxy_clients, proxy_starter
 from durablecache.k8s.spec import ProxySpec
-from durablecache.localvalkey import free_port
+from durablecache.ports import free_port
 from durablecache.proxyhandles import LocalProxy, SubprocessProxy
 
 pytestmark = pytest.mark.timeout(120)

@@ -18,21 +18,17 @@ import time
 from collections.abc import Container, Coroutine, Sequence
 from typing import Any, TypeVar
 
-import libvalkey
-
 from . import logs
 from .errors import ServerError
 from .ratelimit import TokenBucket
 from .resp import ReplyError, pack, reply_map
+from .restorebatch import RestoreBatch, WriteGroup
 from .side import Side
 
 MiB = 1 << 20
 DEFAULT_BIG_KEY_BYTES = 64 * MiB
 DEFAULT_CHUNK_ELEMENTS = 1000
 DEFAULT_CHUNK_BYTES = 1 * MiB
-# A key whose DUMP payload is at least this large gets its copy time reported (MoveResult.timings):
-# the syncer learns from it which keys are too slow to copy inside the cutover's write pause.
-TIMED_KEY_BYTES = 256 * 1024
 # Replies that mean "not now": an async-durable target whose durability lag is over its limit,
 # a server still loading, a busy script. Retried with exponential backoff, never dropped.
 RETRYABLE_PREFIXES = ("TRYAGAIN", "LOADING", "BUSY", "CLUSTERDOWN", "DURABILITY", "NOREPLICAS")
@@ -185,7 +181,7 @@ class KeyMover:
             return result
         await self.source_ops.take(len(keys) * 3)
         started = time.monotonic()
-        batch = _RestoreBatch(self.dst.topology, int(time.time() * 1000), relative=self.expire_cmd != "PEXPIRETIME",
+        batch = RestoreBatch(self.dst.topology, int(time.time() * 1000), relative=self.expire_cmd != "PEXPIRETIME",
                               limit=self.opts.big_key_bytes)
         await self._fetch(db, keys, strings, batch)
         big, gone = batch.big, batch.gone
@@ -268,14 +264,14 @@ class KeyMover:
         self.member_copies = False
 
     @staticmethod
-    def _estimate_timings(batch: _RestoreBatch, elapsed: float, result: MoveResult) -> None:
+    def _estimate_timings(batch: RestoreBatch, elapsed: float, result: MoveResult) -> None:
         """A big key's share of the batch's fetch+restore time, by payload bytes: one round trip
         serves the whole batch, so this is the best per-key figure there is (and exact for a batch
         that is one big key, the hot-key case)."""
         for key, size in batch.timed:
             result.timings.append((key, elapsed * size / batch.bytes))
 
-    async def _fetch(self, db: int, keys: Sequence[bytes], strings: Container[bytes], batch: _RestoreBatch) -> None:
+    async def _fetch(self, db: int, keys: Sequence[bytes], strings: Container[bytes], batch: RestoreBatch) -> None:
         """Read the keys from the source into the batch: one round trip per source primary, plus one
         for the few keys the fast paths could not read."""
         todo: list[bytes] = list(keys)
@@ -288,7 +284,7 @@ class KeyMover:
         batch.close()
 
     async def _fetch_group(self, primary: int, db: int, group: list[bytes], strings: Container[bytes],
-                           batch: _RestoreBatch) -> list[bytes]:
+                           batch: RestoreBatch) -> list[bytes]:
         """Hinted strings read as values, the other keys by the FETCH script, in one pipeline to one
         source primary. Returns the keys left for the pipelined path."""
         limit = self.opts.big_key_bytes
@@ -330,11 +326,11 @@ class KeyMover:
                 out.append((expiry, payload) if payload is not None else (-2, None))
         return out
 
-    async def _restore_all(self, db: int, batch: _RestoreBatch) -> list[bytes]:
+    async def _restore_all(self, db: int, batch: RestoreBatch) -> list[bytes]:
         """The common case in one pipeline per target primary; anything but OK (a moved slot, a
         transient rejection, an unreadable payload) goes through the careful path, _write_retrying."""
 
-        async def one(primary: int, group: _Group) -> list[int]:
+        async def one(primary: int, group: WriteGroup) -> list[int]:
             conn = await self.dst.conn(primary, db)
             replies = await conn.pipeline_packed(b"".join(group.parts), group.count)
             return [] if replies is None else [i for i, r in enumerate(replies) if r != b"OK"]
@@ -359,7 +355,7 @@ class KeyMover:
         log.info("scripted copy unavailable, using pipelines", side=side, reason=text[:200])
         self.use_scripts = False
 
-    async def _throttle_target(self, batch: _RestoreBatch) -> None:
+    async def _throttle_target(self, batch: RestoreBatch) -> None:
         if not self.target_bytes:
             return
         for p, group in batch.groups.items():
@@ -534,120 +530,6 @@ class KeyMover:
                 await self._dst(db, key, ("XCLAIM", key, group, consumer, 0, entry_id, "IDLE", idle,
                                           "RETRYCOUNT", deliveries, "FORCE", "JUSTID"))
             start = "(" + pending[-1][0].decode()
-
-
-_HEAD = b"*6\r\n$7\r\nRESTORE\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n"
-_HEAD_NO_TTL = b"*6\r\n$7\r\nRESTORE\r\n$%d\r\n%b\r\n$1\r\n0\r\n$%d\r\n"
-_TAIL = b"\r\n$7\r\nREPLACE\r\n$6\r\nABSTTL\r\n"
-_SET = b"*3\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n"
-_SET_PXAT = b"*5\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n"
-_PXAT_TAIL = b"\r\n$4\r\nPXAT\r\n$%d\r\n%b\r\n"
-_END = b"\r\n"
-
-
-class _Group:
-    """The writes for one target primary, encoded as RESP (about twice as fast as packing a tuple
-    per command); three parts per command: head, payload, tail."""
-
-    __slots__ = ("parts", "count", "bytes")
-
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-        self.count = 0
-        self.bytes = 0
-
-    def command(self, i: int) -> list[bytes]:
-        """The i-th command decoded back into its arguments (only for the rare rejected one)."""
-        reader = libvalkey.Reader()
-        reader.feed(b"".join(self.parts[3 * i:3 * i + 3]))
-        return reader.gets()  # type: ignore[no-any-return]
-
-
-class _RestoreBatch:
-    """Sorts fetched keys into writes grouped by target primary (RESTORE ... REPLACE ABSTTL for a
-    DUMP payload, SET [PXAT] for a string value), keys gone from the source (or already past their
-    expiry) and keys too big for one read. Call add_* for every fetched key, then close().
-
-    This is the bulk copy's hot loop: one pass, no per-key object beyond the RESP pieces.
-    """
-
-    def __init__(self, topology: Any, sent_ms: int, relative: bool, limit: int):
-        self.groups: dict[int, _Group] = {}
-        self.big: list[bytes] = []
-        self.gone: list[bytes] = []
-        self.unread: list[bytes] = []  # string reads that were not plain values: read them again
-        self.expired = 0  # counted among gone
-        self.timed: list[tuple[bytes, int]] = []  # (key, payload size) of keys worth timing
-        self.count = self.bytes = 0
-        self._single = None if topology.cluster else self.groups.setdefault(0, _Group()).parts
-        self._primary_for = topology.primary_for
-        self._sent_ms, self._relative, self._limit = sent_ms, relative, limit
-
-    def add_dumps(self, keys: Sequence[bytes], expiries: Sequence[int], payloads: Sequence[Any]) -> None:
-        """DUMP payloads; None: gone (expiry -2) or too big for one DUMP (expiry -3)."""
-        self._add(keys, expiries, payloads, True)
-
-    def add_values(self, keys: Sequence[bytes], expiries: Sequence[Any], values: Sequence[Any]) -> None:
-        """GETRANGE 0 <limit> and PEXPIRETIME replies, unchecked."""
-        self._add(keys, expiries, values, False)
-
-    def close(self) -> None:
-        for primary, group in list(self.groups.items()):
-            group.count = len(group.parts) // 3
-            group.bytes = sum(map(len, group.parts[1::3]))
-            if not group.count:
-                del self.groups[primary]
-        self.count = sum(g.count for g in self.groups.values())
-        self.bytes = sum(g.bytes for g in self.groups.values())
-
-    def _add(self, keys: Sequence[bytes], expiries: Sequence[Any], payloads: Sequence[Any], restore: bool) -> None:
-        single, primary_for, groups, big, gone = self._single, self._primary_for, self.groups, self.big, self.gone
-        sent_ms, relative, limit = self._sent_ms, self._relative, self._limit
-        for key, expiry, payload in zip(keys, expiries, payloads):
-            if restore:
-                if payload is None:  # -2: gone, -3: too big for one DUMP
-                    (big if expiry == -3 else gone).append(key)
-                    continue
-            elif payload.__class__ is not bytes or not payload or expiry.__class__ is not int:
-                self.unread.append(key)  # an error (not a string after all, a moved slot) or b""
-                continue
-            elif len(payload) > limit:
-                (gone if expiry == -2 else big).append(key)
-                continue
-            if expiry >= 0:
-                abs_ms = sent_ms + expiry if relative else expiry
-                if abs_ms <= sent_ms:  # already past its expiry: must not exist on the target
-                    self.expired += 1
-                    gone.append(key)
-                    continue
-                ttl = b"%d" % abs_ms
-            elif expiry == -2:
-                gone.append(key)
-                continue
-            else:
-                ttl = None
-            if key.__class__ is str:  # callers may pass str keys; RESP wants bytes
-                key = key.encode()
-            size = len(payload)
-            if single is not None:
-                parts = single
-            else:
-                primary = primary_for(key)
-                group = groups.get(primary)
-                if group is None:
-                    group = groups[primary] = _Group()
-                parts = group.parts
-            if restore:
-                if ttl is None:
-                    parts += (_HEAD_NO_TTL % (len(key), key, size), payload, _TAIL)
-                else:
-                    parts += (_HEAD % (len(key), key, len(ttl), ttl, size), payload, _TAIL)
-            elif ttl is None:
-                parts += (_SET % (len(key), key, size), payload, _END)
-            else:
-                parts += (_SET_PXAT % (len(key), key, size), payload, _PXAT_TAIL % (len(ttl), ttl))
-            if size >= TIMED_KEY_BYTES:
-                self.timed.append((key, size))
 
 
 def _apply_args(state: list[Any], ttls: bytes, members: list[bytes]) -> list[Any] | None:

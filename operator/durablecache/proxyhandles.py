@@ -20,8 +20,8 @@ import aiohttp
 
 from . import logs
 from .errors import ConnectError, FencedError
-from .localvalkey import free_port
 from .migration import MarkCallback, ProxyHandle, ProxyStarter
+from .ports import free_port
 from .proxy import MarkServer, Proxy
 from .proxy.admin import EPOCH_HEADER
 from .urls import Endpoint

@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,8 +19,10 @@ import boto3
 import pytest
 from awstest import REGION, FakeClock, Recorder, unique
 
-from durablecache.localvalkey import free_port, stop_process
+from durablecache.ports import free_port
 from durablecache.providers.aws import AwsProvider, make_client
+from durablecache.testing.localvalkey import stop_process
+from durablecache.testing.waiting import wait_answering
 
 MOTO_SERVER = Path(__file__).with_name("motoserver.py")
 START_TIMEOUT = 30.0
@@ -59,17 +59,7 @@ def moto_url(aws_env: None, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     proc = subprocess.Popen([sys.executable, str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"moto server exited with {proc.returncode}; see {log.name}")
-            try:
-                with urllib.request.urlopen(f"{url}/moto-api/data.json", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"moto server did not answer on {url} within {START_TIMEOUT:.0f}s")
-                time.sleep(0.1)
+        wait_answering(f"{url}/moto-api/data.json", proc, START_TIMEOUT, describe=lambda: f"see {log.name}")
         yield url
     finally:
         stop_process(proc)

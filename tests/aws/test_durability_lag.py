@@ -112,6 +112,7 @@ def test_the_migration_copies_slower_while_the_target_lags_and_speeds_up_after(m
     when the lag falls the rate climbs back to the full rate and the copy finishes."""
     from durablecache.migration import Migration, MigrationOptions
     from durablecache.proxyhandles import local_proxies
+    from durablecache.testing.waiting import wait_for_async
 
     source, target = make_server(engine="valkey8"), make_server(engine="valkey9")
     client = source.client()
@@ -137,8 +138,8 @@ def test_the_migration_copies_slower_while_the_target_lags_and_speeds_up_after(m
         task = asyncio.create_task(m.run())
         try:
             await asyncio.wait_for(slowed.wait(), 30)
-            while (m.status()["durabilityLag"] or {}).get("rateBytesPerSecond", full) > full * FLOOR_SHARE + 1:
-                await asyncio.sleep(0.02)          # bounded by the wait_for around this block's caller
+            await wait_for_async("the copy's rate at the floor", lambda: (m.status()["durabilityLag"] or {}).get(
+                "rateBytesPerSecond", full) <= full * FLOOR_SHARE + 1, 30)
             at_floor = m.status()
             # At the floor the copy cannot have finished: 400 KB at ~21 KB/s is many seconds.
             await asyncio.sleep(0.5)

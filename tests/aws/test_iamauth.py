@@ -23,6 +23,7 @@ from botocore.signers import RequestSigner
 from durablecache.errors import ConnectError, UsageError
 from durablecache.iamauth import REAUTH_AFTER, IamAuth, mint_token
 from durablecache.resp import Connection
+from durablecache.testing.waiting import wait_for_async
 from durablecache.urls import Endpoint, parse_url
 
 CREDS = Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "session-token")
@@ -143,10 +144,7 @@ def test_a_long_lived_connection_authenticates_again_with_a_fresh_token(make_ser
             await conn.call("INCR", "n")
             return auth_calls() > before
 
-        deadline = asyncio.get_running_loop().time() + 10
-        while not await reauthenticated():
-            assert asyncio.get_running_loop().time() < deadline, "no re-authentication within 10 s"
-            await asyncio.sleep(0.05)
+        await wait_for_async("a re-authentication", reauthenticated, 10)
         assert await conn.call("ACL", "WHOAMI") == b"app"
         # Now a rotation the minter cannot follow: the next re-authentication fails, loudly.
         admin.execute_command("ACL", "SETUSER", "app", "resetpass", ">something-else")

@@ -15,11 +15,11 @@ from awstest import FakeClock, Recorder, unique
 
 from durablecache import logs
 from durablecache.errors import RefusedError, UsageError
-from durablecache.localvalkey import LocalServer
 from durablecache.providers.aws import AwsProvider
 from durablecache.providers.awserrors import AwsNotFound, AwsQuotaExceeded
 from durablecache.providers.base import OWNER_TAG, SOURCE_TAG, TargetSpec
 from durablecache.resp import Connection
+from durablecache.testing.localvalkey import LocalServer
 from durablecache.urls import Endpoint
 
 TOKEN = "a-valid-token-0123456789"

@@ -8,9 +8,9 @@ from collections.abc import Callable
 import pytest
 
 from durablecache.errors import UsageError
-from durablecache.localvalkey import LocalServer
 from durablecache.providers import StaticProvider, TargetSpec
 from durablecache.resp import Connection
+from durablecache.testing.localvalkey import LocalServer
 from durablecache.urls import parse_url
 
 SPEC = TargetSpec(replication_group_id="durable", migration_id="m1", durability="sync",

@@ -24,7 +24,6 @@ import contextlib
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -35,7 +34,9 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
-from durablecache.localvalkey import LocalCluster, LocalServer, free_port, stop_process
+from durablecache.ports import free_port
+from durablecache.testing.localvalkey import LocalCluster, LocalServer, stop_process
+from durablecache.testing.waiting import wait_listening
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/: the fault suite's migration driver
 from faults.fault_runner import MigrationRun, is_phase, verify  # noqa: E402
@@ -158,17 +159,6 @@ def expected_differences() -> dict[str, dict[str, str]]:
     return table
 
 
-def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the proxy exited with {proc.returncode} before listening")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise SystemExit(f"the proxy did not listen on {port} within {timeout:.0f} s")
-
-
 @contextlib.contextmanager
 def proxy_in_front(upstream: str) -> Iterator[str]:
     port = free_port()
@@ -176,7 +166,7 @@ def proxy_in_front(upstream: str) -> Iterator[str]:
                              "--listen", f"127.0.0.1:{port}", "--not-migrating"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_listening(port, proc)
+        wait_listening(port, proc, 30)
         yield f"valkey://127.0.0.1:{port}/0"
     finally:
         stop_process(proc)

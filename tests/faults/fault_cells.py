@@ -42,8 +42,9 @@ from fault_runner import (
 )
 from faultproxy import FaultProxy
 
-from durablecache.localvalkey import LocalServer
-from durablecache.workload import seed
+from durablecache.testing.localvalkey import LocalServer
+from durablecache.testing.waiting import wait_for
+from durablecache.testing.workload import seed
 
 # A write the authoritative server acknowledged this shortly before it crashed and came back empty can
 # be gone from both sides without DurableCache at fault (reverse sync copies within milliseconds; a
@@ -156,7 +157,8 @@ def source_restart_empty(ctx: Ctx) -> None:
 def net_cut(ctx: Ctx) -> None:
     assert ctx.proxy
     ctx.proxy.cut(2.0)
-    _wait_until(lambda: not ctx.proxy.refusing if ctx.proxy else True, 5)
+    with contextlib.suppress(AssertionError):   # best effort: the cell records what happened either way
+        wait_for("the cut to heal", lambda: not ctx.proxy.refusing if ctx.proxy else True, 5)
 
 
 def net_delay(ctx: Ctx) -> None:
@@ -170,7 +172,8 @@ def net_drop_mid_reply(ctx: Ctx) -> None:
     assert ctx.proxy
     for _ in range(3):
         ctx.proxy.drop_mid_reply()
-        _wait_until(lambda: not ctx.proxy._drop_next_reply if ctx.proxy else True, 2)
+        with contextlib.suppress(AssertionError):   # best effort, as above
+            wait_for("a reply cut", lambda: not ctx.proxy._drop_next_reply if ctx.proxy else True, 2)
     ctx.notes.append(f"replies cut: {ctx.proxy.dropped_replies}")
 
 
@@ -210,15 +213,6 @@ def scripted_flushdb(ctx: Ctx) -> None:
 
 
 # -- the cell runner ------------------------------------------------------------------------------
-def _wait_until(cond: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
-
-
 def _said(events: list[Event], run: MigrationRun, notes: list[str], names: dict[int, str]) -> str:
     parts: list[str] = []
     seen: dict[str, int] = {}
@@ -324,8 +318,8 @@ def _drive(cell: Cell, ctx: Ctx) -> None:
 def _outcome(cell: Cell, ctx: Ctx) -> None:
     """After approval: wait for the cutover, a failure, or (refuse cells) the tool holding off."""
     run = ctx.run
-    wait_for = cell.refuse_wait if cell.expect == "refuse" else cell.outcome_wait
-    e = run.wait(lambda e: e.get("event") == "cutover" or is_phase("Failed")(e), wait_for)
+    patience = cell.refuse_wait if cell.expect == "refuse" else cell.outcome_wait
+    e = run.wait(lambda e: e.get("event") == "cutover" or is_phase("Failed")(e), patience)
     if cell.expect == "refuse" and ctx.others:
         # The direct writer leaves; a tool that held off may now (re-check, repair and) cut over.
         ctx.fault_cleared_at = run.mark()

@@ -20,7 +20,8 @@ from typing import Any
 import valkey
 
 import durablecache
-from durablecache.localvalkey import START_TIMEOUT, LocalServer, free_port, stop_process
+from durablecache.ports import free_port
+from durablecache.testing.localvalkey import START_TIMEOUT, LocalServer, stop_process
 
 CLI = [sys.executable, "-m", "durablecache.cli"]
 # Children run the same durablecache as this process (this checkout's, not an editable install's).

@@ -18,12 +18,8 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
-import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,6 +29,9 @@ import pytest
 import yaml
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
+
+from durablecache.ports import free_port
+from durablecache.testing.waiting import wait_answering, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "scripts" / "build-k8s-tools.sh"
@@ -66,12 +65,6 @@ def tool_path(name: str) -> Path:
         pytest.fail(f"{name} is not built ({path} missing); build the Kubernetes test tools with: "
                     f"{BUILD_HINT}", pytrace=False)
     return path
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _openssl(cwd: Path, *args: str) -> None:
@@ -282,19 +275,10 @@ class KubeEnv:
             assert self.pki is not None
             context = ssl.create_default_context(cafile=str(self.pki.ca_cert))
             context.load_cert_chain(str(self.pki.admin_cert), str(self.pki.admin_key))
-        deadline = time.monotonic() + timeout
-        last = ""
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{what} exited with {proc.returncode}:\n{_tail(log)}")
-            try:
-                with urllib.request.urlopen(url, timeout=5, context=context) as rsp:
-                    if rsp.status == 200:
-                        return
-            except (urllib.error.URLError, OSError) as exc:
-                last = str(exc)
-            time.sleep(0.25)
-        raise RuntimeError(f"{what} not ready at {url} within {timeout:.0f}s ({last}):\n{_tail(log)}")
+        try:
+            wait_answering(url, proc, timeout, context=context, describe=lambda: f"{what}:\n{_tail(log)}")
+        except AssertionError as exc:   # start() tries again on fresh ports
+            raise RuntimeError(str(exc)) from None
 
     def stop(self) -> None:
         _stop(self.apiserver)
@@ -360,14 +344,12 @@ def crd_installed(kube_env: KubeEnv) -> str:
     kube_env.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=30s", timeout=45)
     # Established comes before discovery and the published OpenAPI catch up; wait (bounded) until
     # kubectl can resolve the short name and read the schema, as a user's kubectl would.
-    deadline = time.monotonic() + 30
-    while True:
-        probe = kube_env.kubectl("explain", "dcache.spec", check=False)
-        if probe.returncode == 0:
-            return name
-        if time.monotonic() > deadline:
-            pytest.fail(f"CRD {name} never became usable from kubectl: {probe.stderr}", pytrace=False)
-        time.sleep(0.5)
+    def explain() -> subprocess.CompletedProcess[str]:
+        return kube_env.kubectl("explain", "dcache.spec", check=False)
+
+    wait_for(f"kubectl to read CRD {name}'s schema", lambda: explain().returncode == 0, 30,
+             describe=lambda: explain().stderr)
+    return name
 
 
 ServiceAccountKubeconfig = Callable[..., Path]
@@ -493,18 +475,7 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         proc = subprocess.Popen([sys.executable, str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        deadline = time.monotonic() + MOTO_START_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"moto server exited with {proc.returncode}:\n{_tail(log)}", pytrace=False)
-            try:
-                with urllib.request.urlopen(f"{url}/moto-api/data.json", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"moto server did not answer on {url} within {MOTO_START_TIMEOUT:.0f}s",
-                                pytrace=False)
-                time.sleep(0.1)
+        wait_answering(f"{url}/moto-api/data.json", proc, MOTO_START_TIMEOUT, describe=lambda: _tail(log))
         yield url
     finally:
         _stop(proc)

@@ -14,9 +14,10 @@ from typing import Any
 
 from kubernetes import client as k8s_client
 
-from durablecache.localvalkey import LocalServer
 from durablecache.movers import DEFAULT_TARGET_BYTES_PER_PRIMARY
-from durablecache.workload import seed
+from durablecache.testing.localvalkey import LocalServer
+from durablecache.testing.waiting import wait_for
+from durablecache.testing.workload import seed
 
 from .conftest import AWS_TEST_ENV, KubeEnv
 from .test_operator import (  # noqa: F401 - operator_factory is a fixture
@@ -31,7 +32,6 @@ from .test_operator import (  # noqa: F401 - operator_factory is a fixture
     operator_factory,
     phase_seen,
     start_app,
-    wait_for,
 )
 
 

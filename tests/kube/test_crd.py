@@ -217,6 +217,7 @@ INVALID: list[tuple[str, Body, list[str]]] = [
     ("no proxy process", _with("proxy.processes", 0), ["proxy.processes must be 1 to 64 or auto"]),
     ("no proxy pod", _with("proxy.replicas", 0), ["spec.proxy.replicas"]),
     ("a client limit of 0", _with("proxy.maxClients", 0), ["spec.proxy.maxClients"]),
+    ("a total client limit of 0", _with("proxy.maxClientsTotal", 0), ["spec.proxy.maxClientsTotal"]),
     ("a quantity that is none", _with("proxy.resources", {"limits": {"cpu": "lots"}}),
      ["spec.proxy.resources.limits.cpu"]),
     ("a TLS secret that is no name", _with("proxy.tls.secretName", "Not_A_Name"), ["spec.proxy.tls.secretName"]),

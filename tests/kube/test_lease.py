@@ -26,11 +26,13 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 
 from durablecache.k8s.lease import CoordinatorLease, LeaseLost, LeaseTimings, lease_name
-from durablecache.localvalkey import LocalServer
-from durablecache.workload import seed
+from durablecache.ports import free_port
+from durablecache.testing.localvalkey import LocalServer
+from durablecache.testing.waiting import wait_for
+from durablecache.testing.workload import seed
 from faults.faultproxy import FaultProxy  # tests/ is on sys.path (rootdir insertion)
 
-from .conftest import KubeEnv, free_port
+from .conftest import KubeEnv
 from .test_operator import (  # noqa: F401 - operator_factory is a fixture
     MIGRATION_TIMEOUT,
     TEST_LEASE,
@@ -41,7 +43,7 @@ from .test_operator import (  # noqa: F401 - operator_factory is a fixture
     operator_factory,
     phase_seen,
     start_app,
-    wait_for,
+    writes_on_target,
 )
 
 DURATION = int(TEST_LEASE["DURABLECACHE_LEASE_DURATION"])
@@ -244,7 +246,7 @@ def test_a_standby_waits_then_takes_over_a_killed_coordinator_and_the_migration_
         wait_for("Complete", phase_seen(cluster, "orders", {"Complete"}), MIGRATION_TIMEOUT)
         wait_for("the endpoint Secret to point at the target",
                  lambda: cluster.secret("app-cache")["port"] == str(target.port), 20)
-        time.sleep(0.5)  # the load writes to the target directly for a moment
+        writes_on_target(app, target)   # the load writes to the target directly for a moment
     finally:
         app.stop()
     with contextlib.closing(target.client()) as c:

@@ -18,7 +18,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,39 +26,30 @@ from typing import Any
 
 import boto3
 import pytest
+import valkey
 import yaml
 from kubernetes import client as k8s_client
 
-from durablecache.localvalkey import LocalServer
-from durablecache.workload import Workload, seed
+from durablecache.ports import free_port
+from durablecache.testing.localvalkey import LocalServer
+from durablecache.testing.waiting import wait_for
+from durablecache.testing.workload import Workload, seed
 
-from .conftest import AWS_TEST_ENV, KubeEnv, OperatorRelease, ServiceAccountKubeconfig, free_port
+from .conftest import AWS_TEST_ENV, KubeEnv, OperatorRelease, ServiceAccountKubeconfig
 
 GROUP, VERSION, PLURAL = "durablecache.dev", "v1alpha1", "durablecaches"
 OPERATOR_START_TIMEOUT = 30.0
 MIGRATION_TIMEOUT = 90.0
 
 
-def wait_for(what: str, probe: Callable[[], Any], timeout: float, interval: float = 0.25) -> Any:
-    """Poll ``probe`` until it returns something truthy; fail with ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
-
-
 class Operator:
     """``durablecache operator`` as a local process, authenticated as the chart's ServiceAccount."""
 
     def __init__(self, kube_env: KubeEnv, release: OperatorRelease, workdir: Path, namespace: str,
-                 extra_env: dict[str, str]):
+                 extra_env: dict[str, str], *, standalone: bool = False):
         self.env = {**kube_env.process_env(release.kubeconfig), "POD_ID": "durablecache-operator-test",
                     **extra_env}
-        self.peering = release.peering
+        self.peering_arg = "--standalone" if standalone else f"--peering={release.peering}"
         self.namespace = namespace
         self.state = workdir / "workers"
         self.workdir = workdir
@@ -75,7 +65,7 @@ class Operator:
         self.starts += 1
         self.health_port, self.metrics_port = free_port(), free_port()
         args = [sys.executable, "-m", "durablecache.cli", "--log-json", "--log-level=info", "operator",
-                f"--peering={self.peering}", f"--namespace={self.namespace}", f"--runner={runner}",
+                self.peering_arg, f"--namespace={self.namespace}", f"--runner={runner}",
                 f"--local-state-dir={self.state}", "--health-host=127.0.0.1", f"--health-port={self.health_port}",
                 "--metrics-host=127.0.0.1", f"--metrics-port={self.metrics_port}", "--interval=0.5", *extra_args]
         with self.log_path.open("wb") as out:
@@ -139,9 +129,10 @@ def operator_factory(kube_env: KubeEnv, operator_release: OperatorRelease, kube_
     worker identity (``worker_kubeconfig``) with short lease timings."""
     made: list[Operator] = []
 
-    def make(**extra_env: str) -> Operator:
+    def make(namespace: str | None = None, standalone: bool = False, **extra_env: str) -> Operator:
         extra_env = {"DURABLECACHE_LOCAL_WORKER_KUBECONFIG": str(worker_kubeconfig), **TEST_LEASE, **extra_env}
-        op = Operator(kube_env, operator_release, tmp_path / f"op{len(made)}", kube_namespace, extra_env)
+        op = Operator(kube_env, operator_release, tmp_path / f"op{len(made)}", namespace or kube_namespace, extra_env,
+                      standalone=standalone)
         op.workdir.mkdir(parents=True)
         made.append(op)
         return op
@@ -277,6 +268,13 @@ def assert_target_has_every_acked_write(app: App, target: LocalServer, min_keys:
     assert app.load.acked > 100
 
 
+def writes_on_target(app: App, target: LocalServer, more: int = 50) -> None:
+    """Until the application follows the Secret to the target and has ``more`` writes acknowledged there."""
+    acked = app.load.acked
+    wait_for(f"{more} writes acknowledged on the target",
+             lambda: app.addresses[-1:] == [f"127.0.0.1:{target.port}"] and app.load.acked >= acked + more, 20)
+
+
 def start_app(cluster: Cluster, source: LocalServer) -> App:
     cluster.make_secret("app-cache", {"host": "127.0.0.1", "port": str(source.port), "tls": "false",
                                       "url": f"valkey://127.0.0.1:{source.port}"})
@@ -309,7 +307,7 @@ def test_static_migration_under_load_survives_an_operator_kill(
         wait_for("Complete", phase_seen(cluster, "sessions", {"Complete"}), MIGRATION_TIMEOUT)
         secret = wait_for("the endpoint Secret to point at the target",
                           lambda: (s := cluster.secret("app-cache"))["port"] == str(target.port) and s, 20)
-        time.sleep(0.5)  # the load writes to the target directly for a moment
+        writes_on_target(app, target)   # the load writes to the target directly for a moment
     finally:
         app.stop()
     assert secret == {"host": "127.0.0.1", "port": str(target.port), "tls": "false",
@@ -372,7 +370,14 @@ def test_manual_cutover_waits_for_approval_and_resumes_after_operator_and_worker
         cluster.apply(durablecache("orders", source, target, mode="manual"))
         wait_for("Sync awaiting approval",
                  lambda: cluster.condition("orders", "Progressing").get("reason") == "AwaitingApproval", 60)
-        time.sleep(2.0)
+        # While it waits the worker goes on syncing: a write made through its proxy now reaches the
+        # target. Only then is "no cutover yet" worth checking (the worker had its chance to act).
+        host, port = cluster.status("orders")["endpoints"]["proxy"].rsplit(":", 1)
+        with contextlib.closing(valkey.Valkey(host=host, port=int(port), socket_timeout=10)) as via_proxy, \
+                contextlib.closing(target.client()) as on_target:
+            via_proxy.set("written-while-awaiting-approval", "1")
+            wait_for("a write made while awaiting approval to be synced to the target",
+                     lambda: on_target.get("written-while-awaiting-approval") == b"1", 30)
         assert cluster.phase("orders") == "Sync", "a manual cutover must wait for approval"
         assert cluster.secret("app-cache")["port"] != str(target.port)
         old_workers = op.worker_pids()
@@ -391,13 +396,15 @@ def test_manual_cutover_waits_for_approval_and_resumes_after_operator_and_worker
         wait_for("Complete", phase_seen(cluster, "orders", {"Complete"}), MIGRATION_TIMEOUT)
         wait_for("the endpoint Secret to point at the target",
                  lambda: cluster.secret("app-cache")["port"] == str(target.port), 20)
-        time.sleep(0.5)
+        writes_on_target(app, target)
     finally:
         app.stop()
     with contextlib.closing(target.client()) as c:
         lost = app.load.lost(c)
     assert lost == [], lost[:10]
-    reasons = [reason for _, reason, _ in cluster.events("orders")]
+    # The phase is written before its Event is posted: wait for the last one.
+    reasons = wait_for("the Complete Event", lambda: "Complete" in (r := [reason for _, reason, _ in
+                                                                         cluster.events("orders")]) and r, 30)
     for reason in ("AwaitingApproval", "WorkerRestarted", "RepairRequired", "Repaired", "CutoverApproved",
                    "Cutover", "Complete"):
         assert reason in reasons, (reason, reasons)
@@ -548,6 +555,16 @@ def chart_worker_args(kube_env: KubeEnv, release: OperatorRelease) -> list[str]:
     return [a for a in args if a.startswith("--worker-")]
 
 
+def _uid_now(read: Callable[[], Any]) -> str | None:
+    """The object's uid, None while it does not exist."""
+    try:
+        return str(read().metadata.uid)
+    except k8s_client.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
 def _gone(read: Callable[[], Any]) -> bool:
     try:
         read()
@@ -654,7 +671,11 @@ def test_kubernetes_runner_creates_the_owned_worker_deployment_service_pdb_and_i
     # A restarted operator finds the identity in place and changes nothing (idempotent).
     op.kill(signal.SIGTERM)
     op.start(runner="kubernetes", extra_args=tuple(worker_args))
-    time.sleep(2.0)
+    # The restarted operator has been through the identity once it recreates a deleted Service (the
+    # identity comes first in every pass): only then is "it changed nothing" worth checking.
+    core.delete_namespaced_service("carts-proxy", kube_namespace)
+    wait_for("the restarted operator to recreate the Service",
+             lambda: _uid_now(readers[1]) not in (None, service.metadata.uid), 30)
     after = rbac.read_namespaced_role_binding(identity, kube_namespace)
     assert after.metadata.uid == binding.metadata.uid
     assert after.metadata.resource_version == binding.metadata.resource_version
@@ -667,6 +688,21 @@ def test_kubernetes_runner_creates_the_owned_worker_deployment_service_pdb_and_i
 
     # A restarted operator generates no new token: the Secret is created once.
     assert core.read_namespaced_secret("carts-fleet-token", kube_namespace).data == token.data
+    # A changed spec.proxy reaches the proxies' Deployment (a rolling update there); the coordinator's
+    # Deployment is left alone (replacing it would be a lease takeover).
+    cluster.patch_spec("carts", {"proxy": {"replicas": 4, "processes": 2}})
+
+    def proxies_follow() -> Any:
+        d = apps.read_namespaced_deployment("carts-proxy", kube_namespace)
+        a = d.spec.template.spec.containers[0].args
+        return d if d.spec.replicas == 4 and a[a.index("--processes") + 1] == "2" else None
+
+    followed = wait_for("the proxy Deployment to follow spec.proxy", proxies_follow, 30).spec.template.spec
+    new_args = followed.containers[0].args
+    assert new_args[new_args.index("--join") + 1] == f"carts-coordinator.{kube_namespace}.svc:7000"
+    assert [v.name for v in followed.volumes if v.name == "proxy-tls"] == ["proxy-tls"]   # the rest as before
+    assert apps.read_namespaced_deployment("carts-worker", kube_namespace).metadata.generation == \
+        deployment.metadata.generation
     # Deleting the DurableCache removes them (the finalizer; no garbage collector runs here). The
     # join-token Secret stays for the garbage collector (its owner reference, checked above): the
     # operator holds no delete on Secrets.
@@ -841,8 +877,17 @@ def test_a_second_operator_instance_pauses_instead_of_acting_twice(
     second.start()
     wait_for("both instances to see each other and pause",
              lambda: "pausing" in (first.logs() + second.logs()).lower(), 60)
+    # The control: an instance outside the peering (standalone), watching a namespace of its own,
+    # started after the paused two and given its resource after theirs. Once it has acted, the paused
+    # instances have had at least as long to act: only then is "they did not" worth checking.
+    control_ns = f"{kube_namespace}-control"
+    kube_env.kubectl("create", "namespace", control_ns)
+    control = operator_factory(namespace=control_ns, standalone=True, POD_ID="durablecache-operator-control")
+    control.start()
+    control_cluster = Cluster(kube_api, kube_env, control_ns)
     cluster.apply(durablecache("paused", source, target, mode="manual"))
-    time.sleep(5.0)
+    control_cluster.apply(durablecache("control", make_server(), make_server(), mode="manual"))
+    wait_for("the control instance to act on its resource", lambda: control_cluster.phase("control") is not None, 60)
     assert cluster.phase("paused") is None, "a paused operator acted on the resource"
     assert first.worker_pids() == [] and second.worker_pids() == []
     second.kill(signal.SIGTERM)  # a clean exit removes its peering record

@@ -13,8 +13,9 @@ from typing import Any
 
 from kubernetes import client as k8s_client
 
-from durablecache.localvalkey import LocalCluster, LocalServer
-from durablecache.workload import seed
+from durablecache.testing.localvalkey import LocalCluster, LocalServer
+from durablecache.testing.waiting import wait_for
+from durablecache.testing.workload import seed
 
 from .conftest import KubeEnv
 from .test_operator import (  # noqa: F401 - operator_factory is a fixture
@@ -27,7 +28,6 @@ from .test_operator import (  # noqa: F401 - operator_factory is a fixture
     operator_factory,
     phase_seen,
     start_app,
-    wait_for,
 )
 
 

@@ -6,15 +6,15 @@ gate, witness, verify), the cutover and the endpoint switch must all do without 
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable
 
 import pytest
 import valkey
 from kubernetes import client as k8s_client
 
-from durablecache.localvalkey import LocalServer
-from durablecache.workload import seed
+from durablecache.testing.localvalkey import LocalServer
+from durablecache.testing.waiting import wait_for
+from durablecache.testing.workload import seed
 
 from .conftest import KubeEnv
 from .test_operator import (  # noqa: F401 - operator_factory is a fixture
@@ -27,7 +27,7 @@ from .test_operator import (  # noqa: F401 - operator_factory is a fixture
     operator_factory,
     phase_seen,
     start_app,
-    wait_for,
+    writes_on_target,
 )
 
 
@@ -50,7 +50,7 @@ def test_an_operator_migration_between_elasticache_restricted_servers(
         wait_for("Complete", phase_seen(cluster, "restricted", {"Complete"}), MIGRATION_TIMEOUT)
         wait_for("the endpoint Secret to point at the target",
                  lambda: cluster.secret("app-cache")["port"] == str(target.port), 20)
-        time.sleep(0.5)  # the load writes to the target directly for a moment
+        writes_on_target(app, target)   # the load writes to the target directly for a moment
     finally:
         app.stop()
     assert_target_has_every_acked_write(app, target, min_keys=2000)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from durablecache.localvalkey import LocalServer
+from durablecache.testing.localvalkey import LocalServer
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import valkey
-from waiting import wait_for
+
+from durablecache.testing.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -64,7 +65,7 @@ def test_client_list_and_kill_never_show_or_reach_durablecache(make_cluster, mak
     assert not [n for n in names if n.startswith("durablecache")]
     assert me.client_kill_filter(_type="normal", skipme=True) == len(seen) - 1   # all but me
     # web-2's session ends with its upstream connection (not asked again: the client would reconnect)
-    assert wait_for(lambda: [c["name"] for c in me.client_list() if c["name"]] == ["web-1"], 10)
+    wait_for("only web-1 named upstream", lambda: [c["name"] for c in me.client_list() if c["name"]] == ["web-1"], 10)
     assert me.ping()
     for node in cluster.primaries:     # my session's upstream connections, on every node, untouched
         assert [c for c in node.client().client_list() if c["name"].startswith("durablecache-proxy-")]

@@ -8,8 +8,8 @@ import time
 
 import pytest
 import valkey
-from waiting import wait_for
 
+from durablecache.testing.waiting import wait_for
 from durablecache.urls import Endpoint
 
 pytestmark = pytest.mark.timeout(60)
@@ -46,8 +46,8 @@ def test_freeze_holds_writes_not_reads_and_unfreeze_releases(source, make_proxy)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         held = pool.submit(lambda: c.set("a", "2"))
         assert reader.get("a") == b"1"          # reads go on
-        assert wait_for(lambda: p.proxy.stats()["held"] == 1, 5)
-        time.sleep(0.2)
+        wait_for("one held write", lambda: p.proxy.stats()["held"] == 1, 5)
+        assert reader.get("a") == b"1"          # served after the held write came in: it is still held
         assert not held.done() and source.client().get("a") == b"1"
         p.call(p.proxy.unfreeze)
         assert held.result(5) is True
@@ -61,7 +61,7 @@ def test_freeze_waits_for_in_flight_writes_and_their_marks(source, make_proxy):
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         submitted = time.monotonic()
         write = pool.submit(lambda: c.set("slow", "1"))
-        assert wait_for(lambda: p.proxy.stats()["inflight_writes"] > 0, 5)
+        wait_for("a write in flight", lambda: p.proxy.stats()["inflight_writes"] > 0, 5)
         p.run(p.proxy.freeze(5))
         assert time.monotonic() - submitted >= 0.35      # the freeze waited for the slow marks
         assert (0, b"slow") in p.marks and write.result(5) is True
@@ -71,7 +71,7 @@ def test_freeze_waits_for_in_flight_writes_and_their_marks(source, make_proxy):
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             p.call(p.proxy.unfreeze)
             pool.submit(lambda: c.set("slow2", "1"))
-            assert wait_for(lambda: p.proxy.stats()["inflight_writes"] > 0, 5)
+            wait_for("a write in flight", lambda: p.proxy.stats()["inflight_writes"] > 0, 5)
             p.run(p.proxy.freeze(0.2))
     assert p.proxy.frozen
     p.call(p.proxy.unfreeze)
@@ -83,7 +83,7 @@ def test_freeze_unblocks_a_blocking_write_in_flight(source, make_proxy):
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         blocked = pool.submit(lambda: c.blpop(["nothing"], timeout=30))
         d = source.client()
-        assert wait_for(lambda: any(x["cmd"] == "blpop" for x in d.client_list()), 5)
+        wait_for("the BLPOP upstream", lambda: any(x["cmd"] == "blpop" for x in d.client_list()), 5)
         started = time.monotonic()
         p.run(p.proxy.freeze(5))
         assert time.monotonic() - started < 2
@@ -170,15 +170,13 @@ def test_flip_with_subscriber_and_held_writes(make_server, make_proxy):
     p.run(p.proxy.freeze(5))
     done = threading.Event()
     threading.Thread(target=lambda: (w.set("held", "1"), done.set()), daemon=True).start()
-    time.sleep(0.2)
+    wait_for("the write held", lambda: p.proxy.stats()["held"] == 1, 5)
     p.run(p.proxy.flip(new.endpoint()))
     assert not done.is_set()
     p.call(p.proxy.unfreeze)
     assert done.wait(5)
     assert new.client().get("held") == b"1" and old.client().get("held") is None
-    deadline = time.monotonic() + 5
-    while new.client().pubsub_numsub("ch")[0][1] == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for("the subscription on the new side", lambda: new.client().pubsub_numsub("ch")[0][1], 5)
     new.client().publish("ch", "on-new-side")
     msg = sub.get_message(timeout=5)
     while msg is not None and msg["type"] != "message":
@@ -202,6 +200,6 @@ def test_tls_to_upstream_and_for_clients(tls_server, tls_certs, make_proxy):
 
 def test_upstream_endpoint_without_tls_fails_clearly(make_proxy):
     from durablecache.errors import ConnectError
-    from durablecache.localvalkey import free_port
+    from durablecache.ports import free_port
     with pytest.raises(ConnectError):
         make_proxy(Endpoint("127.0.0.1", free_port()))

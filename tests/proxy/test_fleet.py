@@ -20,12 +20,14 @@ import valkey.asyncio as avalkey
 from durablecache.commands.migrate import proxy_starter
 from durablecache.errors import FencedError
 from durablecache.fleet import Fleet, Member
-from durablecache.localvalkey import LocalServer, free_port
 from durablecache.migration import Migration, ProxyHandle
 from durablecache.options import MigrationOptions
 from durablecache.phases import Phase
+from durablecache.ports import free_port
+from durablecache.testing.localvalkey import LocalServer
+from durablecache.testing.waiting import wait_for_async
+from durablecache.testing.workload import Workload, seed
 from durablecache.urls import Endpoint
-from durablecache.workload import Workload, seed
 
 pytestmark = pytest.mark.timeout(180)
 TOKEN = "fleet-secret"
@@ -142,19 +144,13 @@ class Run:
         await self.wait(lambda e: e["event"] == "cutover", 90)
         await self.wait(lambda e: e["event"] == "phase" and e["phase"] == Phase.COMPLETE.value, 30)
         for load in self.loads:
-            acked = load.acked
-            await asyncio.wait_for(self._more_acked(load, acked + 20), 30)   # writes flow after the cutover
+            await load.writes_go_on(20, 30)   # writes flow after the cutover
             await load.finish()
         client = self.target.client()
         for load in self.loads:
             assert load.acked > 100
             assert load.lost(client) == [], load.prefix
         client.close()
-
-    @staticmethod
-    async def _more_acked(load: Workload, n: int) -> None:
-        while load.acked < n:
-            await asyncio.sleep(0.02)
 
     async def close(self) -> None:
         for load in self.loads:
@@ -220,7 +216,7 @@ def test_a_proxy_added_in_sync(source, target, tmp_path):
         await r.sync_reached()
         p3 = await r.add_proxy("p3")
         load = r.load_through(p3, "load3")
-        await asyncio.wait_for(Run._more_acked(load, 50), 30)
+        await load.writes_go_on(50, 30)
         await r.finish()
         assert len(r.fleet.members) == 3
     run_fleet(source, target, tmp_path, body)
@@ -262,10 +258,11 @@ class JoinOnFreeze:
         member = next(m for m in self.run.fleet.members.values() if m.proxy_id == "p3")
         client = avalkey.Valkey(port=self.joined.port, socket_timeout=30)
         self.write = asyncio.create_task(client.set("written-while-frozen", "1"))
-        deadline = time.monotonic() + 10
-        while (await member._admin("GET", "/stats"))["held"] < 1:
-            assert time.monotonic() < deadline, "the write through the frozen proxy was not held"
-            await asyncio.sleep(0.01)
+
+        async def held() -> bool:
+            return bool((await member._admin("GET", "/stats"))["held"] >= 1)
+
+        await wait_for_async("the write through the frozen proxy to be held", held, 10)
 
     async def prepare_flip(self, upstream: Endpoint) -> None: ...
 
@@ -313,7 +310,7 @@ def test_an_older_coordinators_freeze_and_flip_are_refused(source, target, tmp_p
         p = await ProxyProc.join(fleet.port, token_file, "p1")
         old: Member | None = None
         try:
-            await _joined(fleet, 1)
+            await wait_for_async("the proxy to join", lambda: fleet.members, 30)
             member = next(iter(fleet.members.values()))
             old = Member("old", "p1", member.address, member.admin_base[len("http://"):], TOKEN, epoch=3)
             with pytest.raises(FencedError, match="epoch 3.*seen epoch 5"):
@@ -367,13 +364,6 @@ def test_a_coordinator_fenced_by_a_newer_epoch_stops_without_recording_a_phase(s
     run_fleet(source, target, tmp_path, body, epoch=3)
 
 
-async def _joined(fleet: Fleet, n: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while len(fleet.members) < n:
-        assert time.monotonic() < deadline, "the proxy did not join"
-        await asyncio.sleep(0.05)
-
-
 def test_a_proxy_that_lost_its_coordinator_fails_closed(source, tmp_path):
     """With its mark stream down the proxy refuses writes (nothing is written upstream) and serves
     reads; once a coordinator is back on that address it rejoins and takes writes again."""
@@ -388,21 +378,22 @@ def test_a_proxy_that_lost_its_coordinator_fails_closed(source, tmp_path):
         p = await ProxyProc.join(port, token_file, "p1")
         again: Fleet | None = None
         try:
-            await _joined(fleet, 1)
+            await wait_for_async("the proxy to join", lambda: fleet.members, 30)
             c = valkey.Valkey(port=p.port, socket_timeout=10)
             assert c.set("before", "1")
             await fleet.stop()                          # the coordinator is gone
-            deadline = time.monotonic() + 10
-            while True:                                 # the proxy notices the stream's end
+
+            def refused() -> bool:                      # once the proxy notices the stream's end
                 try:
                     c.set("probe", "1")
                 except valkey.ConnectionError:          # sent as the stream ended: never acknowledged
-                    continue
+                    return False
                 except valkey.ResponseError as exc:
                     assert "lost its coordinator" in str(exc) and "nothing was written" in str(exc)
-                    break
-                assert time.monotonic() < deadline, "writes were never refused"
-                await asyncio.sleep(0.02)
+                    return True
+                return False
+
+            await wait_for_async("writes to be refused", refused, 10)
             with pytest.raises(valkey.ResponseError, match="TRYAGAIN"):
                 c.set("refused", "1")
             with pytest.raises(valkey.ResponseError, match="TRYAGAIN"):
@@ -412,15 +403,10 @@ def test_a_proxy_that_lost_its_coordinator_fails_closed(source, tmp_path):
 
             again = Fleet(TOKEN, port=port)
             await again.start(source.endpoint(), lambda _db, keys: got.extend(keys), lambda _why: None)
-            await _joined(again, 1)
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    assert c.set("after", "1")
-                    break
-                except valkey.ResponseError:            # READY accepted; the proxy learns it a moment later
-                    assert time.monotonic() < deadline
-                    await asyncio.sleep(0.02)
+            await wait_for_async("the proxy to rejoin", lambda: again.members, 30)
+            # READY accepted; the proxy learns it a moment later and takes writes again.
+            await wait_for_async("a write after the rejoin", lambda: c.set("after", "1"), 10,
+                                 ignore=(valkey.ResponseError,))
             await again.freeze(5.0)                     # the barrier: every mark acknowledged
             assert b"after" in got
             await again.unfreeze()

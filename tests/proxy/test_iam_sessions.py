@@ -19,8 +19,8 @@ from botocore.credentials import Credentials
 from rawclient import Raw, refused
 
 from durablecache.iamauth import IamAuth, mint_token
-from durablecache.localvalkey import LocalServer
 from durablecache.proxy.iamsessions import iam_user
+from durablecache.testing.localvalkey import LocalServer
 from durablecache.urls import Endpoint
 
 pytestmark = pytest.mark.timeout(120)
@@ -199,7 +199,7 @@ def test_a_whole_migration_whose_application_authenticates_with_iam_tokens(make_
 
     from durablecache.migration import Migration, MigrationOptions
     from durablecache.proxyhandles import local_proxies
-    from durablecache.workload import Workload, seed
+    from durablecache.testing.workload import Workload, seed
 
     source = IamSide(make_server(engine="valkey8"), "src-rg")
     target = IamSide(make_server(engine="valkey9"), "dst-rg")

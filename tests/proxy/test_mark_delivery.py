@@ -17,6 +17,7 @@ import valkey
 from durablecache.errors import ConnectError
 from durablecache.proxy import MarkServer, RemoteMarks
 from durablecache.proxy.marks import FLUSH_DELAY, mark_frame
+from durablecache.testing.waiting import wait_for, wait_for_async
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -148,16 +149,11 @@ def test_a_silent_syncer_stops_the_streaming(source, make_proxy):
     c = valkey.Valkey(port=p.port, socket_timeout=10, retry_on_timeout=False)
     p.call(syncer_busy.clear)                      # the syncer goes silent
     assert c.set("streamed", 1)                    # answered at once: nothing waits yet
-    deadline = time.monotonic() + 10
-    while p.call(lambda: remote.streaming(time.monotonic())):
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_for("the silent syncer to count as stale", lambda: not p.call(lambda: remote.streaming(time.monotonic())), 10)
     direct = source.client()
     with ThreadPoolExecutor(1) as pool:
         reply = pool.submit(c.set, "waits", 1)
-        while direct.get("waits") is None:             # applied upstream...
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_for("the write applied upstream", lambda: direct.get("waits") is not None, 10)   # applied upstream...
         assert not reply.done()                         # ... but not answered
         p.call(syncer_busy.set)
         assert reply.result(10) is True                 # answered once the syncer acknowledged
@@ -180,10 +176,7 @@ def test_past_the_stream_limit_writes_wait_for_the_syncers_ack(source, make_prox
     assert p.proxy.delivery.marks_throttled >= 20
 
     p.run(server.stop())                            # the syncer goes away
-    deadline = time.monotonic() + 10
-    while not p.call(lambda: p.proxy.delivery.down):   # the proxy sees its stream end
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_for("the proxy to see its stream end", lambda: p.call(lambda: p.proxy.delivery.down), 10)
     # Fail closed (docs/ha.md): refused before it is sent, so nothing is written without its marks.
     with pytest.raises(valkey.ResponseError, match="TRYAGAIN .*lost its coordinator"):
         c.set("after", 1)
@@ -205,7 +198,7 @@ def test_streamed_marks_outlive_a_syncer_outage():
         remote = RemoteMarks("127.0.0.1", port, "tok", retry_for=0.2)
         await remote.connect()
         await server.stop()
-        await asyncio.sleep(0.1)                 # the proxy side sees its stream end
+        await wait_for_async("the proxy side to see its stream end", lambda: not remote.connected, 5)
 
         tasks_before = len(asyncio.all_tasks())
         for _ in range(30):                      # streamed: their writes were answered
@@ -214,19 +207,13 @@ def test_streamed_marks_outlive_a_syncer_outage():
         assert len(asyncio.all_tasks()) <= tasks_before + 1   # one reconnect under way, not one per frame
         outcome: list[BaseException | None] = []
         remote.submit({0: [b"waiting"]}, outcome.append)
-        for _ in range(100):
-            if outcome:
-                break
-            await asyncio.sleep(0.05)
+        await wait_for_async("the waited-for batch to fail", lambda: outcome, 5)
         assert len(outcome) == 1 and isinstance(outcome[0], ConnectError)
         assert remote.pending == 30              # the streamed frames are kept, the failed one dropped
 
         restarted = MarkServer(lambda _db, keys: second.extend(keys), "tok", port=port)
         await restarted.start()
-        for _ in range(100):                     # retried every RETRY_PAUSE
-            if not remote.pending:
-                break
-            await asyncio.sleep(0.05)
+        await wait_for_async("the kept frames re-sent (retried every RETRY_PAUSE)", lambda: not remote.pending, 5)
         assert second == [b"answered"] * 30
         assert remote.backlog_bytes == 0
         assert len(lost) == 1
@@ -253,17 +240,14 @@ def test_remote_marks_reconnect_and_resend_what_was_not_acknowledged():
         # A compiled coroutine cancelled through a finally block must not leave its CancelledError
         # behind as the thread's handled exception (see MarkServer._serve).
         assert sys.exc_info() == (None, None, None)
-        await asyncio.sleep(0.1)                 # the proxy side sees its stream end
+        await wait_for_async("the proxy side to see its stream end", lambda: not remote.connected, 5)
         outcome: list[BaseException | None] = []
         remote.submit({0: [b"during"], 2: [b"other-db"]}, outcome.append)
         await asyncio.sleep(0.3)                 # reconnect attempts fail: nothing listens
         assert outcome == []
         restarted = MarkServer(lambda db, keys: second.extend((db, k) for k in keys), "tok", port=port)
         await restarted.start()
-        for _ in range(100):
-            if outcome:
-                break
-            await asyncio.sleep(0.05)
+        await wait_for_async("the resent batch acknowledged", lambda: outcome, 5)
         assert outcome == [None]
         assert second == [(0, b"during"), (2, b"other-db")]
         assert len(lost) == 1                    # the first server saw the stream end without BYE

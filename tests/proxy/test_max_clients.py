@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import socket
 import ssl
-import time
 
 import pytest
 import valkey
+
+from durablecache.testing.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -23,13 +24,6 @@ def refusal(port: int, tls: ssl.SSLContext | None = None) -> bytes:
         while chunk := sock.recv(4096):
             data += chunk
     return data
-
-
-def wait_for(what: str, cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def test_the_server_s_own_error_text(make_server) -> None:
@@ -52,7 +46,7 @@ def test_a_client_over_the_limit_is_refused_and_a_freed_slot_is_taken(source, ma
     assert stats["connections_total"] == 4
     assert p.keys(0) == {b"k"}             # the refused clients never reached the upstream
     a.close()
-    wait_for("the closed client to leave", lambda: p.call(p.proxy.stats)["clients"] == 1)
+    wait_for("the closed client to leave", lambda: p.call(p.proxy.stats)["clients"] == 1, 10)
     c = valkey.Valkey(port=p.port, socket_timeout=10)
     assert c.get("k") == b"1"
     assert p.call(p.proxy.stats)["clients_refused"] == 2

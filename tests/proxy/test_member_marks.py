@@ -13,12 +13,12 @@ import libvalkey
 import pytest
 import valkey
 
-from durablecache.localvalkey import LocalServer
 from durablecache.proxy import MarkServer, RemoteMarks, _resp
 from durablecache.proxy.commandtable import CommandTable
 from durablecache.proxy.marks import encode_marks
 from durablecache.proxy.members import MEMBER_PATH, WHOLE_KEY, MemberMark
 from durablecache.resp import reply_text_map, text
+from durablecache.testing.localvalkey import LocalServer
 
 ENGINES = ["valkey8", "valkey9", "redis7"]
 MEMBER_GROUPS = {"hash", "set", "sorted-set", "sorted_set"}

@@ -8,9 +8,9 @@ import socket
 
 import libvalkey
 import pytest
-from waiting import wait_for
 
 from durablecache.errors import RefusedError
+from durablecache.testing.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -74,8 +74,9 @@ def test_prepared_sessions_keep_user_database_and_protocol_across_flip(make_serv
 
     assert selects.call("SELECT", "5")[1] == b"OK"
     assert late.call("AUTH", *ACL)[1] == b"OK"
-    assert wait_for(lambda: sorted((c["user"], c["db"]) for c in ours(new).values())
-                    == [("app", "0"), ("app", "2"), ("app", "5")], 10)
+    prepared = [("app", "0"), ("app", "2"), ("app", "5")]
+    wait_for(f"prepared connections {prepared}",
+             lambda: sorted((c["user"], c["db"]) for c in ours(new).values()) == prepared, 10)
     before_flip = {name: c["id"] for name, c in ours(new).items()}
 
     flip(p, new)
@@ -99,7 +100,7 @@ def test_a_session_opened_after_prepare_is_prepared_as_it_opens(make_server, mak
     p.run(p.proxy.prepare_flip(new.endpoint()))
     c = Raw(p.port)
     assert c.call("SELECT", "3")[1] == b"OK"
-    assert wait_for(lambda: [x["db"] for x in ours(new).values()] == ["3"], 10)
+    wait_for("one prepared connection in db 3", lambda: [x["db"] for x in ours(new).values()] == ["3"], 10)
     ids = {name: x["id"] for name, x in ours(new).items()}
     flip(p, new)
     assert c.call("SET", "a", "1")[1] == b"OK"
@@ -117,7 +118,7 @@ def test_an_aborted_attempt_closes_what_it_prepared(make_server, make_proxy):
     p.run(p.proxy.prepare_flip(new.endpoint()))
     assert len(ours(new)) == 3
     p.call(p.proxy.unprepare)
-    assert wait_for(lambda: not ours(new), 10)
+    wait_for("the prepared connections to close", lambda: not ours(new), 10)
     assert clients[0].call("SET", "x", "1")[1] == b"OK"          # still on the old side
     assert old.client().get("x") == b"1" and new.client().get("x") is None
     for c in clients:

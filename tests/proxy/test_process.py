@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -16,24 +15,12 @@ from pathlib import Path
 import pytest
 import valkey
 
-from durablecache.localvalkey import free_port
+from durablecache.ports import free_port
 from durablecache.proxy.marks import MarkServer, RemoteMarks
+from durablecache.testing.waiting import wait_for_async, wait_listening
 
 pytestmark = pytest.mark.timeout(90)
 DURABLECACHE = [sys.executable, "-m", "durablecache.cli"]
-
-
-def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    import socket
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"proxy exited: {proc.stderr.read() if proc.stderr else ''}"
-        try:
-            with socket.create_connection(("127.0.0.1", port), 0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listens on {port}")
 
 
 async def _in_thread(fn, *args):
@@ -53,7 +40,7 @@ def test_remote_marks_round_trip_and_bad_token():
         await asyncio.gather(remote(0, [b"a", b"b"]), remote(3, [b"c"]))
         assert sorted(got) == [(0, b"a"), (0, b"b"), (3, b"c")]
         await remote.close()
-        await asyncio.sleep(0.1)
+        await wait_for_async("the server to see the proxy leave", lambda: not server.peers, 5)
         assert lost == []                       # a clean goodbye is not a loss
         from durablecache.errors import ConnectError
         with pytest.raises(ConnectError, match="refused"):
@@ -83,8 +70,8 @@ def test_proxy_process_delivers_marks_and_its_death_is_reported(source, tmp_path
              "--admin", f"127.0.0.1:{admin_port}", "--admin-token-file", str(admin_token), "--json"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ))
         try:
-            await asyncio.to_thread(wait_listening, port, proc)
-            await asyncio.to_thread(wait_listening, admin_port, proc)
+            await asyncio.to_thread(wait_listening, port, proc, 20)
+            await asyncio.to_thread(wait_listening, admin_port, proc, 20)
             c = valkey.Valkey(port=port, socket_timeout=10)
             await asyncio.to_thread(c.set, "remote-key", "1")
             # Answered at once; its mark is streamed, and the FREEZE in _admin_checks returns only
@@ -93,9 +80,7 @@ def test_proxy_process_delivers_marks_and_its_death_is_reported(source, tmp_path
             assert (0, b"remote-key") in got
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
-            deadline = time.monotonic() + 5
-            while not lost and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            await wait_for_async("the killed proxy reported lost", lambda: lost, 5)
             assert len(lost) == 1 and "durablecache-proxy" in lost[0]
         finally:
             if proc.poll() is None:

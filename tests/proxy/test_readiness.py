@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from valkey.cluster import ValkeyCluster
 from durablecache import readiness as engine
 from durablecache.proxy import readiness
 from durablecache.proxy.readiness import MAX_DBS, MAX_GROUPS, Readiness
+from durablecache.testing.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -112,14 +112,15 @@ def test_a_source_client_list_is_read_as_a_report() -> None:
 # -- through a real proxy -----------------------------------------------------------------------
 def wait_report(p: Any, ok: Any, timeout: float = 10.0) -> dict[str, Any]:
     """The proxy's report once ``ok(report)`` holds (bounded)."""
-    deadline = time.monotonic() + timeout
-    report: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        report = p.call(p.proxy.readiness.report)
-        if ok(report):
-            return report
-        time.sleep(0.05)
-    raise AssertionError(f"report never matched: {report}")
+
+    def report() -> dict[str, Any]:
+        return dict(p.call(p.proxy.readiness.report))
+
+    def matching() -> dict[str, Any] | None:
+        now = report()
+        return now if ok(now) else None
+
+    return wait_for("the readiness report to match", matching, timeout, describe=report)
 
 
 def by_lib(report: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -19,6 +19,7 @@ from durablecache.proxy import Proxy
 from durablecache.proxy.framing import count_scalars
 from durablecache.proxy.session import Session
 from durablecache.proxy.upstream import Upstream
+from durablecache.testing.waiting import wait_for_async
 
 
 class Recorder:
@@ -61,11 +62,8 @@ async def connected_session(proxy: Proxy, client: Any) -> tuple[Session, Upstrea
     session = Session(proxy, 1)
     session.connection_made(client)
     upstream = session.conn(0)
-    for _ in range(100):
-        await asyncio.sleep(0.01)
-        if upstream.transport is not None and not session.pending:
-            break
-    assert not session.pending, "the upstream handshake did not complete"
+    await wait_for_async("the upstream handshake to complete",
+                         lambda: upstream.transport is not None and not session.pending, 1)
     return session, upstream
 
 

@@ -9,9 +9,9 @@ import time
 
 import libvalkey
 import pytest
-from waiting import wait_for
 
 from durablecache.resp import pack
+from durablecache.testing.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -106,9 +106,9 @@ def test_freeze_waits_for_a_departed_clients_blocking_write(source, make_proxy):
     c = Raw(p.port)
     c.send(("BLPOP", "L", "0"))
     d = source.client()
-    assert wait_for(lambda: any(x["cmd"] == "blpop" for x in d.client_list()))
+    wait_for("the BLPOP upstream", lambda: any(x["cmd"] == "blpop" for x in d.client_list()), 3)
     c.close()
-    time.sleep(0.1)
+    wait_for("the session to depart, its BLPOP in flight", lambda: p.call(lambda: len(p.proxy.departed)) == 1, 3)
     p.run(p.proxy.freeze(5.0))
     # Unblocked (the departed session's BLPOP got its timeout reply) and its key marked.
     assert (0, b"L") in p.marks
@@ -123,9 +123,9 @@ def test_freeze_waits_for_a_departed_clients_slow_script(source, make_proxy, mak
     slow = "for i = 1, 300000000 do end; redis.call('SET', KEYS[1], 'late'); return 1"
     c = Raw(p.port)
     c.send(("EVAL", slow, "1", "k"))
-    time.sleep(0.05)
+    wait_for("the script sent upstream", lambda: p.call(p.proxy.stats)["inflight_writes"], 3)
     c.close()                                    # gone, its write still running on the source
-    time.sleep(0.05)
+    wait_for("the session to depart, its script in flight", lambda: p.call(lambda: len(p.proxy.departed)) == 1, 3)
     p.run(p.proxy.freeze(10.0))
     assert (0, b"k") in p.marks                  # answered and marked before freeze returned
     assert source.client().get("k") == b"late"
@@ -156,7 +156,7 @@ def test_freeze_unblocks_a_blocking_read_that_holds_up_a_write(source, make_prox
     c = Raw(p.port)
     c.sendraw(pack([("XREAD", "BLOCK", "0", "STREAMS", "s", "$"), ("SET", "k3", "v")]))
     d = source.client()
-    assert wait_for(lambda: any(x["cmd"] == "xread" for x in d.client_list()))
+    wait_for("the XREAD upstream", lambda: any(x["cmd"] == "xread" for x in d.client_list()), 3)
     p.run(p.proxy.freeze(3.0))
     assert c.get() is None                 # the timeout reply a client of XREAD BLOCK handles
     assert c.get() == b"OK"
@@ -197,8 +197,8 @@ def test_no_unnamed_upstream_connection_after_reset_or_failed_auth(make_server, 
     c4 = Raw(p.port)
     c4.send(("AUTH", "bad"))
     assert "WRONGPASS" in str(c4.get())
-    assert wait_for(lambda: not [x for x in checker.client_list()
-                                 if x["name"] != "checker" and not x["name"].startswith("durablecache-")])
+    wait_for("no unnamed upstream connection left", lambda: not [x for x in checker.client_list()
+             if x["name"] != "checker" and not x["name"].startswith("durablecache-")], 3)
     # Authenticating afterwards still works (a new, named upstream connection).
     for c in (c2, c3, c4):
         c.send(("AUTH", "pw"), ("SET", "k", "1"))
@@ -281,5 +281,5 @@ def test_command_spellings_past_the_fast_path_cache(source, make_proxy):
     assert p.call(lambda: len(p.proxy.fastmap.codes)) == FASTMAP_SPELLINGS
     c.send((b"iNcR", b"counter"))
     assert c.get() == 1
-    assert wait_for(lambda: (0, b"counter") in p.marks)
+    wait_for("the mark for counter", lambda: (0, b"counter") in p.marks, 3)
     c.close()

@@ -8,6 +8,8 @@ import time
 import pytest
 import valkey
 
+from durablecache.testing.waiting import wait_for
+
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -114,14 +116,21 @@ def test_resp3_pushes_are_forwarded_and_not_counted_as_replies(source, make_prox
     got: list[bytes] = []
     ps = c.pubsub()
     ps.subscribe(**{"ch": lambda m: got.append(m["data"])})
-    deadline = time.monotonic() + 5
     watcher = source.client()
-    while watcher.pubsub_numsub("ch")[0][1] == 0 and time.monotonic() < deadline:   # subscribed upstream
+
+    def subscribed_upstream() -> int:
         ps.get_message(timeout=0.1)
+        return int(watcher.pubsub_numsub("ch")[0][1])
+
+    wait_for("the subscription upstream", subscribed_upstream, 5)
     for i in range(3):
         other.publish("ch", f"m{i}")
-    while len(got) < 3 and time.monotonic() < deadline:
+
+    def delivered() -> bool:
         ps.get_message(timeout=0.1)
+        return len(got) >= 3
+
+    wait_for("three messages", delivered, 5, describe=lambda: got)
     assert got == [b"m0", b"m1", b"m2"]
     c.set("after", "1")                      # the same client keeps working with pushes around
     assert c.get("after") == b"1"

@@ -13,8 +13,8 @@ import valkey
 from certs import certs_for
 
 from durablecache.errors import ConnectError
-from durablecache.localvalkey import LocalServer
 from durablecache.resp import Connection
+from durablecache.testing.localvalkey import LocalServer
 from durablecache.urls import Endpoint, parse_url
 
 NAME = "cache.internal"

@@ -7,7 +7,7 @@ import sys
 
 from ..checkpoint import FileCheckpoint, MemoryCheckpoint
 from ..copier import BulkCopy, CopySummary, check_pair
-from ..keymover import MoverOptions
+from ..keymover import DEFAULT_BIG_KEY_BYTES, MoverOptions
 from ..movers import DEFAULT_TARGET_BYTES_PER_PRIMARY, MiB, MoverPool
 from ..progress import choose, emit_json
 from ._common import add_pair_arguments, discover_pair, run_async
@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-target-mib", type=float, default=DEFAULT_TARGET_BYTES_PER_PRIMARY / MiB, metavar="MIB",
                    help="write cap per target primary in MiB/s (default %(default)s: below ElastiCache's "
                         "100 MiB/s durable limit; 0 = unlimited)")
-    p.add_argument("--big-key-mib", type=float, default=64, metavar="MIB",
+    p.add_argument("--big-key-mib", type=float, default=DEFAULT_BIG_KEY_BYTES / MiB, metavar="MIB",
                    help="keys larger than this are copied in chunks (default %(default)s)")
     p.add_argument("--concurrency", type=int, default=16,
                    help="batches in flight per source shard (default %(default)s)")

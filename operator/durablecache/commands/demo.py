@@ -8,12 +8,12 @@ import time
 from typing import Any
 
 from ..errors import DurableCacheError
-from ..localvalkey import LocalCluster, LocalServer
 from ..migration import Migration, MigrationOptions
 from ..proxyhandles import local_proxies
+from ..testing.localvalkey import LocalCluster, LocalServer
+from ..testing.workload import Workload, seed
 from ..topology import discover
 from ..verify import Verifier
-from ..workload import Workload, seed
 from ._common import run_async
 
 NAME = "demo"

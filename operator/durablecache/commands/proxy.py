@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-clients", type=_positive, default=0, metavar="N",
                    help="accept at most N client connections (per process); more get "
                         "'ERR max number of clients reached', as from a server (default: no limit)")
+    p.add_argument("--max-clients-total", type=_positive, default=0, metavar="N",
+                   help="accept at most N client connections in all of this command's --processes together, "
+                        "an equal share each (with --max-clients too: the smaller of the two per process)")
     p.add_argument("--connection-budget", type=_budget, default=DEFAULTS.connection_budget, metavar="N",
                    help="a cutover attempt is refused when it would take a server of the side it flips to past N "
                         "client connections (its clients now plus one per client session of this process; "
@@ -131,7 +134,7 @@ async def _main(args: argparse.Namespace) -> int:
         await remote.connect()
         on_marks = remote
     proxy = Proxy(upstream, listen_host=host, listen_port=port, on_marks=on_marks, client_tls=client_tls,
-                  migrating=not args.not_migrating, name_prefix=args.name, max_clients=args.max_clients,
+                  migrating=not args.not_migrating, name_prefix=args.name, max_clients=max_clients(args, 1),
                   announce_host=announce_host, announce_port=announce_port, reuse_port=args.reuse_port,
                   connection_budget=args.connection_budget)
     await proxy.start()
@@ -176,6 +179,9 @@ async def _parent(args: argparse.Namespace) -> int:
     host, port = hostport(args.listen, "--listen")
     if port == 0:
         raise UsageError("--processes needs a --listen port other than 0: the processes share it")
+    if args.max_clients_total and args.max_clients_total < args.processes:
+        raise UsageError(f"--max-clients-total {args.max_clients_total} cannot be shared by {args.processes} "
+                         "processes: give each at least one")
     server_tls(args.tls_cert, args.tls_key)            # a bad certificate fails here, once
     if args.announce:
         announce_address(args.announce)
@@ -189,6 +195,14 @@ async def _parent(args: argparse.Namespace) -> int:
     return await supervise(children, stop)
 
 
+def max_clients(args: argparse.Namespace, processes: int) -> int:
+    """Each process's client limit (0: none): --max-clients, and its equal share of --max-clients-total."""
+    share = args.max_clients_total // processes if args.max_clients_total else 0
+    if args.max_clients and share:
+        return min(args.max_clients, share)
+    return int(args.max_clients or share)
+
+
 def child_argv(args: argparse.Namespace, index: int) -> list[str]:
     """The command line of child ``index``: the parent's flags as parsed (rebuilt from the parser, so
     every flag of this command is passed on), one process each, a port shared with SO_REUSEPORT, the
@@ -197,7 +211,8 @@ def child_argv(args: argparse.Namespace, index: int) -> list[str]:
     if getattr(args, "log_level", None):
         out += ["--log-level", args.log_level]
     out.append(NAME)
-    skip = {"help", "upstream", "processes", "reuse_port", "admin", "proxy_parser", "proxy_id"}
+    skip = {"help", "upstream", "processes", "reuse_port", "admin", "proxy_parser", "proxy_id", "max_clients",
+            "max_clients_total"}
     for action in args.proxy_parser._actions:
         if not action.option_strings or action.dest in skip:
             continue
@@ -213,6 +228,9 @@ def child_argv(args: argparse.Namespace, index: int) -> list[str]:
         else:
             out += [flag, str(value)]
     out += ["--processes", "1", "--reuse-port"]
+    limit = max_clients(args, args.processes)
+    if limit:
+        out += ["--max-clients", str(limit)]
     if getattr(args, "proxy_id", None):    # each joins the coordinator as a member of its own
         out += ["--proxy-id", f"{args.proxy_id}-{index}"]
     if args.admin:
@@ -232,7 +250,7 @@ async def _joined(args: argparse.Namespace) -> int:
     joiner = Joiner(hostport(args.join, "--join"), read_token(args.join_token_file, "--join"),
                     args.proxy_id or f"{socket.gethostname()}-{os.getpid()}", listen=hostport(args.listen, "--listen"),
                     admin=hostport(args.admin, "--admin"), client_tls=server_tls(args.tls_cert, args.tls_key),
-                    migrating=not args.not_migrating, name_prefix=args.name, max_clients=args.max_clients,
+                    migrating=not args.not_migrating, name_prefix=args.name, max_clients=max_clients(args, 1),
                     announce_host=announce_host, announce_port=announce_port, reuse_port=args.reuse_port,
                     connection_budget=args.connection_budget)
     stop = asyncio.Event()     # before joining: a SIGTERM right after READY must still leave cleanly

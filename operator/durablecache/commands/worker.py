@@ -519,6 +519,7 @@ class Reporter:
             return
         if obj is None:
             return
+        self.obj = obj      # the spec as it is now: spec.proxy.replicas may change while the migration runs
         await self._write("set_flags", repair_blocked=blocked["message"] if blocked else None,
                           generation=obj["metadata"].get("generation"))
         spec = DurableCacheSpec.parse(obj)

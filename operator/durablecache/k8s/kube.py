@@ -182,6 +182,20 @@ class Kube:
             return False
         return True
 
+    def update_deployment(self, namespace: str, body: dict[str, Any], hash_annotation: str) -> bool:
+        """Bring an existing Deployment's replicas and pod template to ``body``'s when the hash it carries
+        in ``hash_annotation`` differs (a spec change; the API server's own defaults do not count).
+        Returns True when it was patched."""
+        name = body["metadata"]["name"]
+        current = retrying("get Deployment", self.apps.read_namespaced_deployment, name, namespace)
+        wanted = body["metadata"]["annotations"][hash_annotation]
+        if (current.metadata.annotations or {}).get(hash_annotation) == wanted:
+            return False
+        patch = {"metadata": {"annotations": {hash_annotation: wanted}},
+                 "spec": {"replicas": body["spec"]["replicas"], "template": body["spec"]["template"]}}
+        retrying("patch Deployment", self.apps.patch_namespaced_deployment, name, namespace, patch)
+        return True
+
     # -- the worker's identity ------------------------------------------------------------------
     def apply_identity(self, kind: str, namespace: str, body: dict[str, Any]) -> str:
         """Create the worker's ServiceAccount or RoleBinding, or bring an existing one back to ``body``.

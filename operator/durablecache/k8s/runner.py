@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .. import logs
+from ..ports import free_port
 from . import GROUP
 from .kube import Kube, owner_reference
 from .spec import AUTO_PROCESSES, TLS_CERT_KEY, TLS_KEY_KEY, DurableCacheSpec, ProxySpec
@@ -51,6 +53,8 @@ TOKEN_DIR = "/etc/durablecache/fleet"           # the join-token Secret, mounted
 TOKEN_KEY = "token"
 POD_GROUP = 10001                               # the image's group (Dockerfile): may read the mounted keys
 COORDINATOR, PROXY = "coordinator", "proxy"
+ROLE_LABEL = "app.kubernetes.io/component"
+TEMPLATE_HASH = f"{GROUP}/template-hash"        # on each Deployment: the replicas and pod template asked for
 
 
 class WorkloadRunner(Protocol):
@@ -68,7 +72,7 @@ class WorkloadRunner(Protocol):
 def _labels(obj: dict[str, Any], role: str) -> dict[str, str]:
     """The pods of one role of one DurableCache (the Services' and budgets' selectors)."""
     return {"app.kubernetes.io/name": f"durablecache-{'worker' if role == COORDINATOR else 'proxy'}",
-            "app.kubernetes.io/component": role, "app.kubernetes.io/managed-by": "durablecache",
+            ROLE_LABEL: role, "app.kubernetes.io/managed-by": "durablecache",
             f"{GROUP}/name": obj["metadata"]["name"]}
 
 
@@ -95,6 +99,8 @@ def proxy_args(proxy: ProxySpec, join: str, token_file: str, *, listen: str, adm
         out += ["--tls-cert", f"{tls_dir}/{TLS_CERT_KEY}", "--tls-key", f"{tls_dir}/{TLS_KEY_KEY}"]
     if proxy.max_clients:
         out += ["--max-clients", str(proxy.max_clients)]
+    if proxy.max_clients_total:     # this pod's share; the proxy command splits it between its processes
+        out += ["--max-clients-total", str(proxy.max_clients_total // proxy.replicas)]
     if proxy.connection_budget:
         out += ["--connection-budget", str(proxy.connection_budget)]
     return out
@@ -107,6 +113,10 @@ def worker_identity_name(obj: dict[str, Any]) -> str:
 
 def token_secret_name(obj: dict[str, Any]) -> str:
     return f"{obj['metadata']['name']}-fleet-token"
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def new_token() -> str:
@@ -205,9 +215,13 @@ class KubernetesRunner:
     def _deployment(self, obj: dict[str, Any], name: str, role: str, replicas: int, pod: dict[str, Any],
                     strategy: dict[str, Any]) -> dict[str, Any]:
         labels = _labels(obj, role)
-        return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": self._meta(obj, name, role),
+        template = {"metadata": {"labels": labels}, "spec": pod}
+        meta = self._meta(obj, name, role)
+        # What the operator last asked for, to tell a changed spec.proxy from the API server's defaults.
+        meta["annotations"] = {TEMPLATE_HASH: _digest({"replicas": replicas, "template": template})}
+        return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta,
                 "spec": {"replicas": replicas, "strategy": strategy, "selector": {"matchLabels": labels},
-                         "template": {"metadata": {"labels": labels}, "spec": pod}}}
+                         "template": template}}
 
     def _pod(self, container: dict[str, Any], grace: int) -> dict[str, Any]:
         """What both pods share: a non-root, read-only container; /tmp; the join token, readable by the
@@ -291,8 +305,19 @@ class KubernetesRunner:
         created = False
         for body in self.manifests(obj):
             # (Nothing of the body is logged: the Secret's carries the token.)
-            created |= await asyncio.to_thread(self.kube.create_if_missing, body["kind"], ns, body)
+            if await asyncio.to_thread(self.kube.create_if_missing, body["kind"], ns, body):
+                created = True
+            elif body["kind"] == "Deployment" and body["metadata"]["labels"][ROLE_LABEL] == PROXY:
+                await self._update_proxies(ns, body)
         return "started" if created else "running"
+
+    async def _update_proxies(self, ns: str, body: dict[str, Any]) -> None:
+        """A changed spec.proxy (replicas, processes, limits ...) reaches the running proxies: a rolling
+        update (a new pod first; a rolled proxy drains and leaves, docs/ha.md). The coordinator's
+        Deployment stays as it was created: replacing it would be a lease takeover."""
+        if await asyncio.to_thread(self.kube.update_deployment, ns, body, TEMPLATE_HASH):
+            log.info("proxy deployment updated", name=body["metadata"]["name"], namespace=ns,
+                     replicas=body["spec"]["replicas"])
 
     def proxy_address(self, obj: dict[str, Any]) -> tuple[str, int]:
         return f"{obj['metadata']['name']}-proxy.{obj['metadata']['namespace']}.svc", PROXY_PORT
@@ -301,12 +326,6 @@ class KubernetesRunner:
         ns = obj["metadata"]["namespace"]
         for kind, name in self.names(obj):
             await asyncio.to_thread(self.kube.delete_quietly, kind, ns, name)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class LocalProcessRunner:
@@ -339,7 +358,7 @@ class LocalProcessRunner:
         path = self._file(obj, suffix)
         if path.exists():
             return int(path.read_text())
-        port = _free_port()
+        port = free_port()
         path.write_text(str(port))
         return port
 

@@ -360,6 +360,7 @@ class ProxySpec:
     replicas: int = DEFAULT_PROXY_REPLICAS  # proxy pods, each joined to the coordinator (docs/ha.md)
     processes: int = 1                  # per pod; AUTO_PROCESSES: one per CPU
     max_clients: int | None = None      # per proxy process; None: no limit of the proxy's own
+    max_clients_total: int | None = None    # all proxy pods together, an equal share each; None: no limit
     # Per proxy process, checked at each cutover attempt's PREPARE (docs/limits.md); 0: 90% of maxclients.
     connection_budget: int = DEFAULTS.connection_budget
     announce_host: str | None = None    # None: the proxy Service's DNS name (the runner's)
@@ -375,9 +376,15 @@ class ProxySpec:
         max_clients = _get(d, "maxClients", p, int)
         if max_clients is not None and max_clients < 1:
             raise SpecError(f"{p}.maxClients", f"must be at least 1, not {max_clients}")
+        total = _get(d, "maxClientsTotal", p, int)
+        processes = _processes(d, p)
+        least = replicas * (processes if processes != AUTO_PROCESSES else 1)
+        if total is not None and total < least:
+            raise SpecError(f"{p}.maxClientsTotal", f"must give each of the {least} proxy processes at least one "
+                                                     f"client, not {total}")
         budget = _get(d, "connectionBudget", p, int, DEFAULTS.connection_budget)
         tls = _obj(d, "tls", p)
-        return cls(replicas=replicas, processes=_processes(d, p), max_clients=max_clients,
+        return cls(replicas=replicas, processes=processes, max_clients=max_clients, max_clients_total=total,
                    connection_budget=budget, announce_host=_get(d, "announceHost", p, str) or None,
                    tls_secret_name=_get(tls, "secretName", f"{p}.tls", str) or None,
                    resources=_resources(_obj(d, "resources", p), f"{p}.resources"))

@@ -10,7 +10,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -20,9 +19,9 @@ from typing import Any
 
 import valkey
 
-from .urls import Endpoint
+from ..ports import LOOPBACK, free_port
+from ..urls import Endpoint
 
-LOOPBACK = "127.0.0.1"
 START_TIMEOUT = 15.0
 
 
@@ -77,12 +76,6 @@ def stop_process(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(grace)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
 
 
 class LocalServer:

@@ -13,6 +13,8 @@ from typing import Any
 import valkey
 import valkey.asyncio as avalkey
 
+from .waiting import wait_for_async
+
 CONNECTION_ERRORS = (valkey.ConnectionError, valkey.TimeoutError, OSError, asyncio.TimeoutError)
 
 
@@ -59,6 +61,12 @@ class Workload:
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._writer(i)) for i in range(self.writers)]
+
+    async def writes_go_on(self, more: int, timeout: float) -> None:
+        """Until ``more`` writes beyond those acknowledged so far are acknowledged: the positive sign
+        that the load goes on (after a cutover, through a restarted proxy) before a check that needs it."""
+        goal = self.acked + more
+        await wait_for_async(f"{more} more acknowledged writes", lambda: self.acked >= goal, timeout)
 
     async def finish(self) -> None:
         self.stop.set()
