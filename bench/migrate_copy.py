@@ -1,11 +1,16 @@
-"""The Copy phase of a migration against `durablecache copy`, side by side (not a test).
+"""The Copy phase of `durablecache migrate` against `durablecache copy`, side by side (not a test).
 
 One source and one target valkey-server on this machine, N small strings (the issue's case: 200,000).
-Each round copies the keyspace twice, in alternating order: once as `durablecache copy` does (BulkCopy
-straight into a MoverPool), once as `durablecache migrate` and the operator's worker do in their Copy
-phase (BulkCopy feeding the syncer, which owns every copy so that live writes and the bulk copy never
-race on a key; MigrationOptions' defaults). The ratio is the median of the rounds' ratios.
-Usage: python bench/migrate_copy.py [--keys 200000] [--rounds 3]
+Each round runs both commands on the same keyspace, in alternating order, each as its own process with
+its default settings: `durablecache copy --json` (its summary's keys/s), and `durablecache migrate
+--json` (an in-process proxy, as by default; the operator's worker runs the same Migration) until its
+`copied` event, whose keys/s is measured the same way (BulkCopy.run's time), then stopped. The target is
+emptied before each. The ratio is the median of the rounds' ratios.
+Usage: python bench/migrate_copy.py [--keys 200000] [--rounds 5] [--proxy-mode inprocess|subprocess]
+                                   [--compare OTHER_TREE/operator] [--json]
+Prints one line per round and a summary line; `--json` prints the summary as one JSON object instead.
+`--compare` also runs, in every round, the `migrate` of another tree (its operator/ folder on
+PYTHONPATH; e.g. the code before a change), against the same round's `copy`.
 """
 
 from __future__ import annotations
@@ -17,17 +22,25 @@ import sys
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import argparse  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import time  # noqa: E402
+from typing import Any  # noqa: E402
 
-from durablecache.commands._common import run_async  # noqa: E402
-from durablecache.copier import BulkCopy  # noqa: E402
-from durablecache.keymover import MoverOptions  # noqa: E402
-from durablecache.migration import MigrationOptions  # noqa: E402
-from durablecache.movers import MoverPool  # noqa: E402
-from durablecache.syncer import Syncer  # noqa: E402
+from durablecache.ports import free_port  # noqa: E402
 from durablecache.testing.localvalkey import LocalServer  # noqa: E402
-from durablecache.topology import discover  # noqa: E402
+
+COMMAND_TIMEOUT = 300.0   # one command's copy of the keyspace, at most
+
+
+def cli() -> list[str]:
+    """The `durablecache` entry point of the interpreter running this (PYTHONPATH picks the tree)."""
+    found = shutil.which("durablecache", path=os.path.dirname(sys.executable))
+    return [sys.executable, found] if found else [sys.executable, "-c",
+                                                  "import sys; from durablecache.cli import main; sys.exit(main())"]
 
 
 def load(server: LocalServer, n: int) -> None:
@@ -41,60 +54,107 @@ def load(server: LocalServer, n: int) -> None:
     client.close()
 
 
-async def direct(source: LocalServer, target: LocalServer) -> float:
-    """`durablecache copy` with its defaults (commands/copy.py)."""
+def url(server: LocalServer) -> str:
+    return f"valkey://127.0.0.1:{server.port}"
+
+
+def run_copy(source: LocalServer, target: LocalServer, keys: int) -> float:
+    """`durablecache copy` with its defaults: keys/s from its JSON summary."""
     target.client().flushall()
-    src, dst = await discover(source.endpoint()), await discover(target.endpoint())
-    pool = MoverPool(src, dst, size=16, opts=MoverOptions())
-    t0 = time.perf_counter()
-    summary = await BulkCopy(src, dst, pool.move, concurrency=16).run()
-    elapsed = time.perf_counter() - t0
-    await pool.close()
-    return summary.keys / elapsed
+    out = subprocess.run([*cli(), "copy", "--source", url(source), "--target", url(target), "--json"],
+                         capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=True)
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    if summary["keys"] != keys:
+        raise RuntimeError(f"copy copied {summary['keys']} keys, not {keys}")
+    return float(summary["keys"]) / float(summary["seconds"])
 
 
-async def through_syncer(source: LocalServer, target: LocalServer) -> float:
-    """The Copy phase of Migration (migration.py: _pool, _copy), with MigrationOptions' defaults."""
+def run_migrate(source: LocalServer, target: LocalServer, keys: int, proxy_mode: str,
+                pythonpath: str | None = None) -> float:
+    """`durablecache migrate` with its defaults (a short gate: nothing else uses the source) until
+    its Copy phase ends: keys/s from its `copied` event."""
     target.client().flushall()
-    opts = MigrationOptions()
-    src, dst = await discover(source.endpoint()), await discover(target.endpoint())
-    pool = MoverPool(src, dst, size=max(opts.copy_concurrency, opts.sync_workers) * len(src.primaries),
-                     opts=MoverOptions(big_key_bytes=opts.big_key_bytes), max_target_bytes=opts.max_target_bytes)
-    syncer = Syncer(pool, workers=opts.sync_workers, max_dirty=opts.max_dirty)
-    syncer.start()
-    t0 = time.perf_counter()
-    summary = await BulkCopy(src, dst, syncer.copy_now, scan_count=opts.scan_count,
-                             concurrency=opts.copy_concurrency).run()
-    elapsed = time.perf_counter() - t0
-    await syncer.stop()
-    await pool.close()
-    return summary.keys / elapsed
-
-
-async def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--keys", type=int, default=200_000)
-    ap.add_argument("--rounds", type=int, default=3)
-    args = ap.parse_args()
-    source, target = LocalServer().start(), LocalServer(engine="valkey9").start()
+    cmd = [*cli(), "migrate", "--source", url(source), "--target", url(target), "--json",
+           "--listen", f"127.0.0.1:{free_port()}", "--cutover", "manual", "--gate-settle", "0.3s",
+           "--proxy-mode", proxy_mode]
+    env = dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    deadline = time.monotonic() + COMMAND_TIMEOUT
     try:
-        load(source, args.keys)
-        await direct(source, target)          # warm-up: the target's first touch of fresh memory
-        ratios = []
-        for r in range(args.rounds):
-            if r % 2:
-                synced, copied = await through_syncer(source, target), await direct(source, target)
-            else:
-                copied, synced = await direct(source, target), await through_syncer(source, target)
-            ratios.append(synced / copied)
-            print(f"round {r + 1}: durablecache copy {copied:>9,.0f} keys/s; migrate's Copy phase "
-                  f"{synced:>9,.0f} keys/s = {synced / copied:.0%}")
-        print(f"ratio migrate Copy / copy: {statistics.median(ratios):.0%} (median of {args.rounds} rounds: "
-              f"{', '.join(f'{x:.0%}' for x in ratios)}; target >= 80%)")
+        assert proc.stdout is not None
+        for line in proc.stdout:   # ends when the process does; bounded by the deadline below
+            event: dict[str, Any] = json.loads(line) if line.startswith("{") else {}
+            if event.get("event") == "copied":
+                if event["keys"] != keys:
+                    raise RuntimeError(f"migrate copied {event['keys']} keys, not {keys}")
+                return float(event["keys"]) / float(event["seconds"])
+            if time.monotonic() > deadline:
+                break
+        raise RuntimeError(f"migrate ended without a `copied` event (exit {proc.poll()})")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def measure(keys: int, rounds: int, proxy_mode: str, quiet: bool = False,
+            compare: str | None = None) -> dict[str, Any]:
+    """Both commands (and the other tree's migrate), the order rotating, ``rounds`` times; rates and
+    the ratios per round."""
+    source, target = LocalServer().start(), LocalServer(engine="valkey9").start()
+    rates: dict[str, list[float]] = {"copy": [], "migrate": [], **({"compare": []} if compare else {})}
+    runs = {"copy": lambda: run_copy(source, target, keys),
+            "migrate": lambda: run_migrate(source, target, keys, proxy_mode),
+            "compare": lambda: run_migrate(source, target, keys, proxy_mode, compare)}
+    try:
+        load(source, keys)
+        run_copy(source, target, keys)          # warm-up: the target's first touch of fresh memory
+        names = list(rates)
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                rates[name].append(runs[name]())
+            if not quiet:
+                copied = rates["copy"][-1]
+                print(f"round {r + 1}: durablecache copy {copied:>9,.0f} keys/s; " + "; ".join(
+                    f"{'other tree' if n == 'compare' else 'this tree'}'s migrate Copy phase "
+                    f"{rates[n][-1]:>9,.0f} keys/s = {rates[n][-1] / copied:.0%}" for n in names[1:]), flush=True)
     finally:
         source.stop()
         target.stop()
+    ratios = [m / c for m, c in zip(rates["migrate"], rates["copy"])]
+    out = {"keys": keys, "rounds": rounds, "proxy_mode": proxy_mode, "copy_keys_per_s": rates["copy"],
+           "migrate_keys_per_s": rates["migrate"], "ratios": ratios, "ratio_median": statistics.median(ratios)}
+    if compare:
+        other = [m / c for m, c in zip(rates["compare"], rates["copy"])]
+        out.update(compare=compare, compare_keys_per_s=rates["compare"], compare_ratios=other,
+                   compare_ratio_median=statistics.median(other))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--keys", type=int, default=200_000)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--proxy-mode", choices=["inprocess", "subprocess"], default="inprocess")
+    ap.add_argument("--compare", metavar="OTHER_TREE/operator", help="also run this tree's migrate")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    res = measure(args.keys, args.rounds, args.proxy_mode, quiet=args.json, compare=args.compare)
+    if args.json:
+        print(json.dumps(res))
+        return
+    c, m = res["copy_keys_per_s"], res["migrate_keys_per_s"]
+    print(f"durablecache copy: median {statistics.median(c):,.0f} keys/s ({min(c):,.0f}–{max(c):,.0f}); "
+          f"migrate's Copy phase: median {statistics.median(m):,.0f} keys/s ({min(m):,.0f}–{max(m):,.0f})")
+    print(f"ratio migrate Copy / copy: {res['ratio_median']:.0%} (median of {args.rounds} rounds: "
+          f"{', '.join(f'{x:.0%}' for x in res['ratios'])}; target >= 80%)")
+    if args.compare:
+        print(f"the other tree's migrate Copy / copy: {res['compare_ratio_median']:.0%} (per round: "
+              f"{', '.join(f'{x:.0%}' for x in res['compare_ratios'])})")
 
 
 if __name__ == "__main__":
-    run_async(main())
+    main()

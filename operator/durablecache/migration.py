@@ -354,7 +354,9 @@ class Migration:
     def _pool(self, reverse: bool) -> MoverPool:
         assert self.source and self.target
         src, dst = (self.target, self.source) if reverse else (self.source, self.target)
-        pool = MoverPool(src, dst, size=max(self.opts.copy_concurrency, self.opts.sync_workers) * len(src.primaries),
+        # The bulk copy's batches take movers themselves (Syncer.copy_now), copy_concurrency per source
+        # primary: sync_workers more, so the workers copying live marks find movers free meanwhile.
+        pool = MoverPool(src, dst, size=(self.opts.copy_concurrency + self.opts.sync_workers) * len(src.primaries),
                          opts=MoverOptions(big_key_bytes=self.opts.big_key_bytes),
                          max_source_ops=self.opts.max_source_ops, max_target_bytes=self.opts.max_target_bytes,
                          name="durablecache-sync")

@@ -163,15 +163,69 @@ class Syncer:
         self.mark(db, keys)
 
     async def copy_now(self, db: int, keys: list[bytes], strings: frozenset[bytes] = frozenset()) -> MoveResult:
-        """Bulk copy entry: mark and wait until each key was copied by a copy started after now.
-        ``strings`` (keys SCAN ... TYPE string listed) travel with the keys to the batch that copies them.
+        """Bulk copy entry: return once each key was copied by a copy started after now. ``strings``
+        (keys SCAN ... TYPE string listed) are a hint for the copy (keymover._read_string_template).
 
-        Waits for room first, so the bulk copy never crowds out live marks."""
+        Keys nobody waits to copy — nearly all of a bulk copy's — are claimed as in flight and copied
+        by the caller as one batch (_copy_claimed): the SCAN batch goes to a mover whole, without
+        passing through the dirty table, a worker and a waiter per key, which cost the Copy phase
+        more CPU per key than the copy itself. The invariant holds as for a worker's batch: a live
+        mark of a claimed key lands in _again and the key is copied once more afterwards. The other
+        keys (dirty, or in flight already) are marked and waited for (_mark_and_wait)."""
+        if not keys:
+            return MoveResult()
+        claimed, busy = self._claim(db, keys)
+        result = MoveResult()
+        if claimed:
+            copied = await self._copy_claimed(claimed, strings)
+            if copied is None:       # failed: its keys wait in _dirty now, retried by the workers
+                busy += [key for _, key in claimed]
+            else:
+                result = copied
+        if busy:
+            result.add(await self._mark_and_wait(db, busy, strings))
+        return result
+
+    def _claim(self, db: int, keys: list[bytes]) -> tuple[list[DirtyKey], list[bytes]]:
+        """Split keys into those now claimed as in flight (nobody copies or waits to copy them) and
+        the rest. A key listed twice is claimed once; its second listing waits for a copy after it."""
+        if not self.backlog:
+            self._last_progress = time.monotonic()  # the stall clock starts when work arrives
+        in_flight, dirty = self._in_flight, self._dirty   # (_again's keys are all in flight)
+        claimed: list[DirtyKey] = []
+        busy: list[bytes] = []
+        for key in keys:
+            dk = (db, key)
+            if dk in in_flight or dk in dirty:
+                busy.append(key)
+            else:
+                in_flight[dk] = True
+                claimed.append(dk)
+        self.stats.marks += len(claimed)
+        return claimed, busy
+
+    async def _copy_claimed(self, claimed: list[DirtyKey], strings: frozenset[bytes]) -> MoveResult | None:
+        """Copy the keys _claim() put in flight (one db); None when the copy failed (they are dirty again)."""
+        try:
+            result = await self.pool.move(claimed[0][0], [key for _, key in claimed], strings)
+        except BaseException as exc:   # as a worker's batch: the keys wait again, for the workers' retry
+            for dk in claimed:
+                del self._in_flight[dk]
+                self._put_back(dk, None)
+            self._work.set()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            log.error("bulk batch failed; the syncer retries it", error=str(exc))
+            return None
+        self._finished(claimed, result)
+        return MoveResult(copied=len(claimed), bytes=result.bytes)
+
+    async def _mark_and_wait(self, db: int, keys: list[bytes], strings: frozenset[bytes]) -> MoveResult:
+        """Mark keys and wait until each was copied by a worker's copy started after now. Waits for
+        room first, so the bulk copy never crowds out live marks."""
         while len(self._dirty) + self._members + len(keys) > self.max_dirty // 2:
             self._raise_failure()
             await asyncio.sleep(0.01)
-        if not keys:
-            return MoveResult()
         waiter = _Waiter(len(keys), asyncio.get_running_loop().create_future())
         waiters = self._waiters
         for key in keys:
@@ -182,7 +236,7 @@ class Syncer:
             else:
                 listed.append(waiter)
         if strings:
-            self._strings.update((db, k) for k in strings)
+            self._strings.update((db, k) for k in keys if k in strings)
         self.mark(db, keys, bulk=True)
         while not waiter.future.done():
             self._raise_failure()
@@ -389,28 +443,34 @@ class Syncer:
                 log.error("sync batch failed; retrying", error=str(exc))
                 await asyncio.sleep(1.0)
                 continue
-            self.failure = None
-            self._last_progress = time.monotonic()
-            self.stats.batches += 1
-            self.stats.copied += result.copied
-            self.stats.deleted += result.skipped
-            self.stats.bytes += result.bytes
-            self.stats.members += result.members
-            if result.timings:
-                self._record(batch[0][0][0], result.timings)
-            for dk, _ in batch:
-                del self._in_flight[dk]
-                again = self._again.pop(dk, _ABSENT)
-                if again is not _ABSENT:
-                    self._dirty[dk] = again     # its members stay counted
+            self._finished([dk for dk, _ in batch], result)
             for listed in waiters.values():
                 for w in listed:
                     w.left -= 1
                     if w.left <= 0 and not w.future.done():
                         w.future.set_result(None)
-            if self._dirty:
-                self._work.set()
-            self._batch_done.set()
+
+    def _finished(self, batch: list[DirtyKey], result: MoveResult) -> None:
+        """A batch of in-flight keys was copied: they are clean unless marked meanwhile (then dirty)."""
+        self.failure = None
+        self._last_progress = time.monotonic()
+        self.stats.batches += 1
+        self.stats.copied += result.copied
+        self.stats.deleted += result.skipped
+        self.stats.bytes += result.bytes
+        self.stats.members += result.members
+        if result.timings:
+            self._record(batch[0][0], result.timings)
+        in_flight, again, dirty = self._in_flight, self._again, self._dirty
+        for dk in batch:
+            del in_flight[dk]
+            if again:
+                marked = again.pop(dk, _ABSENT)
+                if marked is not _ABSENT:
+                    dirty[dk] = marked     # its members stay counted
+        if dirty:
+            self._work.set()
+        self._batch_done.set()
 
     def _put_back(self, dk: DirtyKey, waiting: Pending) -> None:
         """A failed copy: what it was to copy waits again, with whatever was marked meanwhile."""
