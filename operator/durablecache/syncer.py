@@ -206,6 +206,7 @@ class Syncer:
 
     async def _copy_claimed(self, claimed: list[DirtyKey], strings: frozenset[bytes]) -> MoveResult | None:
         """Copy the keys _claim() put in flight (one db); None when the copy failed (they are dirty again)."""
+        assert self.pool is not None, "a bulk copy runs only once the syncer has its target"
         try:
             result = await self.pool.move(claimed[0][0], [key for _, key in claimed], strings)
         except BaseException as exc:   # as a worker's batch: the keys wait again, for the workers' retry
