@@ -330,7 +330,11 @@ def test_static_migration_under_load_survives_an_operator_kill(
     reasons = [reason for _, reason, _ in cluster.events("sessions")]
     for phase in ("Preflight", "Provision", "RouteIn", "Copy", "Sync", "Cutover", "RouteOut", "Complete"):
         assert phase in reasons, (phase, reasons)
-    assert reasons.count("EndpointSwitched") == 2, reasons
+    # Both switches happened (app.addresses above); their Events are best effort: a SIGKILL between the
+    # Secret's write and its Event loses that Event (the restarted operator finds the Secret already
+    # switched), so the one to the target, after the restart, is the one that must be there.
+    assert reasons.count("EndpointSwitched") in (1, 2), reasons
+    assert any(r == "EndpointSwitched" and "use the target" in m for _, r, m in cluster.events("sessions"))
     assert "WorkerRemoved" in reasons
     # A healthy migration (the operator's own crash is not the migration's) posts no Warning: the planned
     # verify pass after the copy is a Normal "Verifying", applications still moving onto the proxy a
