@@ -21,6 +21,7 @@ from rawclient import Raw, refused
 from durablecache.iamauth import IamAuth, mint_token
 from durablecache.proxy.iamsessions import iam_user
 from durablecache.testing.localvalkey import LocalServer
+from durablecache.testing.waiting import wait_for, wait_for_async
 from durablecache.urls import Endpoint
 
 pytestmark = pytest.mark.timeout(120)
@@ -144,13 +145,8 @@ def test_a_moved_session_authenticates_again_with_a_fresh_token(make_server, mak
     # A rotation the proxy's signing cannot follow: the next renewal is refused, and loudly so.
     admin.execute_command("ACL", "SETUSER", "app", "resetpass", ">something-else")
     clock.at = t3
-    deadline = time.monotonic() + 10
-    while True:
-        reply = c("INCR", "n")
-        if refused(reply, "WRONGPASS"):
-            break
-        assert time.monotonic() < deadline, f"still running after the renewal failed: {reply!r}"
-        time.sleep(0.05)
+    wait_for("the client's commands refused once the renewal failed",
+             lambda: refused(c("INCR", "n"), "WRONGPASS"), 10)
     admin.close()
 
 
@@ -227,10 +223,8 @@ def test_a_whole_migration_whose_application_authenticates_with_iam_tokens(make_
         await asyncio.wait([task, asyncio.create_task(cut.wait())], timeout=120,
                            return_when=asyncio.FIRST_COMPLETED)
         assert cut.is_set(), task.exception() if task.done() else "no cutover in 120 s"
-        deadline = asyncio.get_running_loop().time() + 20
-        while load.acked < at_cut["acked"] + 300:      # writes go on after FLIP, through the proxy
-            assert asyncio.get_running_loop().time() < deadline, "writes stopped after FLIP"
-            await asyncio.sleep(0.05)
+        # Writes go on after FLIP, through the proxy.
+        await wait_for_async("300 writes acknowledged after FLIP", lambda: load.acked >= at_cut["acked"] + 300, 20)
         users = target.auth_calls("app")
         await load.finish()
         with target.admin() as t:
