@@ -367,7 +367,7 @@ def _exec(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> None
             s.db = final_db
     if any(keys for _, keys in marks) or final_db is not None:
         entry = Entry(marks, done)
-        s.inflight += 1
+        s.count_writes(1)
         s.proxy.writes += 1
     else:
         entry = Entry(cb=done)

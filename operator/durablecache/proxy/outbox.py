@@ -155,8 +155,16 @@ class Outbox(SessionBase):
         self.collect()
         self.kick()
 
+    def count_writes(self, writes: int) -> None:
+        """``writes`` writes sent: in flight until their marks are delivered (``_settled``)."""
+        if writes:
+            self.inflight += writes
+            self.proxy.writing.add(self)
+
     def _settled(self) -> None:
         """Writes settled (answered, marks delivered): a FREEZE waiting for them looks again now."""
+        if not self.inflight and not self.marking:
+            self.proxy.writing.discard(self)
         settled = self.proxy.settled
         if settled is not None:
             settled.set()

@@ -312,7 +312,7 @@ class Session(Routing):
         """The fast path's last run gets its keys; the chunk's commands and writes are counted."""
         if run is not None and run.writes:
             run.marks = [(None, keys)]
-        self.inflight += writes
+        self.count_writes(writes)
         proxy = self.proxy
         proxy.commands += commands
         proxy.writes += writes
@@ -464,7 +464,7 @@ class Session(Routing):
             marks: Marks = [(None, [] if unresolved else spec.write_keys(args))]
             entry = Entry(marks, cb)
             entry.blocking = spec.blocking
-            self.inflight += 1
+            self.count_writes(1)
             self.proxy.writes += 1
             if unresolved:
                 self._getkeys(conn, args, spec, marks)

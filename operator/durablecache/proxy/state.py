@@ -57,6 +57,9 @@ class ProxyState(Generic[S]):
         self.sessions: dict[int, S] = {}
         # Sessions whose client left while writes were in flight: still awaiting replies/marks.
         self.departed: set[S] = set()
+        # Sessions with writes sent and not settled (Outbox.count_writes adds, Outbox._settled drops):
+        # FREEZE and the key hold look at these, not at every connected session.
+        self.writing: set[S] = set()
         self.frozen = False
         self.held_by_freeze: list[S] = []   # sessions holding a write because of FREEZE (UNFREEZE releases)
         self.settled: asyncio.Event | None = None   # while FREEZE waits: set when a write settles
