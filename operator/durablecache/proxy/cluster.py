@@ -9,6 +9,9 @@ Which address: by default the one the client connected to. With an announced hos
 ``cluster-preferred-endpoint-type hostname`` does: SLOTS names the host (the IP goes into the entry's
 metadata), SHARDS has ``endpoint`` and ``hostname`` set to it (``ip`` stays the address), NODES appends
 ``,host`` to the address. Clients then connect to, and verify the certificate against, that name.
+
+CLUSTER subcommands about a slot are a node's business, and to a client that node is the proxy: they go
+to the primary that owns the slot (slot_node), where the slot's keys are.
 """
 
 from __future__ import annotations
@@ -16,9 +19,17 @@ from __future__ import annotations
 from typing import Any
 
 from . import framing
+from .router import Router
 from .state import ProxyState
 
 LOCAL_SUBCOMMANDS = frozenset({b"slots", b"shards", b"nodes", b"info", b"myid", b"myshardid"})
+# Subcommands whose first argument is a slot. A cluster client sends the first five to that slot's node
+# (valkey-py routes by the first slot); ADDSLOTS/ADDSLOTSRANGE it sends to the node it names, here the
+# proxy, which owns every slot: giving a slot back goes to the primary the proxy sends its keys to.
+# Anywhere else DELSLOTS would unassign the slot on a node that does not serve it, COUNTKEYSINSLOT
+# would count another node's keys.
+SLOT_SUBCOMMANDS = frozenset({b"countkeysinslot", b"getkeysinslot", b"setslot", b"delslots",
+                              b"delslotsrange", b"addslots", b"addslotsrange"})
 
 
 def local_cluster_reply(proxy: ProxyState[Any], sub: bytes, addr: tuple[str, int], resp3: bool) -> bytes | None:
@@ -56,3 +67,13 @@ def local_cluster_reply(proxy: ProxyState[Any], sub: bytes, addr: tuple[str, int
             "cluster_known_nodes:1\r\ncluster_size:1\r\ncluster_current_epoch:1\r\n"
             "cluster_my_epoch:1\r\n")
     return framing.bulk(info)
+
+
+def slot_node(router: Router, sub: bytes, args: tuple[bytes, ...]) -> int:
+    """The primary (index into router.nodes) that ``CLUSTER <sub> <slot> …`` goes to: the owner of
+    its first slot in the proxy's map; -1 when it names no valid slot (the server answers the error)
+    or no primary owns the slot."""
+    if sub not in SLOT_SUBCOMMANDS or len(args) < 3 or not args[2].isdigit():
+        return -1
+    slot = int(args[2])
+    return router.owner[slot] if slot < len(router.owner) else -1

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Final
 
 from . import clusterwide, framing
-from .cluster import local_cluster_reply
+from .cluster import local_cluster_reply, slot_node
 from .commandtable import SUBSCRIBE_FAMILY, CommandSpec
 from .framing import frame_end
 from .guards import GUARDS
@@ -540,7 +540,7 @@ def _cluster(s: Session, args: tuple[bytes, ...], spec: CommandSpec | None) -> N
         reply = local_cluster_reply(s.proxy, sub, s.sockname, s.resp3)
         return reply if reply is not None else b""
     if local_cluster_reply(s.proxy, sub, s.sockname, s.resp3) is None:
-        s.forward(args, spec)
+        s.forward(args, spec, node=slot_node(s.router, sub, args))
         return
     s.local_fn(answer)
 

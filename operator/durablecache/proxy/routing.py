@@ -49,12 +49,13 @@ class Routing(Outbox):
         self.next: dict[int, Prepared] = {}
         self.side = proxy.side              # the FLIP its connections belong to (catch_up: the switch)
 
-    def conn_for(self, args: tuple[bytes, ...], spec: CommandSpec | None) -> Upstream | None:
+    def conn_for(self, args: tuple[bytes, ...], spec: CommandSpec | None, node: int = -1) -> Upstream | None:
+        """The connection a command goes to: cluster mode, ``node`` (>= 0: chosen by the caller) or
+        the node of its keys, else the first; standalone, the server."""
         router = self.router
         if not router.cluster:
             return self.conn(0)
-        node = -1
-        if spec is not None:
+        if node < 0 and spec is not None:
             keys = spec.route_keys(args)
             if keys:
                 slot = router.slot_of(keys)

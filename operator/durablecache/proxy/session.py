@@ -434,7 +434,9 @@ class Session(Routing):
             return
         self.forward(args, spec)
 
-    def forward(self, args: tuple[bytes, ...], spec: CommandSpec | None, cb: Any = None) -> None:
+    def forward(self, args: tuple[bytes, ...], spec: CommandSpec | None, cb: Any = None, node: int = -1) -> None:
+        """Send a client's command upstream: to ``node`` (cluster: an index into the router's
+        primaries) when the caller chose one, else where its keys are (conn_for)."""
         if not self.authed and not self.auth_sent:
             self.local_error(framing.NOAUTH)
             return
@@ -446,7 +448,7 @@ class Session(Routing):
             if fan_out is not None:
                 fan_out(self, args, spec, cb)
                 return
-        conn = self.conn_for(args, spec)
+        conn = self.conn_for(args, spec, node)
         if conn is None:
             return
         if self.in_multi:
