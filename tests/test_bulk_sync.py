@@ -61,7 +61,7 @@ def test_a_key_marked_while_its_bulk_copy_is_in_flight_is_copied_again(source, t
     async def scenario() -> None:
         syncer = await idle_syncer(source, target)
         copy = asyncio.create_task(syncer.copy_now(0, [b"h"]))
-        await until("the bulk copy of h in flight", lambda: (0, b"h") in syncer._in_flight)
+        await until("the bulk copy of h in flight", lambda: syncer.copying((0, b"h")))
         c.hset("h", "f0", "new")      # a live write during the bulk copy ...
         syncer.mark(0, [b"h"])        # ... and its mark
         await asyncio.wait_for(copy, 60)
@@ -132,10 +132,10 @@ def test_a_cancelled_bulk_copy_leaves_its_keys_dirty(source, target):
     async def scenario() -> None:
         syncer = await idle_syncer(source, target)
         copy = asyncio.create_task(syncer.copy_now(0, [b"h"]))
-        await until("the bulk copy of h in flight", lambda: (0, b"h") in syncer._in_flight)
+        await until("the bulk copy of h in flight", lambda: syncer.copying((0, b"h")))
         copy.cancel()
         await asyncio.gather(copy, return_exceptions=True)
-        assert (0, b"h") in syncer._dirty and (0, b"h") not in syncer._in_flight
+        assert (0, b"h") in syncer._dirty and not syncer.copying((0, b"h"))
         syncer.start()
         assert await syncer.drain(60)
         await close(syncer)
