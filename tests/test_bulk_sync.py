@@ -12,6 +12,7 @@ import pytest
 from durablecache.errors import ConnectError
 from durablecache.keymover import MoverOptions
 from durablecache.movers import MoverPool
+from durablecache.proxy.members import MemberMark
 from durablecache.syncer import Syncer
 from durablecache.testing.waiting import wait_for_async
 from durablecache.topology import discover
@@ -202,7 +203,7 @@ def test_a_key_a_worker_is_copying_is_not_claimed_by_the_bulk_copy(source, targe
 
 def test_keys_marked_in_two_bulk_batches_in_flight_are_each_copied_again(source, target):
     """Marks of keys held by two concurrent bulk batches: each batch, as it ends, hands its own marked
-    keys (and only those) to the workers — one small batch among many marks, one large among few."""
+    keys (and only those) to the workers."""
     c = source.client()
     small, large = [b"h1"], [b"h2", *(f"s{i}".encode() for i in range(100))]
     for key in (b"h1", b"h2"):
@@ -233,32 +234,37 @@ def test_keys_marked_in_two_bulk_batches_in_flight_are_each_copied_again(source,
     assert t.mget(large[1:]) == [b"new"] * 100
 
 
-def test_a_key_marked_during_its_bulk_copy_is_not_copied_by_a_worker_at_the_same_time(source, target):
-    """With the workers running: the mark of a key a bulk batch copies must wait for that copy to end,
-    never start a second copy of the key beside it (the later-starting copy could land first, and the
-    stale one last)."""
+@pytest.mark.parametrize("mark", [b"h", MemberMark.of(b"h", b"f0")], ids=["whole", "member"])
+def test_a_key_marked_during_its_bulk_copy_is_not_copied_by_a_worker_at_the_same_time(source, target, mark):
+    """With the workers running: the mark of a key a bulk batch copies (of the key, or of a member of
+    it) must wait for that copy to end, never start a second copy of the key beside it (the
+    later-starting copy could land first, and the stale one last)."""
     c = source.client()
     c.hset("h", mapping={f"f{i}": "old" for i in range(20_000)})
 
     async def scenario() -> None:
         syncer = await idle_syncer(source, target)
-        real, moving, overlaps = syncer.pool.move, [], []
+        pool = syncer.pool
+        moving: list[bytes] = []
+        overlaps: list[bytes] = []
 
-        async def watched(db, keys, strings=frozenset()):  # type: ignore[no-untyped-def]
-            overlaps.extend(k for k in keys if k in moving)
-            moving.extend(keys)
-            try:
-                return await real(db, keys, strings)
-            finally:
-                for k in keys:
-                    moving.remove(k)
+        def watched(real):  # type: ignore[no-untyped-def]
+            async def copy(db, keys, *args):  # type: ignore[no-untyped-def]
+                overlaps.extend(k for k in keys if k in moving)
+                moving.extend(keys)
+                try:
+                    return await real(db, keys, *args)
+                finally:
+                    for k in keys:
+                        moving.remove(k)
+            return copy
 
-        syncer.pool.move = watched  # type: ignore[method-assign]
+        pool.move, pool.move_members = watched(pool.move), watched(pool.move_members)  # type: ignore[method-assign]
         syncer.start()
         copy = asyncio.create_task(syncer.copy_now(0, [b"h"]))
         await until("the bulk copy of h in flight", lambda: b"h" in moving)
         c.hset("h", "f0", "new")
-        syncer.mark(0, [b"h"])
+        syncer.mark(0, [mark])
         await asyncio.wait_for(copy, 60)
         assert await syncer.drain(60)
         assert overlaps == [], "a worker copied h while the bulk copy did"

@@ -66,6 +66,52 @@ class _Waiter:
         self.future = future
 
 
+class _Held:
+    """The keys of one db that the bulk copy's own batches are copying (Syncer.copy_now): in flight,
+    claimed a batch at a time. Each batch is a set of its keys, so claiming and releasing it are set
+    operations that use the hashes stored in that set: no loop over the keys, and no touching each
+    key object again (which, in a process copying 100,000s of keys a second, costs as much as the
+    hashing). A key is in at most one batch: one copy of a key at a time."""
+
+    __slots__ = ("keys", "batches", "marked")
+
+    def __init__(self) -> None:
+        self.keys: set[bytes] = set()         # of all batches in flight
+        self.batches: list[set[bytes]] = []   # each batch's keys (to rebuild ``keys`` after a refused claim)
+        self.marked: set[bytes] = set()       # held keys marked meanwhile: waiting in _again
+
+    def claim(self, batch: set[bytes]) -> bool:
+        """Hold these keys; False (and nothing held) when one of them is held already."""
+        before = len(self.keys)
+        self.keys |= batch
+        if len(self.keys) - before == len(batch):
+            self.batches.append(batch)
+            return True
+        self.rebuild()
+        return False
+
+    def unclaim(self, batch: set[bytes]) -> None:
+        """Undo the last claim (Syncer._workers_hold found a key of it taken)."""
+        self.batches.pop()
+        self.keys -= batch
+
+    def rebuild(self) -> None:
+        self.keys = set().union(*self.batches)
+
+    def release(self, batch: set[bytes]) -> set[bytes]:
+        """The batch's copy ended: its keys are no longer held. Returns those marked meanwhile."""
+        self.keys -= batch
+        for i, listed in enumerate(self.batches):
+            if listed is batch:      # by identity: list.remove would compare sets by value
+                del self.batches[i]
+                break
+        if not self.marked:
+            return _ABSENT
+        marked = self.marked & batch
+        self.marked -= marked
+        return marked
+
+
 class Syncer:
     def __init__(self, pool: MoverPool | None, *, workers: int = 4, batch: int = 500, max_dirty: int = 2_000_000):
         # None: no target yet (snapshot seeding, docs/aws.md): marks are recorded, bounded by max_dirty,
@@ -81,8 +127,8 @@ class Syncer:
         self._in_flight: dict[DirtyKey, bool] = {}   # being copied -> a whole copy (False: members)
         self._again: dict[DirtyKey, Pending] = {}    # marked while in flight: copy once more afterwards
         # Keys the bulk copy's own batches are copying whole (copy_now), per db: in flight as well, but
-        # claimed a batch at a time — a set of the SCAN's keys, no (db, key) entry per key.
-        self._bulk: dict[int, set[bytes]] = {}
+        # no (db, key) entry per key (_Held).
+        self._bulk: dict[int, _Held] = {}
         self._bulk_keys = 0  # how many, all dbs
         self._members = 0    # members waiting in _dirty and _again: they count toward max_dirty
         # Keys the bulk copy's SCAN ... TYPE string listed: read with GETRANGE instead of the DUMP script
@@ -113,7 +159,7 @@ class Syncer:
             self._last_progress = time.monotonic()  # the stall clock starts when work arrives
         # Locals: this runs for every key a client writes and every key the bulk copy finds.
         dirty, in_flight, again, slow = self._dirty, self._in_flight, self._again, self._copy_time
-        held = self._bulk.get(db, _ABSENT) if self._bulk_keys else _ABSENT
+        held = self._bulk.get(db) if self._bulk_keys else None
         limit = self.max_dirty if not bulk else 1 << 62
         marked = 0
         for key in keys:
@@ -124,7 +170,13 @@ class Syncer:
             dk = (db, key)
             if slow and dk in slow:
                 self._slow_marked[dk] = time.monotonic()
-            table = again if dk in in_flight or key in held else dirty
+            if dk in in_flight:
+                table = again
+            elif held is not None and key in held.keys:
+                held.marked.add(key)     # copied again once its batch ends (_copy_claimed)
+                table = again
+            else:
+                table = dirty
             waiting = table.get(dk, _ABSENT)
             if waiting is None:
                 continue
@@ -141,6 +193,9 @@ class Syncer:
 
     def _mark_member(self, db: int, mark: MemberMark, limit: int) -> None:
         dk = (db, bytes(mark))
+        held = self._bulk.get(db)
+        if held is not None and dk[1] in held.keys:
+            held.marked.add(dk[1])
         table = self._again if self.copying(dk) else self._dirty
         waiting = table.get(dk, _ABSENT)
         if waiting is None or mark.member in waiting:
@@ -173,12 +228,12 @@ class Syncer:
         (keys SCAN ... TYPE string listed) are a hint for the copy (keymover._read_string_template).
 
         Keys nobody copies or waits to copy — nearly all of a bulk copy's — are claimed as in flight
-        a batch at a time (_claim: one set of the batch's keys, held in _bulk until the copy ends)
-        and copied by the caller (_copy_claimed): the SCAN batch goes to a mover whole, without a
-        dirty entry, a worker or a waiter per key, which cost the Copy phase more CPU per key than
-        the copy itself. The invariant holds as for a worker's batch: a live mark of a held key lands
-        in _again and the key is copied once more afterwards. The other keys (dirty, in flight
-        already, or listed twice) are marked and waited for (_mark_and_wait)."""
+        a batch at a time (_claim, _Held) and copied by the caller (_copy_claimed): the SCAN batch
+        goes to a mover whole, without a dirty entry, a worker or a waiter per key, which cost the
+        Copy phase more CPU per key than the copy itself. The invariant holds as for a worker's
+        batch: a live mark of a held key lands in _again and the key is copied once more afterwards.
+        The other keys (dirty, in flight already, or listed twice) are marked and waited for
+        (_mark_and_wait)."""
         if not keys:
             return MoveResult()
         claimed, batch, busy = self._claim(db, keys)
@@ -196,45 +251,54 @@ class Syncer:
     def _claim(self, db: int, keys: list[bytes]) -> tuple[list[bytes], set[bytes], list[bytes]]:
         """Claim as in flight the keys nobody copies or waits to copy: (those keys in SCAN order, the
         same as a set, the rest). A key listed twice is claimed once; its second listing waits for a
-        copy after it. Set operations, not a loop per key, in the usual case: every key is new."""
+        copy after it."""
         if not self.backlog:
             self._last_progress = time.monotonic()  # the stall clock starts when work arrives
-        held = self._bulk.setdefault(db, set())
+        held = self._bulk.get(db)
+        if held is None:
+            held = self._bulk[db] = _Held()
         batch = set(keys)
         claimed: list[bytes] = keys
         busy: list[bytes] = []
-        if len(batch) != len(keys) or not held.isdisjoint(batch) or self._workers_hold(db, batch, keys):
-            claimed, batch, busy = self._claim_each(db, keys, held)
-        held |= batch
+        if len(batch) != len(keys) or not held.claim(batch) or self._workers_hold(db, held, batch, keys):
+            claimed, busy = self._claim_each(db, keys, held)
+            batch = set(claimed)
+            if claimed:
+                held.claim(batch)
         self._bulk_keys += len(batch)
         self.stats.marks += len(batch)
         return claimed, batch, busy
 
-    def _workers_hold(self, db: int, batch: set[bytes], keys: list[bytes]) -> bool:
-        """Is any of these keys dirty, or in a worker's copy? (_again's keys are all in flight.) Looks
-        through whichever is smaller: the workers' tables or the batch."""
+    def _workers_hold(self, db: int, held: _Held, batch: set[bytes], keys: list[bytes]) -> bool:
+        """Is any key of this batch (just claimed) dirty, or in a worker's copy? (_again's keys are all
+        in flight.) If so the claim is undone. Looks through whichever is smaller: the workers' tables
+        or the batch."""
         dirty, in_flight = self._dirty, self._in_flight
         if not dirty and not in_flight:
             return False
         if len(dirty) + len(in_flight) <= len(batch):
-            return any(d == db and k in batch for table in (dirty, in_flight) for d, k in table)
-        pairs = list(zip(repeat(db), keys))
-        return not dirty.keys().isdisjoint(pairs) or not in_flight.keys().isdisjoint(pairs)
+            found = any(d == db and k in batch for table in (dirty, in_flight) for d, k in table)
+        else:
+            pairs = list(zip(repeat(db), keys))
+            found = not dirty.keys().isdisjoint(pairs) or not in_flight.keys().isdisjoint(pairs)
+        if found:
+            held.unclaim(batch)
+        return found
 
-    def _claim_each(self, db: int, keys: list[bytes], held: set[bytes]) -> tuple[list[bytes], set[bytes], list[bytes]]:
+    def _claim_each(self, db: int, keys: list[bytes], held: _Held) -> tuple[list[bytes], list[bytes]]:
         """_claim's split, key by key: for a batch some of whose keys are taken (or listed twice)."""
-        in_flight, dirty = self._in_flight, self._dirty
+        in_flight, dirty, taken = self._in_flight, self._dirty, held.keys
         claimed: list[bytes] = []
-        batch: set[bytes] = set()
+        seen: set[bytes] = set()
         busy: list[bytes] = []
         for key in keys:
             dk = (db, key)
-            if key in batch or key in held or dk in in_flight or dk in dirty:
+            if key in seen or key in taken or dk in in_flight or dk in dirty:
                 busy.append(key)
             else:
-                batch.add(key)
+                seen.add(key)
                 claimed.append(key)
-        return claimed, batch, busy
+        return claimed, busy
 
     async def _copy_claimed(self, db: int, claimed: list[bytes], batch: set[bytes],
                             strings: frozenset[bytes]) -> MoveResult | None:
@@ -252,22 +316,17 @@ class Syncer:
             log.error("bulk batch failed; the syncer retries it", error=str(exc))
             return None
         self._count(db, result)
-        self._release(db, batch)
         again, dirty = self._again, self._dirty
-        if again:   # marked meanwhile: dirty now, copied once more (by the workers)
-            if len(again) <= len(batch):
-                back = [dk for dk in again if dk[0] == db and dk[1] in batch]
-            else:
-                back = [dk for dk in zip(repeat(db), claimed) if dk in again]
-            for dk in back:
-                dirty[dk] = again.pop(dk)   # its members stay counted
+        for key in self._release(db, batch):   # marked meanwhile: dirty now, copied once more
+            dk = (db, key)
+            dirty[dk] = again.pop(dk, None)   # its members stay counted
         self._wake()
         return MoveResult(copied=len(claimed), bytes=result.bytes)
 
-    def _release(self, db: int, batch: set[bytes]) -> None:
-        """A bulk batch's copy ended: its keys are no longer in flight."""
-        self._bulk[db] -= batch
+    def _release(self, db: int, batch: set[bytes]) -> set[bytes]:
+        """A bulk batch's copy ended: its keys are no longer in flight. Returns those marked meanwhile."""
         self._bulk_keys -= len(batch)
+        return self._bulk[db].release(batch)
 
     async def _mark_and_wait(self, db: int, keys: list[bytes], strings: frozenset[bytes]) -> MoveResult:
         """Mark keys and wait until each was copied by a worker's copy started after now. Waits for
@@ -318,7 +377,8 @@ class Syncer:
 
     def copying(self, dk: DirtyKey) -> bool:
         """Is this key in flight: in a worker's copy, or in a bulk batch's?"""
-        return dk in self._in_flight or dk[1] in self._bulk.get(dk[0], _ABSENT)
+        held = self._bulk.get(dk[0])
+        return dk in self._in_flight or (held is not None and dk[1] in held.keys)
 
     @property
     def dirty_members(self) -> int:
@@ -327,8 +387,9 @@ class Syncer:
 
     def _whole_pending(self, dk: DirtyKey) -> bool:
         """Does a whole copy of this key wait or run (not just members of it)?"""
+        held = self._bulk.get(dk[0])
         return (self._dirty.get(dk, _ABSENT) is None or self._again.get(dk, _ABSENT) is None
-                or self._in_flight.get(dk, False) or dk[1] in self._bulk.get(dk[0], _ABSENT))
+                or self._in_flight.get(dk, False) or (held is not None and dk[1] in held.keys))
 
     def expected_copy(self, dk: DirtyKey) -> float:
         """Seconds the last copy of this key took (0.0 when it was fast or never timed)."""
