@@ -68,10 +68,9 @@ class _Waiter:
 
 class _Held:
     """The keys of one db that the bulk copy's own batches are copying (Syncer.copy_now): in flight,
-    claimed a batch at a time. Each batch is a set of its keys, so claiming and releasing it are set
-    operations that use the hashes stored in that set: no loop over the keys, and no touching each
-    key object again (which, in a process copying 100,000s of keys a second, costs as much as the
-    hashing). A key is in at most one batch: one copy of a key at a time."""
+    claimed a batch at a time. Each batch is a set of its keys, built once; claiming and releasing it
+    are set operations on the hashes stored there, with no Python loop and no (db, key) tuple per key.
+    A key is in at most one batch: one copy of a key at a time."""
 
     __slots__ = ("keys", "batches", "marked")
 
