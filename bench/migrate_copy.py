@@ -89,7 +89,7 @@ def run_copy(source: LocalServer, target: LocalServer, keys: int) -> tuple[float
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     if summary["keys"] != keys:
         raise RuntimeError(f"copy copied {summary['keys']} keys, not {keys}")
-    return float(summary["keys"]) / float(summary["seconds"]), cpu
+    return float(summary["keys"]) / max(float(summary["seconds"]), 1e-3), cpu   # (an empty copy: 0 s)
 
 
 def run_migrate(source: LocalServer, target: LocalServer, keys: int, proxy_mode: str,
