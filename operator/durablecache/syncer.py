@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from itertools import repeat
 
 from . import logs
+from .bulkclaim import Held
 from .errors import DurableCacheError
 from .keymover import MoveResult
 from .movers import MoverPool
@@ -66,51 +67,6 @@ class _Waiter:
         self.future = future
 
 
-class _Held:
-    """The keys of one db that the bulk copy's own batches are copying (Syncer.copy_now): in flight,
-    claimed a batch at a time. Each batch is a set of its keys, built once; claiming and releasing it
-    are set operations on the hashes stored there, with no Python loop and no (db, key) tuple per key.
-    A key is in at most one batch: one copy of a key at a time."""
-
-    __slots__ = ("keys", "batches", "marked")
-
-    def __init__(self) -> None:
-        self.keys: set[bytes] = set()         # of all batches in flight
-        self.batches: list[set[bytes]] = []   # each batch's keys (to rebuild ``keys`` after a refused claim)
-        self.marked: set[bytes] = set()       # held keys marked meanwhile: waiting in _again
-
-    def claim(self, batch: set[bytes]) -> bool:
-        """Hold these keys; False (and nothing held) when one of them is held already."""
-        before = len(self.keys)
-        self.keys |= batch
-        if len(self.keys) - before == len(batch):
-            self.batches.append(batch)
-            return True
-        self.rebuild()
-        return False
-
-    def unclaim(self, batch: set[bytes]) -> None:
-        """Undo the last claim (Syncer._workers_hold found a key of it taken)."""
-        self.batches.pop()
-        self.keys -= batch
-
-    def rebuild(self) -> None:
-        self.keys = set().union(*self.batches)
-
-    def release(self, batch: set[bytes]) -> set[bytes]:
-        """The batch's copy ended: its keys are no longer held. Returns those marked meanwhile."""
-        self.keys -= batch
-        for i, listed in enumerate(self.batches):
-            if listed is batch:      # by identity: list.remove would compare sets by value
-                del self.batches[i]
-                break
-        if not self.marked:
-            return _ABSENT
-        marked = self.marked & batch
-        self.marked -= marked
-        return marked
-
-
 class Syncer:
     def __init__(self, pool: MoverPool | None, *, workers: int = 4, batch: int = 500, max_dirty: int = 2_000_000):
         # None: no target yet (snapshot seeding, docs/aws.md): marks are recorded, bounded by max_dirty,
@@ -126,8 +82,8 @@ class Syncer:
         self._in_flight: dict[DirtyKey, bool] = {}   # being copied -> a whole copy (False: members)
         self._again: dict[DirtyKey, Pending] = {}    # marked while in flight: copy once more afterwards
         # Keys the bulk copy's own batches are copying whole (copy_now), per db: in flight as well, but
-        # no (db, key) entry per key (_Held).
-        self._bulk: dict[int, _Held] = {}
+        # no (db, key) entry per key (Held).
+        self._bulk: dict[int, Held] = {}
         self._bulk_keys = 0  # how many, all dbs
         self._members = 0    # members waiting in _dirty and _again: they count toward max_dirty
         # Keys the bulk copy's SCAN ... TYPE string listed: read with GETRANGE instead of the DUMP script
@@ -227,7 +183,7 @@ class Syncer:
         (keys SCAN ... TYPE string listed) are a hint for the copy (keymover._read_string_template).
 
         Keys nobody copies or waits to copy — nearly all of a bulk copy's — are claimed as in flight
-        a batch at a time (_claim, _Held) and copied by the caller (_copy_claimed): the SCAN batch
+        a batch at a time (_claim, Held) and copied by the caller (_copy_claimed): the SCAN batch
         goes to a mover whole, without a dirty entry, a worker or a waiter per key, which cost the
         Copy phase more CPU per key than the copy itself. The invariant holds as for a worker's
         batch: a live mark of a held key lands in _again and the key is copied once more afterwards.
@@ -255,7 +211,7 @@ class Syncer:
             self._last_progress = time.monotonic()  # the stall clock starts when work arrives
         held = self._bulk.get(db)
         if held is None:
-            held = self._bulk[db] = _Held()
+            held = self._bulk[db] = Held()
         batch = set(keys)
         claimed: list[bytes] = keys
         busy: list[bytes] = []
@@ -268,7 +224,7 @@ class Syncer:
         self.stats.marks += len(batch)
         return claimed, batch, busy
 
-    def _workers_hold(self, db: int, held: _Held, batch: set[bytes], keys: list[bytes]) -> bool:
+    def _workers_hold(self, db: int, held: Held, batch: set[bytes], keys: list[bytes]) -> bool:
         """Is any key of this batch (just claimed) dirty, or in a worker's copy? (_again's keys are all
         in flight.) If so the claim is undone. Looks through whichever is smaller: the workers' tables
         or the batch."""
@@ -284,7 +240,7 @@ class Syncer:
             held.unclaim(batch)
         return found
 
-    def _claim_each(self, db: int, keys: list[bytes], held: _Held) -> tuple[list[bytes], list[bytes]]:
+    def _claim_each(self, db: int, keys: list[bytes], held: Held) -> tuple[list[bytes], list[bytes]]:
         """_claim's split, key by key: for a batch some of whose keys are taken (or listed twice)."""
         in_flight, dirty, taken = self._in_flight, self._dirty, held.keys
         claimed: list[bytes] = []
