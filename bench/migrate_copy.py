@@ -6,6 +6,11 @@ its default settings: `durablecache copy --json` (its summary's keys/s), and `du
 --json` (an in-process proxy, as by default; the operator's worker runs the same Migration) until its
 `copied` event, whose keys/s is measured the same way (BulkCopy.run's time), then stopped. The target is
 emptied before each. The ratio is the median of the rounds' ratios.
+
+Each command's CPU time per key copied is measured too, less at the mercy of other processes than the
+keys/s: for migrate, its process's CPU (user + system, /proc) between its `phase: Copy` and `copied`
+events; for copy, its process's CPU less that of the same command copying an empty source (start-up,
+discovery and checks), both measured in each round.
 Usage: python bench/migrate_copy.py [--keys 200000] [--rounds 5] [--proxy-mode inprocess|subprocess]
                                    [--compare OTHER_TREE/operator] [--json]
 Prints one line per round and a summary line; `--json` prints the summary as one JSON object instead.
@@ -23,6 +28,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirna
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import resource  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
 import statistics  # noqa: E402
@@ -34,6 +40,8 @@ from durablecache.ports import free_port  # noqa: E402
 from durablecache.testing.localvalkey import LocalServer  # noqa: E402
 
 COMMAND_TIMEOUT = 300.0   # one command's copy of the keyspace, at most
+COLUMN = {"copy": "durablecache copy", "migrate": "this tree's migrate Copy phase",
+          "compare": "the other tree's migrate Copy phase"}
 
 
 def cli() -> list[str]:
@@ -58,21 +66,36 @@ def url(server: LocalServer) -> str:
     return f"valkey://127.0.0.1:{server.port}"
 
 
-def run_copy(source: LocalServer, target: LocalServer, keys: int) -> float:
-    """`durablecache copy` with its defaults: keys/s from its JSON summary."""
+def children_cpu() -> float:
+    """CPU seconds (user + system) of this process's finished children so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a running process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_copy(source: LocalServer, target: LocalServer, keys: int) -> tuple[float, float]:
+    """`durablecache copy` with its defaults: keys/s from its JSON summary, and its CPU seconds."""
     target.client().flushall()
+    before = children_cpu()
     out = subprocess.run([*cli(), "copy", "--source", url(source), "--target", url(target), "--json"],
                          capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=True)
+    cpu = children_cpu() - before
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     if summary["keys"] != keys:
         raise RuntimeError(f"copy copied {summary['keys']} keys, not {keys}")
-    return float(summary["keys"]) / float(summary["seconds"])
+    return float(summary["keys"]) / max(float(summary["seconds"]), 1e-3), cpu   # (an empty copy: 0 s)
 
 
 def run_migrate(source: LocalServer, target: LocalServer, keys: int, proxy_mode: str,
-                pythonpath: str | None = None) -> float:
+                pythonpath: str | None = None) -> tuple[float, float]:
     """`durablecache migrate` with its defaults (a short gate: nothing else uses the source) until
-    its Copy phase ends: keys/s from its `copied` event."""
+    its Copy phase ends: keys/s from its `copied` event, and its CPU seconds in the Copy phase."""
     target.client().flushall()
     cmd = [*cli(), "migrate", "--source", url(source), "--target", url(target), "--json",
            "--listen", f"127.0.0.1:{free_port()}", "--cutover", "manual", "--gate-settle", "0.3s",
@@ -80,14 +103,20 @@ def run_migrate(source: LocalServer, target: LocalServer, keys: int, proxy_mode:
     env = dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     deadline = time.monotonic() + COMMAND_TIMEOUT
+    copy_started: float | None = None
     try:
         assert proc.stdout is not None
         for line in proc.stdout:   # ends when the process does; bounded by the deadline below
             event: dict[str, Any] = json.loads(line) if line.startswith("{") else {}
+            if event.get("event") == "phase" and event.get("phase") == "Copy":
+                copy_started = process_cpu(proc.pid)
             if event.get("event") == "copied":
+                cpu = process_cpu(proc.pid) - (copy_started or 0.0)
                 if event["keys"] != keys:
                     raise RuntimeError(f"migrate copied {event['keys']} keys, not {keys}")
-                return float(event["keys"]) / float(event["seconds"])
+                if copy_started is None:
+                    raise RuntimeError("migrate reported no Copy phase")
+                return float(event["keys"]) / float(event["seconds"]), cpu
             if time.monotonic() > deadline:
                 break
         raise RuntimeError(f"migrate ended without a `copied` event (exit {proc.poll()})")
@@ -102,10 +131,12 @@ def run_migrate(source: LocalServer, target: LocalServer, keys: int, proxy_mode:
 
 def measure(keys: int, rounds: int, proxy_mode: str, quiet: bool = False,
             compare: str | None = None) -> dict[str, Any]:
-    """Both commands (and the other tree's migrate), the order rotating, ``rounds`` times; rates and
-    the ratios per round."""
+    """Both commands (and the other tree's migrate), the order rotating, ``rounds`` times; rates,
+    CPU microseconds per key and the ratios per round."""
     source, target = LocalServer().start(), LocalServer(engine="valkey9").start()
+    empty = LocalServer().start()
     rates: dict[str, list[float]] = {"copy": [], "migrate": [], **({"compare": []} if compare else {})}
+    cpu: dict[str, list[float]] = {name: [] for name in rates}
     runs = {"copy": lambda: run_copy(source, target, keys),
             "migrate": lambda: run_migrate(source, target, keys, proxy_mode),
             "compare": lambda: run_migrate(source, target, keys, proxy_mode, compare)}
@@ -115,22 +146,29 @@ def measure(keys: int, rounds: int, proxy_mode: str, quiet: bool = False,
         names = list(rates)
         for r in range(rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
-                rates[name].append(runs[name]())
+                rate, seconds = runs[name]()
+                if name == "copy":
+                    seconds -= run_copy(empty, target, 0)[1]   # copy's start-up, discovery and checks
+                rates[name].append(rate)
+                cpu[name].append(seconds / keys * 1e6)
             if not quiet:
                 copied = rates["copy"][-1]
-                print(f"round {r + 1}: durablecache copy {copied:>9,.0f} keys/s; " + "; ".join(
-                    f"{'other tree' if n == 'compare' else 'this tree'}'s migrate Copy phase "
-                    f"{rates[n][-1]:>9,.0f} keys/s = {rates[n][-1] / copied:.0%}" for n in names[1:]), flush=True)
+                print(f"round {r + 1}: durablecache copy {copied:>9,.0f} keys/s, {cpu['copy'][-1]:.2f} µs CPU/key; "
+                      + "; ".join(f"{'other tree' if n == 'compare' else 'this tree'}'s migrate Copy phase "
+                                  f"{rates[n][-1]:>9,.0f} keys/s = {rates[n][-1] / copied:.0%}, "
+                                  f"{cpu[n][-1]:.2f} µs CPU/key" for n in names[1:]), flush=True)
     finally:
         source.stop()
         target.stop()
+        empty.stop()
     ratios = [m / c for m, c in zip(rates["migrate"], rates["copy"])]
     out = {"keys": keys, "rounds": rounds, "proxy_mode": proxy_mode, "copy_keys_per_s": rates["copy"],
-           "migrate_keys_per_s": rates["migrate"], "ratios": ratios, "ratio_median": statistics.median(ratios)}
+           "migrate_keys_per_s": rates["migrate"], "ratios": ratios, "ratio_median": statistics.median(ratios),
+           "copy_cpu_us_per_key": cpu["copy"], "migrate_cpu_us_per_key": cpu["migrate"]}
     if compare:
         other = [m / c for m, c in zip(rates["compare"], rates["copy"])]
         out.update(compare=compare, compare_keys_per_s=rates["compare"], compare_ratios=other,
-                   compare_ratio_median=statistics.median(other))
+                   compare_ratio_median=statistics.median(other), compare_cpu_us_per_key=cpu["compare"])
     return out
 
 
@@ -154,6 +192,9 @@ def main() -> None:
     if args.compare:
         print(f"the other tree's migrate Copy / copy: {res['compare_ratio_median']:.0%} (per round: "
               f"{', '.join(f'{x:.0%}' for x in res['compare_ratios'])})")
+    for name in ("copy", "migrate", "compare") if args.compare else ("copy", "migrate"):
+        us = res[f"{name}_cpu_us_per_key"]
+        print(f"CPU per key, {COLUMN[name]}: median {statistics.median(us):.2f} µs ({min(us):.2f}–{max(us):.2f})")
 
 
 if __name__ == "__main__":

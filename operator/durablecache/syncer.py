@@ -18,8 +18,10 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Iterable
+from itertools import repeat
 
 from . import logs
+from .bulkclaim import Held
 from .errors import DurableCacheError
 from .keymover import MoveResult
 from .movers import MoverPool
@@ -79,6 +81,10 @@ class Syncer:
         self._dirty: dict[DirtyKey, Pending] = {}
         self._in_flight: dict[DirtyKey, bool] = {}   # being copied -> a whole copy (False: members)
         self._again: dict[DirtyKey, Pending] = {}    # marked while in flight: copy once more afterwards
+        # Keys the bulk copy's own batches are copying whole (copy_now), per db: in flight as well, but
+        # no (db, key) entry per key (Held).
+        self._bulk: dict[int, Held] = {}
+        self._bulk_keys = 0  # how many, all dbs
         self._members = 0    # members waiting in _dirty and _again: they count toward max_dirty
         # Keys the bulk copy's SCAN ... TYPE string listed: read with GETRANGE instead of the DUMP script
         # (a hint only: keymover copies exactly whatever the key has become).
@@ -108,6 +114,7 @@ class Syncer:
             self._last_progress = time.monotonic()  # the stall clock starts when work arrives
         # Locals: this runs for every key a client writes and every key the bulk copy finds.
         dirty, in_flight, again, slow = self._dirty, self._in_flight, self._again, self._copy_time
+        held = self._bulk.get(db) if self._bulk_keys else None
         limit = self.max_dirty if not bulk else 1 << 62
         marked = 0
         for key in keys:
@@ -118,7 +125,13 @@ class Syncer:
             dk = (db, key)
             if slow and dk in slow:
                 self._slow_marked[dk] = time.monotonic()
-            table = again if dk in in_flight else dirty
+            if dk in in_flight:
+                table = again
+            elif held is not None and key in held.keys:
+                held.marked.add(key)     # copied again once its batch ends (_copy_claimed)
+                table = again
+            else:
+                table = dirty
             waiting = table.get(dk, _ABSENT)
             if waiting is None:
                 continue
@@ -135,7 +148,10 @@ class Syncer:
 
     def _mark_member(self, db: int, mark: MemberMark, limit: int) -> None:
         dk = (db, bytes(mark))
-        table = self._again if dk in self._in_flight else self._dirty
+        held = self._bulk.get(db)
+        if held is not None and dk[1] in held.keys:
+            held.marked.add(dk[1])
+        table = self._again if self.copying(dk) else self._dirty
         waiting = table.get(dk, _ABSENT)
         if waiting is None or mark.member in waiting:
             return
@@ -166,60 +182,106 @@ class Syncer:
         """Bulk copy entry: return once each key was copied by a copy started after now. ``strings``
         (keys SCAN ... TYPE string listed) are a hint for the copy (keymover._read_string_template).
 
-        Keys nobody waits to copy — nearly all of a bulk copy's — are claimed as in flight and copied
-        by the caller as one batch (_copy_claimed): the SCAN batch goes to a mover whole, without
-        passing through the dirty table, a worker and a waiter per key, which cost the Copy phase
-        more CPU per key than the copy itself. The invariant holds as for a worker's batch: a live
-        mark of a claimed key lands in _again and the key is copied once more afterwards. The other
-        keys (dirty, or in flight already) are marked and waited for (_mark_and_wait)."""
+        Keys nobody copies or waits to copy — nearly all of a bulk copy's — are claimed as in flight
+        a batch at a time (_claim, Held) and copied by the caller (_copy_claimed): the SCAN batch
+        goes to a mover whole, without a dirty entry, a worker or a waiter per key, which cost the
+        Copy phase more CPU per key than the copy itself. The invariant holds as for a worker's
+        batch: a live mark of a held key lands in _again and the key is copied once more afterwards.
+        The other keys (dirty, in flight already, or listed twice) are marked and waited for
+        (_mark_and_wait)."""
         if not keys:
             return MoveResult()
-        claimed, busy = self._claim(db, keys)
+        claimed, batch, busy = self._claim(db, keys)
         result = MoveResult()
         if claimed:
-            copied = await self._copy_claimed(claimed, strings)
+            copied = await self._copy_claimed(db, claimed, batch, strings)
             if copied is None:       # failed: its keys wait in _dirty now, retried by the workers
-                busy += [key for _, key in claimed]
+                busy += claimed
             else:
                 result = copied
         if busy:
             result.add(await self._mark_and_wait(db, busy, strings))
         return result
 
-    def _claim(self, db: int, keys: list[bytes]) -> tuple[list[DirtyKey], list[bytes]]:
-        """Split keys into those now claimed as in flight (nobody copies or waits to copy them) and
-        the rest. A key listed twice is claimed once; its second listing waits for a copy after it."""
+    def _claim(self, db: int, keys: list[bytes]) -> tuple[list[bytes], set[bytes], list[bytes]]:
+        """Claim as in flight the keys nobody copies or waits to copy: (those keys in SCAN order, the
+        same as a set, the rest). A key listed twice is claimed once; its second listing waits for a
+        copy after it."""
         if not self.backlog:
             self._last_progress = time.monotonic()  # the stall clock starts when work arrives
-        in_flight, dirty = self._in_flight, self._dirty   # (_again's keys are all in flight)
-        claimed: list[DirtyKey] = []
+        held = self._bulk.get(db)
+        if held is None:
+            held = self._bulk[db] = Held()
+        batch = set(keys)
+        claimed: list[bytes] = keys
+        busy: list[bytes] = []
+        if len(batch) != len(keys) or not held.claim(batch) or self._workers_hold(db, held, batch, keys):
+            claimed, busy = self._claim_each(db, keys, held)
+            batch = set(claimed)
+            if claimed:
+                held.claim(batch)
+        self._bulk_keys += len(batch)
+        self.stats.marks += len(batch)
+        return claimed, batch, busy
+
+    def _workers_hold(self, db: int, held: Held, batch: set[bytes], keys: list[bytes]) -> bool:
+        """Is any key of this batch (just claimed) dirty, or in a worker's copy? (_again's keys are all
+        in flight.) If so the claim is undone. Looks through whichever is smaller: the workers' tables
+        or the batch."""
+        dirty, in_flight = self._dirty, self._in_flight
+        if not dirty and not in_flight:
+            return False
+        if len(dirty) + len(in_flight) <= len(batch):
+            found = any(d == db and k in batch for table in (dirty, in_flight) for d, k in table)
+        else:
+            pairs = list(zip(repeat(db), keys))
+            found = not dirty.keys().isdisjoint(pairs) or not in_flight.keys().isdisjoint(pairs)
+        if found:
+            held.unclaim(batch)
+        return found
+
+    def _claim_each(self, db: int, keys: list[bytes], held: Held) -> tuple[list[bytes], list[bytes]]:
+        """_claim's split, key by key: for a batch some of whose keys are taken (or listed twice)."""
+        in_flight, dirty, taken = self._in_flight, self._dirty, held.keys
+        claimed: list[bytes] = []
+        seen: set[bytes] = set()
         busy: list[bytes] = []
         for key in keys:
             dk = (db, key)
-            if dk in in_flight or dk in dirty:
+            if key in seen or key in taken or dk in in_flight or dk in dirty:
                 busy.append(key)
             else:
-                in_flight[dk] = True
-                claimed.append(dk)
-        self.stats.marks += len(claimed)
+                seen.add(key)
+                claimed.append(key)
         return claimed, busy
 
-    async def _copy_claimed(self, claimed: list[DirtyKey], strings: frozenset[bytes]) -> MoveResult | None:
-        """Copy the keys _claim() put in flight (one db); None when the copy failed (they are dirty again)."""
+    async def _copy_claimed(self, db: int, claimed: list[bytes], batch: set[bytes],
+                            strings: frozenset[bytes]) -> MoveResult | None:
+        """Copy the keys _claim() put in flight; None when the copy failed (they are dirty again)."""
         assert self.pool is not None, "a bulk copy runs only once the syncer has its target"
         try:
-            result = await self.pool.move(claimed[0][0], [key for _, key in claimed], strings)
+            result = await self.pool.move(db, claimed, strings)
         except BaseException as exc:   # as a worker's batch: the keys wait again, for the workers' retry
-            for dk in claimed:
-                del self._in_flight[dk]
-                self._put_back(dk, None)
+            self._release(db, batch)
+            for key in claimed:
+                self._put_back((db, key), None)
             self._work.set()
             if isinstance(exc, asyncio.CancelledError):
                 raise
             log.error("bulk batch failed; the syncer retries it", error=str(exc))
             return None
-        self._finished(claimed, result)
+        self._count(db, result)
+        again, dirty = self._again, self._dirty
+        for key in self._release(db, batch):   # marked meanwhile: dirty now, copied once more
+            dk = (db, key)
+            dirty[dk] = again.pop(dk, None)   # its members stay counted
+        self._wake()
         return MoveResult(copied=len(claimed), bytes=result.bytes)
+
+    def _release(self, db: int, batch: set[bytes]) -> set[bytes]:
+        """A bulk batch's copy ended: its keys are no longer in flight. Returns those marked meanwhile."""
+        self._bulk_keys -= len(batch)
+        return self._bulk[db].release(batch)
 
     async def _mark_and_wait(self, db: int, keys: list[bytes], strings: frozenset[bytes]) -> MoveResult:
         """Mark keys and wait until each was copied by a worker's copy started after now. Waits for
@@ -259,14 +321,19 @@ class Syncer:
     # -- state -----------------------------------------------------------------------------------
     @property
     def backlog(self) -> int:
-        return len(self._dirty) + len(self._in_flight) + len(self._again)
+        return len(self._dirty) + len(self._in_flight) + self._bulk_keys + len(self._again)
 
     def empty(self) -> bool:
         return self.backlog == 0
 
     def pending(self, dk: DirtyKey) -> bool:
         """Is this key dirty, in flight, or to be copied again?"""
-        return dk in self._dirty or dk in self._in_flight or dk in self._again
+        return dk in self._dirty or self.copying(dk) or dk in self._again
+
+    def copying(self, dk: DirtyKey) -> bool:
+        """Is this key in flight: in a worker's copy, or in a bulk batch's?"""
+        held = self._bulk.get(dk[0])
+        return dk in self._in_flight or (held is not None and dk[1] in held.keys)
 
     @property
     def dirty_members(self) -> int:
@@ -275,8 +342,9 @@ class Syncer:
 
     def _whole_pending(self, dk: DirtyKey) -> bool:
         """Does a whole copy of this key wait or run (not just members of it)?"""
+        held = self._bulk.get(dk[0])
         return (self._dirty.get(dk, _ABSENT) is None or self._again.get(dk, _ABSENT) is None
-                or self._in_flight.get(dk, False))
+                or self._in_flight.get(dk, False) or (held is not None and dk[1] in held.keys))
 
     def expected_copy(self, dk: DirtyKey) -> float:
         """Seconds the last copy of this key took (0.0 when it was fast or never timed)."""
@@ -452,7 +520,19 @@ class Syncer:
                         w.future.set_result(None)
 
     def _finished(self, batch: list[DirtyKey], result: MoveResult) -> None:
-        """A batch of in-flight keys was copied: they are clean unless marked meanwhile (then dirty)."""
+        """A worker's batch of in-flight keys was copied: they are clean unless marked meanwhile (then dirty)."""
+        self._count(batch[0][0], result)
+        in_flight, again, dirty = self._in_flight, self._again, self._dirty
+        for dk in batch:
+            del in_flight[dk]
+            if again:
+                marked = again.pop(dk, _ABSENT)
+                if marked is not _ABSENT:
+                    dirty[dk] = marked     # its members stay counted
+        self._wake()
+
+    def _count(self, db: int, result: MoveResult) -> None:
+        """A batch was copied: the syncer made progress."""
         self.failure = None
         self._last_progress = time.monotonic()
         self.stats.batches += 1
@@ -461,15 +541,11 @@ class Syncer:
         self.stats.bytes += result.bytes
         self.stats.members += result.members
         if result.timings:
-            self._record(batch[0][0], result.timings)
-        in_flight, again, dirty = self._in_flight, self._again, self._dirty
-        for dk in batch:
-            del in_flight[dk]
-            if again:
-                marked = again.pop(dk, _ABSENT)
-                if marked is not _ABSENT:
-                    dirty[dk] = marked     # its members stay counted
-        if dirty:
+            self._record(db, result.timings)
+
+    def _wake(self) -> None:
+        """After a batch: the workers, if keys wait, and whoever waits for the backlog to shrink."""
+        if self._dirty:
             self._work.set()
         self._batch_done.set()
 
