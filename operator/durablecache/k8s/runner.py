@@ -366,8 +366,9 @@ class LocalProcessRunner:
     SO_REUSEPORT (the kernel spreading connections over them stands in for the Service) and with its
     admin API on a loopback address of its own, 127.0.0.<2+i> (its "pod IP"). A pod that died is
     started again at the next ``ensure``, as its Deployment would. Pids, ports, the join token and the
-    fleet's certificate and key live in ``state_dir`` so that a restarted operator finds what its previous incarnation started, as it
-    would find the Deployments, instead of starting a second syncer; the proxies' files are in
+    fleet's certificate and key live in ``state_dir`` so that a restarted operator finds what its
+    previous incarnation started, as it would find the Deployments, instead of starting a second
+    syncer; the proxies' files are in
     ``state_dir/proxies``. ``kube`` reads spec.proxy.tls's Secret for the proxies (a pod mounts it)."""
 
     def __init__(self, state_dir: str | os.PathLike[str], env: dict[str, str] | None = None,
