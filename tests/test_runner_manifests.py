@@ -6,11 +6,17 @@ Secret both mount, the two Services, the two PodDisruptionBudgets, the spread ov
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
+from cryptography import x509
+
+from durablecache.fleettls import FleetTLS
 from durablecache.k8s.runner import (
     ADMIN_PORT,
     COORDINATOR_PORT,
+    FLEET_CERT_KEY,
+    FLEET_KEY_KEY,
     PROXY_TLS_DIR,
     TEMPLATE_HASH,
     TOKEN_DIR,
@@ -66,12 +72,35 @@ def test_the_join_token_is_generated_and_mounted_in_both_pods_not_passed_on_a_co
         pod, container = pod_of(resource(), deployment)
         (volume,) = [v for v in pod["volumes"] if v["name"] == "fleet-token"]
         assert volume["secret"] == {"secretName": "sessions-fleet-token", "defaultMode": 0o440,
-                                    "items": [{"key": "token", "path": "token"}]}
+                                    "items": [{"key": k, "path": k} for k in ("token", FLEET_CERT_KEY, FLEET_KEY_KEY)]}
         assert pod["securityContext"]["fsGroup"] == 10001      # readable by the image's group only
         (mount,) = [m for m in container["volumeMounts"] if m["name"] == "fleet-token"]
         assert (mount["mountPath"], mount["readOnly"]) == (TOKEN_DIR, True)
         assert flag(container["args"], "--join-token-file") == f"{TOKEN_DIR}/token"
         assert token not in " ".join(container["args"])
+
+
+def test_the_fleet_certificate_is_made_with_the_token_and_both_pods_speak_tls_with_it(tmp_path) -> None:
+    """The Secret holds a self-signed certificate and its key for the fleet's internal channels; both
+    pods are given them as files (never their contents on a command line), so the coordinator's join
+    and mark server and every proxy's admin API serve TLS and trust only that certificate."""
+    data = rendered(resource())[("Secret", "sessions-fleet-token")]["stringData"]
+    cert, key = data[FLEET_CERT_KEY], data[FLEET_KEY_KEY]
+    assert cert.startswith("-----BEGIN CERTIFICATE-----") and key.startswith("-----BEGIN PRIVATE KEY-----")
+    (tmp_path / "c").write_text(cert)
+    (tmp_path / "k").write_text(key)
+    tls = FleetTLS(str(tmp_path / "c"), str(tmp_path / "k"))     # the key matches the certificate
+    assert tls.client.verify_mode == ssl.CERT_REQUIRED and tls.server.verify_mode == ssl.CERT_REQUIRED
+    parsed = x509.load_pem_x509_certificate(cert.encode())
+    assert parsed.issuer == parsed.subject and "shop/sessions" in parsed.subject.rfc4514_string()
+    # A new one at each rendering, like the token: ensure() creates the Secret once.
+    assert rendered(resource())[("Secret", "sessions-fleet-token")]["stringData"][FLEET_CERT_KEY] != cert
+    for deployment in ("sessions-worker", "sessions-proxy"):
+        _, container = pod_of(resource(), deployment)
+        args = container["args"]
+        assert flag(args, "--fleet-tls-cert") == f"{TOKEN_DIR}/{FLEET_CERT_KEY}"
+        assert flag(args, "--fleet-tls-key") == f"{TOKEN_DIR}/{FLEET_KEY_KEY}"
+        assert "PRIVATE KEY" not in " ".join(args)
 
 
 def test_the_coordinator_runs_no_proxy_and_listens_for_joins_behind_its_service() -> None:

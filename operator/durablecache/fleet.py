@@ -22,11 +22,13 @@ import asyncio
 import base64
 import contextlib
 import json
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import logs
 from .errors import FencedError, RefusedError
+from .fleettls import FleetTLS
 from .migration import MarkCallback
 from .proxy.marks import MarkServer
 from .proxyhandles import AdminDriven
@@ -43,12 +45,13 @@ Emit = Callable[[dict[str, Any]], None]
 class Member(AdminDriven):
     """One joined proxy, driven through its admin API with the fleet's token and epoch."""
 
-    def __init__(self, peer: str, proxy_id: str, client: str, admin: str, token: str, epoch: int):
-        super().__init__(token, epoch)
+    def __init__(self, peer: str, proxy_id: str, client: str, admin: str, token: str, epoch: int,
+                 tls: ssl.SSLContext | None = None):
+        super().__init__(token, epoch, tls)
         self.peer = peer
         self.proxy_id = proxy_id
         self.address = client
-        self.admin_base = f"http://{admin}"
+        self.admin_base = f"{self.scheme}://{admin}"
         self.gone = asyncio.Event()
         self._open_session()
 
@@ -57,8 +60,11 @@ class Fleet:
     """The joined proxies, as one ProxyHandle; also the MarkServer's fleet hooks (join/ready/left)."""
 
     def __init__(self, token: str, *, epoch: int = 0, host: str = "127.0.0.1", port: int = 0,
-                 emit: Emit | None = None):
+                 emit: Emit | None = None, tls: FleetTLS | None = None):
         self.token = token
+        # TLS on both channels (docs/ha.md, Transport): the mark server asks every proxy for the fleet's
+        # certificate, and the members' admin APIs must present it; None: plain TCP.
+        self.tls = tls
         self.epoch = epoch
         self.host, self.port = host, port
         self.emit = emit or (lambda _e: None)
@@ -79,11 +85,13 @@ class Fleet:
     async def start(self, upstream: Endpoint, on_marks: MarkCallback, on_lost: Callable[[str], Any]) -> None:
         self.upstream = upstream
         self.server = MarkServer(on_marks, self.token, host=self.host, port=self.port,
-                                 on_lost=lambda peer: on_lost(f"proxy {peer} lost its mark stream"), fleet=self)
+                                 on_lost=lambda peer: on_lost(f"proxy {peer} lost its mark stream"), fleet=self,
+                                 tls=self.tls.server if self.tls else None)
         await self.server.start()
         self.port = self.server.port
         self.address = f"fleet@{self.host}:{self.port}"
-        self.emit({"event": "coordinator", "address": f"{self.host}:{self.port}", "epoch": self.epoch})
+        self.emit({"event": "coordinator", "address": f"{self.host}:{self.port}", "epoch": self.epoch,
+                   "tls": self.tls is not None})
 
     # ---- the join protocol (called by the MarkServer) ---------------------------------------------
     async def join(self, peer: str, cmd: list[bytes]) -> bytes:
@@ -110,7 +118,8 @@ class Fleet:
             return False
         timer.cancel()
         client, admin = (_reachable(cmd[i].decode(), host) for i in (1, 2))
-        member = Member(peer, peer.split("@")[0], client, admin, self.token, self.epoch)
+        member = Member(peer, peer.split("@")[0], client, admin, self.token, self.epoch,
+                        self.tls.client if self.tls else None)
         self.members[peer] = member
         self._lock.release()
         log.info("fleet.joined", peer=peer, client=client, admin=admin, members=len(self.members))

@@ -88,15 +88,22 @@ class AdminDriven:
 
     address: str
 
-    def __init__(self, token: str, epoch: int = 0):
+    def __init__(self, token: str, epoch: int = 0, tls: ssl.SSLContext | None = None):
         self.token = token
         self.epoch = epoch
-        self.admin_base = ""          # http://host:port of the admin API
+        # fleettls.FleetTLS.client: HTTPS to a proxy that must present the fleet's certificate
+        self.tls = tls
+        self.admin_base = ""          # http[s]://host:port of the admin API
         self._session: aiohttp.ClientSession | None = None
 
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
+
     def _open_session(self) -> None:
+        connector = aiohttp.TCPConnector(ssl=self.tls) if self.tls is not None else None
         self._session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.token}",
-                                                       EPOCH_HEADER: str(self.epoch)})
+                                                       EPOCH_HEADER: str(self.epoch)}, connector=connector)
 
     async def _admin(self, method: str, path: str, json: Any = None, timeout: float = ADMIN_TIMEOUT) -> Any:
         assert self._session

@@ -22,6 +22,7 @@ import libvalkey
 
 from . import logs
 from .errors import ConnectError
+from .fleettls import FleetTLS, TLSRefused
 from .proxy import Proxy
 from .proxy.admin import AdminServer, Fence
 from .proxy.marks import RemoteMarks, read_reply
@@ -41,8 +42,12 @@ class Joiner:
 
     def __init__(self, coordinator: tuple[str, int], token: str, proxy_id: str, *, listen: tuple[str, int],
                  admin: tuple[str, int], announce: str | None = None, client_tls: ssl.SSLContext | None = None,
-                 migrating: bool = True, name_prefix: str = "durablecache-proxy", **proxy_settings: Any):
+                 migrating: bool = True, name_prefix: str = "durablecache-proxy", fleet_tls: FleetTLS | None = None,
+                 **proxy_settings: Any):
         self.token = token
+        # The fleet's TLS (docs/ha.md, Transport): on the mark channel (the coordinator must present the
+        # fleet's certificate; this proxy presents it too) and on the admin API; None: plain TCP.
+        self.fleet_tls = fleet_tls
         self.proxy_settings = proxy_settings    # more Proxy settings: max_clients, announce_host, reuse_port
         self.proxy_id = proxy_id
         self.listen = listen
@@ -55,7 +60,8 @@ class Joiner:
         self.proxy: Proxy | None = None
         self.admin: AdminServer | None = None
         self.remote = RemoteMarks(coordinator[0], coordinator[1], token, name=proxy_id, greet=self._greet,
-                                  retry_for=RETRY_FOR)
+                                  retry_for=RETRY_FOR, tls=fleet_tls.client if fleet_tls else None,
+                                  role="coordinator")
         self.failed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     async def start(self, timeout: float = JOIN_TIMEOUT) -> None:
@@ -67,7 +73,8 @@ class Joiner:
                 await self.remote.connect()
                 return
             except ConnectError as exc:
-                if self.failed.done() or time.monotonic() > deadline:
+                # TLSRefused: the two ends disagree on the transport or the certificate; waiting won't help.
+                if self.failed.done() or isinstance(exc, TLSRefused) or time.monotonic() > deadline:
                     raise
                 log.warning("proxy.join_retry", reason=str(exc))
                 await asyncio.sleep(RETRY_FOR / 2)
@@ -141,7 +148,8 @@ class Joiner:
         self.proxy = proxy
         if state["prepared"]:
             await proxy.prepare_flip(parse_url(state["prepared"]))
-        self.admin = AdminServer(proxy, self.token, self.admin_addr[0], self.admin_addr[1], fence=self.fence)
+        self.admin = AdminServer(proxy, self.token, self.admin_addr[0], self.admin_addr[1], fence=self.fence,
+                                 tls=self.fleet_tls.server if self.fleet_tls else None)
         await self.admin.start()
         if state.get("ended"):
             proxy.end_migration()      # joined after the end: a plain front end

@@ -633,6 +633,10 @@ def test_kubernetes_runner_creates_the_owned_worker_deployment_service_pdb_and_i
         (ref,) = obj.metadata.owner_references
         assert (ref.kind, ref.name, ref.uid, ref.controller) == ("DurableCache", "carts", uid, True)
     assert len(base64.b64decode(token.data["token"])) == 64
+    # With the token, the fleet's TLS certificate and key (docs/ha.md, Transport).
+    assert set(token.data) == {"token", "fleet-tls.crt", "fleet-tls.key"}
+    fleet_key = base64.b64decode(token.data["fleet-tls.key"]).decode()
+    assert fleet_key.startswith("-----BEGIN PRIVATE KEY-----")
     # The coordinator: one replica, no proxy of its own, listening for joins behind its Service.
     assert deployment.spec.replicas == 1 and deployment.spec.strategy.type == "Recreate"
     pod = deployment.spec.template.spec
@@ -643,6 +647,7 @@ def test_kubernetes_runner_creates_the_owned_worker_deployment_service_pdb_and_i
     args = container.args
     assert args[args.index("--resource"):][:6] == ["--resource", f"{kube_namespace}/carts", "--proxies", "0",
                                                    "--coordinator-listen", "0.0.0.0:7000"]
+    assert args[args.index("--fleet-tls-cert") + 1] == "/etc/durablecache/fleet/fleet-tls.crt"
     assert [(p.name, p.port) for p in coordinator.spec.ports] == [("fleet", 7000)]
     assert coordinator.spec.selector == deployment.spec.selector.match_labels
     assert pdb.spec.max_unavailable == 0
@@ -658,6 +663,7 @@ def test_kubernetes_runner_creates_the_owned_worker_deployment_service_pdb_and_i
     assert args[args.index("--join") + 1] == f"carts-coordinator.{kube_namespace}.svc:7000"
     assert args[args.index("--connection-budget") + 1] == "30000"
     assert args[args.index("--announce") + 1] == f"carts-proxy.{kube_namespace}.svc"
+    assert args[args.index("--fleet-tls-key") + 1] == "/etc/durablecache/fleet/fleet-tls.key"
     assert args[args.index("--tls-cert") + 1] == "/etc/durablecache/proxy-tls/tls.crt"
     assert args[args.index("--tls-key") + 1] == "/etc/durablecache/proxy-tls/tls.key"
     (volume,) = [v for v in pod.volumes if v.name == "proxy-tls"]
@@ -715,6 +721,7 @@ def test_kubernetes_runner_creates_the_owned_worker_deployment_service_pdb_and_i
              lambda: all(_gone(r) for r in [*readers, lambda: cluster.get("carts")]), 30)
     assert token.metadata.uid == read_token[0]().metadata.uid
     assert base64.b64decode(token.data["token"]).decode() not in op.logs()   # never logged
+    assert fleet_key.splitlines()[1] not in op.logs()                         # nor the key
     assert_no_rbac_denials(op)
 
 

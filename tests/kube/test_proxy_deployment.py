@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 from collections.abc import Callable, Iterator
@@ -133,6 +134,13 @@ def test_two_proxy_pods_carry_a_migration_under_load(two_pods, kube_env: KubeEnv
     # Nothing went wrong: no Warning but the static target's PreflightWarning.
     warnings = [reason for type_, reason, _ in run.cluster.events("sessions") if type_ == "Warning"]
     assert warnings == ["PreflightWarning"], warnings
+    # The fleet's channels were TLS: the coordinator's join and mark server, each proxy pod's admin API
+    # (they joined, so both ends had the same certificate: docs/ha.md, Transport).
+    logs = [run.op.state / f"{kube_namespace}.sessions.log",
+            *(run.op.state / "proxies" / f"{kube_namespace}.sessions.{i}.log" for i in (0, 1))]
+    for path, event in zip(logs, ["marks.listening", "proxy.admin_listening", "proxy.admin_listening"]):
+        lines = [json.loads(line) for line in path.read_text().splitlines() if f'"{event}"' in line]
+        assert lines and all(line["tls"] is True for line in lines), (path, lines)
     # The operator removes the coordinator and the proxies once the migration is complete.
     wait_for("the proxy pods to be gone", lambda: not any(run.pid(i) for i in (0, 1)), 30)
 

@@ -9,7 +9,7 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import valkey.asyncio as avalkey
 from durablecache.commands.migrate import proxy_starter
 from durablecache.errors import FencedError
 from durablecache.fleet import Fleet, Member
+from durablecache.fleettls import FleetTLS
 from durablecache.migration import Migration, ProxyHandle
 from durablecache.options import MigrationOptions
 from durablecache.phases import Phase
@@ -40,14 +41,16 @@ class ProxyProc:
         self.proc, self.name, self.port, self.log = proc, name, port, log
 
     @classmethod
-    async def join(cls, coordinator_port: int, token_file: Path, name: str) -> ProxyProc:
+    async def join(cls, coordinator_port: int, token_file: Path, name: str, extra: Sequence[str] = ()) -> ProxyProc:
+        """``extra``: more flags (the fleet's TLS)."""
         port = free_port()
         log = token_file.parent / f"{name}.log"
         with open(log, "ab") as err:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "durablecache.cli", "--log-json", "proxy", "--join",
                 f"127.0.0.1:{coordinator_port}", "--join-token-file", str(token_file), "--admin", "127.0.0.1:0",
-                "--listen", f"127.0.0.1:{port}", "--proxy-id", name, stdout=asyncio.subprocess.DEVNULL, stderr=err)
+                "--listen", f"127.0.0.1:{port}", "--proxy-id", name, *extra, stdout=asyncio.subprocess.DEVNULL,
+                stderr=err)
         return cls(proc, name, port, log)
 
     def kill(self) -> None:
@@ -68,14 +71,16 @@ class Run:
     """A migration whose proxies all join its fleet; events are awaited, never slept on."""
 
     def __init__(self, source: LocalServer, target: LocalServer, tmp: Path, extra: list[ProxyHandle] | None = None,
-                 **opts: Any):
+                 tls: FleetTLS | None = None, **opts: Any):
         self.source, self.target = source, target
         self.token_file = tmp / "join.token"
         self.token_file.write_text(TOKEN + "\n")
         self.events: list[dict[str, Any]] = []
         self._changed = asyncio.Event()
         self.hooks: list[Callable[[dict[str, Any]], None]] = []
-        self.fleet = Fleet(TOKEN, port=0, emit=self.emit, epoch=opts.get("epoch", 0))
+        self.fleet = Fleet(TOKEN, port=0, emit=self.emit, epoch=opts.get("epoch", 0), tls=tls)
+        # Each proxy process is given the coordinator's certificate and key, if it has them.
+        self.proxy_flags = ["--fleet-tls-cert", tls.cert, "--fleet-tls-key", tls.key] if tls else []
         self.extra = extra or []
         starter, _ = proxy_starter("127.0.0.1", 0, "inprocess", self.emit, fleet=self.fleet, spawn=False)
 
@@ -112,8 +117,9 @@ class Run:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), left)
 
-    async def add_proxy(self, name: str) -> ProxyProc:
-        p = await ProxyProc.join(self.fleet.port, self.token_file, name)
+    async def add_proxy(self, name: str, port: int | None = None) -> ProxyProc:
+        """A proxy process that joins the coordinator (at ``port``: a relay to it)."""
+        p = await ProxyProc.join(port or self.fleet.port, self.token_file, name, self.proxy_flags)
         self.proxies[name] = p
         await self.wait(lambda e: e["event"] == "proxy_joined" and e["proxy"] == name, 30)
         return p

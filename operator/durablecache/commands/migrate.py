@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from .. import fleettls
 from ..checkpoint import CheckpointStore, FileCheckpoint, MemoryCheckpoint
 from ..control import ControlServer
 from ..errors import UsageError
@@ -87,6 +88,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "drive them with the ones started here (needs --join-token-file; docs/ha.md)")
     p.add_argument("--join-token-file", metavar="PATH",
                    help="the fleet's shared token: joining proxies present it, and it is their admin API's token")
+    fleettls.add_arguments(p, "the joins and marks of --coordinator-listen, and the joined proxies' admin APIs")
     p.add_argument("--epoch", type=int, default=DEFAULTS.epoch, metavar="N",
                    help="this coordinator's fencing epoch: proxies that have seen a newer one refuse its "
                         "instructions (default 0; the operator sets it from its Lease)")
@@ -156,9 +158,11 @@ async def migrate(args: argparse.Namespace) -> Phase:
     if args.coordinator_listen:
         fhost, fport = hostport(args.coordinator_listen, "--coordinator-listen")
         fleet = Fleet(read_token(args.join_token_file, "--coordinator-listen"), epoch=opts.epoch, host=fhost,
-                      port=fport, emit=emit)
+                      port=fport, emit=emit, tls=fleettls.from_flags(args.fleet_tls_cert, args.fleet_tls_key))
     elif args.proxies == 0:
         raise UsageError("--proxies 0 needs --coordinator-listen: without either, nothing would serve clients")
+    elif args.fleet_tls_cert or args.fleet_tls_key:
+        raise UsageError("--fleet-tls-cert goes with --coordinator-listen (the channels it secures)")
     starter, owned = proxy_starter(host, port, args.proxy_mode, emit, epoch=opts.epoch, fleet=fleet,
                                    spawn=args.proxies > 0, connection_budget=opts.connection_budget)
     store: CheckpointStore = FileCheckpoint(args.state_file) if args.state_file else MemoryCheckpoint()

@@ -10,7 +10,7 @@ import socket
 import ssl
 from typing import Any
 
-from .. import logs
+from .. import fleettls, logs
 from ..errors import UsageError
 from ..options import DEFAULTS
 from ..proxyprocesses import Child, cpu_count, supervise
@@ -36,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--admin; docs/ha.md)")
     p.add_argument("--join-token-file", help="file holding the fleet's token (also this proxy's admin API token)")
     p.add_argument("--proxy-id", help="this proxy's name in the fleet (default: host name and process id)")
+    fleettls.add_arguments(p, "with --join: the mark channel to the coordinator and this proxy's admin API")
     p.add_argument("--tls-cert", help="serve clients over TLS with this certificate (PEM)")
     p.add_argument("--tls-key", help="private key of --tls-cert (PEM)")
     p.add_argument("--announce", metavar="HOST[:PORT]",
@@ -95,6 +96,8 @@ def announce_address(value: str, what: str = "--announce") -> tuple[str, int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if (args.fleet_tls_cert or args.fleet_tls_key) and not args.join:
+        raise UsageError("--fleet-tls-cert/--fleet-tls-key go with --join (the channels of a fleet)")
     if args.processes > 1:
         return run_async(_parent(args))
     if args.json:
@@ -183,6 +186,7 @@ async def _parent(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-clients-total {args.max_clients_total} cannot be shared by {args.processes} "
                          "processes: give each at least one")
     server_tls(args.tls_cert, args.tls_key)            # a bad certificate fails here, once
+    fleettls.from_flags(args.fleet_tls_cert, args.fleet_tls_key)
     if args.announce:
         announce_address(args.announce)
     # The upstream URL may carry a password: the children get it in the environment, never in argv.
@@ -250,6 +254,7 @@ async def _joined(args: argparse.Namespace) -> int:
     joiner = Joiner(hostport(args.join, "--join"), read_token(args.join_token_file, "--join"),
                     args.proxy_id or f"{socket.gethostname()}-{os.getpid()}", listen=hostport(args.listen, "--listen"),
                     admin=hostport(args.admin, "--admin"), client_tls=server_tls(args.tls_cert, args.tls_key),
+                    fleet_tls=fleettls.from_flags(args.fleet_tls_cert, args.fleet_tls_key),
                     migrating=not args.not_migrating, name_prefix=args.name, max_clients=max_clients(args, 1),
                     announce_host=announce_host, announce_port=announce_port, reuse_port=args.reuse_port,
                     connection_budget=args.connection_budget)

@@ -22,7 +22,7 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from .. import logs
+from .. import fleettls, logs
 from ..errors import ConnectError, DurableCacheError, UsageError
 from ..fleet import Fleet
 from ..k8s.kube import Kube, load_client
@@ -82,6 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--join-token-file", metavar="PATH",
                    help="the fleet's shared token (the mounted join-token Secret): joining proxies present it, and "
                         "it is their admin API's token")
+    fleettls.add_arguments(p, "the joins and marks of --coordinator-listen, and the proxies' admin APIs")
     p.add_argument("--gate-timeout", type=migrate_cmd.duration, default=OPERATOR_GATE_TIMEOUT, metavar="DUR",
                    help="how long RouteIn waits for applications to move onto the proxy "
                         f"(default {format_duration(OPERATOR_GATE_TIMEOUT)})")
@@ -110,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     namespace, sep, name = args.resource.partition("/")
     if not sep or not namespace or not name:
         raise UsageError(f"--resource must be NAMESPACE/NAME, not {args.resource!r}")
+    check_fleet_tls(args)
     phase = run_async(work(args, namespace, name))
     return 0 if phase in SUCCESSFUL_ENDS or phase is None else 1
 
@@ -307,6 +309,12 @@ def proxy_tls_files(kube: Kube, spec: DurableCacheSpec, args: argparse.Namespace
     return out[0], out[1]
 
 
+def check_fleet_tls(args: argparse.Namespace) -> None:
+    """The fleet's certificate loads and has a channel to serve (before the lease is contended)."""
+    if fleettls.from_flags(args.fleet_tls_cert, args.fleet_tls_key) and not args.coordinator_listen:
+        raise UsageError("--fleet-tls-cert goes with --coordinator-listen (the channels it secures)")
+
+
 def coordinator_fleet(args: argparse.Namespace, epoch: int, emit: Emit) -> Fleet | None:
     """The fleet proxies join (--coordinator-listen), driven with this coordinator's lease epoch."""
     if not args.coordinator_listen:
@@ -315,7 +323,7 @@ def coordinator_fleet(args: argparse.Namespace, epoch: int, emit: Emit) -> Fleet
         return None
     host, port = hostport(args.coordinator_listen, "--coordinator-listen")
     return Fleet(read_token(args.join_token_file, "--coordinator-listen"), epoch=epoch, host=host, port=port,
-                 emit=emit)
+                 emit=emit, tls=fleettls.from_flags(args.fleet_tls_cert, args.fleet_tls_key))
 
 
 def fleet_view(fleet: Fleet, wanted: int) -> dict[str, Any]:

@@ -3,8 +3,9 @@
 
 ``KubernetesRunner`` is production, all owned by the DurableCache:
 
-- the join-token Secret ``NAME-fleet-token``, generated once: proxies present it when they join, and
-  it is the bearer token of their admin APIs;
+- the join-token Secret ``NAME-fleet-token``, generated once: proxies present its token when they
+  join, and it is the bearer token of their admin APIs; it also holds the fleet's self-signed
+  certificate and key (fleettls.py), with which the mark channel and the admin APIs speak TLS;
 - the coordinator: Deployment ``NAME-worker`` (one replica, Recreate; its coordinator Lease makes a
   second one a standby), with no proxy of its own, listening for joins on the ``NAME-coordinator``
   Service, and a PodDisruptionBudget that lets no drain evict it mid-migration;
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .. import logs
+from ..fleettls import make_certificate
 from ..ports import free_port
 from . import GROUP
 from .kube import Kube, owner_reference
@@ -51,6 +53,10 @@ STOP_TIMEOUT = 10.0
 PROXY_TLS_DIR = "/etc/durablecache/proxy-tls"   # spec.proxy.tls.secretName, mounted in the proxy pods
 TOKEN_DIR = "/etc/durablecache/fleet"           # the join-token Secret, mounted in every pod
 TOKEN_KEY = "token"
+# The fleet's certificate and key in the same Secret (not the kubernetes.io/tls key names: the Secret
+# is Opaque, and these are not the certificate clients see).
+FLEET_CERT_KEY, FLEET_KEY_KEY = "fleet-tls.crt", "fleet-tls.key"
+FLEET_FILES = (f"{TOKEN_DIR}/{FLEET_CERT_KEY}", f"{TOKEN_DIR}/{FLEET_KEY_KEY}")
 POD_GROUP = 10001                               # the image's group (Dockerfile): may read the mounted keys
 COORDINATOR, PROXY = "coordinator", "proxy"
 ROLE_LABEL = "app.kubernetes.io/component"
@@ -76,22 +82,31 @@ def _labels(obj: dict[str, Any], role: str) -> dict[str, str]:
             f"{GROUP}/name": obj["metadata"]["name"]}
 
 
-def worker_args(obj: dict[str, Any], coordinator_listen: str,
-                token_file: str = f"{TOKEN_DIR}/{TOKEN_KEY}") -> list[str]:
-    """The coordinator's command line: no proxy of its own, proxies join at ``coordinator_listen``."""
+def worker_args(obj: dict[str, Any], coordinator_listen: str, token_file: str = f"{TOKEN_DIR}/{TOKEN_KEY}",
+                fleet_tls: tuple[str, str] = FLEET_FILES) -> list[str]:
+    """The coordinator's command line: no proxy of its own, proxies join at ``coordinator_listen``, over
+    TLS with the fleet's certificate and key (the files ``fleet_tls`` names)."""
     meta = obj["metadata"]
     return ["--log-json", "--log-level=info", "worker", "--resource", f"{meta['namespace']}/{meta['name']}",
-            "--proxies", "0", "--coordinator-listen", coordinator_listen, "--join-token-file", token_file]
+            "--proxies", "0", "--coordinator-listen", coordinator_listen, "--join-token-file", token_file,
+            *_fleet_tls_args(fleet_tls)]
+
+
+def _fleet_tls_args(files: tuple[str, str]) -> list[str]:
+    return ["--fleet-tls-cert", files[0], "--fleet-tls-key", files[1]]
 
 
 def proxy_args(proxy: ProxySpec, join: str, token_file: str, *, listen: str, admin: str, proxy_id: str,
-               announce: str | None = None, tls_dir: str | None = None) -> list[str]:
+               announce: str | None = None, tls_dir: str | None = None,
+               fleet_tls: tuple[str, str] = FLEET_FILES) -> list[str]:
     """One proxy pod's command line: join the coordinator at ``join``; serve clients at ``listen`` with
     spec.proxy's processes, TLS (the certificate and key mounted at ``tls_dir``), client limit and
     connection budget; name ``announce`` in cluster mode. ``admin`` is where the coordinator reaches
-    it, so its host must be an address the coordinator can connect to (the pod IP)."""
+    it, so its host must be an address the coordinator can connect to (the pod IP). The join, the marks
+    and the admin API speak TLS with the fleet's certificate and key (the files ``fleet_tls`` names)."""
     processes = "auto" if proxy.processes == AUTO_PROCESSES else str(proxy.processes)
     out = ["--log-json", "--log-level=info", "proxy", "--join", join, "--join-token-file", token_file,
+           *_fleet_tls_args(fleet_tls),
            "--listen", listen, "--admin", admin, "--proxy-id", proxy_id, "--processes", processes]
     if announce:
         out += ["--announce", announce]
@@ -121,6 +136,14 @@ def _digest(value: Any) -> str:
 
 def new_token() -> str:
     return secrets.token_hex(32)
+
+
+def fleet_secret_data(obj: dict[str, Any]) -> dict[str, str]:
+    """What the join-token Secret holds: a new token, and a new certificate and key for the fleet's
+    internal channels (only the first ever made is kept: the Secret is created once)."""
+    meta = obj["metadata"]
+    cert, key = make_certificate(f"durablecache fleet {meta['namespace']}/{meta['name']}")
+    return {TOKEN_KEY: new_token(), FLEET_CERT_KEY: cert, FLEET_KEY_KEY: key}
 
 
 class KubernetesRunner:
@@ -186,7 +209,7 @@ class KubernetesRunner:
         proxy = DurableCacheSpec.parse(obj).proxy
         return [
             {"apiVersion": "v1", "kind": "Secret", "metadata": self._meta(obj, token_secret_name(obj), COORDINATOR),
-             "type": "Opaque", "stringData": {TOKEN_KEY: new_token()}},
+             "type": "Opaque", "stringData": fleet_secret_data(obj)},
             self._service(obj, f"{name}-coordinator", COORDINATOR, "fleet", COORDINATOR_PORT),
             # A drain must not evict the coordinator mid-migration: its proxies refuse writes until a
             # new one holds the lease.
@@ -224,8 +247,8 @@ class KubernetesRunner:
                          "template": template}}
 
     def _pod(self, container: dict[str, Any], grace: int) -> dict[str, Any]:
-        """What both pods share: a non-root, read-only container; /tmp; the join token, readable by the
-        image's group only."""
+        """What both pods share: a non-root, read-only container; /tmp; the join token and the fleet's
+        certificate and key, readable by the image's group only."""
         container.update({
             "image": self.image, "command": ["durablecache"],
             "env": [{"name": "HOME", "value": "/tmp"}, *container.get("env", [])],
@@ -236,8 +259,8 @@ class KubernetesRunner:
         pod: dict[str, Any] = {
             "containers": [container],
             "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
-                        {"name": "fleet-token", "secret": {"secretName": "", "defaultMode": 0o440,
-                                                           "items": [{"key": TOKEN_KEY, "path": TOKEN_KEY}]}}],
+                        {"name": "fleet-token", "secret": {"secretName": "", "defaultMode": 0o440, "items": [
+                            {"key": k, "path": k} for k in (TOKEN_KEY, FLEET_CERT_KEY, FLEET_KEY_KEY)]}}],
             "securityContext": {"fsGroup": POD_GROUP},
             "terminationGracePeriodSeconds": grace,
         }
@@ -328,6 +351,13 @@ class KubernetesRunner:
             await asyncio.to_thread(self.kube.delete_quietly, kind, ns, name)
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to a file only this user may read (or write)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
 class LocalProcessRunner:
     """The coordinator and its proxy pods as local processes (tests: there is no kubelet to run pods).
 
@@ -335,9 +365,10 @@ class LocalProcessRunner:
     of its own (its ``--processes`` children with it), listening on the one shared client port with
     SO_REUSEPORT (the kernel spreading connections over them stands in for the Service) and with its
     admin API on a loopback address of its own, 127.0.0.<2+i> (its "pod IP"). A pod that died is
-    started again at the next ``ensure``, as its Deployment would. Pids, ports and the join token live
-    in ``state_dir`` so that a restarted operator finds what its previous incarnation started, as it
-    would find the Deployments, instead of starting a second syncer; the proxies' files are in
+    started again at the next ``ensure``, as its Deployment would. Pids, ports, the join token and the
+    fleet's certificate and key live in ``state_dir`` so that a restarted operator finds what its
+    previous incarnation started, as it would find the Deployments, instead of starting a second
+    syncer; the proxies' files are in
     ``state_dir/proxies``. ``kube`` reads spec.proxy.tls's Secret for the proxies (a pod mounts it)."""
 
     def __init__(self, state_dir: str | os.PathLike[str], env: dict[str, str] | None = None,
@@ -366,14 +397,22 @@ class LocalProcessRunner:
         """A file only this user may read, written once (``make()`` gives its text)."""
         path = self._file(obj, suffix, self.proxy_dir)
         if not path.exists():
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(make())
+            _write_private(path, make())
         return str(path)
 
     def token_file(self, obj: dict[str, Any]) -> str:
         """The fleet's join token (the Secret's stand-in)."""
         return self._secret_file(obj, "token", new_token)
+
+    def fleet_tls_files(self, obj: dict[str, Any]) -> tuple[str, str]:
+        """The fleet's certificate and key (the Secret's stand-in): owner-only files, made once (again
+        only if one of the two is missing: a certificate is useless without its key)."""
+        cert, key = (self._file(obj, suffix, self.proxy_dir) for suffix in (FLEET_CERT_KEY, FLEET_KEY_KEY))
+        if not (cert.exists() and key.exists()):
+            cert_pem, key_pem = make_certificate(f"durablecache fleet {obj['metadata']['name']}")
+            _write_private(key, key_pem)
+            _write_private(cert, cert_pem)
+        return str(cert), str(key)
 
     def pid(self, obj: dict[str, Any], proxy: int | None = None) -> int | None:
         """The coordinator's pid, or proxy pod ``proxy``'s (the leader of its process group)."""
@@ -413,7 +452,8 @@ class LocalProcessRunner:
         old = self.pid(obj)
         outcome = "running"
         if not self.alive(old):
-            args = worker_args(obj, f"127.0.0.1:{self._port(obj, 'fleet-port')}", self.token_file(obj))
+            args = worker_args(obj, f"127.0.0.1:{self._port(obj, 'fleet-port')}", self.token_file(obj),
+                               self.fleet_tls_files(obj))
             pid = self._start(args, self._file(obj, "log"), self._pid_file(obj, None))
             log.info("worker process started", pid=pid, resource=obj["metadata"]["name"])
             outcome = "restarted" if old is not None else "started"
@@ -429,7 +469,7 @@ class LocalProcessRunner:
             name = f"{obj['metadata']['name']}-proxy-{i}"
             args = proxy_args(proxy, f"127.0.0.1:{self._port(obj, 'fleet-port')}", self.token_file(obj),
                               listen=f"127.0.0.1:{self._port(obj)}", admin=f"127.0.0.{2 + i}:0", proxy_id=name,
-                              tls_dir=self._tls_dir(obj, proxy))
+                              tls_dir=self._tls_dir(obj, proxy), fleet_tls=self.fleet_tls_files(obj))
             args.append("--reuse-port")      # the "pods" share the one client port
             pid = self._start(args, self._file(obj, f"{i}.log", self.proxy_dir), self._pid_file(obj, i))
             log.info("proxy pod " + ("restarted" if old is not None else "started"), pid=pid, proxy=name)
@@ -442,10 +482,7 @@ class LocalProcessRunner:
         tls_dir = self.proxy_dir / f"{ns}.{obj['metadata']['name']}.tls"
         tls_dir.mkdir(mode=0o700, exist_ok=True)
         for key in (TLS_CERT_KEY, TLS_KEY_KEY):
-            path = tls_dir / key
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(kube.secret_value(ns, secret, key))
+            _write_private(tls_dir / key, kube.secret_value(ns, secret, key))
         return str(tls_dir)
 
     def proxy_address(self, obj: dict[str, Any]) -> tuple[str, int]:

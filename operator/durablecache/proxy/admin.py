@@ -1,4 +1,5 @@
 """The proxy's admin API: a separate HTTP listener, every request needs ``Authorization: Bearer <token>``.
+With the fleet's TLS (fleettls.py) it is HTTPS and a client must present the fleet's certificate.
 
     GET  /healthz                    -> {"ok": true}
     GET  /stats                      -> Proxy.stats()
@@ -29,6 +30,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import ssl
 import time
 from typing import Any
 
@@ -60,7 +62,7 @@ class Fence:
 
 class AdminServer:
     def __init__(self, proxy: Proxy, token: str, host: str = "127.0.0.1", port: int = 0,
-                 fence: Fence | None = None):
+                 fence: Fence | None = None, tls: ssl.SSLContext | None = None):
         if not token:
             raise ValueError("the admin API needs a token")
         self.proxy = proxy
@@ -68,6 +70,9 @@ class AdminServer:
         self.host = host
         self.port = port
         self._token = token
+        # fleettls.FleetTLS.server: HTTPS, and a client must present the fleet's certificate (the
+        # coordinator does); one that does not never reaches a handler.
+        self.tls = tls
         self._runner: web.AppRunner | None = None
 
     def _app(self) -> web.Application:
@@ -105,12 +110,12 @@ class AdminServer:
     async def start(self) -> None:
         self._runner = web.AppRunner(self._app(), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.tls)
         await site.start()
         sockets = getattr(site._server, "sockets", None)  # an asyncio.Server once started
         if sockets:
             self.port = int(sockets[0].getsockname()[1])
-        log.info("proxy.admin_listening", address=f"{self.host}:{self.port}")
+        log.info("proxy.admin_listening", address=f"{self.host}:{self.port}", tls=self.tls is not None)
 
     async def stop(self) -> None:
         if self._runner is not None:

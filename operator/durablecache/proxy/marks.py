@@ -23,6 +23,7 @@ import contextlib
 import hmac
 import inspect
 import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -32,6 +33,7 @@ import libvalkey
 
 from .. import logs
 from ..errors import ConnectError, DurableCacheError
+from ..fleettls import HANDSHAKE_TIMEOUT, refused
 from .members import MemberMark
 
 log = logs.get("durablecache.marks")
@@ -66,8 +68,9 @@ class MarkServer:
     """Syncer side: accepts proxies, calls ``on_marks`` per batch in arrival order, acks each."""
 
     def __init__(self, on_marks: MarkCallback, token: str, *, host: str = "127.0.0.1", port: int = 0,
-                 on_lost: LostCallback | None = None, fleet: Any = None):
+                 on_lost: LostCallback | None = None, fleet: Any = None, tls: ssl.SSLContext | None = None):
         self.on_marks = on_marks
+        self.tls = tls      # fleettls.FleetTLS.server: TLS, and a peer must present the fleet's certificate
         self.on_lost = on_lost
         # Takes HELLO-FLEET and READY (fleet.Fleet: join(peer, args) -> state bytes, ready(peer, args,
         # host), left(peer)); None: only HELLO-MARKS is accepted.
@@ -83,10 +86,12 @@ class MarkServer:
         self.keys = 0
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        # A peer that fails the handshake (plain TCP, another certificate, none) never reaches _serve.
+        self._server = await asyncio.start_server(self._serve, self.host, self.port, ssl=self.tls,
+                                                  ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self.tls else None)
         server: Any = self._server     # as in Proxy.start: uvloop's sockets are a list, not a tuple
         self.port = int(server.sockets[0].getsockname()[1])
-        log.info("marks.listening", address=f"{self.host}:{self.port}")
+        log.info("marks.listening", address=f"{self.host}:{self.port}", tls=self.tls is not None)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -214,8 +219,11 @@ class RemoteMarks:
     """
 
     def __init__(self, host: str, port: int, token: str, *, name: str = "durablecache-proxy",
-                 retry_for: float = 10.0, greet: Greet | None = None):
+                 retry_for: float = 10.0, greet: Greet | None = None, tls: ssl.SSLContext | None = None,
+                 role: str = "syncer"):
         self.host = host
+        self.role = role    # what the server is, in errors: "the syncer at HOST:PORT ..."
+        self.tls = tls      # fleettls.FleetTLS.client: the server must present the fleet's certificate
         self.port = port
         self._token = token
         self.name = name
@@ -278,34 +286,53 @@ class RemoteMarks:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.retry_for
         delay = 0.05
+        who = f"the {self.role} at {self.host}:{self.port}"
         while True:
             try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), 5.0)
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(self.host, self.port, ssl=self.tls), 5.0)
                 break
+            except ssl.SSLError as exc:     # not a server that is not up yet: one that is not ours
+                raise refused(who, exc, True) from None
             except (TimeoutError, OSError) as exc:
+                if self.tls is not None and isinstance(exc, ConnectionResetError):
+                    # It took the connection, then dropped our handshake: up, but not serving TLS.
+                    raise refused(who, "it closed the connection during the handshake", True) from None
                 if loop.time() + delay > deadline:
-                    raise ConnectError(f"cannot reach the syncer at {self.host}:{self.port}: {exc}") from None
+                    raise ConnectError(f"cannot reach {who}: {str(exc) or type(exc).__name__}") from None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
         keep_alive(writer, PROXY_USER_TIMEOUT_MS)
         parser = libvalkey.Reader()
-        if self.greet is not None:
-            try:
-                await self.greet(reader, writer, parser)
-            except BaseException:
-                writer.close()
-                raise
-        else:
-            writer.write(libvalkey.pack_command((b"HELLO-MARKS", self._token.encode(), self.name.encode())))
-            reply = await read_reply(reader, parser, f"the syncer at {self.host}:{self.port}")
-            if isinstance(reply, libvalkey.ReplyError):
-                writer.close()
-                raise ConnectError(f"the syncer at {self.host}:{self.port} refused us: {reply}")
+        try:
+            await self._greet(reader, writer, parser, who)
+        except TimeoutError:
+            writer.close()
+            raise ConnectError(f"{who} did not answer our greeting in time") from None
+        except (OSError, libvalkey.ProtocolError, PeerClosed) as exc:
+            # A mark server answers every greeting, if only with -ERR. Closing instead means, with TLS,
+            # that it refused our certificate (TLS 1.3 tells the client after its handshake); without,
+            # that it expects TLS (a ClientHello, not RESP) or answered in TLS (no RESP either).
+            writer.close()
+            raise refused(who, exc, self.tls is not None) from None
+        except BaseException:
+            writer.close()
+            raise
         self._writer = writer
         for f in self._unacked:       # re-send what the old connection did not ack
             writer.write(f.frame)
         self._reader_task = loop.create_task(self._read_acks(reader, parser))
         self._tell(True)
+
+    async def _greet(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, parser: Any,
+                     who: str) -> None:
+        if self.greet is not None:
+            await self.greet(reader, writer, parser)
+            return
+        writer.write(libvalkey.pack_command((b"HELLO-MARKS", self._token.encode(), self.name.encode())))
+        reply = await read_reply(reader, parser, who)
+        if isinstance(reply, libvalkey.ReplyError):
+            raise ConnectError(f"{who} refused us: {reply}")
 
     async def _read_acks(self, reader: asyncio.StreamReader, parser: Any) -> None:
         try:
@@ -457,12 +484,16 @@ def keep_alive(writer: asyncio.StreamWriter, user_timeout_ms: int) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_timeout_ms)
 
 
+class PeerClosed(ConnectError):
+    """The other end of a mark connection closed it before it answered."""
+
+
 async def read_reply(reader: asyncio.StreamReader, parser: Any, who: str, timeout: float = 5.0) -> Any:
     """The next reply on a mark connection (ConnectError if it closes first)."""
     while (reply := parser.gets()) is False:
         data = await asyncio.wait_for(reader.read(READ_CHUNK), timeout)
         if not data:
-            raise ConnectError(f"{who} closed the connection")
+            raise PeerClosed(f"{who} closed the connection")
         parser.feed(data)
     return reply
 
