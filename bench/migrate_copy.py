@@ -30,14 +30,13 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import resource  # noqa: E402
 import shutil  # noqa: E402
-import signal  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
 from durablecache.ports import free_port  # noqa: E402
-from durablecache.testing.localvalkey import LocalServer  # noqa: E402
+from durablecache.testing.localvalkey import LocalServer, stop_process  # noqa: E402
 
 COMMAND_TIMEOUT = 300.0   # one command's copy of the keyspace, at most
 COLUMN = {"copy": "durablecache copy", "migrate": "this tree's migrate Copy phase",
@@ -121,12 +120,7 @@ def run_migrate(source: LocalServer, target: LocalServer, keys: int, proxy_mode:
                 break
         raise RuntimeError(f"migrate ended without a `copied` event (exit {proc.poll()})")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc, 30)
 
 
 def measure(keys: int, rounds: int, proxy_mode: str, quiet: bool = False,

@@ -23,6 +23,7 @@ from durablecache.migration import Migration, MigrationOptions, Phase
 from durablecache.ports import free_port
 from durablecache.proxy import Proxy
 from durablecache.proxyhandles import LocalProxy, local_proxies
+from durablecache.testing.localvalkey import stop_process
 from durablecache.testing.waiting import wait_for_async
 from durablecache.testing.workload import Workload, seed
 from durablecache.topology import discover
@@ -179,11 +180,7 @@ def test_proxy_killed_during_sync_forces_repair_and_loses_nothing(source, target
         assert lost == []
         assert target.client().get("seed:0") == b"applied-but-never-marked"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 20)
 
 
 def test_migrate_cli_reports_phases_and_pause(source, target):

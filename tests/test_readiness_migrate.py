@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import signal
 import subprocess
 from typing import Any
 
@@ -16,6 +15,7 @@ import pytest
 import valkey
 
 from durablecache.ports import free_port
+from durablecache.testing.localvalkey import stop_process
 from durablecache.testing.waiting import wait_for
 from durablecache.testing.workload import seed
 from keyspace import CLI, run_cli
@@ -93,11 +93,7 @@ def test_control_status_names_standalone_clients_and_the_proxy_serves_them_after
         again.set("cart:restarted", "figs")
         assert direct.get("cart:restarted") == b"figs"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 30)
 
 
 def _pings(c: valkey.Valkey) -> bool:
