@@ -332,8 +332,12 @@ class Syncer:
 
     def copying(self, dk: DirtyKey) -> bool:
         """Is this key in flight: in a worker's copy, or in a bulk batch's?"""
+        return dk in self._in_flight or self._bulk_holds(dk)
+
+    def _bulk_holds(self, dk: DirtyKey) -> bool:
+        """Is this key in a bulk batch's copy (copy_now): in flight, and always whole?"""
         held = self._bulk.get(dk[0])
-        return dk in self._in_flight or (held is not None and dk[1] in held.keys)
+        return held is not None and dk[1] in held.keys
 
     @property
     def dirty_members(self) -> int:
@@ -342,9 +346,8 @@ class Syncer:
 
     def _whole_pending(self, dk: DirtyKey) -> bool:
         """Does a whole copy of this key wait or run (not just members of it)?"""
-        held = self._bulk.get(dk[0])
         return (self._dirty.get(dk, _ABSENT) is None or self._again.get(dk, _ABSENT) is None
-                or self._in_flight.get(dk, False) or (held is not None and dk[1] in held.keys))
+                or self._in_flight.get(dk, False) or self._bulk_holds(dk))
 
     def expected_copy(self, dk: DirtyKey) -> float:
         """Seconds the last copy of this key took (0.0 when it was fast or never timed)."""
