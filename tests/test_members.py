@@ -177,7 +177,8 @@ def test_a_whole_key_mark_supersedes_members_and_marks_during_a_copy_wait_for_th
         syncer.mark(0, [m("big", "p3")])              # absorbed by the whole copy to come
         assert syncer.dirty_members == 0
         syncer.start()
-        await wait_for_async("the whole copy in flight", lambda: syncer._in_flight.get((0, b"big")), 5)
+        big = (0, b"big")
+        await wait_for_async("the whole copy in flight", lambda: syncer._whole_pending(big) and syncer.copying(big), 5)
         c.zincrby("big", 100, "p19999")                  # written while the copy runs ...
         syncer.mark(0, [m("big", "p19999")])             # ... its mark waits for the next copy
         assert syncer._again[(0, b"big")] == {b"p19999"} and (0, b"big") not in syncer._dirty

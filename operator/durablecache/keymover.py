@@ -57,7 +57,8 @@ return out"""
 # current state on the source, atomically with the key's type and expiry; another applies it on the
 # target — only when the target's key has the same type and expiry, i.e. only the members can differ.
 # Anything else (the key created, deleted and re-created, expired on one side first, a type that has
-# no members) returns 0 and the key is copied whole. ARGV[1] = "1" when the source has hash field TTLs.
+# no members) returns 0 and the key is to be copied whole (by the syncer: a whole copy never overlaps
+# another copy of the key). ARGV[1] = "1" when the source has hash field TTLs.
 READ_MEMBERS = """#!lua flags=no-writes
 local k = KEYS[1]
 local t = redis.call('TYPE', k)['ok']
@@ -79,40 +80,50 @@ end
 return out"""
 # ARGV: type, expiry (PEXPIRETIME), "1" when the target has hash field TTLs, then per member — zset: member, score
 # ("" = absent); set: member, "1"/"0"; hash: field, "1"/"0", value, its expiry (unix ms, or -1).
+# Type "none" (the key is gone on the source): ARGV[4..] are the members, removed from the target's key.
+# A member copy writes only its members, never the key as a whole (no DEL): copies of other members of
+# the key may be in flight beside it, and the key's existence follows from its members.
 APPLY_MEMBERS = """#!lua
 local k = KEYS[1]
 local t = ARGV[1]
 if t == 'none' then
-  redis.call('DEL', k)
+  local have = redis.call('TYPE', k)['ok']
+  local remove = ({zset = 'ZREM', set = 'SREM', hash = 'HDEL'})[have]
+  if have == 'none' then return 1 end
+  if remove == nil then return 0 end
+  for i = 4, #ARGV do redis.call(remove, k, ARGV[i]) end
   return 1
 end
 if redis.call('TYPE', k)['ok'] ~= t or redis.call('PEXPIRETIME', k) ~= tonumber(ARGV[2]) then
   return 0
 end
-if t == 'zset' then
-  for i = 4, #ARGV, 2 do
-    if ARGV[i + 1] == '' then redis.call('ZREM', k, ARGV[i]) else redis.call('ZADD', k, ARGV[i + 1], ARGV[i]) end
+local step = ({zset = 2, set = 2, hash = 4})[t]
+if step == nil then return 0 end
+-- Additions first, removals last: a removal that emptied the key would delete it, and an addition
+-- after it would create a new key, without the expiry checked above.
+for i = 4, #ARGV, step do
+  local m, v = ARGV[i], ARGV[i + 1]
+  if t == 'zset' then
+    if v ~= '' then redis.call('ZADD', k, v, m) end
+  elseif v == '1' then
+    if t == 'set' then redis.call('SADD', k, m) else redis.call('HSET', k, m, ARGV[i + 2]) end
   end
-elseif t == 'set' then
-  for i = 4, #ARGV, 2 do
-    if ARGV[i + 1] == '1' then redis.call('SADD', k, ARGV[i]) else redis.call('SREM', k, ARGV[i]) end
-  end
-elseif t == 'hash' then
+end
+if t == 'hash' then
   for i = 4, #ARGV, 4 do
-    local f = ARGV[i]
     if ARGV[i + 1] == '1' then
-      redis.call('HSET', k, f, ARGV[i + 2])
       if tonumber(ARGV[i + 3]) > 0 then
-        redis.call('HPEXPIREAT', k, ARGV[i + 3], 'FIELDS', 1, f)
+        redis.call('HPEXPIREAT', k, ARGV[i + 3], 'FIELDS', 1, ARGV[i])
       elseif ARGV[3] == '1' then
-        redis.call('HPERSIST', k, 'FIELDS', 1, f)
+        redis.call('HPERSIST', k, 'FIELDS', 1, ARGV[i])
       end
-    else
-      redis.call('HDEL', k, f)
     end
   end
-else
-  return 0
+end
+local remove = ({zset = 'ZREM', set = 'SREM', hash = 'HDEL'})[t]
+for i = 4, #ARGV, step do
+  local v = ARGV[i + 1]
+  if v == '' or (v == '0' and t ~= 'zset') then redis.call(remove, k, ARGV[i]) end
 end
 return 1"""
 MEMBER_TYPES = (b"zset", b"set", b"hash")
@@ -140,6 +151,9 @@ class MoveResult:
     big: int = 0
     bytes: int = 0
     members: int = 0  # members copied one by one (move_members)
+    # Keys move_members could not patch member by member: the caller copies them whole (Syncer: once no
+    # other copy of the key is in flight).
+    unpatched: list[builtins.bytes] = dataclasses.field(default_factory=list)
     # (key, seconds) for big keys only: chunked copies measured, a big DUMP/RESTORE estimated as its
     # share (by payload bytes) of the whole batch's time. Few entries per batch by construction.
     timings: list[tuple[builtins.bytes, float]] = dataclasses.field(default_factory=list)  # not the field above
@@ -203,10 +217,11 @@ class KeyMover:
 
     async def move_members(self, db: int, parts: dict[bytes, list[bytes]]) -> MoveResult:
         """Copy just the named members of each key (its current state on the source: value, score,
-        field TTL, or absence) — or the whole key where that cannot be done exactly (see APPLY_MEMBERS;
-        servers without scripts and PEXPIRETIME always)."""
+        field TTL, or absence). Keys where that cannot be done exactly (see APPLY_MEMBERS; servers
+        without scripts and PEXPIRETIME always) are not copied here but listed in ``unpatched``: the
+        caller copies them whole once no other copy of them is in flight."""
         if not (self.use_scripts and self.member_copies):
-            return await self.move(db, list(parts))
+            return MoveResult(unpatched=list(parts))
         keys = list(parts)
         await self.source_ops.take(sum(len(m) for m in parts.values()) + len(keys))
         ttls = b"1" if self.src.topology.field_ttl else b"0"
@@ -219,7 +234,7 @@ class KeyMover:
                 if str(state).startswith(RETRYABLE_PREFIXES):
                     raise ServerError(f"source: reading members failed: {state}")   # the batch is retried
                 self._no_member_copies("source", state)
-                return await self.move(db, keys)
+                return MoveResult(unpatched=keys)
             argv = _apply_args(state, ttls, parts[key])
             if argv is None:
                 whole.append(key)
@@ -227,10 +242,10 @@ class KeyMover:
                 applies[key] = ["EVAL", APPLY_MEMBERS, 1, key, *argv]
         result = MoveResult()
         if applies:
-            whole += await self._apply_members(db, applies)
-            result.members += sum(len(parts[k]) for k in applies if k not in whole)
-        if whole:
-            result.add(await self.move(db, whole))
+            refused = await self._apply_members(db, applies)
+            result.members += sum(len(parts[k]) for k in applies if k not in refused)
+            whole += refused
+        result.unpatched = whole
         return result
 
     async def _apply_members(self, db: int, applies: dict[bytes, list[Any]]) -> list[bytes]:
@@ -536,7 +551,7 @@ def _apply_args(state: list[Any], ttls: bytes, members: list[bytes]) -> list[Any
     """APPLY_MEMBERS' ARGV from a READ_MEMBERS reply; None: a type without members (copy it whole)."""
     ktype, expiry, values = state[0], state[1], state[2:]
     if ktype == b"none":
-        return [b"none", -2, ttls]
+        return [b"none", -2, ttls, *members]
     if ktype not in MEMBER_TYPES:
         return None
     argv: list[Any] = [ktype, expiry, ttls]

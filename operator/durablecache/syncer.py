@@ -7,8 +7,9 @@ one key never race and a stale value can never land last.
 
 The same one level down (docs/protocol.md, "Member-level marks"): a mark may name members of a key
 (proxy/members.py); such a key waits with the set of its dirty members, and its copy copies just them.
-A whole-key mark supersedes the members (the whole copy copies them too); one copy per key is in
-flight at a time, whole or members, and marks that arrive meanwhile wait for the next.
+A whole-key mark supersedes the members (the whole copy copies them too). Copies of disjoint members
+of one key may be in flight together; a member marked while its copy is in flight waits for the next
+one, and a whole copy of a key never overlaps any other copy of it (it waits in _again until they end).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import time
 from collections.abc import Iterable
-from itertools import repeat
 
 from . import logs
 from .bulkclaim import Held
@@ -37,8 +38,10 @@ POLL = 0.002
 FAILURE_GRACE = 30.0  # a batch failing again and again for this long fails the waiters
 BULK_BATCHES = 4      # see _take
 STALL_LIMIT = 600.0  # no batch finished for this long while keys wait: something is stuck
-# A key with more dirty members than this is copied whole instead: one script call per key copies its
-# members, and past this many the whole copy of any but a huge key is cheaper anyway.
+# One member copy copies at most this many members of a key (one script call each side: it must stay
+# short). A key with more dirty members is copied whole instead — cheaper for any key whose whole copy is
+# fast — unless its whole copy is slow (a leaderboard of a million members): then its members go on
+# being copied this many at a time, several copies at once.
 MEMBERS_PER_KEY = 1024
 # What waits for a key: None, the whole key; a set, just those members.
 Pending = set[bytes] | None
@@ -79,8 +82,11 @@ class Syncer:
         self.stats = SyncStats()
         # Keys waiting for a copy, in arrival order, with what of them: the whole key or some members.
         self._dirty: dict[DirtyKey, Pending] = {}
-        self._in_flight: dict[DirtyKey, bool] = {}   # being copied -> a whole copy (False: members)
-        self._again: dict[DirtyKey, Pending] = {}    # marked while in flight: copy once more afterwards
+        # Being copied -> None: a whole copy; a set: the members in flight (of one or more batches).
+        self._in_flight: dict[DirtyKey, Pending] = {}
+        # Marked while in flight, copied once more afterwards: members whose copy is in flight (each waits
+        # for its own copy to end), or the whole key (waits until no copy of the key is in flight).
+        self._again: dict[DirtyKey, Pending] = {}
         # Keys the bulk copy's own batches are copying whole (copy_now), per db: in flight as well, but
         # no (db, key) entry per key (Held).
         self._bulk: dict[int, Held] = {}
@@ -127,6 +133,8 @@ class Syncer:
                 self._slow_marked[dk] = time.monotonic()
             if dk in in_flight:
                 table = again
+                if dirty and dk in dirty:   # members waiting beside those in flight: the whole copy copies them
+                    self._members -= len(dirty.pop(dk) or ())
             elif held is not None and key in held.keys:
                 held.marked.add(key)     # copied again once its batch ends (_copy_claimed)
                 table = again
@@ -148,26 +156,60 @@ class Syncer:
 
     def _mark_member(self, db: int, mark: MemberMark, limit: int) -> None:
         dk = (db, bytes(mark))
+        member = mark.member
         held = self._bulk.get(db)
+        flying = self._in_flight.get(dk, _ABSENT)
         if held is not None and dk[1] in held.keys:
             held.marked.add(dk[1])
-        table = self._again if self.copying(dk) else self._dirty
+            table = self._again          # a whole copy is in flight
+        elif flying is _ABSENT:
+            table = self._dirty
+        elif flying is None or member in flying or self._again.get(dk, _ABSENT) is None:
+            # Its own copy (or a whole one) is in flight, or a whole copy waits for the copies in flight
+            # to end: the next copy of it starts after them.
+            table = self._again
+        else:
+            table = self._dirty          # copied beside the other members in flight
         waiting = table.get(dk, _ABSENT)
-        if waiting is None or mark.member in waiting:
+        if waiting is None or member in waiting:
             return
         if waiting is _ABSENT:
             if table is self._dirty and len(self._dirty) + self._members >= limit:
                 self._overflow()
                 return
-            table[dk] = {mark.member}
+            table[dk] = {member}
             self._members += 1
-        elif len(waiting) >= MEMBERS_PER_KEY or len(self._dirty) + self._members >= limit:
-            # Copy the key whole instead: that frees its members' room, and no mark is dropped.
-            self._members -= len(waiting)
-            table[dk] = None
+        elif len(self._dirty) + self._members >= limit or (
+                len(waiting) >= MEMBERS_PER_KEY and dk not in self._copy_time):   # (its whole copy is fast)
+            self._queue(dk, None)   # copied whole instead: that frees its members' room, no mark is dropped
         else:
-            waiting.add(mark.member)
+            waiting.add(member)
             self._members += 1
+
+    def _queue(self, dk: DirtyKey, pending: Pending) -> None:
+        """``pending`` (None: the whole key; a set: members not in flight, not counted yet) waits for a
+        copy, merged with what waits for the key already. A whole copy supersedes waiting members and,
+        while any copy of the key is in flight, waits in _again: it never overlaps another copy."""
+        dirty, again = self._dirty, self._again
+        if pending is None:
+            for table in (dirty, again):
+                gone = table.pop(dk, None)
+                if gone:
+                    self._members -= len(gone)
+            (again if self.copying(dk) else dirty)[dk] = None
+            return
+        if again.get(dk, _ABSENT) is None:
+            return                   # a whole copy waits for this key: it copies these members too
+        waiting = dirty.get(dk, _ABSENT)
+        if waiting is None:
+            return
+        if waiting is _ABSENT:
+            dirty[dk] = pending
+            self._members += len(pending)
+        else:
+            before = len(waiting)
+            waiting |= pending
+            self._members += len(waiting) - before
 
     def _overflow(self) -> None:
         self.stats.overflowed += 1
@@ -234,7 +276,7 @@ class Syncer:
         if len(dirty) + len(in_flight) <= len(batch):
             found = any(d == db and k in batch for table in (dirty, in_flight) for d, k in table)
         else:
-            pairs = list(zip(repeat(db), keys))
+            pairs = list(zip(itertools.repeat(db), keys))
             found = not dirty.keys().isdisjoint(pairs) or not in_flight.keys().isdisjoint(pairs)
         if found:
             held.unclaim(batch)
@@ -264,7 +306,7 @@ class Syncer:
         except BaseException as exc:   # as a worker's batch: the keys wait again, for the workers' retry
             self._release(db, batch)
             for key in claimed:
-                self._put_back((db, key), None)
+                self._queue((db, key), None)
             self._work.set()
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -347,7 +389,7 @@ class Syncer:
     def _whole_pending(self, dk: DirtyKey) -> bool:
         """Does a whole copy of this key wait or run (not just members of it)?"""
         return (self._dirty.get(dk, _ABSENT) is None or self._again.get(dk, _ABSENT) is None
-                or self._in_flight.get(dk, False) or self._bulk_holds(dk))
+                or self._in_flight.get(dk, _ABSENT) is None or self._bulk_holds(dk))
 
     def expected_copy(self, dk: DirtyKey) -> float:
         """Seconds the last copy of this key took (0.0 when it was fast or never timed)."""
@@ -484,11 +526,22 @@ class Syncer:
                 if len(taken) >= size:
                     break
         in_flight = self._in_flight
-        for dk, waiting in taken:
-            del dirty[dk]
-            in_flight[dk] = waiting is None
-            if waiting is not None:
-                self._members -= len(waiting)
+        for i, (dk, waiting) in enumerate(taken):
+            if waiting is not None and len(waiting) > MEMBERS_PER_KEY:   # a slow key's: the rest waits
+                part = set(itertools.islice(waiting, MEMBERS_PER_KEY))
+                waiting -= part
+                waiting, taken[i] = part, (dk, part)
+            else:
+                del dirty[dk]
+            if waiting is None:
+                in_flight[dk] = None
+                continue
+            self._members -= len(waiting)
+            flying = in_flight.get(dk)
+            if flying is None:       # (a whole copy never waits in _dirty while the key is in flight)
+                in_flight[dk] = set(waiting)
+            else:
+                flying |= waiting
         return taken
 
     async def _worker(self, n: int) -> None:
@@ -503,8 +556,8 @@ class Syncer:
                 result = await self._move(batch)
             except BaseException as exc:  # a copy that failed leaves its keys dirty, with their waiters
                 for dk, waiting in batch:
-                    self._in_flight.pop(dk, None)
-                    self._put_back(dk, waiting)
+                    self._ended(dk, waiting)
+                    self._queue(dk, None if waiting is None else set(waiting))
                     if waiters[dk]:
                         self._waiters.setdefault(dk, []).extend(waiters[dk])
                 if isinstance(exc, asyncio.CancelledError):
@@ -515,24 +568,59 @@ class Syncer:
                 log.error("sync batch failed; retrying", error=str(exc))
                 await asyncio.sleep(1.0)
                 continue
-            self._finished([dk for dk, _ in batch], result)
+            self._finished(batch, result)
             for listed in waiters.values():
                 for w in listed:
                     w.left -= 1
                     if w.left <= 0 and not w.future.done():
                         w.future.set_result(None)
 
-    def _finished(self, batch: list[DirtyKey], result: MoveResult) -> None:
-        """A worker's batch of in-flight keys was copied: they are clean unless marked meanwhile (then dirty)."""
-        self._count(batch[0][0], result)
-        in_flight, again, dirty = self._in_flight, self._again, self._dirty
-        for dk in batch:
-            del in_flight[dk]
-            if again:
-                marked = again.pop(dk, _ABSENT)
-                if marked is not _ABSENT:
-                    dirty[dk] = marked     # its members stay counted
+    def _finished(self, batch: list[tuple[DirtyKey, Pending]], result: MoveResult) -> None:
+        """A worker's batch of in-flight keys was copied: they are clean unless marked meanwhile (then
+        dirty); keys whose members could not be patched wait for a whole copy."""
+        db = batch[0][0][0]
+        self._count(db, result)
+        in_flight, again = self._in_flight, self._again
+        for dk, waiting in batch:
+            if waiting is None and not again:
+                del in_flight[dk]    # the common case, kept cheap: a whole copy, nothing marked meanwhile
+            else:
+                self._ended(dk, waiting)
+        for key in result.unpatched:
+            self._queue((db, key), None)
         self._wake()
+
+    def _ended(self, dk: DirtyKey, waiting: Pending) -> None:
+        """A copy of ``waiting`` (None: the whole key) of this key ended: it is no longer in flight, and
+        what was marked while it was waits for the next copy — a member as soon as its own copy ended,
+        the whole key once no copy of it is in flight."""
+        in_flight, again = self._in_flight, self._again
+        if waiting is None:
+            del in_flight[dk]
+        else:
+            flying = in_flight[dk]
+            assert flying is not None, "a whole copy never overlaps a copy of members"
+            flying -= waiting
+            if not flying:
+                del in_flight[dk]
+        marked = again.get(dk, _ABSENT)
+        if marked is _ABSENT:
+            return
+        if dk not in in_flight:
+            del again[dk]
+        elif marked is None or waiting is None:
+            return                   # waits for the other copies of the key to end
+        else:
+            mine = marked & waiting
+            if not mine:
+                return
+            marked -= mine
+            if not marked:
+                del again[dk]
+            marked = mine
+        if marked is not None:
+            self._members -= len(marked)
+        self._queue(dk, marked)
 
     def _count(self, db: int, result: MoveResult) -> None:
         """A batch was copied: the syncer made progress."""
@@ -551,18 +639,6 @@ class Syncer:
         if self._dirty:
             self._work.set()
         self._batch_done.set()
-
-    def _put_back(self, dk: DirtyKey, waiting: Pending) -> None:
-        """A failed copy: what it was to copy waits again, with whatever was marked meanwhile."""
-        again = self._again.pop(dk, _ABSENT)
-        if again is not _ABSENT and again is not None:
-            self._members -= len(again)
-        if waiting is None or again is None:
-            self._dirty[dk] = None
-            return
-        merged = waiting | again
-        self._members += len(merged)
-        self._dirty[dk] = merged
 
     async def _move(self, batch: list[tuple[DirtyKey, Pending]]) -> MoveResult:
         db = batch[0][0][0]
