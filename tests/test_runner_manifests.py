@@ -198,6 +198,18 @@ def test_resources_reach_the_proxy_container() -> None:
     assert "resources" not in plain
 
 
+def test_resources_reach_the_coordinator_container_and_only_it() -> None:
+    wanted = {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "2Gi"}}
+    obj = resource()
+    obj["spec"]["coordinator"] = {"resources": wanted}
+    _, container = pod_of(obj, "sessions-worker")
+    assert container["resources"] == wanted
+    _, proxy = pod_of(obj, "sessions-proxy")
+    assert "resources" not in proxy
+    _, plain = pod_of(resource(), "sessions-worker")
+    assert "resources" not in plain
+
+
 def test_what_is_removed_at_the_end() -> None:
     """The pods first, then their Services and budgets, then the coordinator's identity; not the join-token
     Secret (the operator holds no delete on Secrets: the garbage collector takes it with its owner)."""

@@ -163,6 +163,10 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
      "spec.proxy.resources.wants"),
     ("a quantity that is a boolean", {"proxy": {"resources": {"limits": {"cpu": True}}}},
      "spec.proxy.resources.limits.cpu"),
+    ("a coordinator resource setting that is not one", {"coordinator": {"resources": {"wants": {"cpu": 1}}}},
+     "spec.coordinator.resources.wants"),
+    ("coordinator limits that are a list", {"coordinator": {"resources": {"limits": ["1"]}}},
+     "spec.coordinator.resources.limits"),
 ]
 
 
@@ -211,6 +215,12 @@ def test_spec_proxy_is_parsed_typed() -> None:
     plain = DurableCacheSpec.parse(minimal()).proxy
     assert (plain.processes, plain.max_clients, plain.announce_host, plain.tls_secret_name, plain.resources) == \
         (1, None, None, None, {})
+
+
+def test_spec_coordinator_resources_are_parsed() -> None:
+    wanted = {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "2Gi"}}
+    assert DurableCacheSpec.parse(minimal(coordinator={"resources": wanted})).coordinator.resources == wanted
+    assert DurableCacheSpec.parse(minimal()).coordinator.resources == {}
 
 
 def test_several_proxy_pods_and_a_connection_budget_reach_the_engine() -> None:

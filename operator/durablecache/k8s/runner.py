@@ -43,7 +43,7 @@ from ..fleettls import make_certificate
 from ..ports import free_port
 from . import GROUP
 from .kube import Kube, owner_reference
-from .spec import AUTO_PROCESSES, TLS_CERT_KEY, TLS_KEY_KEY, DurableCacheSpec, ProxySpec
+from .spec import AUTO_PROCESSES, TLS_CERT_KEY, TLS_KEY_KEY, CoordinatorSpec, DurableCacheSpec, ProxySpec
 
 log = logs.get("durablecache.k8s.runner")
 PROXY_PORT = 6379
@@ -73,6 +73,11 @@ class WorkloadRunner(Protocol):
 
     async def remove(self, obj: dict[str, Any]) -> None:
         """Stop the coordinator and the proxies and delete what was created for them. Idempotent."""
+
+
+def _resources(wanted: dict[str, dict[str, str | int]]) -> dict[str, dict[str, str | int]]:
+    """A container's ``resources`` from the spec's (a copy: the manifest must not share the spec's dicts)."""
+    return {kind: dict(values) for kind, values in wanted.items()}
 
 
 def _labels(obj: dict[str, Any], role: str) -> dict[str, str]:
@@ -206,7 +211,8 @@ class KubernetesRunner:
     def manifests(self, obj: dict[str, Any]) -> list[dict[str, Any]]:
         """Everything ``ensure`` creates, in the order it creates them (the Secret the pods mount first)."""
         name = obj["metadata"]["name"]
-        proxy = DurableCacheSpec.parse(obj).proxy
+        spec = DurableCacheSpec.parse(obj)
+        proxy = spec.proxy
         return [
             {"apiVersion": "v1", "kind": "Secret", "metadata": self._meta(obj, token_secret_name(obj), COORDINATOR),
              "type": "Opaque", "stringData": fleet_secret_data(obj)},
@@ -214,7 +220,7 @@ class KubernetesRunner:
             # A drain must not evict the coordinator mid-migration: its proxies refuse writes until a
             # new one holds the lease.
             self._budget(obj, f"{name}-worker", COORDINATOR, 0),
-            self._deployment(obj, f"{name}-worker", COORDINATOR, 1, self._coordinator_pod(obj),
+            self._deployment(obj, f"{name}-worker", COORDINATOR, 1, self._coordinator_pod(obj, spec.coordinator),
                              # One pod at a time; the Lease fences a second that starts meanwhile.
                              {"type": "Recreate"}),
             self._service(obj, f"{name}-proxy", PROXY, "valkey", PROXY_PORT),
@@ -268,12 +274,15 @@ class KubernetesRunner:
             pod["imagePullSecrets"] = [{"name": name} for name in self.image_pull_secrets]
         return pod
 
-    def _coordinator_pod(self, obj: dict[str, Any]) -> dict[str, Any]:
-        container = {"name": "worker", "args": worker_args(obj, f"0.0.0.0:{COORDINATOR_PORT}"),
-                     "ports": [{"name": "fleet", "containerPort": COORDINATOR_PORT}],
-                     # Ready once it holds the lease and listens for joins: only then does the
-                     # coordinator Service send proxies to it.
-                     "readinessProbe": {"tcpSocket": {"port": "fleet"}, "periodSeconds": 5}}
+    def _coordinator_pod(self, obj: dict[str, Any], coordinator: CoordinatorSpec) -> dict[str, Any]:
+        container: dict[str, Any] = {
+            "name": "worker", "args": worker_args(obj, f"0.0.0.0:{COORDINATOR_PORT}"),
+            "ports": [{"name": "fleet", "containerPort": COORDINATOR_PORT}],
+            # Ready once it holds the lease and listens for joins: only then does the coordinator
+            # Service send proxies to it.
+            "readinessProbe": {"tcpSocket": {"port": "fleet"}, "periodSeconds": 5}}
+        if coordinator.resources:
+            container["resources"] = _resources(coordinator.resources)
         # Long enough for a cutover in flight to finish or abort (maxWritePause <= 30s).
         pod = self._pod(container, 60)
         pod["volumes"][1]["secret"]["secretName"] = token_secret_name(obj)
@@ -298,7 +307,7 @@ class KubernetesRunner:
             "ports": [{"name": "valkey", "containerPort": PROXY_PORT}, {"name": "admin", "containerPort": ADMIN_PORT}],
             "readinessProbe": {"tcpSocket": {"port": "valkey"}, "periodSeconds": 5}}
         if proxy.resources:
-            container["resources"] = {kind: dict(values) for kind, values in proxy.resources.items()}
+            container["resources"] = _resources(proxy.resources)
         # A clean leave (SIGTERM) drains within 5 s (proxyjoin.STOP_DRAIN); the rest is margin.
         pod = self._pod(container, 30)
         pod["volumes"][1]["secret"]["secretName"] = token_secret_name(obj)

@@ -390,6 +390,17 @@ class ProxySpec:
                    resources=_resources(_obj(d, "resources", p), f"{p}.resources"))
 
 
+@dataclasses.dataclass(frozen=True)
+class CoordinatorSpec:
+    """spec.coordinator: the coordinator pod (the worker: phases, copy, syncer, cutover)."""
+
+    resources: dict[str, dict[str, str | int]] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, d: dict[str, Any]) -> CoordinatorSpec:
+        return cls(resources=_resources(_obj(d, "resources", "spec.coordinator"), "spec.coordinator.resources"))
+
+
 def _processes(d: dict[str, Any], path: str) -> int:
     value = _get(d, "processes", path, (int, str), 1)
     if value == "auto":
@@ -428,6 +439,7 @@ class DurableCacheSpec:
     deletion_policy: DeletionPolicy = DeletionPolicy()
     seeding: SeedingSpec = SeedingSpec()
     proxy: ProxySpec = ProxySpec()
+    coordinator: CoordinatorSpec = CoordinatorSpec()
 
     @classmethod
     def parse(cls, obj: dict[str, Any]) -> DurableCacheSpec:
@@ -448,7 +460,8 @@ class DurableCacheSpec:
                   repair=RepairSpec.parse(_obj(spec, "repair", "spec")),
                   deletion_policy=DeletionPolicy.parse(_obj(spec, "deletionPolicy", "spec")),
                   seeding=SeedingSpec.parse(_obj(spec, "seeding", "spec")),
-                  proxy=ProxySpec.parse(_obj(spec, "proxy", "spec")))
+                  proxy=ProxySpec.parse(_obj(spec, "proxy", "spec")),
+                  coordinator=CoordinatorSpec.parse(_obj(spec, "coordinator", "spec")))
         out.migration_options()   # the engine's own checks, named after the spec's fields
         out._check_seeding()
         return out
