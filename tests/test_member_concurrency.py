@@ -227,6 +227,17 @@ def test_a_member_copy_that_removes_the_last_old_member_keeps_the_keys_expiry(so
         assert t.pexpiretime(key) == c.pexpiretime(key) > 0, key
 
 
+async def slow_key_syncer(source: Any, target: Any, workers: int) -> tuple[Syncer, Copies]:
+    """A syncer (not started) that copied the 20,000-member "lb" whole, chunked: a slow key it remembers;
+    its copies from then on recorded."""
+    src, dst = await discover(source.endpoint()), await discover(target.endpoint())
+    pool = MoverPool(src, dst, size=workers, opts=MoverOptions(big_key_bytes=4096, chunk_elements=100))
+    syncer = Syncer(pool, workers=workers)
+    await syncer.copy_now(0, [b"lb"])
+    assert syncer.expected_copy(KEY) > 0, "the whole copy was not slow enough to be remembered"
+    return syncer, Copies(pool)
+
+
 def test_a_slow_key_with_many_dirty_members_is_copied_in_parts_at_once_never_whole(source, target):
     """Past MEMBERS_PER_KEY dirty members a key whose whole copy is fast is copied whole; one whose whole
     copy is slow (here chunked) is not — that copy could not finish inside a cutover's drain — but its
@@ -235,12 +246,7 @@ def test_a_slow_key_with_many_dirty_members_is_copied_in_parts_at_once_never_who
     c.zadd("lb", {f"p{i}": i for i in range(20_000)})
 
     async def scenario() -> None:
-        src, dst = await discover(source.endpoint()), await discover(target.endpoint())
-        pool = MoverPool(src, dst, size=4, opts=MoverOptions(big_key_bytes=4096, chunk_elements=100))
-        syncer = Syncer(pool, workers=4)
-        await syncer.copy_now(0, [b"lb"])
-        assert syncer.expected_copy(KEY) > 0, "the whole copy was not slow enough to be remembered"
-        copies = Copies(pool)
+        syncer, copies = await slow_key_syncer(source, target, 4)
         c.zadd("lb", {f"p{i}": -i for i in range(3000)})
         syncer.mark(0, [m("lb", f"p{i}") for i in range(3000)])
         assert syncer.dirty_members == 3000 and syncer._dirty[KEY] is not None
@@ -253,6 +259,26 @@ def test_a_slow_key_with_many_dirty_members_is_copied_in_parts_at_once_never_who
 
     asyncio.run(scenario())
     assert target.client().zrange("lb", 0, -1, withscores=True) == c.zrange("lb", 0, -1, withscores=True)
+
+
+def test_the_parts_of_a_slow_key_wait_their_turn_behind_other_keys(source, target):
+    """A slow key's remaining members wait at the back: a key marked after them (here in another db,
+    which a batch never mixes in) is copied after the first part, not after the last."""
+    c = source.client()
+    c.zadd("lb", {f"p{i}": i for i in range(20_000)})
+    source.client(db=1).set("other", "x")
+
+    async def scenario() -> None:
+        syncer, copies = await slow_key_syncer(source, target, 1)
+        syncer.mark(0, [m("lb", f"p{i}") for i in range(3000)])
+        syncer.mark(1, [b"other"])
+        syncer.start()
+        assert await syncer.drain(30)
+        assert [key for key, _ in copies.started] == [b"lb", b"other", b"lb", b"lb"]
+        await close(syncer)
+
+    asyncio.run(scenario())
+    assert target.client(db=1).get("other") == b"x"
 
 
 KEYS = [f"{kind}{i}" for kind in "zsh" for i in range(3)]

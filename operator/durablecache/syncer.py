@@ -3,7 +3,11 @@ proxy, or a key found by the bulk copy or by a repair pass — goes through here
 
 Invariant kept (docs/design.md): a key stays dirty until a copy of it *started after its last mark* has
 finished. A key marked while its copy is in flight is copied again afterwards, so two copies of
-one key never race and a stale value can never land last.
+one key (or of one member, below) never race and a stale value can never land last.
+
+Over 600 lines on purpose: the tables a key or member waits in (_dirty, _in_flight, _again, the bulk
+copy's Held) and every path that moves it between them — mark, take, a copy's end or failure, the bulk
+claim — keep one invariant together, and are read together.
 
 The same one level down (docs/protocol.md, "Member-level marks"): a mark may name members of a key
 (proxy/members.py); such a key waits with the set of its dirty members, and its copy copies just them.
@@ -527,20 +531,22 @@ class Syncer:
                     break
         in_flight = self._in_flight
         for i, (dk, waiting) in enumerate(taken):
-            if waiting is not None and len(waiting) > MEMBERS_PER_KEY:   # a slow key's: the rest waits
+            del dirty[dk]
+            if waiting is not None and len(waiting) > MEMBERS_PER_KEY:
+                # A slow key's (see _mark_member): the rest waits at the back, behind other keys and dbs.
                 part = set(itertools.islice(waiting, MEMBERS_PER_KEY))
                 waiting -= part
+                dirty[dk] = waiting
                 waiting, taken[i] = part, (dk, part)
-            else:
-                del dirty[dk]
             if waiting is None:
                 in_flight[dk] = None
                 continue
             self._members -= len(waiting)
-            flying = in_flight.get(dk)
-            if flying is None:       # (a whole copy never waits in _dirty while the key is in flight)
+            flying = in_flight.get(dk, _ABSENT)
+            if flying is _ABSENT:
                 in_flight[dk] = set(waiting)
             else:
+                assert flying is not None, "members are never taken while a whole copy of the key runs"
                 flying |= waiting
         return taken
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -180,6 +181,18 @@ class KubeEnv:
                                  f"{result.stdout}\n{result.stderr}")
         return result
 
+    def wait_established(self, *crds: str, timeout: float = 30.0) -> None:
+        """Until each CRD's Established condition is True. Polled with kubectl get, not `kubectl wait`:
+        that fails at once ("status.conditions accessor error") while the API server has not yet
+        written the new CRD's conditions, as on a loaded machine."""
+        path = '{.status.conditions[?(@.type=="Established")].status}'
+
+        def established(crd: str) -> bool:
+            return self.kubectl("get", f"crd/{crd}", "-o", f"jsonpath={path}", check=False).stdout == "True"
+
+        for crd in crds:
+            wait_for(f"CRD {crd} Established", functools.partial(established, crd), timeout, interval=0.2)
+
     def helm(self, *args: str, check: bool = True,
              timeout: float = COMMAND_TIMEOUT) -> subprocess.CompletedProcess[str]:
         """Run helm with its state directories inside this environment, never the user's."""
@@ -341,7 +354,7 @@ def crd_installed(kube_env: KubeEnv) -> str:
     # --force-conflicts: a helm release in this session may own the CRD's fields already.
     kube_env.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
     name = "durablecaches.durablecache.dev"
-    kube_env.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=30s", timeout=45)
+    kube_env.wait_established(name)
     # Established comes before discovery and the published OpenAPI catch up; wait (bounded) until
     # kubectl can resolve the short name and read the schema, as a user's kubectl would.
     def explain() -> subprocess.CompletedProcess[str]:

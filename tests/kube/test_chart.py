@@ -213,8 +213,7 @@ def _apply_chart_crds(kube_env: KubeEnv) -> None:
     """The chart's crds/ (kopf peering), as `helm install` would apply them before the templates."""
     for path in sorted((CHART_DIR / "crds").glob("*.yaml")):
         kube_env.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
-    kube_env.kubectl("wait", "--for=condition=Established", "crd/clusterkopfpeerings.kopf.dev",
-                     "crd/kopfpeerings.kopf.dev", "--timeout=30s", timeout=45)
+    kube_env.wait_established("clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev")
 
 
 def test_every_rendered_object_is_valid_on_the_api_server(kube_env: KubeEnv, kube_namespace: str) -> None:

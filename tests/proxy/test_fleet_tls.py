@@ -20,6 +20,7 @@ import libvalkey
 import pytest
 from test_fleet import TOKEN, ProxyProc, Run, run_fleet  # tests/proxy is on sys.path (pytest's rootdir import)
 
+from durablecache import logs
 from durablecache.errors import ConnectError
 from durablecache.fleet import Fleet, Member
 from durablecache.fleettls import FleetTLS, make_certificate
@@ -210,9 +211,12 @@ def _client_context(trust: FleetTLS, present: FleetTLS | None) -> ssl.SSLContext
     return ctx
 
 
-def test_a_peer_without_the_certificate_is_refused_on_the_mark_channel(source, fleet_tls, other_tls):
+def test_a_peer_without_the_certificate_is_refused_on_the_mark_channel(source, fleet_tls, other_tls, capsys):
     """Knowing the token is not enough: a peer that speaks plain TCP, or TLS without the fleet's
-    certificate (none, or another self-signed one) never gets the state; the fleet's own does."""
+    certificate (none, or another self-signed one) never gets the state, and the coordinator logs each
+    refusal with the peer's address; the fleet's own certificate gets the state."""
+    logs.configure(level="warning")
+
     async def main() -> None:
         fleet = Fleet(TOKEN, tls=fleet_tls)
         await fleet.start(source.endpoint(), lambda _db, _keys: None, lambda _why: None)
@@ -228,6 +232,9 @@ def test_a_peer_without_the_certificate_is_refused_on_the_mark_channel(source, f
         finally:
             await fleet.stop()
     asyncio.run(main())
+    refusals = [line for line in capsys.readouterr().err.splitlines() if "marks.tls_refused" in line]
+    assert len(refusals) == 3, refusals
+    assert all("peer='127.0.0.1:" in line and TOKEN not in line for line in refusals)
 
 
 async def _admin_post(url: str, tls: ssl.SSLContext | None) -> int | str:

@@ -86,9 +86,9 @@ class MarkServer:
         self.keys = 0
 
     async def start(self) -> None:
-        # A peer that fails the handshake (plain TCP, another certificate, none) never reaches _serve.
-        self._server = await asyncio.start_server(self._serve, self.host, self.port, ssl=self.tls,
-                                                  ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self.tls else None)
+        # TLS starts in _serve, not in the server: a peer that fails the handshake (plain TCP, another
+        # certificate, none) is then refused with a line in this side's log, not silently.
+        self._server = await asyncio.start_server(self._serve, self.host, self.port)
         server: Any = self._server     # as in Proxy.start: uvloop's sockets are a list, not a tuple
         self.port = int(server.sockets[0].getsockname()[1])
         log.info("marks.listening", address=f"{self.host}:{self.port}", tls=self.tls is not None)
@@ -114,6 +114,8 @@ class MarkServer:
         clean = False
         member = False      # joined through HELLO-FLEET: the fleet hears when it ends
         try:
+            if self.tls is not None and not await self._handshake(writer, peer):
+                return
             while True:
                 data = await reader.read(READ_CHUNK)
                 if not data:
@@ -191,6 +193,17 @@ class MarkServer:
             if authed and not clean:
                 log.warning("marks.peer_lost", peer=peer)
                 self._report_lost(peer)
+
+    async def _handshake(self, writer: asyncio.StreamWriter, peer: str) -> bool:
+        """TLS on an accepted connection; False, logged, for a peer that fails it (no token was read)."""
+        assert self.tls is not None
+        try:
+            await writer.start_tls(self.tls, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+        except OSError as exc:        # ssl.SSLError, a reset, the handshake's timeout
+            log.warning("marks.tls_refused", peer=peer, reason=str(exc)[:200] or type(exc).__name__,
+                        hint="the peer needs the fleet's certificate (--fleet-tls-cert) and TLS")
+            return False
+        return True
 
     def _report_lost(self, peer: str) -> None:
         if self.on_lost is None:
