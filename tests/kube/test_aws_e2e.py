@@ -29,9 +29,9 @@ from .test_operator import (  # noqa: F401 - operator_factory is a fixture
     _moto_source,
     assert_no_rbac_denials,
     assert_target_has_every_acked_write,
+    migrating,
     operator_factory,
     phase_seen,
-    start_app,
 )
 
 
@@ -83,14 +83,11 @@ def test_aws_migration_runs_to_complete_then_switches_durability(
     cloudwatch = boto3.client("cloudwatch", endpoint_url=moto_server, region_name="us-east-1",
                               aws_access_key_id="testing", aws_secret_access_key="testing")
     cluster = Cluster(kube_api, kube_env, kube_namespace)
-    app = start_app(cluster, source)
     op = operator_factory(
         **AWS_TEST_ENV, AWS_ENDPOINT_URL_ELASTICACHE=moto_server, AWS_ENDPOINT_URL_CLOUDWATCH=moto_server,
         DURABLECACHE_TEST_ENDPOINT_MAP=f"{source_id}=127.0.0.1:{source.port},{target_id}=127.0.0.1:{target.port}")
-    try:
-        _publish_lag(cloudwatch, target_id, 300.0)     # what the worker's lag reader finds
-        op.start()
-        cluster.apply(_manifest(source_id, target_id))
+    _publish_lag(cloudwatch, target_id, 300.0)     # what the worker's lag reader finds
+    with migrating(cluster, source, op, _manifest(source_id, target_id)) as app:
         wait_for("Complete", phase_seen(cluster, "sessions", {"Complete"}), MIGRATION_TIMEOUT)
         secret = wait_for("the endpoint Secret to point at the target",
                           lambda: (s := cluster.secret("app-cache"))["port"] == str(target.port) and s, 20)
@@ -100,8 +97,6 @@ def test_aws_migration_runs_to_complete_then_switches_durability(
         wait_for("the application on the target", lambda: app.addresses[-1:] == [direct], 20)
         after_switch = app.load.acked
         wait_for("writes acknowledged by the target", lambda: app.load.acked >= after_switch + 50, 20)
-    finally:
-        app.stop()
     assert secret["host"] == "127.0.0.1"
     assert_target_has_every_acked_write(app, target, min_keys=2000)
 

@@ -36,9 +36,9 @@ from .test_operator import (  # noqa: F401 - operator_factory is a fixture
     _moto_source,
     assert_no_rbac_denials,
     assert_target_has_every_acked_write,
+    migrating,
     operator_factory,
     phase_seen,
-    start_app,
     wait_for,
 )
 
@@ -129,13 +129,10 @@ def _seeded_to_complete(kube_env: KubeEnv, kube_api: k8s_client.ApiClient, kube_
                 before_route_in[f"before-route-in:{i}"] = f"unmarked-{i}"
                 assert c.set(f"before-route-in:{i}", f"unmarked-{i}")
     cluster = Cluster(kube_api, kube_env, kube_namespace)
-    app = start_app(cluster, source)
     op = operator_factory(
         **AWS_TEST_ENV, AWS_ENDPOINT_URL_ELASTICACHE=moto_server, AWS_ENDPOINT_URL_CLOUDWATCH=moto_server,
         DURABLECACHE_TEST_ENDPOINT_MAP=f"{source_id}=127.0.0.1:{source.port},{target_id}=127.0.0.1:{target.port}")
-    try:
-        op.start()
-        cluster.apply(_seeded_manifest(source_id, target_id, hold, named))
+    with migrating(cluster, source, op, _seeded_manifest(source_id, target_id, hold, named)) as app:
         # RouteIn passed (the app is on the proxy), the operator took its snapshot and asked for the target.
         wait_for("the operator's snapshot of the source", _event_seen(cluster, "SnapshotTaken"), MIGRATION_TIMEOUT)
         wait_for("the target requested from the snapshot", _event_seen(cluster, "TargetCreated"), 30)
@@ -155,8 +152,6 @@ def _seeded_to_complete(kube_env: KubeEnv, kube_api: k8s_client.ApiClient, kube_
         wait_for("the application on the target", lambda: app.addresses[-1:] == [direct], 20)
         after_switch = app.load.acked
         wait_for("writes acknowledged by the target", lambda: app.load.acked >= after_switch + 50, 20)
-    finally:
-        app.stop()
     assert_target_has_every_acked_write(app, target, min_keys=SEEDED_KEYS)
     with contextlib.closing(target.client()) as c:
         assert {k: c.get(k) for k in window} == {k: v.encode() for k, v in window.items()}

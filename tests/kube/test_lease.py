@@ -40,9 +40,9 @@ from .test_operator import (  # noqa: F401 - operator_factory is a fixture
     Operator,
     assert_no_rbac_denials,
     durablecache,
+    migrating,
     operator_factory,
     phase_seen,
-    start_app,
     writes_on_target,
 )
 
@@ -200,11 +200,8 @@ def test_a_standby_waits_then_takes_over_a_killed_coordinator_and_the_migration_
     with contextlib.closing(source.client()) as c:
         seed(c, 2000)
     cluster = Cluster(kube_api, kube_env, kube_namespace)
-    app = start_app(cluster, source)
     op = operator_factory()
-    try:
-        op.start()
-        cluster.apply(durablecache("orders", source, target, mode="manual"))
+    with migrating(cluster, source, op, durablecache("orders", source, target, mode="manual")) as app:
         wait_for("Sync awaiting approval",
                  lambda: cluster.condition("orders", "Progressing").get("reason") == "AwaitingApproval", 60)
         first = coordinator(cluster, "orders")
@@ -247,8 +244,6 @@ def test_a_standby_waits_then_takes_over_a_killed_coordinator_and_the_migration_
         wait_for("the endpoint Secret to point at the target",
                  lambda: cluster.secret("app-cache")["port"] == str(target.port), 20)
         writes_on_target(app, target)   # the load writes to the target directly for a moment
-    finally:
-        app.stop()
     with contextlib.closing(target.client()) as c:
         lost = app.load.lost(c)
     assert lost == [], lost[:10]

@@ -283,6 +283,20 @@ def start_app(cluster: Cluster, source: LocalServer) -> App:
     return app
 
 
+@contextlib.contextmanager
+def migrating(cluster: Cluster, source: LocalServer, op: Operator, resource: dict[str, Any]) -> Iterator[App]:
+    """The start every end-to-end migration here shares: an application writing to the source through
+    the endpoint Secret, the operator started, the DurableCache applied. The application is stopped
+    when the block ends, whatever happened in it."""
+    app = start_app(cluster, source)
+    try:
+        op.start()
+        cluster.apply(resource)
+        yield app
+    finally:
+        app.stop()
+
+
 def test_static_migration_under_load_survives_an_operator_kill(
         kube_env: KubeEnv, kube_api: k8s_client.ApiClient, kube_namespace: str,
         make_server: Callable[..., LocalServer], operator_factory: Callable[..., Operator]) -> None:
@@ -290,11 +304,8 @@ def test_static_migration_under_load_survives_an_operator_kill(
     with contextlib.closing(source.client()) as c:
         seed(c, 3000)
     cluster = Cluster(kube_api, kube_env, kube_namespace)
-    app = start_app(cluster, source)
     op = operator_factory()
-    try:
-        op.start()
-        cluster.apply(durablecache("sessions", source, target, mode="auto"))
+    with migrating(cluster, source, op, durablecache("sessions", source, target, mode="auto")) as app:
         wait_for("RouteIn", phase_seen(cluster, "sessions", {"RouteIn", "Copy", "Sync", "Cutover", "RouteOut",
                                                              "Complete"}), 30)
         wait_for("the endpoint Secret to point at the proxy",
@@ -308,8 +319,6 @@ def test_static_migration_under_load_survives_an_operator_kill(
         secret = wait_for("the endpoint Secret to point at the target",
                           lambda: (s := cluster.secret("app-cache"))["port"] == str(target.port) and s, 20)
         writes_on_target(app, target)   # the load writes to the target directly for a moment
-    finally:
-        app.stop()
     assert secret == {"host": "127.0.0.1", "port": str(target.port), "tls": "false",
                       "url": f"valkey://127.0.0.1:{target.port}"}
     # The applications went source -> proxy -> target, as the Secret said.
@@ -367,11 +376,8 @@ def test_manual_cutover_waits_for_approval_and_resumes_after_operator_and_worker
     with contextlib.closing(source.client()) as c:
         seed(c, 2000)
     cluster = Cluster(kube_api, kube_env, kube_namespace)
-    app = start_app(cluster, source)
     op = operator_factory()
-    try:
-        op.start()
-        cluster.apply(durablecache("orders", source, target, mode="manual"))
+    with migrating(cluster, source, op, durablecache("orders", source, target, mode="manual")) as app:
         wait_for("Sync awaiting approval",
                  lambda: cluster.condition("orders", "Progressing").get("reason") == "AwaitingApproval", 60)
         # While it waits the worker goes on syncing: a write made through its proxy now reaches the
@@ -401,8 +407,6 @@ def test_manual_cutover_waits_for_approval_and_resumes_after_operator_and_worker
         wait_for("the endpoint Secret to point at the target",
                  lambda: cluster.secret("app-cache")["port"] == str(target.port), 20)
         writes_on_target(app, target)
-    finally:
-        app.stop()
     with contextlib.closing(target.client()) as c:
         lost = app.load.lost(c)
     assert lost == [], lost[:10]

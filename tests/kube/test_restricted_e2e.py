@@ -24,9 +24,9 @@ from .test_operator import (  # noqa: F401 - operator_factory is a fixture
     assert_no_rbac_denials,
     assert_target_has_every_acked_write,
     durablecache,
+    migrating,
     operator_factory,
     phase_seen,
-    start_app,
     writes_on_target,
 )
 
@@ -42,17 +42,12 @@ def test_an_operator_migration_between_elasticache_restricted_servers(
     with contextlib.closing(source.client()) as c:
         seed(c, 2000)
     cluster = Cluster(kube_api, kube_env, kube_namespace)
-    app = start_app(cluster, source)
     op = operator_factory()
-    try:
-        op.start()
-        cluster.apply(durablecache("restricted", source, target, mode="auto"))
+    with migrating(cluster, source, op, durablecache("restricted", source, target, mode="auto")) as app:
         wait_for("Complete", phase_seen(cluster, "restricted", {"Complete"}), MIGRATION_TIMEOUT)
         wait_for("the endpoint Secret to point at the target",
                  lambda: cluster.secret("app-cache")["port"] == str(target.port), 20)
         writes_on_target(app, target)   # the load writes to the target directly for a moment
-    finally:
-        app.stop()
     assert_target_has_every_acked_write(app, target, min_keys=2000)
     reasons = [reason for _, reason, _ in cluster.events("restricted")]
     for phase in ("Preflight", "Provision", "RouteIn", "Copy", "Sync", "Cutover", "RouteOut", "Complete"):
