@@ -86,12 +86,12 @@ return out"""
 APPLY_MEMBERS = """#!lua
 local k = KEYS[1]
 local t = ARGV[1]
+local REMOVE = {zset = 'ZREM', set = 'SREM', hash = 'HDEL'}
 if t == 'none' then
   local have = redis.call('TYPE', k)['ok']
-  local remove = ({zset = 'ZREM', set = 'SREM', hash = 'HDEL'})[have]
   if have == 'none' then return 1 end
-  if remove == nil then return 0 end
-  for i = 4, #ARGV do redis.call(remove, k, ARGV[i]) end
+  if REMOVE[have] == nil then return 0 end
+  for i = 4, #ARGV do redis.call(REMOVE[have], k, ARGV[i]) end
   return 1
 end
 if redis.call('TYPE', k)['ok'] ~= t or redis.call('PEXPIRETIME', k) ~= tonumber(ARGV[2]) then
@@ -120,10 +120,9 @@ if t == 'hash' then
     end
   end
 end
-local remove = ({zset = 'ZREM', set = 'SREM', hash = 'HDEL'})[t]
 for i = 4, #ARGV, step do
   local v = ARGV[i + 1]
-  if v == '' or (v == '0' and t ~= 'zset') then redis.call(remove, k, ARGV[i]) end
+  if v == '' or (v == '0' and t ~= 'zset') then redis.call(REMOVE[t], k, ARGV[i]) end
 end
 return 1"""
 MEMBER_TYPES = (b"zset", b"set", b"hash")
@@ -228,7 +227,7 @@ class KeyMover:
         reads = await self.src.per_key(db, keys, lambda k: [("EVAL", READ_MEMBERS, 1, k, ttls, *parts[k])], 1)
         ttls = b"1" if self.dst.topology.field_ttl else b"0"
         applies: dict[bytes, list[Any]] = {}
-        whole: list[bytes] = []
+        unpatched: list[bytes] = []
         for key, (state,) in zip(keys, reads):
             if isinstance(state, ReplyError):
                 if str(state).startswith(RETRYABLE_PREFIXES):
@@ -237,15 +236,15 @@ class KeyMover:
                 return MoveResult(unpatched=keys)
             argv = _apply_args(state, ttls, parts[key])
             if argv is None:
-                whole.append(key)
+                unpatched.append(key)
             else:
                 applies[key] = ["EVAL", APPLY_MEMBERS, 1, key, *argv]
         result = MoveResult()
         if applies:
             refused = await self._apply_members(db, applies)
             result.members += sum(len(parts[k]) for k in applies if k not in refused)
-            whole += refused
-        result.unpatched = whole
+            unpatched += refused
+        result.unpatched = unpatched
         return result
 
     async def _apply_members(self, db: int, applies: dict[bytes, list[Any]]) -> list[bytes]:

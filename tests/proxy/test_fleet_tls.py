@@ -214,13 +214,16 @@ def _client_context(trust: FleetTLS, present: FleetTLS | None) -> ssl.SSLContext
 def test_a_peer_without_the_certificate_is_refused_on_the_mark_channel(source, fleet_tls, other_tls, capsys):
     """Knowing the token is not enough: a peer that speaks plain TCP, or TLS without the fleet's
     certificate (none, or another self-signed one) never gets the state, and the coordinator logs each
-    refusal with the peer's address; the fleet's own certificate gets the state."""
+    refusal with the peer's address — not a TCP probe that connects and leaves (the pod's readiness
+    check); the fleet's own certificate gets the state."""
     logs.configure(level="warning")
 
     async def main() -> None:
         fleet = Fleet(TOKEN, tls=fleet_tls)
         await fleet.start(source.endpoint(), lambda _db, _keys: None, lambda _why: None)
         try:
+            _, probe = await asyncio.open_connection("127.0.0.1", fleet.port)
+            probe.close()
             for tls in (None, _client_context(fleet_tls, None), _client_context(fleet_tls, other_tls)):
                 assert await _hello(fleet.port, tls) == b""
             # The control: with the fleet's certificate, the same greeting gets the state.

@@ -199,10 +199,12 @@ class MarkServer:
         assert self.tls is not None
         try:
             await writer.start_tls(self.tls, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
-        except OSError as exc:        # ssl.SSLError, a reset, the handshake's timeout
-            log.warning("marks.tls_refused", peer=peer, reason=str(exc)[:200] or type(exc).__name__,
+        except ssl.SSLError as exc:   # it spoke, but not TLS with the fleet's certificate
+            log.warning("marks.tls_refused", peer=peer, reason=str(exc)[:200],
                         hint="the peer needs the fleet's certificate (--fleet-tls-cert) and TLS")
             return False
+        except OSError:               # it left, or said nothing, before a handshake: a TCP probe (the
+            return False              # coordinator pod's readiness check connects every 5 s)
         return True
 
     def _report_lost(self, peer: str) -> None:
