@@ -563,7 +563,7 @@ class Syncer:
             except BaseException as exc:  # a copy that failed leaves its keys dirty, with their waiters
                 for dk, waiting in batch:
                     self._ended(dk, waiting)
-                    self._queue(dk, None if waiting is None else set(waiting))
+                    self._queue(dk, waiting)   # (the batch's own set: nothing else holds it)
                     if waiters[dk]:
                         self._waiters.setdefault(dk, []).extend(waiters[dk])
                 if isinstance(exc, asyncio.CancelledError):

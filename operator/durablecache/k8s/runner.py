@@ -75,7 +75,7 @@ class WorkloadRunner(Protocol):
         """Stop the coordinator and the proxies and delete what was created for them. Idempotent."""
 
 
-def _resources(wanted: dict[str, dict[str, str | int]]) -> dict[str, dict[str, str | int]]:
+def _container_resources(wanted: dict[str, dict[str, str | int]]) -> dict[str, dict[str, str | int]]:
     """A container's ``resources`` from the spec's (a copy: the manifest must not share the spec's dicts)."""
     return {kind: dict(values) for kind, values in wanted.items()}
 
@@ -282,7 +282,7 @@ class KubernetesRunner:
             # Service send proxies to it.
             "readinessProbe": {"tcpSocket": {"port": "fleet"}, "periodSeconds": 5}}
         if coordinator.resources:
-            container["resources"] = _resources(coordinator.resources)
+            container["resources"] = _container_resources(coordinator.resources)
         # Long enough for a cutover in flight to finish or abort (maxWritePause <= 30s).
         pod = self._pod(container, 60)
         pod["volumes"][1]["secret"]["secretName"] = token_secret_name(obj)
@@ -307,7 +307,7 @@ class KubernetesRunner:
             "ports": [{"name": "valkey", "containerPort": PROXY_PORT}, {"name": "admin", "containerPort": ADMIN_PORT}],
             "readinessProbe": {"tcpSocket": {"port": "valkey"}, "periodSeconds": 5}}
         if proxy.resources:
-            container["resources"] = _resources(proxy.resources)
+            container["resources"] = _container_resources(proxy.resources)
         # A clean leave (SIGTERM) drains within 5 s (proxyjoin.STOP_DRAIN); the rest is margin.
         pod = self._pod(container, 30)
         pod["volumes"][1]["secret"]["secretName"] = token_secret_name(obj)
